@@ -1,0 +1,146 @@
+"""Segmentation and multi-label metrics (METHOD.md sec. 8).
+
+IoU policy: a class with union 0 (absent from both prediction and ground truth over the
+whole evaluation) has IoU NaN and is left out of the mean, as in mmseg; torchmetrics'
+Jaccard would score it 0 and drag the mean down for classes that simply never occur.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _np(x: ArrayLike) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class ConfusionMatrix:
+    """K x K counts, rows = ground truth, columns = prediction; ignore excluded."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, pred: ArrayLike, target: ArrayLike) -> None:
+        """pred, target: same shape (any), class ids; target pixels outside [0, K) are skipped."""
+        k = self.num_classes
+        if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
+            # Count on the tensors' device; only the K x K result crosses to the host.
+            t, p = target.reshape(-1).long(), pred.reshape(-1).long().to(target.device)
+            ok = (t >= 0) & (t < k) & (t != self.ignore_index)
+            counts = torch.bincount(t[ok] * k + p[ok], minlength=k * k).cpu().numpy()
+        else:
+            t, p = _np(target).reshape(-1).astype(np.int64), _np(pred).reshape(-1).astype(np.int64)
+            ok = (t >= 0) & (t < k) & (t != self.ignore_index)
+            counts = np.bincount(t[ok] * k + p[ok], minlength=k * k)
+        if counts.size != k * k:
+            raise ValueError(f"predictions hold class ids >= num_classes={k}")
+        self.matrix += counts.reshape(k, k)
+
+    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        """Add another matrix in place (e.g. one per process) and return self."""
+        if other.num_classes != self.num_classes:
+            raise ValueError("cannot merge confusion matrices of different sizes")
+        self.matrix += other.matrix
+        return self
+
+    def __add__(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        out = ConfusionMatrix(self.num_classes, self.ignore_index)
+        out.matrix = self.matrix + other.matrix
+        return out
+
+    def reset(self) -> None:
+        self.matrix[:] = 0
+
+    def iou(self) -> np.ndarray:
+        """Per-class IoU (K,), NaN where union == 0."""
+        tp = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+    def miou(self, classes: Sequence[int] | np.ndarray | None = None) -> float:
+        """Mean IoU over classes with union > 0, optionally over a subset (base / novel)."""
+        iou = self.iou()
+        if classes is not None:
+            iou = iou[np.asarray(classes, dtype=np.int64)]
+        valid = ~np.isnan(iou)
+        return float(iou[valid].mean()) if valid.any() else float("nan")
+
+    def acc(self) -> np.ndarray:
+        """Per-class pixel accuracy (recall) (K,), NaN for classes without GT pixels."""
+        gt = self.matrix.sum(1).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(gt > 0, np.diag(self.matrix) / np.maximum(gt, 1), np.nan)
+
+    def aacc(self) -> float:
+        """Overall pixel accuracy over labelled pixels."""
+        total = self.matrix.sum()
+        return float(np.diag(self.matrix).sum() / total) if total else float("nan")
+
+
+def _ap_one(scores: np.ndarray, positive: np.ndarray) -> float:
+    """sklearn `average_precision_score` for one class: sum_n (R_n - R_{n-1}) P_n, thresholds
+    at distinct scores, so tied scores enter together (order-independent, deterministic)."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], positive[order].astype(np.float64)
+    last = np.r_[np.nonzero(np.diff(s))[0], y.size - 1]  # last index of each tie group
+    tps = np.cumsum(y)[last]
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def average_precision(scores: ArrayLike, targets: ArrayLike) -> tuple[float, np.ndarray]:
+    """Per-class AP over images (the paper's multi-label "mAP").
+
+    scores, targets: N x K. Returns (mean over classes with >= 1 positive, per-class AP (K,)
+    with NaN for classes without positives).
+    """
+    s, t = _np(scores).astype(np.float64), _np(targets) > 0
+    ap = np.full(s.shape[1], np.nan)
+    for k in np.nonzero(t.any(0))[0]:  # loop over classes, vectorised over images
+        ap[k] = _ap_one(s[:, k], t[:, k])
+    valid = ~np.isnan(ap)
+    return (float(ap[valid].mean()) if valid.any() else float("nan")), ap
+
+
+def ranking_ap_per_image(scores: ArrayLike, targets: ArrayLike, k: int | None = None) -> np.ndarray:
+    """The official code's `get_average_precision`: a per-image ranking AP.
+
+    For image i, rank the K classes by score (ties by class id); the positives' ranks
+    r_1 < ... < r_n (0-based) give AP_i = (1/n) sum_j j / (r_j + 1). With `k`, classes outside
+    the top-k count as never retrieved (contribute 0), as in the official top-kappa version.
+    Returns N values, NaN for images without positives (the official mean skips them).
+    """
+    s, t = _np(scores).astype(np.float64), _np(targets) > 0
+    n, num_classes = s.shape
+    order = np.argsort(-s, axis=1, kind="mergesort")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(num_classes)[None].repeat(n, 0), axis=1)
+    r = np.where(t, rank.astype(np.float64), np.inf)
+    if k is not None:
+        r = np.where(r < k, r, np.inf)
+    r = np.sort(r, axis=1)
+    j = np.arange(1, num_classes + 1, dtype=np.float64)[None]
+    terms = np.where(np.isfinite(r), j / (r + 1), 0.0)
+    npos = t.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(npos > 0, terms.sum(1) / np.maximum(npos, 1), np.nan)
+
+
+def recall_at_k(scores: ArrayLike, targets: ArrayLike, k: int) -> float:
+    """Mean over images with >= 1 positive of |top-k ∩ positives| / |positives|."""
+    s, t = _np(scores).astype(np.float64), _np(targets) > 0
+    k = min(k, s.shape[1])
+    top = np.argsort(-s, axis=1, kind="mergesort")[:, :k]
+    hit = np.take_along_axis(t, top, axis=1).sum(1)
+    npos = t.sum(1)
+    has = npos > 0
+    return float((hit[has] / npos[has]).mean()) if has.any() else float("nan")
