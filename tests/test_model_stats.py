@@ -1,0 +1,86 @@
+"""Parameter / FLOP counts; the slow test reproduces the paper's ViT-B/16 parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankseg_core.model import ModelConfig, build_model
+from rankseg_core.model_stats import count_flops, count_parameters, model_stats
+
+
+def test_count_parameters_small_module() -> None:
+    lin = torch.nn.Linear(3, 4)
+    assert count_parameters(lin) == 16
+    lin.bias.requires_grad_(False)
+    assert count_parameters(lin, trainable_only=True) == 12
+
+
+def test_count_flops_linear_by_hand() -> None:
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(15, 7, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.flatten(1))
+
+    res = count_flops(Tiny(), (1, 5))  # without a cfg the input is 1 x 3 x 1 x 5 -> 15 features
+    assert res["macs"] == 15 * 7 and res["flops"] == 2 * 15 * 7
+
+
+@pytest.mark.parametrize("kw", [dict(head="segmenter"), dict(), dict(oracle=True), dict(clip_len=2)])
+def test_model_stats_tiny(kw: dict) -> None:
+    cfg = ModelConfig(**{"img_size": 32, "num_classes": 10, "kappa": 4, **kw})
+    s = model_stats(cfg)
+    assert s["params"] == s["params_backbone"] + s["params_head"]
+    assert s["gflops"] == pytest.approx(2 * s["gmacs"])
+    assert s["gflops"] >= s["backbone_gflops"] + s["head_gflops"] - 1e-9 and s["head_gflops"] > 0
+
+
+def test_flops_grow_with_classes_for_baseline_only_in_head() -> None:
+    small = count_flops(build_model(ModelConfig(img_size=32, num_classes=10, head="segmenter")), 32)
+    large = count_flops(build_model(ModelConfig(img_size=32, num_classes=100, head="segmenter")), 32)
+    assert large["backbone_flops"] == small["backbone_flops"] and large["head_flops"] > small["head_flops"]
+
+
+# METHOD.md sec. 9 / supplement Table 1 / main Table 3: Segmenter ViT-B/16, 512 x 512.
+PAPER_PARAMS = [
+    (150, 50, "segmenter", 102.50e6),
+    (150, 50, "rankseg", 109.74e6),
+    (171, 50, "segmenter", 102.51e6),
+    (171, 50, "rankseg", 109.73e6),  # Table 3 / Table 6 (supplement Table 1 prints 109.70M)
+    (1284, 100, "segmenter", 103.37e6),
+    (1284, 100, "rankseg", 111.45e6),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_classes,kappa,head,paper", PAPER_PARAMS)
+def test_paper_parameter_counts_vit_b(num_classes: int, kappa: int, head: str, paper: float) -> None:
+    model = build_model(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=num_classes, kappa=kappa,
+                                    head=head))
+    n = count_parameters(model)
+    assert abs(n - paper) / paper < 0.01, f"{n / 1e6:.2f}M vs paper {paper / 1e6:.2f}M"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ml_head,paper", [("trandec", 114.27e6), ("gap", 103.24e6)])
+def test_paper_parameter_counts_ml_heads(ml_head: str, paper: float) -> None:
+    # Table 6 (COCO-Stuff, K = 171, kappa = 50)
+    model = build_model(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=171, kappa=50,
+                                    ml_head=ml_head))
+    n = count_parameters(model)
+    assert abs(n - paper) / paper < 0.01, f"{n / 1e6:.2f}M vs paper {paper / 1e6:.2f}M"
+
+
+@pytest.mark.slow
+def test_flops_vit_b_rankseg_cheaper_than_baseline_at_1284_classes() -> None:
+    # Paper: 102.53G (baseline) vs 99.59G (RankSeg). Its mmcv counter differs from
+    # FlopCounterMode in absolute value, but selecting 100 of 1284 classes must cut the head.
+    base = count_flops(build_model(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=1284,
+                                               head="segmenter")), 512)
+    rank = count_flops(build_model(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=1284,
+                                               kappa=100)), 512)
+    assert rank["flops"] < base["flops"]
+    assert rank["backbone_flops"] == base["backbone_flops"]
