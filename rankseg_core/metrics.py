@@ -34,13 +34,17 @@ class ConfusionMatrix:
             # Count on the tensors' device; only the K x K result crosses to the host.
             t, p = target.reshape(-1).long(), pred.reshape(-1).long().to(target.device)
             ok = (t >= 0) & (t < k) & (t != self.ignore_index)
-            counts = torch.bincount(t[ok] * k + p[ok], minlength=k * k).cpu().numpy()
+            t, p = t[ok], p[ok]
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= k):
+                raise ValueError(f"predictions hold class ids outside [0, {k})")
+            counts = torch.bincount(t * k + p, minlength=k * k).cpu().numpy()
         else:
             t, p = _np(target).reshape(-1).astype(np.int64), _np(pred).reshape(-1).astype(np.int64)
             ok = (t >= 0) & (t < k) & (t != self.ignore_index)
-            counts = np.bincount(t[ok] * k + p[ok], minlength=k * k)
-        if counts.size != k * k:
-            raise ValueError(f"predictions hold class ids >= num_classes={k}")
+            t, p = t[ok], p[ok]
+            if p.size and (p.min() < 0 or p.max() >= k):
+                raise ValueError(f"predictions hold class ids outside [0, {k})")
+            counts = np.bincount(t * k + p, minlength=k * k)
         self.matrix += counts.reshape(k, k)
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":

@@ -58,6 +58,10 @@ def test_confusion_matrix_large_ignore_value() -> None:
     cm = ConfusionMatrix(num_classes=1284, ignore_index=65535)
     cm.update(np.array([3, 255, 7]), np.array([3, 255, 65535]))
     assert cm.matrix[3, 3] == 1 and cm.matrix[255, 255] == 1 and cm.matrix.sum() == 2
+    with pytest.raises(ValueError):
+        cm.update(np.array([1284]), np.array([0]))  # would alias into the next row otherwise
+    with pytest.raises(ValueError):
+        cm.update(torch.tensor([-1]), torch.tensor([0]))
 
 
 def test_average_precision_by_hand() -> None:
