@@ -115,7 +115,7 @@ def test_select_override_and_oracle() -> None:
     model = make().eval()
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
-        out = model(x, select_override=[torch.tensor([5, 2]), torch.tensor([9])])
+        out = model(x, select_override=[torch.tensor([5, 2, 5]), torch.tensor([9])])
     assert out.mask_logits.shape[1] == 2
     assert set(out.topk_index[0].tolist()) == {2, 5}
     assert out.topk_index[1, 0] == 9 and not out.valid[1, 1]

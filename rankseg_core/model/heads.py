@@ -279,7 +279,7 @@ class MaskTransformerHead(nn.Module):
         if self.oracle and override is None:
             if gt_classes is None:
                 raise ValueError("oracle model needs gt_classes (per image class ids) at every forward")
-            override = [torch.unique(torch.as_tensor(g, device=device)) for g in gt_classes]  # sorted by id
+            override = gt_classes  # sorted by id below
         if override is not None:
             override = [_in_range(c, self.num_classes, device) for c in override]
             override = _per_clip(override, b, clip_len)
@@ -355,9 +355,9 @@ class MaskTransformerHead(nn.Module):
 
 
 def _in_range(c: Tensor, num_classes: int, device: torch.device) -> Tensor:
-    """Drop ignore values / out-of-range ids a caller may pass along with class ids."""
+    """Unique class ids (sorted), without ignore values / out-of-range ids a caller may pass."""
     c = torch.as_tensor(c, dtype=torch.long, device=device).flatten()
-    return c[(c >= 0) & (c < num_classes)]
+    return torch.unique(c[(c >= 0) & (c < num_classes)])
 
 
 def _per_clip(classes: list[Tensor], b: int, clip_len: int) -> list[Tensor]:
