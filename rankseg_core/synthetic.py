@@ -157,13 +157,11 @@ def sample_maker(world: World, seed: int, size: int):
 
 
 def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_images: int | None = None,
-                      size: int = 128, seed: int = 0, workers: int = 0,
-                      samples_per_shard: int = 500) -> dict:
+                      size: int = 128, seed: int = 0, opts=None) -> dict | None:
     """Write the synthetic dataset (train + val) to `out` and return its `dataset.json`."""
-    from pathlib import Path
-
+    from .convert.common import ConvertOptions, run_conversion
     from .errors import UserError
-    from .shards import DatasetHeader, assemble, claim_output, write_split
+    from .shards import DatasetHeader
 
     if images < 1 or size < 32 or size % 16:
         raise UserError("--images must be >= 1 and --size a multiple of 16, >= 32")
@@ -172,14 +170,10 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
     except ValueError as exc:
         raise UserError(str(exc)) from None
     val_images = max(1, images // 5) if val_images is None else val_images
-    out = Path(out)
     header = DatasetHeader(
         name="synthetic", class_names=list(world.names), source="rankseg synthetic generator",
         options={"num_classes": num_classes, "images": images, "val_images": val_images,
-                 "size": size, "seed": seed, "samples_per_shard": samples_per_shard})
-    claim_output(out, header)
-    maker = sample_maker(world, seed, size)
-    for split, n in (("train", images), ("val", val_images)):
-        write_split(out, split, split_keys(split, n), maker, header,
-                    samples_per_shard=samples_per_shard, workers=workers)
-    return assemble(out, header, ["train", "val"])
+                 "size": size, "seed": seed})
+    splits = {"train": split_keys("train", images), "val": split_keys("val", val_images)}
+    return run_conversion(out, header, splits, sample_maker(world, seed, size),
+                          opts or ConvertOptions(samples_per_shard=500))

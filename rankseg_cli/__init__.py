@@ -1,0 +1,1 @@
+"""The `rankseg` command line: thin Typer commands over `rankseg_core`."""

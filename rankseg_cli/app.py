@@ -1,0 +1,41 @@
+"""The `rankseg` command: one Typer app; each command lives in its own module."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from rankseg_core import __version__
+
+from .common import new_app
+from .data_cmds import class_cdf, inspect, stats_app, verify  # noqa: F401
+from .demo import demo
+from .prepare import prepare_app
+
+app = new_app(
+    "rankseg: large-vocabulary image and video segmentation with RankSeg (ECCV 2022).\n\n"
+    "Start with [bold]rankseg demo[/], which needs no download.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rankseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None) -> None:
+    pass
+
+
+app.add_typer(prepare_app, name="prepare")
+app.add_typer(stats_app, name="stats")
+app.command("inspect")(inspect)
+app.command("verify")(verify)
+app.command("demo")(demo)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,63 @@
+"""What every converter shares: options, the partition into parts, and the final assembly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..shards import DatasetHeader, EncodedSample, assemble, claim_output, write_split
+
+
+@dataclass
+class ConvertOptions:
+    """The options common to every `rankseg prepare <dataset>` command."""
+
+    workers: int = 0  # processes (spawn); 0 = convert in this process
+    num_shards: int = 1  # number of parts (machines / SLURM array tasks)
+    shard_index: int | None = None  # this machine's part; None = all remaining parts + assemble
+    limit: int | None = None  # first N samples of each split (sorted keys), for quick looks
+    on_error: str = "fail"  # fail | skip (skipped samples go to skipped.jsonl)
+    samples_per_shard: int = 1000
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise UserError("--workers must be >= 0")
+        if self.num_shards < 1:
+            raise UserError("--num-shards must be >= 1")
+        if self.shard_index is not None and not 0 <= self.shard_index < self.num_shards:
+            raise UserError(f"--shard-index must be in 0..{self.num_shards - 1}")
+        if self.on_error not in ("fail", "skip"):
+            raise UserError(f"--on-error must be 'fail' or 'skip', not {self.on_error!r}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError("--limit must be >= 1")
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def run_conversion(out: str | Path, header: DatasetHeader, splits: Mapping[str, Sequence[str]],
+                   maker: Callable[[str], EncodedSample], opts: ConvertOptions) -> dict | None:
+    """Convert every split's keys with `maker`; assemble `dataset.json` unless this is one part.
+
+    `header.options` must hold everything that changes the output (so a re-run with other
+    options is refused instead of mixing shards); `limit` is added here.
+    Returns the assembled index, or None when only one part (`shard_index`) was converted.
+    """
+    opts.validate()
+    out = Path(out)
+    header.options = dict(header.options, limit=opts.limit, samples_per_shard=opts.samples_per_shard)
+    claim_output(out, header)
+    for split, keys in splits.items():
+        keys = sorted(keys)[:opts.limit] if opts.limit else list(keys)
+        if not keys:
+            raise UserError(f"no samples found for split '{split}': check the dataset root")
+        write_split(out, split, keys, maker, header, samples_per_shard=opts.samples_per_shard,
+                    workers=opts.workers, on_error=opts.on_error, num_parts=opts.num_shards,
+                    part=opts.shard_index, desc=f"{header.name} {split}")
+    if opts.shard_index is not None:
+        return None
+    return assemble(out, header, list(splits))
