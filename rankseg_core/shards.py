@@ -165,13 +165,10 @@ def write_shard(path: Path, samples: list[EncodedSample], skipped: list[Skipped]
 
         def put_vlen(name: str, items: list, dtype) -> None:
             ds = f.create_dataset(name, (n,), dtype=dtype, track_times=False)
-            if n == 1:  # h5py tries to broadcast a 1-element object array of arrays
-                ds[0] = items[0]
-            elif n:
-                arr = np.empty(n, dtype=object)
-                for i, x in enumerate(items):  # `arr[:] = items` would stack equal-length arrays
-                    arr[i] = x
-                ds[:] = arr
+            # Element-wise: h5py turns an object array of equal-length arrays into a 2-D array
+            # and refuses it.
+            for i, x in enumerate(items):
+                ds[i] = x
 
         put_vlen("key", [s.key for s in samples], _VLEN_STR)
         put_vlen("image", [np.frombuffer(s.image, np.uint8) for s in samples], _VLEN_BYTES)

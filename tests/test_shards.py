@@ -227,3 +227,16 @@ def test_dataset_reopens_lazily_per_process(synth: Path) -> None:
     clone = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives
     assert clone._files == {}
     assert np.array_equal(clone[3]["label"], ds[3]["label"])
+
+
+def _constant_sample(key: str):
+    return encode_sample(key, b"\xff\xd8same", np.zeros((4, 4), np.uint16), K)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_equal_length_blobs_round_trip(tmp_path: Path, n: int) -> None:
+    """h5py refuses object arrays of equal-length arrays; the writer must not rely on them."""
+    keys = [f"k{i}" for i in range(n)]
+    run_conversion(tmp_path / "d", _header(), {"train": keys}, _constant_sample, ConvertOptions())
+    ds = ShardDataset(tmp_path / "d", "train")
+    assert [ds.raw(i)[0] for i in range(n)] == [b"\xff\xd8same"] * n
