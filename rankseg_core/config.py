@@ -1,0 +1,462 @@
+"""Training configuration: one nested dataclass, YAML files and dotted `--set` overrides.
+
+Layering, lowest to highest priority (dinov2-style):
+    dataclass defaults < per-dataset defaults (METHOD.md sec. 4-5, by the shards' name)
+    < the user's YAML < `--set key=value` (the CLI's flags become `--set`s too).
+So a dataset default only applies where the user set nothing. K, the class names and the
+palette always come from the shards' `dataset.json`. The resolved config (every derived
+value filled in) is what `runs.save_config` writes next to the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rankseg_core.errors import UserError
+from rankseg_core.model.config import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # shard directory (`rankseg prepare ... --out DIR`)
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 2  # DataLoader workers per process; 0 = decode in the training process
+    # Filled from dataset.json at resolve time (kept in config.yaml so a run is self-contained).
+    name: str = ""
+    class_names: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # "sgd" (the paper) or "adamw"
+    lr: float = 0.001  # Segmenter/RankSeg recipe: SGD 1e-3, momentum 0.9
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    weight_decay: float = 0.0  # 0 on COCO-Stuff, 1e-6 on ADE20K / Pascal (dataset defaults)
+    ml_wd_mult: float = 100.0  # the ADE20K/Pascal configs decay the ml branch 100x harder
+    ml_lr_mult: float = 1.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (the paper does not clip)
+
+
+@dataclass
+class ScheduleConfig:
+    iters: int = 160000  # optimizer steps (iteration-based, as mmseg)
+    batch_size: int = 8  # GLOBAL images (clips) per optimizer step, over all processes
+    accum_steps: int = 1  # micro-batches per step: per-process micro = batch / (world * accum)
+    power: float = 0.9  # poly decay
+    min_lr: float = 1e-5  # poly floor (torch's PolynomialLR has none)
+    warmup_iters: int = 0  # linear warm-up; the paper uses none
+
+
+@dataclass
+class LossConfig:
+    ml_loss: str = "asl"  # "asl" (default) or "bce" (COCO-Stuff ViT-B configs)
+    ml_weight: float = 10.0  # total = seg + w * ml; per-dataset value from METHOD.md
+    seg_loss_norm: str = "official"  # "official": sum / all pixels; "valid": mean over labelled
+
+
+@dataclass
+class AugConfig:
+    scale: list[int] | None = None  # (long, short) base scale; None = (4 * crop, crop), e.g. 2048x512
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75  # mmseg: a crop may not be > 75% one class (10 tries)
+    flip_prob: float = 0.5
+    photometric: bool = True  # mmseg PhotoMetricDistortion
+    brightness_delta: int = 32
+    contrast_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    saturation_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    hue_delta: int = 18
+    mean: list[float] | None = None  # 0..255 scale; None = the backbone's data config
+    std: list[float] | None = None
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N iterations during training (0 = only at the end)
+    max_images: int = 0  # cap for the periodic evaluation (0 = whole split); the final one is full
+    short_side: int | None = None  # test resize: short side (None = the crop size)
+    max_long: int | None = None  # long side cap (None = 4 x short side, i.e. 2048 for 512)
+    mode: str = "whole"  # "whole" or "slide" (the paper: slide 512/512)
+    crop: int | None = None  # slide window (None = the crop size)
+    stride: int | None = None  # slide stride (None = the window)
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    batch_size: int = 4  # images of the same size are batched
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    amp: bool = True  # autocast on CUDA only (bf16 where supported, else fp16 + GradScaler)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
+    log_every: int = 20  # iterations between metrics.jsonl records
+    ckpt_every: int = 1000  # iterations between checkpoints/last.pt writes
+    log_seconds: float = 10.0  # plain progress line period when stderr is not a terminal
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys that may differ when resuming: they change how, not what, is computed.
+RUNTIME_KEYS = frozenset({"device", "data.num_workers", "eval.num_workers", "eval.batch_size",
+                          "log_seconds", "data.root", "eval.every", "eval.max_images", "ckpt_every"})
+
+# METHOD.md sec. 4-5 per dataset. Weight decay 1e-6 (+100x on the ml branch) is the
+# ADE20K / Pascal recipe; the ADE20K-Full and COCO+LVIS configs derive from the ADE20K one.
+_ADE = {"optim.weight_decay": 1e-6, "aug.scale": [2048, 512], "model.img_size": 512}
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ade20k-full": {**_ADE, "model.kappa": 100, "loss.ml_weight": 100.0, "schedule.iters": 160000},
+    "coco-lvis": {**_ADE, "model.kappa": 100, "loss.ml_weight": 300.0, "schedule.iters": 320000},
+    "ade20k": {**_ADE, "model.kappa": 50, "loss.ml_weight": 10.0, "schedule.iters": 160000},
+    "coco-stuff": {"optim.weight_decay": 0.0, "aug.scale": [2048, 512], "model.img_size": 512,
+                   "model.kappa": 50, "loss.ml_weight": 10.0, "schedule.iters": 80000},
+    "pascal-context": {"optim.weight_decay": 1e-6, "aug.scale": [520, 520], "model.img_size": 480,
+                       "model.kappa": 25, "loss.ml_weight": 5.0, "schedule.iters": 80000},
+    # Synthetic: 128 px images with <= 10 classes each; small enough to learn on a CPU.
+    "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128,
+                  "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
+}
+# Spellings converters and users use for the same datasets (lower case, separators dropped).
+_ALIASES = {
+    "ade20kfull": "ade20k-full", "ade847": "ade20k-full", "ade20k847": "ade20k-full", "adefull": "ade20k-full",
+    "cocolvis": "coco-lvis", "lvis": "coco-lvis", "cocostufflvis": "coco-lvis",
+    "ade20k": "ade20k", "ade150": "ade20k", "ade20k150": "ade20k",
+    "cocostuff": "coco-stuff", "cocostuff164k": "coco-stuff", "cocostuff10k": "coco-stuff", "cocostuff171": "coco-stuff",
+    "pascalcontext": "pascal-context", "pascalcontext59": "pascal-context", "pascalcontext60": "pascal-context",
+    "pcontext": "pascal-context", "pc59": "pascal-context", "pc60": "pascal-context",
+    "synthetic": "synthetic",
+}
+
+
+def dataset_family(name: str) -> str | None:
+    """Map a dataset name from dataset.json to a `DATASET_DEFAULTS` key (None if unknown)."""
+    return _ALIASES.get(re.sub(r"[^a-z0-9]", "", name.lower()))
+
+
+# ---------------------------------------------------------------------------------------
+# Dotted access and type coercion
+
+
+def _sections(obj: Any) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config dataclass (e.g. 'optim.lr')."""
+    obj = TrainConfig() if obj is None else obj
+    keys = []
+    for name in _sections(obj):
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see docs/training.md for the keys"
+    return UserError(f"{where}unknown config key '{key}'{hint}")
+
+
+def _locate(cfg: Any, key: str, where: str = "") -> tuple[Any, str, Any]:
+    """(parent dataclass, field name, field type) for a dotted key, or UserError."""
+    parts = key.split(".")
+    obj = cfg
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or part not in _sections(obj) \
+                or not dataclasses.is_dataclass(getattr(obj, part)):
+            raise _unknown_key(key, where)
+        obj = getattr(obj, part)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(obj) or leaf not in _sections(obj) or dataclasses.is_dataclass(getattr(obj, leaf)):
+        raise _unknown_key(key, where)
+    return obj, leaf, _hints(type(obj))[leaf]
+
+
+def _parse_text(text: str) -> Any:
+    """A `--set` value string: YAML scalars/lists, plus bare comma lists ('0.75,1.0')."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str) and "," in value and not value.startswith(("[", "{")):
+        value = [_parse_text(v.strip()) for v in value.split(",")]
+    return value
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from YAML or a --set string) to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~", "")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    bad = UserError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = _parse_text(value)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return [coerce(v, inner, key) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not f.is_integer():
+            raise bad
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "") -> None:
+    """cfg.<key> = coerced value; UserError for unknown keys or bad values."""
+    parent, leaf, tp = _locate(cfg, key, where)
+    try:
+        setattr(parent, leaf, coerce(value, tp, key))
+    except UserError as exc:
+        raise UserError(f"{where}{exc}") from None
+
+
+def get_key(cfg: TrainConfig, key: str) -> Any:
+    parent, leaf, _ = _locate(cfg, key)
+    return getattr(parent, leaf)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=1e-3' -> ('optim.lr', '1e-3'); coercion happens in `set_key`."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.001")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set {text!r}: empty key")
+    _locate(TrainConfig(), key, "--set: ")  # unknown key -> UserError now, not after loading data
+    return key, value.strip()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as flat dotted keys (validated against TrainConfig)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model:, optim:, ...)")
+    flat = flatten(data)
+    probe = TrainConfig()
+    for key in flat:
+        _locate(probe, key, f"{path}: ")
+    return flat
+
+
+def from_dict(data: dict, where: str = "") -> TrainConfig:
+    """A TrainConfig from a nested dict (e.g. a run's config.yaml); unknown keys are errors."""
+    cfg = TrainConfig()
+    for key, value in flatten(data).items():
+        set_key(cfg, key, value, where)
+    return cfg
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections, flow-style scalar lists: a K=1284 palette stays one row per class."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = all(not isinstance(v, (list, dict)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+# ---------------------------------------------------------------------------------------
+# Resolution against the shards
+
+
+def resolve(cfg: TrainConfig, meta: dict | None = None) -> TrainConfig:
+    """Fill derived values (None = derived) and validate. `meta` is the shards' dataset.json."""
+    if meta is not None:
+        k = int(meta["num_classes"])
+        cfg.data.name = str(meta.get("name", ""))
+        cfg.data.class_names = [str(n) for n in meta["class_names"]]
+        cfg.data.palette = [[int(c) for c in row] for row in meta["palette"]]
+        cfg.model.num_classes = k
+    m = cfg.model
+    crop = m.img_size
+    if cfg.aug.scale is None:
+        cfg.aug.scale = [4 * crop, crop]
+    e = cfg.eval
+    e.short_side = e.short_side or crop
+    e.max_long = e.max_long or 4 * e.short_side
+    e.crop = e.crop or crop
+    e.stride = e.stride or e.crop
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """UserError naming the first bad option and how to fix it."""
+    cfg.model.validate()
+    o, s, a, e, lo = cfg.optim, cfg.schedule, cfg.aug, cfg.eval, cfg.loss
+    checks = [
+        (o.name in ("sgd", "adamw"), f"optim.name={o.name!r}: use sgd or adamw"),
+        (o.lr > 0, f"optim.lr={o.lr} must be > 0"),
+        (len(o.betas) == 2, "optim.betas needs two values, e.g. 0.9,0.999"),
+        (o.weight_decay >= 0 and o.ml_wd_mult >= 0 and o.ml_lr_mult >= 0, "optim weight decay / multipliers must be >= 0"),
+        (s.iters >= 1, f"schedule.iters={s.iters} must be >= 1"),
+        (s.batch_size >= 1 and s.accum_steps >= 1, "schedule.batch_size and schedule.accum_steps must be >= 1"),
+        (s.batch_size % s.accum_steps == 0,
+         f"schedule.batch_size={s.batch_size} must be divisible by schedule.accum_steps={s.accum_steps}"),
+        (0 <= s.min_lr <= o.lr, f"schedule.min_lr={s.min_lr} must be in [0, optim.lr]"),
+        (s.power > 0 and s.warmup_iters >= 0, "schedule.power must be > 0 and warmup_iters >= 0"),
+        (lo.ml_loss in ("asl", "bce"), f"loss.ml_loss={lo.ml_loss!r}: use asl or bce"),
+        (lo.seg_loss_norm in ("official", "valid"), f"loss.seg_loss_norm={lo.seg_loss_norm!r}: use official or valid"),
+        (lo.ml_weight >= 0, "loss.ml_weight must be >= 0"),
+        (a.scale is None or (len(a.scale) == 2 and min(a.scale) > 0), "aug.scale needs two positive sides (long, short)"),
+        (len(a.ratio_range) == 2 and 0 < a.ratio_range[0] <= a.ratio_range[1], "aug.ratio_range needs 0 < lo <= hi"),
+        (0 < a.cat_max_ratio <= 1, "aug.cat_max_ratio must be in (0, 1]"),
+        (0 <= a.flip_prob <= 1, "aug.flip_prob must be in [0, 1]"),
+        (a.mean is None or len(a.mean) == cfg.model.in_chans, "aug.mean needs one value per input channel"),
+        (a.std is None or (len(a.std) == cfg.model.in_chans and min(a.std) > 0), "aug.std needs one positive value per channel"),
+        (e.mode in ("whole", "slide"), f"eval.mode={e.mode!r}: use whole or slide"),
+        (len(e.scales) >= 1 and min(e.scales) > 0, "eval.scales must be positive, e.g. 0.75,1.0,1.25"),
+        (e.every >= 0 and e.max_images >= 0 and e.batch_size >= 1, "eval.every/max_images >= 0, eval.batch_size >= 1"),
+        (cfg.log_every >= 1 and cfg.ckpt_every >= 1, "log_every and ckpt_every must be >= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if cfg.data.class_names and len(cfg.data.class_names) != cfg.model.num_classes:
+        raise UserError(f"data.class_names has {len(cfg.data.class_names)} names but model.num_classes="
+                        f"{cfg.model.num_classes}")
+
+
+def build_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None,
+                       data_root: str | Path | None = None) -> TrainConfig:
+    """Defaults < dataset defaults < YAML < overrides, resolved against the shards.
+
+    `overrides` are 'key=value' strings (the CLI's --set and its flags, flags last).
+    """
+    from rankseg_core.dataset import load_index
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file is not None:
+        layers.append((f"{config_file}: ", read_yaml(config_file)))
+    sets = dict(parse_override(text) for text in overrides or [])
+    if data_root is not None:
+        sets["data.root"] = str(data_root)
+    layers.append(("--set: ", sets))
+    user = {k: v for _, layer in layers for k, v in layer.items()}
+    root = user.get("data.root")
+    if not root:
+        raise UserError("no training data: pass --data DIR (a shard directory from `rankseg prepare`)")
+    meta = load_index(root)
+    cfg = TrainConfig()
+    family = dataset_family(str(meta.get("name", "")))
+    for key, value in DATASET_DEFAULTS.get(family, {}).items():
+        set_key(cfg, key, value)
+    for where, layer in layers:
+        for key, value in layer.items():
+            set_key(cfg, key, value, where)
+    k = int(meta["num_classes"])
+    if "model.num_classes" in user and cfg.model.num_classes != k:
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the shards in {root} have K={k}: "
+                        "drop the override (K always comes from the shards)")
+    return resolve(cfg, meta)
+
+
+def diff_configs(a: TrainConfig, b: TrainConfig, ignore: frozenset[str] = RUNTIME_KEYS) -> list[str]:
+    """Dotted keys whose values differ (outside `ignore`)."""
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
+    return [k for k in fa if k not in ignore and fa[k] != fb.get(k)]

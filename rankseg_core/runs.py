@@ -1,0 +1,271 @@
+"""Run directories: resolved config, metrics log, checkpoints, final weights.
+
+Layout of a run directory RUN (see docs/training.md):
+
+    RUN/config.yaml             resolved TrainConfig (K, class names, palette included)
+    RUN/metrics.jsonl           one JSON per logged step / evaluation
+    RUN/checkpoints/last.pt     model + optimizer + iteration + RNG + data-order state
+    RUN/checkpoints/best.pt     same, at the best validation mIoU
+    RUN/model.safetensors       final weights (written when training finishes)
+    RUN/eval/                   `rankseg eval` outputs (default location)
+    RUN/viz/                    figures (`rankseg viz`)
+
+Every file is written atomically (tmp + fsync + rename), so a crash or a reader never sees a
+half-written config or checkpoint; metrics.jsonl is append-only, one flushed line per record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankseg_core.config import TrainConfig, from_dict, to_yaml
+from rankseg_core.distributed import resolve_device
+from rankseg_core.errors import UserError
+from rankseg_core.shards import atomic_write_bytes
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        return self.root / CHECKPOINTS / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.root / CHECKPOINTS / BEST
+
+    @property
+    def weights(self) -> Path:
+        return self.root / WEIGHTS
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def viz_dir(self) -> Path:
+        return self.root / "viz"
+
+
+def run_paths(run_dir: str | Path) -> RunPaths:
+    return RunPaths(Path(run_dir))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems / platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+
+
+def save_config(run_dir: str | Path, cfg: TrainConfig) -> Path:
+    """Write RUN/config.yaml atomically (creating RUN)."""
+    paths = run_paths(run_dir)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(paths.config, to_yaml(cfg).encode())
+    return paths.config
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """Read RUN/config.yaml back into a TrainConfig (UserError if RUN is not a run)."""
+    import yaml
+
+    path = run_paths(run_dir).config
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {run_dir} is not a rankseg run directory "
+                        "(create one with `rankseg train --out DIR`)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid YAML ({exc.__class__.__name__}); restore it or re-run training") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a rankseg config (expected sections model:, data:, ...)")
+    return from_dict(data, f"{path}: ")
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+
+
+def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to RUN/metrics.jsonl and flush it to disk."""
+    path = run_paths(run_dir).metrics
+    with open(path, "a") as f:
+        f.write(json.dumps(record, allow_nan=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of RUN/metrics.jsonl (a torn last line from a crash is skipped)."""
+    path = run_paths(run_dir).metrics
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def truncate_metrics(run_dir: str | Path, iteration: int) -> None:
+    """Drop records after `iteration` (logged after the checkpoint a resume starts from), so
+    a resumed run's log reads like an uninterrupted one."""
+    path = run_paths(run_dir).metrics
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(run_dir) if int(r.get("iter", 0)) <= iteration]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and weights
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """torch.save to `<path>.tmp`, fsync, rename. `state` must hold only tensors, numbers,
+    strings, lists and dicts, so that `torch.load(weights_only=True)` can read it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (weights_only: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign files
+        raise UserError(f"{path}: cannot read checkpoint ({exc.__class__.__name__}); it is damaged or "
+                        "not a rankseg checkpoint: use another one (checkpoints/best.pt or last.pt)") from None
+
+
+def save_weights(path: str | Path, model: torch.nn.Module) -> Path:
+    """Model weights as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read weights ({exc.__class__.__name__}: {exc}); the file is damaged: "
+                        "use checkpoints/last.pt via --weights last") from None
+
+
+def find_weights(run_dir: str | Path, which: str = "auto") -> Path:
+    """Resolve which weights to load.
+
+    which: "auto" (model.safetensors, else checkpoints/best.pt, else last.pt), "final",
+    "best", "last", or a file path.
+    """
+    paths = run_paths(run_dir)
+    named = {"final": paths.weights, "best": paths.best, "last": paths.last}
+    if which == "auto":
+        for p in (paths.weights, paths.best, paths.last):
+            if p.is_file():
+                return p
+        raise UserError(f"{paths.root}: no weights yet (no {WEIGHTS} and no checkpoints/*.pt); "
+                        "train first or wait for the first checkpoint")
+    path = named.get(which, Path(which))
+    if not path.is_file():
+        raise UserError(f"{path}: weights not found (use --weights auto|final|best|last or a file)")
+    return path
+
+
+def model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict from a .safetensors file or a training checkpoint."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_weights(path)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path}: not a rankseg checkpoint (no 'model' entry)")
+    return ckpt["model"]
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
+             weights: str = "auto") -> tuple[torch.nn.Module, TrainConfig]:
+    """(model in eval mode on `device`, resolved TrainConfig) of a run directory.
+
+    weights: see `find_weights`. The backbone_weights path of the config is not re-read:
+    the run's own weights hold the whole model.
+    """
+    from rankseg_core.model import build_model
+
+    cfg = load_config(run_dir)
+    path = find_weights(run_dir, weights)
+    model = build_model(replace(cfg.model, backbone_weights=None))
+    state = model_state(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match {run_dir}/config.yaml (missing {len(missing)}, "
+                        f"unexpected {len(unexpected)} tensors, e.g. {(list(missing) + list(unexpected))[0]}); "
+                        "was config.yaml edited?")
+    model.to(resolve_device(device)).eval()
+    return model, cfg
