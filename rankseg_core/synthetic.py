@@ -104,7 +104,7 @@ def render(world: World, rng: np.random.Generator, size: int) -> tuple[np.ndarra
 
     # Regions: a noisy Voronoi partition; the background owns the cells not given to objects.
     n_cells = n_obj + int(rng.integers(2, 6))
-    seeds = rng.uniform(0, size, (n_cells, 2))
+    seeds = rng.uniform(0, size, (n_cells, 2)).astype(np.float32)
     cell_class = np.concatenate([objs, np.full(n_cells - n_obj, world.scenes_bg[scene])])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     warp = size / 12
