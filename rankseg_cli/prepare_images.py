@@ -1,0 +1,122 @@
+"""`rankseg prepare ade20k-full | ade20k | coco-stuff | pascal-context`: image datasets with PNG masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rankseg_core.convert.common import default_workers
+
+from .common import user_errors
+from .prepare import (Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options,
+                      prepare_app, report)
+
+Root = Annotated[Path, typer.Option("--root", "-r", help="The dataset release folder (see the layout above).")]
+PerShard = Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file.")]
+
+
+@prepare_app.command("ade20k-full")
+@user_errors
+def ade20k_full(
+    root: Root,
+    out: Out,
+    split: Annotated[str, typer.Option("--split", help="training, validation or all.")] = "all",
+    max_short_side: Annotated[int, typer.Option("--max-short-side", help="MaskFormer protocol: resize images whose short side exceeds this (bilinear image, nearest label); 0 = full resolution, original JPEGs.")] = 512,
+    top_classes: Annotated[Optional[int], typer.Option("--top-classes", help="ADE20K-X: keep the X classes present in the most training images (remapped 0..X-1, others ignored).")] = None,
+    workers: Workers = default_workers(),
+    num_shards: NumShards = 1,
+    shard_index: ShardIndex = None,
+    limit: Limit = None,
+    on_error: OnError = "fail",
+    samples_per_shard: PerShard = 1000,
+) -> None:
+    """ADE20K-Full, 847 classes (ADE20K_2021_17_01 release; class = R/10*256 + G of *_seg.png).
+
+    Layout: ROOT/images/ADE/{training,validation}/<scene>/.../ADE_*.jpg with ADE_*_seg.png
+    next to each image. index_ade20k.pkl is not needed.
+
+    Example: [bold]rankseg prepare ade20k-full --root data/ADE20K_2021_17_01 --out shards/ade847[/]\n
+    ADE20K-200 (ProtoSeg): [bold]... --out shards/ade200 --top-classes 200[/]
+    """
+    from rankseg_core.convert.ade20k_full import prepare_ade20k_full
+
+    opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
+    index = prepare_ade20k_full(root, out, split=split, max_short_side=max_short_side,
+                                top_classes=top_classes, opts=opts)
+    report(index, out)
+
+
+@prepare_app.command("ade20k")
+@user_errors
+def ade20k(
+    root: Root,
+    out: Out,
+    workers: Workers = default_workers(),
+    num_shards: NumShards = 1,
+    shard_index: ShardIndex = None,
+    limit: Limit = None,
+    on_error: OnError = "fail",
+    samples_per_shard: PerShard = 1000,
+) -> None:
+    """ADE20K-150 (SceneParsing, ADEChallengeData2016): mask value 0 ignored, 1..150 -> 0..149.
+
+    Layout: ROOT/images/{training,validation}/*.jpg and ROOT/annotations/{training,validation}/*.png.
+
+    Example: [bold]rankseg prepare ade20k --root data/ADEChallengeData2016 --out shards/ade150[/]
+    """
+    from rankseg_core.convert.png_datasets import prepare_ade20k
+
+    opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
+    report(prepare_ade20k(root, out, opts), out)
+
+
+@prepare_app.command("coco-stuff")
+@user_errors
+def coco_stuff(
+    root: Root,
+    out: Out,
+    workers: Workers = default_workers(),
+    num_shards: NumShards = 1,
+    shard_index: ShardIndex = None,
+    limit: Limit = None,
+    on_error: OnError = "fail",
+    samples_per_shard: PerShard = 1000,
+) -> None:
+    """COCO-Stuff-164k, 171 classes (mask value = COCO-Stuff id - 1, 255 unlabelled).
+
+    Layout: ROOT/{train2017,val2017}/*.jpg and ROOT/stuffthingmaps_trainval2017/{train2017,val2017}/*.png.
+
+    Example: [bold]rankseg prepare coco-stuff --root data/coco --out shards/coco_stuff[/]
+    """
+    from rankseg_core.convert.png_datasets import prepare_coco_stuff
+
+    opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
+    report(prepare_coco_stuff(root, out, opts), out)
+
+
+@prepare_app.command("pascal-context")
+@user_errors
+def pascal_context(
+    root: Root,
+    out: Out,
+    classes: Annotated[int, typer.Option("--classes", help="59 (background ignored) or 60 (background = class 0).")] = 59,
+    workers: Workers = default_workers(),
+    num_shards: NumShards = 1,
+    shard_index: ShardIndex = None,
+    limit: Limit = None,
+    on_error: OnError = "fail",
+    samples_per_shard: PerShard = 1000,
+) -> None:
+    """PASCAL-Context 59/60 (VOC2010 images with mmsegmentation's SegmentationClassContext masks).
+
+    Layout: ROOT = VOCdevkit/VOC2010 with JPEGImages/*.jpg, SegmentationClassContext/*.png and
+    ImageSets/SegmentationContext/{train,val}.txt.
+
+    Example: [bold]rankseg prepare pascal-context --root data/VOCdevkit/VOC2010 --out shards/pc59[/]
+    """
+    from rankseg_core.convert.png_datasets import prepare_pascal_context
+
+    opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
+    report(prepare_pascal_context(root, out, classes, opts), out)

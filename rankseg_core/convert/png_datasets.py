@@ -1,0 +1,322 @@
+"""Datasets released as "image + single-channel PNG mask": ADE20K-150, COCO-Stuff-164k, PASCAL-Context.
+
+All three reduce to: find (image, mask) pairs per split, map every mask value through a lookup
+table (LUT) to a train id or ignore, count, store. The pieces that ADE20K-Full shares (reading
+bytes, checking the JPEG, remapping through a LUT, building the sample) live here too.
+
+A LUT is a uint16 array indexed by the raw mask value: a train id, `IGNORE`, or `BAD` for a
+value the release never uses (the sample is then rejected with the offending values named).
+Remapping is one NumPy gather and counting one `bincount`: no per-class Python loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..codec import IGNORE, class_counts, encode_label
+from ..errors import UserError
+from ..resources import load_json
+from ..shards import DatasetHeader, EncodedSample, SampleError
+from .common import ConvertOptions, run_conversion
+
+BAD = IGNORE - 1  # LUT marker for values outside the release's label domain (never a train id here)
+JPEG_QUALITY = 95  # re-encoding only happens when a protocol resizes (or EXIF would rotate)
+
+
+# --- reading and checking one sample -------------------------------------------------------
+
+def read_bytes(path: str | Path, what: str) -> bytes:
+    """The file's bytes; a SampleError naming it when it is missing or empty."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SampleError(f"{path}: {what} is missing") from None
+    except OSError as exc:
+        raise SampleError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if not data:
+        raise SampleError(f"{path}: {what} is empty (0 bytes): re-extract it from the release")
+    return data
+
+
+def _jpeg_is_truncated(data: bytes) -> bool:
+    """True when the bytes lack the JPEG end-of-image marker at the end (after trailing padding).
+
+    OpenCV decodes a truncated JPEG with only a warning, filling the rest with grey, so a
+    cut download would silently become training data. The check is O(1); only files that
+    fail it get PIL's strict decode, which tells a truncated file from harmless trailing bytes.
+    """
+    return not data.rstrip(b"\x00\r\n \t").endswith(b"\xff\xd9")
+
+
+def _exif_orientation(data: bytes) -> int:
+    """EXIF orientation tag (1 = none) of JPEG bytes; parses EXIF only when an APP1 block exists."""
+    if b"Exif\x00\x00" not in data[:65536]:
+        return 1
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block does not rotate anything
+        return 1
+
+
+def decode_jpeg(data: bytes, path: str | Path) -> np.ndarray:
+    """H x W x 3 uint8 BGR pixels of an image file as stored (EXIF orientation NOT applied).
+
+    Masks are annotated on the stored pixel grid, so the orientation tag must be ignored.
+    Raises SampleError (naming `path`) for corrupt or truncated data.
+    """
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None:
+        raise SampleError(f"{path}: corrupt or unsupported image: re-extract it from the release")
+    if data[:2] == b"\xff\xd8" and _jpeg_is_truncated(data):
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this sample's problem
+            raise SampleError(f"{path}: truncated or corrupt JPEG ({exc}): re-extract it from "
+                              "the release") from None
+    return img
+
+
+def encode_jpeg_bgr(image_bgr: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover - only fails on invalid input
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def stored_image_bytes(data: bytes, image_bgr: np.ndarray) -> bytes:
+    """The bytes to store for an image kept at its size: the source bytes, unless EXIF would rotate.
+
+    Readers (`codec.decode_image`, PIL's `exif_transpose`, browsers) may apply the orientation
+    tag, which would turn the image against its mask; such rare files are re-encoded once.
+    """
+    return data if _exif_orientation(data) == 1 else encode_jpeg_bgr(image_bgr)
+
+
+def decode_mask(data: bytes, path: str | Path) -> np.ndarray:
+    """H x W uint8/uint16 values of a single-channel (greyscale or palette) PNG mask."""
+    arr = np.frombuffer(data, np.uint8)
+    # IHDR colour type 3 = palette: OpenCV would expand it to colours, we need the indices.
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[25] == 3:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                mask = np.asarray(im)
+        except Exception as exc:  # noqa: BLE001
+            raise SampleError(f"{path}: corrupt PNG mask ({exc}): re-extract it from the release") from None
+    else:
+        mask = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            raise SampleError(f"{path}: corrupt or unsupported mask: re-extract it from the release")
+    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
+        raise SampleError(f"{path}: expected a single-channel 8-bit PNG mask of class values, got "
+                          f"{mask.dtype} with shape {mask.shape}")
+    return mask
+
+
+def check_same_size(image_shape: tuple[int, ...], mask_shape: tuple[int, ...], mask_path: str | Path) -> None:
+    if tuple(image_shape[:2]) != tuple(mask_shape[:2]):
+        raise SampleError(f"{mask_path}: mask is {mask_shape[1]}x{mask_shape[0]} but its image is "
+                          f"{image_shape[1]}x{image_shape[0]} (W x H): the pair does not belong together")
+
+
+def remap(values: np.ndarray, lut: np.ndarray, num_classes: int, path: str | Path,
+          describe=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Map H x W raw mask values through `lut`; return (H x W uint16 label, classes, pixels).
+
+    `classes` (uint16) are the sorted present train ids, `pixels` (int64) their counts. A value
+    whose LUT entry is `BAD` raises SampleError naming `path` and the values (`describe(v)`
+    renders one raw value, e.g. ADE's (R, G) pair).
+    """
+    if values.dtype == np.uint16 and lut.size < 65536:
+        lut = np.concatenate([lut, np.full(65536 - lut.size, BAD, np.uint16)])
+    label = lut[values]
+    try:
+        classes, pixels = class_counts(label, num_classes)
+    except ValueError:
+        bad = np.unique(values[label == BAD])
+        shown = ", ".join(describe(int(v)) if describe else str(int(v)) for v in bad[:8])
+        raise SampleError(f"{path}: label value(s) {shown}{' ...' if bad.size > 8 else ''} are not "
+                          "used by this dataset's release: wrong dataset or a damaged mask") from None
+    return label, classes, pixels
+
+
+def make_encoded(key: str, image: bytes, label: np.ndarray, classes: np.ndarray, pixels: np.ndarray,
+                 orig_size: tuple[int, int]) -> EncodedSample:
+    """`EncodedSample` from an already counted label (avoids counting the label twice)."""
+    h, w = label.shape
+    return EncodedSample(key, image, encode_label(label), h, w, orig_size[0], orig_size[1],
+                         classes, pixels)
+
+
+# --- the generic "image + PNG mask" dataset -----------------------------------------------
+
+def make_png_sample(key: str, *, root: str, files: Mapping[str, tuple[str, str]], lut: np.ndarray,
+                    num_classes: int) -> EncodedSample:
+    """Sample `key`: `files[key]` = (image, mask) paths relative to `root`; labels via `lut`."""
+    img_rel, mask_rel = files[key]
+    img_path, mask_path = os.path.join(root, img_rel), os.path.join(root, mask_rel)
+    data = read_bytes(img_path, "image")
+    image = decode_jpeg(data, img_path)
+    mask = decode_mask(read_bytes(mask_path, "mask"), mask_path)
+    check_same_size(image.shape, mask.shape, mask_path)
+    label, classes, pixels = remap(mask, lut, num_classes, mask_path)
+    return make_encoded(key, stored_image_bytes(data, image), label, classes, pixels, mask.shape)
+
+
+def lut_from_pairs(pairs: Mapping[int, int], ignore_values: Sequence[int] = (), size: int = 256) -> np.ndarray:
+    """A LUT where `pairs` maps value -> train id, `ignore_values` -> IGNORE, everything else BAD."""
+    lut = np.full(size, BAD, np.uint16)
+    lut[list(ignore_values)] = IGNORE
+    for value, train_id in pairs.items():
+        lut[value] = train_id
+    return lut
+
+
+def _list_dir(path: Path, suffix: str) -> dict[str, str]:
+    """stem -> file name for the files of `path` ending in `suffix` (scandir: fast on 100k files)."""
+    with os.scandir(path) as it:
+        return {e.name[:-len(suffix)]: e.name for e in it if e.name.endswith(suffix) and e.is_file()}
+
+
+def pair_by_folder(root: Path, layout: Mapping[str, tuple[str, str]], mask_suffix: str = ".png",
+                   image_suffix: str = ".jpg", expected: str = "") -> tuple[dict[str, list[str]], dict[str, tuple[str, str]]]:
+    """Keys per split and (image, mask) relative paths from `split -> (image dir, mask dir)`.
+
+    Every image of an image folder is a sample; a missing mask is that sample's problem
+    (SampleError at conversion), a missing or empty image folder the whole run's (UserError).
+    """
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory: pass the dataset root with --root ({expected})")
+    splits: dict[str, list[str]] = {}
+    files: dict[str, tuple[str, str]] = {}
+    for split, (img_dir, mask_dir) in layout.items():
+        for d in (img_dir, mask_dir):
+            if not (root / d).is_dir():
+                raise UserError(f"{root / d}: no such directory: {root} does not have the expected "
+                                f"layout ({expected})")
+        images = _list_dir(root / img_dir, image_suffix)
+        if not images:
+            raise UserError(f"{root / img_dir}: no *{image_suffix} images found ({expected})")
+        for stem, name in images.items():
+            if stem in files:
+                raise UserError(f"{root}: image '{stem}' appears in two splits: the layout is broken")
+            files[stem] = (f"{img_dir}/{name}", f"{mask_dir}/{stem}{mask_suffix}")
+        splits[split] = sorted(images)
+    return splits, files
+
+
+def _convert(out: str | Path, header: DatasetHeader, splits: dict[str, list[str]],
+             files: dict[str, tuple[str, str]], root: Path, lut: np.ndarray,
+             opts: ConvertOptions | None) -> dict | None:
+    maker = functools.partial(make_png_sample, root=str(root), files=files, lut=lut,
+                              num_classes=header.num_classes)
+    return run_conversion(out, header, splits, maker, opts or ConvertOptions())
+
+
+def _class_table(name: str, key: str = "classes") -> tuple[list[dict], str]:
+    table = load_json(name)
+    try:
+        classes, source = table[key], table["source"]
+        _ = [(c["name"], int(c["id"]), int(c["train_id"])) for c in classes]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"datasets/{name} is malformed ({exc!r}): restore it from the repository") from None
+    return classes, source
+
+
+# --- ADE20K-150 (ADEChallengeData2016) ----------------------------------------------------
+
+ADE20K_LAYOUT = "ADEChallengeData2016/{images,annotations}/{training,validation}/ with *.jpg and *.png"
+
+
+def prepare_ade20k(root: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> dict | None:
+    """ADE20K-150 (SceneParsing): PNG value 0 = unlabelled -> ignore, 1..150 -> train id value-1."""
+    root = Path(root)
+    classes, source = _class_table("ade20k/classes.json")
+    splits, files = pair_by_folder(root, {s: (f"images/{s}", f"annotations/{s}")
+                                          for s in ("training", "validation")}, expected=ADE20K_LAYOUT)
+    lut = lut_from_pairs({c["id"]: c["train_id"] for c in classes}, ignore_values=[0])
+    header = DatasetHeader("ade20k-150", [c["name"] for c in classes], source=source)
+    return _convert(out, header, splits, files, root, lut, opts)
+
+
+# --- COCO-Stuff-164k ----------------------------------------------------------------------
+
+COCO_STUFF_LAYOUT = ("COCO root with train2017/, val2017/ (*.jpg) and "
+                     "stuffthingmaps_trainval2017/{train2017,val2017}/ (*.png)")
+
+
+def coco_stuff_lut(classes: list[dict]) -> np.ndarray:
+    """PNG value (COCO-Stuff id - 1) -> train id; 255 unlabelled -> ignore; unused ids -> BAD."""
+    return lut_from_pairs({c["id"] - 1: c["train_id"] for c in classes}, ignore_values=[255])
+
+
+def prepare_coco_stuff(root: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> dict | None:
+    """COCO-Stuff-164k, 171 classes (182 COCO-Stuff ids minus the 11 unused thing ids)."""
+    root = Path(root)
+    classes, source = _class_table("coco_stuff/classes.json")
+    layout = {"train": ("train2017", "stuffthingmaps_trainval2017/train2017"),
+              "val": ("val2017", "stuffthingmaps_trainval2017/val2017")}
+    splits, files = pair_by_folder(root, layout, expected=COCO_STUFF_LAYOUT)
+    header = DatasetHeader("coco-stuff-164k", [c["name"] for c in classes], source=source)
+    return _convert(out, header, splits, files, root, coco_stuff_lut(classes), opts)
+
+
+# --- PASCAL-Context -----------------------------------------------------------------------
+
+PASCAL_CONTEXT_LAYOUT = ("VOCdevkit/VOC2010 with JPEGImages/*.jpg, SegmentationClassContext/*.png and "
+                         "ImageSets/SegmentationContext/{train,val}.txt (mmsegmentation's converter)")
+
+
+def pascal_context_lut(num_classes: int) -> np.ndarray:
+    """59: 0 (background) -> ignore, v -> v-1. 60: v -> v. Both: 255 (void) -> ignore."""
+    if num_classes == 59:
+        return lut_from_pairs({v: v - 1 for v in range(1, 60)}, ignore_values=[0, 255])
+    if num_classes == 60:
+        return lut_from_pairs({v: v for v in range(60)}, ignore_values=[255])
+    raise UserError(f"--classes must be 59 or 60, not {num_classes}")
+
+
+def prepare_pascal_context(root: str | Path, out: str | Path, num_classes: int = 59,
+                           opts: ConvertOptions | None = None) -> dict | None:
+    """PASCAL-Context (VOC2010 images, mmsegmentation's SegmentationClassContext masks)."""
+    root = Path(root)
+    lut = pascal_context_lut(num_classes)
+    classes, source = _class_table("pascal_context/classes.json",
+                                   "classes" if num_classes == 59 else "classes_60")
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory: pass --root ({PASCAL_CONTEXT_LAYOUT})")
+    for d in ("JPEGImages", "SegmentationClassContext"):
+        if not (root / d).is_dir():
+            raise UserError(f"{root / d}: no such directory: {root} does not have the expected "
+                            f"layout ({PASCAL_CONTEXT_LAYOUT})")
+    splits, files = {}, {}
+    for split in ("train", "val"):
+        lst = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
+        if not lst.is_file():
+            raise UserError(f"{lst}: missing list file: {root} does not have the expected layout "
+                            f"({PASCAL_CONTEXT_LAYOUT})")
+        keys = [x.strip() for x in lst.read_text().split() if x.strip()]
+        if not keys:
+            raise UserError(f"{lst}: the list is empty")
+        for k in keys:
+            if k in files:
+                raise UserError(f"{lst}: image '{k}' is listed twice (or in both splits)")
+            files[k] = (f"JPEGImages/{k}.jpg", f"SegmentationClassContext/{k}.png")
+        splits[split] = keys
+    header = DatasetHeader(f"pascal-context-{num_classes}", [c["name"] for c in classes], source=source,
+                           options={"classes": num_classes})
+    return _convert(out, header, splits, files, root, lut, opts)
