@@ -456,6 +456,26 @@ def build_train_config(config_file: str | Path | None = None, overrides: list[st
     return resolve(cfg, meta)
 
 
+# CLI flags of `rankseg train` and the config keys they set (the flags are `--set` shorthands).
+FLAG_KEYS: dict[str, str] = {
+    "model": "model.model", "head": "model.head", "kappa": "model.kappa", "tau": "model.tau",
+    "ml_head": "model.ml_head", "clip_len": "model.clip_len", "img_size": "model.img_size",
+    "backbone_weights": "model.backbone_weights", "ml_loss": "loss.ml_loss", "ml_weight": "loss.ml_weight",
+    "seg_loss_norm": "loss.seg_loss_norm", "iters": "schedule.iters", "batch_size": "schedule.batch_size",
+    "seed": "seed", "device": "device", "eval_every": "eval.every", "workers": "data.num_workers",
+}
+
+
+def flag_overrides(flags: dict[str, Any]) -> list[str]:
+    """CLI flag values (None = not given) -> 'key=value' overrides, in FLAG_KEYS order."""
+    out = []
+    for name, key in FLAG_KEYS.items():
+        value = flags.get(name)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
 def diff_configs(a: TrainConfig, b: TrainConfig, ignore: frozenset[str] = RUNTIME_KEYS) -> list[str]:
     """Dotted keys whose values differ (outside `ignore`)."""
     fa, fb = flatten(a.to_dict()), flatten(b.to_dict())

@@ -1,0 +1,195 @@
+"""`rankseg train`, `rankseg eval`, `rankseg predict` and `rankseg stats model`.
+
+Thin commands: parse options, call rankseg_core (train.py, evaluate.py, model_stats.py).
+Register with: app.command("train")(train); app.command("eval")(evaluate);
+app.command("predict")(predict); stats_app.command("model")(stats_model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from rankseg_core.errors import UserError
+
+from .common import err, out, user_errors
+
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available).")]
+Weights = Annotated[str, typer.Option("--weights", help="auto (model.safetensors, else best.pt, else last.pt), final, best, last or a file.")]
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    return "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.4f}")
+
+
+@user_errors
+def train(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (config.yaml, metrics.jsonl, checkpoints/, model.safetensors).")],
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory from `rankseg prepare`.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="segmenter-vitt / -vits / -vitb / -vitl.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections model:, optim:, schedule:, ...).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=1e-3 (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue RUN from checkpoints/last.pt exactly (same data order and losses).")] = False,
+    device: Device = None,
+    head: Annotated[Optional[str], typer.Option("--head", help="segmenter (baseline over all K) or rankseg.")] = None,
+    kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected per image (clamped to K).")] = None,
+    no_select: Annotated[bool, typer.Option("--no-select", help="+MT ablation: ml branch and loss, pixels over all K.")] = False,
+    tau: Annotated[Optional[str], typer.Option("--tau", help="rank (per-rank 1/tau, the paper) or shared.")] = None,
+    ml_head: Annotated[Optional[str], typer.Option("--ml-head", help="tranenc (default), trandec or gap.")] = None,
+    ml_loss: Annotated[Optional[str], typer.Option("--ml-loss", help="asl (default) or bce.")] = None,
+    ml_weight: Annotated[Optional[float], typer.Option("--ml-weight", help="Weight w of the ml loss (total = seg + w * ml).")] = None,
+    seg_loss_norm: Annotated[Optional[str], typer.Option("--seg-loss-norm", help="official (sum / all pixels) or valid (mean over labelled).")] = None,
+    oracle: Annotated[Optional[str], typer.Option("--oracle", help="train-eval: select exactly the crop's GT classes (Fig. 3 oracle).")] = None,
+    clip_len: Annotated[Optional[int], typer.Option("--clip-len", help="Video: T consecutive frames share one selection.")] = None,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Training crop in pixels (multiple of 16).")] = None,
+    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="Local ViT weights (.pth/.npz/.safetensors); never downloaded.")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Global batch (images or clips) per step, over all processes.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of weights, data order and augmentation.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on the val split every N steps (0 = only at the end).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="DataLoader workers per process.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+) -> None:
+    """Train a Segmenter / RankSeg model on shards (iteration-based, SGD + poly, mmseg augmentation).
+
+    Under [bold]torchrun --nproc_per_node N -m rankseg_cli train ...[/] it trains with DDP.
+
+    Examples:\n
+      [bold]rankseg train --model segmenter-vitb --data data/ade20k-full --out runs/adefull[/]\n
+      [bold]rankseg train --data data/synth --out runs/tiny --model segmenter-vitt --img-size 64 --iters 300 --set optim.lr=0.01[/]\n
+      [bold]rankseg train --out runs/adefull --resume[/]
+    """
+    from rankseg_core import distributed as D
+    from rankseg_core.config import flag_overrides
+    from rankseg_core.train import config_for_run, describe
+    from rankseg_core.train import train as run_train
+
+    if oracle is not None and oracle != "train-eval":
+        raise UserError(f"--oracle {oracle!r}: only train-eval is a training mode (GT eval is `rankseg eval --oracle`)")
+    flags = dict(model=model, head=head, kappa=kappa, tau=tau, ml_head=ml_head, clip_len=clip_len, img_size=img_size,
+                 backbone_weights=backbone_weights, ml_loss=ml_loss, ml_weight=ml_weight, seg_loss_norm=seg_loss_norm,
+                 iters=iters, batch_size=batch_size, seed=seed, device=device, eval_every=eval_every, workers=workers)
+    overrides = list(set_ or []) + flag_overrides(flags)
+    if no_select:
+        overrides.append("model.select=false")
+    if oracle:
+        overrides.append("model.oracle=true")
+    cfg = config_for_run(out_dir, config, overrides, data, resume)
+    if dry_run:
+        out.print(describe(cfg), highlight=False, markup=False)
+        return
+    main = D.env_info().is_main
+    if main:
+        m = cfg.model
+        what = "oracle (GT train+eval)" if m.oracle else (m.head if m.head == "segmenter" else
+                                                           f"rankseg kappa={m.effective_kappa}" if m.select else "+MT")
+        err.print(f"{'resuming' if resume else 'training'} {m.model} {what} on {cfg.data.name} (K={m.num_classes}), "
+                  f"{cfg.schedule.iters} iters x batch {cfg.schedule.batch_size} -> {out_dir}")
+    res = run_train(cfg, out_dir, resume=resume)
+    if main and res.final_eval is not None:
+        r = res.final_eval
+        err.print(f"[green]done[/]: val mIoU {_fmt(r['miou'])}, mAP {_fmt(r['map'])}; weights {out_dir / 'model.safetensors'}")
+
+
+@user_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory (from `rankseg train`).")],
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory (default: the run's).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split to evaluate.")] = "val",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON (default RUN/eval/<split>.json); the per-class CSV goes next to it.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="whole or slide (default: the run's eval.mode).")] = None,
+    scales: Annotated[Optional[str], typer.Option("--scales", help="Multi-scale test, e.g. 0.75,1.0,1.25.")] = None,
+    flip: Annotated[bool, typer.Option("--flip", help="Add horizontally flipped passes.")] = False,
+    kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected at test time (default: as trained).")] = None,
+    dynamic_kappa: Annotated[Optional[float], typer.Option("--dynamic-kappa", help="Select classes with ml probability > THRESH (e.g. 0.05).")] = None,
+    oracle: Annotated[bool, typer.Option("--oracle", help="GT (eval): select exactly each image's GT classes.")] = False,
+    save_predictions: Annotated[Optional[Path], typer.Option("--save-predictions", help="Write 16-bit PNG predictions (train ids) here.")] = None,
+    classes_json: Annotated[Optional[Path], typer.Option("--classes-json", help='Class subsets {"base": [...], "novel": [...]} (ids or names) for subset mIoU.')] = None,
+    max_images: Annotated[int, typer.Option("--max-images", help="Evaluate only the first N images (0 = all).")] = 0,
+    device: Device = None,
+    weights: Weights = "auto",
+) -> None:
+    """Evaluate a run: mIoU / aAcc / per-class IoU (confusion matrix), multi-label mAP and recall@kappa.
+
+    Examples:\n
+      [bold]rankseg eval runs/adefull[/]\n
+      [bold]rankseg eval runs/adefull --mode slide --scales 0.75,1.0,1.25 --flip --json adefull_ms.json[/]\n
+      [bold]rankseg eval runs/adefull --kappa 50 --oracle[/]
+    """
+    from rankseg_core.evaluate import EvalOptions, run_evaluation
+
+    try:
+        scale_list = [float(s) for s in scales.split(",")] if scales else None
+    except ValueError:
+        raise UserError(f"--scales {scales!r}: expected numbers separated by commas, e.g. 0.75,1.0,1.25") from None
+    opts = EvalOptions(split=split, data_root=str(data) if data else None, mode=mode, scales=scale_list,
+                       flip=True if flip else None, kappa=kappa, dynamic_kappa=dynamic_kappa, oracle=oracle,
+                       max_images=max_images, save_predictions=save_predictions)
+    rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights)
+    t = Table("metric", "value")
+    t.add_row("mIoU", _fmt(rep["miou"]))
+    t.add_row("aAcc", _fmt(rep["aacc"]))
+    t.add_row("mAP (multi-label)", _fmt(rep["map"]))
+    t.add_row(f"recall@{rep['config']['kappa']}", _fmt(rep["recall_at_kappa"]))
+    for name, sub in rep["subsets"].items():
+        t.add_row(f"mIoU {name} ({sub['num_classes']} classes)", _fmt(sub["miou"]))
+    t.add_row("images", str(rep["num_images"]))
+    out.print(t)
+    err.print(f"wrote {json_path} and {csv_path}")
+
+
+@user_errors
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory (from `rankseg train`).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or directories of images.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected / listed per image (default: as trained).")] = None,
+    device: Device = None,
+    weights: Weights = "auto",
+) -> None:
+    """Segment your own images (any size): per image a 16-bit label PNG of train ids, an overlay
+    with a legend, and a JSON of the classes found and the top-kappa class probabilities.
+
+    Example: [bold]rankseg predict runs/adefull photos/ --out preds/[/]
+    """
+    from rankseg_core.evaluate import run_prediction
+
+    results = run_prediction(run, inputs, out_dir, device or "auto", weights, kappa)
+    for r in results[:10]:
+        names = ", ".join(c["name"] for c in r.classes[:5])
+        err.print(f"{r.image.name}: {names}{' ...' if len(r.classes) > 5 else ''}")
+    err.print(f"[green]done[/]: {len(results)} image(s) -> {out_dir}")
+
+
+@user_errors
+def stats_model(
+    model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vitt / -vits / -vitb / -vitl.")] = "segmenter-vitb",
+    num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K.")] = 150,
+    head: Annotated[str, typer.Option("--head", help="segmenter or rankseg.")] = "rankseg",
+    kappa: Annotated[int, typer.Option("--kappa", help="Selected classes (rankseg).")] = 100,
+    img_size: Annotated[int, typer.Option("--img-size", help="Input side in pixels.")] = 512,
+    ml_head: Annotated[str, typer.Option("--ml-head", help="tranenc, trandec or gap.")] = "tranenc",
+    no_flops: Annotated[bool, typer.Option("--no-flops", help="Parameters only (fast).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Parameters and FLOPs / MACs of a model (all matmuls counted; see docs/model.md for the
+    paper's mmcv counting).
+
+    Example: [bold]rankseg stats model --model segmenter-vitb --num-classes 1284 --kappa 100[/]
+    """
+    from rankseg_core.model import ModelConfig
+    from rankseg_core.model_stats import model_stats
+
+    cfg = ModelConfig(model=model, num_classes=num_classes, head=head, kappa=kappa, img_size=img_size, ml_head=ml_head)
+    stats = model_stats(cfg, flops=not no_flops)
+    if as_json:
+        print(json.dumps(stats, indent=1))
+        return
+    t = Table("quantity", "value")
+    for key, value in stats.items():
+        t.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    out.print(t)

@@ -1,0 +1,519 @@
+"""Evaluation on shards (`rankseg eval`) and prediction on user images (`rankseg predict`).
+
+Test protocol (METHOD.md sec. 5 and 8): resize the image so that its short side is
+`eval.short_side` (long side <= `eval.max_long`), predict (whole image, sliding window,
+multi-scale / flip), resize the logits back to the ORIGINAL label size, argmax. Metrics: a K x K
+confusion matrix (mIoU = nanmean over classes with union > 0, aAcc, per-class IoU, subsets),
+and from the multi-label probabilities vs the image's GT classes: per-class AP averaged over
+classes with positives ("mAP") and recall@kappa.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankseg_core import distributed as D
+from rankseg_core.augment import TestTransform, build_test_transform
+from rankseg_core.codec import IGNORE, decode_image
+from rankseg_core.config import TrainConfig
+from rankseg_core.dataset import ShardDataset
+from rankseg_core.errors import UserError
+from rankseg_core.inference import predict_multiscale
+from rankseg_core.metrics import ConfusionMatrix, average_precision, recall_at_k
+from rankseg_core.progress import Progress
+from rankseg_core.shards import atomic_write_bytes, atomic_write_json
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class EvalOptions:
+    """What `rankseg eval` can change; None = the run's config (`cfg.eval`)."""
+
+    split: str = "val"
+    data_root: str | None = None  # None = the run's data.root
+    mode: str | None = None  # whole | slide
+    scales: list[float] | None = None
+    flip: bool | None = None
+    kappa: int | None = None  # classes selected at test time (may differ from training)
+    dynamic_kappa: float | None = None  # select classes with sigmoid score > threshold
+    oracle: bool = False  # GT (eval): select exactly the image's GT classes
+    max_images: int = 0  # 0 = the whole split
+    save_predictions: Path | None = None  # 16-bit PNG of train ids per image
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # miou, aacc, map, recall_at_kappa, num_images, kappa
+    confusion: ConfusionMatrix
+    ap: np.ndarray  # K, per-class AP (NaN without positives)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metrics[key]
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def eval_clips(ds: ShardDataset, clip_len: int, max_images: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """Frames grouped as the model consumes them: ([sample ids], [is real frame]) per item.
+
+    Images: one frame per item. Video models: consecutive non-overlapping chunks of T frames
+    per video; the last chunk repeats its final frame (padding frames are not scored).
+    """
+    n = len(ds) if not max_images else min(max_images, len(ds))
+    if clip_len == 1:
+        return [([i], [True]) for i in range(n)]
+    a = ds.arrays
+    order = np.lexsort((a.frame[:n], np.asarray(a.video[:n])))
+    items, video = [], np.asarray(a.video)
+    start = 0
+    while start < n:
+        v = video[order[start]]
+        end = start
+        while end < n and video[order[end]] == v and end - start < clip_len:
+            end += 1
+        ids = [int(i) for i in order[start:end]]
+        real = [True] * len(ids) + [False] * (clip_len - len(ids))
+        items.append((ids + [ids[-1]] * (clip_len - len(ids)), real))
+        start = end
+    return items
+
+
+class EvalData(torch.utils.data.Dataset):
+    """Item -> {image T x 3 x H' x W', labels [T x (H x W)], classes, keys, real}."""
+
+    def __init__(self, ds: ShardDataset, items: list[tuple[list[int], list[bool]]], transform: TestTransform) -> None:
+        self.ds, self.items, self.transform = ds, items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids, real = self.items[i]
+        frames = [self.ds.load(j) for j in ids]
+        images = [self.transform(f["image"]) for f in frames]
+        if len({im.shape for im in images}) > 1:
+            raise UserError(f"{self.ds.index.root}: frames of one video differ in size ({frames[0]['key']})")
+        return {"image": torch.from_numpy(np.stack(images)), "labels": [f["label"] for f in frames],
+                "classes": [f["classes"] for f in frames], "keys": [f["key"] for f in frames], "real": real}
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+# ---------------------------------------------------------------------------------------
+# Prediction
+
+
+def forward_kwargs(cfg: TrainConfig, classes: list[np.ndarray], device: torch.device, kappa: int | None,
+                   dynamic_kappa: float | None, oracle: bool) -> dict[str, Any]:
+    """Model keyword arguments for one batch; `classes` are the images' GT class ids."""
+    kw: dict[str, Any] = {}
+    gt = [torch.as_tensor(c, dtype=torch.long, device=device) for c in classes]
+    if cfg.model.oracle:
+        kw["gt_classes"] = gt  # GT (train + eval) models always select the GT classes
+    elif oracle:
+        kw["select_override"] = gt
+    if kappa is not None:
+        kw["kappa"] = kappa
+    if dynamic_kappa is not None:
+        kw["dynamic_threshold"] = dynamic_kappa
+    return kw
+
+
+@torch.no_grad()
+def predict_fast(model: nn.Module, images: Tensor, sizes: list[tuple[int, int]], **fwd_kw
+                 ) -> tuple[list[Tensor], Tensor | None]:
+    """Single-scale whole-image prediction without materialising K channels.
+
+    images N x 3 x H' x W' -> per image an (h x w) long class map at sizes[i], and the ml
+    probabilities (N x K, clips x K for video; None without an ml branch). Equals
+    `predict_whole` + upsample + argmax (the -100 channels never win), at kappa/K of the
+    memory: upsample only the selected channels, then map ranks to class ids.
+    """
+    h, w = images.shape[-2:]
+    p = getattr(model, "patch_size", 16)
+    ph, pw = -h % p, -w % p
+    x = F.pad(images, (0, pw, 0, ph)) if ph or pw else images
+    out = model(x, **fwd_kw)
+    logits = F.interpolate(out.mask_logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+    preds = []
+    for i, size in enumerate(sizes):
+        li = F.interpolate(logits[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]
+        if out.valid is not None:
+            li = li.masked_fill(~out.valid[i][:, None, None], float("-inf"))
+        ch = li.argmax(0)
+        preds.append(out.topk_index[i][ch] if out.topk_index is not None else ch)
+    ml = out.ml_logits.float().sigmoid() if out.ml_logits is not None else None
+    return preds, ml
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]],
+                  mode: str, scales: list[float], flip: bool, **fwd_kw) -> tuple[list[Tensor], Tensor | None]:
+    """Class maps at `sizes` and ml probabilities for a batch of equally sized images."""
+    if mode == "whole" and list(scales) == [1.0] and not flip:
+        return predict_fast(model, images, sizes, **fwd_kw)
+    probs, ml = predict_multiscale(model, images, cfg.model.num_classes, scales=tuple(scales), flip=flip, mode=mode,
+                                   crop=cfg.eval.crop, stride=cfg.eval.stride, return_ml=True, **fwd_kw)
+    preds = [F.interpolate(probs[i:i + 1], size=s, mode="bilinear", align_corners=False)[0].argmax(0)
+             for i, s in enumerate(sizes)]
+    return preds, ml
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _safe_name(key: str) -> str:
+    return key.replace("/", "__").replace("\\", "__")
+
+
+def write_label_png(path: Path, label: np.ndarray) -> None:
+    """H x W train ids -> 16-bit PNG, atomically."""
+    ok, buf = cv2.imencode(".png", label.astype(np.uint16))
+    if not ok:  # pragma: no cover - uint16 2-D arrays always encode
+        raise RuntimeError(f"PNG encoding failed for {path}")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device: torch.device) -> EvalResult:
+    """Evaluate `model` on a shard split; under DDP each process takes every W-th item and
+    the confusion matrices / scores are reduced (every process gets the result)."""
+    info = D.current()
+    root = opts.data_root or cfg.data.root
+    ds = ShardDataset(root, opts.split)
+    k = cfg.model.num_classes
+    if ds.num_classes != k:
+        raise UserError(f"{root}: K={ds.num_classes} but the model was trained with K={k}; "
+                        "evaluate on shards of the same dataset")
+    mode = opts.mode or cfg.eval.mode
+    scales = opts.scales or cfg.eval.scales
+    flip = cfg.eval.flip if opts.flip is None else opts.flip
+    if mode not in ("whole", "slide"):
+        raise UserError(f"--mode {mode!r}: use whole or slide")
+    if opts.kappa is not None and opts.kappa < 1:
+        raise UserError(f"--kappa {opts.kappa}: must be >= 1")
+    if opts.dynamic_kappa is not None and not 0 < opts.dynamic_kappa < 1:
+        raise UserError(f"--dynamic-kappa {opts.dynamic_kappa}: a sigmoid threshold in (0, 1), e.g. 0.05")
+    dc = model.data_config() if hasattr(model, "data_config") else {"mean": [127.5] * 3, "std": [127.5] * 3}
+    items = eval_clips(ds, cfg.model.clip_len, opts.max_images)
+    mine = items[info.rank::info.world_size]
+    data = EvalData(ds, mine, build_test_transform(cfg, dc["mean"], dc["std"]))
+    from rankseg_core.train import worker_init
+
+    workers = cfg.eval.num_workers if len(mine) > 8 else 0  # worker start-up costs more than tiny splits
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size, num_workers=workers,
+                                         collate_fn=_collate, worker_init_fn=worker_init)
+    cm = ConfusionMatrix(k, IGNORE)
+    scores, targets = [], []
+    if opts.save_predictions is not None:
+        Path(opts.save_predictions).mkdir(parents=True, exist_ok=True)
+    total = sum(sum(r) for _, r in items)
+    with Progress(total, f"eval {opts.split}", unit="img", enabled=opts.progress and info.is_main) as bar:
+        for batch in loader:
+            groups: dict[tuple[int, ...], list[dict]] = {}
+            for item in batch:  # equal sizes are stacked; others go one by one
+                groups.setdefault(tuple(item["image"].shape), []).append(item)
+            for group in groups.values():
+                images = torch.cat([g["image"] for g in group]).to(device)
+                labels = [lab for g in group for lab in g["labels"]]
+                classes = [c for g in group for c in g["classes"]]
+                real = [r for g in group for r in g["real"]]
+                keys = [key for g in group for key in g["keys"]]
+                kw = forward_kwargs(cfg, classes, device, opts.kappa, opts.dynamic_kappa, opts.oracle)
+                preds, ml = predict_batch(model, cfg, images, [lab.shape for lab in labels], mode, scales, flip, **kw)
+                if ml is not None and cfg.model.clip_len > 1:
+                    ml = ml.repeat_interleave(cfg.model.clip_len, dim=0)
+                for j, (pred, lab) in enumerate(zip(preds, labels)):
+                    if not real[j]:
+                        continue
+                    cm.update(pred, torch.from_numpy(lab.astype(np.int64)).to(pred.device))
+                    if ml is not None:
+                        scores.append(ml[j].cpu().numpy())
+                        t = np.zeros(k, np.float32)
+                        t[classes[j]] = 1
+                        targets.append(t)
+                    if opts.save_predictions is not None:
+                        write_label_png(Path(opts.save_predictions) / f"{_safe_name(keys[j])}.png",
+                                        pred.cpu().numpy())
+                bar.advance(sum(real))
+    cm.matrix = D.all_reduce_sum_np(cm.matrix, device)
+    gathered = D.all_gather_objects((scores, targets))
+    scores = [s for part in gathered for s in part[0]]
+    targets = [t for part in gathered for t in part[1]]
+    kappa = opts.kappa or cfg.model.effective_kappa
+    if scores:
+        s, t = np.stack(scores), np.stack(targets)
+        m_ap, ap = average_precision(s, t)
+        rec = recall_at_k(s, t, kappa)
+    else:
+        m_ap, ap, rec = float("nan"), np.full(k, np.nan), float("nan")
+    metrics = {"miou": cm.miou(), "aacc": cm.aacc(), "map": m_ap, "recall_at_kappa": rec,
+               "num_images": total, "kappa": kappa}
+    return EvalResult(metrics, cm, ap)
+
+
+# ---------------------------------------------------------------------------------------
+# Reports
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def read_class_subsets(path: str | Path, class_names: list[str]) -> dict[str, list[int]]:
+    """{"base": [ids or names], "novel": [...]} -> {subset: sorted ids} (UserError if bad)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: class subset file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not data or not all(isinstance(v, list) for v in data.values()):
+        raise UserError(f'{path}: expected {{"base": [ids or names], "novel": [...]}}')
+    by_name = {n: i for i, n in enumerate(class_names)}
+    k = len(class_names)
+    out = {}
+    for name, values in data.items():
+        ids = []
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise UserError(f"{path}: '{name}' holds {v!r}; use train ids (0..{k - 1}) or class names")
+            if isinstance(v, str):
+                if v not in by_name:
+                    raise UserError(f"{path}: '{name}' names an unknown class {v!r} (not in the run's class names)")
+                v = by_name[v]
+            if not 0 <= v < k:
+                raise UserError(f"{path}: '{name}' holds class id {v}, outside 0..{k - 1}")
+            ids.append(int(v))
+        out[str(name)] = sorted(set(ids))
+    return out
+
+
+def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | None = None,
+           extra_config: dict | None = None) -> dict[str, Any]:
+    """The JSON `rankseg eval` writes."""
+    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+    iou = res.confusion.iou()
+    return {
+        "miou": _num(res["miou"]), "aacc": _num(res["aacc"]), "map": _num(res["map"]),
+        "recall_at_kappa": _num(res["recall_at_kappa"]),
+        "per_class": {n: _num(v) for n, v in zip(names, iou.tolist())},
+        "subsets": {name: {"miou": _num(res.confusion.miou(ids)), "num_classes": len(ids)}
+                    for name, ids in (subsets or {}).items()},
+        "num_images": res["num_images"],
+        "config": {"model": cfg.model.model, "head": "oracle" if cfg.model.oracle else cfg.model.head,
+                   "num_classes": cfg.model.num_classes, "kappa": res["kappa"], "dataset": cfg.data.name,
+                   **(extra_config or {})},
+    }
+
+
+def per_class_csv(res: EvalResult, cfg: TrainConfig) -> str:
+    """id,name,iou,acc,gt_pixels,pred_pixels,ap (empty = undefined)."""
+    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+    m = res.confusion.matrix
+    iou, acc = res.confusion.iou(), res.confusion.acc()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "name", "iou", "acc", "gt_pixels", "pred_pixels", "ap"])
+    fmt = (lambda x: "" if math.isnan(x) else f"{x:.6f}")
+    for i, name in enumerate(names):
+        w.writerow([i, name, fmt(iou[i]), fmt(acc[i]), int(m[i].sum()), int(m[:, i].sum()), fmt(res.ap[i])])
+    return buf.getvalue()
+
+
+def write_report(json_path: Path, res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | None = None,
+                 extra_config: dict | None = None) -> tuple[Path, Path]:
+    """Write the JSON and `<stem>_per_class.csv` next to it; returns both paths."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(json_path, report(res, cfg, subsets, extra_config))
+    csv_path = json_path.with_name(json_path.stem + "_per_class.csv")
+    atomic_write_bytes(csv_path, per_class_csv(res, cfg).encode())
+    return json_path, csv_path
+
+
+# ---------------------------------------------------------------------------------------
+# Prediction on user images
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; directories expand to their image files (sorted, not recursive)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UserError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+            out += files
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    return out
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Any image file -> H x W x 3 uint8 RGB (grey / alpha / 16-bit converted); UserError if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return decode_image(data)
+    except ValueError as exc:
+        raise UserError(f"{path}: cannot decode image ({exc}); supported: JPEG, PNG, BMP, WebP, TIFF") from None
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: list[str],
+            alpha: float = 0.5, max_legend: int = 20) -> np.ndarray:
+    """Blend the coloured prediction over the image and add a legend panel on the right
+    (classes by area, at most `max_legend`). H x W x 3 RGB uint8 -> H x (W + legend) x 3."""
+    colour = palette[pred]
+    blended = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
+    ids, counts = np.unique(pred, return_counts=True)
+    order = ids[np.argsort(-counts, kind="stable")]
+    shown = order[:max_legend]
+    h = blended.shape[0]
+    row = 18
+    lines = len(shown) + (1 if len(order) > len(shown) else 0)
+    panel_h = max(h, row * lines + 8)
+    width = 12 + 20 + max((len(names[i]) for i in shown), default=4) * 8 + 10
+    panel = np.full((panel_h, width, 3), 255, np.uint8)
+    for r, cid in enumerate(shown):
+        y = 4 + r * row
+        panel[y:y + 14, 8:22] = palette[cid]
+        cv2.putText(panel, names[cid], (28, y + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    if len(order) > len(shown):
+        cv2.putText(panel, f"... {len(order) - len(shown)} more", (8, 4 + len(shown) * row + 12),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+    canvas = np.full((panel_h, blended.shape[1] + width, 3), 255, np.uint8)
+    canvas[:h, :blended.shape[1]] = blended
+    canvas[:, blended.shape[1]:] = panel
+    return canvas
+
+
+def _palette(cfg: TrainConfig) -> np.ndarray:
+    if len(cfg.data.palette) == cfg.model.num_classes:
+        return np.asarray(cfg.data.palette, np.uint8)
+    from rankseg_core.palette import make_palette
+
+    return make_palette(cfg.model.num_classes)
+
+
+@dataclass
+class Prediction:
+    image: Path
+    label_png: Path
+    overlay_png: Path
+    json_path: Path
+    classes: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], out_dir: str | Path,
+                  device: torch.device, kappa: int | None = None, mode: str | None = None,
+                  progress: bool = True) -> list[Prediction]:
+    """Segment user images of any size. Per image `<stem>.png` (16-bit train ids),
+    `<stem>_overlay.png` (with a legend) and `<stem>.json` (classes found, top-kappa ml
+    probabilities). Stops at the first unreadable image, naming it."""
+    if cfg.model.oracle:
+        raise UserError("this run is a GT (train + eval) oracle model: it needs ground-truth classes and cannot "
+                        "predict on unlabelled images")
+    files = list_images(inputs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dc = model.data_config()
+    tf = build_test_transform(cfg, dc["mean"], dc["std"])
+    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+    pal = _palette(cfg)
+    kappa_eff = kappa or cfg.model.effective_kappa
+    mode = mode or cfg.eval.mode
+    stems: dict[str, int] = {}
+    results = []
+    with Progress(len(files), "predict", unit="img", enabled=progress) as bar:
+        for path in files:
+            rgb = read_image(path)
+            x = torch.from_numpy(tf(rgb))[None].to(device)
+            frames = cfg.model.clip_len
+            if frames > 1:  # a video model on a still image: the image is a clip of T copies
+                x = x.repeat(frames, 1, 1, 1)
+            kw = {"kappa": kappa} if kappa is not None else {}
+            preds, ml = predict_batch(model, cfg, x, [rgb.shape[:2]] * len(x), mode, cfg.eval.scales,
+                                      cfg.eval.flip, **kw)
+            pred = preds[0].cpu().numpy().astype(np.uint16)
+            stem = path.stem if path.stem not in stems else f"{path.stem}-{stems[path.stem]}"
+            stems[path.stem] = stems.get(path.stem, 0) + 1
+            label_png, overlay_png, json_path = out / f"{stem}.png", out / f"{stem}_overlay.png", out / f"{stem}.json"
+            write_label_png(label_png, pred)
+            ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay(rgb, pred, pal, names), cv2.COLOR_RGB2BGR))
+            atomic_write_bytes(overlay_png, buf.tobytes())
+            ids, counts = np.unique(pred, return_counts=True)
+            found = [{"id": int(i), "name": names[i], "fraction": float(c / pred.size)}
+                     for i, c in sorted(zip(ids, counts), key=lambda t: -t[1])]
+            top = []
+            if ml is not None:
+                p = ml[0].cpu().numpy()
+                for i in np.argsort(-p, kind="stable")[:kappa_eff]:
+                    top.append({"id": int(i), "name": names[i], "probability": float(p[i])})
+            atomic_write_json(json_path, {"image": str(path), "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
+                                          "kappa": kappa_eff, "classes": found, "top_kappa": top})
+            results.append(Prediction(path, label_png, overlay_png, json_path, found))
+            bar.advance(1)
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Run-level entry points (what the CLI calls)
+
+
+def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path | None = None,
+                   classes_json: str | Path | None = None, device: str = "auto",
+                   weights: str = "auto") -> tuple[dict[str, Any], Path, Path]:
+    """Load a run, evaluate it, write the JSON (default RUN/eval/<split>.json) and the
+    per-class CSV next to it. Returns (report, json path, csv path)."""
+    from rankseg_core.runs import find_weights, load_run, run_paths
+
+    dev = D.resolve_device(device)
+    model, cfg = load_run(run_dir, dev, weights)
+    subsets = read_class_subsets(classes_json, cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]) \
+        if classes_json else None
+    res = evaluate_model(model, cfg, opts, dev)
+    extra = {"split": opts.split, "data": str(opts.data_root or cfg.data.root),
+             "weights": str(find_weights(run_dir, weights)), "mode": opts.mode or cfg.eval.mode,
+             "scales": list(opts.scales or cfg.eval.scales),
+             "flip": bool(cfg.eval.flip if opts.flip is None else opts.flip),
+             "short_side": cfg.eval.short_side, "max_long": cfg.eval.max_long,
+             "dynamic_kappa": opts.dynamic_kappa, "oracle": bool(opts.oracle or cfg.model.oracle)}
+    path = Path(json_path) if json_path else run_paths(run_dir).eval_dir / f"{opts.split}.json"
+    json_out, csv_out = write_report(path, res, cfg, subsets, extra)
+    return report(res, cfg, subsets, extra), json_out, csv_out
+
+
+def run_prediction(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto",
+                   weights: str = "auto", kappa: int | None = None, progress: bool = True) -> list[Prediction]:
+    from rankseg_core.runs import load_run
+
+    dev = D.resolve_device(device)
+    model, cfg = load_run(run_dir, dev, weights)
+    return predict_files(model, cfg, inputs, out_dir, dev, kappa=kappa, progress=progress)

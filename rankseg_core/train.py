@@ -1,0 +1,467 @@
+"""Training: data order, optimizer and schedule, and one explicit loop (`train`).
+
+Determinism and exact resume rest on one idea: the data stream is a pure function of
+(seed, global sample position). Epoch e visits the clips in the permutation drawn from
+(seed, e); the sample at global position g is augmented with a generator seeded by
+(seed, g). Optimizer step s consumes positions [s*B, (s+1)*B) (B = global batch), split into
+accumulation micro-batches and then across DDP ranks. So resuming at step s only needs s,
+and the stream does not depend on the number of workers or processes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rankseg_core import distributed as D
+from rankseg_core import runs
+from rankseg_core.augment import TrainTransform, build_train_transform
+from rankseg_core.codec import IGNORE
+from rankseg_core.config import TrainConfig, diff_configs, to_yaml
+from rankseg_core.dataset import ShardDataset
+from rankseg_core.errors import UserError
+from rankseg_core.losses import RankSegCriterion, present_classes
+from rankseg_core.model import build_model
+from rankseg_core.progress import Progress
+
+STATS = ("loss", "seg", "ml", "coverage", "recall", "precision")
+
+
+# ---------------------------------------------------------------------------------------
+# Data: clips, the deterministic batch stream, the augmented dataset
+
+
+def clip_table(ds: ShardDataset, clip_len: int) -> np.ndarray:
+    """Sample indices of every trainable clip: N_clips x T (T = 1: every image is a clip).
+
+    A clip is T consecutive frames (by frame number) of one video.
+    """
+    n = len(ds)
+    if clip_len == 1:
+        return np.arange(n)[:, None]
+    a = ds.arrays
+    videos = np.asarray(a.video)
+    if not np.all(videos != ""):
+        raise UserError(f"{ds.index.root}: model.clip_len={clip_len} needs a video dataset (samples with "
+                        "video/frame fields, e.g. VSPW); use --clip-len 1 for images")
+    order = np.lexsort((a.frame, videos))  # by video, then frame
+    v = videos[order]
+    starts = np.arange(n - clip_len + 1)
+    same = np.ones(starts.size, bool)
+    for t in range(1, clip_len):
+        same &= v[starts + t] == v[starts]
+    if not same.any():
+        raise UserError(f"{ds.index.root}: no video has {clip_len} frames; lower --clip-len")
+    return order[starts[same][:, None] + np.arange(clip_len)[None, :]]
+
+
+@dataclass
+class BatchStream:
+    """Yields this rank's micro-batches as lists of (global position, clip id).
+
+    Step s, micro-batch m, rank r takes global positions
+    s*B + m*(W*b) + r*b + [0, b), with b = B / (W * accum).
+    """
+
+    num_clips: int
+    global_batch: int
+    accum_steps: int
+    world_size: int
+    rank: int
+    seed: int
+    start_step: int = 0
+
+    @property
+    def micro(self) -> int:
+        return self.global_batch // (self.world_size * self.accum_steps)
+
+    def clip_at(self, g: np.ndarray) -> np.ndarray:
+        epoch, pos = np.divmod(g, self.num_clips)
+        out = np.empty_like(g)
+        for e in np.unique(epoch):  # at most two epochs per batch
+            perm = np.random.default_rng([self.seed, 7, int(e)]).permutation(self.num_clips)
+            out[epoch == e] = perm[pos[epoch == e]]
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b, step = self.micro, self.start_step
+        while True:
+            for m in range(self.accum_steps):
+                g0 = step * self.global_batch + m * self.world_size * b + self.rank * b
+                g = np.arange(g0, g0 + b)
+                yield [(int(x), int(c)) for x, c in zip(g, self.clip_at(g))]
+            step += 1
+
+
+class AugmentedClips(torch.utils.data.Dataset):
+    """(global position, clip id) -> augmented clip {image T x 3 x c x c, label T x c x c}."""
+
+    def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int) -> None:
+        self.ds, self.clips, self.transform, self.seed = ds, clips, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
+        g, clip = item
+        frames = [self.ds.load(int(i)) for i in self.clips[clip]]
+        rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
+        try:
+            img, lab = self.transform([f["image"] for f in frames], [f["label"] for f in frames], rng)
+        except ValueError as exc:
+            raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
+        return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab)}
+
+
+def collate_clips(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major)."""
+    return {"image": torch.cat([i["image"] for i in items]), "label": torch.cat([i["label"] for i in items])}
+
+
+def worker_init(worker_id: int) -> None:
+    """Per-worker seeding and no nested threading (OpenCV / torch threads x workers)."""
+    import cv2
+
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32  # the DataLoader derives it from its generator
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.DistInfo,
+                start_step: int) -> torch.utils.data.DataLoader:
+    ds = ShardDataset(cfg.data.root, cfg.data.train_split)
+    if ds.num_classes != cfg.model.num_classes:
+        raise UserError(f"{cfg.data.root}: K={ds.num_classes} but the run was configured for "
+                        f"K={cfg.model.num_classes}; use the same shards or a new run")
+    clips = clip_table(ds, cfg.model.clip_len)
+    s = cfg.schedule
+    if s.batch_size % (info.world_size * s.accum_steps):
+        raise UserError(f"schedule.batch_size={s.batch_size} is not divisible by processes x accum_steps "
+                        f"= {info.world_size} x {s.accum_steps}")
+    stream = BatchStream(len(clips), s.batch_size, s.accum_steps, info.world_size, info.rank, cfg.seed, start_step)
+    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed)
+    workers = cfg.data.num_workers
+    return torch.utils.data.DataLoader(
+        data, batch_sampler=stream, num_workers=workers, collate_fn=collate_clips,
+        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(cfg.seed + info.rank),
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Four groups: (decay | no decay) x (ml branch | rest); each carries its lr multiplier."""
+    o = cfg.optim
+    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    ml = model.ml_branch_names() if hasattr(model, "ml_branch_names") else set()
+    groups: dict[tuple[bool, bool], list[Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name in no_wd, name in ml), []).append(p)
+    params = []
+    for (skip_wd, is_ml), ps in sorted(groups.items()):
+        wd = 0.0 if skip_wd else o.weight_decay * (o.ml_wd_mult if is_ml else 1.0)
+        params.append({"params": ps, "weight_decay": wd, "lr_mult": o.ml_lr_mult if is_ml else 1.0})
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas))
+
+
+def lr_schedule(cfg: TrainConfig) -> np.ndarray:
+    """Learning rate at every iteration (iters,): mmseg poly with floor and optional warm-up.
+
+    lr_i = (lr - min_lr) * (1 - i / iters) ** power + min_lr; warm-up scales it linearly from
+    1e-6 x to 1 x over warmup_iters (mmseg's linear warm-up).
+    """
+    s, lr = cfg.schedule, cfg.optim.lr
+    i = np.arange(s.iters, dtype=np.float64)
+    lrs = (lr - s.min_lr) * (1 - i / s.iters) ** s.power + s.min_lr
+    if s.warmup_iters:
+        k = np.clip(1 - i / s.warmup_iters, 0, 1)
+        lrs *= 1 - k * (1 - 1e-6)
+    return lrs
+
+
+# ---------------------------------------------------------------------------------------
+# RNG state (checkpointed so that dropout / drop-path continue exactly)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+             "python": [random.getstate()[0], list(random.getstate()[1])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate((state["python"][0], tuple(state["python"][1]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Running statistics between log lines
+
+
+class Window:
+    """NaN-aware sums of the logged statistics since the last log line (checkpointed)."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        self.sums = dict(state["sums"]) if state else {k: 0.0 for k in STATS}
+        self.counts = dict(state["counts"]) if state else {k: 0 for k in STATS}
+        self.samples = int(state["samples"]) if state else 0
+
+    def add(self, values: Tensor, samples: int) -> None:
+        for k, v in zip(STATS, values.tolist()):
+            if math.isfinite(v):
+                self.sums[k] += v
+                self.counts[k] += 1
+        self.samples += samples
+
+    def means(self) -> dict[str, float]:
+        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else float("nan")) for k in STATS}
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts, "samples": self.samples}
+
+
+# ---------------------------------------------------------------------------------------
+# Set-up shared by fresh and resumed runs
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iterations: int
+    final_eval: dict | None
+    best_miou: float
+
+
+def prepare_run(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
+    """Fresh run: refuse to overwrite a run; save config.yaml. Resume: check the config matches."""
+    paths = runs.run_paths(run_dir)
+    if resume:
+        if not paths.last.is_file():
+            raise UserError(f"{paths.last}: nothing to resume (no checkpoint yet); start without --resume")
+        saved = runs.load_config(run_dir)
+        changed = diff_configs(saved, cfg)
+        if changed:
+            raise UserError(f"--resume: {', '.join(changed[:4])} differ(s) from {paths.config}; drop those options "
+                            "(a resumed run keeps its config) or start a new --out")
+        return cfg  # runtime keys (device, workers, data.root, ...) come from this command line
+    if paths.config.exists() and (paths.last.exists() or paths.weights.exists()):
+        raise UserError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
+    if D.is_main():
+        runs.save_config(run_dir, cfg)
+        if paths.metrics.exists():
+            paths.metrics.unlink()  # a previous attempt that never checkpointed
+    return cfg
+
+
+def config_for_run(run_dir: str | Path, config_file: str | Path | None, overrides: list[str],
+                   data_root: str | Path | None, resume: bool) -> TrainConfig:
+    """The config a `rankseg train` command means.
+
+    Fresh run: defaults < dataset defaults < YAML < overrides (`config.build_train_config`).
+    Resume: the run's saved config.yaml with the YAML / overrides applied on top; `prepare_run`
+    then refuses any change outside the runtime keys (device, workers, ...).
+    """
+    from rankseg_core.config import build_train_config, parse_override, read_yaml, resolve, set_key
+    from rankseg_core.dataset import load_index
+
+    if not resume:
+        return build_train_config(config_file, overrides, data_root)
+    cfg = runs.load_config(run_dir)
+    layers = [(f"{config_file}: ", read_yaml(config_file))] if config_file else []
+    layers.append(("--set: ", dict(parse_override(o) for o in overrides)))
+    for where, layer in layers:
+        for key, value in layer.items():
+            set_key(cfg, key, value, where)
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    meta = load_index(cfg.data.root)
+    if int(meta["num_classes"]) != cfg.model.num_classes:
+        raise UserError(f"{cfg.data.root}: K={meta['num_classes']} but {run_dir} was trained with "
+                        f"K={cfg.model.num_classes}; pass --data with the run's shards")
+    return resolve(cfg)
+
+
+def _evaluate(model: nn.Module, cfg: TrainConfig, device: torch.device, max_images: int) -> dict:
+    from rankseg_core.evaluate import EvalOptions, evaluate_model
+
+    was = model.training
+    model.eval()
+    try:
+        res = evaluate_model(model, cfg, EvalOptions(split=cfg.data.val_split, max_images=max_images,
+                                                     progress=False), device)
+    finally:
+        model.train(was)
+    return res
+
+
+def _autocast(device: torch.device, enabled: bool) -> tuple[Any, Any]:
+    """(autocast context, GradScaler or None). AMP on CUDA only; bf16 needs no scaler."""
+    if not enabled or device.type != "cuda":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) a run in `run_dir`; see docs/training.md. Call under torchrun for DDP
+    (a process group the caller already set up is used and left open)."""
+    device = D.resolve_device(cfg.device, D.env_info().local_rank)
+    owned = not D.current().enabled
+    info = D.init_distributed(device)
+    try:
+        return _train(cfg, Path(run_dir), resume, progress, device, info)
+    finally:
+        if owned:
+            D.cleanup()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device,
+           info: D.DistInfo) -> TrainResult:
+    paths = runs.run_paths(run_dir)
+    cfg = prepare_run(cfg, run_dir, resume)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg)
+    amp_ctx, scaler = _autocast(device, cfg.amp)
+    start, best, window = 0, float("-inf"), Window()
+    if resume:
+        ckpt = runs.load_checkpoint(paths.last, map_location="cpu")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        start, best, window = int(ckpt["iteration"]), float(ckpt["best_miou"]), Window(ckpt["window"])
+        set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if info.is_main:
+            runs.truncate_metrics(run_dir, start)
+    else:
+        torch.manual_seed(cfg.seed + info.rank)  # dropout / drop-path differ across ranks
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=cfg.model.oracle) if info.enabled else model
+    dc = model.data_config()
+    loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start))
+    crit = RankSegCriterion(cfg.model.num_classes, IGNORE, cfg.loss.ml_loss, cfg.loss.ml_weight,
+                            cfg.loss.seg_loss_norm, cfg.model.clip_len)
+    lrs, s = lr_schedule(cfg), cfg.schedule
+
+    def checkpoint(path: Path, it: int) -> None:
+        states = D.all_gather_objects(rng_state())  # every rank's RNG, so DDP resumes exactly too
+        if info.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
+                     "rng": states, "window": window.state(), "best_miou": best,
+                     "data": {"step": it, "seed": cfg.seed, "global_batch": s.batch_size}}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            runs.save_checkpoint(path, state)
+
+    model.train()
+    t_log = time.perf_counter()
+    with Progress(s.iters, "train", unit="it", log_every=cfg.log_seconds, enabled=progress and info.is_main) as bar:
+        bar.done = start
+        for it in range(start, s.iters):
+            for g in optimizer.param_groups:
+                g["lr"] = float(lrs[it]) * g["lr_mult"]  # python floats: checkpoints load with weights_only
+            stats = torch.zeros(len(STATS))
+            for m in range(s.accum_steps):
+                batch = next(loader)
+                images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device)
+                kw = {"gt_classes": present_classes(labels, cfg.model.num_classes, IGNORE)} if cfg.model.oracle else {}
+                sync = ddp.no_sync() if info.enabled and m < s.accum_steps - 1 else nullcontext()
+                with sync:
+                    with amp_ctx:
+                        out = ddp(images, **kw)
+                    losses = crit(out, labels)
+                    loss = losses["loss"] / s.accum_steps
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                stats += torch.stack([losses[k].detach().float().cpu() for k in STATS]) / s.accum_steps
+            stats = D.all_reduce_mean(stats)  # also a sync point: every rank sees the same loss
+            if not math.isfinite(float(stats[0])):
+                kept = f"last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint was written"
+                raise UserError(f"non-finite loss ({float(stats[0])}) at iteration {it + 1}: training stopped; {kept}. "
+                                f"Lower optim.lr (now {cfg.optim.lr:g}) or check the data, then --resume or restart")
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window.add(stats, s.batch_size)
+            done = it + 1
+            bar.advance(1, postfix=f"loss {float(stats[0]):.4f} lr {lrs[it]:.2e}")
+            if done % cfg.log_every == 0 or done == s.iters:
+                dt = time.perf_counter() - t_log
+                rec = {"type": "train", "iter": done, **window.means(), "lr": float(lrs[it]),
+                       "samples_per_s": window.samples / max(dt, 1e-9)}
+                if info.is_main:
+                    runs.append_metrics(run_dir, rec)
+                window, t_log = Window(), time.perf_counter()
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < s.iters:
+                res = _evaluate(model, cfg, device, cfg.eval.max_images)
+                if info.is_main:
+                    runs.append_metrics(run_dir, {"type": "eval", "iter": done, **_summary(res)})
+                if res["miou"] > best:
+                    best = res["miou"]
+                    checkpoint(paths.best, done)
+            if done % cfg.ckpt_every == 0 or done == s.iters:
+                checkpoint(paths.last, done)
+    final = _evaluate(model, cfg, device, 0)
+    if info.is_main:
+        runs.append_metrics(run_dir, {"type": "eval", "iter": s.iters, "final": True, **_summary(final)})
+    if final["miou"] > best or best == float("-inf"):
+        best = max(best, final["miou"])
+        checkpoint(paths.best, s.iters)
+    if info.is_main:
+        runs.save_weights(paths.weights, model)
+    D.barrier()
+    return TrainResult(run_dir, s.iters, final, best)
+
+
+def _summary(res: dict) -> dict:
+    return {k: res[k] for k in ("miou", "aacc", "map", "recall_at_kappa", "num_images")}
+
+
+def describe(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (printed by `rankseg train --dry-run`)."""
+    return to_yaml(cfg)
