@@ -150,7 +150,10 @@ _ALIASES = {
 
 def dataset_family(name: str) -> str | None:
     """Map a dataset name from dataset.json to a `DATASET_DEFAULTS` key (None if unknown)."""
-    return _ALIASES.get(re.sub(r"[^a-z0-9]", "", name.lower()))
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    if key.startswith("ade20kfulltop"):  # ADE20K-x (ProtoSeg): the x most frequent Full classes
+        return "ade20k-full"
+    return _ALIASES.get(key)
 
 
 # ---------------------------------------------------------------------------------------

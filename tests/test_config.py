@@ -44,9 +44,11 @@ def test_yaml_then_set_precedence(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name,family,kappa,weight", [
-    ("ADE20K-Full", "ade20k-full", 100, 100.0), ("ade20k_full", "ade20k-full", 100, 100.0),
-    ("coco-lvis", "coco-lvis", 100, 300.0), ("ade20k", "ade20k", 50, 10.0),
-    ("COCO-Stuff-164k", "coco-stuff", 50, 10.0), ("pascal_context_59", "pascal-context", 25, 5.0)])
+    # the names our converters write, and other spellings
+    ("ade20k-full", "ade20k-full", 100, 100.0), ("ade20k-full-top300", "ade20k-full", 100, 100.0),
+    ("coco_lvis", "coco-lvis", 100, 300.0), ("ade20k-150", "ade20k", 50, 10.0),
+    ("coco-stuff-164k", "coco-stuff", 50, 10.0), ("pascal-context-59", "pascal-context", 25, 5.0),
+    ("ADE20K_Full", "ade20k-full", 100, 100.0), ("COCO-Stuff", "coco-stuff", 50, 10.0)])
 def test_dataset_defaults(tmp_path: Path, name: str, family: str, kappa: int, weight: float) -> None:
     assert dataset_family(name) == family
     data = fake_shards(tmp_path / "d", name, 60)
