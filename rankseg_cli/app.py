@@ -10,8 +10,10 @@ from rankseg_core import __version__
 
 from .common import new_app
 from .data_cmds import class_cdf, inspect, stats_app, verify  # noqa: F401
+from . import prepare_images  # noqa: F401  (registers `prepare ade20k-full`, `ade20k`, ...)
 from .demo import demo
 from .prepare import prepare_app
+from .train_cmds import evaluate, predict, stats_model, train
 
 app = new_app(
     "rankseg: large-vocabulary image and video segmentation with RankSeg (ECCV 2022).\n\n"
@@ -35,6 +37,10 @@ app.add_typer(stats_app, name="stats")
 app.command("inspect")(inspect)
 app.command("verify")(verify)
 app.command("demo")(demo)
+app.command("train")(train)
+app.command("eval")(evaluate)
+app.command("predict")(predict)
+stats_app.command("model")(stats_model)
 
 
 def main() -> None:

@@ -38,6 +38,6 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def new_app(help: str) -> typer.Typer:
-    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode="rich",
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
                        context_settings={"help_option_names": ["-h", "--help"]},
                        pretty_exceptions_enable=False)
