@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -134,7 +134,7 @@ def check_same_size(image_shape: tuple[int, ...], mask_shape: tuple[int, ...], m
 
 
 def remap(values: np.ndarray, lut: np.ndarray, num_classes: int, path: str | Path,
-          describe=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+          describe: Callable[[int], str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Map H x W raw mask values through `lut`; return (H x W uint16 label, classes, pixels).
 
     `classes` (uint16) are the sorted present train ids, `pixels` (int64) their counts. A value
