@@ -288,6 +288,7 @@ def test_top_classes_remap_and_cache(tmp_path: Path) -> None:
     (out / "dataset.json").unlink()
     index = prepare_ade20k_full(root, out, top_classes=2, opts=opts())
     assert index["class_names"] == [names[2]["name"], names[0]["name"]]
+    assert_verified(out)
 
 
 def test_top_classes_ties_and_bounds(tmp_path: Path) -> None:
@@ -335,6 +336,7 @@ def test_resume_after_interrupted_run(tmp_path: Path) -> None:
     prepare_ade20k_full(root, out, opts=opts(samples_per_shard=2))
     assert {p: (out / p).stat().st_mtime_ns for p in done} == done  # finished shards kept
     assert _dataset_json(out) == _dataset_json(one)
+    assert_verified(out)
     # Different options into the same directory are refused, not mixed.
     with pytest.raises(UserError, match="different options"):
         prepare_ade20k_full(root, out, max_short_side=0, opts=opts(samples_per_shard=2))

@@ -119,6 +119,7 @@ def test_ade150_value_outside_domain(tmp_path: Path) -> None:
     assert str(bad.mask_path) in msg and "200" in msg and "\n" not in msg
     index = prepare_ade20k(tmp_path / "root", tmp_path / "out2", ConvertOptions(on_error="skip"))
     assert index["splits"]["training"]["num_skipped"] == 1
+    assert list(verify_shards(tmp_path / "out2")) == []
 
 
 def test_ade150_layout_errors(tmp_path: Path) -> None:
@@ -158,6 +159,7 @@ def test_coco_stuff_bad_values(tmp_path: Path, value: int) -> None:
     assert index["splits"]["val"]["num_skipped"] == 1 and index["splits"]["train"]["num_samples"] == 1
     reason = json.loads((tmp_path / "out" / "skipped.jsonl").read_text())["reason"]
     assert str(bad.mask_path) in reason and str(value) in reason
+    assert list(verify_shards(tmp_path / "out")) == []
 
 
 # --- PASCAL-Context -----------------------------------------------------------------------
