@@ -34,8 +34,7 @@ def ade20k_full(
 ) -> None:
     """ADE20K-Full, 847 classes (ADE20K_2021_17_01 release; class = R/10*256 + G of *_seg.png).
 
-    Layout: ROOT/images/ADE/{training,validation}/<scene>/.../ADE_*.jpg with ADE_*_seg.png
-    next to each image. index_ade20k.pkl is not needed.
+    Layout: ROOT/images/ADE/{training,validation}/<scene>/.../ADE_*.jpg, each with its ADE_*_seg.png next to it (index_ade20k.pkl is not needed).
 
     Example: [bold]rankseg prepare ade20k-full --root data/ADE20K_2021_17_01 --out shards/ade847[/]\n
     ADE20K-200 (ProtoSeg): [bold]... --out shards/ade200 --top-classes 200[/]
@@ -111,8 +110,7 @@ def pascal_context(
 ) -> None:
     """PASCAL-Context 59/60 (VOC2010 images with mmsegmentation's SegmentationClassContext masks).
 
-    Layout: ROOT = VOCdevkit/VOC2010 with JPEGImages/*.jpg, SegmentationClassContext/*.png and
-    ImageSets/SegmentationContext/{train,val}.txt.
+    Layout: ROOT = VOCdevkit/VOC2010 with JPEGImages/*.jpg, SegmentationClassContext/*.png and ImageSets/SegmentationContext/{train,val}.txt.
 
     Example: [bold]rankseg prepare pascal-context --root data/VOCdevkit/VOC2010 --out shards/pc59[/]
     """
