@@ -50,7 +50,8 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     arr = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else data
     if arr.size == 0:
         raise ValueError("empty image (0 bytes)")
-    img = cv2.imdecode(arr, cv2.IMREAD_COLOR)
+    # Masks are drawn on the stored pixel grid: an EXIF rotation would turn the image against them.
+    img = cv2.imdecode(arr, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise ValueError("corrupt or unsupported image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

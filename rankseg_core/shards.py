@@ -262,12 +262,13 @@ def _worker(key: str) -> EncodedSample | Skipped:
 def write_split(out: Path, split: str, keys: Sequence[str], maker: Callable[[str], EncodedSample],
                 header: DatasetHeader, *, samples_per_shard: int = 1000, workers: int = 0,
                 on_error: str = "fail", num_parts: int = 1, part: int | None = None,
-                desc: str | None = None) -> int:
+                desc: str | None = None, pool=None) -> int:
     """Convert `keys` with `maker` into the split's shards; return the number of shards written.
 
     `maker(key)` builds one `EncodedSample` and raises `SampleError` for bad data. It runs in
     `workers` spawned processes (0 = in this process), so it must be picklable (a module-level
-    function or a `functools.partial` of one). Finished shards are skipped. With `part` set,
+    function or a `functools.partial` of one); pass `pool` (from `make_pool`) to reuse one
+    pool across splits. Finished shards are skipped. With `part` set,
     only shards whose index % num_parts == part are converted (one machine of a SLURM array).
     """
     if on_error not in ("fail", "skip"):
@@ -279,8 +280,9 @@ def write_split(out: Path, split: str, keys: Sequence[str], maker: Callable[[str
     total = sum(len(plan[i]) for i in todo)
     if not todo:
         return 0
-    pool = (mp.get_context("spawn").Pool(workers, initializer=_pool_init, initargs=(maker,))
-            if workers > 0 else None)
+    own_pool = pool is None and workers > 0
+    if own_pool:
+        pool = make_pool(maker, workers)
     try:
         with Progress(total, desc or f"{header.name} {split}", unit="img") as bar:
             for i in todo:
@@ -298,9 +300,14 @@ def write_split(out: Path, split: str, keys: Sequence[str], maker: Callable[[str
                 write_shard(out / shard_name(split, i, len(plan)), samples, skipped,
                             split=split, index=i, count=len(plan), header=header)
     finally:
-        if pool is not None:
+        if own_pool:
             pool.terminate()
     return len(todo)
+
+
+def make_pool(maker: Callable[[str], EncodedSample], workers: int):
+    """A spawn-context pool whose workers each hold `maker` (spawn: fork + HDF5/OpenCV is unsafe)."""
+    return mp.get_context("spawn").Pool(workers, initializer=_pool_init, initargs=(maker,))
 
 
 def assemble(out: Path, header: DatasetHeader, splits: Sequence[str]) -> dict:

@@ -33,8 +33,8 @@ from ..codec import IGNORE
 from ..errors import UserError
 from ..progress import Progress
 from ..resources import load_json
-from ..shards import DatasetHeader, EncodedSample, SampleError, atomic_write_json, claim_output
-from .common import ConvertOptions, run_conversion
+from ..shards import DatasetHeader, EncodedSample, SampleError, atomic_write_json
+from .common import ConvertOptions, claim, run_conversion
 from .png_datasets import (BAD, JPEG_QUALITY, check_same_size, decode_jpeg, encode_jpeg_bgr,
                            make_encoded, read_bytes, remap, stored_image_bytes)
 from .resize import resize_image, resize_nearest, short_side_size
@@ -322,10 +322,7 @@ def prepare_ade20k_full(root: str | Path, out: str | Path, *, split: str = "all"
                         f"but {Path(root) / 'images' / 'ADE' / 'training'} has no images")
     header = DatasetHeader(f"ade20k-full-top{top_classes}", [""] * top_classes, options,
                            f"{source}; top {top_classes} classes by training-image frequency")
-    # Claim the directory before writing the cache into it. run_conversion adds exactly these
-    # two keys, so its own claim finds the same marker.
-    header.options = dict(options, limit=opts.limit, samples_per_shard=opts.samples_per_shard)
-    claim_output(out, header)
+    claim(out, header, opts)  # before writing the frequency cache into it
     presence = functools.partial(present_classes, root=str(root), files=files,
                                  lut=seg_lut(value_lut(classes)), num_classes=k_full,
                                  max_short_side=max_short_side)

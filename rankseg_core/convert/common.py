@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..shards import DatasetHeader, EncodedSample, assemble, claim_output, write_split
+from ..shards import DatasetHeader, EncodedSample, assemble, claim_output, make_pool, write_split
 
 
 @dataclass
@@ -39,6 +39,19 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
+def claim(out: str | Path, header: DatasetHeader, opts: ConvertOptions) -> Path:
+    """Validate `opts`, record them in `header.options` and claim `out` (idempotent).
+
+    Converters that write caches into `out` before converting (ADE20K-X's class frequencies)
+    call this first; `run_conversion` calls it again and finds the same marker.
+    """
+    opts.validate()
+    out = Path(out)
+    header.options = dict(header.options, limit=opts.limit, samples_per_shard=opts.samples_per_shard)
+    claim_output(out, header)
+    return out
+
+
 def run_conversion(out: str | Path, header: DatasetHeader, splits: Mapping[str, Sequence[str]],
                    maker: Callable[[str], EncodedSample], opts: ConvertOptions) -> dict | None:
     """Convert every split's keys with `maker`; assemble `dataset.json` unless this is one part.
@@ -47,17 +60,19 @@ def run_conversion(out: str | Path, header: DatasetHeader, splits: Mapping[str, 
     options is refused instead of mixing shards); `limit` is added here.
     Returns the assembled index, or None when only one part (`shard_index`) was converted.
     """
-    opts.validate()
-    out = Path(out)
-    header.options = dict(header.options, limit=opts.limit, samples_per_shard=opts.samples_per_shard)
-    claim_output(out, header)
-    for split, keys in splits.items():
-        keys = sorted(keys)[:opts.limit] if opts.limit else list(keys)
-        if not keys:
-            raise UserError(f"no samples found for split '{split}': check the dataset root")
-        write_split(out, split, keys, maker, header, samples_per_shard=opts.samples_per_shard,
-                    workers=opts.workers, on_error=opts.on_error, num_parts=opts.num_shards,
-                    part=opts.shard_index, desc=f"{header.name} {split}")
+    out = claim(out, header, opts)
+    pool = make_pool(maker, opts.workers) if opts.workers > 0 else None
+    try:
+        for split, keys in splits.items():
+            keys = sorted(keys)[:opts.limit] if opts.limit else list(keys)
+            if not keys:
+                raise UserError(f"no samples found for split '{split}': check the dataset root")
+            write_split(out, split, keys, maker, header, samples_per_shard=opts.samples_per_shard,
+                        workers=opts.workers, on_error=opts.on_error, num_parts=opts.num_shards,
+                        part=opts.shard_index, desc=f"{header.name} {split}", pool=pool)
+    finally:
+        if pool is not None:
+            pool.terminate()
     if opts.shard_index is not None:
         return None
     return assemble(out, header, list(splits))
