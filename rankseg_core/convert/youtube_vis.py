@@ -1,0 +1,195 @@
+"""YouTube-VIS 2019 (40 classes): `{split}/JPEGImages/<video>/*.jpg` + `{split}.json` -> shards.
+
+One sample per listed frame. Its label is the per-pixel category (train id = category id - 1)
+of the tracks present in that frame; where tracks overlap the first track in the JSON wins;
+pixels of no track are IGNORE (YouTube-VIS has no background class and does not annotate
+everything, so "no track" is "unknown", not a class). Every track present in the frame is also
+kept as an instance (compressed RLE) in the sample's `instances` JSON:
+`[{"track_id", "category", "iscrowd", "rle": {"size": [h, w], "counts": str}}]`; the `rle` dict
+decodes directly with `pycocotools.mask.decode`.
+
+valid/test have no annotations: their frames are stored (for inference) with all-IGNORE
+labels, empty targets and `instances` = "[]".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from ..codec import IGNORE, image_size
+from ..errors import UserError
+from ..resources import load_json as load_dataset_json
+from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
+from .coco_lvis import load_json
+from .common import ConvertOptions, run_conversion
+
+SPLITS = ("train", "valid", "test")
+
+
+def builtin_categories() -> list[tuple[int, str]]:
+    """The 40 YouTube-VIS 2019 categories as (id, name), ids 1..40."""
+    return [(c["id"], c["name"]) for c in load_dataset_json("youtube_vis_2019/classes.json")["classes"]]
+
+
+def categories_of(doc: dict, path: Path) -> list[tuple[int, str]]:
+    """(id, name) sorted by id: the JSON's `categories`, or the built-in 40 when it has none."""
+    cats = doc.get("categories")
+    if not cats:
+        return builtin_categories()
+    try:
+        pairs = sorted((int(c["id"]), str(c["name"])) for c in cats)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: 'categories' entries need an integer 'id' and a 'name'") from None
+    if len({i for i, _ in pairs}) != len(pairs):
+        raise UserError(f"{path}: duplicate category ids in 'categories'")
+    return pairs
+
+
+def to_rle(seg: object, h: int, w: int) -> dict:
+    """A YouTube-VIS segmentation (uncompressed or compressed RLE, or polygons) -> compressed RLE."""
+    if isinstance(seg, list):  # polygons
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
+        raise ValueError("segmentation is neither RLE {counts, size} nor polygons")
+    if list(seg["size"]) != [h, w]:
+        raise ValueError(f"RLE size {seg['size']} differs from the video size {[h, w]}")
+    if isinstance(seg["counts"], list):
+        if sum(seg["counts"]) != h * w:
+            raise ValueError(f"RLE counts sum to {sum(seg['counts'])}, not {h}*{w}")
+        return mask_utils.frPyObjects(seg, h, w)
+    counts = seg["counts"]
+    return {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
+
+
+# (track id, train id, iscrowd, compressed RLE counts)
+Track = tuple[int, int, int, str]
+
+
+@dataclass
+class YtvisMaker:
+    """Builds one frame's sample; picklable for spawned workers."""
+
+    frames: dict[str, tuple[str, str, int, int, int, list[Track]]]  # key -> (video, path, t, h, w, tracks)
+    num_classes: int
+
+    def __call__(self, key: str) -> EncodedSample:
+        video, path, t, h, w, tracks = self.frames[key]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise SampleError(f"{path}: frame missing or unreadable ({exc.strerror or exc}); check "
+                              "--root holds <split>/JPEGImages/<video>/") from None
+        try:
+            size = image_size(data)
+        except ValueError as exc:
+            raise SampleError(f"{path}: {exc}") from None
+        if size != (h, w):
+            raise SampleError(f"{path}: frame is {size[0]}x{size[1]}, the JSON says {h}x{w}")
+        label = np.full((h, w), IGNORE, np.uint16)
+        # reverse order: the first track ends on top where tracks overlap
+        for _, cat, _, counts in reversed(tracks):
+            label[mask_utils.decode({"size": [h, w], "counts": counts.encode()}).view(bool)] = cat
+        instances = json.dumps([{"track_id": tid, "category": cat, "iscrowd": crowd,
+                                 "rle": {"size": [h, w], "counts": counts}}
+                                for tid, cat, crowd, counts in tracks])
+        return encode_sample(key, data, label, self.num_classes, video=video, frame=t,
+                             instances=instances)
+
+
+def index_split(doc: dict, path: Path, frames_dir: Path, cat_ids: dict[int, int],
+                frames: dict[str, tuple]) -> list[str]:
+    """Add one split's frames (with the tracks present in each) to `frames`; return its keys."""
+    videos = doc.get("videos")
+    anns = doc.get("annotations", [])
+    if not isinstance(videos, list) or not isinstance(anns, list):
+        raise UserError(f"{path}: not a YouTube-VIS JSON (needs a 'videos' list)")
+    per_video: dict[int, tuple[str, int, int, list[str]]] = {}
+    for v in videos:
+        try:
+            vid, h, w, names = int(v["id"]), int(v["height"]), int(v["width"]), list(v["file_names"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: video entry {str(v)[:80]} lacks id/height/width/file_names") from None
+        if not names:
+            raise UserError(f"{path}: video {vid} has no file_names")
+        per_video[vid] = (Path(names[0]).parent.name, h, w, names)
+    tracks: dict[int, list[list[Track]]] = {vid: [[] for _ in per_video[vid][3]] for vid in per_video}
+    for a in anns:
+        try:
+            vid, cat, tid = int(a["video_id"]), int(a["category_id"]), int(a["id"])
+            segs = a["segmentations"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: annotation {a.get('id')} lacks id/video_id/category_id/segmentations") from None
+        if cat not in cat_ids:
+            raise UserError(f"{path}: annotation {tid} has unknown category id {cat} (known: "
+                            f"{min(cat_ids)}..{max(cat_ids)}): fix the file or pass the official JSON")
+        if vid not in per_video:
+            raise UserError(f"{path}: annotation {tid} refers to video {vid}, which is not in 'videos'")
+        _, h, w, names = per_video[vid]
+        if not isinstance(segs, list) or len(segs) != len(names):
+            raise UserError(f"{path}: annotation {tid} has {len(segs) if isinstance(segs, list) else 'no'} "
+                            f"segmentations for the {len(names)} frames of video {vid}")
+        for t, seg in enumerate(segs):
+            if seg is None:
+                continue
+            try:
+                counts = to_rle(seg, h, w)["counts"].decode()
+            except (ValueError, TypeError) as exc:
+                raise UserError(f"{path}: annotation {tid}, frame {t}: {exc}") from None
+            tracks[vid][t].append((tid, cat_ids[cat], int(a.get("iscrowd", 0) or 0), counts))
+    keys = []
+    for vid, (video, h, w, names) in per_video.items():
+        for t, name in enumerate(names):
+            key = f"{video}/{Path(name).stem}"
+            if key in frames:
+                raise UserError(f"{path}: frame {name} is listed twice")
+            frames[key] = (video, str(frames_dir / name), t, h, w, tracks[vid][t])
+            keys.append(key)
+    return keys
+
+
+def prepare_youtube_vis(root: str | Path, out: str | Path, *, splits: Sequence[str] = ("train",),
+                        json_path: str | Path | None = None, opts: ConvertOptions | None = None,
+                        note: Callable[[str], None] = lambda s: None) -> dict | None:
+    """Convert YouTube-VIS 2019 splits into shards; returns `dataset.json` (None for one part)."""
+    opts = opts or ConvertOptions()
+    opts.validate()
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory: --root must hold train/, valid/ and train.json, valid.json")
+    splits = list(dict.fromkeys(splits))
+    for s in splits:
+        if s not in SPLITS:
+            raise UserError(f"--split {s!r}: YouTube-VIS splits are {', '.join(SPLITS)}")
+    if json_path is not None and len(splits) != 1:
+        raise UserError("--json replaces the annotation file of a single --split")
+    frames: dict[str, tuple] = {}
+    keys: dict[str, list[str]] = {}
+    cats: list[tuple[int, str]] | None = None
+    for s in splits:
+        path = Path(json_path) if json_path is not None else root / f"{s}.json"
+        note(f"reading {path}")
+        doc = load_json(path, "YouTube-VIS JSON")
+        c = categories_of(doc, path)
+        if cats is None:
+            cats = c
+        elif c != cats:
+            raise UserError(f"{path}: its categories differ from the other split's: convert them separately")
+        frames_dir = root / s / "JPEGImages"
+        if not frames_dir.is_dir():
+            raise UserError(f"{frames_dir} is missing: --root must hold {s}/JPEGImages/<video>/")
+        keys[s] = index_split(doc, path, frames_dir, {i: r for r, (i, _) in enumerate(cats)}, frames)
+    assert cats is not None
+    builtin = cats == builtin_categories()
+    header = DatasetHeader(
+        name="youtube_vis_2019" if builtin else "youtube_vis",
+        class_names=[n for _, n in cats],
+        source=load_dataset_json("youtube_vis_2019/classes.json")["source"] if builtin
+        else "categories of the YouTube-VIS JSON (train id = rank of the category id)",
+        options={"splits": sorted(splits)})
+    return run_conversion(out, header, keys, YtvisMaker(frames, len(cats)), opts)
