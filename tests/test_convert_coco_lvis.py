@@ -264,7 +264,7 @@ def test_missing_image(tmp_path: Path) -> None:
     coco, lj, sj = merge_tree(tmp_path)
     missing = coco / "train2017" / "000000000002.jpg"
     missing.unlink()
-    with pytest.raises(UserError, match=r"train2017/000000000002\.jpg: cannot read the image.*--on-error skip"):
+    with pytest.raises(UserError, match=r"train2017/000000000002\.jpg: image is missing.*--on-error skip"):
         prepare_coco_lvis(coco, [lj], [sj], tmp_path / "o1", opts=OPTS)
     out = tmp_path / "o2"
     index = prepare_coco_lvis(coco, [lj], [sj], out, opts=ConvertOptions(workers=0, on_error="skip"))
@@ -411,4 +411,8 @@ def test_cli(tmp_path: Path) -> None:
                               "--out", tmp_path / "o"), "unknown category id 99999")
     assert_one_line_error(cli("--coco-root", coco, "--lvis-json", lj, "--lvis-json", bad, "--split", "x",
                               "--stuff-json", sj, "--out", tmp_path / "o"), "--split")
+    assert_one_line_error(cli("--coco-root", coco, "--lvis-json", lj, "--split", "a/b", "--stuff-json", sj,
+                              "--out", tmp_path / "o"), "--split")
+    index = prepare_coco_lvis(coco, [lj], [sj], tmp_path / "named", split="minival", opts=OPTS)
+    assert list(index["splits"]) == ["minival"]
     assert cli("--help").exit_code == 0 and "Example" in cli("--help").output

@@ -100,12 +100,12 @@ def test_ytvis_missing_frames(tmp_path: Path, ytvis_real: tuple[Path, dict]) -> 
     root, doc = ytvis_real
     gone = root / "train" / "JPEGImages" / "0043f083b5" / "00045.jpg"
     gone.unlink()
-    with pytest.raises(UserError, match=r"0043f083b5/00045\.jpg: frame missing"):
+    with pytest.raises(UserError, match=r"0043f083b5/00045\.jpg: frame is missing"):
         prepare_youtube_vis(root, tmp_path / "o1", opts=OPTS)
     index = prepare_youtube_vis(root, tmp_path / "o2", opts=ConvertOptions(workers=0, on_error="skip"))
     assert index["splits"]["train"]["num_samples"] == 19 and index["splits"]["train"]["num_skipped"] == 1
     res = cli("youtube-vis", "--root", root, "--out", tmp_path / "o3", "--workers", 0)
-    assert_one_line_error(res, "00045.jpg", "frame missing")
+    assert_one_line_error(res, "00045.jpg", "frame is missing")
 
 
 def test_ytvis_valid_excerpt_has_no_annotations(tmp_path: Path, shared_fixtures: Path) -> None:
@@ -188,6 +188,7 @@ def test_ytvis_bad_inputs(tmp_path: Path) -> None:
                           "nowhere: no such directory")
     assert_one_line_error(cli("youtube-vis", "--root", root, "--split", "valid", "--out", tmp_path / "o5"),
                           "valid.json: no such YouTube-VIS JSON file")
+    assert "Example" in cli("youtube-vis", "--help").output
     res = cli("youtube-vis", "--root", root, "--out", tmp_path / "ok", "--workers", 0)
     assert res.exit_code == 0, res.output
     assert "train: 2 samples" in res.output
@@ -207,11 +208,12 @@ def test_vspw_generated_tree(tmp_path: Path) -> None:
     assert index["class_names"][123] == "train"
     skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
     reasons = {s["key"]: s["reason"] for s in skipped}
-    assert set(reasons) == {"vidA/00000003", "vidB/00000011", "vidC/00000002"}
+    assert set(reasons) == {"vidA/00000003", "vidB/00000011", "vidC/00000002", "vidC/00000003"}
     assert "has no mask" in reasons["vidA/00000003"]
     assert "0-byte frame" in reasons["vidB/00000011"]
-    assert "damaged frame" in reasons["vidC/00000002"]
-    assert index["splits"]["train"]["num_skipped"] == 3
+    assert "corrupt" in reasons["vidC/00000002"]
+    assert "corrupt" in reasons["vidC/00000003"]
+    assert index["splits"]["train"]["num_skipped"] == 4
 
     for split, videos in layout.items():
         samples = read_samples(out, split)
@@ -251,7 +253,7 @@ def test_vspw_unexpected_problems_follow_on_error(tmp_path: Path) -> None:
         prepare_vspw(root, tmp_path / "o1", splits=["train"], opts=OPTS)
     index = prepare_vspw(root, tmp_path / "o2", splits=["train"],
                          opts=ConvertOptions(workers=0, on_error="skip"))
-    assert index["splits"]["train"]["num_skipped"] == 4
+    assert index["splits"]["train"]["num_skipped"] == 5
     small = np.zeros((10, 10), np.uint8)
     write_mask(root / "data" / "vidA" / "mask" / "00000002.png", small)
     res = cli("vspw", "--root", root, "--split", "train", "--out", tmp_path / "o3", "--workers", 0)
@@ -264,7 +266,7 @@ def test_vspw_cli(tmp_path: Path) -> None:
     res = cli("vspw", "--root", root, "--out", tmp_path / "out", "--workers", 2)
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
-    assert "train: 4 samples" in text and "3 skipped" in text and "val: 2 samples" in text
+    assert "train: 4 samples" in text and "4 skipped" in text and "val: 2 samples" in text
     assert list(verify_shards(tmp_path / "out")) == []
     assert_one_line_error(cli("vspw", "--root", tmp_path / "none", "--out", tmp_path / "o"),
                           "none: no such directory")

@@ -116,7 +116,7 @@ def vspw_tree(root: Path, h: int = 24, w: int = 32) -> dict:
     """A VSPW_480p tree; returns {split: {video: {stem: mask or None}}} of the frames written.
 
     train: video A (3 frames: 0/255/classes; the third without a mask), video B (2 frames, one
-    0-byte, and a damaged JPEG in video C alongside a good frame); val: video D.
+    0-byte), video C (a good frame and two damaged JPEGs); val: video D.
     """
     rng = np.random.default_rng(0)
     layout: dict = {"train": {}, "val": {}}
@@ -127,8 +127,10 @@ def vspw_tree(root: Path, h: int = 24, w: int = 32) -> dict:
         data = write_jpeg(img_path, h, w, seed=hash((video, stem)) % 1000)
         if kind == "empty":
             img_path.write_bytes(b"")
-        elif kind == "truncated":
+        elif kind == "truncated":  # OpenCV refuses it
             img_path.write_bytes(data[: len(data) // 2])
+        elif kind == "cut_tail":  # no end-of-image marker (some OpenCV builds decode it with grey)
+            img_path.write_bytes(data[:-12])
         if values is not None:
             write_mask(vdir / "mask" / f"{stem}.png", values, palette=stem != "00000002")
         layout[split].setdefault(video, {})[stem] = (values, kind)
@@ -146,6 +148,7 @@ def vspw_tree(root: Path, h: int = 24, w: int = 32) -> dict:
     frame("vidB", "00000011", "train", rand_mask([32]), kind="empty")
     frame("vidC", "00000001", "train", rand_mask([2]))
     frame("vidC", "00000002", "train", rand_mask([3]), kind="truncated")
+    frame("vidC", "00000003", "train", rand_mask([4]), kind="cut_tail")
     frame("vidD", "00000001", "val", rand_mask([100, 101]))
     frame("vidD", "00000002", "val", np.zeros((h, w), np.uint8))  # all "others"
     for split, vids in layout.items():

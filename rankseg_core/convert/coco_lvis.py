@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..codec import IGNORE, image_size
+from ..codec import IGNORE
 from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
 from .common import ConvertOptions, run_conversion
+from .png_datasets import decode_jpeg, read_bytes, stored_image_bytes
 
 NUM_LVIS_V1 = 1203
 STUFF_OTHER = 183  # COCO-Stuff "other": the thing pixels; never a class here
@@ -321,20 +322,14 @@ class CocoLvisMaker:
         if slo < 0:
             raise SampleError(f"{path}: image is in none of the --stuff-json files (pass the COCO-Stuff "
                               "JSON of its folder, e.g. stuff_train2017.json)")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise SampleError(f"{path}: cannot read the image ({exc.strerror or exc}); "
-                              "check --coco-root holds train2017/ and val2017/") from None
-        try:
-            size = image_size(data)
-        except ValueError as exc:
-            raise SampleError(f"{path}: {exc}; re-download the image") from None
-        if size != (h, w):
-            raise SampleError(f"{path}: image is {size[0]}x{size[1]}, the LVIS JSON says {h}x{w}")
+        data = read_bytes(path, "image")
+        pixels = decode_jpeg(data, path)  # SampleError for corrupt / truncated files
+        if pixels.shape[:2] != (h, w):
+            raise SampleError(f"{path}: image is {pixels.shape[0]}x{pixels.shape[1]} (H x W), the LVIS "
+                              f"JSON says {h}x{w}: the image and the JSON do not belong together")
         value = self.rasterise(h, w, lo, hi, slo, shi)
         label = np.ascontiguousarray(np.where(value == 0, IGNORE, value - 1), np.uint16)
-        return encode_sample(key, data, label, self.num_classes)
+        return encode_sample(key, stored_image_bytes(data, pixels), label, self.num_classes)
 
     def rasterise(self, h: int, w: int, lo: int, hi: int, slo: int, shi: int) -> np.ndarray:
         """H x W int32 of stored values (0 = unlabeled), column-major.
@@ -505,6 +500,8 @@ def prepare_coco_lvis(coco_root: str | Path, lvis_jsons: Sequence[str | Path],
     if split is not None and len(lvis_jsons) > 1:
         raise UserError("--split names the split of a single --lvis-json; with several, each "
                         "split is named from its file name")
+    if split is not None and not re.fullmatch(r"[A-Za-z0-9_.]+", split):
+        raise UserError(f"--split {split!r}: use letters, digits, '_' or '.' (it names the shard files)")
     mapping = essnet_mapping()
     valid_stuff = {k for k, _ in mapping}
     with tempfile.TemporaryDirectory(prefix="rankseg-coco-lvis-") as tmp:

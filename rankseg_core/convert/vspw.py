@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
 from .common import ConvertOptions, run_conversion
+from .png_datasets import decode_jpeg, stored_image_bytes
 
 NUM_CLASSES = 124
 VOID = 255
@@ -91,12 +92,8 @@ class VspwMaker:
         if not has_mask:
             raise SampleError(f"{mask_path}: frame has no mask (not annotated in the release)")
         data = _read(img_path, "frame")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()  # a full decode: PIL refuses truncated JPEGs (OpenCV pads them with grey)
-                size = (im.height, im.width)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise SampleError(f"{img_path}: damaged frame ({exc})") from None
+        pixels = decode_jpeg(data, img_path)  # SampleError for damaged / truncated frames
+        size = pixels.shape[:2]
         mdata = _read(mask_path, "mask")
         try:
             with Image.open(io.BytesIO(mdata)) as mk:
@@ -116,7 +113,8 @@ class VspwMaker:
                                 "0 (others) nor 255 (void)")
         ignore = (mask == 0) | (mask == VOID)
         label = np.where(ignore, IGNORE, mask.astype(np.uint16) - 1).astype(np.uint16)
-        return encode_sample(key, data, label, NUM_CLASSES, video=video, frame=frame)
+        return encode_sample(key, stored_image_bytes(data, pixels), label, NUM_CLASSES,
+                             video=video, frame=frame)
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..codec import IGNORE, image_size
+from ..codec import IGNORE
 from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
 from .coco_lvis import load_json
 from .common import ConvertOptions, run_conversion
+from .png_datasets import decode_jpeg, read_bytes, stored_image_bytes
 
 SPLITS = ("train", "valid", "test")
 
@@ -80,17 +81,11 @@ class YtvisMaker:
 
     def __call__(self, key: str) -> EncodedSample:
         video, path, t, h, w, tracks = self.frames[key]
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise SampleError(f"{path}: frame missing or unreadable ({exc.strerror or exc}); check "
-                              "--root holds <split>/JPEGImages/<video>/") from None
-        try:
-            size = image_size(data)
-        except ValueError as exc:
-            raise SampleError(f"{path}: {exc}") from None
-        if size != (h, w):
-            raise SampleError(f"{path}: frame is {size[0]}x{size[1]}, the JSON says {h}x{w}")
+        data = read_bytes(path, "frame")
+        pixels = decode_jpeg(data, path)  # SampleError for corrupt / truncated frames
+        if pixels.shape[:2] != (h, w):
+            raise SampleError(f"{path}: frame is {pixels.shape[0]}x{pixels.shape[1]} (H x W), the JSON "
+                              f"says {h}x{w}")
         label = np.full((h, w), IGNORE, np.uint16)
         # reverse order: the first track ends on top where tracks overlap
         for _, cat, _, counts in reversed(tracks):
@@ -98,7 +93,8 @@ class YtvisMaker:
         instances = json.dumps([{"track_id": tid, "category": cat, "iscrowd": crowd,
                                  "rle": {"size": [h, w], "counts": counts}}
                                 for tid, cat, crowd, counts in tracks])
-        return encode_sample(key, data, label, self.num_classes, video=video, frame=t,
+        return encode_sample(key, stored_image_bytes(data, pixels), label, self.num_classes,
+                             video=video, frame=t,
                              instances=instances)
 
 
