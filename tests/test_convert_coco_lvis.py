@@ -253,7 +253,8 @@ def test_bad_inputs(tmp_path: Path) -> None:
     sdoc = json.loads(sj.read_text())
     sdoc["images"] = sdoc["images"][:1]
     part = write_json(tmp_path / "part" / "stuff_val2017.json", sdoc)
-    with pytest.raises(UserError, match=r"1 of 2 LVIS images are in none of the --stuff-json.*train2017/000000000002\.jpg"):
+    with pytest.raises(UserError, match=r"1 of 2 LVIS images are in none of the --stuff-json"
+                                        r".*train2017/000000000002\.jpg"):
         prepare_coco_lvis(coco, [lj], [part], tmp_path / "o6", opts=OPTS)
     index = prepare_coco_lvis(coco, [lj], [part], tmp_path / "o7",
                               opts=ConvertOptions(workers=0, on_error="skip"))

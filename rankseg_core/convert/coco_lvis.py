@@ -32,7 +32,6 @@ from .common import ConvertOptions, run_conversion
 from .png_datasets import decode_jpeg, read_bytes, stored_image_bytes
 
 NUM_LVIS_V1 = 1203
-STUFF_OTHER = 183  # COCO-Stuff "other": the thing pixels; never a class here
 _POLY, _RLE = 0, 1
 
 
@@ -291,8 +290,7 @@ class _Packed:
         for i in range(hi - 1, lo - 1, -1):
             start, end = int(a["starts"][i]), int(a["ends"][i])
             if a["kinds"][i] == _POLY:
-                # pycocotools gets the same list-of-lists the JSON held (it decides polygon vs
-                # box from the first polygon's length, so the structure must be kept)
+                # one list per polygon, as in the JSON: what lvis-api's ann_to_mask passes
                 polys = [a["xy"][(int(a["polys"][j - 1]) if j > 0 else 0):int(a["polys"][j])].tolist()
                          for j in range(start, end)]
                 if not polys:
