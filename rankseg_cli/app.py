@@ -9,8 +9,9 @@ import typer
 from rankseg_core import __version__
 
 from .common import new_app
-from .data_cmds import class_cdf, inspect, stats_app, verify  # noqa: F401
-from . import prepare_images  # noqa: F401  (registers `prepare ade20k-full`, `ade20k`, ...)
+from .data_cmds import inspect, stats_app, verify
+# Importing these registers their `prepare <dataset>` commands on prepare_app.
+from . import prepare_images, prepare_video_lvis  # noqa: F401
 from .demo import demo
 from .prepare import prepare_app
 from .train_cmds import evaluate, predict, stats_model, train

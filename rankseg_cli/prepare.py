@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rankseg_core.convert.common import ConvertOptions, default_workers
+from rankseg_core.convert.common import ConvertOptions
 
 from .common import err, new_app, user_errors
 

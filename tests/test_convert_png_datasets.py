@@ -22,8 +22,8 @@ from convert_trees import (COCO_STUFF_UNUSED, ade150_tree, coco_stuff_tree, deco
 from rankseg_cli.app import app
 from rankseg_core.codec import IGNORE, decode_image
 from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.png_datasets import (decode_jpeg, prepare_ade20k, prepare_coco_stuff,
-                                               prepare_pascal_context)
+from rankseg_core.convert.png_datasets import prepare_ade20k, prepare_coco_stuff, prepare_pascal_context
+from rankseg_core.convert.source_io import decode_jpeg
 from rankseg_core.errors import UserError
 from rankseg_core.shards import SampleError
 from rankseg_core.verify import verify_shards

@@ -35,8 +35,9 @@ from ..progress import Progress
 from ..resources import load_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, atomic_write_json
 from .common import ConvertOptions, claim, run_conversion
-from .png_datasets import (BAD, JPEG_QUALITY, check_same_size, decode_jpeg, encode_jpeg_bgr,
-                           make_encoded, read_bytes, remap, stored_image_bytes)
+from .png_datasets import make_encoded, remap
+from .source_io import (BAD, JPEG_QUALITY, check_same_size, decode_jpeg, encode_jpeg_bgr, read_bytes,
+                        stored_image_bytes)
 from .resize import resize_image, resize_nearest, short_side_size
 
 TABLE = "ade20k_full/classes.json"

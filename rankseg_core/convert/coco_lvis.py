@@ -14,7 +14,6 @@ operating system shares the pages, and a worker's pickled state is only the per-
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,25 +28,10 @@ from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
 from .common import ConvertOptions, run_conversion
-from .png_datasets import decode_jpeg, read_bytes, stored_image_bytes
+from .source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
 
 NUM_LVIS_V1 = 1203
 _POLY, _RLE = 0, 1
-
-
-def load_json(path: str | Path, what: str) -> dict:
-    """Parse an annotation JSON; a missing or invalid file is a UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such {what} file: check the path")
-    try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}): re-download or re-extract it") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{path}: expected a JSON object with 'images' and 'annotations' ({what})")
-    return doc
 
 
 # --------------------------------------------------------------------------- vocabulary

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
 from .common import ConvertOptions, run_conversion
-from .png_datasets import decode_jpeg, stored_image_bytes
+from .source_io import decode_jpeg, stored_image_bytes
 
 NUM_CLASSES = 124
 VOID = 255

@@ -26,9 +26,8 @@ from ..codec import IGNORE
 from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
-from .coco_lvis import load_json
 from .common import ConvertOptions, run_conversion
-from .png_datasets import decode_jpeg, read_bytes, stored_image_bytes
+from .source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
 
 SPLITS = ("train", "valid", "test")
 

@@ -343,7 +343,7 @@ class MaskTransformerHead(nn.Module):
 
     def _decode(self, patches: Tensor, emb: Tensor, valid: Tensor | None) -> Tensor:
         """Segmenter decoder: patches BT x p x D, class tokens BT x C x D -> cosine BT x p x C."""
-        p, c = patches.shape[1], emb.shape[1]
+        p = patches.shape[1]
         x = torch.cat([patches, emb], dim=1)
         mask = _key_mask(valid, p, x.dtype) if valid is not None else None
         for blk in self.seg_blocks:

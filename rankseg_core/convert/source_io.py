@@ -1,0 +1,139 @@
+"""Reading source files of the official releases: bytes, JPEGs, masks and annotation JSONs.
+
+Every converter goes through these so that a missing, empty, truncated or corrupt file gives
+the same one-line error naming it, and JPEG handling (truncation check, EXIF) is identical.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..codec import IGNORE
+from ..errors import UserError
+from ..shards import SampleError
+
+BAD = IGNORE - 1  # LUT marker for values outside the release's label domain (never a train id here)
+JPEG_QUALITY = 95  # re-encoding only happens when a protocol resizes (or EXIF would rotate)
+
+
+# --- reading and checking one sample -------------------------------------------------------
+
+def read_bytes(path: str | Path, what: str) -> bytes:
+    """The file's bytes; a SampleError naming it when it is missing or empty."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SampleError(f"{path}: {what} is missing") from None
+    except OSError as exc:
+        raise SampleError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if not data:
+        raise SampleError(f"{path}: {what} is empty (0 bytes): re-extract it from the release")
+    return data
+
+
+def _jpeg_is_truncated(data: bytes) -> bool:
+    """True when the bytes lack the JPEG end-of-image marker at the end (after trailing padding).
+
+    OpenCV decodes a truncated JPEG with only a warning, filling the rest with grey, so a
+    cut download would silently become training data. The check is O(1); only files that
+    fail it get PIL's strict decode, which tells a truncated file from harmless trailing bytes.
+    """
+    return not data.rstrip(b"\x00\r\n \t").endswith(b"\xff\xd9")
+
+
+def _exif_orientation(data: bytes) -> int:
+    """EXIF orientation tag (1 = none) of JPEG bytes; parses EXIF only when an APP1 block exists."""
+    if b"Exif\x00\x00" not in data[:65536]:
+        return 1
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block does not rotate anything
+        return 1
+
+
+def decode_jpeg(data: bytes, path: str | Path) -> np.ndarray:
+    """H x W x 3 uint8 BGR pixels of an image file as stored (EXIF orientation NOT applied).
+
+    Masks are annotated on the stored pixel grid, so the orientation tag must be ignored.
+    Raises SampleError (naming `path`) for corrupt or truncated data.
+    """
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None:
+        raise SampleError(f"{path}: corrupt or unsupported image: re-extract it from the release")
+    if data[:2] == b"\xff\xd8" and _jpeg_is_truncated(data):
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this sample's problem
+            raise SampleError(f"{path}: truncated or corrupt JPEG ({exc}): re-extract it from "
+                              "the release") from None
+    return img
+
+
+def encode_jpeg_bgr(image_bgr: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover - only fails on invalid input
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def stored_image_bytes(data: bytes, image_bgr: np.ndarray) -> bytes:
+    """The bytes to store for an image kept at its size: the source bytes, unless EXIF would rotate.
+
+    Readers (`codec.decode_image`, PIL's `exif_transpose`, browsers) may apply the orientation
+    tag, which would turn the image against its mask; such rare files are re-encoded once.
+    """
+    return data if _exif_orientation(data) == 1 else encode_jpeg_bgr(image_bgr)
+
+
+def decode_mask(data: bytes, path: str | Path) -> np.ndarray:
+    """H x W uint8/uint16 values of a single-channel (greyscale or palette) PNG mask."""
+    arr = np.frombuffer(data, np.uint8)
+    # IHDR colour type 3 = palette: OpenCV would expand it to colours, we need the indices.
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[25] == 3:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                mask = np.asarray(im)
+        except Exception as exc:  # noqa: BLE001
+            raise SampleError(f"{path}: corrupt PNG mask ({exc}): re-extract it from the release") from None
+    else:
+        mask = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            raise SampleError(f"{path}: corrupt or unsupported mask: re-extract it from the release")
+    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
+        raise SampleError(f"{path}: expected a single-channel 8-bit PNG mask of class values, got "
+                          f"{mask.dtype} with shape {mask.shape}")
+    return mask
+
+
+def check_same_size(image_shape: tuple[int, ...], mask_shape: tuple[int, ...], mask_path: str | Path) -> None:
+    if tuple(image_shape[:2]) != tuple(mask_shape[:2]):
+        raise SampleError(f"{mask_path}: mask is {mask_shape[1]}x{mask_shape[0]} but its image is "
+                          f"{image_shape[1]}x{image_shape[0]} (W x H): the pair does not belong together")
+
+
+def load_json(path: str | Path, what: str) -> dict:
+    """Parse an annotation JSON; a missing or invalid file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what} file: check the path")
+    try:
+        with open(path, "rb") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): re-download or re-extract it") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a JSON object with 'images' and 'annotations' ({what})")
+    return doc
