@@ -1,0 +1,147 @@
+"""`rankseg viz`: figures of what a model learned (PNG + the plotted numbers as CSV / JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import err, new_app, user_errors
+
+viz_app = new_app(
+    "Figures of what a model learned: learned 1/tau per rank, false positives, predictions, and a "
+    "dataset browser. Every PNG is written with its numbers (CSV / JSON) next to it.")
+
+Data = Annotated[Path, typer.Option("--data", "-d", help="Shard directory the run was trained on (`rankseg prepare ... --out DIR`).")]
+Split = Annotated[str, typer.Option("--split", help="Split to draw samples from.")]
+Keys = Annotated[Optional[str], typer.Option("--keys", help="Comma-separated sample keys (see `rankseg inspect DIR --jsonl`); default: the first --num samples.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+Weights = Annotated[str, typer.Option("--weights", help="auto | final | best | last | a file.")]
+
+
+def _outputs(paths: list) -> None:
+    for p in paths:
+        err.print(f"wrote {p}")
+
+
+@viz_app.command("tau")
+@user_errors
+def tau(
+    runs: Annotated[list[Path], typer.Argument(help="One or more RankSeg run directories.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; .csv and .json go next to it.")] = Path("tau.png"),
+    weights: Weights = "auto",
+) -> None:
+    """Learned 1/tau (rank LayerNorm weight) and per-rank bias against rank (paper Fig. 7).
+
+    One line per run, labelled with its dataset and kappa. The numbers go to tau.csv (one row per
+    run and rank) and tau.json (with a trend summary: Spearman rho of 1/tau vs rank).
+
+    Example: [bold]rankseg viz tau runs/ade-rankseg runs/lvis-rankseg --out tau.png[/]
+    """
+    from rankseg_core.viz import load_viz_run, tau_curve, write_tau
+
+    curves = [tau_curve(load_viz_run(r, "cpu", weights)) for r in runs]
+    paths = write_tau(curves, out)
+    for c in curves:
+        t = c.trend()
+        err.print(f"{c.label}: 1/tau rank 1 = {c.scale[0]:.3f}, rank {c.kappa} = {c.scale[-1]:.3f}, "
+                  f"Spearman rho vs rank = {t['spearman']:.2f}")
+    _outputs(list(paths.values()))
+
+
+@viz_app.command("false-positives")
+@user_errors
+def false_positives(
+    run: Annotated[Path, typer.Argument(help="A RankSeg run directory (with a multi-label branch).")],
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("viz/false_positives"),
+    keys: Keys = None,
+    num: Annotated[int, typer.Option("--num", "-n", help="Per-image figures for the first N samples (without --keys).")] = 8,
+    stats_num: Annotated[int, typer.Option("--stats-num", help="Dataset-level counts over the first N samples (0 = whole split).")] = 100,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A baseline run: show which of its false positives RankSeg removes.")] = None,
+    kappa: Annotated[Optional[int], typer.Option("--kappa", help="Top-kappa at evaluation (default: the run's).")] = None,
+    min_pixels: Annotated[int, typer.Option("--min-pixels", help="A class counts as predicted on an image from this many labelled pixels.")] = 1,
+    split: Split = "val",
+    device: Device = "cpu",
+    weights: Weights = "auto",
+) -> None:
+    """False positives of the top-kappa ranking and of the final prediction.
+
+    Per image: the 20 most probable classes (sigmoid of the multi-label logits) as bars in the
+    dataset palette, GT class names black, false positives red. Dataset level: the most frequent
+    false-positive classes in the top-kappa and in the prediction (fp_summary.png, fp_table.csv).
+
+    Example: [bold]rankseg viz false-positives runs/rs --data data/synth --baseline runs/base --num 4 --out viz/fp[/]
+    """
+    from rankseg_core.viz import load_viz_run, run_false_positives
+    from rankseg_core.viz.common import parse_keys
+
+    r = load_viz_run(run, device, weights)
+    b = load_viz_run(baseline, device, weights) if baseline is not None else None
+    summary = run_false_positives(r, data, out, split=split, keys=parse_keys(keys), num=num, stats_num=stats_num,
+                                  baseline=b, kappa=kappa, min_pixels=min_pixels)
+    line = (f"{summary['images']} images: {summary['topk_fp_per_image']:.2f} false positives per image in the "
+            f"top-{summary['kappa']}, {summary['pred_fp_per_image']:.2f} in the prediction")
+    if b is not None:
+        line += (f" (baseline {summary['baseline_pred_fp_per_image']:.2f}; removed {summary['removed_per_image']:.2f}, "
+                 f"added {summary['added_per_image']:.2f} per image)")
+    err.print(line)
+    err.print(f"wrote {out}/fp_summary.png, fp_table.csv, fp_summary.json and per-image fp_*.png")
+
+
+@viz_app.command("predictions")
+@user_errors
+def predictions(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("viz/predictions"),
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A second run shown before RUN (e.g. the baseline).")] = None,
+    keys: Keys = None,
+    num: Annotated[int, typer.Option("--num", "-n", help="Show the first N samples (without --keys).")] = 6,
+    per_figure: Annotated[int, typer.Option("--per-figure", help="Rows per PNG.")] = 6,
+    split: Split = "val",
+    device: Device = "cpu",
+    weights: Weights = "auto",
+) -> None:
+    """Image, ground truth and each model's errors, one row per image.
+
+    Error maps: correct pixels white, wrong pixels in the colour of the predicted class, ignore
+    black; each row's legend lists only the classes present in it. Per-image accuracy / mIoU go
+    to predictions.csv.
+
+    Example: [bold]rankseg viz predictions runs/rs --baseline runs/base --data data/synth --num 4 --out viz/pred[/]
+    """
+    from rankseg_core.viz import load_viz_run, run_predictions
+    from rankseg_core.viz.common import parse_keys
+
+    runs = ([load_viz_run(baseline, device, weights)] if baseline is not None else []) + [load_viz_run(run, device, weights)]
+    res = run_predictions(runs, data, out, split=split, keys=parse_keys(keys), num=num, per_figure=per_figure)
+    _outputs([out / f for f in res["figures"]] + [out / "predictions.csv", out / "predictions.json"])
+
+
+@viz_app.command("samples")
+@user_errors
+def samples(
+    data: Annotated[Path, typer.Argument(help="Shard directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("viz/samples"),
+    keys: Keys = None,
+    num: Annotated[int, typer.Option("--num", "-n", help="Show the first N samples (without --keys).")] = 8,
+    per_figure: Annotated[int, typer.Option("--per-figure", help="Rows per PNG.")] = 8,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split (default: val if present).")] = None,
+) -> None:
+    """Browse a shard directory: images, label overlays and the classes present.
+
+    Checks a conversion by eye; samples.csv also flags samples whose stored class list does not
+    match their label (index_ok = 0).
+
+    Example: [bold]rankseg viz samples data/ade20k-full --keys ADE_val_00000001 --out viz/samples[/]
+    """
+    from rankseg_core.viz import run_samples
+    from rankseg_core.viz.common import parse_keys
+
+    res = run_samples(data, out, split=split, keys=parse_keys(keys), num=num, per_figure=per_figure)
+    if res["index_mismatches"]:
+        err.print(f"[yellow]warning[/]: stored class lists differ from the labels for "
+                  f"{', '.join(res['index_mismatches'][:5])}; run `rankseg verify {data}`")
+    _outputs([out / f for f in res["figures"]] + [out / "samples.csv", out / "samples.json"])
