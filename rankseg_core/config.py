@@ -133,7 +133,9 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "pascal-context": {"optim.weight_decay": 1e-6, "aug.scale": [520, 520], "model.img_size": 480,
                        "model.kappa": 25, "loss.ml_weight": 5.0, "schedule.iters": 80000},
     # Synthetic: 128 px images with <= 10 classes each; small enough to learn on a CPU.
-    "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128,
+    # Colour is the class identity there, so no photometric distortion (a hue shift would turn
+    # one class's look into another's).
+    "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128, "aug.photometric": False,
                   "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
 }
 # Spellings converters and users use for the same datasets (lower case, separators dropped).
