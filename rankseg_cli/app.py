@@ -15,6 +15,7 @@ from . import prepare_images, prepare_video_lvis  # noqa: F401
 from .demo import demo
 from .prepare import prepare_app
 from .train_cmds import evaluate, predict, stats_model, train
+from .viz_cmds import viz_app
 
 app = new_app(
     "rankseg: large-vocabulary image and video segmentation with RankSeg (ECCV 2022).\n\n"
@@ -35,6 +36,7 @@ def _root(version: Annotated[Optional[bool], typer.Option(
 
 app.add_typer(prepare_app, name="prepare")
 app.add_typer(stats_app, name="stats")
+app.add_typer(viz_app, name="viz")
 app.command("inspect")(inspect)
 app.command("verify")(verify)
 app.command("demo")(demo)
