@@ -6,35 +6,80 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from .common import err, user_errors
+from .common import err, out, user_errors
+
+# Small enough for a 2-core CPU in a few minutes, large enough that context matters: K=200
+# classes in 8 scenes, each object look shared by ~6 classes of different scenes. There the
+# baseline must tell those apart pixel by pixel while RankSeg's ranking names the scene's
+# classes (measured: mIoU 6.8 vs 3.6 after 300 steps; with K=100 the gap is small).
+DEMO_SIZE = 64
+DEMO_TRAIN = ["model.model=segmenter-vitt", f"model.img_size={DEMO_SIZE}", "model.kappa=25",
+              "model.dropout=0", "model.drop_path=0",  # regularisers only slow a few-minute run down
+              "optim.lr=0.01", "schedule.batch_size=8", "eval.every=0", "log_every=10", "ckpt_every=100",
+              "data.num_workers=1", "eval.num_workers=0", "log_seconds=15"]
 
 
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("rankseg-demo"),
-    num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size of the synthetic data.")] = 1000,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("rankseg-demo"),
+    num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size of the synthetic data.")] = 200,
     images: Annotated[int, typer.Option("--images", help="Synthetic training images.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (data and training).")] = 0,
+    iters: Annotated[int, typer.Option("--iters", help="Training steps per model (batch 8).")] = 300,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
 ) -> None:
-    """Prepare the synthetic dataset and plot its class statistics.
+    """Prepare the synthetic dataset, plot its class statistics, train a Segmenter baseline and
+    a RankSeg model (ViT-T, 64 px) on it and compare them. About 5 minutes on 2 CPU cores.
 
     Re-running resumes: finished steps are kept.
 
     Example: [bold]rankseg demo --out rankseg-demo[/]
     """
+    from rankseg_core.config import build_train_config
     from rankseg_core.convert.common import ConvertOptions, default_workers
+    from rankseg_core.evaluate import EvalOptions, run_evaluation
+    from rankseg_core.runs import run_paths
     from rankseg_core.shards import atomic_write_json
     from rankseg_core.stats import dataset_class_cdf, plot_class_cdf
     from rankseg_core.synthetic import prepare_synthetic
+    from rankseg_core.train import train
 
-    data = out / "data"
-    err.print(f"[bold]1/2[/] synthetic dataset (K={num_classes}) -> {data}")
-    prepare_synthetic(data, num_classes=num_classes, images=images, seed=seed,
+    data = out_dir / "data"
+    err.print(f"[bold]1/4[/] synthetic dataset (K={num_classes}, {images} images of {DEMO_SIZE} px) -> {data}")
+    prepare_synthetic(data, num_classes=num_classes, images=images, size=DEMO_SIZE, seed=seed,
                       opts=ConvertOptions(workers=min(2, default_workers()), samples_per_shard=500))
-    err.print("[bold]2/2[/] class statistics")
+    err.print("[bold]2/4[/] class statistics")
     res = dataset_class_cdf(data)
-    plot_class_cdf([res], out / "class_cdf.png")
-    atomic_write_json(out / "class_cdf.json", {"datasets": [res.as_json()]})
+    plot_class_cdf([res], out_dir / "class_cdf.png")
+    atomic_write_json(out_dir / "class_cdf.json", {"datasets": [res.as_json()]})
     err.print(f"images with < 25 classes: {100 * res.share_below_25:.2f}%")
-    err.print(f"[green]demo done[/]: shards {data}, plot {out / 'class_cdf.png'}")
+
+    runs = {"Segmenter baseline": (out_dir / "runs" / "baseline", ["model.head=segmenter"]),
+            "RankSeg (kappa 25)": (out_dir / "runs" / "rankseg", ["model.head=rankseg"])}
+    for step, (name, (run, extra)) in enumerate(runs.items(), start=3):
+        paths = run_paths(run)
+        if paths.weights.exists():
+            err.print(f"[bold]{step}/4[/] {name}: already trained ({run})")
+            continue
+        resume = paths.last.exists()
+        err.print(f"[bold]{step}/4[/] {'resuming' if resume else 'training'} {name}, {iters} steps -> {run}")
+        cfg = build_train_config(None, DEMO_TRAIN + extra + [f"schedule.iters={iters}", f"seed={seed}",
+                                                            f"device={device}"], data)
+        train(cfg, run, resume=resume)
+
+    table = Table("model", "val mIoU", "aAcc", "ml mAP", "recall@25", "run directory")
+    results = {}
+    for name, (run, _) in runs.items():
+        rep, json_path, _ = run_evaluation(run, EvalOptions(progress=False), device=device)
+        results[name] = rep
+        fmt = (lambda v: "-" if v is None else f"{100 * v:.1f}")
+        table.add_row(name, fmt(rep["miou"]), fmt(rep["aacc"]), fmt(rep["map"]), fmt(rep["recall_at_kappa"]), str(run))
+    out.print(table)
+    base, rank = (results[n]["miou"] or 0.0 for n in runs)
+    atomic_write_json(out_dir / "demo_results.json", results)
+    verdict = "[green]RankSeg beats the baseline[/]" if rank > base else "[yellow]RankSeg does not beat the baseline here[/]"
+    err.print(f"{verdict}: mIoU {100 * rank:.1f} vs {100 * base:.1f} after {iters} steps each.")
+    err.print(f"[green]demo done[/]: shards {data}, plot {out_dir / 'class_cdf.png'}, results {out_dir / 'demo_results.json'}; "
+              f"next: rankseg predict {runs['RankSeg (kappa 25)'][0]} IMAGE --out preds/")

@@ -351,16 +351,29 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             D.cleanup()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device,
-           info: D.DistInfo) -> TrainResult:
-    paths = runs.run_paths(run_dir)
-    cfg = prepare_run(cfg, run_dir, resume)
+@dataclass
+class _State:
+    """What a step needs besides the batch (built once by `_setup`)."""
+
+    model: nn.Module  # the bare model (checkpoints, evaluation)
+    ddp: nn.Module  # the model to call: DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    amp: Any
+    crit: RankSegCriterion
+    loader: Iterator[dict[str, Tensor]]
+    start: int
+    best: float
+    window: Window
+
+
+def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.device, info: D.DistInfo) -> _State:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg)
-    amp_ctx, scaler = _autocast(device, cfg.amp)
+    amp, scaler = _autocast(device, cfg.amp)
     start, best, window = 0, float("-inf"), Window()
     if resume:
         ckpt = runs.load_checkpoint(paths.last, map_location="cpu")
@@ -371,91 +384,121 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
         start, best, window = int(ckpt["iteration"]), float(ckpt["best_miou"]), Window(ckpt["window"])
         set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if info.is_main:
-            runs.truncate_metrics(run_dir, start)
+            runs.truncate_metrics(paths.root, start)
     else:
         torch.manual_seed(cfg.seed + info.rank)  # dropout / drop-path differ across ranks
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=cfg.model.oracle) if info.enabled else model
+    ddp = model
+    if info.enabled:
+        # The oracle has no ml branch in the graph of some steps; everything else uses all parameters.
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=cfg.model.oracle)
     dc = model.data_config()
     loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start))
     crit = RankSegCriterion(cfg.model.num_classes, IGNORE, cfg.loss.ml_loss, cfg.loss.ml_weight,
                             cfg.loss.seg_loss_norm, cfg.model.clip_len)
-    lrs, s = lr_schedule(cfg), cfg.schedule
+    return _State(model, ddp, optimizer, scaler, amp, crit, loader, start, best, window)
 
-    def checkpoint(path: Path, it: int) -> None:
-        states = D.all_gather_objects(rng_state())  # every rank's RNG, so DDP resumes exactly too
-        if info.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
-                     "rng": states, "window": window.state(), "best_miou": best,
-                     "data": {"step": it, "seed": cfg.seed, "global_batch": s.batch_size}}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            runs.save_checkpoint(path, state)
 
-    model.train()
+def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distributed: bool) -> Tensor:
+    """All micro-batches of one step: backward into .grad; returns the STATS (len(STATS),)
+    averaged over micro-batches and processes (an all-reduce: a sync point)."""
+    accum = cfg.schedule.accum_steps
+    stats = torch.zeros(len(STATS))
+    for m in range(accum):
+        batch = next(st.loader)
+        images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device)
+        kw = {"gt_classes": present_classes(labels, cfg.model.num_classes, IGNORE)} if cfg.model.oracle else {}
+        # Gradients are all-reduced once per step, on the last micro-batch.
+        with st.ddp.no_sync() if distributed and m < accum - 1 else nullcontext():
+            with st.amp:
+                out = st.ddp(images, **kw)
+            losses = st.crit(out, labels)
+            loss = losses["loss"] / accum
+            (st.scaler.scale(loss) if st.scaler is not None else loss).backward()
+        stats += torch.stack([losses[k].detach().float().cpu() for k in STATS]) / accum
+    return D.all_reduce_mean(stats)
+
+
+def _optimizer_step(st: _State, cfg: TrainConfig) -> None:
+    if st.scaler is not None:
+        st.scaler.unscale_(st.optimizer)
+    if cfg.optim.grad_clip > 0:
+        nn.utils.clip_grad_norm_(st.model.parameters(), cfg.optim.grad_clip)
+    if st.scaler is not None:
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+    else:
+        st.optimizer.step()
+    st.optimizer.zero_grad(set_to_none=True)
+
+
+def _non_finite(value: float, it: int, cfg: TrainConfig, paths: runs.RunPaths) -> UserError:
+    kept = f"last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint was written"
+    return UserError(f"non-finite loss ({value}) at iteration {it}: training stopped; {kept}. "
+                     f"Lower optim.lr (now {cfg.optim.lr:g}) or check the data, then --resume or restart")
+
+
+def _checkpoint(st: _State, cfg: TrainConfig, paths: runs.RunPaths, path: Path, it: int, info: D.DistInfo) -> None:
+    """Save on rank 0 (every rank takes part: RNG states are gathered). Weights that are no
+    longer finite are never saved, so last.pt stays the last good state."""
+    if not all(bool(torch.isfinite(p).all()) for p in st.model.parameters()):
+        raise _non_finite(float("nan"), it, cfg, paths)
+    states = D.all_gather_objects(rng_state())  # every rank's RNG, so DDP resumes exactly too
+    if info.is_main:
+        state = {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(), "iteration": it,
+                 "rng": states, "window": st.window.state(), "best_miou": st.best,
+                 "data": {"step": it, "seed": cfg.seed, "global_batch": cfg.schedule.batch_size}}
+        if st.scaler is not None:
+            state["scaler"] = st.scaler.state_dict()
+        runs.save_checkpoint(path, state)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device,
+           info: D.DistInfo) -> TrainResult:
+    paths = runs.run_paths(run_dir)
+    cfg = prepare_run(cfg, run_dir, resume)
+    st = _setup(cfg, paths, resume, device, info)
+    lrs, iters = lr_schedule(cfg), cfg.schedule.iters
+    st.model.train()
     t_log = time.perf_counter()
-    with Progress(s.iters, "train", unit="it", log_every=cfg.log_seconds, enabled=progress and info.is_main) as bar:
-        bar.done = start
-        for it in range(start, s.iters):
-            for g in optimizer.param_groups:
-                g["lr"] = float(lrs[it]) * g["lr_mult"]  # python floats: checkpoints load with weights_only
-            stats = torch.zeros(len(STATS))
-            for m in range(s.accum_steps):
-                batch = next(loader)
-                images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device)
-                kw = {"gt_classes": present_classes(labels, cfg.model.num_classes, IGNORE)} if cfg.model.oracle else {}
-                sync = ddp.no_sync() if info.enabled and m < s.accum_steps - 1 else nullcontext()
-                with sync:
-                    with amp_ctx:
-                        out = ddp(images, **kw)
-                    losses = crit(out, labels)
-                    loss = losses["loss"] / s.accum_steps
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                stats += torch.stack([losses[k].detach().float().cpu() for k in STATS]) / s.accum_steps
-            stats = D.all_reduce_mean(stats)  # also a sync point: every rank sees the same loss
-            if not math.isfinite(float(stats[0])):
-                kept = f"last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint was written"
-                raise UserError(f"non-finite loss ({float(stats[0])}) at iteration {it + 1}: training stopped; {kept}. "
-                                f"Lower optim.lr (now {cfg.optim.lr:g}) or check the data, then --resume or restart")
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            window.add(stats, s.batch_size)
+    with Progress(iters, "train", unit="it", log_every=cfg.log_seconds, enabled=progress and info.is_main) as bar:
+        bar.done = st.start
+        for it in range(st.start, iters):
             done = it + 1
+            for g in st.optimizer.param_groups:
+                g["lr"] = float(lrs[it]) * g["lr_mult"]  # python floats: checkpoints load with weights_only
+            stats = _forward_backward(st, cfg, device, info.enabled)
+            if not math.isfinite(float(stats[0])):  # every rank sees the same all-reduced value
+                raise _non_finite(float(stats[0]), done, cfg, paths)
+            _optimizer_step(st, cfg)
+            st.window.add(stats, cfg.schedule.batch_size)
             bar.advance(1, postfix=f"loss {float(stats[0]):.4f} lr {lrs[it]:.2e}")
-            if done % cfg.log_every == 0 or done == s.iters:
-                dt = time.perf_counter() - t_log
-                rec = {"type": "train", "iter": done, **window.means(), "lr": float(lrs[it]),
-                       "samples_per_s": window.samples / max(dt, 1e-9)}
+            if done % cfg.log_every == 0 or done == iters:
+                rec = {"type": "train", "iter": done, **st.window.means(), "lr": float(lrs[it]),
+                       "samples_per_s": st.window.samples / max(time.perf_counter() - t_log, 1e-9)}
                 if info.is_main:
                     runs.append_metrics(run_dir, rec)
-                window, t_log = Window(), time.perf_counter()
-            if cfg.eval.every and done % cfg.eval.every == 0 and done < s.iters:
-                res = _evaluate(model, cfg, device, cfg.eval.max_images)
+                st.window, t_log = Window(), time.perf_counter()
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < iters:
+                res = _evaluate(st.model, cfg, device, cfg.eval.max_images)
                 if info.is_main:
                     runs.append_metrics(run_dir, {"type": "eval", "iter": done, **_summary(res)})
-                if res["miou"] > best:
-                    best = res["miou"]
-                    checkpoint(paths.best, done)
-            if done % cfg.ckpt_every == 0 or done == s.iters:
-                checkpoint(paths.last, done)
-    final = _evaluate(model, cfg, device, 0)
+                if res["miou"] > st.best:
+                    st.best = res["miou"]
+                    _checkpoint(st, cfg, paths, paths.best, done, info)
+            if done % cfg.ckpt_every == 0 or done == iters:
+                _checkpoint(st, cfg, paths, paths.last, done, info)
+    st.loader = iter(())  # drop the DataLoader iterator: its workers shut down before evaluating
+    final = _evaluate(st.model, cfg, device, 0)
     if info.is_main:
-        runs.append_metrics(run_dir, {"type": "eval", "iter": s.iters, "final": True, **_summary(final)})
-    if final["miou"] > best or best == float("-inf"):
-        best = max(best, final["miou"])
-        checkpoint(paths.best, s.iters)
+        runs.append_metrics(run_dir, {"type": "eval", "iter": iters, "final": True, **_summary(final)})
+    if final["miou"] > st.best or st.best == float("-inf"):
+        st.best = max(st.best, final["miou"])
+        _checkpoint(st, cfg, paths, paths.best, iters, info)
     if info.is_main:
-        runs.save_weights(paths.weights, model)
+        runs.save_weights(paths.weights, st.model)
     D.barrier()
-    return TrainResult(run_dir, s.iters, final, best)
+    return TrainResult(run_dir, iters, final, st.best)
 
 
 def _summary(res: dict) -> dict:
