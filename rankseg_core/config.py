@@ -29,7 +29,7 @@ from rankseg_core.model.config import ModelConfig
 class DataConfig:
     root: str = ""  # shard directory (`rankseg prepare ... --out DIR`)
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "val"  # "" = no evaluation during or after training
     num_workers: int = 2  # DataLoader workers per process; 0 = decode in the training process
     # Filled from dataset.json at resolve time (kept in config.yaml so a run is self-contained).
     name: str = ""
@@ -274,6 +274,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise bad from None
     if tp is str:
+        if value is None:  # `--set data.val_split=` means empty, not the text "None"
+            return ""
         if isinstance(value, (dict, list)):
             raise bad
         return str(value)

@@ -264,7 +264,15 @@ class TrainResult:
 
 
 def prepare_run(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
-    """Fresh run: refuse to overwrite a run; save config.yaml. Resume: check the config matches."""
+    """Fresh run: refuse to overwrite a run; save config.yaml. Resume: check the config matches.
+    Both check the splits exist first, so a typo does not surface after hours of training."""
+    from rankseg_core.dataset import ShardIndex
+
+    splits = ShardIndex(cfg.data.root).splits
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        if split and split not in splits:
+            raise UserError(f"{cfg.data.root}: no split '{split}' for {key} (available: {', '.join(splits)}); "
+                            f"set --set {key}=<split>" + (" or '' to skip evaluation" if key == "data.val_split" else ""))
     paths = runs.run_paths(run_dir)
     if resume:
         if not paths.last.is_file():
@@ -479,7 +487,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
                 if info.is_main:
                     runs.append_metrics(run_dir, rec)
                 st.window, t_log = Window(), time.perf_counter()
-            if cfg.eval.every and done % cfg.eval.every == 0 and done < iters:
+            if cfg.data.val_split and cfg.eval.every and done % cfg.eval.every == 0 and done < iters:
                 res = _evaluate(st.model, cfg, device, cfg.eval.max_images)
                 if info.is_main:
                     runs.append_metrics(run_dir, {"type": "eval", "iter": done, **_summary(res)})
@@ -489,10 +497,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
             if done % cfg.ckpt_every == 0 or done == iters:
                 _checkpoint(st, cfg, paths, paths.last, done, info)
     st.loader = iter(())  # drop the DataLoader iterator: its workers shut down before evaluating
-    final = _evaluate(st.model, cfg, device, 0)
-    if info.is_main:
+    final = _evaluate(st.model, cfg, device, 0) if cfg.data.val_split else None
+    if final is not None and info.is_main:
         runs.append_metrics(run_dir, {"type": "eval", "iter": iters, "final": True, **_summary(final)})
-    if final["miou"] > st.best or st.best == float("-inf"):
+    if final is not None and (final["miou"] > st.best or st.best == float("-inf")):
         st.best = max(st.best, final["miou"])
         _checkpoint(st, cfg, paths, paths.best, iters, info)
     if info.is_main:

@@ -125,6 +125,15 @@ def test_refuses_overwrite_and_changed_resume(data: Path, tmp_path: Path) -> Non
         train(config(data, "schedule.iters=1"), tmp_path / "fresh", resume=True, progress=False)
 
 
+def test_splits_checked_up_front_and_eval_optional(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no split 'valid' for data.val_split"):
+        train(config(data, "schedule.iters=1", "data.val_split=valid"), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a" / "config.yaml").exists()
+    res = train(config(data, "schedule.iters=1", "data.val_split="), tmp_path / "b", progress=False)
+    assert res.final_eval is None and (tmp_path / "b" / "model.safetensors").exists()
+    assert all(r["type"] == "train" for r in runs.read_metrics(tmp_path / "b"))
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from rankseg_core import losses
