@@ -275,5 +275,5 @@ def test_a_few_hundred_steps_beat_chance(tmp_path: Path) -> None:
     assert res.final_eval["miou"] > 5 * chance, (res.final_eval.metrics, chance)
     assert res.final_eval["aacc"] > 1.5 * share.max()  # beats "everything is the majority class"
     assert res.final_eval["recall_at_kappa"] > 0.8  # the ranking finds the image's classes
-    train_recs = [r for r in runs.read_metrics(tmp_path / "run") if r["type"] == "train"]
-    assert train_recs[-1]["loss"] < 0.7 * train_recs[0]["loss"]
+    # (No check on the training loss: with the official normalisation the seg loss counts more
+    # pixels as the selection covers more classes, so it need not fall early on.)
