@@ -85,7 +85,8 @@ class Stop(Exception):
 
 def test_resume_equals_uninterrupted(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full, cut = tmp_path / "full", tmp_path / "cut"
-    train(config(data, "schedule.iters=4", "ckpt_every=2"), full, progress=False)
+    fast = ("schedule.iters=4", "ckpt_every=2", "data.val_split=")  # evaluation is not under test here
+    train(config(data, *fast), full, progress=False)
 
     real_save = runs.save_checkpoint
 
@@ -97,12 +98,12 @@ def test_resume_equals_uninterrupted(data: Path, tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(runs, "save_checkpoint", crash_after_2)
     with pytest.raises(Stop):
-        train(config(data, "schedule.iters=4", "ckpt_every=2"), cut, progress=False)
+        train(config(data, *fast), cut, progress=False)
     monkeypatch.setattr(runs, "save_checkpoint", real_save)
     # A log line written after the checkpoint (as a crash could leave) is dropped on resume.
     runs.append_metrics(cut, {"type": "train", "iter": 3, "loss": 123.0})
     # Resume with another worker count: the data stream must not depend on it.
-    train(config(data, "schedule.iters=4", "ckpt_every=2", "data.num_workers=1"), cut, resume=True, progress=False)
+    train(config(data, *fast, "data.num_workers=1"), cut, resume=True, progress=False)
 
     def losses(run: Path) -> list[float]:
         return [r["loss"] for r in runs.read_metrics(run) if r["type"] == "train"]
