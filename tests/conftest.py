@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.synthetic import prepare_synthetic
+
+# Tiny models on a small shared machine: intra-op threads cost more in sync than they gain
+# (measured ~10x slower with the default thread count under load).
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
