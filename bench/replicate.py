@@ -140,7 +140,7 @@ def train_job(run_dir: str, data: str, overrides: list[str], threads: int) -> di
     done = Path(run_dir) / "replicate.json"
     if paths.weights.is_file() and done.is_file() and paths.config.is_file():
         if not diff_configs(runs.load_config(run_dir), cfg):
-            return json.loads(done.read_text())
+            return {**json.loads(done.read_text()), "reused": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     t = time.perf_counter()
     res = train(cfg, run_dir, progress=False)
@@ -248,7 +248,8 @@ def replicate_dataset(ds: Dataset, p: Protocol, work: Path, fig_dir: Path, fig_p
 
     by_run = {Path(r["run"]): r for r in trained}
     res: dict[str, Any] = {"dataset": ds.name, "num_classes": k, "img_size": ds.img_size,
-                           "train_seconds": t_train, "eval_seconds": t_eval, "runs": {}, "evals": {}}
+                           "train_seconds": t_train, "eval_seconds": t_eval, "runs": {}, "evals": {},
+                           "reused_runs": sum(bool(r.get("reused")) for r in trained), "total_runs": len(trained)}
     for v in variants:
         res["runs"][v] = {m: agg([by_run[runs[(v, s)]][m] for s in range(p.seeds)])
                           for m in ("miou", "aacc", "map", "recall_at_kappa")}
@@ -370,14 +371,26 @@ def false_positives(runs: dict, p: Protocol, ds: Dataset, out: Path, fig_dir: Pa
 # Report
 
 
-def report(results: list[dict], p: Protocol, total_seconds: float, command: str, smoke: bool, img_rel: str) -> str:
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children (the pool workers)."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def report(results: list[dict], p: Protocol, total_seconds: float, command: str, smoke: bool, img_rel: str,
+           loads: tuple[float, float] = (float("nan"), float("nan")), cpu: float = float("nan")) -> str:
     """The markdown results block of docs/replication.md."""
     from report import machine  # bench/report.py
 
     out = []
     tag = "**SMOKE RUN** (tiny sizes, 2 iterations: the numbers mean nothing)  \n" if smoke else ""
+    load = ", ".join(f"{x:.1f}" for x in loads)
     out.append(f"{tag}Command: `{command}`  \nMeasured wall time: **{total_seconds / 60:.1f} min** on {machine()} "
-               f"(threads per job {p.threads}, {p.jobs} job(s) at a time).  \n"
+               f"(threads per job {p.threads}, {p.jobs} job(s) at a time; 1-min load average at start / end: "
+               f"{load}, other processes included); CPU time {cpu / 60:.1f} min, i.e. "
+               f"{cpu / 60 / max(1, p.jobs * p.threads):.1f} min of wall time on {p.jobs * p.threads} dedicated core(s).  \n"
                f"Protocol: {p.seeds} seeds; {p.iters} iterations of batch {p.batch} (AdamW lr {p.lr:g}, "
                f"warm-up {p.warmup}, poly decay); training κ = {p.kappa}; ml loss weight {p.ml_weight:g}. "
                "Metrics in %, mean ± sample std over seeds.")
@@ -385,16 +398,19 @@ def report(results: list[dict], p: Protocol, total_seconds: float, command: str,
         k, name = r["num_classes"], r["dataset"]
         runs, evals, cost = r["runs"], r["evals"], r["cost"]
         out.append(f"\n### {name} (K = {k}, {r['img_size']} px)\n")
-        out.append(f"Training {r['train_seconds'] / 60:.1f} min, extra evaluations {r['eval_seconds'] / 60:.1f} min, "
+        out.append(f"Training {r['train_seconds'] / 60:.1f} min ({r['total_runs'] - r['reused_runs']} runs trained, "
+                   f"{r['reused_runs']} reused from an earlier invocation), extra evaluations {r['eval_seconds'] / 60:.1f} min, "
                    f"figures and false positives {r['figure_seconds'] / 60:.1f} min.\n")
         out.append("**Table 1** (ablation) and cost: params / GFLOPs of one forward at the training size "
                    "(FlopCounterMode, all matmuls).\n")
         rows = []
         for v in ("baseline", "mt", "mt_ls", "rankseg"):
             c = cost[v]
-            rows.append([VARIANT_NAMES[v], pm(runs[v]["miou"]), pm(runs[v]["map"]), pm(runs[v]["recall_at_kappa"]),
-                         f"{c['params_m']:.2f}M", f"{c['gflops']:.3f}", f"{c['head_gflops']:.3f}"])
-        out.append(md_table(["variant", "mIoU", "mAP (ml)", f"recall@κ", "params", "GFLOPs", "head GFLOPs"], rows))
+            rows.append([VARIANT_NAMES[v], pm(runs[v]["miou"]), pm(runs[v]["aacc"]), pm(runs[v]["map"]),
+                         pm(runs[v]["recall_at_kappa"]), f"{c['params_m']:.2f}M", f"{c['gflops']:.3f}",
+                         f"{c['head_gflops']:.3f}", f"{runs[v]['train_seconds']['mean']:.0f}"])
+        out.append(md_table(["variant", "mIoU", "aAcc", "mAP (ml)", "recall@κ", "params", "GFLOPs", "head GFLOPs",
+                             "train s"], rows))
         out.append("\nPer-seed mIoU: " + "; ".join(
             f"{VARIANT_NAMES.get(v, v)} " + ", ".join(f"{100 * x:.1f}" if x is not None else "–" for x in runs[v]["per_seed_miou"])
             for v in ("baseline", "mt", "mt_ls", "rankseg")) + ".\n")
@@ -409,9 +425,9 @@ def report(results: list[dict], p: Protocol, total_seconds: float, command: str,
         out.append("**Table 4** (κ at training = κ at evaluation; κ = K sorts all classes)\n")
         kap0 = min(p.kappa, k)
         trows = [(kap0, "rankseg")] + [(int(v.split("_k")[1]), v) for v in runs if v.startswith("rankseg_k")]
-        out.append(md_table(["κ", "mIoU", "mAP", "recall@κ", "GFLOPs"], [
-            [f"{kap}{' = K' if kap == k else ''}", pm(runs[v]["miou"]), pm(runs[v]["map"]), pm(runs[v]["recall_at_kappa"]),
-             f"{cost[v]['gflops']:.3f}"] for kap, v in sorted(trows)]))
+        out.append(md_table(["κ", "mIoU", "aAcc", "mAP", "recall@κ", "GFLOPs"], [
+            [f"{kap}{' = K' if kap == k else ''}", pm(runs[v]["miou"]), pm(runs[v]["aacc"]), pm(runs[v]["map"]),
+             pm(runs[v]["recall_at_kappa"]), f"{cost[v]['gflops']:.3f}"] for kap, v in sorted(trows)]))
         out.append(f"\n**κ at evaluation ≠ κ at training** (trained with κ = {kap0})\n")
         erows = [[str(kap0) + " (training)", pm(runs["rankseg"]["miou"]), pm(runs["rankseg"]["recall_at_kappa"])]]
         erows += [[n.split("kappa")[1], pm(e["miou"]), pm(e["recall_at_kappa"])]
@@ -478,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig_dir = DOC_IMG if args.docs else work / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    load0, cpu0 = os.getloadavg()[0], cpu_seconds()
 
     from rankseg_core.convert.common import ConvertOptions
     from rankseg_core.dataset import ShardIndex
@@ -504,7 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
         results.append(replicate_dataset(ds, p, work, fig_dir, prefix))
     total = time.perf_counter() - t0
     command = "python bench/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = report(results, p, total, command.strip(), args.smoke, "img" if args.docs else ".")
+    body = report(results, p, total, command.strip(), args.smoke, "img" if args.docs else ".",
+                  (load0, os.getloadavg()[0]), cpu_seconds() - cpu0)
     (work / "results.json").write_text(json.dumps({"protocol": p.__dict__, "total_seconds": total,
                                                    "results": results}, indent=1, default=str))
     (fig_dir / "replication_report.md").write_text(body + "\n") if not args.docs else None

@@ -266,7 +266,7 @@ def run_false_positives(run: VizRun, data: str | Path, out: str | Path, *, split
     Writes into `out`: fp_<key>.png, fp_per_image.json, fp_summary.png, fp_table.csv,
     fp_summary.json. Returns the summary dict.
     """
-    if run.model.head.uses_ml is False:
+    if not run.model.head.uses_ml:
         raise UserError(f"{run.path} is a {variant_name(run.cfg)} run without a multi-label branch: pass a RankSeg "
                         "run (and this one as --baseline)")
     ds = open_split(data, split, [run] + ([baseline] if baseline else []))
