@@ -206,6 +206,16 @@ def legend_handles(ids: Sequence[int], names: Sequence[str], palette: np.ndarray
     return handles
 
 
+def draw_panels(fig: Any, grid: Any, row: int, panels: Sequence[tuple[np.ndarray, str]]) -> None:
+    """Draw a row of (image, title) panels into `grid[row, 0..]`, without axes ticks."""
+    for c, (img, title) in enumerate(panels):
+        ax = fig.add_subplot(grid[row, c])
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
 def rgb01(rgb: Sequence[int]) -> tuple[float, float, float]:
     return (rgb[0] / 255, rgb[1] / 255, rgb[2] / 255)
 

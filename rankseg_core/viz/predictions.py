@@ -16,7 +16,7 @@ from rankseg_core.codec import IGNORE
 from rankseg_core.errors import UserError
 from rankseg_core.metrics import ConfusionMatrix
 from rankseg_core.plotting import plt, save_figure
-from rankseg_core.viz.common import (CORRECT_RGB, IGNORE_RGB, SamplePrediction, VizRun, colorize, error_map,
+from rankseg_core.viz.common import (draw_panels, CORRECT_RGB, IGNORE_RGB, SamplePrediction, VizRun, colorize, error_map,
                                      ids_by_area, legend_handles, open_split, predict_samples, run_class_names,
                                      run_palette, select_indices, write_csv, write_json)
 
@@ -62,12 +62,7 @@ def plot_rows(samples: Sequence[Sequence[SamplePrediction]], model_labels: Seque
             sc = image_scores(s.pred, s.label, k)
             panels.append((error_map(s.pred, s.label, palette),
                            f"{model_labels[m]}\nacc {100 * sc['pixel_acc']:.1f}%  mIoU {100 * sc['miou']:.1f}%"))
-        for c, (img, title) in enumerate(panels):
-            ax = fig.add_subplot(grid[i, c])
-            ax.imshow(img, interpolation="nearest")
-            ax.set_title(title, fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
+        draw_panels(fig, grid, i, panels)
         ids = ids_by_area([first.label] + [samples[m][i].pred for m in range(n_models)], k)
         ax = fig.add_subplot(grid[i, cols])
         ax.axis("off")

@@ -17,7 +17,7 @@ from rankseg_core.codec import IGNORE
 from rankseg_core.dataset import ShardDataset
 from rankseg_core.errors import UserError
 from rankseg_core.plotting import plt, save_figure
-from rankseg_core.viz.common import (colorize, dataset_palette, ids_by_area, legend_handles, overlay,
+from rankseg_core.viz.common import (draw_panels, colorize, dataset_palette, legend_handles, overlay,
                                      select_indices, write_csv, write_json)
 
 ROW_HEIGHT = 2.6
@@ -57,12 +57,7 @@ def plot_samples(items: Sequence[dict], names: Sequence[str], palette: np.ndarra
         panels = [(img, f"{item['key']}  {w}x{h}"), (overlay(img, lab, palette), "label overlay")]
         if show_label:
             panels.append((colorize(lab, palette), "label (ignore black)"))
-        for c, (im, title) in enumerate(panels):
-            ax = fig.add_subplot(grid[i, c])
-            ax.imshow(im, interpolation="nearest")
-            ax.set_title(title, fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
+        draw_panels(fig, grid, i, panels)
         ids, share, _ = label_summary(lab, k)
         handles = legend_handles(ids, _named(ids, share, names), palette, MAX_LEGEND)
         ax = fig.add_subplot(grid[i, cols])
