@@ -1,6 +1,6 @@
 """ADE20K-Full conversion throughput: the physical limit, rankseg, and MaskFormer's algorithm.
 
-    python bench/bench_convert.py [--images 200] [--large 50]
+    python bench/bench_convert.py [--images 300] [--large 75] [--rounds 3]
 
 Generates an ADE20K_2021_17_01-style tree (683x512 images plus `--large` 1200x900 ones that
 the 512 protocol resizes; 10-40 polygon-shaped classes per image, instance ids in B), then in
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import resource
 import shutil
@@ -92,6 +93,26 @@ def limit_pass(blobs: list[tuple[bytes, bytes]], lut: np.ndarray) -> None:
         encode_label(label)
 
 
+_BLOBS: list[tuple[bytes, bytes]] = []
+_LUT: np.ndarray | None = None
+
+
+def _limit_init(jpgs: list[Path]) -> None:
+    global _BLOBS, _LUT
+    cv2.setNumThreads(1)
+    _BLOBS = [(p.read_bytes(), Path(str(p)[:-4] + "_seg.png").read_bytes()) for p in jpgs]
+    _LUT = seg_lut(value_lut(load_table()[0]))
+    limit_pass(_BLOBS[:3], _LUT)  # warm-up
+
+
+def _limit_part(part: tuple[int, int]) -> float:
+    """The limit pass over every `step`-th image from `start`, in a pool worker; returns CPU s."""
+    start, step = part
+    c = time.process_time()
+    limit_pass(_BLOBS[start::step], _LUT)
+    return time.process_time() - c
+
+
 def maskformer_pass(jpgs: list[Path], out: Path, id_map: dict[int, int]) -> None:
     """MaskFormer's prepare_ade20k_full_sem_seg.py algorithm (re-implemented, single process)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -113,20 +134,24 @@ def maskformer_pass(jpgs: list[Path], out: Path, id_map: dict[int, int]) -> None
 
 
 def measure(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process and of the children it reaped meanwhile)."""
+    """(wall seconds, CPU seconds of this process and of the children it reaped meanwhile).
+
+    `fn` may return the CPU seconds of live processes that rusage cannot see yet (a pool
+    that outlives the call); they are added.
+    """
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     c, t = time.process_time(), time.perf_counter()
-    fn()
+    unseen = fn() or 0.0
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     kids2 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, cpu + (kids2.ru_utime - kids.ru_utime) + (kids2.ru_stime - kids.ru_stime)
+    return wall, cpu + unseen + (kids2.ru_utime - kids.ru_utime) + (kids2.ru_stime - kids.ru_stime)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--large", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=2, help="best of N interleaved runs")
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--large", type=int, default=75)
+    ap.add_argument("--rounds", type=int, default=3, help="best of N interleaved runs")
     args = ap.parse_args()
     # Imported here, not at the top: spawned workers re-import this script, and report.py
     # imports torch (seconds of start-up per worker that are not the converter's).
@@ -154,11 +179,20 @@ def main() -> None:
             assert limit or sum(s["num_samples"] for s in index["splits"].values()) == n
             shutil.rmtree(out)
 
-        # The machine is shared: interleave the runs and keep each one's best of `rounds`
+        # The host is a shared VM: interleave the runs and keep each one's best of `rounds`
         # (wall and CPU separately). "spawn" = the 2-worker run on 1 image per split: the
-        # fixed cost of starting the pools (fresh interpreters importing numpy/cv2/h5py).
+        # fixed cost of starting the pool (fresh interpreters importing numpy/cv2/h5py).
+        # "limit2" is the same limit work in 2 processes at once: what 2 busy cores of this machine
+        # can do (shared caches and memory bandwidth, a virtual machine's neighbours), the
+        # yardstick for `--workers 2`. The pool is started outside the timing.
+        limit_pool = mp.get_context("spawn").Pool(2, initializer=_limit_init, initargs=(jpgs,))
+        limit_pool.map(_limit_part, [(0, n), (1, n)])  # wait until both have loaded
+
+        def limit2() -> float:
+            return sum(limit_pool.map(_limit_part, [(0, 2), (1, 2)], chunksize=1))
+
         best: dict[str, list[float]] = {}
-        runs = {"limit": lambda: limit_pass(blobs, lut), "ours0": lambda: ours(0),
+        runs = {"limit": lambda: limit_pass(blobs, lut), "limit2": limit2, "ours0": lambda: ours(0),
                 "ours2": lambda: ours(2), "spawn": lambda: ours(2, limit=1),
                 "mf": lambda: maskformer_pass(jpgs, Path(tmp) / "maskformer", id_map)}
         for _ in range(args.rounds):
@@ -166,24 +200,33 @@ def main() -> None:
                 wall, cpu = measure(fn)
                 old = best.get(name, [float("inf")] * 2)
                 best[name] = [min(old[0], wall), min(old[1], cpu)]
+        limit_pool.terminate()
     load1 = os.getloadavg()[0]
 
     wall = {k: v[0] for k, v in best.items()}
     cpu = {k: v[1] for k, v in best.items()}
     wall["ours2_steady"] = wall["ours2"] - wall["spawn"]
     cpu["ours2_steady"] = cpu["ours2"] - cpu["spawn"]
+    # (label, the limit run on the same number of cores)
     names = {
-        "limit": "(a) limit: decode + remap + count + encode (+ resize, re-encode), 1 core",
-        "ours0": "(b) `prepare ade20k-full --workers 0`",
-        "ours2": "(b) `prepare ade20k-full --workers 2`",
-        "ours2_steady": f"(b) same, minus the pool start-up ({wall['spawn']:.1f} s wall, {cpu['spawn']:.1f} CPU-s)",
-        "mf": "(c) MaskFormer's algorithm, 1 process",
+        "limit": ("(a) limit: decode + remap + count + encode (+ resize, re-encode), 1 process", "limit"),
+        "limit2": ("(a2) the same limit work split over 2 processes", "limit2"),
+        "ours0": ("(b) `prepare ade20k-full --workers 0`", "limit"),
+        "ours2": ("(b) `prepare ade20k-full --workers 2`", "limit2"),
+        "ours2_steady": (f"(b) same, minus the pool start-up ({wall['spawn']:.1f} s wall, "
+                         f"{cpu['spawn']:.1f} CPU-s)", "limit2"),
+        "mf": ("(c) MaskFormer's algorithm, 1 process", "limit"),
     }
     rows = []
-    for k, label in names.items():
-        rows.append(f"| {label} | {n / wall[k]:.1f} | {n / cpu[k]:.1f} | {cpu['limit'] / cpu[k]:.2f} | "
-                    f"{wall['mf'] / wall[k]:.1f}× |")
+    for k, (label, ref) in names.items():
+        rows.append(f"| {label} | {n / wall[k]:.1f} | {wall['limit'] / wall[k]:.2f} | "
+                    f"{wall[ref] / wall[k]:.2f} | {cpu['limit'] / cpu[k]:.2f} | {wall['mf'] / wall[k]:.1f}× |")
     table = "\n".join(rows)
+    busy = max(load0, load1) > 1.5
+    load_note = (f"the machine was shared with other jobs (load average {load0:.1f} at the start, "
+                 f"{load1:.1f} at the end, on 2 cores), so wall-clock rates are depressed"
+                 if busy else f"no other jobs ran (load average {load0:.1f} at the start, "
+                 f"{load1:.1f} at the end, this benchmark included)")
     write_section("bench_convert", f"""
 ## ADE20K-Full conversion (`bench/bench_convert.py`)
 
@@ -191,22 +234,28 @@ def main() -> None:
 {args.large} of {LARGE[1]}×{LARGE[0]} (resized to 683×512 by the 512 protocol), {mean_classes:.1f}
 classes per image on average (polygons, table classes drawn Zipf-like, instance ids in B);
 tree generated in {t_gen:.0f} s. {machine()}; OpenCV single-threaded. Each run is the best of
-{args.rounds}, interleaved; the machine was shared with other jobs (load average {load0:.1f} at the
-start, {load1:.1f} at the end, on 2 cores), so wall-clock rates are depressed and CPU time is the
-fair per-core measure.
+{args.rounds}, interleaved; {load_note}.
 
-| run | images/s (wall) | images per CPU-second | per-core efficiency (CPU, vs limit) | speed vs MaskFormer (wall) |
-| --- | --- | --- | --- | --- |
+| run | images/s (wall) | speed-up vs (a) | efficiency vs the limit on as many cores | CPU efficiency (images per CPU-s, vs (a)) | speed vs MaskFormer (wall) |
+| --- | --- | --- | --- | --- | --- |
 {table}
 
 - (a) is the work no converter can skip, from bytes already in memory: JPEG + PNG decode,
   the LUT remap, one `bincount`, the 16-bit label PNG encode, and for the large images the
   bilinear / nearest resize and the quality-95 JPEG re-encode.
+- (a2) is the yardstick for 2 workers: the same work in 2 processes at once, each on every
+  other image. It shows what 2 busy cores of this virtual machine deliver (they share caches,
+  memory bandwidth and a host with other tenants): {wall['limit'] / wall['limit2']:.2f}× one core here.
+- Ratios within about ±5% of 1.00 are noise: the host's speed drifts between runs even with
+  nothing else running, which the best-of-{args.rounds} interleaving only partly cancels.
 - (b) adds reading the files, the JPEG end-marker / EXIF checks, the HDF5 write, sha256 and
   fsync; with 2 workers, also pickling each encoded sample to the writer process. CPU time
-  counts the writer and the workers. Spawning the pools (a fresh Python per worker, once per
-  split) is a fixed cost, shown separately: it matters for {n} images, not for the 27,574 of
-  the release.
+  counts the writer and the workers, and the writer is a third busy process on 2 cores.
+  Spawning the pool (a fresh Python per worker importing numpy, OpenCV and h5py, once per
+  conversion) is a fixed cost, shown separately: {wall['spawn']:.1f} s is {wall['spawn'] / wall['ours2']:.0%} of
+  this {n}-image run, and {wall['spawn'] * n / (27574 * wall['ours2_steady']):.1%} of a conversion of the 27,574 images of
+  the release at the steady rate.
+  The steady-state row is the one to hold against the limit.
 - (c) follows MaskFormer's script step by step: it decodes with PIL, builds an int32 class
   map, resizes with OpenCV, then loops in Python over the classes present
   (`label[lab == v] = id_map[v]`: one full-image comparison per class), and saves the image

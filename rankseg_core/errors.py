@@ -14,3 +14,10 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class SampleError(Exception):
+    """A data problem with one sample (corrupt image, bad label...): skippable with --on-error skip.
+
+    The message must name the offending file.
+    """

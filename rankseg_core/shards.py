@@ -17,10 +17,10 @@ Why this shape:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import multiprocessing as mp
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,20 +29,14 @@ import numpy as np
 
 from . import __version__
 from .codec import IGNORE, class_counts, encode_label
-from .errors import UserError
+from .errors import SampleError, UserError
+from .parallel import Skipped
 from .palette import make_palette
 from .progress import Progress
 
 FORMAT = "rankseg-shards"
 VERSION = 1
 MARKER = ".rankseg-shards.json"  # written first: claims the directory and records the options
-
-
-class SampleError(Exception):
-    """A data problem with one sample (corrupt image, bad label...): skippable with --on-error skip.
-
-    The message must name the offending file.
-    """
 
 
 @dataclass
@@ -75,12 +69,6 @@ def encode_sample(key: str, image: bytes, label: np.ndarray, num_classes: int, *
     oh, ow = orig_size or (h, w)
     return EncodedSample(key, image, encode_label(label), h, w, oh, ow, classes, pixels,
                          video, frame, instances)
-
-
-@dataclass
-class Skipped:
-    key: str
-    reason: str
 
 
 @dataclass
@@ -233,81 +221,52 @@ def claim_output(out: Path, header: DatasetHeader) -> None:
     atomic_write_json(marker, want)
 
 
-def _run_maker(maker: Callable[[str], EncodedSample], key: str) -> EncodedSample | Skipped:
-    try:
-        return maker(key)
-    except SampleError as exc:
-        return Skipped(key, str(exc))
+@dataclass
+class PendingShard:
+    """One shard still to write: its path, place in the split's plan, and sample keys."""
+
+    path: Path
+    split: str
+    index: int
+    count: int
+    keys: list[str]
 
 
-_MAKER: Callable[[str], EncodedSample] | None = None
+def pending_shards(out: Path, split: str, keys: Sequence[str], *, samples_per_shard: int = 1000,
+                   num_parts: int = 1, part: int | None = None) -> list[PendingShard]:
+    """The split's shards not yet complete in `out` (only part `part` of `num_parts` if set).
+
+    With `part` set, only shards whose index % num_parts == part are taken (one machine of
+    a SLURM array); finished shards are left out, which is what makes a re-run resume.
+    """
+    plan = plan_shards(keys, samples_per_shard)
+    todo = [PendingShard(out / shard_name(split, i, len(plan)), split, i, len(plan), ks)
+            for i, ks in enumerate(plan) if part is None or i % num_parts == part]
+    return [s for s in todo if not shard_is_complete(s.path)]
 
 
-def _pool_init(maker: Callable[[str], EncodedSample]) -> None:
-    import cv2
+def write_pending(shards: Sequence[PendingShard], results: Iterator, header: DatasetHeader, *,
+                  on_error: str = "fail", desc: str = "") -> None:
+    """Cut `results` (one `EncodedSample` or `Skipped` per key of `shards`, in order) into shards.
 
-    # One OpenCV thread per worker: the workers are the parallelism.
-    cv2.setNumThreads(1)
-    # The maker (which may hold a large annotation index) is pickled once per worker, not
-    # once per sample.
-    global _MAKER
-    _MAKER = maker
-
-
-def _worker(key: str) -> EncodedSample | Skipped:
-    assert _MAKER is not None
-    return _run_maker(_MAKER, key)
-
-
-def write_split(out: Path, split: str, keys: Sequence[str], maker: Callable[[str], EncodedSample],
-                header: DatasetHeader, *, samples_per_shard: int = 1000, workers: int = 0,
-                on_error: str = "fail", num_parts: int = 1, part: int | None = None,
-                desc: str | None = None, pool=None) -> int:
-    """Convert `keys` with `maker` into the split's shards; return the number of shards written.
-
-    `maker(key)` builds one `EncodedSample` and raises `SampleError` for bad data. It runs in
-    `workers` spawned processes (0 = in this process), so it must be picklable (a module-level
-    function or a `functools.partial` of one); pass `pool` (from `make_pool`) to reuse one
-    pool across splits. Finished shards are skipped. With `part` set,
-    only shards whose index % num_parts == part are converted (one machine of a SLURM array).
+    A `Skipped` result raises UserError under `on_error="fail"` before its shard is written,
+    so no shard holding a partial sample list is ever left with its final name.
     """
     if on_error not in ("fail", "skip"):
         raise UserError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
-    plan = plan_shards(keys, samples_per_shard)
-    todo = [i for i in range(len(plan))
-            if (part is None or i % num_parts == part)
-            and not shard_is_complete(out / shard_name(split, i, len(plan)))]
-    total = sum(len(plan[i]) for i in todo)
-    if not todo:
-        return 0
-    own_pool = pool is None and workers > 0
-    if own_pool:
-        pool = make_pool(maker, workers)
-    try:
-        with Progress(total, desc or f"{header.name} {split}", unit="img") as bar:
-            for i in todo:
-                samples, skipped = [], []
-                results: Iterator = (pool.imap(_worker, plan[i], chunksize=4)
-                                     if pool else (_run_maker(maker, k) for k in plan[i]))
-                for res in results:
-                    if isinstance(res, Skipped):
-                        if on_error == "fail":
-                            raise UserError(f"{res.reason} (fix or remove it, or re-run with --on-error skip)")
-                        skipped.append(res)
-                    else:
-                        samples.append(res)
-                    bar.advance(1)
-                write_shard(out / shard_name(split, i, len(plan)), samples, skipped,
-                            split=split, index=i, count=len(plan), header=header)
-    finally:
-        if own_pool:
-            pool.terminate()
-    return len(todo)
-
-
-def make_pool(maker: Callable[[str], EncodedSample], workers: int):
-    """A spawn-context pool whose workers each hold `maker` (spawn: fork + HDF5/OpenCV is unsafe)."""
-    return mp.get_context("spawn").Pool(workers, initializer=_pool_init, initargs=(maker,))
+    with Progress(sum(len(s.keys) for s in shards), desc, unit="img") as bar:
+        for shard in shards:
+            samples, skipped = [], []
+            for res in itertools.islice(results, len(shard.keys)):
+                if isinstance(res, Skipped):
+                    if on_error == "fail":
+                        raise UserError(f"{res.reason} (fix or remove it, or re-run with --on-error skip)")
+                    skipped.append(res)
+                else:
+                    samples.append(res)
+                bar.advance(1)
+            write_shard(shard.path, samples, skipped, split=shard.split, index=shard.index,
+                        count=shard.count, header=header)
 
 
 def assemble(out: Path, header: DatasetHeader, splits: Sequence[str]) -> dict:

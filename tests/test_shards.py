@@ -136,13 +136,15 @@ def _bad_label(key: str):
     return _random_sample(key)
 
 
-def test_on_error_fail_and_skip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers, per_shard", [(0, 1000), (2, 2)])
+def test_on_error_fail_and_skip(tmp_path: Path, workers: int, per_shard: int) -> None:
     keys = ["k00", "k01", "k02"]
+    opts = dict(workers=workers, samples_per_shard=per_shard)
     with pytest.raises(UserError, match="k01_seg.png.*--on-error skip"):
-        run_conversion(tmp_path / "f", _header(), {"train": keys}, _bad_label, ConvertOptions())
+        run_conversion(tmp_path / "f", _header(), {"train": keys}, _bad_label, ConvertOptions(**opts))
     assert not list((tmp_path / "f").glob("*.h5"))
     index = run_conversion(tmp_path / "s", _header(), {"train": keys}, _bad_label,
-                           ConvertOptions(on_error="skip"))
+                           ConvertOptions(on_error="skip", **opts))
     assert index["splits"]["train"]["num_samples"] == 2
     assert index["splits"]["train"]["num_skipped"] == 1
     skipped = [json.loads(x) for x in (tmp_path / "s" / "skipped.jsonl").read_text().splitlines()]
@@ -165,12 +167,13 @@ def test_synthetic_is_deterministic(tmp_path: Path, seed_b: int, same: bool) -> 
     assert identical == same
 
 
-def test_synthetic_workers_match_in_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_shard", [500, 2])  # 2: one result stream cut into several shards
+def test_synthetic_workers_match_in_process(tmp_path: Path, per_shard: int) -> None:
     from rankseg_core.synthetic import prepare_synthetic
 
-    make_synthetic(tmp_path / "a", images=6, per_shard=500)
+    make_synthetic(tmp_path / "a", images=6, per_shard=per_shard)
     prepare_synthetic(tmp_path / "b", num_classes=60, images=6, size=32,
-                      opts=ConvertOptions(workers=2, samples_per_shard=500))
+                      opts=ConvertOptions(workers=2, samples_per_shard=per_shard))
     for p in sorted((tmp_path / "a").glob("*.h5")):
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes()
 

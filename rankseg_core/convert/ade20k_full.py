@@ -22,15 +22,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..codec import IGNORE
 from ..errors import UserError
+from ..parallel import Skipped, ordered_map
 from ..progress import Progress
 from ..resources import load_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, atomic_write_json
@@ -198,40 +198,6 @@ def find_images(root: str | Path) -> tuple[dict[str, list[str]], dict[str, str]]
 
 # --- ADE20K-X: class frequency over the training split ----------------------------------
 
-_FN: Callable[[str], np.ndarray] | None = None
-
-
-def _pool_init(fn: Callable[[str], np.ndarray]) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # the worker processes are the parallelism
-    global _FN
-    _FN = fn
-
-
-def _call(key: str) -> tuple[np.ndarray | None, str]:
-    assert _FN is not None
-    try:
-        return _FN(key), ""
-    except SampleError as exc:
-        return None, str(exc)
-
-
-def _map(fn: Callable[[str], np.ndarray], keys: Sequence[str], workers: int) -> Iterator[tuple[np.ndarray | None, str]]:
-    if workers <= 0:
-        for key in keys:
-            try:
-                yield fn(key), ""
-            except SampleError as exc:
-                yield None, str(exc)
-        return
-    pool = mp.get_context("spawn").Pool(workers, initializer=_pool_init, initargs=(fn,))
-    try:
-        yield from pool.imap(_call, keys, chunksize=8)
-    finally:
-        pool.terminate()
-
-
 def class_frequency(fn: Callable[[str], np.ndarray], keys: Sequence[str], num_classes: int, *,
                     workers: int = 0, on_error: str = "fail") -> tuple[np.ndarray, int]:
     """(K int64 number of images containing each class, number of unreadable samples skipped).
@@ -243,14 +209,15 @@ def class_frequency(fn: Callable[[str], np.ndarray], keys: Sequence[str], num_cl
     counts = np.zeros(num_classes, np.int64)
     skipped = 0
     with Progress(len(keys), "ADE20K-Full class frequency (training)", unit="img") as bar:
-        for present, error in _map(fn, keys, workers):
-            if error:
-                if on_error == "fail":
-                    raise UserError(f"{error} (fix or remove it, or re-run with --on-error skip)")
-                skipped += 1
-            else:
-                counts[present] += 1
-            bar.advance(1)
+        with ordered_map(fn, keys, workers, chunksize=8) as results:
+            for present in results:
+                if isinstance(present, Skipped):
+                    if on_error == "fail":
+                        raise UserError(f"{present.reason} (fix or remove it, or re-run with --on-error skip)")
+                    skipped += 1
+                else:
+                    counts[present] += 1
+                bar.advance(1)
     return counts, skipped
 
 

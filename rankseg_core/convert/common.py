@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..shards import DatasetHeader, EncodedSample, assemble, claim_output, make_pool, write_split
+from ..parallel import ordered_map
+from ..shards import DatasetHeader, EncodedSample, assemble, claim_output, pending_shards, write_pending
 
 
 @dataclass
@@ -61,18 +62,20 @@ def run_conversion(out: str | Path, header: DatasetHeader, splits: Mapping[str, 
     Returns the assembled index, or None when only one part (`shard_index`) was converted.
     """
     out = claim(out, header, opts)
-    pool = make_pool(maker, opts.workers) if opts.workers > 0 else None
-    try:
-        for split, keys in splits.items():
-            keys = sorted(keys)[:opts.limit] if opts.limit else list(keys)
-            if not keys:
-                raise UserError(f"no samples found for split '{split}': check the dataset root")
-            write_split(out, split, keys, maker, header, samples_per_shard=opts.samples_per_shard,
-                        workers=opts.workers, on_error=opts.on_error, num_parts=opts.num_shards,
-                        part=opts.shard_index, desc=f"{header.name} {split}", pool=pool)
-    finally:
-        if pool is not None:
-            pool.terminate()
+    todo = {}
+    for split, keys in splits.items():
+        keys = sorted(keys)[:opts.limit] if opts.limit else list(keys)
+        if not keys:
+            raise UserError(f"no samples found for split '{split}': check the dataset root")
+        todo[split] = pending_shards(out, split, keys, samples_per_shard=opts.samples_per_shard,
+                                     num_parts=opts.num_shards, part=opts.shard_index)
+    # One ordered stream over every pending shard of every split: the workers go on
+    # converting while this process writes a finished shard or moves to the next split.
+    stream = [key for shards in todo.values() for shard in shards for key in shard.keys]
+    with ordered_map(maker, stream, opts.workers if stream else 0) as results:
+        for split, shards in todo.items():
+            if shards:
+                write_pending(shards, results, header, on_error=opts.on_error, desc=f"{header.name} {split}")
     if opts.shard_index is not None:
         return None
     return assemble(out, header, list(splits))
