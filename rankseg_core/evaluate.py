@@ -30,7 +30,7 @@ from rankseg_core.codec import IGNORE, decode_image
 from rankseg_core.config import TrainConfig
 from rankseg_core.dataset import ShardDataset
 from rankseg_core.errors import UserError
-from rankseg_core.inference import predict_multiscale
+from rankseg_core.inference import predict_compact
 from rankseg_core.metrics import ConfusionMatrix, average_precision, recall_at_k
 from rankseg_core.progress import Progress
 from rankseg_core.shards import atomic_write_bytes, atomic_write_json
@@ -170,9 +170,10 @@ def predict_batch(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: lis
     """Class maps at `sizes` and ml probabilities for a batch of equally sized images."""
     if mode == "whole" and list(scales) == [1.0] and not flip:
         return predict_fast(model, images, sizes, **fwd_kw)
-    probs, ml = predict_multiscale(model, images, cfg.model.num_classes, scales=tuple(scales), flip=flip, mode=mode,
-                                   crop=cfg.eval.crop, stride=cfg.eval.stride, return_ml=True, **fwd_kw)
-    preds = [F.interpolate(probs[i:i + 1], size=s, mode="bilinear", align_corners=False)[0].argmax(0)
+    # Over the selected classes only (kappa-ish channels, not K): see inference.ClassMaps.
+    probs, ml = predict_compact(model, images, cfg.model.num_classes, scales=tuple(scales), flip=flip, mode=mode,
+                                crop=cfg.eval.crop, stride=cfg.eval.stride, **fwd_kw)
+    preds = [probs.classes[F.interpolate(probs.maps[i:i + 1], size=s, mode="bilinear", align_corners=False)[0].argmax(0)]
              for i, s in enumerate(sizes)]
     return preds, ml
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankseg_core.inference import predict_multiscale, predict_slide, predict_whole, scatter_to_classes
+from rankseg_core.inference import (compact_logits, predict_compact, predict_multiscale, predict_slide, predict_whole,
+                                    scatter_to_classes)
 from rankseg_core.model import ModelConfig, SegOutput, build_model
 
 K = 10
@@ -109,3 +110,35 @@ def test_predict_with_gt_override(model) -> None:
     logits = predict_slide(model, x, K, crop=32, stride=16, select_override=[torch.tensor([2, 6])])
     selected = (logits[0, :, 0, 0] != -100).nonzero().flatten().tolist()
     assert selected == [2, 6]
+
+
+@pytest.mark.parametrize("mode, scales, flip", [("whole", (1.0, 1.5), True), ("slide", (0.75, 1.0), False)])
+def test_compact_maps_hold_only_selected_classes(model, mode: str, scales: tuple, flip: bool) -> None:
+    """Multi-scale / slide results over the union of selections equal the dense K-channel ones."""
+    x = torch.randn(2, 3, 48, 40)
+    maps, ml = predict_compact(model, x, K, scales=scales, flip=flip, mode=mode, crop=32, stride=16)
+    passes = len(scales) * (2 if flip else 1) * (6 if mode == "slide" else 1)
+    assert maps.classes.numel() <= min(K, 2 * 3 * passes)  # batch of 2, kappa 3
+    assert torch.equal(maps.classes, torch.unique(maps.classes))
+    dense = predict_multiscale(model, x, K, scales=scales, flip=flip, mode=mode, crop=32, stride=16)
+    torch.testing.assert_close(maps.to_dense(K, 0.0), dense)
+    assert torch.equal(maps.argmax(), dense.argmax(1))
+    torch.testing.assert_close(maps.maps.sum(1), torch.ones(2, 48, 40))
+
+
+def test_compact_logits_batch_union_fills_other_images_classes() -> None:
+    logits = torch.arange(2 * 2 * 1 * 1, dtype=torch.float32).reshape(2, 2, 1, 1)
+    out = SegOutput(mask_logits=logits, topk_index=torch.tensor([[4, 1], [1, 6]]),
+                    valid=torch.tensor([[True, True], [True, False]]))
+    maps = compact_logits(out, num_classes=8)
+    assert maps.classes.tolist() == [1, 4]  # 6 is a padding column
+    assert maps.maps[:, :, 0, 0].tolist() == [[1.0, 0.0], [2.0, -100.0]]
+    torch.testing.assert_close(maps.to_dense(8, -100.0), scatter_to_classes(out, 8))
+
+
+def test_compact_maps_stay_near_kappa_channels_at_large_k() -> None:
+    torch.manual_seed(0)
+    big_k = build_model(ModelConfig(img_size=32, num_classes=200, kappa=4)).eval()
+    maps, _ = predict_compact(big_k, torch.randn(1, 3, 32, 32), 200, scales=(1.0, 1.25), flip=True)
+    assert 4 <= maps.classes.numel() <= 4 * 4  # 4 passes of kappa 4, never 200
+    assert maps.maps.shape == (1, maps.classes.numel(), 32, 32)
