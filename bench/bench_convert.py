@@ -153,8 +153,6 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=75)
     ap.add_argument("--rounds", type=int, default=3, help="best of N interleaved runs")
     args = ap.parse_args()
-    # Imported here, not at the top: spawned workers re-import this script, and report.py
-    # imports torch (seconds of start-up per worker that are not the converter's).
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from report import machine, write_section
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import platform
 import re
+from importlib.metadata import version
 from pathlib import Path
-
-import torch
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = ("# Benchmarks\n\nMeasured with the scripts in `bench/`; each section says which script "
@@ -17,8 +16,10 @@ HEADER = ("# Benchmarks\n\nMeasured with the scripts in `bench/`; each section s
 def machine() -> str:
     import os
 
+    # The version from the package metadata, not `import torch`: converter benches spawn
+    # workers that re-import the bench script, and importing torch there costs seconds each.
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+            f"Python {platform.python_version()}, torch {version('torch')}")
 
 
 def write_section(name: str, body: str) -> None:
