@@ -5,7 +5,7 @@ Layout of a run directory RUN (see docs/training.md):
     RUN/config.yaml             resolved TrainConfig (K, class names, palette included)
     RUN/metrics.jsonl           one JSON per logged step / evaluation
     RUN/checkpoints/last.pt     model + optimizer + iteration + RNG + data-order state
-    RUN/checkpoints/best.pt     same, at the best validation mIoU
+    RUN/checkpoints/best.pt     model + iteration + mIoU at the best validation mIoU (no resume state)
     RUN/model.safetensors       final weights (written when training finishes)
     RUN/eval/                   `rankseg eval` outputs (default location)
     RUN/viz/                    figures (`rankseg viz`)

@@ -448,16 +448,22 @@ def _non_finite(value: float, it: int, cfg: TrainConfig, paths: runs.RunPaths) -
 
 def _checkpoint(st: _State, cfg: TrainConfig, paths: runs.RunPaths, path: Path, it: int, info: D.DistInfo) -> None:
     """Save on rank 0 (every rank takes part: RNG states are gathered). Weights that are no
-    longer finite are never saved, so last.pt stays the last good state."""
+    longer finite are never saved, so last.pt stays the last good state.
+
+    Only last.pt carries the resume state (optimizer, RNG, data order): best.pt is read for
+    evaluation only, and without the momentum buffers it is half the size, which matters
+    when a sweep improves its best mIoU at every evaluation."""
     if not all(bool(torch.isfinite(p).all()) for p in st.model.parameters()):
         raise _non_finite(float("nan"), it, cfg, paths)
-    states = D.all_gather_objects(rng_state())  # every rank's RNG, so DDP resumes exactly too
+    resumable = path == paths.last
+    states = D.all_gather_objects(rng_state()) if resumable else None  # every rank's RNG: DDP resumes exactly
     if info.is_main:
-        state = {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(), "iteration": it,
-                 "rng": states, "window": st.window.state(), "best_miou": st.best,
-                 "data": {"step": it, "seed": cfg.seed, "global_batch": cfg.schedule.batch_size}}
-        if st.scaler is not None:
-            state["scaler"] = st.scaler.state_dict()
+        state = {"model": st.model.state_dict(), "iteration": it, "best_miou": st.best}
+        if resumable:
+            state.update(optimizer=st.optimizer.state_dict(), rng=states, window=st.window.state(),
+                         data={"step": it, "seed": cfg.seed, "global_batch": cfg.schedule.batch_size})
+            if st.scaler is not None:
+                state["scaler"] = st.scaler.state_dict()
         runs.save_checkpoint(path, state)
 
 

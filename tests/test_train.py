@@ -56,6 +56,12 @@ def test_train_writes_run_directory(data: Path, tmp_path: Path) -> None:
     for p in (paths.config, paths.metrics, paths.last, paths.best, paths.weights):
         assert p.is_file(), p
     assert not list(run.rglob("*.tmp"))  # atomic writes leave no temporaries
+    # Only last.pt carries the resume state; best.pt is weights for evaluation.
+    assert {"optimizer", "rng", "data"} <= set(runs.load_checkpoint(paths.last))
+    best = runs.load_checkpoint(paths.best)
+    assert "optimizer" not in best and best["iteration"] == 3
+    model, _ = runs.load_run(run, "cpu", weights="best")
+    assert all(torch.equal(v, best["model"][k]) for k, v in model.state_dict().items())
     recs = runs.read_metrics(run)
     tr = [r for r in recs if r["type"] == "train"]
     assert [r["iter"] for r in tr] == [1, 2, 3]
