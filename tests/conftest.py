@@ -36,3 +36,12 @@ def make_synthetic(out: Path, images: int = 24, num_classes: int = 60, size: int
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic shard directory shared by read-only tests."""
     return make_synthetic(tmp_path_factory.mktemp("synth") / "data")
+
+
+def assert_one_line_error(res, *fragments: str) -> None:
+    """A user mistake: exit 2, one `error:` line holding every fragment, no traceback."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "error:" in res.output
+    text = " ".join(res.output.split())
+    for f in fragments:
+        assert f in text, text

@@ -18,6 +18,7 @@ from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.errors import UserError
 from rankseg_core.resources import load_json as load_dataset_json
 from rankseg_core.verify import verify_shards
+from conftest import assert_one_line_error
 from video_lvis_trees import (coco_image, read_samples, rect, stuff_doc, v1_categories, write_jpeg,
                               write_json)
 
@@ -382,14 +383,6 @@ def cli(*args: object):
     from rankseg_cli.app import app
 
     return CliRunner().invoke(app, ["prepare", "coco-lvis", *map(str, args)])
-
-
-def assert_one_line_error(res, *fragments: str) -> None:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and "error:" in res.output
-    text = " ".join(res.output.split())
-    for f in fragments:
-        assert f in text, text
 
 
 def test_cli(tmp_path: Path) -> None:
