@@ -35,16 +35,21 @@ def inspect(
     if jsonl:
         for s in splits:
             a = idx.arrays(s)
+            nseg = idx.segment_counts(s)
             for i in range(min(len(a.keys), limit or len(a.keys))):
                 rec = {"key": a.keys[i], "split": s, "height": int(a.height[i]), "width": int(a.width[i]),
                        "classes": a.classes_of(i).tolist(), "pixels": a.pixels_of(i).tolist()}
+                if nseg is not None:
+                    rec["segments"] = int(nseg[i])
                 if a.video[i]:
                     rec.update(video=a.video[i], frame=int(a.frame[i]))
                 sys.stdout.write(json.dumps(rec) + "\n")
         return
     m = idx.meta
+    things = f"  panoptic: {len(idx.thing_classes)} thing / {idx.num_classes - len(idx.thing_classes)} stuff" \
+        if idx.is_panoptic else ""
     out.print(f"[bold]{idx.name}[/]  {root}  K={idx.num_classes}  ignore={m['ignore']}  "
-              f"format v{m['version']}  classes from: {m.get('class_source') or '-'}")
+              f"format v{m['version']}{things}  classes from: {m.get('class_source') or '-'}")
     t = Table("split", "samples", "shards", "skipped", "classes/img (mean, max)", "videos")
     for s in splits:
         sm = idx.split_meta(s)

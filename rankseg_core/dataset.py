@@ -1,4 +1,4 @@
-"""Shard format v1: reading.
+"""Shard format v1 / v2 (panoptic): reading.
 
 `ShardIndex` reads `dataset.json` and the small per-shard arrays (keys, sizes, class lists)
 without decoding anything. `ShardDataset` is the `torch.utils.data.Dataset` over one split:
@@ -20,7 +20,7 @@ import numpy as np
 
 from .codec import IGNORE, decode_image, decode_label
 from .errors import UserError
-from .shards import FORMAT, VERSION
+from .shards import FORMAT, VERSIONS
 
 # Read-only shards on NFS/Lustre: HDF5's file locking fails or serialises there.
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
@@ -40,8 +40,9 @@ def load_index(root: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}): re-run `rankseg prepare` to rebuild it") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise UserError(f"{path}: not a rankseg shard index of format version {VERSION}")
+    if meta.get("format") != FORMAT or meta.get("version") not in VERSIONS:
+        raise UserError(f"{path}: not a rankseg shard index of format version "
+                        f"{' or '.join(map(str, VERSIONS))} (a newer rankseg may read it)")
     return meta
 
 
@@ -98,6 +99,15 @@ class ShardIndex:
         return list(self.meta["class_names"])
 
     @property
+    def thing_classes(self) -> list[int] | None:
+        """Sorted train ids of the thing classes of a panoptic (v2) dataset; None otherwise."""
+        return [int(c) for c in self.meta["thing_classes"]] if self.is_panoptic else None
+
+    @property
+    def is_panoptic(self) -> bool:
+        return bool(self.meta.get("panoptic"))
+
+    @property
     def palette(self) -> np.ndarray:
         return np.asarray(self.meta["palette"], np.uint8)
 
@@ -120,6 +130,21 @@ class ShardIndex:
             with open_shard(p) as f:
                 out.append(np.diff(_read(f, "class_offsets", p)))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def segment_counts(self, split: str) -> np.ndarray | None:
+        """Number of segments per sample of a panoptic split (None for semantic datasets)."""
+        if not self.is_panoptic:
+            return None
+        out = []
+        for p in self.shard_paths(split):
+            with open_shard(p) as f:
+                infos = _read(f, "segments_info", p, asstr=True)
+            try:
+                out += [len(json.loads(x)) for x in infos]
+            except (ValueError, TypeError) as exc:
+                raise UserError(f"{p}: shard is damaged (segments_info: {exc}); run `rankseg verify` "
+                                "and re-create it with `rankseg prepare`") from None
+        return np.asarray(out, np.int64)
 
     def arrays(self, split: str) -> SplitArrays:
         keys, video, parts = [], [], {k: [] for k in ("shard", "row", "height", "width", "frame",
@@ -160,8 +185,10 @@ class ShardDataset:
     """`torch.utils.data.Dataset` over one split of a shard directory.
 
     Items are dicts: `image` H x W x 3 uint8 RGB, `label` H x W uint16 (65535 = ignore),
-    `key`, `classes` (sorted train ids, int64), `video`, `frame`, `index`. A `transform`
-    callable, if given, maps that dict to whatever the training loop needs.
+    `key`, `classes` (sorted train ids, int64), `video`, `frame`, `index`; panoptic (v2)
+    datasets add `segments` (H x W uint16, 0 = no segment, i = record i) and `segments_info`
+    (list of {"id", "category", "iscrowd", "area"}). A `transform` callable, if given, maps
+    that dict to whatever the training loop needs.
     """
 
     def __init__(self, root: str | Path, split: str, transform: Any = None) -> None:
@@ -170,6 +197,7 @@ class ShardDataset:
         self.paths = self.index.shard_paths(split)
         self.arrays = self.index.arrays(split)
         self.num_classes = self.index.num_classes
+        self.is_panoptic = self.index.is_panoptic
         self.ignore = IGNORE
         self.transform = transform
         self._files: dict[int, h5py.File] = {}
@@ -210,9 +238,27 @@ class ShardDataset:
         except ValueError as exc:
             raise UserError(f"{self.paths[a.shard[i]]}: sample {a.keys[i]} does not decode ({exc}); "
                             "run `rankseg verify`") from None
-        return {"image": image, "label": label, "key": a.keys[i],
+        item = {"image": image, "label": label, "key": a.keys[i],
                 "classes": a.classes_of(i).astype(np.int64), "video": a.video[i],
                 "frame": int(a.frame[i]), "index": i}
+        if self.is_panoptic:
+            item["segments"], item["segments_info"] = self.segments(i)
+        return item
+
+    def segments(self, i: int) -> tuple[np.ndarray, list[dict]]:
+        """Sample i's H x W uint16 segment-index map and its records (panoptic datasets only)."""
+        a = self.arrays
+        f = self._file(int(a.shard[i]))
+        r = int(a.row[i])
+        where = f"{self.paths[a.shard[i]]}: sample {a.keys[i]}"
+        try:
+            seg_b, info = f["segments"][r].tobytes(), f["segments_info"].asstr()[r]
+            segments, records = decode_label(seg_b), json.loads(info)
+        except (KeyError, OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            raise UserError(f"{where}: segments do not read ({exc}); run `rankseg verify`") from None
+        if not isinstance(records, list):
+            raise UserError(f"{where}: segments_info is not a list; run `rankseg verify`")
+        return segments, records
 
     def __getitem__(self, i: int) -> Any:
         item = self.load(i)

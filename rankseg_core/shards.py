@@ -1,4 +1,4 @@
-"""Shard format v1: writing.
+"""Shard format (v1; v2 = v1 + panoptic segments): writing.
 
 A shard directory holds `{split}-{index:05d}-of-{count:05d}.h5` files, one sidecar
 `<shard>.h5.json` per finished shard (its sha256, counts and skipped samples), and the
@@ -35,7 +35,11 @@ from .palette import make_palette
 from .progress import Progress
 
 FORMAT = "rankseg-shards"
-VERSION = 1
+VERSION = 1  # semantic datasets (byte-identical to every release before v2 existed)
+VERSION_PANOPTIC = 2  # v1 + per-sample segment maps and records, thing classes in dataset.json
+VERSIONS = (VERSION, VERSION_PANOPTIC)  # what the reader accepts
+MAX_CLASSES = IGNORE  # K <= 65535: train ids 0..65534, 65535 is the ignore value
+MAX_SEGMENTS = 65534  # per image: indices 1..n in a uint16 map (0 = no segment)
 MARKER = ".rankseg-shards.json"  # written first: claims the directory and records the options
 
 
@@ -55,20 +59,99 @@ class EncodedSample:
     video: str = ""
     frame: int = -1
     instances: str = ""  # JSON, e.g. per-frame instance RLEs for video instance segmentation
+    segments: bytes = b""  # v2: 16-bit PNG of segment indices (0 = none, i = segments_info[i-1])
+    segments_info: str = ""  # v2: JSON list of {"id", "category", "iscrowd", "area"}, index order
 
 
 def encode_sample(key: str, image: bytes, label: np.ndarray, num_classes: int, *,
                   orig_size: tuple[int, int] | None = None, video: str = "", frame: int = -1,
-                  instances: str = "") -> EncodedSample:
-    """Count classes and PNG-encode an H x W uint16 label; the image bytes are kept as given."""
+                  instances: str = "", segments: np.ndarray | None = None,
+                  segments_info: list[dict] | None = None) -> EncodedSample:
+    """Count classes and PNG-encode an H x W uint16 label; the image bytes are kept as given.
+
+    Panoptic samples also pass `segments` (H x W uint16, 0 = no segment, i = the i-th record)
+    and `segments_info` (one record per index: id, category, iscrowd, area); both are checked
+    against each other and against the label (see `check_segments`).
+    """
     try:
         classes, pixels = class_counts(label, num_classes)
     except ValueError as exc:
         raise SampleError(f"{key}: {exc}") from None
     h, w = label.shape
     oh, ow = orig_size or (h, w)
+    seg_png, seg_json = b"", ""
+    if segments is not None or segments_info is not None:
+        if segments is None or segments_info is None:
+            raise ValueError("encode_sample: pass both segments and segments_info, or neither")
+        if not (isinstance(segments, np.ndarray) and segments.dtype == np.uint16 and segments.ndim == 2):
+            raise SampleError(f"{key}: segment map must be a 2-D uint16 array")
+        records = normalise_segments_info(segments_info, key)
+        problem = check_segments(segments, records, label, num_classes)
+        if problem:
+            raise SampleError(f"{key}: {problem}")
+        seg_png, seg_json = encode_label(segments), segments_json(records)
     return EncodedSample(key, image, encode_label(label), h, w, oh, ow, classes, pixels,
-                         video, frame, instances)
+                         video, frame, instances, seg_png, seg_json)
+
+
+_SEGMENT_KEYS = ("id", "category", "iscrowd", "area")
+
+
+def normalise_segments_info(records: object, where: str) -> list[dict]:
+    """Segment records as plain `{"id", "category", "iscrowd", "area"}` dicts of Python ints.
+
+    Other keys are dropped (the stored record is exactly these four). Raises SampleError naming
+    `where` when a record lacks a key or holds a non-integer.
+    """
+    if not isinstance(records, list):
+        raise SampleError(f"{where}: segments_info must be a list of records")
+    if len(records) > MAX_SEGMENTS:
+        raise SampleError(f"{where}: {len(records)} segments, at most {MAX_SEGMENTS} per image")
+    out = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or any(k not in r for k in _SEGMENT_KEYS):
+            raise SampleError(f"{where}: segment record {i + 1} must have keys {', '.join(_SEGMENT_KEYS)}")
+        vals = {k: r[k] for k in _SEGMENT_KEYS}
+        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in vals.values()):
+            raise SampleError(f"{where}: segment record {i + 1} has a non-integer field: {vals}")
+        out.append({k: int(v) for k, v in vals.items()})
+    return out
+
+
+def segments_json(records: list[dict]) -> str:
+    """The stored form of normalised records (compact, so shard bytes depend only on content)."""
+    return json.dumps(records, separators=(",", ":"))
+
+
+def check_segments(segments: np.ndarray, records: list[dict], label: np.ndarray,
+                   num_classes: int) -> str:
+    """'' when an H x W segment-index map, its records and the H x W label agree; else the problem.
+
+    Agreement: same size as the label; every index <= n = len(records); record i's area is the
+    pixel count of index i; ids unique; iscrowd 0 or 1; categories < K; and the label equals
+    the segment's category wherever a segment exists. Used by the writer and by `verify`.
+    """
+    n = len(records)
+    if segments.shape != label.shape:
+        return f"segment map is {segments.shape[0]}x{segments.shape[1]}, label is {label.shape[0]}x{label.shape[1]}"
+    counts = np.bincount(segments.ravel(), minlength=n + 1)
+    if counts.size > n + 1:
+        return f"segment index {int(np.nonzero(counts[n + 1:])[0][0]) + n + 1} in the map, only {n} records"
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != n:
+        return "segment ids are not unique"
+    for i, r in enumerate(records, 1):
+        if r["iscrowd"] not in (0, 1):
+            return f"segment {i} (id {r['id']}): iscrowd must be 0 or 1, not {r['iscrowd']}"
+        if not 0 <= r["category"] < num_classes:
+            return f"segment {i} (id {r['id']}): category {r['category']} is not a train id < K={num_classes}"
+        if r["area"] != counts[i]:
+            return f"segment {i} (id {r['id']}): area {r['area']} but {int(counts[i])} pixels in the map"
+    cats = np.array([IGNORE] + [r["category"] for r in records], np.int64)
+    inside = segments > 0
+    if not np.array_equal(label[inside], cats[segments[inside]]):
+        return "the label differs from the segments' categories where a segment exists"
+    return ""
 
 
 @dataclass
@@ -79,10 +162,33 @@ class DatasetHeader:
     class_names: list[str]
     options: dict = field(default_factory=dict)  # converter options: a re-run must match them
     source: str = ""  # where the class table comes from
+    thing_classes: list[int] | None = None  # panoptic datasets: sorted train ids of thing classes
+
+    def __post_init__(self) -> None:
+        # Every converter builds one of these: K and the thing classes are checked where they enter.
+        k = len(self.class_names)
+        if not 1 <= k <= MAX_CLASSES:
+            raise UserError(f"{self.name}: {k} classes; K must be 1..{MAX_CLASSES} "
+                            f"(train ids are stored as uint16 and {IGNORE} means ignore)")
+        if self.thing_classes is not None:
+            things = self.thing_classes
+            if (not isinstance(things, list) or any(isinstance(c, bool) or not isinstance(c, (int, np.integer))
+                                                    or not 0 <= c < k for c in things)
+                    or len(set(things)) != len(things)):
+                raise UserError(f"{self.name}: thing_classes must be distinct train ids in 0..{k - 1}")
+            self.thing_classes = sorted(int(c) for c in things)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def is_panoptic(self) -> bool:
+        return self.thing_classes is not None
+
+    @property
+    def version(self) -> int:
+        return VERSION_PANOPTIC if self.is_panoptic else VERSION
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -144,8 +250,13 @@ def write_shard(path: Path, samples: list[EncodedSample], skipped: list[Skipped]
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
     # track_times=False keeps the bytes a function of the content, so a resumed conversion
     # produces byte-identical shards (verified by tests/test_shards.py).
+    panoptic = header.is_panoptic
+    for s in samples:
+        if panoptic != bool(s.segments):
+            raise ValueError(f"sample {s.key}: a {'panoptic' if panoptic else 'semantic'} dataset "
+                             f"needs samples {'with' if panoptic else 'without'} segments")
     with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f:
-        f.attrs.update(format=FORMAT, version=VERSION, dataset=header.name, split=split,
+        f.attrs.update(format=FORMAT, version=header.version, dataset=header.name, split=split,
                        index=index, count=count, num_classes=header.num_classes, num_samples=n)
 
         def put(name: str, data, dtype=None) -> None:
@@ -168,6 +279,9 @@ def write_shard(path: Path, samples: list[EncodedSample], skipped: list[Skipped]
         put("classes", cat([s.classes for s in samples], np.uint16))
         put("pixels", cat([s.pixels for s in samples], np.int64))
         put("class_offsets", offsets)
+        if panoptic:  # v2 only: v1 shards stay byte-identical to what older releases wrote
+            put_vlen("segments", [np.frombuffer(s.segments, np.uint8) for s in samples], _VLEN_BYTES)
+            put_vlen("segments_info", [s.segments_info for s in samples], _VLEN_STR)
         f.flush()
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -205,7 +319,7 @@ def shard_is_complete(path: Path) -> bool:
 def claim_output(out: Path, header: DatasetHeader) -> None:
     """Create or reuse `out`; refuse a foreign non-empty directory or different options."""
     marker = out / MARKER
-    want = {"format": FORMAT, "version": VERSION, "dataset": header.name,
+    want = {"format": FORMAT, "version": header.version, "dataset": header.name,
             "num_classes": header.num_classes, "options": header.options}
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a directory: choose another --out")
@@ -272,12 +386,14 @@ def write_pending(shards: Sequence[PendingShard], results: Iterator, header: Dat
 def assemble(out: Path, header: DatasetHeader, splits: Sequence[str]) -> dict:
     """Check every shard of every split is complete and write `dataset.json` atomically."""
     index: dict = {
-        "format": FORMAT, "version": VERSION, "name": header.name, "rankseg_version": __version__,
+        "format": FORMAT, "version": header.version, "name": header.name, "rankseg_version": __version__,
         "num_classes": header.num_classes, "class_names": header.class_names,
         "class_source": header.source, "ignore": IGNORE,
         "palette": make_palette(header.num_classes).tolist(), "options": header.options,
-        "splits": {},
     }
+    if header.is_panoptic:
+        index.update(panoptic=True, thing_classes=sorted(header.thing_classes))
+    index["splits"] = {}
     skipped_all = []
     for split in splits:
         sides = sorted(out.glob(f"{split}-*-of-*.h5.json"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import numpy as np
 
 from .codec import class_counts, decode_image, decode_label
 from .dataset import ShardIndex
-from .shards import sha256_file
+from .errors import SampleError
+from .shards import check_segments, normalise_segments_info, sha256_file
 
 
 def verify_shards(root: str | Path, decode_images: bool = False) -> Iterator[str]:
@@ -18,9 +20,12 @@ def verify_shards(root: str | Path, decode_images: bool = False) -> Iterator[str
 
     Checks each shard's sha256 and sample count against `dataset.json`, decodes every label,
     checks ids < K or ignore, and that stored classes / pixel counts equal the decoded label's.
+    Panoptic (v2) shards: also decodes every segment map and checks it against its records and
+    the label (`shards.check_segments`).
     """
     idx = ShardIndex(root)
     k = idx.num_classes
+    panoptic = idx.is_panoptic
     for split in idx.splits:
         for sh in idx.split_meta(split)["shards"]:
             path = idx.root / sh["file"]
@@ -31,12 +36,13 @@ def verify_shards(root: str | Path, decode_images: bool = False) -> Iterator[str
                 yield f"{path}: sha256 mismatch, the file is corrupt or truncated (delete it and re-run `rankseg prepare`)"
                 continue
             try:
-                yield from _check_samples(path, sh["num_samples"], k, decode_images)
+                yield from _check_samples(path, sh["num_samples"], k, decode_images, panoptic)
             except (OSError, KeyError, ValueError) as exc:
                 yield f"{path}: unreadable shard ({exc})"
 
 
-def _check_samples(path: Path, expected: int, k: int, decode_images: bool) -> Iterator[str]:
+def _check_samples(path: Path, expected: int, k: int, decode_images: bool,
+                   panoptic: bool) -> Iterator[str]:
     with h5py.File(path, "r") as f:
         n = len(f["key"])
         if n != expected:
@@ -63,6 +69,8 @@ def _check_samples(path: Path, expected: int, k: int, decode_images: bool) -> It
             s, e = offs[i], offs[i + 1]
             if not (np.array_equal(present, cls[s:e]) and np.array_equal(counts, pix[s:e])):
                 yield f"{where}: stored classes/pixel counts do not match the label"
+            if panoptic:
+                yield from _check_segments(f, i, label, k, where)
             if decode_images:
                 try:
                     img = decode_image(f["image"][i].tobytes())
@@ -70,3 +78,18 @@ def _check_samples(path: Path, expected: int, k: int, decode_images: bool) -> It
                         yield f"{where}: image {img.shape[:2]} and label {label.shape} differ in size"
                 except ValueError as exc:
                     yield f"{where}: image does not decode ({exc})"
+
+
+def _check_segments(f: h5py.File, i: int, label: np.ndarray, k: int, where: str) -> Iterator[str]:
+    try:
+        segments = decode_label(f["segments"][i].tobytes())
+        records = normalise_segments_info(json.loads(f["segments_info"].asstr()[i]), where)
+    except ValueError as exc:  # a PNG that does not decode, or JSON that does not parse
+        yield f"{where}: segments do not decode ({exc})"
+        return
+    except SampleError as exc:
+        yield str(exc)
+        return
+    problem = check_segments(segments, records, label, k)
+    if problem:
+        yield f"{where}: {problem}"
