@@ -36,7 +36,8 @@ from rankseg_core.losses import RankSegCriterion  # noqa: E402
 from rankseg_core.model import ModelConfig, build_model  # noqa: E402
 from rankseg_core.model_stats import model_stats  # noqa: E402
 from rankseg_core.synthetic import prepare_synthetic  # noqa: E402
-from rankseg_core.train import build_optimizer, make_loader  # noqa: E402
+from rankseg_core.loading import make_loader  # noqa: E402
+from rankseg_core.optim import build_optimizer  # noqa: E402
 
 KS = (150, 847, 1284)
 KAPPAS = (25, 50, 100)

@@ -8,6 +8,7 @@ app.command("predict")(predict); stats_app.command("model")(stats_model).
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,17 +17,27 @@ from rich.table import Table
 
 from rankseg_core.errors import UserError
 
-from .common import err, out, user_errors
+from .common import err, out, show, user_errors
 
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available).")]
 Weights = Annotated[str, typer.Option("--weights", help="auto (model.safetensors, else best.pt, else last.pt), final, best, last or a file.")]
+
+
+def _train_interrupted(kwargs: dict) -> str:
+    """How to go on after Ctrl-C: resume from the last checkpoint if one was written."""
+    from rankseg_core.runs import run_paths
+
+    run = kwargs.get("out_dir")
+    if run is not None and run_paths(run).last.is_file():
+        return f"checkpoints are kept; resume with: rankseg train --out {shlex.quote(str(run))} --resume"
+    return "no checkpoint was written yet; re-run the same command to start again"
 
 
 def _fmt(x: float | None, pct: bool = True) -> str:
     return "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.4f}")
 
 
-@user_errors
+@user_errors(interrupted=_train_interrupted)
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (config.yaml, metrics.jsonl, checkpoints/, model.safetensors).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory from `rankseg prepare`.")] = None,
@@ -88,11 +99,11 @@ def train(
         what = "oracle (GT train+eval)" if m.oracle else (m.head if m.head == "segmenter" else
                                                            f"rankseg kappa={m.effective_kappa}" if m.select else "+MT")
         err.print(f"{'resuming' if resume else 'training'} {m.model} {what} on {cfg.data.name} (K={m.num_classes}), "
-                  f"{cfg.schedule.iters} iters x batch {cfg.schedule.batch_size} -> {out_dir}")
+                  f"{cfg.schedule.iters} iters x batch {cfg.schedule.batch_size} -> {show(out_dir)}")
     res = run_train(cfg, out_dir, resume=resume)
     if main and res.final_eval is not None:
         r = res.final_eval
-        err.print(f"[green]done[/]: val mIoU {_fmt(r['miou'])}, mAP {_fmt(r['map'])}; weights {out_dir / 'model.safetensors'}")
+        err.print(f"[green]done[/]: val mIoU {_fmt(r['miou'])}, mAP {_fmt(r['map'])}; weights {show(out_dir / 'model.safetensors')}")
 
 
 @user_errors
@@ -139,7 +150,7 @@ def evaluate(
         t.add_row(f"mIoU {name} ({sub['num_classes']} classes)", _fmt(sub["miou"]))
     t.add_row("images", str(rep["num_images"]))
     out.print(t)
-    err.print(f"wrote {json_path} and {csv_path}")
+    err.print(f"wrote {show(json_path)} and {show(csv_path)}")
 
 
 @user_errors
@@ -156,13 +167,13 @@ def predict(
 
     Example: [bold]rankseg predict runs/adefull photos/ --out preds/[/]
     """
-    from rankseg_core.evaluate import run_prediction
+    from rankseg_core.predict import run_prediction
 
     results = run_prediction(run, inputs, out_dir, device or "auto", weights, kappa)
     for r in results[:10]:
         names = ", ".join(c["name"] for c in r.classes[:5])
-        err.print(f"{r.image.name}: {names}{' ...' if len(r.classes) > 5 else ''}")
-    err.print(f"[green]done[/]: {len(results)} image(s) -> {out_dir}")
+        err.print(f"{show(r.image.name)}: {show(names)}{' ...' if len(r.classes) > 5 else ''}")
+    err.print(f"[green]done[/]: {len(results)} image(s) -> {show(out_dir)}")
 
 
 @user_errors

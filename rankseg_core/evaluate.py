@@ -1,4 +1,4 @@
-"""Evaluation on shards (`rankseg eval`) and prediction on user images (`rankseg predict`).
+"""Evaluation on shards (`rankseg eval`), for every model family.
 
 Test protocol (METHOD.md sec. 5 and 8): resize the image so that its short side is
 `eval.short_side` (long side <= `eval.max_long`), predict (whole image, sliding window,
@@ -14,28 +14,26 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from rankseg_core import distributed as D
 from rankseg_core.augment import TestTransform, build_test_transform
-from rankseg_core.codec import IGNORE, decode_image
+from rankseg_core.codec import IGNORE
 from rankseg_core.config import TrainConfig
 from rankseg_core.dataset import ShardDataset
 from rankseg_core.errors import UserError
-from rankseg_core.inference import predict_compact
+from rankseg_core.families import family_of
+from rankseg_core.loading import worker_init
 from rankseg_core.metrics import ConfusionMatrix, average_precision, recall_at_k
 from rankseg_core.progress import Progress
 from rankseg_core.shards import atomic_write_bytes, atomic_write_json
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -137,47 +135,6 @@ def forward_kwargs(cfg: TrainConfig, classes: list[np.ndarray], device: torch.de
     return kw
 
 
-@torch.no_grad()
-def predict_fast(model: nn.Module, images: Tensor, sizes: list[tuple[int, int]], **fwd_kw
-                 ) -> tuple[list[Tensor], Tensor | None]:
-    """Single-scale whole-image prediction without materialising K channels.
-
-    images N x 3 x H' x W' -> per image an (h x w) long class map at sizes[i], and the ml
-    probabilities (N x K, clips x K for video; None without an ml branch). Equals
-    `predict_whole` + upsample + argmax (the -100 channels never win), at kappa/K of the
-    memory: upsample only the selected channels, then map ranks to class ids.
-    """
-    h, w = images.shape[-2:]
-    p = getattr(model, "patch_size", 16)
-    ph, pw = -h % p, -w % p
-    x = F.pad(images, (0, pw, 0, ph)) if ph or pw else images
-    out = model(x, **fwd_kw)
-    logits = F.interpolate(out.mask_logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
-    preds = []
-    for i, size in enumerate(sizes):
-        li = F.interpolate(logits[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]
-        if out.valid is not None:
-            li = li.masked_fill(~out.valid[i][:, None, None], float("-inf"))
-        ch = li.argmax(0)
-        preds.append(out.topk_index[i][ch] if out.topk_index is not None else ch)
-    ml = out.ml_logits.float().sigmoid() if out.ml_logits is not None else None
-    return preds, ml
-
-
-@torch.no_grad()
-def predict_batch(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]],
-                  mode: str, scales: list[float], flip: bool, **fwd_kw) -> tuple[list[Tensor], Tensor | None]:
-    """Class maps at `sizes` and ml probabilities for a batch of equally sized images."""
-    if mode == "whole" and list(scales) == [1.0] and not flip:
-        return predict_fast(model, images, sizes, **fwd_kw)
-    # Over the selected classes only (kappa-ish channels, not K): see inference.ClassMaps.
-    probs, ml = predict_compact(model, images, cfg.model.num_classes, scales=tuple(scales), flip=flip, mode=mode,
-                                crop=cfg.eval.crop, stride=cfg.eval.stride, **fwd_kw)
-    preds = [probs.classes[F.interpolate(probs.maps[i:i + 1], size=s, mode="bilinear", align_corners=False)[0].argmax(0)]
-             for i, s in enumerate(sizes)]
-    return preds, ml
-
-
 # ---------------------------------------------------------------------------------------
 # Evaluation
 
@@ -202,6 +159,7 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
     root = opts.data_root or cfg.data.root
     ds = ShardDataset(root, opts.split)
     k = cfg.model.num_classes
+    family = family_of(cfg.model.model)
     if ds.num_classes != k:
         raise UserError(f"{root}: K={ds.num_classes} but the model was trained with K={k}; "
                         "evaluate on shards of the same dataset")
@@ -218,8 +176,6 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
     items = eval_clips(ds, cfg.model.clip_len, opts.max_images)
     mine = items[info.rank::info.world_size]
     data = EvalData(ds, mine, build_test_transform(cfg, dc["mean"], dc["std"]))
-    from rankseg_core.train import worker_init
-
     workers = cfg.eval.num_workers if len(mine) > 8 else 0  # worker start-up costs more than tiny splits
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size, num_workers=workers,
                                          collate_fn=_collate, worker_init_fn=worker_init)
@@ -240,19 +196,22 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
                 real = [r for g in group for r in g["real"]]
                 keys = [key for g in group for key in g["keys"]]
                 kw = forward_kwargs(cfg, classes, device, opts.kappa, opts.dynamic_kappa, opts.oracle)
-                preds, ml = predict_batch(model, cfg, images, [lab.shape for lab in labels], mode, scales, flip, **kw)
+                res = family.predict(model, cfg, images, [lab.shape for lab in labels], mode, scales, flip, **kw)
+                ml = res.ml
                 if ml is not None and cfg.model.clip_len > 1:
                     ml = ml.repeat_interleave(cfg.model.clip_len, dim=0)
-                for j, (pred, lab) in enumerate(zip(preds, labels)):
+                for j, lab in enumerate(labels):
                     if not real[j]:
                         continue
-                    cm.update(pred, torch.from_numpy(lab.astype(np.int64)).to(pred.device))
+                    pred = res.semantic[j] if res.semantic is not None else None
+                    if pred is not None:
+                        cm.update(pred, torch.from_numpy(lab.astype(np.int64)).to(pred.device))
                     if ml is not None:
                         scores.append(ml[j].cpu().numpy())
                         t = np.zeros(k, np.float32)
                         t[classes[j]] = 1
                         targets.append(t)
-                    if opts.save_predictions is not None:
+                    if opts.save_predictions is not None and pred is not None:
                         write_label_png(Path(opts.save_predictions) / f"{_safe_name(keys[j])}.png",
                                         pred.cpu().numpy())
                 bar.advance(sum(real))
@@ -354,137 +313,6 @@ def write_report(json_path: Path, res: EvalResult, cfg: TrainConfig, subsets: di
 
 
 # ---------------------------------------------------------------------------------------
-# Prediction on user images
-
-
-def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; directories expand to their image files (sorted, not recursive)."""
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise UserError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
-            out += files
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise UserError(f"{p}: no such file or directory")
-    return out
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Any image file -> H x W x 3 uint8 RGB (grey / alpha / 16-bit converted); UserError if unreadable."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        return decode_image(data)
-    except ValueError as exc:
-        raise UserError(f"{path}: cannot decode image ({exc}); supported: JPEG, PNG, BMP, WebP, TIFF") from None
-
-
-def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: list[str],
-            alpha: float = 0.5, max_legend: int = 20) -> np.ndarray:
-    """Blend the coloured prediction over the image and add a legend panel on the right
-    (classes by area, at most `max_legend`). H x W x 3 RGB uint8 -> H x (W + legend) x 3."""
-    colour = palette[pred]
-    blended = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
-    ids, counts = np.unique(pred, return_counts=True)
-    order = ids[np.argsort(-counts, kind="stable")]
-    shown = order[:max_legend]
-    h = blended.shape[0]
-    row = 18
-    lines = len(shown) + (1 if len(order) > len(shown) else 0)
-    panel_h = max(h, row * lines + 8)
-    width = 12 + 20 + max((len(names[i]) for i in shown), default=4) * 8 + 10
-    panel = np.full((panel_h, width, 3), 255, np.uint8)
-    for r, cid in enumerate(shown):
-        y = 4 + r * row
-        panel[y:y + 14, 8:22] = palette[cid]
-        cv2.putText(panel, names[cid], (28, y + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    if len(order) > len(shown):
-        cv2.putText(panel, f"... {len(order) - len(shown)} more", (8, 4 + len(shown) * row + 12),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
-    canvas = np.full((panel_h, blended.shape[1] + width, 3), 255, np.uint8)
-    canvas[:h, :blended.shape[1]] = blended
-    canvas[:, blended.shape[1]:] = panel
-    return canvas
-
-
-def _palette(cfg: TrainConfig) -> np.ndarray:
-    if len(cfg.data.palette) == cfg.model.num_classes:
-        return np.asarray(cfg.data.palette, np.uint8)
-    from rankseg_core.palette import make_palette
-
-    return make_palette(cfg.model.num_classes)
-
-
-@dataclass
-class Prediction:
-    image: Path
-    label_png: Path
-    overlay_png: Path
-    json_path: Path
-    classes: list[dict] = field(default_factory=list)
-
-
-@torch.no_grad()
-def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], out_dir: str | Path,
-                  device: torch.device, kappa: int | None = None, mode: str | None = None,
-                  progress: bool = True) -> list[Prediction]:
-    """Segment user images of any size. Per image `<stem>.png` (16-bit train ids),
-    `<stem>_overlay.png` (with a legend) and `<stem>.json` (classes found, top-kappa ml
-    probabilities). Stops at the first unreadable image, naming it."""
-    if cfg.model.oracle:
-        raise UserError("this run is a GT (train + eval) oracle model: it needs ground-truth classes and cannot "
-                        "predict on unlabelled images")
-    files = list_images(inputs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dc = model.data_config()
-    tf = build_test_transform(cfg, dc["mean"], dc["std"])
-    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
-    pal = _palette(cfg)
-    kappa_eff = kappa or cfg.model.effective_kappa
-    mode = mode or cfg.eval.mode
-    stems: dict[str, int] = {}
-    results = []
-    with Progress(len(files), "predict", unit="img", enabled=progress) as bar:
-        for path in files:
-            rgb = read_image(path)
-            x = torch.from_numpy(tf(rgb))[None].to(device)
-            frames = cfg.model.clip_len
-            if frames > 1:  # a video model on a still image: the image is a clip of T copies
-                x = x.repeat(frames, 1, 1, 1)
-            kw = {"kappa": kappa} if kappa is not None else {}
-            preds, ml = predict_batch(model, cfg, x, [rgb.shape[:2]] * len(x), mode, cfg.eval.scales,
-                                      cfg.eval.flip, **kw)
-            pred = preds[0].cpu().numpy().astype(np.uint16)
-            stem = path.stem if path.stem not in stems else f"{path.stem}-{stems[path.stem]}"
-            stems[path.stem] = stems.get(path.stem, 0) + 1
-            label_png, overlay_png, json_path = out / f"{stem}.png", out / f"{stem}_overlay.png", out / f"{stem}.json"
-            write_label_png(label_png, pred)
-            ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay(rgb, pred, pal, names), cv2.COLOR_RGB2BGR))
-            atomic_write_bytes(overlay_png, buf.tobytes())
-            ids, counts = np.unique(pred, return_counts=True)
-            found = [{"id": int(i), "name": names[i], "fraction": float(c / pred.size)}
-                     for i, c in sorted(zip(ids, counts), key=lambda t: -t[1])]
-            top = []
-            if ml is not None:
-                p = ml[0].cpu().numpy()
-                for i in np.argsort(-p, kind="stable")[:kappa_eff]:
-                    top.append({"id": int(i), "name": names[i], "probability": float(p[i])})
-            atomic_write_json(json_path, {"image": str(path), "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
-                                          "kappa": kappa_eff, "classes": found, "top_kappa": top})
-            results.append(Prediction(path, label_png, overlay_png, json_path, found))
-            bar.advance(1)
-    return results
-
-
-# ---------------------------------------------------------------------------------------
 # Run-level entry points (what the CLI calls)
 
 
@@ -509,12 +337,3 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
     path = Path(json_path) if json_path else run_paths(run_dir).eval_dir / f"{opts.split}.json"
     json_out, csv_out = write_report(path, res, cfg, subsets, extra)
     return report(res, cfg, subsets, extra), json_out, csv_out
-
-
-def run_prediction(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto",
-                   weights: str = "auto", kappa: int | None = None, progress: bool = True) -> list[Prediction]:
-    from rankseg_core.runs import load_run
-
-    dev = D.resolve_device(device)
-    model, cfg = load_run(run_dir, dev, weights)
-    return predict_files(model, cfg, inputs, out_dir, dev, kappa=kappa, progress=progress)

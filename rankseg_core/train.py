@@ -1,11 +1,8 @@
-"""Training: data order, optimizer and schedule, and one explicit loop (`train`).
+"""Training: run set-up, checkpoints and one explicit loop (`train`) for every model family.
 
-Determinism and exact resume rest on one idea: the data stream is a pure function of
-(seed, global sample position). Epoch e visits the clips in the permutation drawn from
-(seed, e); the sample at global position g is augmented with a generator seeded by
-(seed, g). Optimizer step s consumes positions [s*B, (s+1)*B) (B = global batch), split into
-accumulation micro-batches and then across DDP ranks. So resuming at step s only needs s,
-and the stream does not depend on the number of workers or processes.
+The data stream (loading.py) is a pure function of (seed, global sample position), the
+optimizer and schedule come from optim.py, and the model, its loss and its inference from
+the run's family (families/). Resuming at step s therefore only needs the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,175 +21,15 @@ from torch import Tensor, nn
 
 from rankseg_core import distributed as D
 from rankseg_core import runs
-from rankseg_core.augment import TrainTransform, build_train_transform
 from rankseg_core.codec import IGNORE
 from rankseg_core.config import TrainConfig, diff_configs, to_yaml
-from rankseg_core.dataset import ShardDataset
 from rankseg_core.errors import UserError
-from rankseg_core.losses import RankSegCriterion, present_classes
-from rankseg_core.model import build_model
+from rankseg_core.evaluate import EvalOptions, evaluate_model
+from rankseg_core.families import Criterion, Family, family_of
+from rankseg_core.loading import make_loader
+from rankseg_core.losses import present_classes
+from rankseg_core.optim import build_optimizer, lr_schedule
 from rankseg_core.progress import Progress
-
-STATS = ("loss", "seg", "ml", "coverage", "recall", "precision")
-
-
-# ---------------------------------------------------------------------------------------
-# Data: clips, the deterministic batch stream, the augmented dataset
-
-
-def clip_table(ds: ShardDataset, clip_len: int) -> np.ndarray:
-    """Sample indices of every trainable clip: N_clips x T (T = 1: every image is a clip).
-
-    A clip is T consecutive frames (by frame number) of one video.
-    """
-    n = len(ds)
-    if clip_len == 1:
-        return np.arange(n)[:, None]
-    a = ds.arrays
-    videos = np.asarray(a.video)
-    if not np.all(videos != ""):
-        raise UserError(f"{ds.index.root}: model.clip_len={clip_len} needs a video dataset (samples with "
-                        "video/frame fields, e.g. VSPW); use --clip-len 1 for images")
-    order = np.lexsort((a.frame, videos))  # by video, then frame
-    v = videos[order]
-    starts = np.arange(n - clip_len + 1)
-    same = np.ones(starts.size, bool)
-    for t in range(1, clip_len):
-        same &= v[starts + t] == v[starts]
-    if not same.any():
-        raise UserError(f"{ds.index.root}: no video has {clip_len} frames; lower --clip-len")
-    return order[starts[same][:, None] + np.arange(clip_len)[None, :]]
-
-
-@dataclass
-class BatchStream:
-    """Yields this rank's micro-batches as lists of (global position, clip id).
-
-    Step s, micro-batch m, rank r takes global positions
-    s*B + m*(W*b) + r*b + [0, b), with b = B / (W * accum).
-    """
-
-    num_clips: int
-    global_batch: int
-    accum_steps: int
-    world_size: int
-    rank: int
-    seed: int
-    start_step: int = 0
-
-    @property
-    def micro(self) -> int:
-        return self.global_batch // (self.world_size * self.accum_steps)
-
-    def clip_at(self, g: np.ndarray) -> np.ndarray:
-        epoch, pos = np.divmod(g, self.num_clips)
-        out = np.empty_like(g)
-        for e in np.unique(epoch):  # at most two epochs per batch
-            perm = np.random.default_rng([self.seed, 7, int(e)]).permutation(self.num_clips)
-            out[epoch == e] = perm[pos[epoch == e]]
-        return out
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        b, step = self.micro, self.start_step
-        while True:
-            for m in range(self.accum_steps):
-                g0 = step * self.global_batch + m * self.world_size * b + self.rank * b
-                g = np.arange(g0, g0 + b)
-                yield [(int(x), int(c)) for x, c in zip(g, self.clip_at(g))]
-            step += 1
-
-
-class AugmentedClips(torch.utils.data.Dataset):
-    """(global position, clip id) -> augmented clip {image T x 3 x c x c, label T x c x c}."""
-
-    def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int) -> None:
-        self.ds, self.clips, self.transform, self.seed = ds, clips, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
-        g, clip = item
-        frames = [self.ds.load(int(i)) for i in self.clips[clip]]
-        rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
-        try:
-            img, lab = self.transform([f["image"] for f in frames], [f["label"] for f in frames], rng)
-        except ValueError as exc:
-            raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
-        return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab)}
-
-
-def collate_clips(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major)."""
-    return {"image": torch.cat([i["image"] for i in items]), "label": torch.cat([i["label"] for i in items])}
-
-
-def worker_init(worker_id: int) -> None:
-    """Per-worker seeding and no nested threading (OpenCV / torch threads x workers)."""
-    import cv2
-
-    cv2.setNumThreads(0)
-    torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2**32  # the DataLoader derives it from its generator
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.DistInfo,
-                start_step: int) -> torch.utils.data.DataLoader:
-    ds = ShardDataset(cfg.data.root, cfg.data.train_split)
-    if ds.num_classes != cfg.model.num_classes:
-        raise UserError(f"{cfg.data.root}: K={ds.num_classes} but the run was configured for "
-                        f"K={cfg.model.num_classes}; use the same shards or a new run")
-    clips = clip_table(ds, cfg.model.clip_len)
-    s = cfg.schedule
-    if s.batch_size % (info.world_size * s.accum_steps):
-        raise UserError(f"schedule.batch_size={s.batch_size} is not divisible by processes x accum_steps "
-                        f"= {info.world_size} x {s.accum_steps}")
-    stream = BatchStream(len(clips), s.batch_size, s.accum_steps, info.world_size, info.rank, cfg.seed, start_step)
-    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed)
-    workers = cfg.data.num_workers
-    return torch.utils.data.DataLoader(
-        data, batch_sampler=stream, num_workers=workers, collate_fn=collate_clips,
-        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(cfg.seed + info.rank),
-        persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=False)
-
-
-# ---------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Four groups: (decay | no decay) x (ml branch | rest); each carries its lr multiplier."""
-    o = cfg.optim
-    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    ml = model.ml_branch_names() if hasattr(model, "ml_branch_names") else set()
-    groups: dict[tuple[bool, bool], list[Tensor]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((name in no_wd, name in ml), []).append(p)
-    params = []
-    for (skip_wd, is_ml), ps in sorted(groups.items()):
-        wd = 0.0 if skip_wd else o.weight_decay * (o.ml_wd_mult if is_ml else 1.0)
-        params.append({"params": ps, "weight_decay": wd, "lr_mult": o.ml_lr_mult if is_ml else 1.0})
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum)
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas))
-
-
-def lr_schedule(cfg: TrainConfig) -> np.ndarray:
-    """Learning rate at every iteration (iters,): mmseg poly with floor and optional warm-up.
-
-    lr_i = (lr - min_lr) * (1 - i / iters) ** power + min_lr; warm-up scales it linearly from
-    1e-6 x to 1 x over warmup_iters (mmseg's linear warm-up).
-    """
-    s, lr = cfg.schedule, cfg.optim.lr
-    i = np.arange(s.iters, dtype=np.float64)
-    lrs = (lr - s.min_lr) * (1 - i / s.iters) ** s.power + s.min_lr
-    if s.warmup_iters:
-        k = np.clip(1 - i / s.warmup_iters, 0, 1)
-        lrs *= 1 - k * (1 - 1e-6)
-    return lrs
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,22 +67,23 @@ def seed_everything(seed: int) -> None:
 
 
 class Window:
-    """NaN-aware sums of the logged statistics since the last log line (checkpointed)."""
+    """NaN-aware sums of the logged statistics (`keys`) since the last log line (checkpointed)."""
 
-    def __init__(self, state: dict | None = None) -> None:
-        self.sums = dict(state["sums"]) if state else {k: 0.0 for k in STATS}
-        self.counts = dict(state["counts"]) if state else {k: 0 for k in STATS}
+    def __init__(self, keys: tuple[str, ...], state: dict | None = None) -> None:
+        self.keys = keys
+        self.sums = dict(state["sums"]) if state else {k: 0.0 for k in keys}
+        self.counts = dict(state["counts"]) if state else {k: 0 for k in keys}
         self.samples = int(state["samples"]) if state else 0
 
     def add(self, values: Tensor, samples: int) -> None:
-        for k, v in zip(STATS, values.tolist()):
+        for k, v in zip(self.keys, values.tolist()):
             if math.isfinite(v):
                 self.sums[k] += v
                 self.counts[k] += 1
         self.samples += samples
 
     def means(self) -> dict[str, float]:
-        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else float("nan")) for k in STATS}
+        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else float("nan")) for k in self.keys}
 
     def state(self) -> dict:
         return {"sums": self.sums, "counts": self.counts, "samples": self.samples}
@@ -321,8 +159,6 @@ def config_for_run(run_dir: str | Path, config_file: str | Path | None, override
 
 
 def _evaluate(model: nn.Module, cfg: TrainConfig, device: torch.device, max_images: int) -> dict:
-    from rankseg_core.evaluate import EvalOptions, evaluate_model
-
     was = model.training
     model.eval()
     try:
@@ -363,12 +199,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
 class _State:
     """What a step needs besides the batch (built once by `_setup`)."""
 
+    family: Family
     model: nn.Module  # the bare model (checkpoints, evaluation)
     ddp: nn.Module  # the model to call: DDP-wrapped when distributed
     optimizer: torch.optim.Optimizer
     scaler: Any
     amp: Any
-    crit: RankSegCriterion
+    crit: Criterion
     loader: Iterator[dict[str, Tensor]]
     start: int
     best: float
@@ -378,18 +215,19 @@ class _State:
 def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.device, info: D.DistInfo) -> _State:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    family = family_of(cfg.model.model)
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model).to(device)
+    model = family.build(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg)
     amp, scaler = _autocast(device, cfg.amp)
-    start, best, window = 0, float("-inf"), Window()
+    start, best, window = 0, float("-inf"), Window(family.stats)
     if resume:
         ckpt = runs.load_checkpoint(paths.last, map_location="cpu")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        start, best, window = int(ckpt["iteration"]), float(ckpt["best_miou"]), Window(ckpt["window"])
+        start, best, window = int(ckpt["iteration"]), float(ckpt["best_miou"]), Window(family.stats, ckpt["window"])
         set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if info.is_main:
             runs.truncate_metrics(paths.root, start)
@@ -397,33 +235,29 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
         torch.manual_seed(cfg.seed + info.rank)  # dropout / drop-path differ across ranks
     ddp = model
     if info.enabled:
-        # The oracle has no ml branch in the graph of some steps; everything else uses all parameters.
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=cfg.model.oracle)
+                                                  find_unused_parameters=family.find_unused_parameters(cfg.model))
     dc = model.data_config()
     loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start))
-    crit = RankSegCriterion(cfg.model.num_classes, IGNORE, cfg.loss.ml_loss, cfg.loss.ml_weight,
-                            cfg.loss.seg_loss_norm, cfg.model.clip_len)
-    return _State(model, ddp, optimizer, scaler, amp, crit, loader, start, best, window)
+    return _State(family, model, ddp, optimizer, scaler, amp, family.criterion(cfg), loader, start, best, window)
 
 
 def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distributed: bool) -> Tensor:
-    """All micro-batches of one step: backward into .grad; returns the STATS (len(STATS),)
-    averaged over micro-batches and processes (an all-reduce: a sync point)."""
-    accum = cfg.schedule.accum_steps
-    stats = torch.zeros(len(STATS))
+    """All micro-batches of one step: backward into .grad; returns the family's stats
+    (len(stats),) averaged over micro-batches and processes (an all-reduce: a sync point)."""
+    accum, keys = cfg.schedule.accum_steps, st.family.stats
+    stats = torch.zeros(len(keys))
     for m in range(accum):
-        batch = next(st.loader)
-        images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device)
-        kw = {"gt_classes": present_classes(labels, cfg.model.num_classes, IGNORE)} if cfg.model.oracle else {}
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in next(st.loader).items()}
+        kw = {"gt_classes": present_classes(batch["label"], cfg.model.num_classes, IGNORE)} if cfg.model.oracle else {}
         # Gradients are all-reduced once per step, on the last micro-batch.
         with st.ddp.no_sync() if distributed and m < accum - 1 else nullcontext():
             with st.amp:
-                out = st.ddp(images, **kw)
-            losses = st.crit(out, labels)
+                out = st.ddp(batch["image"], **kw)
+            losses = st.crit(out, batch)
             loss = losses["loss"] / accum
             (st.scaler.scale(loss) if st.scaler is not None else loss).backward()
-        stats += torch.stack([losses[k].detach().float().cpu() for k in STATS]) / accum
+        stats += torch.stack([losses[k].detach().float().cpu() for k in keys]) / accum
     return D.all_reduce_mean(stats)
 
 
@@ -492,7 +326,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
                        "samples_per_s": st.window.samples / max(time.perf_counter() - t_log, 1e-9)}
                 if info.is_main:
                     runs.append_metrics(run_dir, rec)
-                st.window, t_log = Window(), time.perf_counter()
+                st.window, t_log = Window(st.family.stats), time.perf_counter()
             if cfg.data.val_split and cfg.eval.every and done % cfg.eval.every == 0 and done < iters:
                 res = _evaluate(st.model, cfg, device, cfg.eval.max_images)
                 if info.is_main:

@@ -19,7 +19,8 @@ from rankseg_core.config import build_train_config
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.dataset import ShardDataset
 from rankseg_core.errors import UserError
-from rankseg_core.evaluate import EvalOptions, evaluate_model, predict_fast, read_class_subsets
+from rankseg_core.evaluate import EvalOptions, evaluate_model, read_class_subsets
+from rankseg_core.families.segmenter import predict_fast
 from rankseg_core.inference import predict_whole
 from rankseg_core.synthetic import prepare_synthetic
 from rankseg_core.train import train

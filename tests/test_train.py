@@ -18,7 +18,9 @@ from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.errors import UserError
 from rankseg_core.shards import DatasetHeader
 from rankseg_core.synthetic import make_world, prepare_synthetic, sample_maker
-from rankseg_core.train import BatchStream, build_optimizer, clip_table, lr_schedule, train
+from rankseg_core.loading import BatchStream, clip_table
+from rankseg_core.optim import build_optimizer, lr_schedule
+from rankseg_core.train import train
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate, predict, stats_model
 from rankseg_cli.train_cmds import train as train_cmd

@@ -248,7 +248,7 @@ def predict_samples(run: VizRun, ds: ShardDataset, indices: Sequence[int],
     scales and flip), one image at a time (any size). GT (train + eval) oracle runs receive
     the image's GT classes, as in evaluation."""
     from rankseg_core.augment import build_test_transform
-    from rankseg_core.evaluate import predict_batch
+    from rankseg_core.families import family_of
 
     cfg, model = run.cfg, run.model
     dc = model.data_config()
@@ -266,11 +266,13 @@ def predict_samples(run: VizRun, ds: ShardDataset, indices: Sequence[int],
         if kappa is not None:
             kw["kappa"] = kappa
         size = tuple(item["label"].shape)
-        preds, ml = predict_batch(model, cfg, x, [size] * len(x), cfg.eval.mode, cfg.eval.scales,
-                                  cfg.eval.flip, **kw)
-        probs = ml[0].float().cpu().numpy() if ml is not None else None
+        res = family_of(cfg.model.model).predict(model, cfg, x, [size] * len(x), cfg.eval.mode, cfg.eval.scales,
+                                                 cfg.eval.flip, **kw)
+        if res.semantic is None:
+            raise UserError(f"{run.path}: a multi-label classifier run has no segmentation to draw")
+        probs = res.ml[0].float().cpu().numpy() if res.ml is not None else None
         out.append(SamplePrediction(item["key"], item["image"], item["label"],
-                                    preds[0].cpu().numpy().astype(np.int64), probs, item["classes"]))
+                                    res.semantic[0].cpu().numpy().astype(np.int64), probs, item["classes"]))
     return out
 
 
