@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import err, new_app, out, user_errors
+from .common import err, new_app, out, show, user_errors
 
 stats_app = new_app("Statistics: class counts per image (Fig. 2) and model size/FLOPs.")
 
@@ -48,7 +48,7 @@ def inspect(
     m = idx.meta
     things = f"  panoptic: {len(idx.thing_classes)} thing / {idx.num_classes - len(idx.thing_classes)} stuff" \
         if idx.is_panoptic else ""
-    out.print(f"[bold]{idx.name}[/]  {root}  K={idx.num_classes}  ignore={m['ignore']}  "
+    out.print(f"[bold]{show(idx.name)}[/]  {show(root)}  K={idx.num_classes}  ignore={m.get('ignore', 65535)}  "
               f"format v{m['version']}{things}  classes from: {m.get('class_source') or '-'}")
     t = Table("split", "samples", "shards", "skipped", "classes/img (mean, max)", "videos")
     for s in splits:
@@ -87,18 +87,18 @@ def verify(
     problems = 0
     for p in verify_shards(root, decode_images=images):
         problems += 1
-        err.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+        err.print(f"[red]problem:[/] {show(p)}", highlight=False, soft_wrap=True)
     if problems:
-        err.print(f"[bold red]{problems} problem(s)[/] in {root}")
+        err.print(f"[bold red]{problems} problem(s)[/] in {show(root)}")
         raise typer.Exit(1)
-    err.print(f"[green]ok[/]: {root} verified")
+    err.print(f"[green]ok[/]: {show(root)} verified")
 
 
 @stats_app.command("class-cdf")
 @user_errors
 def class_cdf(
     roots: Annotated[list[Path], typer.Argument(help="One or more shard directories.")],
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the CDF curves as PNG.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the CDF curves as a figure; the extension picks the format: .png, .pdf or .svg.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the numbers as JSON.")] = None,
     max_classes: Annotated[int, typer.Option("--max-classes", help="Largest n on the x axis.")] = 40,
     split: Annotated[Optional[list[str]], typer.Option("--split", help="Only these splits (default: all).")] = None,
@@ -109,19 +109,22 @@ def class_cdf(
 
     Example: [bold]rankseg stats class-cdf data/ade847 data/cocolvis --plot cdf.png --json cdf.json[/]
     """
+    from rankseg_core.plotting import figure_format
     from rankseg_core.shards import atomic_write_json
     from rankseg_core.stats import dataset_class_cdf, plot_class_cdf
 
+    if plot:
+        figure_format(plot)  # an unknown extension fails before the work, not after
     results = [dataset_class_cdf(r, max_classes, split) for r in roots]
     t = Table("dataset", "K", "images", "<= 5 classes", "<= 10", "< 25 classes")
     for r in results:
         at = (lambda n: f"{100 * r.cdf[n - 1]:.2f}%" if n <= len(r.cdf) else "-")
-        t.add_row(f"{r.name} ({r.path})", str(r.num_classes), str(r.num_images), at(5), at(10),
+        t.add_row(f"{show(r.name)} ({show(r.path)})", str(r.num_classes), str(r.num_images), at(5), at(10),
                   f"{100 * r.share_below_25:.2f}%")
     out.print(t)
     if json_out:
         atomic_write_json(json_out, {"datasets": [r.as_json() for r in results]})
-        err.print(f"numbers: {json_out}")
+        err.print(f"numbers: {show(json_out)}")
     if plot:
         plot_class_cdf(results, plot)
-        err.print(f"plot: {plot}")
+        err.print(f"plot: {show(plot)}")

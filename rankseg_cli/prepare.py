@@ -8,8 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from rankseg_core.convert.common import ConvertOptions
+from rankseg_core.errors import UserError
+from rankseg_core.shards import MAX_CLASSES
 
-from .common import err, new_app, user_errors
+from .common import RERUN_RESUMES, err, new_app, show, user_errors
 
 prepare_app = new_app(
     "Convert a dataset into rankseg shards (HDF5 + dataset.json with image-level multi-label targets).\n\n"
@@ -17,7 +19,8 @@ prepare_app = new_app(
 
 # The options every converter shares, declared once.
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output shard directory (new or empty, or a previous run of the same command to resume).")]
-Workers = Annotated[int, typer.Option("--workers", "-j", help="Worker processes (spawn); 0 = in-process. Default: all cores.")]
+# Converters default to one worker per core (`default_workers()`); synthetic runs in-process.
+Workers = Annotated[int, typer.Option("--workers", "-j", help="Worker processes (spawn); 0 = in-process.")]
 NumShards = Annotated[int, typer.Option("--num-shards", help="Split the work into N parts (one per machine / SLURM array task).")]
 ShardIndex = Annotated[Optional[int], typer.Option("--shard-index", help="Convert only part I of --num-shards; a final run without it assembles dataset.json.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Convert only the first N samples of each split (sorted keys).")]
@@ -33,38 +36,43 @@ def convert_options(workers: int, num_shards: int, shard_index: int | None, limi
 def report(index: dict | None, out: Path) -> None:
     """Closing lines of a conversion: where the shards are, how many samples, what was skipped."""
     if index is None:
-        err.print(f"part written to {out}; run the command again without --shard-index "
+        err.print(f"part written to {show(out)}; run the command again without --shard-index "
                   "once every part is done to assemble dataset.json")
         return
     for split, s in index["splits"].items():
-        skipped = f", [yellow]{s['num_skipped']} skipped[/] (see {out / 'skipped.jsonl'})" \
+        skipped = f", [yellow]{s['num_skipped']} skipped[/] (see {show(out / 'skipped.jsonl')})" \
             if s.get("num_skipped") else ""
         err.print(f"{split}: {s['num_samples']} samples in {len(s['shards'])} shard(s){skipped}")
-    err.print(f"[green]done[/]: {out} ({index['name']}, K={index['num_classes']})")
+    err.print(f"[green]done[/]: {show(out)} ({show(index['name'])}, K={index['num_classes']})")
 
 
 @prepare_app.command("synthetic")
-@user_errors
+@user_errors(interrupted=RERUN_RESUMES)
 def synthetic(
     out: Out,
-    num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K (>= 40).")] = 1000,
+    num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K (40..65535).")] = 1000,
     images: Annotated[int, typer.Option("--images", "-n", help="Training images (val gets a fifth as many).")] = 1000,
     val_images: Annotated[Optional[int], typer.Option("--val-images", help="Validation images (default: images / 5).")] = None,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels (multiple of 16).")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same dataset (byte for byte).")] = 0,
+    panoptic: Annotated[bool, typer.Option("--panoptic", help="Panoptic shards: objects are things (one instance each, a class may repeat), backgrounds stuff.")] = False,
     workers: Workers = 0,
-    samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file.")] = 500,
+    samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file (>= 1).")] = 500,
 ) -> None:
     """The built-in synthetic large-vocabulary dataset (no download needed).
 
     Each image shows one scene with a background and up to 9 objects; an object's look is
     shared by ~K/32 classes of other scenes, so context decides its class.
 
-    Example: [bold]rankseg prepare synthetic --out data/synth --num-classes 1000 --images 2000[/]
+    Example: [bold]rankseg prepare synthetic --out data/synth --num-classes 1000 --images 2000[/]\n
+    Panoptic (instances): [bold]rankseg prepare synthetic --out data/synth_pan --num-classes 100 --panoptic[/]
     """
     from rankseg_core.synthetic import prepare_synthetic
 
+    if num_classes > MAX_CLASSES:  # before generating a world of K classes
+        raise UserError(f"--num-classes must be at most {MAX_CLASSES} (train ids are stored as "
+                        f"uint16 and 65535 means ignore), not {num_classes}")
     opts = convert_options(workers, 1, None, None, "fail", samples_per_shard)
     index = prepare_synthetic(out, num_classes=num_classes, images=images, val_images=val_images,
-                              size=size, seed=seed, opts=opts)
+                              size=size, seed=seed, panoptic=panoptic, opts=opts)
     report(index, out)

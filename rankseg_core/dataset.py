@@ -20,14 +20,15 @@ import numpy as np
 
 from .codec import IGNORE, decode_image, decode_label
 from .errors import UserError
-from .shards import FORMAT, VERSIONS
+from .shard_check import (FIX_SHARD, check_regular_file, check_shard_layout, check_shard_size,
+                          check_shard_values, read_index)
 
 # Read-only shards on NFS/Lustre: HDF5's file locking fails or serialises there.
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
 
 def load_index(root: str | Path) -> dict:
-    """Parse and sanity-check `root/dataset.json`."""
+    """Parse and check `root/dataset.json` (every field readers use; see `shard_check`)."""
     root = Path(root)
     path = root / "dataset.json"
     if not root.is_dir():
@@ -36,22 +37,17 @@ def load_index(root: str | Path) -> dict:
         hint = " (the conversion did not finish: re-run the same `rankseg prepare` to resume)" \
             if (root / ".rankseg-shards.json").exists() else " (create it with `rankseg prepare ...`)"
         raise UserError(f"{path} is missing: {root} is not a finished shard directory{hint}")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}): re-run `rankseg prepare` to rebuild it") from None
-    if meta.get("format") != FORMAT or meta.get("version") not in VERSIONS:
-        raise UserError(f"{path}: not a rankseg shard index of format version "
-                        f"{' or '.join(map(str, VERSIONS))} (a newer rankseg may read it)")
-    return meta
+    return read_index(root)
 
 
 def open_shard(path: Path) -> h5py.File:
+    """Open a shard read-only; a FIFO, device or non-HDF5 file is a one-line UserError."""
+    check_regular_file(path, FIX_SHARD)
     try:
         return h5py.File(path, "r")
     except (OSError, FileNotFoundError) as exc:
         raise UserError(f"{path}: cannot open shard ({exc.__class__.__name__}: {exc}); "
-                        "run `rankseg verify` and re-create it with `rankseg prepare`") from None
+                        f"{FIX_SHARD}") from None
 
 
 @dataclass
@@ -123,12 +119,27 @@ class ShardIndex:
     def shard_paths(self, split: str) -> list[Path]:
         return [self.root / s["file"] for s in self.split_meta(split)["shards"]]
 
+    def open_checked(self, split: str, position: int) -> h5py.File:
+        """Open shard `position` of `split` after checking its size, attributes and array layout."""
+        record = self.split_meta(split)["shards"][position]
+        path = self.root / record["file"]
+        check_shard_size(path, record)
+        f = open_shard(path)
+        try:
+            check_shard_layout(f, path, self.meta, split, position)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
     def class_counts_only(self, split: str) -> np.ndarray:
         """Number of classes per image, reading only `class_offsets` (fast path for stats)."""
         out = []
-        for p in self.shard_paths(split):
-            with open_shard(p) as f:
-                out.append(np.diff(_read(f, "class_offsets", p)))
+        for si, p in enumerate(self.shard_paths(split)):
+            with self.open_checked(split, si) as f:
+                offs = _read(f, "class_offsets", p)
+                check_shard_values(p, self.num_classes, offs, len(f["classes"]))
+            out.append(np.diff(offs))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def segment_counts(self, split: str) -> np.ndarray | None:
@@ -136,35 +147,41 @@ class ShardIndex:
         if not self.is_panoptic:
             return None
         out = []
-        for p in self.shard_paths(split):
-            with open_shard(p) as f:
+        for si, p in enumerate(self.shard_paths(split)):
+            with self.open_checked(split, si) as f:
                 infos = _read(f, "segments_info", p, asstr=True)
-            try:
-                out += [len(json.loads(x)) for x in infos]
-            except (ValueError, TypeError) as exc:
-                raise UserError(f"{p}: shard is damaged (segments_info: {exc}); run `rankseg verify` "
-                                "and re-create it with `rankseg prepare`") from None
+            for x in infos:
+                try:
+                    records = json.loads(x)
+                except ValueError as exc:  # JSONDecodeError is a ValueError
+                    raise UserError(f"{p}: shard is damaged (segments_info: {exc}); {FIX_SHARD}") from None
+                if not isinstance(records, list):
+                    raise UserError(f"{p}: shard is damaged (segments_info is not a list); {FIX_SHARD}")
+                out.append(len(records))
         return np.asarray(out, np.int64)
 
     def arrays(self, split: str) -> SplitArrays:
+        """Every sample's key, size, video / frame and class list, checked for consistency."""
         keys, video, parts = [], [], {k: [] for k in ("shard", "row", "height", "width", "frame",
                                                        "classes", "pixels", "offsets")}
         base = 0
         for si, p in enumerate(self.shard_paths(split)):
-            with open_shard(p) as f:
-                k = [x for x in _read(f, "key", p, asstr=True)]
+            with self.open_checked(split, si) as f:
+                k = list(_read(f, "key", p, asstr=True))
                 n = len(k)
                 keys += k
                 video += list(_read(f, "video", p, asstr=True))
-                parts["shard"].append(np.full(n, si))
-                parts["row"].append(np.arange(n))
-                for name in ("height", "width", "frame"):
-                    parts[name].append(_read(f, name, p))
-                offs = _read(f, "class_offsets", p)
-                parts["offsets"].append(offs[1:] + base)
-                base += int(offs[-1])
-                parts["classes"].append(_read(f, "classes", p))
-                parts["pixels"].append(_read(f, "pixels", p))
+                cols = {name: _read(f, name, p) for name in ("height", "width", "frame", "classes",
+                                                              "pixels", "class_offsets")}
+            offs = cols["class_offsets"]
+            check_shard_values(p, self.num_classes, offs, len(cols["classes"]), cols["classes"],
+                               cols["height"], cols["width"], cols["pixels"])
+            parts["shard"].append(np.full(n, si))
+            parts["row"].append(np.arange(n))
+            for name in ("height", "width", "frame", "classes", "pixels"):
+                parts[name].append(cols[name])
+            parts["offsets"].append(offs[1:] + base)
+            base += int(offs[-1])
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
         return SplitArrays(keys, cat(parts["shard"]), cat(parts["row"]), cat(parts["height"]),
                            cat(parts["width"]), video, cat(parts["frame"]),
@@ -177,8 +194,7 @@ def _read(f: h5py.File, name: str, path: Path, asstr: bool = False) -> Any:
         ds = f[name]
         return ds.asstr()[:] if asstr else ds[:]
     except (KeyError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: shard is damaged (cannot read '{name}': {exc}); "
-                        "run `rankseg verify` and re-create it with `rankseg prepare`") from None
+        raise UserError(f"{path}: shard is damaged (cannot read '{name}': {exc}); {FIX_SHARD}") from None
 
 
 class ShardDataset:

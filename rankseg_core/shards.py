@@ -27,9 +27,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, jsonio, lock
 from .codec import IGNORE, class_counts, encode_label
 from .errors import SampleError, UserError
+# Re-exported: other modules write their files through `shards.atomic_write_*`.
+from .fsio import atomic_write_bytes, atomic_write_json, check_writable_target, fsync_dir, os_error, remove_quietly  # noqa: F401
 from .parallel import Skipped
 from .palette import make_palette
 from .progress import Progress
@@ -195,12 +197,17 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.h5"
 
 
+def shard_count(num_keys: int, samples_per_shard: int) -> int:
+    """Number of shards `plan_shards` cuts `num_keys` keys into (at least one)."""
+    return max(1, -(-num_keys // samples_per_shard))
+
+
 def plan_shards(keys: Sequence[str], samples_per_shard: int) -> list[list[str]]:
     """Deterministic partition of a split's keys (sorted) into contiguous shards."""
     keys = sorted(keys)
     if len(set(keys)) != len(keys):
         raise UserError("duplicate sample keys in the input: every image needs a unique name")
-    n = max(1, -(-len(keys) // samples_per_shard))
+    n = shard_count(len(keys), samples_per_shard)
     per = -(-len(keys) // n) if keys else 0
     return [keys[i * per:(i + 1) * per] for i in range(n)]
 
@@ -213,37 +220,32 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via `<path>.tmp`, fsync, rename: readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 _VLEN_BYTES = h5py.vlen_dtype(np.uint8)
 _VLEN_STR = h5py.string_dtype("utf-8")
 
 
 def write_shard(path: Path, samples: list[EncodedSample], skipped: list[Skipped], *,
                 split: str, index: int, count: int, header: DatasetHeader) -> dict:
-    """Write one shard atomically and return its sidecar record."""
+    """Write one shard atomically and return its sidecar record.
+
+    On any failure (full disk, read-only file system, Ctrl-C) the temp file is removed and
+    nothing with the shard's final name is left; an OSError becomes a one-line UserError.
+    """
     tmp = path.with_name(path.name + ".tmp")
+    check_writable_target(path)
+    try:
+        return _write_shard(path, tmp, samples, skipped, split=split, index=index, count=count,
+                            header=header)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise os_error(path, exc) from None
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def _write_shard(path: Path, tmp: Path, samples: list[EncodedSample], skipped: list[Skipped], *,
+                 split: str, index: int, count: int, header: DatasetHeader) -> dict:
     n = len(samples)
     offsets = np.zeros(n + 1, np.int64)
     offsets[1:] = np.cumsum([len(s.classes) for s in samples])
@@ -301,38 +303,90 @@ def write_shard(path: Path, samples: list[EncodedSample], skipped: list[Skipped]
     # Sidecar first, then the rename: a shard with its final name always has its record.
     atomic_write_json(path.with_name(path.name + ".json"), record)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return record
 
 
-def shard_is_complete(path: Path) -> bool:
-    side = path.with_name(path.name + ".json")
-    if not (path.exists() and side.exists()):
-        return False
+def read_sidecar(side: Path, num_classes: int | None = None) -> dict | None:
+    """A shard's sidecar record, or None when it is missing, damaged (or of another K)."""
     try:
-        rec = json.loads(side.read_text())
-    except json.JSONDecodeError:
+        rec = jsonio.loads(side.read_bytes())
+    except (OSError, ValueError):
+        return None
+    counts = ("index", "count", "num_samples", "bytes")
+    per_class = ("class_images", "class_pixels")
+    ok = (isinstance(rec, dict) and isinstance(rec.get("file"), str) and rec["file"] + ".json" == side.name
+          and all(isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) and rec[k] >= 0
+                  for k in counts)
+          and isinstance(rec.get("sha256"), str)
+          and isinstance(rec.get("skipped"), list) and all(isinstance(x, dict) for x in rec["skipped"])
+          and all(isinstance(rec.get(k), list) and all(isinstance(v, int) for v in rec[k])
+                  and (num_classes is None or len(rec[k]) == num_classes) for k in per_class))
+    return rec if ok else None
+
+
+def shard_is_complete(path: Path) -> bool:
+    """True when `path` is a regular file with a valid sidecar recording its size (finished)."""
+    rec = read_sidecar(path.with_name(path.name + ".json"))
+    try:
+        return rec is not None and path.is_file() and rec["bytes"] == path.stat().st_size
+    except OSError:
         return False
-    return rec.get("bytes") == path.stat().st_size
 
 
-def claim_output(out: Path, header: DatasetHeader) -> None:
-    """Create or reuse `out`; refuse a foreign non-empty directory or different options."""
+def claim_output(out: Path, header: DatasetHeader, part: tuple[int, int] | None = None) -> None:
+    """Create or reuse `out` and take its writer lock; refuse a foreign directory or other options.
+
+    The lock (`lock.py`) is held until `release_output(out)` or the end of the process, so two
+    conversions into one directory cannot interleave. `part` = (index, count) of a
+    `--shard-index` run: parts hold the directory lock shared (they write disjoint shards side
+    by side) and their own part's lock exclusively; a whole run holds it exclusively.
+    """
+    want = jsonio.loads(jsonio.dumps({"format": FORMAT, "version": header.version, "dataset": header.name,
+                                      "num_classes": header.num_classes, "options": header.options}))
+    _claimed(out, want)  # refuses before writing anything (even a lock file) into a foreign directory
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(out, exc, "cannot create the output directory") from None
+    locks = [(lock.LOCK_NAME, part is not None)]
+    if part is not None:
+        locks.append((f"{lock.LOCK_NAME}.part-{part[0]:05d}-of-{part[1]:05d}", False))
+    lock.hold(out, "prepare", locks)
+    if not _claimed(out, want):  # checked again under the lock: another run may have claimed it
+        atomic_write_json(out / MARKER, want)
+
+
+def release_output(out: Path) -> None:
+    """Release the writer lock `claim_output` took on `out` (no-op if none)."""
+    lock.release_held(out)
+
+
+def _claimed(out: Path, want: dict) -> bool:
+    """True if `out` holds our marker with these options, False if it is new or empty.
+
+    UserError for anything else: a file, a foreign non-empty directory, other options.
+    """
     marker = out / MARKER
-    want = {"format": FORMAT, "version": header.version, "dataset": header.name,
-            "num_classes": header.num_classes, "options": header.options}
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a directory: choose another --out")
-    if out.exists() and any(out.iterdir()):
-        if not marker.exists():
-            raise UserError(f"{out} is not empty and was not made by rankseg: choose an empty or new --out")
-        have = json.loads(marker.read_text())
-        if have != json.loads(json.dumps(want)):
-            raise UserError(f"{out} holds a conversion with different options ({have.get('dataset')}, "
-                            f"{have.get('options')}): use the same options to resume, or another --out")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, want)
+    try:
+        content = [p for p in out.iterdir() if not lock.is_lock_file(p.name)] if out.exists() else []
+    except OSError as exc:
+        raise os_error(out, exc, "cannot list the output directory") from None
+    if not content:
+        return False
+    if not marker.is_file():
+        raise UserError(f"{out} is not empty and was not made by rankseg: choose an empty or new --out")
+    try:
+        have = jsonio.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        raise UserError(f"{marker} is damaged: delete {out} and convert again, or choose another --out") from None
+    if have != want:
+        got = have if isinstance(have, dict) else {}
+        raise UserError(f"{out} holds a conversion with different options ({got.get('dataset')}, "
+                        f"{got.get('options')}): use the same options to resume, or another --out")
+    return True
 
 
 @dataclass
@@ -399,7 +453,11 @@ def assemble(out: Path, header: DatasetHeader, splits: Sequence[str]) -> dict:
         sides = sorted(out.glob(f"{split}-*-of-*.h5.json"))
         if not sides:
             raise UserError(f"{out}: no finished shards for split '{split}': run the conversion first")
-        recs = [json.loads(p.read_text()) for p in sides]
+        recs = [read_sidecar(p, header.num_classes) for p in sides]
+        bad = [p for p, r in zip(sides, recs) if r is None]
+        if bad:
+            raise UserError(f"{bad[0]} is damaged: delete it and its shard "
+                            f"{bad[0].name[:-len('.json')]}, then re-run the same command")
         count = recs[0]["count"]
         have = {r["index"] for r in recs if r["count"] == count
                 and shard_is_complete(out / r["file"])}
@@ -422,7 +480,7 @@ def assemble(out: Path, header: DatasetHeader, splits: Sequence[str]) -> dict:
             index["splits"][split]["videos"] = videos
     if skipped_all:
         atomic_write_bytes(out / "skipped.jsonl",
-                           "".join(json.dumps(s) + "\n" for s in skipped_all).encode())
+                           "".join(jsonio.dumps(s) + "\n" for s in skipped_all).encode())
     atomic_write_json(out / "dataset.json", index)
     return index
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..parallel import ordered_map
-from ..shards import DatasetHeader, EncodedSample, assemble, claim_output, pending_shards, write_pending
+from ..progress import console
+from ..shards import (DatasetHeader, EncodedSample, assemble, claim_output, pending_shards, release_output,
+                      shard_count, write_pending)
 
 
 @dataclass
@@ -24,6 +26,8 @@ class ConvertOptions:
     samples_per_shard: int = 1000
 
     def validate(self) -> None:
+        if self.samples_per_shard < 1:
+            raise UserError("--samples-per-shard must be >= 1")
         if self.workers < 0:
             raise UserError("--workers must be >= 0")
         if self.num_shards < 1:
@@ -43,13 +47,17 @@ def default_workers() -> int:
 def claim(out: str | Path, header: DatasetHeader, opts: ConvertOptions) -> Path:
     """Validate `opts`, record them in `header.options` and claim `out` (idempotent).
 
-    Converters that write caches into `out` before converting (ADE20K-X's class frequencies)
-    call this first; `run_conversion` calls it again and finds the same marker.
+    Claiming takes the directory's writer lock for this process (released when
+    `run_conversion` ends, or when the process does), so two conversions into one `--out`
+    cannot interleave. Converters that write caches into `out` before converting (ADE20K-X's
+    class frequencies) call this first; `run_conversion` calls it again and finds the same
+    marker and lock.
     """
     opts.validate()
     out = Path(out)
     header.options = dict(header.options, limit=opts.limit, samples_per_shard=opts.samples_per_shard)
-    claim_output(out, header)
+    part = None if opts.shard_index is None else (opts.shard_index, opts.num_shards)
+    claim_output(out, header, part)
     return out
 
 
@@ -62,20 +70,37 @@ def run_conversion(out: str | Path, header: DatasetHeader, splits: Mapping[str, 
     Returns the assembled index, or None when only one part (`shard_index`) was converted.
     """
     out = claim(out, header, opts)
-    todo = {}
-    for split, keys in splits.items():
-        keys = sorted(keys)[:opts.limit] if opts.limit else list(keys)
-        if not keys:
-            raise UserError(f"no samples found for split '{split}': check the dataset root")
-        todo[split] = pending_shards(out, split, keys, samples_per_shard=opts.samples_per_shard,
-                                     num_parts=opts.num_shards, part=opts.shard_index)
-    # One ordered stream over every pending shard of every split: the workers go on
-    # converting while this process writes a finished shard or moves to the next split.
-    stream = [key for shards in todo.values() for shard in shards for key in shard.keys]
-    with ordered_map(maker, stream, opts.workers if stream else 0) as results:
-        for split, shards in todo.items():
-            if shards:
-                write_pending(shards, results, header, on_error=opts.on_error, desc=f"{header.name} {split}")
-    if opts.shard_index is not None:
-        return None
-    return assemble(out, header, list(splits))
+    try:
+        todo, counts = {}, {}
+        for split, keys in splits.items():
+            keys = sorted(keys)[:opts.limit] if opts.limit else list(keys)
+            if not keys:
+                raise UserError(f"no samples found for split '{split}': check the dataset root")
+            todo[split] = pending_shards(out, split, keys, samples_per_shard=opts.samples_per_shard,
+                                         num_parts=opts.num_shards, part=opts.shard_index)
+            counts[split] = shard_count(len(keys), opts.samples_per_shard)
+        if opts.shard_index is not None and opts.shard_index >= max(counts.values()):
+            _note_idle_part(opts, counts)
+            return None
+        # One ordered stream over every pending shard of every split: the workers go on
+        # converting while this process writes a finished shard or moves to the next split.
+        stream = [key for shards in todo.values() for shard in shards for key in shard.keys]
+        with ordered_map(maker, stream, opts.workers if stream else 0) as results:
+            for split, shards in todo.items():
+                if shards:
+                    write_pending(shards, results, header, on_error=opts.on_error, desc=f"{header.name} {split}")
+        if opts.shard_index is not None:
+            return None
+        return assemble(out, header, list(splits))
+    finally:
+        release_output(out)
+
+
+def _note_idle_part(opts: ConvertOptions, counts: Mapping[str, int]) -> None:
+    """A `--shard-index` part the plan gives no shard: not an error (a SLURM array task with
+    nothing to do must not fail the array), but said clearly."""
+    sizes = ", ".join(f"{n} in {split}" for split, n in counts.items())
+    console.print(f"note: --shard-index {opts.shard_index} has nothing to write: the plan has "
+                  f"{sizes} shard(s) (--samples-per-shard {opts.samples_per_shard}), so only parts "
+                  f"0..{max(counts.values()) - 1} of --num-shards {opts.num_shards} get work",
+                  highlight=False, soft_wrap=True)
