@@ -7,10 +7,20 @@ round-trips uint16 PNGs exactly and is several times faster than PIL at PNG enco
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import cv2
 import numpy as np
 
 IGNORE = 65535  # stored ignore value; never 255 (a valid class id for K > 255)
+
+# Largest image (or mask) rankseg decodes: 2^28 = 268,435,456 pixels (16384 x 16384). The
+# biggest images of the supported datasets have a few megapixels, and at this size one decode
+# already holds ~0.8 GB of BGR pixels (and a converter's int32 label 1 GB) per worker. Sizes are
+# read from the PNG / JPEG header before decoding, so a decompression bomb never allocates.
+# (OpenCV's own limit, CV_IO_MAX_IMAGE_PIXELS = 2^30, only warns and returns None.)
+MAX_PIXELS = 1 << 28
 
 # PNG compression 1 is ~3x faster to encode than the default 3 and only a few % larger on
 # label maps, which are dominated by long runs.
@@ -28,8 +38,9 @@ def encode_label(label: np.ndarray) -> bytes:
 
 
 def decode_label(data: bytes | np.ndarray) -> np.ndarray:
-    """Decode PNG bytes into an H x W uint16 label map (raises ValueError if corrupt)."""
+    """Decode PNG bytes into an H x W uint16 label map (raises ValueError if corrupt or too large)."""
     arr = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else data
+    check_pixel_limit(arr, "label")
     label = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
     if label is None or label.ndim != 2:
         raise ValueError("not a single-channel PNG label")
@@ -46,21 +57,108 @@ def encode_jpeg(image_rgb: np.ndarray, quality: int = 90) -> bytes:
 
 
 def decode_image(data: bytes | np.ndarray) -> np.ndarray:
-    """Decode JPEG/PNG bytes into an H x W x 3 uint8 RGB array (raises ValueError if corrupt)."""
+    """Decode image bytes into an H x W x 3 uint8 RGB array.
+
+    Raises ValueError if corrupt, or larger than MAX_PIXELS (checked on the header first).
+    """
     arr = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else data
     if arr.size == 0:
         raise ValueError("empty image (0 bytes)")
+    if check_pixel_limit(arr) is None:
+        _probe_other_format(arr)
     # Masks are drawn on the stored pixel grid: an EXIF rotation would turn the image against them.
     img = cv2.imdecode(arr, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise ValueError("corrupt or unsupported image")
+    check_size(img.shape[0], img.shape[1], "image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) of encoded image bytes without a full RGB conversion."""
+    """(height, width) of encoded image bytes: from the PNG / JPEG header, else by decoding."""
+    size = header_size(data)
+    if size is not None:
+        return size
     img = decode_image(data)
     return int(img.shape[0]), int(img.shape[1])
+
+
+# --- pixel limit ----------------------------------------------------------------------------
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic ...): they carry the size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(buf: memoryview) -> tuple[int, int] | None:
+    """(height, width) from the first SOF segment, walking the marker segments by their lengths."""
+    i, n = 2, len(buf)
+    while i + 4 <= n:
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # end of image / start of scan before any SOF
+            return None
+        elif marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(buf[i + 5:i + 7], "big"), int.from_bytes(buf[i + 7:i + 9], "big")
+        else:
+            i += 2 + int.from_bytes(buf[i + 2:i + 4], "big")
+    return None
+
+
+def header_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(height, width) read from a PNG (IHDR) or JPEG (SOF) header without decoding; None for
+    other formats or an unreadable header."""
+    buf = memoryview(data).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+    if bytes(buf[:8]) == _PNG_SIGNATURE and len(buf) >= 24 and bytes(buf[12:16]) == b"IHDR":
+        return int.from_bytes(buf[20:24], "big"), int.from_bytes(buf[16:20], "big")
+    if bytes(buf[:2]) == b"\xff\xd8":
+        return _jpeg_size(buf)
+    return None
+
+
+def check_size(h: int, w: int, what: str = "image") -> None:
+    """ValueError when h x w exceeds MAX_PIXELS."""
+    if h * w > MAX_PIXELS:
+        raise ValueError(f"{what} is {w}x{h} (W x H) = {h * w:,} pixels, over rankseg's limit of "
+                         f"{MAX_PIXELS:,} (a decompression bomb or a corrupt header)")
+
+
+def check_pixel_limit(data: bytes | np.ndarray, what: str = "image") -> tuple[int, int] | None:
+    """Raise ValueError when the PNG / JPEG header claims more than MAX_PIXELS pixels.
+
+    Returns the header's (height, width), or None when the format has no header read here.
+    """
+    size = header_size(data)
+    if size is not None:
+        check_size(size[0], size[1], what)
+    return size
+
+
+def _probe_other_format(arr: np.ndarray) -> None:
+    """Header size of formats other than PNG / JPEG (BMP, WebP, TIFF ...) via PIL's lazy open.
+
+    Unidentified data is left to OpenCV (which fails on it, or is bounded by its own 2^30 limit
+    and the check after decoding).
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(arr.tobytes())) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image over the pixel limit ({exc})") from None
+    except Exception:  # noqa: BLE001 - PIL cannot read this header: OpenCV decides below
+        return
+    check_size(h, w, "image")
 
 
 def class_counts(label: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

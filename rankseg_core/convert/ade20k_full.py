@@ -23,12 +23,13 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..codec import IGNORE
+from ..codec import IGNORE, check_size
 from ..errors import UserError
 from ..parallel import Skipped, ordered_map
 from ..progress import Progress
@@ -36,7 +37,7 @@ from ..resources import load_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, atomic_write_json
 from .common import ConvertOptions, claim, run_conversion
 from .png_datasets import make_encoded, remap
-from .source_io import (BAD, JPEG_QUALITY, check_same_size, decode_jpeg, encode_jpeg_bgr, read_bytes,
+from .source_io import (BAD, JPEG_QUALITY, check_pixels, check_same_size, decode_jpeg, encode_jpeg_bgr, read_bytes,
                         stored_image_bytes)
 from .resize import resize_image, resize_nearest, short_side_size
 
@@ -101,6 +102,7 @@ def decode_seg(data: bytes, path: str) -> np.ndarray:
     """H x W x C uint8 BGR(A) pixels of a `_seg.png`."""
     import cv2
 
+    check_pixels(data, path, "segmentation mask")
     seg = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if seg is None:
         raise SampleError(f"{path}: corrupt or unsupported segmentation PNG: re-extract it from the release")
@@ -151,12 +153,20 @@ def present_classes(key: str, *, root: str, files: Mapping[str, str], lut: np.nd
     img_path = os.path.join(root, files[key])
     seg_path = _seg_path(img_path)
     try:
-        with Image.open(img_path) as im:
-            w, h = im.size
+        with warnings.catch_warnings():  # the pixel limit below is rankseg's, not PIL's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(img_path) as im:
+                w, h = im.size
     except FileNotFoundError:
         raise SampleError(f"{img_path}: image is missing") from None
+    except Image.DecompressionBombError as exc:
+        raise SampleError(f"{img_path}: image over the pixel limit ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad files
         raise SampleError(f"{img_path}: corrupt or empty image ({exc}): re-extract it from the release") from None
+    try:
+        check_size(h, w)
+    except ValueError as exc:
+        raise SampleError(f"{img_path}: {exc}") from None
     seg = decode_seg(read_bytes(seg_path, "segmentation mask"), seg_path)
     check_same_size((h, w), seg.shape, seg_path)
     return _label(seg, short_side_size(h, w, max_short_side), lut, num_classes, seg_path)[1]
@@ -209,7 +219,7 @@ def class_frequency(fn: Callable[[str], np.ndarray], keys: Sequence[str], num_cl
     counts = np.zeros(num_classes, np.int64)
     skipped = 0
     with Progress(len(keys), "ADE20K-Full class frequency (training)", unit="img") as bar:
-        with ordered_map(fn, keys, workers, chunksize=8) as results:
+        with ordered_map(fn, keys, workers) as results:
             for present in results:
                 if isinstance(present, Skipped):
                     if on_error == "fail":

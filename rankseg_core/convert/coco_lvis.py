@@ -6,16 +6,19 @@ Per image (ESSNet's rule, without its bugs; see docs/datasets.md):
    `coco2lvis` table (183 "other" and 255 -> 0), fill the pixels LVIS left empty;
 3. stored value 0 = unlabeled -> IGNORE, train id = value - 1.
 
-LVIS v1 train is a ~1 GB JSON with 1.27 M polygon annotations. Pickling that to each spawned
-worker would cost GBs per worker, so the annotations are packed once into flat files
-(coordinates, RLE bytes, offsets) in a temporary directory that every worker memory-maps: the
-operating system shares the pages, and a worker's pickled state is only the per-image table.
+LVIS v1 train is a ~1 GB JSON with 1.27 M polygon annotations: `json.load` alone would take
+~7 GB. The JSONs are streamed (images, then annotations, one at a time), checked (geometry.py:
+malformed geometry never reaches pycocotools) and packed into flat files (coordinates, RLE
+bytes, offsets) in a temporary directory that every worker reads: a worker's pickled state is
+only the per-image table.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +31,12 @@ from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
 from .common import ConvertOptions, run_conversion
-from .source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
+from .geometry import (GeometryError, check_counts_list, check_image_size, check_rle_dict, polygon_lists,
+                       polygon_problems, rle_string_problems)
+from .source_io import decode_jpeg, read_bytes, stored_image_bytes, stream_items
 
 NUM_LVIS_V1 = 1203
-_POLY, _RLE = 0, 1
+_POLY, _RLE, _BAD = 0, 1, 2
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -142,14 +147,11 @@ def json_vocabulary(categories: list[dict], json_path: Path) -> Vocabulary:
                       categories=[(int(c["id"]), str(c["name"])) for c in cats])
 
 
-def vocabulary_for(doc: dict, json_path: Path) -> Vocabulary:
+def vocabulary_for(cats: list, json_path: Path) -> Vocabulary:
     """LVIS v1 when the JSON's categories are v1's (or absent), else the JSON's own categories."""
     v1 = v1_vocabulary()
-    cats = doc.get("categories")
     if not cats:
         return v1
-    if not isinstance(cats, list):
-        raise UserError(f"{json_path}: 'categories' must be a list")
     try:
         pairs = sorted((int(c["id"]), str(c["name"])) for c in cats)
     except (KeyError, TypeError, ValueError):
@@ -162,77 +164,109 @@ def vocabulary_for(doc: dict, json_path: Path) -> Vocabulary:
 # --------------------------------------------------------------------------- packed annotations
 
 class _Packer:
-    """Appends annotations (polygons or compressed RLE) to flat files `root/<name>.*`."""
+    """Appends annotations (polygons or compressed RLE) to flat files `root/<name>.*`, checked.
+
+    Annotations arrive in file order, which is not grouped by image: each carries its owner
+    (the image's record index), and `close` writes `order`, the annotation indices sorted by
+    owner (stable, so each image keeps its file order). Geometry is validated per chunk with
+    vectorised checks (geometry.py); a malformed annotation is not stored but reported in
+    `problems` (annotation index -> reason), so only its image fails.
+    """
 
     def __init__(self, root: Path, name: str) -> None:
         self.prefix = root / name
-        self.values: list[int] = []
-        self.kinds: list[int] = []
+        self.values = array("i")
+        self.kinds = array("B")
         # per annotation: its range in the polygon list (polygons) or in the RLE bytes (RLE)
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.poly_ends: list[int] = []  # per polygon: end in the coordinate array
+        self.starts = array("q")
+        self.ends = array("q")
+        self.owners = array("q")
+        self.poly_ends = array("q")  # per polygon: end in the coordinate array
+        self.problems: dict[int, tuple[object, str]] = {}  # annotation index -> (its id, reason)
         self._xy = open(f"{self.prefix}.xy.f64", "wb")
         self._rle = open(f"{self.prefix}.rle.u8", "wb")
-        self._xy_buf: list[float] = []
+        self._chunk_xy: list[float] = []
+        self._chunk_polys: list[tuple] = []  # per polygon: (annotation index, its id, end in chunk, h, w)
+        self._chunk_rle: list[bytes] = []
+        self._chunk_rles: list[tuple] = []  # per RLE string: the same
+        self._rle_len = 0
         self.n_xy = 0
         self.n_rle = 0
 
     def __len__(self) -> int:
         return len(self.values)
 
-    def add(self, value: int, seg: object, h: int, w: int) -> None:
-        """Append one segmentation; raises ValueError (with the reason) when it is malformed."""
-        if isinstance(seg, list):  # polygons [[x0, y0, x1, y1, ...], ...], kept as given
-            start = len(self.poly_ends)
-            for poly in seg:
-                if not isinstance(poly, list) or not all(isinstance(x, (int, float)) for x in poly):
-                    raise ValueError("polygon is not a list of numbers")
-                if len(poly) < 6 or len(poly) % 2:
-                    # fewer than 3 points has no area; pycocotools would misread a 4-number
-                    # polygon as a box, so such degenerate polygons are dropped
-                    continue
-                self._xy_buf.extend(poly)
-                self.n_xy += len(poly)
-                self.poly_ends.append(self.n_xy)
-            if len(self._xy_buf) > 1 << 20:
-                self._flush()
-            self._push(value, _POLY, start, len(self.poly_ends))
-            return
-        if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
-            raise ValueError("segmentation is neither polygons nor RLE {counts, size}")
-        if list(seg["size"]) != [h, w]:
-            raise ValueError(f"RLE size {seg['size']} differs from the image size {[h, w]}")
-        counts = seg["counts"]
-        if isinstance(counts, list):  # uncompressed RLE -> compressed, as pycocotools does
-            counts = mask_utils.frPyObjects(seg, h, w)["counts"]
-        data = counts.encode() if isinstance(counts, str) else bytes(counts)
-        self._rle.write(data)
-        self._push(value, _RLE, self.n_rle, self.n_rle + len(data))
-        self.n_rle += len(data)
+    def add(self, owner: int, value: int, seg: object, h: int, w: int, ann_id: object) -> None:
+        """Append one segmentation of image `owner` (h x w); a malformed one lands in `problems`."""
+        index = len(self.values)
+        try:
+            if isinstance(seg, list):  # polygons [[x0, y0, x1, y1, ...], ...], kept as given
+                start = len(self.poly_ends)
+                for poly in polygon_lists(seg):
+                    self._chunk_xy.extend(poly)
+                    self.n_xy += len(poly)
+                    self.poly_ends.append(self.n_xy)
+                    self._chunk_polys.append((index, ann_id, len(self._chunk_xy), h, w))
+                self._push(owner, value, _POLY, start, len(self.poly_ends))
+            else:
+                counts = check_rle_dict(seg, h, w)
+                if isinstance(counts, list):  # uncompressed RLE -> compressed, as pycocotools does
+                    check_counts_list(counts, h, w)
+                    counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
+                data = counts.encode() if isinstance(counts, str) else bytes(counts)
+                self._chunk_rle.append(data)
+                self._rle_len += len(data)
+                self._chunk_rles.append((index, ann_id, self._rle_len, h, w))
+                self._push(owner, value, _RLE, self.n_rle, self.n_rle + len(data))
+                self.n_rle += len(data)
+        except GeometryError as exc:
+            self.problems[index] = (ann_id, str(exc))
+            self._push(owner, value, _BAD, 0, 0)
+        if len(self._chunk_xy) > 1 << 20 or self._rle_len > 1 << 23:
+            self.flush()
 
-    def _push(self, value: int, kind: int, start: int, end: int) -> None:
+    def _push(self, owner: int, value: int, kind: int, start: int, end: int) -> None:
+        self.owners.append(owner)
         self.values.append(value)
         self.kinds.append(kind)
         self.starts.append(start)
         self.ends.append(end)
 
-    def _flush(self) -> None:
-        if self._xy_buf:
+    def flush(self) -> None:
+        """Check the pending chunk's values (vectorised) and write it out."""
+        if self._chunk_polys:
             # float64: the exact values pycocotools would get from the JSON (rounding matters)
-            self._xy.write(np.asarray(self._xy_buf, np.float64).tobytes())
-            self._xy_buf = []
+            xy = np.asarray(self._chunk_xy, np.float64)
+            ends, h, w = (np.array(c) for c in list(zip(*self._chunk_polys))[2:])
+            for i, reason in polygon_problems(xy, ends, h, w).items():
+                self.problems.setdefault(self._chunk_polys[i][0], (self._chunk_polys[i][1], reason))
+            self._xy.write(xy.tobytes())
+        if self._chunk_rles:
+            data = b"".join(self._chunk_rle)
+            ends, h, w = (np.array(c) for c in list(zip(*self._chunk_rles))[2:])
+            for i, reason in rle_string_problems(np.frombuffer(data, np.uint8), ends, h, w).items():
+                self.problems.setdefault(self._chunk_rles[i][0], (self._chunk_rles[i][1], reason))
+            self._rle.write(data)
+        self._chunk_xy, self._chunk_polys, self._chunk_rle, self._chunk_rles = [], [], [], []
+        self._rle_len = 0
 
-    def close(self) -> None:
-        self._flush()
+    def close(self, num_owners: int) -> tuple[np.ndarray, np.ndarray]:
+        """Write the index files; returns per owner its (lo, hi) range in `order`."""
+        self.flush()
         self._xy.close()
         self._rle.close()
+        owners = np.frombuffer(self.owners, np.int64) if self.owners else np.zeros(0, np.int64)
+        order = np.argsort(owners, kind="stable")
+        counts = np.bincount(owners, minlength=num_owners)
+        hi = np.cumsum(counts)
         for suffix, data, dt in (("values.i32", self.values, np.int32),
                                  ("kinds.u8", self.kinds, np.uint8),
                                  ("starts.i64", self.starts, np.int64),
                                  ("ends.i64", self.ends, np.int64),
-                                 ("polys.i64", self.poly_ends, np.int64)):
+                                 ("polys.i64", self.poly_ends, np.int64),
+                                 ("order.i64", order, np.int64)):
             np.asarray(data, dt).tofile(f"{self.prefix}.{suffix}")
+        return hi - counts, hi
 
 
 def _mmap(path: str, dtype: type) -> np.ndarray:
@@ -241,7 +275,12 @@ def _mmap(path: str, dtype: type) -> np.ndarray:
 
 
 class _Packed:
-    """Read side of `_Packer`: memory-mapped, opened lazily in whichever process uses it."""
+    """Read side of `_Packer`, opened lazily in whichever process uses it.
+
+    The index arrays (a few tens of bytes per annotation) are memory-mapped; coordinates and
+    RLE bytes are read with `pread`, so a process that paints every image does not end up
+    with the whole (GB-sized) coordinate file mapped into its resident memory.
+    """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -258,12 +297,13 @@ class _Packed:
                             "starts": _mmap(f"{p}.starts.i64", np.int64),
                             "ends": _mmap(f"{p}.ends.i64", np.int64),
                             "polys": _mmap(f"{p}.polys.i64", np.int64),
-                            "xy": _mmap(f"{p}.xy.f64", np.float64),
-                            "rle": _mmap(f"{p}.rle.u8", np.uint8)}
+                            "order": _mmap(f"{p}.order.i64", np.int64),
+                            "xy": os.open(f"{p}.xy.f64", os.O_RDONLY),
+                            "rle": os.open(f"{p}.rle.u8", os.O_RDONLY)}
         return self._arrays
 
     def paint(self, label: np.ndarray, lo: int, hi: int) -> None:
-        """Paint annotations lo..hi-1 into `label` (H x W) so that the first one wins.
+        """Paint the image's annotations order[lo..hi-1] into `label` (H x W), first one wins.
 
         Painting in reverse order, each annotation over everything, leaves every pixel with the
         first annotation covering it: the same result as "paint only empty pixels" in file order,
@@ -271,17 +311,19 @@ class _Packed:
         """
         a = self._a()
         h, w = label.shape
-        for i in range(hi - 1, lo - 1, -1):
+        for i in a["order"][lo:hi][::-1].tolist():
             start, end = int(a["starts"][i]), int(a["ends"][i])
             if a["kinds"][i] == _POLY:
+                ends = a["polys"][start:end]
+                first = int(a["polys"][start - 1]) if start > 0 else 0
+                xy = np.frombuffer(os.pread(a["xy"], 8 * (int(ends[-1]) - first), 8 * first), np.float64)
                 # one list per polygon, as in the JSON: what lvis-api's ann_to_mask passes
-                polys = [a["xy"][(int(a["polys"][j - 1]) if j > 0 else 0):int(a["polys"][j])].tolist()
-                         for j in range(start, end)]
-                if not polys:
-                    continue
+                polys = [p.tolist() for p in np.split(xy, ends[:-1] - first)]
                 rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-            else:
-                rle = {"size": [h, w], "counts": a["rle"][start:end].tobytes()}
+            elif a["kinds"][i] == _RLE:
+                rle = {"size": [h, w], "counts": os.pread(a["rle"], end - start, start)}
+            else:  # never reached: an image with a malformed annotation fails before painting
+                raise SampleError(f"annotation {i} is malformed")
             np.copyto(label, int(a["values"][i]), where=mask_utils.decode(rle).view(bool))
 
 
@@ -292,20 +334,23 @@ class CocoLvisMaker:
     """Builds one sample from its key (the COCO file stem); picklable for spawned workers."""
 
     coco_root: str
-    images: dict[str, tuple]  # key -> (relpath, h, w, lvis_lo, lvis_hi, stuff_lo, stuff_hi)
+    # key -> (relpath, h, w, lvis_lo, lvis_hi, stuff_lo, stuff_hi, error or ""); lo/hi index `order`
+    images: dict[str, tuple]
     lvis: _Packed
     stuff: _Packed
     lut: np.ndarray  # 256, uint16: COCO-Stuff id -> stored value
     num_classes: int
 
     def __call__(self, key: str) -> EncodedSample:
-        rel, h, w, lo, hi, slo, shi = self.images[key]
+        rel, h, w, lo, hi, slo, shi, error = self.images[key]
         path = Path(self.coco_root) / rel
         if slo < 0:
             raise SampleError(f"{path}: image is in none of the --stuff-json files (pass the COCO-Stuff "
                               "JSON of its folder, e.g. stuff_train2017.json)")
+        if error:  # malformed geometry: never handed to pycocotools
+            raise SampleError(error)
         data = read_bytes(path, "image")
-        pixels = decode_jpeg(data, path)  # SampleError for corrupt / truncated files
+        pixels = decode_jpeg(data, path)  # SampleError for corrupt / truncated / oversized files
         if pixels.shape[:2] != (h, w):
             raise SampleError(f"{path}: image is {pixels.shape[0]}x{pixels.shape[1]} (H x W), the LVIS "
                               f"JSON says {h}x{w}: the image and the JSON do not belong together")
@@ -352,110 +397,130 @@ def image_relpath(img: dict) -> str:
     raise KeyError("coco_url")
 
 
-def _images_of(doc: dict, path: Path) -> list[dict]:
-    imgs = doc.get("images")
-    if not isinstance(imgs, list) or not isinstance(doc.get("annotations"), list):
-        raise UserError(f"{path}: not a COCO/LVIS annotation file (needs 'images' and 'annotations' lists)")
-    return imgs
-
-
 @dataclass
 class _Record:
     key: str
     rel: str
+    iid: int
     h: int
     w: int
-    lo: int = 0
-    hi: int = 0
-    slo: int = -1
-    shi: int = -1
-    stuff_json: str = ""
+    error: str = ""  # first problem of the image (its size, or one of its annotations)
+    stuff_json: str = ""  # the COCO-Stuff JSON that lists it
 
 
-def _index_lvis(doc: dict, path: Path, vocab: Vocabulary, packer: _Packer,
-                records: dict[int, _Record], keys: list[str], seen: dict[str, Path]) -> None:
-    """Add one LVIS JSON's images (to `records`, `keys`) and annotations (to `packer`)."""
-    new: list[int] = []
-    for img in _images_of(doc, path):
+class _Index:
+    """The images of every JSON (records) and their packed annotations, built by streaming."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.records: list[_Record] = []
+        self.by_id: dict[int, int] = {}  # image id -> record index
+        self.seen: dict[str, Path] = {}  # key -> the LVIS JSON listing it
+        self.lvis, self.stuff = _Packer(tmp, "lvis"), _Packer(tmp, "stuff")
+
+    def _annotation_ids(self, ann: dict, path: Path, what: str) -> tuple[int, int]:
         try:
-            iid, h, w, rel = int(img["id"]), int(img["height"]), int(img["width"]), image_relpath(img)
+            return int(ann["image_id"]), int(ann["category_id"])
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: image entry {str(img)[:80]} lacks id/height/width/coco_url") from None
-        key = Path(rel).stem
-        if iid in records or key in seen:
-            raise UserError(f"{path}: image {iid} ({rel}) is also in {seen.get(key, path)}: "
-                            "pass each LVIS JSON once")
-        records[iid] = _Record(key, rel, h, w)
-        seen[key] = path
-        new.append(iid)
-        keys.append(key)
-    by_img: dict[int, list[dict]] = {iid: [] for iid in new}
-    for ann in doc["annotations"]:
-        try:
-            iid, cat = int(ann["image_id"]), int(ann["category_id"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: annotation {ann.get('id')} lacks image_id/category_id") from None
-        if cat not in vocab.lvis_values:
-            raise UserError(f"{path}: annotation {ann.get('id')} has unknown category id {cat} "
-                            f"(not among the {len(vocab.lvis_values)} categories of "
-                            f"{'LVIS v1' if vocab.version == 'lvis_v1' else 'this JSON'}): "
-                            "fix the file or pass the matching official LVIS JSON")
-        if iid not in by_img:
-            raise UserError(f"{path}: annotation {ann.get('id')} refers to image {iid}, "
-                            "which is not in its 'images'")
-        by_img[iid].append(ann)
-    for iid in new:
-        rec = records[iid]
-        rec.lo = len(packer)
-        for ann in by_img[iid]:
+            raise UserError(f"{path}: {what} annotation {str(ann.get('id') if isinstance(ann, dict) else ann)[:40]} "
+                            "lacks image_id/category_id") from None
+
+    def _blame(self, packer: _Packer, path: Path) -> None:
+        """Turn the packer's problems (malformed annotations of `path`) into image errors."""
+        packer.flush()
+        owners = np.frombuffer(packer.owners, np.int64)
+        for i in sorted(packer.problems):
+            rec = self.records[int(owners[i])]
+            ann_id, reason = packer.problems[i]
+            if not rec.error:
+                rec.error = f"{path}: image {rec.iid} ({rec.rel}), annotation {ann_id}: {reason}"
+        packer.problems.clear()
+
+    def add_lvis(self, path: Path, vocab: Vocabulary, keys: list[str]) -> None:
+        """Stream one LVIS JSON: its images (to `records`, `keys`), then its annotations."""
+        mine: set[int] = set()
+        for img in stream_items(path, "images.item", "LVIS JSON"):
             try:
-                packer.add(vocab.lvis_values[int(ann["category_id"])], ann.get("segmentation"),
-                           rec.h, rec.w)
-            except (ValueError, TypeError) as exc:
-                raise UserError(f"{path}: annotation {ann.get('id')}: {exc}") from None
-        rec.hi = len(packer)
-
-
-def _index_stuff(doc: dict, path: Path, valid_ids: set[int], packer: _Packer,
-                 records: dict[int, _Record]) -> None:
-    """Pack one COCO-Stuff JSON's annotations of the images LVIS needs."""
-    mine: list[int] = []
-    for img in _images_of(doc, path):
-        try:
-            iid = int(img["id"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: image entry {str(img)[:80]} has no integer id") from None
-        rec = records.get(iid)
-        if rec is None:
-            continue
-        if rec.slo >= 0:
-            raise UserError(f"{path}: image {iid} is also in {rec.stuff_json}: pass each stuff JSON once")
-        if (int(img.get("height", rec.h)), int(img.get("width", rec.w))) != (rec.h, rec.w):
-            raise UserError(f"{path}: image {iid} is {img.get('height')}x{img.get('width')} here but "
-                            f"{rec.h}x{rec.w} in the LVIS JSON: the files do not belong together")
-        rec.stuff_json = path.name
-        mine.append(iid)
-    by_img: dict[int, list[dict]] = {iid: [] for iid in mine}
-    for ann in doc["annotations"]:
-        try:
-            iid, cat = int(ann["image_id"]), int(ann["category_id"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: annotation {ann.get('id')} lacks image_id/category_id") from None
-        if cat not in valid_ids:
-            raise UserError(f"{path}: annotation {ann.get('id')} has category id {cat}, which is not "
-                            "a COCO-Stuff stuff class (92..183): pass stuff_{train,val}2017.json, not "
-                            "the instances or stuff+thing files")
-        if iid in by_img:
-            by_img[iid].append(ann)
-    for iid in mine:
-        rec = records[iid]
-        rec.slo = len(packer)
-        for ann in by_img[iid]:
+                iid, rel = int(img["id"]), image_relpath(img)
+                h, w = img["height"], img["width"]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise UserError(f"{path}: image entry {str(img)[:80]} lacks id/height/width/coco_url") from None
+            key = Path(rel).stem
+            if iid in self.by_id or key in self.seen:
+                raise UserError(f"{path}: image {iid} ({rel}) is also in {self.seen.get(key, path)}: "
+                                "pass each LVIS JSON once")
+            rec = _Record(key, rel, iid, 0, 0)
             try:
-                packer.add(int(ann["category_id"]), ann.get("segmentation"), rec.h, rec.w)
-            except (ValueError, TypeError) as exc:
-                raise UserError(f"{path}: annotation {ann.get('id')} of image {iid}: {exc}") from None
-        rec.shi = len(packer)
+                rec.h, rec.w = check_image_size(h, w)
+            except GeometryError as exc:
+                rec.error = f"{path}: image {iid} ({rel}): {exc}"
+            self.by_id[iid] = len(self.records)
+            self.records.append(rec)
+            self.seen[key] = path
+            mine.add(iid)
+            keys.append(key)
+        if not mine:
+            raise UserError(f"{path}: not an LVIS annotation file (needs a non-empty 'images' list and "
+                            "'annotations')")
+        for ann in stream_items(path, "annotations.item", "LVIS JSON"):
+            iid, cat = self._annotation_ids(ann, path, "LVIS")
+            if cat not in vocab.lvis_values:
+                raise UserError(f"{path}: annotation {ann.get('id')} has unknown category id {cat} "
+                                f"(not among the {len(vocab.lvis_values)} categories of "
+                                f"{'LVIS v1' if vocab.version == 'lvis_v1' else 'this JSON'}): "
+                                "fix the file or pass the matching official LVIS JSON")
+            if iid not in mine:
+                raise UserError(f"{path}: annotation {ann.get('id')} refers to image {iid}, "
+                                "which is not in its 'images'")
+            ri = self.by_id[iid]
+            rec = self.records[ri]
+            if not rec.error:  # an image that already failed needs no more annotations
+                self.lvis.add(ri, vocab.lvis_values[cat], ann.get("segmentation"), rec.h, rec.w, ann.get("id"))
+        self._blame(self.lvis, path)
+
+    def add_stuff(self, path: Path, valid_ids: set[int]) -> None:
+        """Stream one COCO-Stuff JSON: pack the stuff annotations of the images LVIS needs."""
+        mine: set[int] = set()
+        listed = 0
+        for img in stream_items(path, "images.item", "COCO-Stuff JSON"):
+            listed += 1
+            try:
+                iid = int(img["id"])
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{path}: image entry {str(img)[:80]} has no integer id") from None
+            ri = self.by_id.get(iid)
+            if ri is None:
+                continue
+            rec = self.records[ri]
+            if rec.stuff_json:
+                raise UserError(f"{path}: image {iid} is also in {rec.stuff_json}: pass each stuff JSON once")
+            if not rec.error and (img.get("height", rec.h), img.get("width", rec.w)) != (rec.h, rec.w):
+                raise UserError(f"{path}: image {iid} is {img.get('height')}x{img.get('width')} here but "
+                                f"{rec.h}x{rec.w} in the LVIS JSON: the files do not belong together")
+            rec.stuff_json = path.name
+            mine.add(iid)
+        if not listed:
+            raise UserError(f"{path}: not a COCO annotation file (needs a non-empty 'images' list and "
+                            "'annotations')")
+        for ann in stream_items(path, "annotations.item", "COCO-Stuff JSON"):
+            iid, cat = self._annotation_ids(ann, path, "stuff")
+            if cat not in valid_ids:
+                raise UserError(f"{path}: annotation {ann.get('id')} has category id {cat}, which is not "
+                                "a COCO-Stuff stuff class (92..183): pass stuff_{train,val}2017.json, not "
+                                "the instances or stuff+thing files")
+            if iid in mine:
+                ri = self.by_id[iid]
+                rec = self.records[ri]
+                if not rec.error:
+                    self.stuff.add(ri, cat, ann.get("segmentation"), rec.h, rec.w, ann.get("id"))
+        self._blame(self.stuff, path)
+
+    def images(self) -> dict[str, tuple]:
+        """The maker's table: key -> (rel, h, w, lo, hi, slo, shi, error); slo = -1 without stuff."""
+        n = len(self.records)
+        (lo, hi), (slo, shi) = self.lvis.close(n), self.stuff.close(n)
+        return {r.key: (r.rel, r.h, r.w, int(lo[i]), int(hi[i]),
+                        int(slo[i]) if r.stuff_json else -1, int(shi[i]) if r.stuff_json else -1, r.error)
+                for i, r in enumerate(self.records)}
 
 
 def prepare_coco_lvis(coco_root: str | Path, lvis_jsons: Sequence[str | Path],
@@ -468,6 +533,8 @@ def prepare_coco_lvis(coco_root: str | Path, lvis_jsons: Sequence[str | Path],
     One split per LVIS JSON (named from its file name, or `split` with a single JSON). Every
     LVIS image must be listed in one of `stuff_jsons` (under --on-error skip the others are
     skipped and recorded). Returns `dataset.json` (None when converting one part).
+    The JSONs are streamed (never loaded whole): the main process stays at a few hundred MB
+    even for LVIS v1 train (docs/benchmarks.md).
     """
     opts = opts or ConvertOptions()
     opts.validate()
@@ -487,16 +554,13 @@ def prepare_coco_lvis(coco_root: str | Path, lvis_jsons: Sequence[str | Path],
     mapping = essnet_mapping()
     valid_stuff = {k for k, _ in mapping}
     with tempfile.TemporaryDirectory(prefix="rankseg-coco-lvis-") as tmp:
-        lvis_pack, stuff_pack = _Packer(Path(tmp), "lvis"), _Packer(Path(tmp), "stuff")
-        records: dict[int, _Record] = {}
+        index = _Index(Path(tmp))
         splits: dict[str, list[str]] = {}
-        seen: dict[str, Path] = {}
         vocab: Vocabulary | None = None
         first = None
         for p in map(Path, lvis_jsons):
             note(f"reading {p}")
-            doc = load_json(p, "LVIS JSON")
-            v = vocabulary_for(doc, p)
+            v = vocabulary_for(list(stream_items(p, "categories.item", "LVIS JSON")), p)
             if vocab is None:
                 vocab, first = v, p
             elif (v.version, v.names) != (vocab.version, vocab.names):
@@ -506,29 +570,25 @@ def prepare_coco_lvis(coco_root: str | Path, lvis_jsons: Sequence[str | Path],
             if name in splits:
                 raise UserError(f"{p}: split '{name}' comes from two LVIS JSONs: pass --split or one JSON per split")
             splits[name] = []
-            _index_lvis(doc, p, vocab, lvis_pack, records, splits[name], seen)
-            del doc
+            index.add_lvis(p, vocab, splits[name])
         assert vocab is not None
         if essnet_compat and vocab.version != "lvis_v1":
             raise UserError("--essnet-compat reproduces ESSNet's LVIS v1 masks; it does not apply to "
                             f"{first} (not LVIS v1)")
         for p in map(Path, stuff_jsons):
             note(f"reading {p}")
-            _index_stuff(load_json(p, "COCO-Stuff JSON"), p, valid_stuff, stuff_pack, records)
-        lvis_pack.close()
-        stuff_pack.close()
-
-        missing = [r for r in records.values() if r.slo < 0]
+            index.add_stuff(p, valid_stuff)
+        images = index.images()
+        missing = [r for r in index.records if not r.stuff_json]
         if missing and opts.on_error == "fail":
             r = missing[0]
-            raise UserError(f"{len(missing)} of {len(records)} LVIS images are in none of the --stuff-json "
+            raise UserError(f"{len(missing)} of {len(index.records)} LVIS images are in none of the --stuff-json "
                             f"files (first: {r.rel}): pass the COCO-Stuff JSON of every folder the LVIS "
                             "JSONs use (LVIS v1 val draws from train2017 and val2017), or --on-error skip")
         lut = stuff_lut(vocab.stuff_values, chained=essnet_compat)
-        maker = CocoLvisMaker(str(coco_root), {r.key: (r.rel, r.h, r.w, r.lo, r.hi, r.slo, r.shi)
-                                               for r in records.values()},
-                              _Packed(str(lvis_pack.prefix)), _Packed(str(stuff_pack.prefix)),
-                              lut, vocab.num_classes)
+        maker = CocoLvisMaker(str(coco_root), images, _Packed(str(index.lvis.prefix)),
+                              _Packed(str(index.stuff.prefix)), lut, vocab.num_classes)
+        del index  # the records and packers' lists: the maker holds what conversion needs
         header = DatasetHeader(
             name="coco_lvis", class_names=vocab.names, source=vocab.source,
             options={"vocabulary": vocab.version, "essnet_compat": essnet_compat,

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
 from .common import ConvertOptions, run_conversion
-from .source_io import decode_jpeg, stored_image_bytes
+from .source_io import check_pixels, decode_jpeg, stored_image_bytes
 
 NUM_CLASSES = 124
 VOID = 255
@@ -95,6 +95,7 @@ class VspwMaker:
         pixels = decode_jpeg(data, img_path)  # SampleError for damaged / truncated frames
         size = pixels.shape[:2]
         mdata = _read(mask_path, "mask")
+        check_pixels(mdata, mask_path, "mask")
         try:
             with Image.open(io.BytesIO(mdata)) as mk:
                 mode = mk.mode
