@@ -1,38 +1,114 @@
-"""CLI plumbing shared by every command: user errors become one line and an exit code."""
+"""CLI plumbing shared by every command: errors become one line and an exit code.
+
+Exit codes (docs/errors.md): 0 success; 1 `verify` found problems; 2 a one-line error (a
+mistake in the input or options, or the operating system refusing: full or read-only disk,
+permission denied, a path under a regular file, out of memory); 130 interrupted (Ctrl-C).
+Anything else that escapes is a bug in rankseg and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
+from rankseg_core.console import make_console, printable
 from rankseg_core.errors import UserError
 
-out = Console()  # results (tables) on stdout
-err = Console(stderr=True)  # progress, notes and errors on stderr
+out = make_console()  # results (tables) on stdout
+err = make_console(stderr=True)  # progress, notes and errors on stderr
+
+# What an interrupted command keeps and how to go on: a string, or a function of the command's
+# keyword arguments (e.g. to name the run directory).
+Interrupted = str | Callable[[dict[str, Any]], str]
+RERUN_RESUMES = "finished shards are kept; re-run the same command to resume"
+
+OUT_OF_MEMORY = ("out of memory: lower --workers (or --batch-size / eval.batch_size), convert or "
+                 "train on a machine with more memory, or use smaller images")
+
+# Errors that can only come from writing; others (ENOENT, EACCES, EIO...) may be a read too.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+# h5py wraps the C library's errors in OSError(errno, text) with the file only in the text.
+_H5_NAME = re.compile(r"\bname = '([^']*)'")
 
 
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command body; a `UserError` prints `error: ...` on one line and exits non-zero."""
+def show(value: object) -> str:
+    """`value` (a path, a name) safe to put in a rich markup string: printable, no markup."""
+    return escape(printable(os.fsdecode(value) if isinstance(value, bytes) else str(value)))
+
+
+def fail(message: str, exit_code: int = 2) -> None:
+    """Print `error: message` on one line and exit."""
+    err.print(f"[bold red]error:[/] {show(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exit_code) from None
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError that no lower layer turned into a UserError: the path, the
+    reason and what to do (the wording of `rankseg_core.fsio.os_error`)."""
+    from rankseg_core.fsio import os_error
+
+    path = exc.filename
+    if path is None:
+        found = _H5_NAME.search(str(exc))
+        path = found.group(1) if found else None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    doing = "cannot write" if exc.errno in _WRITE_ERRNOS else "cannot access"
+    if path is None:
+        # No file named anywhere (a bare write() or fsync() failing): say so rather than guess.
+        return str(os_error("(file not named by the system)", exc, doing))
+    return str(os_error(path, exc, doing))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA / MPS) without importing torch here.
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: Interrupted = ""):
+    """Run a command body, turning what is not a bug into one `error: ...` line.
+
+    `UserError` -> its message and exit code; `OSError` -> path, reason and fix (exit 2);
+    out of memory -> what to lower (exit 2); a file name that is not UTF-8 where text is
+    needed -> which name (exit 2); Ctrl-C -> `interrupted: <interrupted>` (exit 130).
+    Use as `@user_errors` or `@user_errors(interrupted=RERUN_RESUMES)`.
+    """
+    if fn is None:
+        return functools.partial(user_errors, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: finished shards/checkpoints are kept; "
-                      "re-run the same command to resume")
+            hint = interrupted(kwargs) if callable(interrupted) else interrupted
+            err.print("[yellow]interrupted[/]" + (f": {show(hint)}" if hint else ""), highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(130) from None
         except BrokenPipeError:  # `rankseg inspect --jsonl | head`
             sys.stderr.close()
             raise typer.Exit(0) from None
+        except OSError as exc:
+            fail(os_error_message(exc))
+        except UnicodeEncodeError as exc:
+            if "surrogates" not in exc.reason:
+                raise
+            fail(f"{exc.object!r} holds bytes that are not UTF-8 (from a file or folder name): "
+                 "rename it to valid UTF-8")
+        except Exception as exc:  # MemoryError is an Exception too
+            if not _is_out_of_memory(exc):
+                raise
+            fail(OUT_OF_MEMORY)
 
     return wrapper
 

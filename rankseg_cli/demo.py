@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import err, out, user_errors
+from .common import err, out, show, user_errors
 
 # Small enough for a 2-core CPU in a few minutes, large enough that context matters: K=200
 # classes in 8 scenes, each object look shared by ~6 classes of different scenes. There the
@@ -21,7 +21,7 @@ DEMO_TRAIN = ["model.model=segmenter-vitt", f"model.img_size={DEMO_SIZE}", "mode
               "data.num_workers=1", "eval.num_workers=0", "log_seconds=15"]
 
 
-@user_errors
+@user_errors(interrupted="finished steps are kept; re-run the same command to resume")
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("rankseg-demo"),
     num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size of the synthetic data.")] = 200,
@@ -54,7 +54,7 @@ def demo(
     # fighting a data worker for the cores are several times slower than one.
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     data = out_dir / "data"
-    err.print(f"[bold]1/4[/] synthetic dataset (K={num_classes}, {images} images of {DEMO_SIZE} px) -> {data}")
+    err.print(f"[bold]1/4[/] synthetic dataset (K={num_classes}, {images} images of {DEMO_SIZE} px) -> {show(data)}")
     prepare_synthetic(data, num_classes=num_classes, images=images, size=DEMO_SIZE, seed=seed,
                       opts=ConvertOptions(workers=min(2, default_workers()), samples_per_shard=500))
     err.print("[bold]2/4[/] class statistics")
@@ -68,10 +68,10 @@ def demo(
     for step, (name, (run, extra)) in enumerate(runs.items(), start=3):
         paths = run_paths(run)
         if paths.weights.exists():
-            err.print(f"[bold]{step}/4[/] {name}: already trained ({run})")
+            err.print(f"[bold]{step}/4[/] {name}: already trained ({show(run)})")
             continue
         resume = paths.last.exists()
-        err.print(f"[bold]{step}/4[/] {'resuming' if resume else 'training'} {name}, {iters} steps -> {run}")
+        err.print(f"[bold]{step}/4[/] {'resuming' if resume else 'training'} {name}, {iters} steps -> {show(run)}")
         cfg = build_train_config(None, DEMO_TRAIN + extra + [f"schedule.iters={iters}", f"seed={seed}",
                                                             f"device={device}"], data)
         train(cfg, run, resume=resume)
@@ -88,12 +88,13 @@ def demo(
         rep["train_images_per_s"] = sum(speed) / len(speed) if speed else None
         results[name] = rep
         table.add_row(name, fmt(rep["miou"]), fmt(rep["aacc"]), fmt(rep["map"]), fmt(rep["recall_at_kappa"]),
-                      f"{rep['train_images_per_s']:.1f}" if speed else "-", str(run))
+                      f"{rep['train_images_per_s']:.1f}" if speed else "-", show(run))
     out.print(table)
     base, rank = (results[n]["miou"] or 0.0 for n in runs)
     atomic_write_json(out_dir / "demo_results.json", results)
     verdict = "[green]RankSeg beats the baseline[/]" if rank > base else "[yellow]RankSeg does not beat the baseline here[/]"
     err.print(f"{verdict}: mIoU {100 * rank:.1f} vs {100 * base:.1f} after {iters} steps each. RankSeg ranks the "
               f"{num_classes} classes per image (recall@25 above) and classifies each pixel among its top 25 only.")
-    err.print(f"[green]demo done[/]: shards {data}, plot {out_dir / 'class_cdf.png'}, results {out_dir / 'demo_results.json'}; "
-              f"next: rankseg predict {runs['RankSeg (top 25)'][0]} IMAGE --out preds/")
+    err.print(f"[green]demo done[/]: shards {show(data)}, plot {show(out_dir / 'class_cdf.png')}, "
+              f"results {show(out_dir / 'demo_results.json')}; "
+              f"next: rankseg predict {show(runs['RankSeg (top 25)'][0])} IMAGE --out preds/")

@@ -9,7 +9,7 @@ import typer
 
 from rankseg_core.convert.common import default_workers
 
-from .common import user_errors
+from .common import RERUN_RESUMES, user_errors
 from .prepare import (Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options,
                       prepare_app, report)
 
@@ -18,7 +18,7 @@ PerShard = Annotated[int, typer.Option("--samples-per-shard", help="Samples per 
 
 
 @prepare_app.command("ade20k-full")
-@user_errors
+@user_errors(interrupted=RERUN_RESUMES)
 def ade20k_full(
     root: Root,
     out: Out,
@@ -48,7 +48,7 @@ def ade20k_full(
 
 
 @prepare_app.command("ade20k")
-@user_errors
+@user_errors(interrupted=RERUN_RESUMES)
 def ade20k(
     root: Root,
     out: Out,
@@ -72,7 +72,7 @@ def ade20k(
 
 
 @prepare_app.command("coco-stuff")
-@user_errors
+@user_errors(interrupted=RERUN_RESUMES)
 def coco_stuff(
     root: Root,
     out: Out,
@@ -96,7 +96,7 @@ def coco_stuff(
 
 
 @prepare_app.command("pascal-context")
-@user_errors
+@user_errors(interrupted=RERUN_RESUMES)
 def pascal_context(
     root: Root,
     out: Out,

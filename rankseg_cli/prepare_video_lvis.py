@@ -9,17 +9,17 @@ import typer
 
 from rankseg_core.convert.common import default_workers
 
-from .common import err, user_errors
+from .common import RERUN_RESUMES, err, user_errors
 from .prepare import (Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options,
                       prepare_app, report)
 
 
 def _note(msg: str) -> None:
-    err.print(msg, highlight=False)
+    err.print(msg, highlight=False, markup=False)
 
 
 @prepare_app.command("coco-lvis")
-@user_errors
+@user_errors(interrupted=RERUN_RESUMES)
 def coco_lvis(
     coco_root: Annotated[Path, typer.Option("--coco-root", help="COCO 2017 folder holding train2017/ and val2017/.")],
     lvis_json: Annotated[list[Path], typer.Option("--lvis-json", help="LVIS annotations (repeat: one per split; split from the file name). LVIS v1, or v0.5 (its own 1,230 categories).")],
@@ -49,7 +49,7 @@ def coco_lvis(
 
 
 @prepare_app.command("vspw")
-@user_errors
+@user_errors(interrupted=RERUN_RESUMES)
 def vspw(
     root: Annotated[Path, typer.Option("--root", help="The VSPW_480p folder (train.txt, val.txt, data/<video>/{origin,mask}).")],
     out: Out,
@@ -75,7 +75,7 @@ def vspw(
 
 
 @prepare_app.command("youtube-vis")
-@user_errors
+@user_errors(interrupted=RERUN_RESUMES)
 def youtube_vis(
     root: Annotated[Path, typer.Option("--root", help="The ytvis_2019 folder ({train,valid}/JPEGImages/<video>/, {train,valid}.json).")],
     out: Out,

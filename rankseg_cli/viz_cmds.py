@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import err, new_app, user_errors
+from .common import err, new_app, show, user_errors
 
 viz_app = new_app(
     "Figures of what a model learned: learned 1/tau per rank, false positives, predictions, and a "
@@ -22,14 +22,14 @@ Weights = Annotated[str, typer.Option("--weights", help="auto | final | best | l
 
 def _outputs(paths: list) -> None:
     for p in paths:
-        err.print(f"wrote {p}")
+        err.print(f"wrote {show(p)}")
 
 
 @viz_app.command("tau")
 @user_errors
 def tau(
     runs: Annotated[list[Path], typer.Argument(help="One or more RankSeg run directories.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write; .csv and .json go next to it.")] = Path("tau.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Figure to write (.png, .pdf or .svg, by extension); .csv and .json go next to it.")] = Path("tau.png"),
     weights: Weights = "auto",
 ) -> None:
     """Learned 1/tau (rank LayerNorm weight) and per-rank bias against rank (paper Fig. 7).
@@ -39,13 +39,15 @@ def tau(
 
     Example: [bold]rankseg viz tau runs/ade-rankseg runs/lvis-rankseg --out tau.png[/]
     """
+    from rankseg_core.plotting import figure_format
     from rankseg_core.viz import load_viz_run, tau_curve, write_tau
 
+    figure_format(out)
     curves = [tau_curve(load_viz_run(r, "cpu", weights)) for r in runs]
     paths = write_tau(curves, out)
     for c in curves:
         t = c.trend()
-        err.print(f"{c.label}: 1/tau rank 1 = {c.scale[0]:.3f}, rank {c.kappa} = {c.scale[-1]:.3f}, "
+        err.print(f"{show(c.label)}: 1/tau rank 1 = {c.scale[0]:.3f}, rank {c.kappa} = {c.scale[-1]:.3f}, "
                   f"Spearman rho vs rank = {t['spearman']:.2f}")
     _outputs(list(paths.values()))
 
@@ -87,7 +89,7 @@ def false_positives(
         line += (f" (baseline {summary['baseline_pred_fp_per_image']:.2f}; removed {summary['removed_per_image']:.2f}, "
                  f"added {summary['added_per_image']:.2f} per image)")
     err.print(line)
-    err.print(f"wrote {out}/fp_summary.png, fp_table.csv, fp_summary.json and per-image fp_*.png")
+    err.print(f"wrote {show(out)}/fp_summary.png, fp_table.csv, fp_summary.json and per-image fp_*.png")
 
 
 @viz_app.command("predictions")
@@ -143,5 +145,5 @@ def samples(
     res = run_samples(data, out, split=split, keys=parse_keys(keys), num=num, per_figure=per_figure)
     if res["index_mismatches"]:
         err.print(f"[yellow]warning[/]: stored class lists differ from the labels for "
-                  f"{', '.join(res['index_mismatches'][:5])}; run `rankseg verify {data}`")
+                  f"{', '.join(res['index_mismatches'][:5])}; run `rankseg verify {show(data)}`")
     _outputs([out / f for f in res["figures"]] + [out / "samples.csv", out / "samples.json"])

@@ -10,12 +10,13 @@ import sys
 import time
 from types import TracebackType
 
-from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.progress import Progress as RichProgress
 
-console = Console(stderr=True)
+from .console import make_console
+
+console = make_console(stderr=True)
 
 
 class Progress:
