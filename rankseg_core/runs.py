@@ -193,18 +193,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def save_weights(path: str | Path, model: torch.nn.Module) -> Path:
-    """Model weights as safetensors, atomically."""
-    from safetensors.torch import save_file
+    """Model weights as safetensors, written like every other run file (atomic_write_bytes).
+
+    Serialised in memory rather than with `save_file`, which writes through a private 0600
+    temp file (the weights then had other permissions than config.yaml) and reports a full
+    disk as its own exception type instead of an OSError naming the file.
+    """
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
     return path
 
 
