@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .codec import IGNORE, encode_jpeg
+from .convert.segments import panoptic_sample
 from .shards import EncodedSample, encode_sample
 
 COLOURS = {  # name -> RGB; 8 base colours x 4 textures = 32 object appearances
@@ -93,30 +94,29 @@ def _texture(kind: int, h: int, w: int, period: int) -> np.ndarray:
     return 1.0 - 0.45 * band
 
 
-def render(world: World, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one image: (H x W x 3 uint8 RGB, H x W uint16 label)."""
+def _cells(rng: np.random.Generator, size: int, n_cells: int) -> np.ndarray:
+    """H x W index of the noisy-Voronoi cell (0..n_cells-1) owning each pixel."""
     h = w = size
-    scene = rng.choice(len(world.scenes_bg), p=world.scene_weights)
-    n_obj = int(rng.integers(1, MAX_OBJECTS + 1))
-    # Within a scene, earlier objects are more frequent (long tail inside each scene too).
-    p = 1.0 / np.arange(1, CLASSES_PER_SCENE + 1)
-    objs = rng.choice(world.scenes_objects[scene], n_obj, replace=False, p=p / p.sum())
-
-    # Regions: a noisy Voronoi partition; the background owns the cells not given to objects.
-    n_cells = n_obj + int(rng.integers(2, 6))
     seeds = rng.uniform(0, size, (n_cells, 2)).astype(np.float32)
-    cell_class = np.concatenate([objs, np.full(n_cells - n_obj, world.scenes_bg[scene])])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     warp = size / 12
     ys = yy + warp * np.sin(xx / size * rng.uniform(4, 9) + rng.uniform(0, 6.3))
     xs = xx + warp * np.sin(yy / size * rng.uniform(4, 9) + rng.uniform(0, 6.3))
     d = (ys[None] - seeds[:, 0, None, None]) ** 2 + (xs[None] - seeds[:, 1, None, None]) ** 2
-    label = cell_class[np.argmin(d, axis=0)].astype(np.uint16)
+    return np.argmin(d, axis=0)
 
+
+def _paint(world: World, rng: np.random.Generator, regions: np.ndarray, region_class: np.ndarray | None) -> np.ndarray:
+    """H x W x 3 uint8 RGB: each region (value of `regions`) in its class's look with its own shade.
+
+    `region_class[r]` is region r's class; None means the regions are the classes themselves.
+    """
+    h, w = regions.shape
     image = np.zeros((h, w, 3), np.float32)
-    period = max(2, size // 32)
-    for k in np.unique(label):  # a handful of classes per image: loop over classes, not pixels
-        m = label == k
+    period = max(2, h // 32)
+    for r in np.unique(regions):  # a handful of regions per image: loop over them, not pixels
+        m = regions == r
+        k = r if region_class is None else region_class[r]
         a = world.appearance[k]
         if a < 0:
             colour = world.background_colour[k].astype(np.float32)
@@ -127,38 +127,95 @@ def render(world: World, rng: np.random.Generator, size: int) -> tuple[np.ndarra
         shade = rng.uniform(0.8, 1.1)
         image[m] = colour * (pattern[m, None] * shade)
     image += rng.normal(0, 8, image.shape)
-    image = np.clip(image, 0, 255).astype(np.uint8)
+    return np.clip(image, 0, 255).astype(np.uint8)
 
+
+def _edges(regions: np.ndarray) -> np.ndarray:
+    """H x W bool: pixels whose upper or left neighbour lies in another region."""
+    edge = np.zeros(regions.shape, bool)
+    edge[1:] |= regions[1:] != regions[:-1]
+    edge[:, 1:] |= regions[:, 1:] != regions[:, :-1]
+    return edge
+
+
+def _scene_objects(world: World, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """A scene and 1..MAX_OBJECTS distinct object classes of it."""
+    scene = rng.choice(len(world.scenes_bg), p=world.scene_weights)
+    n_obj = int(rng.integers(1, MAX_OBJECTS + 1))
+    # Within a scene, earlier objects are more frequent (long tail inside each scene too).
+    p = 1.0 / np.arange(1, CLASSES_PER_SCENE + 1)
+    return scene, rng.choice(world.scenes_objects[scene], n_obj, replace=False, p=p / p.sum())
+
+
+def render(world: World, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one image: (H x W x 3 uint8 RGB, H x W uint16 label)."""
+    scene, objs = _scene_objects(world, rng)
+    # Regions: a noisy Voronoi partition; the background owns the cells not given to objects.
+    n_cells = len(objs) + int(rng.integers(2, 6))
+    cell_class = np.concatenate([objs, np.full(n_cells - len(objs), world.scenes_bg[scene])])
+    label = cell_class[_cells(rng, size, n_cells)].astype(np.uint16)
+    image = _paint(world, rng, label, None)
     # Like real annotations, region boundaries are left unlabelled.
-    edge = np.zeros((h, w), bool)
-    edge[1:] |= label[1:] != label[:-1]
-    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
-    label[edge] = IGNORE
+    label[_edges(label)] = IGNORE
     return image, label
+
+
+MAX_INSTANCES = 12  # panoptic: object instances per image
+
+
+def render_panoptic(world: World, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one panoptic image: (H x W x 3 RGB, H x W segment ids (0 = void), class of each id).
+
+    Every object cell is an instance (a class shows 1-3 instances); the background cells
+    together are the one stuff segment, id n_instances + 1. Instances have their own shade,
+    and every boundary between segments (also between two instances of one class) is void.
+    `segment_class[i]` is the class of id i (entry 0 unused).
+    """
+    scene, objs = _scene_objects(world, rng)
+    copies = 1 + rng.binomial(2, 0.25, len(objs))
+    instances = np.repeat(objs, copies)[:MAX_INSTANCES]
+    n = len(instances)
+    n_cells = n + int(rng.integers(2, 6))
+    cell_segment = np.concatenate([np.arange(1, n + 1), np.full(n_cells - n, n + 1)])
+    segment_class = np.concatenate([[-1], instances, [world.scenes_bg[scene]]]).astype(np.int64)
+    ids = cell_segment[_cells(rng, size, n_cells)]
+    image = _paint(world, rng, ids, segment_class)
+    ids[_edges(ids)] = 0
+    return image, ids, segment_class
 
 
 SPLIT_IDS = {"train": 1, "val": 2}
 
 
-def make_sample(key: str, *, world: World, seed: int, size: int) -> EncodedSample:
+def make_sample(key: str, *, world: World, seed: int, size: int, panoptic: bool = False) -> EncodedSample:
     """Sample `key` = '{split}_{index:06d}' as it is stored in the shards."""
     split, idx = key.rsplit("_", 1)
     rng = np.random.default_rng([seed, SPLIT_IDS[split], int(idx)])
-    image, label = render(world, rng, size)
-    return encode_sample(key, encode_jpeg(image), label, world.num_classes)
+    if not panoptic:
+        image, label = render(world, rng, size)
+        return encode_sample(key, encode_jpeg(image), label, world.num_classes)
+    image, ids, segment_class = render_panoptic(world, rng, size)
+    # Every instance is a thing segment, the background the stuff one; a segment that lost
+    # all its pixels to the void boundaries is dropped.
+    records = [(i, int(c), 0) for i, c in enumerate(segment_class[1:].tolist(), 1)]
+    return panoptic_sample(key, encode_jpeg(image), ids, records, world.num_classes, key, drop_empty=True)
 
 
 def split_keys(split: str, n: int) -> list[str]:
     return [f"{split}_{i:06d}" for i in range(n)]
 
 
-def sample_maker(world: World, seed: int, size: int):
-    return functools.partial(make_sample, world=world, seed=seed, size=size)
+def sample_maker(world: World, seed: int, size: int, panoptic: bool = False):
+    return functools.partial(make_sample, world=world, seed=seed, size=size, panoptic=panoptic)
 
 
 def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_images: int | None = None,
-                      size: int = 128, seed: int = 0, opts=None) -> dict | None:
-    """Write the synthetic dataset (train + val) to `out` and return its `dataset.json`."""
+                      size: int = 128, seed: int = 0, panoptic: bool = False, opts=None) -> dict | None:
+    """Write the synthetic dataset (train + val) to `out` and return its `dataset.json`.
+
+    `panoptic`: object classes are things (each drawn object an instance), scene backgrounds
+    stuff, written as panoptic (v2) shards. Without it the output is what it always was.
+    """
     from .convert.common import ConvertOptions, run_conversion
     from .errors import UserError
     from .shards import DatasetHeader
@@ -170,10 +227,12 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
     except ValueError as exc:
         raise UserError(str(exc)) from None
     val_images = max(1, images // 5) if val_images is None else val_images
+    options = {"num_classes": num_classes, "images": images, "val_images": val_images, "size": size, "seed": seed}
+    if panoptic:  # only then: the semantic dataset.json stays byte-identical
+        options["panoptic"] = True
     header = DatasetHeader(
-        name="synthetic", class_names=list(world.names), source="rankseg synthetic generator",
-        options={"num_classes": num_classes, "images": images, "val_images": val_images,
-                 "size": size, "seed": seed})
+        name="synthetic", class_names=list(world.names), source="rankseg synthetic generator", options=options,
+        thing_classes=np.flatnonzero(world.appearance >= 0).tolist() if panoptic else None)
     splits = {"train": split_keys("train", images), "val": split_keys("val", val_images)}
-    return run_conversion(out, header, splits, sample_maker(world, seed, size),
+    return run_conversion(out, header, splits, sample_maker(world, seed, size, panoptic),
                           opts or ConvertOptions(samples_per_shard=500))
