@@ -14,6 +14,7 @@ from .data_cmds import inspect, stats_app, verify
 from . import prepare_images, prepare_video_lvis  # noqa: F401
 from .demo import demo
 from .prepare import prepare_app
+from .score_cmds import register as register_scoring
 from .train_cmds import evaluate, predict, stats_model, train
 from .viz_cmds import viz_app
 
@@ -44,6 +45,7 @@ app.command("train")(train)
 app.command("eval")(evaluate)
 app.command("predict")(predict)
 stats_app.command("model")(stats_model)
+register_scoring(app)  # eval-predictions, export, prepare detectron2
 
 
 def main() -> None:

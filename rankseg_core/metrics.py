@@ -3,6 +3,18 @@
 IoU policy: a class with union 0 (absent from both prediction and ground truth over the
 whole evaluation) has IoU NaN and is left out of the mean, as in mmseg; torchmetrics'
 Jaccard would score it 0 and drag the mean down for classes that simply never occur.
+
+Which classes enter the mean is a protocol choice (`PROTOCOLS`, docs/benchmarks/scoring.md):
+- "mmseg": classes with union > 0 (mmseg 0.x `total_area_to_metrics` + `nanmean`); a class
+  only predicted (never in the GT) counts with IoU 0.
+- "d2-old": detectron2's SemSegEvaluator up to v0.6 (before commit f3c1bc1, July 2022):
+  sum of the IoUs of the classes present in the GT, divided by the number of classes present
+  in the GT or the prediction. Same mean as "mmseg" (see `miou`), but its per-class IoU of a
+  predicted-only class is NaN, not 0.
+- "d2": detectron2 from f3c1bc1 on: mean over the classes present in the GT only, so a
+  class predicted where it never occurs costs nothing.
+All three count only pixels whose GT is not ignore (prediction pixels at ignore locations
+are dropped), which is what this matrix holds.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import numpy as np
 import torch
 
 ArrayLike = np.ndarray | torch.Tensor
+PROTOCOLS = ("mmseg", "d2-old", "d2")
 
 
 def _np(x: ArrayLike) -> np.ndarray:
@@ -62,20 +75,61 @@ class ConfusionMatrix:
     def reset(self) -> None:
         self.matrix[:] = 0
 
-    def iou(self) -> np.ndarray:
-        """Per-class IoU (K,), NaN where union == 0."""
-        tp = np.diag(self.matrix).astype(np.float64)
-        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tp, gt, pred) pixel counts per class (K,) each, float64."""
+        m = self.matrix
+        return np.diag(m).astype(np.float64), m.sum(1).astype(np.float64), m.sum(0).astype(np.float64)
 
-    def miou(self, classes: Sequence[int] | np.ndarray | None = None) -> float:
-        """Mean IoU over classes with union > 0, optionally over a subset (base / novel)."""
-        iou = self.iou()
+    def averaged(self, protocol: str = "mmseg") -> np.ndarray:
+        """K booleans: the classes a protocol's mIoU divides by (see the module docstring)."""
+        _check_protocol(protocol)
+        tp, gt, pred = self.counts()
+        return gt > 0 if protocol == "d2" else gt + pred - tp > 0
+
+    def iou(self, protocol: str = "mmseg") -> np.ndarray:
+        """Per-class IoU (K,) as the protocol reports it: "mmseg" NaN where union == 0 (a
+        predicted-only class scores 0); "d2-old" / "d2" NaN wherever the GT lacks the class."""
+        _check_protocol(protocol)
+        tp, gt, pred = self.counts()
+        union = gt + pred - tp
+        defined = union > 0 if protocol == "mmseg" else gt > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(defined, tp / np.maximum(union, 1), np.nan)
+
+    def miou(self, classes: Sequence[int] | np.ndarray | None = None, protocol: str = "mmseg") -> float:
+        """Mean IoU under `protocol`, optionally over a subset of classes (base / novel, a
+        frequency group): the subset's classes that the protocol averages over.
+
+        "mmseg" and "d2-old" give the same number: with ignore pixels excluded from both
+        sides, union > 0 iff GT + prediction > 0 (tp <= min(gt, pred)), and a predicted-only
+        class has tp = 0, so its 0 adds nothing to mmseg's sum and detectron2's sum skips it.
+        """
+        tp, gt, pred = self.counts()
+        union = gt + pred - tp
+        keep = self.averaged(protocol)
         if classes is not None:
-            iou = iou[np.asarray(classes, dtype=np.int64)]
-        valid = ~np.isnan(iou)
-        return float(iou[valid].mean()) if valid.any() else float("nan")
+            subset = np.zeros_like(keep)
+            subset[np.asarray(classes, dtype=np.int64)] = True
+            keep &= subset
+        if not keep.any():
+            return float("nan")
+        return float((tp[keep] / union[keep]).mean())  # union > 0 on every kept class
+
+    def fwiou(self) -> float:
+        """Frequency-weighted IoU (detectron2): sum over GT classes of IoU x GT pixel share.
+        The same under every protocol: classes absent from the GT have weight 0."""
+        tp, gt, pred = self.counts()
+        has = gt > 0
+        total = gt.sum()
+        if not total:
+            return float("nan")
+        return float(np.sum(tp[has] / (gt + pred - tp)[has] * gt[has] / total))
+
+    def macc(self) -> float:
+        """Mean of the per-class accuracies over classes with GT pixels (mmseg mAcc, d2 mACC)."""
+        acc = self.acc()
+        valid = ~np.isnan(acc)
+        return float(acc[valid].mean()) if valid.any() else float("nan")
 
     def acc(self) -> np.ndarray:
         """Per-class pixel accuracy (recall) (K,), NaN for classes without GT pixels."""
@@ -87,6 +141,11 @@ class ConfusionMatrix:
         """Overall pixel accuracy over labelled pixels."""
         total = self.matrix.sum()
         return float(np.diag(self.matrix).sum() / total) if total else float("nan")
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown mIoU protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
 
 
 def _ap_one(scores: np.ndarray, positive: np.ndarray) -> float:

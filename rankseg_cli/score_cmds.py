@@ -1,0 +1,71 @@
+"""`rankseg eval-predictions` (score any model's label files) and `rankseg export` (shards ->
+the directory layouts detectron2-based projects read). Thin commands over rankseg_core.score
+and rankseg_core.export. Register with `score_cmds.register(app)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .common import err, out, show, user_errors
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+@user_errors
+def eval_predictions(
+    pred_dir: Annotated[Path, typer.Argument(help="Directory of prediction label files (PNG/TIFF, 8 or 16 bit, train ids), one per image.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Shard directory holding the ground truth.")],
+    split: Annotated[str, typer.Option("--split", help="Split the predictions are for.")] = "val",
+    protocol: Annotated[str, typer.Option("--protocol", help="mIoU average: mmseg (classes with union > 0), d2-old (detectron2 <= v0.6), d2 (detectron2 >= July 2022: classes in the GT).")] = "mmseg",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Report JSON (default PRED_DIR/../<PRED_DIR name>_scores.json); CSVs go next to it.")] = None,
+    groups: Annotated[str, typer.Option("--groups", help="Split results by class frequency: auto, lvis, train-frequency or none.")] = "auto",
+    train_data: Annotated[Optional[Path], typer.Option("--train-data", help="Shards holding the training split, for --groups train-frequency (default: --data).")] = None,
+    train_split: Annotated[Optional[str], typer.Option("--train-split", help="Name of the training split (default: training or train).")] = None,
+    pred_offset: Annotated[int, typer.Option("--pred-offset", help="Files store class id + N (mmseg's format_results writes id + 1).")] = 0,
+    allow_extra: Annotated[bool, typer.Option("--allow-extra", help="Ignore prediction files that match no image of the split.")] = False,
+) -> None:
+    """Score a directory of predicted label maps against shards: mIoU (three averaging rules),
+    aAcc, mAcc, fwIoU, per-class IoU / accuracy, and mIoU by class-frequency group.
+
+    A file matches a sample when its name is the sample key as `rankseg eval --save-predictions`
+    writes it ('/' -> '__'), the key as a relative path, or the plain image stem; anything
+    ambiguous, missing or extra is refused with one line.
+
+    Examples:\n
+      [bold]rankseg eval --save-predictions preds/ runs/adefull && rankseg eval-predictions preds/ --data shards/ade847[/]\n
+      [bold]rankseg eval-predictions catseg_a847/ --data shards/ade847 --split validation --protocol d2[/]\n
+      [bold]rankseg eval-predictions rankseg_lvis/ --data shards/coco_lvis --pred-offset 1 --json lvis.json[/]
+    """
+    from rankseg_core.score import report, score_predictions, write_reports
+
+    res = score_predictions(pred_dir, data, split, protocol=protocol, groups=groups, train_data=train_data,
+                            train_split=train_split, pred_offset=pred_offset, allow_extra=allow_extra)
+    rep = report(res)
+    path = json_out or pred_dir.resolve().parent / f"{pred_dir.resolve().name}_scores.json"
+    paths = write_reports(path, rep)
+    t = Table("metric", "value")
+    t.add_row(f"mIoU ({protocol})", _fmt(rep["miou"]))
+    for q, v in rep["miou_by_protocol"].items():
+        if q != protocol:
+            t.add_row(f"  mIoU under {q}", _fmt(v))
+    t.add_row("aAcc (pACC)", _fmt(rep["aacc"]))
+    t.add_row("mAcc", _fmt(rep["macc"]))
+    t.add_row("fwIoU", _fmt(rep["fwiou"]))
+    for name, g in rep["groups"].items():
+        t.add_row(f"mIoU {name} ({g['classes_averaged']}/{g['num_classes']} classes)", _fmt(g["miou"]))
+    t.add_row("images", str(rep["num_images"]))
+    out.print(t)
+    if rep["groups"]:
+        err.print(f"groups: {show(rep['group_rule'])}")
+    err.print(f"wrote {show(paths[0])}, {show(paths[1].name)} and {show(paths[2].name)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval-predictions")(eval_predictions)
