@@ -16,6 +16,7 @@ half-written config or checkpoint; metrics.jsonl is append-only, one flushed lin
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, replace
@@ -78,19 +79,6 @@ class RunPaths:
 
 def run_paths(run_dir: str | Path) -> RunPaths:
     return RunPaths(Path(run_dir))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems / platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,17 +154,19 @@ def truncate_metrics(run_dir: str | Path, iteration: int) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """torch.save to `<path>.tmp`, fsync, rename. `state` must hold only tensors, numbers,
-    strings, lists and dicts, so that `torch.load(weights_only=True)` can read it back."""
+    """torch.save into memory, then `atomic_write_bytes` (tmp, fsync, rename). `state` must
+    hold only tensors, numbers, strings, lists and dicts, so that `torch.load(weights_only=True)`
+    can read it back.
+
+    Serialised in memory because torch.save into a file on a full disk raises a RuntimeError
+    that names neither the file nor the reason; the atomic write reports an OSError naming
+    the file, removes its temp file and leaves the previous checkpoint as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
