@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
 from .common import ConvertOptions, run_conversion
+from .geometry import GeometryError, check_image_size, compressed_rle
 from .source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
 
 SPLITS = ("train", "valid", "test")
@@ -51,22 +52,6 @@ def categories_of(doc: dict, path: Path) -> list[tuple[int, str]]:
     return pairs
 
 
-def to_rle(seg: object, h: int, w: int) -> dict:
-    """A YouTube-VIS segmentation (uncompressed or compressed RLE, or polygons) -> compressed RLE."""
-    if isinstance(seg, list):  # polygons
-        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
-        raise ValueError("segmentation is neither RLE {counts, size} nor polygons")
-    if list(seg["size"]) != [h, w]:
-        raise ValueError(f"RLE size {seg['size']} differs from the video size {[h, w]}")
-    if isinstance(seg["counts"], list):
-        if sum(seg["counts"]) != h * w:
-            raise ValueError(f"RLE counts sum to {sum(seg['counts'])}, not {h}*{w}")
-        return mask_utils.frPyObjects(seg, h, w)
-    counts = seg["counts"]
-    return {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
-
-
 # (track id, train id, iscrowd, compressed RLE counts)
 Track = tuple[int, int, int, str]
 
@@ -75,11 +60,14 @@ Track = tuple[int, int, int, str]
 class YtvisMaker:
     """Builds one frame's sample; picklable for spawned workers."""
 
-    frames: dict[str, tuple[str, str, int, int, int, list[Track]]]  # key -> (video, path, t, h, w, tracks)
+    # key -> (video, path, t, h, w, tracks, error or ""): the error of malformed geometry
+    frames: dict[str, tuple[str, str, int, int, int, list[Track], str]]
     num_classes: int
 
     def __call__(self, key: str) -> EncodedSample:
-        video, path, t, h, w, tracks = self.frames[key]
+        video, path, t, h, w, tracks, error = self.frames[key]
+        if error:  # malformed geometry was never handed to pycocotools
+            raise SampleError(error)
         data = read_bytes(path, "frame")
         pixels = decode_jpeg(data, path)  # SampleError for corrupt / truncated frames
         if pixels.shape[:2] != (h, w):
@@ -105,45 +93,54 @@ def index_split(doc: dict, path: Path, frames_dir: Path, cat_ids: dict[int, int]
     if not isinstance(videos, list) or not isinstance(anns, list):
         raise UserError(f"{path}: not a YouTube-VIS JSON (needs a 'videos' list)")
     per_video: dict[int, tuple[str, int, int, list[str]]] = {}
+    errors: dict[tuple[int, int], str] = {}  # (video, frame) -> first geometry problem
     for v in videos:
         try:
-            vid, h, w, names = int(v["id"]), int(v["height"]), int(v["width"]), list(v["file_names"])
+            vid, h, w, names = int(v["id"]), v["height"], v["width"], list(v["file_names"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: video entry {str(v)[:80]} lacks id/height/width/file_names") from None
         if not names:
             raise UserError(f"{path}: video {vid} has no file_names")
-        per_video[vid] = (Path(names[0]).parent.name, h, w, names)
+        video = Path(names[0]).parent.name
+        try:
+            h, w = check_image_size(h, w)
+        except GeometryError as exc:
+            errors.update({(vid, t): f"{path}: video {vid} ({video}): {exc}" for t in range(len(names))})
+            h, w = 0, 0
+        per_video[vid] = (video, h, w, names)
     tracks: dict[int, list[list[Track]]] = {vid: [[] for _ in per_video[vid][3]] for vid in per_video}
     for a in anns:
         try:
             vid, cat, tid = int(a["video_id"]), int(a["category_id"]), int(a["id"])
-            segs = a["segmentations"]
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: annotation {a.get('id')} lacks id/video_id/category_id/segmentations") from None
+            segs, crowd = a["segmentations"], int(a.get("iscrowd", 0) or 0)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"{path}: annotation {str(a.get('id') if isinstance(a, dict) else a)[:40]} lacks "
+                            "id/video_id/category_id/segmentations (or has a non-integer iscrowd)") from None
         if cat not in cat_ids:
             raise UserError(f"{path}: annotation {tid} has unknown category id {cat} (known: "
                             f"{min(cat_ids)}..{max(cat_ids)}): fix the file or pass the official JSON")
         if vid not in per_video:
             raise UserError(f"{path}: annotation {tid} refers to video {vid}, which is not in 'videos'")
-        _, h, w, names = per_video[vid]
+        video, h, w, names = per_video[vid]
         if not isinstance(segs, list) or len(segs) != len(names):
             raise UserError(f"{path}: annotation {tid} has {len(segs) if isinstance(segs, list) else 'no'} "
                             f"segmentations for the {len(names)} frames of video {vid}")
         for t, seg in enumerate(segs):
-            if seg is None:
+            if seg is None or (vid, t) in errors:
                 continue
             try:
-                counts = to_rle(seg, h, w)["counts"].decode()
-            except (ValueError, TypeError) as exc:
-                raise UserError(f"{path}: annotation {tid}, frame {t}: {exc}") from None
-            tracks[vid][t].append((tid, cat_ids[cat], int(a.get("iscrowd", 0) or 0), counts))
+                counts = compressed_rle(seg, h, w)["counts"].decode()
+            except GeometryError as exc:  # this frame's sample fails, the others convert
+                errors[(vid, t)] = f"{path}: video {vid} ({video}), frame {t}, annotation {tid}: {exc}"
+                continue
+            tracks[vid][t].append((tid, cat_ids[cat], crowd, counts))
     keys = []
     for vid, (video, h, w, names) in per_video.items():
         for t, name in enumerate(names):
             key = f"{video}/{Path(name).stem}"
             if key in frames:
                 raise UserError(f"{path}: frame {name} is listed twice")
-            frames[key] = (video, str(frames_dir / name), t, h, w, tracks[vid][t])
+            frames[key] = (video, str(frames_dir / name), t, h, w, tracks[vid][t], errors.get((vid, t), ""))
             keys.append(key)
     return keys
 
