@@ -36,7 +36,7 @@ def convert_options(workers: int, num_shards: int, shard_index: int | None, limi
 def report(index: dict | None, out: Path) -> None:
     """Closing lines of a conversion: where the shards are, how many samples, what was skipped."""
     if index is None:
-        err.print(f"part written to {show(out)}; run the command again without --shard-index "
+        err.print(f"this part of {show(out)} is done; run the command again without --shard-index "
                   "once every part is done to assemble dataset.json")
         return
     for split, s in index["splits"].items():

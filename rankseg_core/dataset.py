@@ -133,12 +133,13 @@ class ShardIndex:
         return f
 
     def class_counts_only(self, split: str) -> np.ndarray:
-        """Number of classes per image, reading only `class_offsets` (fast path for stats)."""
+        """Number of classes per image, reading only the class lists and sizes (fast path for stats)."""
         out = []
         for si, p in enumerate(self.shard_paths(split)):
             with self.open_checked(split, si) as f:
-                offs = _read(f, "class_offsets", p)
-                check_shard_values(p, self.num_classes, offs, len(f["classes"]))
+                offs, classes, heights, widths = (_read(f, name, p) for name in
+                                                  ("class_offsets", "classes", "height", "width"))
+            check_shard_values(p, self.num_classes, offs, len(classes), classes, heights, widths)
             out.append(np.diff(offs))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 

@@ -76,6 +76,8 @@ def test_verify_exit_1_names_shard_and_sample(tmp_path: Path) -> None:
     (["stats", "class-cdf", "/nonexistent/shards"], ["/nonexistent/shards"]),
     (["prepare", "synthetic", "--out", "{tmp}/o", "--num-classes", "10"], ["--num-classes >= 40"]),
     (["prepare", "synthetic", "--out", "{tmp}/o", "--size", "50"], ["--size"]),
+    (["prepare", "synthetic", "--out", "{tmp}/o", "--samples-per-shard", "0"], ["--samples-per-shard must be >= 1"]),
+    (["prepare", "synthetic", "--out", "{tmp}/o", "--num-classes", "65536"], ["--num-classes must be at most 65535"]),
 ])
 def test_bad_input_one_line(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
     res = run(*[a.replace("{tmp}", str(tmp_path)) for a in args])

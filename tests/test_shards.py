@@ -243,3 +243,49 @@ def test_equal_length_blobs_round_trip(tmp_path: Path, n: int) -> None:
     run_conversion(tmp_path / "d", _header(), {"train": keys}, _constant_sample, ConvertOptions())
     ds = ShardDataset(tmp_path / "d", "train")
     assert [ds.raw(i)[0] for i in range(n)] == [b"\xff\xd8same"] * n
+
+
+def test_class_count_limits() -> None:
+    """K is 1..65535: train ids must fit uint16 below the ignore value 65535."""
+    assert DatasetHeader("k", ["c"] * 65535).num_classes == 65535
+    for k in (0, 65536):
+        with pytest.raises(UserError, match="K must be 1..65535"):
+            DatasetHeader("k", ["c"] * k)
+
+
+def test_idle_shard_index_part_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A SLURM array task whose part has no shard: a one-line note, no error, nothing written."""
+    keys = [f"k{i:02d}" for i in range(10)]  # 3 shards of 4
+    opts = ConvertOptions(samples_per_shard=4, num_shards=8, shard_index=7)
+    assert run_conversion(tmp_path / "d", _header(), {"train": keys}, _random_sample, opts) is None
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--shard-index 7 has nothing to write" in err and "only parts 0..2 of --num-shards 8" in err
+    assert not list((tmp_path / "d").glob("*.h5*"))
+    # Parts 0..2 then the assembly give the whole dataset.
+    for part in range(3):
+        run_conversion(tmp_path / "d", _header(), {"train": keys}, _random_sample,
+                       ConvertOptions(samples_per_shard=4, num_shards=8, shard_index=part))
+    index = run_conversion(tmp_path / "d", _header(), {"train": keys}, _random_sample,
+                           ConvertOptions(samples_per_shard=4, num_shards=8))
+    assert index["splits"]["train"]["num_samples"] == 10
+
+
+def test_damaged_sidecar_is_one_line(tmp_path: Path) -> None:
+    keys = [f"k{i:02d}" for i in range(4)]
+    for part in (0, 1):
+        run_conversion(tmp_path / "d", _header(), {"train": keys}, _random_sample,
+                       ConvertOptions(samples_per_shard=2, num_shards=2, shard_index=part))
+    side = tmp_path / "d" / "train-00001-of-00002.h5.json"
+    side.write_text('{"file": "train-00001-of-00002.h5", "bytes": NaN}')
+    # The damaged shard counts as unfinished: it is converted again and the sidecar rewritten.
+    index = run_conversion(tmp_path / "d", _header(), {"train": keys}, _random_sample,
+                           ConvertOptions(samples_per_shard=2))
+    assert index["splits"]["train"]["num_samples"] == 4
+    assert not verify_shards_list(tmp_path / "d")
+
+
+def test_damaged_marker_is_one_line(tmp_path: Path) -> None:
+    make_synthetic(tmp_path / "a", images=4)
+    (tmp_path / "a" / ".rankseg-shards.json").write_text("{")
+    with pytest.raises(UserError, match="rankseg-shards.json is damaged"):
+        make_synthetic(tmp_path / "a", images=4)
