@@ -190,3 +190,29 @@ def test_inspect_jsonl_shows_segment_counts(tmp_path: Path) -> None:
     assert [r["segments"] for r in recs] == [3, 3, 3, 3]
     res = CliRunner().invoke(app, ["inspect", str(root)])
     assert res.exit_code == 0 and "format v2" in res.output and "2 thing / 3 stuff" in res.output
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(thing_classes=[3, 1]), "thing_classes must be sorted distinct train ids"),
+    (lambda m: m.update(thing_classes=[1, 5]), "thing_classes must be sorted distinct train ids in 0..4"),
+    (lambda m: m.pop("panoptic"), "version 2 index must say"),
+    (lambda m: m.update(version=1), "panoptic / thing_classes need format version 2"),
+])
+def test_v2_index_fields_are_checked(tmp_path: Path, change, message: str) -> None:
+    root = _write(tmp_path / "d")
+    meta = json.loads((root / "dataset.json").read_text())
+    change(meta)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=message):
+        ShardIndex(root)
+    assert message in " ".join(list(verify_shards(root))[0].split())
+
+
+def test_v2_shard_without_segments_is_refused(tmp_path: Path) -> None:
+    root = _write(tmp_path / "d")
+    with h5py.File(root / "train-00000-of-00002.h5", "r+") as f:
+        del f["segments"]
+    _tamper(root, 0)
+    res = CliRunner().invoke(app, ["inspect", str(root), "--jsonl"])
+    assert res.exit_code == 2 and "array 'segments' is missing" in " ".join(res.output.split())
+    assert "array 'segments' is missing" in list(verify_shards(root))[0]
