@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from rankseg_core.convert.common import default_workers
+from rankseg_core.errors import UserError
 
 from .common import RERUN_RESUMES, user_errors
 from .prepare import (Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options,
@@ -100,7 +101,11 @@ def coco_stuff(
 def pascal_context(
     root: Root,
     out: Out,
-    classes: Annotated[int, typer.Option("--classes", help="59 (background ignored) or 60 (background = class 0).")] = 59,
+    classes: Annotated[int, typer.Option("--classes", help="59 (background ignored), 60 (background = class 0) or, with --from-mat, 459.")] = 59,
+    from_mat: Annotated[bool, typer.Option("--from-mat", help="Read the release's trainval/*.mat label maps (459 classes) instead of mmseg's PNG masks.")] = False,
+    mat_dir: Annotated[Optional[Path], typer.Option("--mat-dir", help="--from-mat: the extracted trainval/ folder (default ROOT/trainval).")] = None,
+    train_list: Annotated[Optional[Path], typer.Option("--train-list", help="--from-mat: train image ids (default ROOT/ImageSets/Main/train.txt, 4,998).")] = None,
+    val_list: Annotated[Optional[Path], typer.Option("--val-list", help="--from-mat: val image ids (default ROOT/ImageSets/Main/val.txt, 5,105).")] = None,
     workers: Workers = default_workers(),
     num_shards: NumShards = 1,
     shard_index: ShardIndex = None,
@@ -108,13 +113,27 @@ def pascal_context(
     on_error: OnError = "fail",
     samples_per_shard: PerShard = 1000,
 ) -> None:
-    """PASCAL-Context 59/60 (VOC2010 images with mmsegmentation's SegmentationClassContext masks).
+    """PASCAL-Context 59/60 (VOC2010 images with mmsegmentation's SegmentationClassContext masks), or
+    459/59/60 straight from the release's .mat label maps with --from-mat.
 
-    Layout: ROOT = VOCdevkit/VOC2010 with JPEGImages/*.jpg, SegmentationClassContext/*.png and ImageSets/SegmentationContext/{train,val}.txt.
+    Layout: ROOT = VOCdevkit/VOC2010 with JPEGImages/*.jpg, SegmentationClassContext/*.png and ImageSets/SegmentationContext/{train,val}.txt;
+    with --from-mat: JPEGImages/*.jpg, ImageSets/Main/{train,val}.txt and trainval/*.mat (+ labels.txt) from trainval.tar.gz.
 
-    Example: [bold]rankseg prepare pascal-context --root data/VOCdevkit/VOC2010 --out shards/pc59[/]
+    Examples:\n
+      [bold]rankseg prepare pascal-context --root data/VOCdevkit/VOC2010 --out shards/pc59[/]\n
+      [bold]rankseg prepare pascal-context --from-mat --classes 459 --root data/VOCdevkit/VOC2010 --out shards/pc459[/]\n
+      [bold]... --from-mat --val-list data/VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt[/] (the 5,104 images of the Detail-API pipelines)
     """
+    opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
+    if from_mat:
+        from rankseg_core.convert.pascal_context import prepare_pascal_context_mat
+
+        lists = {s: p for s, p in (("train", train_list), ("val", val_list)) if p is not None}
+        report(prepare_pascal_context_mat(root, out, classes, mat_dir=mat_dir, lists=lists, opts=opts), out)
+        return
+    if classes == 459 or mat_dir or train_list or val_list:
+        raise UserError("--classes 459, --mat-dir, --train-list and --val-list read the release's .mat files: "
+                        "add --from-mat")
     from rankseg_core.convert.png_datasets import prepare_pascal_context
 
-    opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
     report(prepare_pascal_context(root, out, classes, opts), out)
