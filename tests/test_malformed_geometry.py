@@ -23,36 +23,10 @@ from rankseg_core.convert.youtube_vis import prepare_youtube_vis
 from rankseg_core.errors import UserError
 from rankseg_core.verify import verify_shards
 from conftest import assert_one_line_error
-from video_lvis_trees import (coco_image, read_samples, rect, rle_str, rle_uncompressed, stuff_doc, v1_categories,
-                              write_jpeg, write_json, ytvis_frames)
+from video_lvis_trees import H, W, lvis_tree, read_samples, rect, rle_str, rle_uncompressed, write_docs, write_json, ytvis_frames
 
 SKIP = ConvertOptions(workers=0, on_error="skip")
 FAIL = ConvertOptions(workers=0)
-H, W = 16, 18  # image 2, the one every case breaks
-
-
-def lvis_tree(root: Path) -> tuple[Path, dict, dict]:
-    """Images 1 (20 x 24) and 2 (H x W), two LVIS annotations each (id 7 on image 2), stuff
-    for both. Returns (coco root, LVIS doc, stuff doc); write them with `write_docs`."""
-    coco = root / "coco"
-    write_jpeg(coco / "val2017" / "000000000001.jpg", 20, 24)
-    write_jpeg(coco / "val2017" / "000000000002.jpg", H, W, seed=1)
-    imgs = [coco_image(1, 20, 24, "val2017"), coco_image(2, H, W, "val2017")]
-    anns = [{"id": 5, "image_id": 1, "category_id": 3, "segmentation": [rect(2, 2, 16, 10)]},
-            {"id": 6, "image_id": 2, "category_id": 9, "segmentation": [rect(1, 1, 8, 8)]},
-            {"id": 7, "image_id": 2, "category_id": 11, "segmentation": [rect(4, 4, 14, 12), rect(0, 12, 3, 16)]},
-            {"id": 8, "image_id": 1, "category_id": 12, "segmentation": [[-2.5, -1, 30, 3, 12, 25.5]]}]
-    field1, field2 = np.zeros((20, 24), bool), np.zeros((H, W), bool)
-    field1[:, 12:] = True
-    field2[5:] = True
-    stuff = [(1, 157, field1), (1, 165, ~field1), (2, 157, field2), (2, 183, ~field2)]
-    return coco, {"images": imgs, "annotations": anns, "categories": v1_categories()}, stuff_doc(imgs, stuff)
-
-
-def write_docs(root: Path, lvis: dict, stuff: dict) -> tuple[Path, Path]:
-    return write_json(root / "lvis_v1_val.json", lvis), write_json(root / "stuff_val2017.json", stuff)
-
-
 # (name, which JSON, how to break it); LVIS cases replace annotation 7's segmentation, stuff
 # cases the segmentation of image 2's first stuff annotation (id 3).
 ZIGZAG = [0, 0, W, H] * 300 + [0, 0]

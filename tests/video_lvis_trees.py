@@ -98,6 +98,31 @@ def stuff_doc(images: list[dict], anns: list[tuple[int, int, np.ndarray]]) -> di
                             for i, (iid, k, m) in enumerate(anns)]}
 
 
+H, W = 16, 18  # image 2 of `lvis_tree`
+
+
+def lvis_tree(root: Path) -> tuple[Path, dict, dict]:
+    """Images 1 (20 x 24) and 2 (H x W), two LVIS annotations each (id 7 on image 2), stuff
+    for both. Returns (coco root, LVIS doc, stuff doc); write them with `write_docs`."""
+    coco = root / "coco"
+    write_jpeg(coco / "val2017" / "000000000001.jpg", 20, 24)
+    write_jpeg(coco / "val2017" / "000000000002.jpg", H, W, seed=1)
+    imgs = [coco_image(1, 20, 24, "val2017"), coco_image(2, H, W, "val2017")]
+    anns = [{"id": 5, "image_id": 1, "category_id": 3, "segmentation": [rect(2, 2, 16, 10)]},
+            {"id": 6, "image_id": 2, "category_id": 9, "segmentation": [rect(1, 1, 8, 8)]},
+            {"id": 7, "image_id": 2, "category_id": 11, "segmentation": [rect(4, 4, 14, 12), rect(0, 12, 3, 16)]},
+            {"id": 8, "image_id": 1, "category_id": 12, "segmentation": [[-2.5, -1, 30, 3, 12, 25.5]]}]
+    field1, field2 = np.zeros((20, 24), bool), np.zeros((H, W), bool)
+    field1[:, 12:] = True
+    field2[5:] = True
+    stuff = [(1, 157, field1), (1, 165, ~field1), (2, 157, field2), (2, 183, ~field2)]
+    return coco, {"images": imgs, "annotations": anns, "categories": v1_categories()}, stuff_doc(imgs, stuff)
+
+
+def write_docs(root: Path, lvis: dict, stuff: dict) -> tuple[Path, Path]:
+    return write_json(root / "lvis_v1_val.json", lvis), write_json(root / "stuff_val2017.json", stuff)
+
+
 # --------------------------------------------------------------------------- VSPW
 
 
