@@ -11,7 +11,7 @@ from rankseg_core import __version__
 from .common import new_app
 from .data_cmds import inspect, stats_app, verify
 # Importing these registers their `prepare <dataset>` commands on prepare_app.
-from . import prepare_images, prepare_video_lvis  # noqa: F401
+from . import prepare_images, prepare_panoptic, prepare_video_lvis  # noqa: F401
 from .demo import demo
 from .prepare import prepare_app
 from .score_cmds import register as register_scoring

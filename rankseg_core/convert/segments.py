@@ -40,13 +40,13 @@ def panoptic_sample(key: str, image: bytes, ids: np.ndarray, records: Sequence[t
     for v, c in zip(present.tolist(), counts.tolist()):
         if v:
             area[position[v]] = c
-    for r, a in zip(records, area.tolist()):
-        if len(r) > 3 and r[3] is not None and r[3] != a:
-            raise SampleError(f"{where}: segment {r[0]} has area {r[3]} in the JSON but {a} pixels in the PNG")
     keep = area > 0
     if not keep.all() and not drop_empty:
         sid = int(seg_ids[~keep][0])
         raise SampleError(f"{where}: segment {sid} has a record but no pixel in the PNG")
+    for r, a in zip(records, area.tolist()):
+        if len(r) > 3 and r[3] is not None and r[3] != a:
+            raise SampleError(f"{where}: segment {r[0]} has area {r[3]} in the JSON but {a} pixels in the PNG")
     # new index (1..n over kept records in order) of every record, 0 for dropped ones
     new_index = np.where(keep, np.cumsum(keep), 0)
     lut = np.array([new_index[position[v]] if v else 0 for v in present.tolist()], np.int64)

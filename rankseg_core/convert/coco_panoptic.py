@@ -1,0 +1,180 @@
+"""COCO panoptic 2017 (133 categories: 80 things, 53 stuff) -> panoptic shards (v2).
+
+Inputs, as released (detectron2's layout): `annotations/panoptic_{train,val}2017.json`, the
+PNGs in `panoptic_{train,val}2017/` (or `annotations/panoptic_{train,val}2017/`, where the
+release's inner zip unpacks), the images in `{train,val}2017/`. A PNG pixel holds the segment
+id R + 256 G + 256^2 B (0 = unlabelled); the JSON's `segments_info` gives each id its
+category, `iscrowd`, `area` and `bbox`.
+
+Train ids are the categories' positions in the official list (detectron2's contiguous ids);
+the official ids are kept in `dataset.json` (`options.category_ids`) for exporting
+predictions. Every inconsistency between a PNG and its records is that sample's error
+(docs/datasets.md#coco-panoptic); a broken JSON stops the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import UserError
+from ..resources import load_json as load_dataset_json
+from ..shards import DatasetHeader, EncodedSample, SampleError
+from .common import ConvertOptions, run_conversion
+from .segments import panoptic_sample
+from .source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
+from ..panoptic_format import rgb2id
+
+SPLITS = ("train", "val")
+LAYOUT = ("COCO root with annotations/panoptic_{train,val}2017.json, panoptic_{train,val}2017/*.png "
+          "(or annotations/panoptic_{train,val}2017/) and {train,val}2017/*.jpg")
+
+
+def class_table() -> tuple[list[dict], str]:
+    doc = load_dataset_json("coco_panoptic/classes.json")
+    return doc["classes"], doc["source"]
+
+
+def decode_panoptic_png(data: bytes, path: str | Path) -> np.ndarray:
+    """H x W int64 segment ids of a COCO panoptic PNG (8-bit RGB)."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise SampleError(f"{path}: corrupt or unsupported panoptic PNG: re-extract it from the release")
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise SampleError(f"{path}: expected an 8-bit RGB panoptic PNG (id = R + 256 G + 256^2 B), got "
+                          f"{img.dtype} with shape {img.shape}")
+    return rgb2id(img[..., ::-1])
+
+
+@dataclass
+class CocoPanopticMaker:
+    """Builds one sample from its key (the image file stem); picklable for spawned workers."""
+
+    images: dict[str, tuple[str, str, int, int, list]]  # key -> (image path, png path, h, w, segments_info)
+    category_to_train: dict[int, int]
+    num_classes: int
+
+    def __call__(self, key: str) -> EncodedSample:
+        img_path, png_path, h, w, segments = self.images[key]
+        data = read_bytes(img_path, "image")
+        pixels = decode_jpeg(data, img_path)
+        if pixels.shape[:2] != (h, w):
+            raise SampleError(f"{img_path}: image is {pixels.shape[1]}x{pixels.shape[0]} (W x H), the JSON "
+                              f"says {w}x{h}: the image and the JSON do not belong together")
+        ids = decode_panoptic_png(read_bytes(png_path, "panoptic PNG"), png_path)
+        if ids.shape != (h, w):
+            raise SampleError(f"{png_path}: panoptic PNG is {ids.shape[1]}x{ids.shape[0]} but its image is "
+                              f"{w}x{h} (W x H): the pair does not belong together")
+        return panoptic_sample(key, stored_image_bytes(data, pixels), ids, self.records(segments, png_path),
+                               self.num_classes, str(png_path))
+
+    def records(self, segments: object, where: Path | str) -> list[tuple[int, int, int, int | None]]:
+        """(id, train id, iscrowd, JSON area or None) per record; SampleError for a bad record."""
+        if not isinstance(segments, list):
+            raise SampleError(f"{where}: segments_info of this image is not a list")
+        out = []
+        for s in segments:
+            try:
+                sid, cat, crowd = (s[k] for k in ("id", "category_id", "iscrowd"))
+                area = s.get("area")
+                if any(isinstance(v, bool) or not isinstance(v, int) for v in (sid, cat, crowd)) \
+                        or (area is not None and (isinstance(area, bool) or not isinstance(area, (int, float)))):
+                    raise TypeError
+            except (KeyError, TypeError, AttributeError):
+                raise SampleError(f"{where}: segment record {str(s)[:80]} needs integer id, category_id "
+                                  "and iscrowd") from None
+            if cat not in self.category_to_train:
+                raise SampleError(f"{where}: segment {sid} has category_id {cat}, not one of the 133 COCO "
+                                  "panoptic categories")
+            if crowd not in (0, 1):
+                raise SampleError(f"{where}: segment {sid} has iscrowd {crowd}; it must be 0 or 1")
+            out.append((sid, self.category_to_train[cat], crowd, None if area is None else int(area)))
+        return out
+
+
+def _check_categories(doc: dict, path: Path, table: list[dict]) -> None:
+    cats = doc.get("categories")
+    if cats is None:
+        return
+    try:
+        theirs = sorted((int(c["id"]), int(c["isthing"])) for c in cats)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: 'categories' entries need integer 'id' and 'isthing'") from None
+    if theirs != sorted((c["id"], c["isthing"]) for c in table):
+        raise UserError(f"{path}: its categories are not the 133 COCO panoptic 2017 categories (ids and "
+                        "isthing of panoptic_coco_categories.json): pass the official panoptic JSON")
+
+
+def _find_png_dir(root: Path, split: str) -> Path:
+    for d in (root / f"panoptic_{split}2017", root / "annotations" / f"panoptic_{split}2017"):
+        if d.is_dir():
+            return d
+    raise UserError(f"{root}: no panoptic_{split}2017/ folder of PNGs (nor annotations/panoptic_{split}2017/): "
+                    f"unzip annotations/panoptic_{split}2017.zip ({LAYOUT})")
+
+
+def index_split(root: Path, split: str, table: list[dict], images: dict, seen: dict[str, str],
+                hint: str = "") -> list[str]:
+    """Read one split's JSON; add its samples to `images`; return the split's keys."""
+    json_path = root / "annotations" / f"panoptic_{split}2017.json"
+    if not json_path.is_file():
+        raise UserError(f"{json_path}: no such file: {root} does not have the expected layout ({LAYOUT}){hint}")
+    image_dir = root / f"{split}2017"
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir}: no such directory: {root} does not have the expected layout ({LAYOUT})")
+    png_dir = _find_png_dir(root, split)
+    doc = load_json(json_path, "COCO panoptic JSON")
+    if not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
+        raise UserError(f"{json_path}: not a COCO panoptic annotation file (needs 'images' and 'annotations' lists)")
+    _check_categories(doc, json_path, table)
+    by_id: dict[object, tuple[str, int, int]] = {}
+    for img in doc["images"]:
+        try:
+            iid, name, h, w = img["id"], str(img["file_name"]), int(img["height"]), int(img["width"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{json_path}: image entry {str(img)[:80]} lacks id/file_name/height/width") from None
+        if iid in by_id:
+            raise UserError(f"{json_path}: image id {iid} is listed twice in 'images'")
+        by_id[iid] = (name, h, w)
+    keys = []
+    for ann in doc["annotations"]:
+        try:
+            iid, png = ann["image_id"], str(ann["file_name"])
+            segments = ann["segments_info"]
+        except (KeyError, TypeError):
+            raise UserError(f"{json_path}: annotation {str(ann)[:80]} lacks image_id/file_name/segments_info") from None
+        if iid not in by_id:
+            raise UserError(f"{json_path}: annotation {png} refers to image {iid}, which is not in its 'images'")
+        name, h, w = by_id[iid]
+        key = Path(name).stem
+        if key in seen:
+            raise UserError(f"{json_path}: image {name} has two annotations (or is also in {seen[key]})")
+        seen[key] = json_path.name
+        images[key] = (str(image_dir / name), str(png_dir / png), h, w, segments)
+        keys.append(key)
+    return keys
+
+
+def prepare_coco_panoptic(root: str | Path, out: str | Path, *, split: str = "all",
+                          opts: ConvertOptions | None = None) -> dict | None:
+    """Convert COCO panoptic 2017 (`split`: train, val or all) into panoptic shards."""
+    root = Path(root)
+    if split not in ("all", *SPLITS):
+        raise UserError(f"--split must be train, val or all, not {split!r}")
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory: pass the COCO root with --root ({LAYOUT})")
+    table, source = class_table()
+    images: dict[str, tuple] = {}
+    seen: dict[str, str] = {}
+    hint = " (or pass --split train / --split val to convert one split)" if split == "all" else ""
+    splits = {s: index_split(root, s, table, images, seen, hint)
+              for s in (SPLITS if split == "all" else (split,))}
+    header = DatasetHeader(
+        name="coco-panoptic", class_names=[c["name"] for c in table], source=source,
+        options={"splits": sorted(splits), "category_ids": [c["id"] for c in table]},
+        thing_classes=[c["train_id"] for c in table if c["isthing"]])
+    maker = CocoPanopticMaker(images, {c["id"]: c["train_id"] for c in table}, len(table))
+    return run_conversion(out, header, splits, maker, opts or ConvertOptions())
