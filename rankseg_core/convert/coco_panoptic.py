@@ -26,7 +26,7 @@ from ..shards import DatasetHeader, EncodedSample, SampleError
 from .common import ConvertOptions, run_conversion
 from .segments import panoptic_sample
 from .source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
-from ..panoptic_format import rgb2id
+from ..panoptic_format import MAX_SEGMENT_ID, rgb2id
 
 SPLITS = ("train", "val")
 LAYOUT = ("COCO root with annotations/panoptic_{train,val}2017.json, panoptic_{train,val}2017/*.png "
@@ -49,16 +49,48 @@ def decode_panoptic_png(data: bytes, path: str | Path) -> np.ndarray:
     return rgb2id(img[..., ::-1])
 
 
+def pack_records(segments: object, category_to_train: dict[int, int], where: str) -> np.ndarray:
+    """n x 4 int64 (id, train id, iscrowd, JSON area or -1) of one image's segments_info.
+
+    Raises SampleError naming `where` for a malformed record, an unknown category or a bad
+    iscrowd. Packed arrays keep what the spawned workers receive small (COCO train holds
+    ~1.1 M segments; as Python dicts they would cost hundreds of MB per worker).
+    """
+    if not isinstance(segments, list):
+        raise SampleError(f"{where}: segments_info of this image is not a list")
+    out = np.empty((len(segments), 4), np.int64)
+    for i, s in enumerate(segments):
+        try:
+            sid, cat, crowd = (s[k] for k in ("id", "category_id", "iscrowd"))
+            area = s.get("area", -1)
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in (sid, cat, crowd)) \
+                    or isinstance(area, bool) or not isinstance(area, (int, float)) or not 0 < sid <= MAX_SEGMENT_ID:
+                raise TypeError
+        except (KeyError, TypeError, AttributeError):
+            raise SampleError(f"{where}: segment record {str(s)[:80]} needs integer id (1..{MAX_SEGMENT_ID}), "
+                              "category_id and iscrowd") from None
+        if cat not in category_to_train:
+            raise SampleError(f"{where}: segment {sid} has category_id {cat}, not one of the 133 COCO "
+                              "panoptic categories")
+        if crowd not in (0, 1):
+            raise SampleError(f"{where}: segment {sid} has iscrowd {crowd}; it must be 0 or 1")
+        out[i] = (sid, category_to_train[cat], crowd, int(area) if area >= 0 else -1)
+    return out
+
+
 @dataclass
 class CocoPanopticMaker:
     """Builds one sample from its key (the image file stem); picklable for spawned workers."""
 
-    images: dict[str, tuple[str, str, int, int, list]]  # key -> (image path, png path, h, w, segments_info)
-    category_to_train: dict[int, int]
+    # key -> (image path, png path, h, w, first record, end record, problem found while indexing)
+    images: dict[str, tuple[str, str, int, int, int, int, str]]
+    records: np.ndarray  # N x 4 (id, train id, iscrowd, JSON area or -1) of every image, packed
     num_classes: int
 
     def __call__(self, key: str) -> EncodedSample:
-        img_path, png_path, h, w, segments = self.images[key]
+        img_path, png_path, h, w, lo, hi, problem = self.images[key]
+        if problem:
+            raise SampleError(problem)
         data = read_bytes(img_path, "image")
         pixels = decode_jpeg(data, img_path)
         if pixels.shape[:2] != (h, w):
@@ -68,31 +100,10 @@ class CocoPanopticMaker:
         if ids.shape != (h, w):
             raise SampleError(f"{png_path}: panoptic PNG is {ids.shape[1]}x{ids.shape[0]} but its image is "
                               f"{w}x{h} (W x H): the pair does not belong together")
-        return panoptic_sample(key, stored_image_bytes(data, pixels), ids, self.records(segments, png_path),
-                               self.num_classes, str(png_path))
-
-    def records(self, segments: object, where: Path | str) -> list[tuple[int, int, int, int | None]]:
-        """(id, train id, iscrowd, JSON area or None) per record; SampleError for a bad record."""
-        if not isinstance(segments, list):
-            raise SampleError(f"{where}: segments_info of this image is not a list")
-        out = []
-        for s in segments:
-            try:
-                sid, cat, crowd = (s[k] for k in ("id", "category_id", "iscrowd"))
-                area = s.get("area")
-                if any(isinstance(v, bool) or not isinstance(v, int) for v in (sid, cat, crowd)) \
-                        or (area is not None and (isinstance(area, bool) or not isinstance(area, (int, float)))):
-                    raise TypeError
-            except (KeyError, TypeError, AttributeError):
-                raise SampleError(f"{where}: segment record {str(s)[:80]} needs integer id, category_id "
-                                  "and iscrowd") from None
-            if cat not in self.category_to_train:
-                raise SampleError(f"{where}: segment {sid} has category_id {cat}, not one of the 133 COCO "
-                                  "panoptic categories")
-            if crowd not in (0, 1):
-                raise SampleError(f"{where}: segment {sid} has iscrowd {crowd}; it must be 0 or 1")
-            out.append((sid, self.category_to_train[cat], crowd, None if area is None else int(area)))
-        return out
+        records = [(sid, cat, crowd, None if area < 0 else area)
+                   for sid, cat, crowd, area in self.records[lo:hi].tolist()]
+        return panoptic_sample(key, stored_image_bytes(data, pixels), ids, records, self.num_classes,
+                               str(png_path))
 
 
 def _check_categories(doc: dict, path: Path, table: list[dict]) -> None:
@@ -116,9 +127,9 @@ def _find_png_dir(root: Path, split: str) -> Path:
                     f"unzip annotations/panoptic_{split}2017.zip ({LAYOUT})")
 
 
-def index_split(root: Path, split: str, table: list[dict], images: dict, seen: dict[str, str],
-                hint: str = "") -> list[str]:
-    """Read one split's JSON; add its samples to `images`; return the split's keys."""
+def index_split(root: Path, split: str, table: list[dict], images: dict, packed: list[np.ndarray],
+                seen: dict[str, str], hint: str = "") -> list[str]:
+    """Read one split's JSON; add its samples to `images` and their records to `packed`."""
     json_path = root / "annotations" / f"panoptic_{split}2017.json"
     if not json_path.is_file():
         raise UserError(f"{json_path}: no such file: {root} does not have the expected layout ({LAYOUT}){hint}")
@@ -130,6 +141,7 @@ def index_split(root: Path, split: str, table: list[dict], images: dict, seen: d
     if not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
         raise UserError(f"{json_path}: not a COCO panoptic annotation file (needs 'images' and 'annotations' lists)")
     _check_categories(doc, json_path, table)
+    to_train = {c["id"]: c["train_id"] for c in table}
     by_id: dict[object, tuple[str, int, int]] = {}
     for img in doc["images"]:
         try:
@@ -140,6 +152,7 @@ def index_split(root: Path, split: str, table: list[dict], images: dict, seen: d
             raise UserError(f"{json_path}: image id {iid} is listed twice in 'images'")
         by_id[iid] = (name, h, w)
     keys = []
+    offset = sum(len(r) for r in packed)  # where this split's records start in the packed array
     for ann in doc["annotations"]:
         try:
             iid, png = ann["image_id"], str(ann["file_name"])
@@ -153,7 +166,14 @@ def index_split(root: Path, split: str, table: list[dict], images: dict, seen: d
         if key in seen:
             raise UserError(f"{json_path}: image {name} has two annotations (or is also in {seen[key]})")
         seen[key] = json_path.name
-        images[key] = (str(image_dir / name), str(png_dir / png), h, w, segments)
+        png_path = png_dir / png
+        try:
+            recs, problem = pack_records(segments, to_train, str(png_path)), ""
+        except SampleError as exc:  # this image's problem, raised when (and if) it is converted
+            recs, problem = np.zeros((0, 4), np.int64), str(exc)
+        packed.append(recs)
+        images[key] = (str(image_dir / name), str(png_path), h, w, offset, offset + len(recs), problem)
+        offset += len(recs)
         keys.append(key)
     return keys
 
@@ -168,13 +188,15 @@ def prepare_coco_panoptic(root: str | Path, out: str | Path, *, split: str = "al
         raise UserError(f"{root}: no such directory: pass the COCO root with --root ({LAYOUT})")
     table, source = class_table()
     images: dict[str, tuple] = {}
+    packed: list[np.ndarray] = []
     seen: dict[str, str] = {}
     hint = " (or pass --split train / --split val to convert one split)" if split == "all" else ""
-    splits = {s: index_split(root, s, table, images, seen, hint)
+    splits = {s: index_split(root, s, table, images, packed, seen, hint)
               for s in (SPLITS if split == "all" else (split,))}
     header = DatasetHeader(
         name="coco-panoptic", class_names=[c["name"] for c in table], source=source,
         options={"splits": sorted(splits), "category_ids": [c["id"] for c in table]},
         thing_classes=[c["train_id"] for c in table if c["isthing"]])
-    maker = CocoPanopticMaker(images, {c["id"]: c["train_id"] for c in table}, len(table))
+    maker = CocoPanopticMaker(images, np.concatenate(packed) if packed else np.zeros((0, 4), np.int64),
+                              len(table))
     return run_conversion(out, header, splits, maker, opts or ConvertOptions())
