@@ -36,7 +36,7 @@ OUT_OF_MEMORY = ("out of memory: lower --workers (or --batch-size / eval.batch_s
 # Errors that can only come from writing; others (ENOENT, EACCES, EIO...) may be a read too.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 # h5py wraps the C library's errors in OSError(errno, text) with the file only in the text.
-_H5_NAME = re.compile(r"\bname = '([^']*)'")
+_H5_NAME = re.compile(r"\b(?:file)?name = '([^']*)'")
 
 
 def show(value: object) -> str:
@@ -61,6 +61,9 @@ def os_error_message(exc: OSError) -> str:
         path = found.group(1) if found else None
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    if exc.errno == errno.EEXIST and path is not None and os.path.lexists(path) and not os.path.isdir(path):
+        # mkdir(parents=True) on a path whose parent is a regular file: say that, not "file exists"
+        exc = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     doing = "cannot write" if exc.errno in _WRITE_ERRNOS else "cannot access"
     if path is None:
         # No file named anywhere (a bare write() or fsync() failing): say so rather than guess.
