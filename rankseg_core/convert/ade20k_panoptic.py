@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ..errors import UserError
@@ -30,7 +29,8 @@ from ..shards import DatasetHeader, EncodedSample, SampleError
 from .common import ConvertOptions, run_conversion
 from .png_datasets import _class_table, pair_by_folder
 from .segments import panoptic_sample
-from .source_io import check_same_size, decode_jpeg, decode_mask, read_bytes, stored_image_bytes
+from .source_io import (check_same_size, decode_jpeg, decode_mask, decode_rgb_mask, read_bytes,
+                        stored_image_bytes)
 
 SPLITS = ("training", "validation")
 LAYOUT = ("ADEChallengeData2016/{images,annotations,annotations_instance}/{training,validation}/ "
@@ -49,13 +49,8 @@ def instance_table() -> tuple[dict[int, int], str]:
 
 def decode_instance_png(data: bytes, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(R = instance category, G = instance number), both H x W uint8, of an instance PNG."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise SampleError(f"{path}: corrupt or unsupported instance PNG: re-extract annotations_instance")
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in (3, 4):
-        raise SampleError(f"{path}: expected an 8-bit RGB instance PNG (R = category, G = instance), got "
-                          f"{img.dtype} with shape {img.shape}")
-    return img[..., 2], img[..., 1]  # OpenCV decodes as BGR(A)
+    rgb = decode_rgb_mask(data, path, "instance PNG (R = category, G = instance)")
+    return rgb[..., 0], rgb[..., 1]
 
 
 def panoptic_ids(semantic: np.ndarray, inst_cat: np.ndarray, inst_num: np.ndarray,

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ..errors import UserError
@@ -25,7 +24,7 @@ from ..resources import load_json as load_dataset_json
 from ..shards import DatasetHeader, EncodedSample, SampleError
 from .common import ConvertOptions, run_conversion
 from .segments import panoptic_sample
-from .source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
+from .source_io import decode_jpeg, decode_rgb_mask, load_json, read_bytes, stored_image_bytes
 from ..panoptic_format import MAX_SEGMENT_ID, rgb2id
 
 SPLITS = ("train", "val")
@@ -40,13 +39,7 @@ def class_table() -> tuple[list[dict], str]:
 
 def decode_panoptic_png(data: bytes, path: str | Path) -> np.ndarray:
     """H x W int64 segment ids of a COCO panoptic PNG (8-bit RGB)."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise SampleError(f"{path}: corrupt or unsupported panoptic PNG: re-extract it from the release")
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise SampleError(f"{path}: expected an 8-bit RGB panoptic PNG (id = R + 256 G + 256^2 B), got "
-                          f"{img.dtype} with shape {img.shape}")
-    return rgb2id(img[..., ::-1])
+    return rgb2id(decode_rgb_mask(data, path, "panoptic PNG (id = R + 256 G + 256^2 B)"))
 
 
 def pack_records(segments: object, category_to_train: dict[int, int], where: str) -> np.ndarray:

@@ -130,6 +130,19 @@ def decode_mask(data: bytes, path: str | Path) -> np.ndarray:
     return mask
 
 
+def decode_rgb_mask(data: bytes, path: str | Path, what: str) -> np.ndarray:
+    """H x W x 3 uint8 RGB of an 8-bit colour PNG whose colours encode values (COCO panoptic
+    segment ids, ADE20K instance channels); an alpha channel is dropped. SampleError naming
+    `path` for anything else."""
+    check_pixels(data, path, what)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise SampleError(f"{path}: corrupt or unsupported {what}: re-extract it from the release")
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise SampleError(f"{path}: expected an 8-bit RGB {what}, got {img.dtype} with shape {img.shape}")
+    return img[..., 2::-1]  # OpenCV decodes as BGR(A)
+
+
 def check_same_size(image_shape: tuple[int, ...], mask_shape: tuple[int, ...], mask_path: str | Path) -> None:
     if tuple(image_shape[:2]) != tuple(mask_shape[:2]):
         raise SampleError(f"{mask_path}: mask is {mask_shape[1]}x{mask_shape[0]} but its image is "
