@@ -314,3 +314,52 @@ def test_oserror_without_a_file_name_and_h5py_style_messages() -> None:
     assert "input/output error" in bare and "not named" in bare
     raw = os_error_message(PermissionError(errno.EACCES, "Permission denied", b"/x/\xff"))
     assert raw.startswith("/x/\udcff: cannot access (permission denied)")
+
+
+# --------------------------------------------------------------------------- a real small disk
+
+
+def in_small_fs(tmp_path: Path, mount_opts: str, *cmd: str) -> "subprocess.CompletedProcess[str]":
+    """Run `python -m rankseg_cli CMD` with a fresh tmpfs (mount options `mount_opts`) at
+    tmp_path/fs, in a private mount namespace (gone when the command ends). Skips where the
+    machine does not allow it (no root, no unshare)."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to mount a small tmpfs")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    script = (f"mount -t tmpfs -o {mount_opts} rankseg-test {shlex.quote(str(fs))} || exit 99; "
+              + shlex.join([sys.executable, "-m", "rankseg_cli", *cmd]))
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if res.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mount_opts, reason", [("size=96k", "no space left"), ("ro", "read-only")])
+def test_prepare_on_a_real_full_or_read_only_disk(tmp_path: Path, mount_opts: str, reason: str) -> None:
+    out = tmp_path / "fs" / "data"
+    res = in_small_fs(tmp_path, mount_opts, "prepare", "synthetic", "--out", str(out), "--images", "60",
+                      "--size", "64", "--samples-per-shard", "20", "--workers", "0")
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert str(tmp_path / "fs") in lines[0] and reason in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_train_on_a_real_full_disk(tmp_path: Path, synth: Path) -> None:
+    # 1 MB holds config.yaml and metrics.jsonl but not a ViT-T checkpoint (~22 MB).
+    out = tmp_path / "fs" / "run"
+    res = in_small_fs(tmp_path, "size=1m", "train", "--data", str(synth), "--out", str(out), "--iters", "1",
+                      *TINY_TRAIN)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert str(out) in lines[0] and "no space left" in lines[0], lines[0]
