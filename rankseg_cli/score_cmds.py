@@ -1,6 +1,6 @@
-"""`rankseg eval-predictions` (score any model's label files) and `rankseg export` (shards ->
-the directory layouts detectron2-based projects read). Thin commands over rankseg_core.score
-and rankseg_core.export. Register with `score_cmds.register(app)`.
+"""`rankseg eval-predictions`: score any model's label files (thin command over
+rankseg_core.score). `register(app)` also registers export_cmds' `export` and
+`prepare detectron2`.
 """
 
 from __future__ import annotations
@@ -68,4 +68,9 @@ def eval_predictions(
 
 
 def register(app: typer.Typer) -> None:
+    """eval-predictions, export and prepare detectron2 (on the app's `prepare` group)."""
+    from . import export_cmds
+    from .prepare import prepare_app
+
     app.command("eval-predictions")(eval_predictions)
+    export_cmds.register(app, prepare_app)

@@ -1,0 +1,77 @@
+"""`rankseg export` (shards -> the folders detectron2-based projects read) and `rankseg prepare
+detectron2` (such a folder -> shards). Thin commands over rankseg_core.export and
+rankseg_core.convert.detectron2_layout; registered by `score_cmds.register`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rankseg_core.convert.common import default_workers
+
+from .common import RERUN_RESUMES, err, show, user_errors
+from .prepare import Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options, report
+
+
+@user_errors(interrupted="files already written are complete; re-run the same command to resume")
+def export(
+    shards: Annotated[Path, typer.Argument(help="Shard directory (from `rankseg prepare`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty, or an earlier export of the same shards to resume).")],
+    layout: Annotated[str, typer.Option("--layout", help="Folder layout to write: detectron2.")] = "detectron2",
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="Only this split (repeatable; default: all).")] = None,
+    images: Annotated[str, typer.Option("--images", help="copy: the stored bytes; maskformer: ADE20K-Full shards made with --max-short-side 0, resized and re-encoded exactly as MaskFormer's script does.")] = "copy",
+) -> None:
+    """Write shards as the folders detectron2-based projects (MaskFormer, Mask2Former, CAT-Seg,
+    SAN, FC-CLIP, ODISE) read: the stored images byte for byte, and labels as uint16 TIFF /
+    PNG with each project's folder names and ignore value (docs/benchmarks/export.md).
+
+    ADE20K-Full -> ADE20K_2021_17_01/{images,annotations}_detectron2/{training,validation};
+    PASCAL-Context-459/59 -> pascal_ctx_d2/images + annotations_ctx459 (TIFF) / annotations_ctx59;
+    ADE20K-150 -> ADEChallengeData2016; COCO-Stuff -> coco/stuffthingmaps_detectron2; COCO+LVIS ->
+    coco_lvis/annotations_detectron2 and the official RankSeg code's lvis_mask.
+
+    Examples:\n
+      [bold]rankseg export shards/ade847 --out datasets/[/]  (then DETECTRON2_DATASETS=datasets)\n
+      [bold]rankseg export shards/pc459 --out datasets/ --split val[/]\n
+      [bold]rankseg export shards/ade847_fullres --out datasets/ --images maskformer[/]  (byte-identical to MaskFormer's files)
+    """
+    from rankseg_core.export import export_shards
+
+    res = export_shards(shards, out, layout, split or None, images)
+    for s, n in res.samples.items():
+        err.print(f"{s}: {n} images -> {show(out / res.layout.images.format(split=res.layout.folder_split(s)))}")
+    err.print(f"[green]done[/]: {res.written} files written, {res.skipped} already complete; "
+              f"layout of {show(res.layout.follows)}")
+
+
+@user_errors(interrupted=RERUN_RESUMES)
+def prepare_detectron2(
+    root: Annotated[Path, typer.Option("--root", "-r", help="The folder holding the layout (what DETECTRON2_DATASETS points to), or a `rankseg export` output.")],
+    out: Out,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="ade20k-full, ade20k-150, coco-stuff-164k, pascal-context-459, pascal-context-59 or coco_lvis (not needed for a rankseg export).")] = None,
+    workers: Workers = default_workers(),
+    num_shards: NumShards = 1,
+    shard_index: ShardIndex = None,
+    limit: Limit = None,
+    on_error: OnError = "fail",
+) -> None:
+    """Shards from a detectron2-style folder: images plus train-id label files (what
+    `rankseg export` and MaskFormer's / ODISE's preparation scripts write).
+
+    Examples:\n
+      [bold]rankseg prepare detectron2 --root datasets/ --dataset ade20k-full --out shards/ade847_d2[/]\n
+      [bold]rankseg prepare detectron2 --root exported/ --out shards/roundtrip[/]
+    """
+    from rankseg_core.convert.detectron2_layout import prepare_detectron2_layout
+
+    opts = convert_options(workers, num_shards, shard_index, limit, on_error)
+    report(prepare_detectron2_layout(root, out, dataset, opts), out)
+
+
+def register(app: typer.Typer, prepare_app: typer.Typer) -> None:
+    app.command("export")(export)
+    if not any(c.name == "detectron2" for c in prepare_app.registered_commands):
+        prepare_app.command("detectron2")(prepare_detectron2)
