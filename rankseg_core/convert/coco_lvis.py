@@ -168,9 +168,12 @@ class _Packer:
 
     Annotations arrive in file order, which is not grouped by image: each carries its owner
     (the image's record index), and `close` writes `order`, the annotation indices sorted by
-    owner (stable, so each image keeps its file order). Geometry is validated per chunk with
-    vectorised checks (geometry.py); a malformed annotation is not stored but reported in
-    `problems` (annotation index -> reason), so only its image fails.
+    owner (stable, so each image keeps its file order). Structure (geometry.py) is checked as
+    annotations arrive and polygon values per chunk, vectorised; a malformed annotation is not
+    stored but reported in `problems` (annotation index -> (id, reason)), so only its image
+    fails. Compressed RLE strings are checked when their image is painted (`_Packed.paint`):
+    decoding them costs about as much as parsing them, and there it runs in the workers, only
+    for the images converted.
     """
 
     def __init__(self, root: Path, name: str) -> None:
@@ -181,15 +184,13 @@ class _Packer:
         self.starts = array("q")
         self.ends = array("q")
         self.owners = array("q")
+        self.ids = array("q")  # annotation ids (-1 when not an integer), for messages
         self.poly_ends = array("q")  # per polygon: end in the coordinate array
         self.problems: dict[int, tuple[object, str]] = {}  # annotation index -> (its id, reason)
         self._xy = open(f"{self.prefix}.xy.f64", "wb")
         self._rle = open(f"{self.prefix}.rle.u8", "wb")
         self._chunk_xy: list[float] = []
         self._chunk_polys: list[tuple] = []  # per polygon: (annotation index, its id, end in chunk, h, w)
-        self._chunk_rle: list[bytes] = []
-        self._chunk_rles: list[tuple] = []  # per RLE string: the same
-        self._rle_len = 0
         self.n_xy = 0
         self.n_rle = 0
 
@@ -214,15 +215,14 @@ class _Packer:
                     check_counts_list(counts, h, w)
                     counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
                 data = counts.encode() if isinstance(counts, str) else bytes(counts)
-                self._chunk_rle.append(data)
-                self._rle_len += len(data)
-                self._chunk_rles.append((index, ann_id, self._rle_len, h, w))
+                self._rle.write(data)
                 self._push(owner, value, _RLE, self.n_rle, self.n_rle + len(data))
                 self.n_rle += len(data)
         except GeometryError as exc:
             self.problems[index] = (ann_id, str(exc))
             self._push(owner, value, _BAD, 0, 0)
-        if len(self._chunk_xy) > 1 << 20 or self._rle_len > 1 << 23:
+        self.ids.append(ann_id if type(ann_id) is int and -1 <= ann_id < 1 << 63 else -1)  # noqa: E721
+        if len(self._chunk_xy) > 1 << 20:
             self.flush()
 
     def _push(self, owner: int, value: int, kind: int, start: int, end: int) -> None:
@@ -241,14 +241,7 @@ class _Packer:
             for i, reason in polygon_problems(xy, ends, h, w).items():
                 self.problems.setdefault(self._chunk_polys[i][0], (self._chunk_polys[i][1], reason))
             self._xy.write(xy.tobytes())
-        if self._chunk_rles:
-            data = b"".join(self._chunk_rle)
-            ends, h, w = (np.array(c) for c in list(zip(*self._chunk_rles))[2:])
-            for i, reason in rle_string_problems(np.frombuffer(data, np.uint8), ends, h, w).items():
-                self.problems.setdefault(self._chunk_rles[i][0], (self._chunk_rles[i][1], reason))
-            self._rle.write(data)
-        self._chunk_xy, self._chunk_polys, self._chunk_rle, self._chunk_rles = [], [], [], []
-        self._rle_len = 0
+        self._chunk_xy, self._chunk_polys = [], []
 
     def close(self, num_owners: int) -> tuple[np.ndarray, np.ndarray]:
         """Write the index files; returns per owner its (lo, hi) range in `order`."""
@@ -263,6 +256,7 @@ class _Packer:
                                  ("kinds.u8", self.kinds, np.uint8),
                                  ("starts.i64", self.starts, np.int64),
                                  ("ends.i64", self.ends, np.int64),
+                                 ("ids.i64", self.ids, np.int64),
                                  ("polys.i64", self.poly_ends, np.int64),
                                  ("order.i64", order, np.int64)):
             np.asarray(data, dt).tofile(f"{self.prefix}.{suffix}")
@@ -296,22 +290,39 @@ class _Packed:
                             "kinds": _mmap(f"{p}.kinds.u8", np.uint8),
                             "starts": _mmap(f"{p}.starts.i64", np.int64),
                             "ends": _mmap(f"{p}.ends.i64", np.int64),
+                            "ids": _mmap(f"{p}.ids.i64", np.int64),
                             "polys": _mmap(f"{p}.polys.i64", np.int64),
                             "order": _mmap(f"{p}.order.i64", np.int64),
                             "xy": os.open(f"{p}.xy.f64", os.O_RDONLY),
                             "rle": os.open(f"{p}.rle.u8", os.O_RDONLY)}
         return self._arrays
 
-    def paint(self, label: np.ndarray, lo: int, hi: int) -> None:
+    def _rle_strings(self, indices: list[int], h: int, w: int, where: str) -> dict[int, bytes]:
+        """The compressed RLE strings of these annotations, checked (SampleError naming the first bad one)."""
+        a = self._a()
+        rles = [i for i in indices if a["kinds"][i] == _RLE]
+        data = [os.pread(a["rle"], int(a["ends"][i] - a["starts"][i]), int(a["starts"][i])) for i in rles]
+        problems = rle_string_problems(np.frombuffer(b"".join(data), np.uint8), np.cumsum([len(d) for d in data]),
+                                       np.full(len(data), h), np.full(len(data), w))
+        if problems:
+            k = min(problems)
+            ann = int(a["ids"][rles[k]])
+            raise SampleError(f"{where}, annotation {ann if ann >= 0 else '(without an integer id)'}: "
+                              f"{problems[k]}")
+        return dict(zip(rles, data))
+
+    def paint(self, label: np.ndarray, lo: int, hi: int, where: str) -> None:
         """Paint the image's annotations order[lo..hi-1] into `label` (H x W), first one wins.
 
         Painting in reverse order, each annotation over everything, leaves every pixel with the
         first annotation covering it: the same result as "paint only empty pixels" in file order,
-        with one masked assignment per annotation.
+        with one masked assignment per annotation. `where` names the JSON and the image in errors.
         """
         a = self._a()
         h, w = label.shape
-        for i in a["order"][lo:hi][::-1].tolist():
+        indices = a["order"][lo:hi].tolist()
+        rles = self._rle_strings(indices, h, w, where)
+        for i in reversed(indices):
             start, end = int(a["starts"][i]), int(a["ends"][i])
             if a["kinds"][i] == _POLY:
                 ends = a["polys"][start:end]
@@ -321,7 +332,7 @@ class _Packed:
                 polys = [p.tolist() for p in np.split(xy, ends[:-1] - first)]
                 rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
             elif a["kinds"][i] == _RLE:
-                rle = {"size": [h, w], "counts": os.pread(a["rle"], end - start, start)}
+                rle = {"size": [h, w], "counts": rles[i]}
             else:  # never reached: an image with a malformed annotation fails before painting
                 raise SampleError(f"annotation {i} is malformed")
             np.copyto(label, int(a["values"][i]), where=mask_utils.decode(rle).view(bool))
@@ -334,7 +345,8 @@ class CocoLvisMaker:
     """Builds one sample from its key (the COCO file stem); picklable for spawned workers."""
 
     coco_root: str
-    # key -> (relpath, h, w, lvis_lo, lvis_hi, stuff_lo, stuff_hi, error or ""); lo/hi index `order`
+    # key -> (relpath, h, w, lvis_lo, lvis_hi, stuff_lo, stuff_hi, error or "", image id, LVIS JSON,
+    # stuff JSON); lo/hi index `order`
     images: dict[str, tuple]
     lvis: _Packed
     stuff: _Packed
@@ -342,7 +354,7 @@ class CocoLvisMaker:
     num_classes: int
 
     def __call__(self, key: str) -> EncodedSample:
-        rel, h, w, lo, hi, slo, shi, error = self.images[key]
+        rel, h, w, lo, hi, slo, shi, error, iid, lvis_json, stuff_json = self.images[key]
         path = Path(self.coco_root) / rel
         if slo < 0:
             raise SampleError(f"{path}: image is in none of the --stuff-json files (pass the COCO-Stuff "
@@ -354,21 +366,24 @@ class CocoLvisMaker:
         if pixels.shape[:2] != (h, w):
             raise SampleError(f"{path}: image is {pixels.shape[0]}x{pixels.shape[1]} (H x W), the LVIS "
                               f"JSON says {h}x{w}: the image and the JSON do not belong together")
-        value = self.rasterise(h, w, lo, hi, slo, shi)
+        value = self.rasterise(h, w, lo, hi, slo, shi, (f"{lvis_json}: image {iid} ({rel})",
+                                                        f"{stuff_json}: image {iid} ({rel})"))
         label = np.ascontiguousarray(np.where(value == 0, IGNORE, value - 1), np.uint16)
         return encode_sample(key, stored_image_bytes(data, pixels), label, self.num_classes)
 
-    def rasterise(self, h: int, w: int, lo: int, hi: int, slo: int, shi: int) -> np.ndarray:
-        """H x W int32 of stored values (0 = unlabeled), column-major.
+    def rasterise(self, h: int, w: int, lo: int, hi: int, slo: int, shi: int,
+                  where: tuple[str, str] = ("LVIS JSON", "stuff JSON")) -> np.ndarray:
+        """H x W int32 of stored values (0 = unlabeled), column-major. `where` names the
+        (LVIS, stuff) JSON and the image in the SampleError of a malformed RLE string.
 
         Column-major because pycocotools decodes masks that way: the masked writes then run
         over contiguous memory (about 3x faster than into a row-major array).
         """
         value = np.zeros((h, w), np.int32, order="F")
-        self.lvis.paint(value, lo, hi)
+        self.lvis.paint(value, lo, hi, where[0])
         if shi > slo:
             stuff = np.zeros((h, w), np.uint8, order="F")  # raw COCO-Stuff ids, first wins (as ESSNet)
-            self.stuff.paint(stuff, slo, shi)
+            self.stuff.paint(stuff, slo, shi, where[1])
             value = np.where(value == 0, self.lut[stuff], value)
         return value
 
@@ -404,6 +419,7 @@ class _Record:
     iid: int
     h: int
     w: int
+    lvis_json: str
     error: str = ""  # first problem of the image (its size, or one of its annotations)
     stuff_json: str = ""  # the COCO-Stuff JSON that lists it
 
@@ -448,7 +464,7 @@ class _Index:
             if iid in self.by_id or key in self.seen:
                 raise UserError(f"{path}: image {iid} ({rel}) is also in {self.seen.get(key, path)}: "
                                 "pass each LVIS JSON once")
-            rec = _Record(key, rel, iid, 0, 0)
+            rec = _Record(key, rel, iid, 0, 0, str(path))
             try:
                 rec.h, rec.w = check_image_size(h, w)
             except GeometryError as exc:
@@ -496,7 +512,7 @@ class _Index:
             if not rec.error and (img.get("height", rec.h), img.get("width", rec.w)) != (rec.h, rec.w):
                 raise UserError(f"{path}: image {iid} is {img.get('height')}x{img.get('width')} here but "
                                 f"{rec.h}x{rec.w} in the LVIS JSON: the files do not belong together")
-            rec.stuff_json = path.name
+            rec.stuff_json = str(path)
             mine.add(iid)
         if not listed:
             raise UserError(f"{path}: not a COCO annotation file (needs a non-empty 'images' list and "
@@ -515,11 +531,12 @@ class _Index:
         self._blame(self.stuff, path)
 
     def images(self) -> dict[str, tuple]:
-        """The maker's table: key -> (rel, h, w, lo, hi, slo, shi, error); slo = -1 without stuff."""
+        """The maker's table (see CocoLvisMaker.images); slo = -1 without stuff."""
         n = len(self.records)
         (lo, hi), (slo, shi) = self.lvis.close(n), self.stuff.close(n)
         return {r.key: (r.rel, r.h, r.w, int(lo[i]), int(hi[i]),
-                        int(slo[i]) if r.stuff_json else -1, int(shi[i]) if r.stuff_json else -1, r.error)
+                        int(slo[i]) if r.stuff_json else -1, int(shi[i]) if r.stuff_json else -1, r.error,
+                        r.iid, r.lvis_json, r.stuff_json)
                 for i, r in enumerate(self.records)}
 
 

@@ -159,39 +159,42 @@ def decode_counts(data: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.nd
     bit 0x10 of the last character = negative; values from the 4th on are deltas to the count
     two places before.
     """
+    ends = np.asarray(ends, np.int64)
     n = len(ends)
-    c = data.astype(np.int64) - 48
-    lengths = np.diff(np.concatenate([[0], ends])).astype(np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
     malformed = np.zeros(n, bool)
-    if c.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), malformed | (lengths == 0)
-    sid = np.repeat(np.arange(n), lengths)  # string of each byte
-    badchar = (c < 0) | (c > 63)
-    c = np.where(badchar, 0, c)
+    if data.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), malformed
+    c = data - np.uint8(48)  # uint8: bytes below '0' wrap to > 63
+    bad = np.flatnonzero(c > 63)
+    if bad.size:
+        malformed[np.searchsorted(ends, bad, side="right")] = True
+        c = np.where(c > 63, np.uint8(0), c)
     term = (c & 0x20) == 0
-    last = ends[lengths > 0] - 1
-    unterminated = np.zeros(n, bool)
-    unterminated[lengths > 0] = ~term[last]
-    term[last] = True  # values never run into the next string
-    gstart = np.flatnonzero(np.concatenate([[True], term[:-1]]))
-    glen = np.diff(np.concatenate([gstart, [c.size]]))
-    gid = np.cumsum(term) - term
-    k = np.arange(c.size) - gstart[gid]
-    vals = np.add.reduceat((c & 0x1F) << (5 * np.minimum(k, 6)), gstart)
-    neg = (c[gstart + glen - 1] & 0x10) != 0
-    vals = np.where(neg, vals - (np.int64(1) << (5 * np.minimum(glen, 7))), vals)
-    gsid = sid[gstart]
-    per = np.bincount(gsid, minlength=n)
-    first = np.cumsum(per) - per
-    vi = np.arange(gsid.size) - first[gsid]  # index of the value within its string
+    nonempty = ends > starts
+    last = ends[nonempty] - 1
+    malformed[np.flatnonzero(nonempty)[~term[last]]] = True  # unterminated last value
+    term[last] = True  # so that values never run into the next string
+    tpos = np.flatnonzero(term)  # each value ends at its terminating character
+    gstart = np.concatenate([[0], tpos[:-1] + 1])
+    glen = tpos - gstart + 1
+    c5 = (c & 0x1F).astype(np.int64)
+    vals = c5[gstart]
+    for j in range(1, 6):  # most values have 1-2 characters: only the longer ones are visited
+        longer = np.flatnonzero(glen > j)
+        if longer.size == 0:
+            break
+        vals[longer] += c5[gstart[longer] + j] << (5 * j)
+    gsid = np.searchsorted(ends, tpos, side="right")  # string of each value
+    malformed[gsid[glen > 6]] = True
+    neg = (c[tpos] & 0x10) != 0
+    vals[neg] -= np.int64(1) << (5 * np.minimum(glen[neg], 6))
+    first = np.searchsorted(tpos, starts)  # index of each string's first value
+    vi = np.arange(tpos.size) - first[gsid]  # index of the value within its string
     out = vals.copy()
     for chain in (vi % 2 == 1, (vi % 2 == 0) & (vi >= 2)):  # deltas run along odd / even places
         s = np.concatenate([[0], np.cumsum(np.where(chain, vals, 0))])
-        base = s[first[gsid]]
-        out = np.where(chain, s[1:] - base, out)
-    malformed |= np.bincount(sid, badchar, minlength=n) > 0
-    malformed |= np.bincount(gsid, glen > 6, minlength=n) > 0
-    malformed |= unterminated
+        out[chain] = (s[1:] - s[first[gsid]])[chain]
     return out, gsid, malformed
 
 
