@@ -106,7 +106,8 @@ def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: Interrupte
         except UnicodeEncodeError as exc:
             if "surrogates" not in exc.reason:
                 raise
-            fail(f"{exc.object!r} holds bytes that are not UTF-8 (from a file or folder name): "
+            name = exc.object if isinstance(exc.object, str) else repr(exc.object)
+            fail(f'"{name[:300]}" holds bytes that are not UTF-8 (from a file or folder name): '
                  "rename it to valid UTF-8")
         except Exception as exc:  # MemoryError is an Exception too
             if not _is_out_of_memory(exc):

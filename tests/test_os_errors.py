@@ -191,6 +191,16 @@ def test_prepare_inspect_verify_stats_in_a_non_utf8_directory(tmp_path: Path) ->
     assert (out / "cdf.json").is_file() and (out / "cdf.svg").read_bytes().lstrip()[:5] in (b"<?xml", b"<svg ")
 
 
+def test_a_non_utf8_input_file_name_is_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "ADEChallengeData2016"
+    ade150_tree(root, n_train=2, n_val=1)
+    for sub, ext in (("images", ".jpg"), ("annotations", ".png")):
+        first = sorted((root / sub / "training").iterdir())[0]
+        first.rename(non_utf8(first.parent, b"ADE_train_\xff" + ext.encode()))
+    line = error_line(run("prepare", "ade20k", "--root", root, "--workers", 0, "--out", tmp_path / "o"))
+    assert "ADE_train_\\xff" in line and "UTF-8" in line, line
+
+
 def test_inspect_and_verify_refuse_paths_under_a_file(afile: Path) -> None:
     for cmd in ("inspect", "verify"):
         line = error_line(run(cmd, afile / "shards"))
