@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rankseg_core.errors import UserError
+from rankseg_core.model.mask2former.config import MASK2FORMER_BACKBONES, Mask2FormerConfig
 
 # Backbone names follow the paper (Segmenter ViT-*/16 at 384 px pretraining); the position
 # embeddings are resized to `img_size`, so the "_384" only names the timm architecture.
@@ -13,6 +14,7 @@ BACKBONES: dict[str, str] = {
     "segmenter-vits": "vit_small_patch16_384",
     "segmenter-vitb": "vit_base_patch16_384",
     "segmenter-vitl": "vit_large_patch16_384",
+    **MASK2FORMER_BACKBONES,  # mask2former-{r50,swint,swins,swinb,swinl} (docs/mask2former.md)
 }
 HEADS = ("segmenter", "rankseg")
 TAUS = ("rank", "shared")
@@ -39,10 +41,17 @@ class ModelConfig:
     decoder_depth: int = 2  # Segmenter decoder blocks; the tranenc ml block comes on top
     backbone_weights: str | None = None  # local .pth/.bin/.npz/.safetensors; never downloaded
     in_chans: int = 3
+    # Mask2Former family only (head / kappa / select / tau / oracle keep their meaning there).
+    mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
 
     @property
     def timm_name(self) -> str:
         return BACKBONES[self.model]
+
+    @property
+    def family(self) -> str:
+        """Model family: the `model.model` prefix ("segmenter" or "mask2former")."""
+        return self.model.split("-", 1)[0]
 
     @property
     def effective_kappa(self) -> int:
@@ -73,3 +82,8 @@ class ModelConfig:
             raise UserError("model.drop_path and model.dropout must be in [0, 1)")
         if self.in_chans < 1:
             raise UserError(f"model.in_chans={self.in_chans} must be >= 1")
+        if self.family == "mask2former":
+            if self.clip_len != 1:
+                raise UserError(f"model.clip_len={self.clip_len}: the Mask2Former family is image-only for now; "
+                                "use clip_len=1")
+            self.mask2former.validate()

@@ -1,0 +1,112 @@
+"""timm ResNet-50 / Swin as a feature pyramid: strides 4, 8, 16, 32 as B x C_i x H/s x W/s.
+
+Built with `pretrained=False` (weights only from a local file) and read through timm's
+`forward_intermediates`, which returns NCHW for Swin too (timm's `features_only` Swin
+returns NHWC) and keeps the parameter names of timm checkpoints, so a timm state dict loads
+as it is. Swin uses `dynamic_img_size` + `always_partition`: every block pads its input to
+whole windows and shifts, as detectron2's D2SwinTransformer does, so any size divisible by
+32 works (the model pads to that multiple). D2SwinTransformer also puts a LayerNorm on each
+output (norm0..norm3) instead of the final norm; `out_norms` are those.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import freeze_batch_norm_2d
+from torch import Tensor, nn
+
+from rankseg_core.errors import UserError
+from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict
+from rankseg_core.model.mask2former.config import MASK2FORMER_BACKBONES, Mask2FormerConfig
+
+STRIDES = (4, 8, 16, 32)
+
+
+class PyramidBackbone(nn.Module):
+    """B x 3 x H x W (H, W multiples of 32) -> [res2, res3, res4, res5], B x C_i x H/s x W/s."""
+
+    def __init__(self, model_name: str, cfg: Mask2FormerConfig, in_chans: int = 3) -> None:
+        super().__init__()
+        timm_name = MASK2FORMER_BACKBONES[model_name]
+        self.is_swin = timm_name.startswith("swin")
+        kw = dict(dynamic_img_size=True, always_partition=True, drop_path_rate=cfg.backbone_drop_path) \
+            if self.is_swin else {}
+        self.body = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
+        # Drop what the pyramid never uses (classifier, final norm) so parameter counts are honest.
+        self.indices = self.body.prune_intermediate_layers(indices=4, prune_norm=True, prune_head=True)
+        info = self.body.feature_info[-4:]
+        self.channels: list[int] = [int(f["num_chs"]) for f in info]
+        if [int(f["reduction"]) for f in info] != list(STRIDES):
+            raise ValueError(f"{timm_name}: expected strides {STRIDES}, got {[f['reduction'] for f in info]}")
+        self.out_norms = nn.ModuleList([nn.LayerNorm(c) for c in self.channels]) if self.is_swin else None
+        if not self.is_swin and cfg.freeze_bn:
+            self.body = freeze_batch_norm_2d(self.body)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        h, w = images.shape[-2:]
+        if h % 32 or w % 32:
+            raise ValueError(f"input size {h}x{w} is not a multiple of 32; pad it (Mask2FormerModel does)")
+        feats = self.body.forward_intermediates(images, indices=self.indices, intermediates_only=True)
+        if self.out_norms is not None:
+            feats = [n(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for n, f in zip(self.out_norms, feats)]
+        return list(feats)
+
+    def data_config(self) -> dict:
+        """mean/std on the 0..255 scale (ImageNet, as every official Mask2Former config)."""
+        dc = timm.data.resolve_model_data_config(self.body)
+        return {
+            "mean": [float(m) * 255.0 for m in dc["mean"]],
+            "std": [float(s) * 255.0 for s in dc["std"]],
+            "interpolation": dc.get("interpolation", "bicubic"),
+        }
+
+
+def load_pyramid_weights(backbone: PyramidBackbone, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load a local timm checkpoint of the backbone's architecture (classifier dropped).
+
+    Original Swin releases (`model` key, `relative_position_index` buffers, ...) go through
+    timm's own `checkpoint_filter_fn`. Returns (missing, unexpected) keys; raises `UserError`
+    for a missing file, a wrong suffix, a shape mismatch or a file with no matching key.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"backbone_weights: file {path} not found; give a local timm checkpoint "
+                        f"({'/'.join(WEIGHT_SUFFIXES)}), weights are never downloaded")
+    if path.suffix not in WEIGHT_SUFFIXES or path.suffix == ".npz":
+        raise UserError(f"backbone_weights: {path} has suffix {path.suffix!r}; Mask2Former backbones load "
+                        f"{', '.join(s for s in WEIGHT_SUFFIXES if s != '.npz')}")
+    body = backbone.body
+    sd = _read_state_dict(path)
+    sd = {k.removeprefix("module.").removeprefix("backbone.body.").removeprefix("backbone."): v for k, v in sd.items()}
+    if backbone.is_swin:
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        try:
+            sd = checkpoint_filter_fn(sd, body)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "not a Swin checkpoint"
+            raise UserError(f"backbone_weights: {path} is not a Swin checkpoint timm can read "
+                            f"({exc.__class__.__name__})") from exc
+    own = body.state_dict()
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("head.", "fc.", "norm."))}
+    mismatch = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if mismatch:
+        raise UserError(f"backbone_weights: {path} does not fit {body.default_cfg.get('architecture', '')}: "
+                        f"shape mismatch for {mismatch[:3]}; pick the matching model.model")
+    result = body.load_state_dict(sd, strict=False)
+    if len(result.missing_keys) == len(own):
+        raise UserError(f"backbone_weights: no key of {path} matches the timm backbone; is it a timm checkpoint?")
+    if result.missing_keys:
+        warnings.warn(f"backbone weights {path.name}: {len(result.missing_keys)} missing keys, "
+                      f"e.g. {result.missing_keys[:3]}", stacklevel=2)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
+    """Zero-pad B x C x H x W at the bottom / right to multiples of `multiple` (detectron2's ImageList)."""
+    h, w = images.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    return torch.nn.functional.pad(images, (0, pw, 0, ph)) if ph or pw else images

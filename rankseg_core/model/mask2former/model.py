@@ -1,0 +1,194 @@
+"""Mask2Former (+ RankSeg): backbone -> pixel decoder -> masked-attention decoder -> heads.
+
+Variants, as for Segmenter (`ModelConfig.head`, `select`, `tau`, `oracle`):
+- baseline   ("segmenter"): linear class head over K + 1 (no-object last).
+- RankSeg    ("rankseg"):   ml head on the queries after layer `ml_query_layer`; the top-kappa
+  classes + no-object are the class columns (rank order), cosine logits (the fork's
+  USE_LAYERNORM) normalised by QueryRankNorm(kappa + 1). Only those columns are computed.
+- +MT        ("rankseg", select=False): ml head + loss, all K + 1 columns in class order
+  through the same cosine logits and LayerNorm(K + 1).
+- oracle     (GT train+eval, the fork's USE_GT): the image's GT classes (by id) + no-object,
+  linear class head, no ml head, no LayerNorm; needs `gt_classes` at every forward.
+
+Video (later): frames stay the batch dimension everywhere below; a clip model would pool the
+ml head over a clip's frames and share its selection, as the Segmenter family does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rankseg_core.model.config import ModelConfig
+from rankseg_core.model.heads import FILL_LOGIT, pad_class_lists
+from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights, pad_to_multiple
+from rankseg_core.model.mask2former.decoder import MaskedTransformerDecoder
+from rankseg_core.model.mask2former.multilabel import (
+    MultiLabelHead,
+    QueryRankNorm,
+    mask_invalid,
+    select_classes,
+    selected_logits,
+    with_no_object,
+)
+from rankseg_core.model.mask2former.pixel_decoder import PixelDecoder
+
+
+@dataclass
+class Features:
+    """Backbone output: [res2, res3, res4, res5] (B x C_i x H'/s x W'/s, H' W' padded to the
+    size divisibility) and the (H, W) of the images before padding."""
+
+    maps: list[Tensor]
+    image_size: tuple[int, int]
+
+
+@dataclass
+class Mask2FormerOutput:
+    """What the model returns (B images, Q queries).
+
+    pred_logits: B x Q x (C+1) class logits of the last layer; the last column is no-object.
+        C = K in class order (baseline / +MT), else the selected classes in rank order.
+    pred_masks: B x Q x h x w mask logits at 1/4 of the padded input.
+    aux: (logits, masks) of the earlier predictions (learnable queries, layers 1..L-1).
+    ml_logits: B x K multi-label logits, None without the ml head.
+    topk_index: B x C class id of each of the first C columns; None when they are the K classes.
+    valid: B x C, False for padding columns (variable-length selections; their logits are
+        FILL_LOGIT); for a class-ordered model with `select_override`, B x K allowed classes.
+        None = all valid.
+    image_size: (H, W) of the input before padding; pred_masks cover the padded (4h, 4w).
+    num_classes: K.
+    """
+
+    pred_logits: Tensor
+    pred_masks: Tensor
+    aux: list[tuple[Tensor, Tensor]]
+    ml_logits: Tensor | None
+    topk_index: Tensor | None
+    valid: Tensor | None
+    image_size: tuple[int, int]
+    num_classes: int
+
+
+class Mask2FormerModel(nn.Module):
+    """`forward_features` -> `forward_head`, as in timm (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        m = cfg.mask2former
+        self.cfg = cfg
+        self.num_classes = k = cfg.num_classes
+        self.num_queries = m.queries(cfg.model)
+        self.size_divisibility = m.size_divisibility
+        self.oracle = cfg.oracle
+        self.uses_ml = cfg.head == "rankseg" and not cfg.oracle
+        self.selects = cfg.oracle or (self.uses_ml and cfg.select)
+        self.cosine = self.uses_ml and m.cosine_logits
+        self.kappa = cfg.effective_kappa if self.selects else k
+        self.ml_query_layer = m.ml_query_layer
+
+        self.backbone = PyramidBackbone(cfg.model, m, cfg.in_chans)
+        self.pixel_decoder = PixelDecoder(self.backbone.channels, m)
+        self.decoder = MaskedTransformerDecoder(m.conv_dim, m, self.num_queries)
+        self.class_embed = nn.Linear(m.hidden_dim, k + 1, bias=not self.cosine)
+        self.ml_head = MultiLabelHead(k, m.hidden_dim, m.ml_hidden_dim, m.ml_dropout) if self.uses_ml else None
+        # +MT: LayerNorm over all K + 1 columns in class order ("rank" = class index there).
+        self.ml_norm = QueryRankNorm(self.kappa, shared=cfg.tau == "shared") if self.uses_ml else None
+
+    def forward_features(self, images: Tensor) -> Features:
+        """B x 3 x H x W normalised images (any size) -> backbone pyramid of the padded images."""
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        return Features(self.backbone(pad_to_multiple(images, self.size_divisibility)), size)
+
+    def forward_head(self, feats: Features, *, gt_classes: list[Tensor] | None = None, kappa: int | None = None,
+                     dynamic_threshold: float | None = None,
+                     select_override: list[Tensor] | None = None) -> Mask2FormerOutput:
+        """Features -> Mask2FormerOutput. Nothing here needs ground truth except the oracle.
+
+        kappa: selected classes at this forward (default: the trained kappa; larger values
+            repeat the last rank's gamma / beta).
+        dynamic_threshold: select classes whose ml sigmoid exceeds it (1..K per image, padded).
+        select_override: per-image class ids replacing the ml selection (GT (eval) oracle),
+            ordered by ml score; on a class-ordered model they restrict the K columns.
+        gt_classes: per-image GT class ids, required (only) by the oracle model.
+        """
+        mask_features, scales = self.pixel_decoder(feats.maps)
+        dec = self.decoder(scales, mask_features)
+        ml_logits = self.ml_head(dec.queries[self.ml_query_layer - 1]) if self.ml_head is not None else None
+        device = mask_features.device
+        index = valid = None
+        w, b = self.class_embed.weight, self.class_embed.bias
+        if self.selects:
+            override = select_override
+            if self.oracle and override is None:
+                if gt_classes is None:
+                    raise ValueError("oracle model needs gt_classes (per image class ids) at every forward")
+                override = gt_classes
+            index, valid = select_classes(ml_logits, self.num_classes, kappa or self.kappa, device,
+                                          dynamic_threshold=dynamic_threshold, override=override, by_id=self.oracle)
+            cols, ok = with_no_object(index, valid, self.num_classes)
+            logits = [selected_logits(e, w, b, cols, self.cosine) for e in dec.embeds]
+            if self.ml_norm is not None:
+                logits = [self.ml_norm(x, ok if valid is not None else None) for x in logits]
+            else:
+                logits = [mask_invalid(x, ok if valid is not None else None) for x in logits]
+        else:
+            cols = torch.arange(self.num_classes + 1, device=device).expand(mask_features.shape[0], -1)
+            logits = [selected_logits(e, w, b, cols, self.cosine) for e in dec.embeds]
+            if self.ml_norm is not None:
+                logits = [self.ml_norm(x) for x in logits]
+            if select_override is not None:  # GT (eval) on a class-ordered model: only these classes
+                idx, ok = pad_class_lists([torch.as_tensor(c, device=device) for c in select_override], None, device)
+                idx = idx.masked_fill(~ok | (idx >= self.num_classes) | (idx < 0), self.num_classes)
+                valid = torch.zeros(idx.shape[0], self.num_classes + 1, dtype=torch.bool, device=device)
+                valid.scatter_(1, idx, True)
+                valid = valid[:, : self.num_classes]
+                keep = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+                logits = [x.masked_fill(~keep[:, None, :], FILL_LOGIT) for x in logits]
+        aux = list(zip(logits[:-1], dec.masks[:-1]))
+        return Mask2FormerOutput(pred_logits=logits[-1], pred_masks=dec.masks[-1], aux=aux, ml_logits=ml_logits,
+                                 topk_index=index, valid=valid, image_size=feats.image_size,
+                                 num_classes=self.num_classes)
+
+    def forward(self, images: Tensor, **kw) -> Mask2FormerOutput:
+        return self.forward_head(self.forward_features(images), **kw)
+
+    def rank_scale(self) -> Tensor:
+        """Learned 1/tau per class rank (kappa,) of the rank LayerNorm (no-object excluded)."""
+        if self.ml_norm is None:
+            raise ValueError("this model has no rank LayerNorm (baseline / oracle)")
+        return self.ml_norm.affine(self.kappa + 1)[0][:-1]
+
+    def data_config(self) -> dict:
+        """mean/std on the 0..255 scale (ImageNet, as every official Mask2Former config)."""
+        return self.backbone.data_config()
+
+    def no_weight_decay(self) -> set[str]:
+        """Official exemptions: parameters of norm layers and embeddings, class embeddings of
+        the ml head, Swin's relative position bias tables (biases of linears DO decay there)."""
+        norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding, QueryRankNorm)
+        names = set()
+        for mod_name, mod in self.named_modules():
+            for p_name, _ in mod.named_parameters(recurse=False):
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                if isinstance(mod, norms) or p_name in ("cls_emb", "relative_position_bias_table", "absolute_pos_embed"):
+                    names.add(full)
+        return names
+
+    def ml_branch_names(self) -> set[str]:
+        """Parameters of the multi-label head (the official SOLVER.MLHEAD_MULTIPLIER group:
+        lr x cfg.mask2former.ml_lr_mult); the rank LayerNorm is not part of it."""
+        return {n for n, _ in self.named_parameters() if n.startswith("ml_head.")}
+
+
+def build_mask2former(cfg: ModelConfig) -> Mask2FormerModel:
+    """Validate `cfg`, build the model and load local backbone weights if given."""
+    cfg.validate()
+    if cfg.family != "mask2former":
+        raise ValueError(f"build_mask2former got model.model={cfg.model!r}")
+    model = Mask2FormerModel(cfg)
+    if cfg.backbone_weights:
+        load_pyramid_weights(model.backbone, cfg.backbone_weights)
+    return model
