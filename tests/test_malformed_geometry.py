@@ -213,3 +213,29 @@ def test_youtube_vis_bad_video_size_fails_its_frames(tmp_path: Path) -> None:
     assert index["splits"]["train"]["num_skipped"] == 3
     res = cli("youtube-vis", "--root", tmp_path, "--out", tmp_path / "cli", "--workers", 0)
     assert_one_line_error(res, "train.json: video 3 (v): image size 0x16 (W x H)")
+
+
+def test_files_that_are_not_annotation_json(tmp_path: Path) -> None:
+    """Whole-file problems stop the run with one line naming the file (no per-sample skip)."""
+    coco, lvis, stuff = lvis_tree(tmp_path)
+    lj, sj = write_docs(tmp_path, lvis, stuff)
+    text = lj.read_text()
+    bad_lvis = {
+        "[1, 2]": "not an LVIS annotation file",
+        json.dumps(dict(lvis, images=[])): "not an LVIS annotation file",
+        # strict JSON: NaN / Infinity tokens and numbers beyond a double are not JSON
+        text.replace("[[4, 4, 14, 4", "[[NaN, 4, 14, 4"): "is not valid JSON (lexical error",
+        text.replace("[[4, 4, 14, 4", "[[1e400, 4, 14, 4"): "is not valid JSON",
+        text[:-40]: "is not valid JSON",
+    }
+    for i, (doc, message) in enumerate(bad_lvis.items()):
+        bad = tmp_path / f"b{i}" / "lvis_v1_val.json"
+        bad.parent.mkdir()
+        bad.write_text(doc)
+        assert_one_line_error(cli("coco-lvis", "--coco-root", coco, "--lvis-json", bad, "--stuff-json", sj,
+                                  "--out", tmp_path / f"o{i}"), str(bad), message)
+    (tmp_path / "s" / "stuff_val2017.json").parent.mkdir()
+    (tmp_path / "s" / "stuff_val2017.json").write_text("{}")
+    assert_one_line_error(cli("coco-lvis", "--coco-root", coco, "--lvis-json", lj, "--stuff-json",
+                              tmp_path / "s" / "stuff_val2017.json", "--out", tmp_path / "os"),
+                          "stuff_val2017.json: not a COCO annotation file")

@@ -283,6 +283,11 @@ class _Packed:
     def __getstate__(self) -> dict:
         return {"prefix": self.prefix, "_arrays": None}  # never pickle the memory maps
 
+    def __del__(self) -> None:
+        if self._arrays is not None:  # the descriptors of xy / rle (a conversion in-process ends)
+            os.close(self._arrays["xy"])
+            os.close(self._arrays["rle"])
+
     def _a(self) -> dict:
         if self._arrays is None:
             p = self.prefix
@@ -424,6 +429,10 @@ class _Record:
     stuff_json: str = ""  # the COCO-Stuff JSON that lists it
 
 
+def _not_annotations(path: Path, what: str) -> UserError:
+    return UserError(f"{path}: not {what} annotation file (needs a non-empty 'images' list and 'annotations')")
+
+
 class _Index:
     """The images of every JSON (records) and their packed annotations, built by streaming."""
 
@@ -475,8 +484,7 @@ class _Index:
             mine.add(iid)
             keys.append(key)
         if not mine:
-            raise UserError(f"{path}: not an LVIS annotation file (needs a non-empty 'images' list and "
-                            "'annotations')")
+            raise _not_annotations(path, "an LVIS")
         for ann in stream_items(path, "annotations.item", "LVIS JSON"):
             iid, cat = self._annotation_ids(ann, path, "LVIS")
             if cat not in vocab.lvis_values:
@@ -515,8 +523,7 @@ class _Index:
             rec.stuff_json = str(path)
             mine.add(iid)
         if not listed:
-            raise UserError(f"{path}: not a COCO annotation file (needs a non-empty 'images' list and "
-                            "'annotations')")
+            raise _not_annotations(path, "a COCO")
         for ann in stream_items(path, "annotations.item", "COCO-Stuff JSON"):
             iid, cat = self._annotation_ids(ann, path, "stuff")
             if cat not in valid_ids:
