@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -44,7 +44,7 @@ def show(value: object) -> str:
     return escape(printable(os.fsdecode(value) if isinstance(value, bytes) else str(value)))
 
 
-def fail(message: str, exit_code: int = 2) -> None:
+def fail(message: str, exit_code: int = 2) -> NoReturn:
     """Print `error: message` on one line and exit."""
     err.print(f"[bold red]error:[/] {show(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(exit_code) from None
@@ -76,7 +76,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
-def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: Interrupted = ""):
+def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: Interrupted = "") -> Any:
     """Run a command body, turning what is not a bug into one `error: ...` line.
 
     `UserError` -> its message and exit code; `OSError` -> path, reason and fix (exit 2);
