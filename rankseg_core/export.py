@@ -28,9 +28,8 @@ import numpy as np
 from .codec import decode_label
 from .dataset import ShardDataset, ShardIndex
 from .errors import UserError
-from .layouts import Layout, LabelFiles, layout_for, value_table
+from .layouts import Layout, LabelFiles, file_stem, layout_for, value_table
 from .progress import Progress
-from .score import prediction_name
 from .shards import atomic_write_bytes, atomic_write_json
 
 MARKER = ".rankseg-export.json"
@@ -152,7 +151,7 @@ def export_shards(shards: str | Path, out: str | Path, layout: str = "detectron2
         dirs = [out / lay.images.format(split=fsplit)] + [out / f.folder.format(split=fsplit) for f in lay.labels]
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
-        names = [prediction_name(key) for key in ds.arrays.keys]
+        names = [file_stem(key) for key in ds.arrays.keys]
         if len(set(names)) != len(names):
             raise UserError(f"{shards}: two samples of '{split}' get the same file name ('/' -> '__'): "
                             "rename them before exporting")

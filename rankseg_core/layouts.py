@@ -3,8 +3,8 @@
 A layout is an image folder and one or more label folders per split, with the encoding of
 the label files. `rankseg export` writes them from shards; `rankseg prepare detectron2` reads
 them back (the first label folder). Each entry names the registration code it follows.
-File names are the sample keys with '/' -> '__' (`score.prediction_name`), which for image
-datasets is the image stem, as detectron2's `load_sem_seg` pairs image and label files.
+File names are the sample keys with '/' -> '__' (`file_stem`), which for image datasets is
+the image stem, as detectron2's `load_sem_seg` pairs image and label files.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ import numpy as np
 from .codec import IGNORE
 from .errors import UserError
 from .resources import load_json
+
+
+def file_stem(key: str) -> str:
+    """File name (without suffix) of sample `key` in exports and saved predictions: video keys
+    `video/frame` become `video__frame` (one flat folder, as `rankseg eval --save-predictions`)."""
+    return key.replace("/", "__").replace("\\", "__")
 
 
 @dataclass(frozen=True)

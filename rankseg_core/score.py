@@ -22,9 +22,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .codec import IGNORE, decode_label
+from .codec import IGNORE, check_pixel_limit, check_size, decode_label
 from .dataset import ShardDataset, ShardIndex
 from .errors import UserError
+from .layouts import file_stem
 from .metrics import PROTOCOLS, ConfusionMatrix
 from .progress import Progress
 from .resources import load_json
@@ -37,11 +38,6 @@ SHOWN = 3  # names listed in a "missing / extra files" error
 
 # ---------------------------------------------------------------------------------------
 # Matching files to samples
-
-
-def prediction_name(key: str) -> str:
-    """File stem `rankseg eval --save-predictions` gives sample `key` (video keys hold '/')."""
-    return key.replace("/", "__").replace("\\", "__")
 
 
 def list_predictions(pred_dir: Path) -> dict[str, Path]:
@@ -69,7 +65,7 @@ def match_predictions(keys: list[str], files: dict[str, Path], pred_dir: Path, s
                       allow_extra: bool = False) -> list[Path]:
     """The prediction file of each key, in key order.
 
-    A key matches a file named (1) `prediction_name(key)` (what `rankseg eval
+    A key matches a file named (1) `file_stem(key)` (what `rankseg eval
     --save-predictions` writes), (2) the key itself as a relative path (`video/frame.png`), or
     (3) the key's last path component, the plain image stem detectron2-based projects use. A
     key matching two files, or a file matched by two keys (the same frame stem in two videos),
@@ -79,7 +75,7 @@ def match_predictions(keys: list[str], files: dict[str, Path], pred_dir: Path, s
     chosen: list[Path | None] = []
     missing = []
     for key in keys:
-        names = list(dict.fromkeys((prediction_name(key), key, key.rsplit("/", 1)[-1])))
+        names = list(dict.fromkeys((file_stem(key), key, key.rsplit("/", 1)[-1])))
         found = [n for n in names if n in files]
         if len(found) > 1:
             raise UserError(f"{pred_dir}: sample {key} matches {len(found)} files "
@@ -91,11 +87,11 @@ def match_predictions(keys: list[str], files: dict[str, Path], pred_dir: Path, s
         name = found[0]
         if name in owner:
             raise UserError(f"{files[name]}: ambiguous, it matches samples {owner[name]} and {key}: name "
-                            f"predictions {prediction_name(key)}.png (the sample key, '/' -> '__')")
+                            f"predictions {file_stem(key)}.png (the sample key, '/' -> '__')")
         owner[name] = key
         chosen.append(files[name])
     if missing:
-        shown = ", ".join(prediction_name(k) for k in missing[:SHOWN])
+        shown = ", ".join(file_stem(k) for k in missing[:SHOWN])
         raise UserError(f"{pred_dir}: {len(missing)} of {len(keys)} '{split}' images have no prediction "
                         f"(first: {shown}{', ...' if len(missing) > SHOWN else ''}): name files <sample key>.png "
                         "as `rankseg eval --save-predictions` does, or <image stem>.png/.tif")
@@ -120,6 +116,10 @@ def _decode(path: Path) -> np.ndarray:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not data:
         raise UserError(f"{path}: empty file (0 bytes): write the prediction again")
+    try:
+        check_pixel_limit(data, "prediction")
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
     is_png = data[:8] == b"\x89PNG\r\n\x1a\n"
     if is_png and not (len(data) > 25 and data[25] == 3):  # not a palette PNG: OpenCV keeps 16 bits
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -129,7 +129,10 @@ def _decode(path: Path) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_size(im.size[1], im.size[0], "prediction")  # from the header, before decoding
             return np.asarray(im)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
         raise UserError(f"{path}: cannot decode ({exc.__class__.__name__}: {exc}): write single-channel "
                         "PNG or TIFF label images") from None

@@ -285,6 +285,12 @@ def test_bad_input_one_line(shards: Path, tmp_path: Path) -> None:
     assert_one_line_error(run_with("junk", lambda d: (d / f"{first}.png").write_bytes(b"not an image")),
                           "cannot decode")
     assert_one_line_error(run_with("missing", lambda d: (d / f"{first}.png").unlink()), "1 of 5", first)
+
+    def bomb(d: Path) -> None:  # an IHDR claiming 100000 x 100000 pixels
+        data = bytearray((d / f"{first}.png").read_bytes())
+        data[16:24] = (100000).to_bytes(4, "big") * 2
+        (d / f"{first}.png").write_bytes(bytes(data))
+    assert_one_line_error(run_with("bomb", bomb), "over rankseg's limit")
     assert_one_line_error(run_with("dup", lambda d: Image.fromarray(lab.astype(np.uint16)).save(d / f"{first}.tif")),
                           "two prediction files")
     assert_one_line_error(run_with("offset", lambda d: None, "--pred-offset", "1"), "below --pred-offset 1")

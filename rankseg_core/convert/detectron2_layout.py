@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..codec import check_size
 from ..errors import UserError
 from ..layouts import CLASS_TABLES, Layout, LabelFiles, layout_for, read_table
 from ..resources import load_json
@@ -38,7 +39,10 @@ def read_label_file(data: bytes, path: str, files: LabelFiles) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_size(im.size[1], im.size[0], "label file")  # from the header, before decoding
             arr = np.asarray(im)
+    except ValueError as exc:
+        raise SampleError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad files
         raise SampleError(f"{path}: corrupt label file ({exc.__class__.__name__}: {exc})") from None
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
