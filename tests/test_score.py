@@ -299,6 +299,8 @@ def test_bad_input_one_line(shards: Path, tmp_path: Path) -> None:
     assert_one_line_error(run_with("groups", lambda d: None, "--groups", "train-frequency", "--train-split", "x"),
                           "train-frequency needs")
     assert_one_line_error(cli("eval-predictions", tmp_path / "nope", "--data", shards), "no such directory")
+    other = make_shards(tmp_path / "other", {"train": {"t": np.zeros((4, 4), np.uint16)}}, ["a", "b"])
+    assert_one_line_error(run_with("traindata", lambda d: None, "--train-data", other), "classes differ")
     # --pred-offset: files written as id + 1 (mmseg format_results) score like the plain ones.
     plus = tmp_path / "plus"
     _write(plus, {k: v + 1 for k, v in good.items()})
