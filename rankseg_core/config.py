@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -44,8 +45,11 @@ class OptimConfig:
     momentum: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
     weight_decay: float = 0.0  # 0 on COCO-Stuff, 1e-6 on ADE20K / Pascal (dataset defaults)
-    ml_wd_mult: float = 100.0  # the ADE20K/Pascal configs decay the ml branch 100x harder
-    ml_lr_mult: float = 1.0
+    # mmseg `paramwise_cfg.custom_keys`: {substring of a parameter name: {lr_mult, decay_mult}};
+    # the longest matching key decides (optim.py). None = the official keys, resolved below.
+    custom_keys: dict[str, dict[str, float]] | None = None
+    ml_wd_mult: float = 100.0  # decay_mult of the ml branch in the resolved custom_keys (ADE20K/Pascal: 100)
+    ml_lr_mult: float = 1.0  # lr_mult of the ml branch in the resolved custom_keys
     grad_clip: float = 0.0  # max global grad norm; 0 = off (the paper does not clip)
 
 
@@ -61,9 +65,12 @@ class ScheduleConfig:
 
 @dataclass
 class LossConfig:
-    ml_loss: str = "asl"  # "asl" (default) or "bce" (COCO-Stuff ViT-B configs)
+    ml_loss: str | None = None  # "asl" or "bce"; None = official: bce for COCO-Stuff TranEnc, else asl
     ml_weight: float = 10.0  # total = seg + w * ml; per-dataset value from METHOD.md
     seg_loss_norm: str = "official"  # "official": sum / all pixels; "valid": mean over labelled
+    asl_gamma_neg: float | None = None  # None = official per ml head: tranenc 2, trandec / gap 0
+    asl_gamma_pos: float = 0.0  # 0 in every official config
+    asl_clip: float = 0.05  # probability margin on negatives (the ASL default of every config)
 
 
 @dataclass
@@ -87,9 +94,9 @@ class EvalConfig:
     max_images: int = 0  # cap for the periodic evaluation (0 = whole split); the final one is full
     short_side: int | None = None  # test resize: short side (None = the crop size)
     max_long: int | None = None  # long side cap (None = 4 x short side, i.e. 2048 for 512)
-    mode: str = "whole"  # "whole" or "slide" (the paper: slide 512/512)
+    mode: str = "whole"  # "whole" or "slide"; Segmenter recipes: slide (every official test config)
     crop: int | None = None  # slide window (None = the crop size)
-    stride: int | None = None  # slide stride (None = the window)
+    stride: int | None = None  # slide stride (None = the window, as the official configs)
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     batch_size: int = 4  # images of the same size are batched
@@ -121,23 +128,39 @@ class TrainConfig:
 RUNTIME_KEYS = frozenset({"device", "data.num_workers", "eval.num_workers", "eval.batch_size",
                           "log_seconds", "data.root", "eval.every", "eval.max_images", "ckpt_every"})
 
-# METHOD.md sec. 4-5 per dataset. Weight decay 1e-6 (+100x on the ml branch) is the
-# ADE20K / Pascal recipe; the ADE20K-Full and COCO+LVIS configs derive from the ADE20K one.
-_ADE = {"optim.weight_decay": 1e-6, "aug.scale": [2048, 512], "model.img_size": 512}
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+# What the data itself asks for, whatever the model family. Synthetic: colour is the class
+# identity, so no photometric distortion (a hue shift would turn one class's look into another's).
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {"aug.photometric": False},
+}
+
+# The official Segmenter + RankSeg recipes (openseg-group/RankSeg mmseg configs; METHOD.md sec.
+# 4-5). Test protocol of every official config: keep-ratio resize to (4 x crop, crop) -- the
+# derived eval.short_side / eval.max_long -- then slide with window = stride = crop, single
+# scale, no flip; aug.scale derives to the same (4 x crop, crop). "*" applies to any dataset.
+# ADE20K-Full and COCO+LVIS have no released config: they follow the ADE20K one.
+_ADE = {"optim.weight_decay": 1e-6, "model.img_size": 512}
+SEGMENTER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"eval.mode": "slide"},
     "ade20k-full": {**_ADE, "model.kappa": 100, "loss.ml_weight": 100.0, "schedule.iters": 160000},
     "coco-lvis": {**_ADE, "model.kappa": 100, "loss.ml_weight": 300.0, "schedule.iters": 320000},
     "ade20k": {**_ADE, "model.kappa": 50, "loss.ml_weight": 10.0, "schedule.iters": 160000},
-    "coco-stuff": {"optim.weight_decay": 0.0, "aug.scale": [2048, 512], "model.img_size": 512,
-                   "model.kappa": 50, "loss.ml_weight": 10.0, "schedule.iters": 80000},
-    "pascal-context": {"optim.weight_decay": 1e-6, "aug.scale": [520, 520], "model.img_size": 480,
+    # The ViT-B 80k COCO-Stuff-10k config: BCE (loss.ml_loss resolves to it), weight 5, no
+    # weight decay and no ml-branch custom key.
+    "coco-stuff": {"optim.weight_decay": 0.0, "optim.ml_wd_mult": 1.0, "model.img_size": 512, "model.kappa": 50,
+                   "loss.ml_weight": 5.0, "schedule.iters": 80000},
+    # img_scale (4160, 520) for training and test, crop 480 (pascal_context_meanstd0.5*.py).
+    "pascal-context": {"optim.weight_decay": 1e-6, "aug.scale": [4160, 520], "model.img_size": 480,
+                       "eval.short_side": 520, "eval.max_long": 4160,
                        "model.kappa": 25, "loss.ml_weight": 5.0, "schedule.iters": 80000},
-    # Synthetic: 128 px images with <= 10 classes each; small enough to learn on a CPU.
-    # Colour is the class identity there, so no photometric distortion (a hue shift would turn
-    # one class's look into another's).
-    "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128, "aug.photometric": False,
+    # Synthetic: 128 px images with <= 10 classes each; small enough to learn on a CPU. Our
+    # own cheap protocol: one whole-image forward at the crop size.
+    "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128, "eval.mode": "whole",
                   "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
 }
+# Per model family (the prefix of model.model): that family's recipes. A family without an
+# entry gets the dataclass defaults (plus DATA_DEFAULTS).
+DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"segmenter": SEGMENTER_DEFAULTS}
 # Spellings converters and users use for the same datasets (lower case, separators dropped).
 _ALIASES = {
     "ade20kfull": "ade20k-full", "ade847": "ade20k-full", "ade20k847": "ade20k-full", "adefull": "ade20k-full",
@@ -156,6 +179,19 @@ def dataset_family(name: str) -> str | None:
     if key.startswith("ade20kfulltop"):  # ADE20K-x (ProtoSeg): the x most frequent Full classes
         return "ade20k-full"
     return _ALIASES.get(key)
+
+
+def model_family(model_name: str) -> str:
+    """The family prefix of a `model.model` name ('segmenter-vitb' -> 'segmenter')."""
+    return model_name.split("-", 1)[0]
+
+
+def dataset_defaults(model_name: str, dataset_name: str) -> dict[str, Any]:
+    """The default config keys for a model on a dataset: DATA_DEFAULTS, then the family's
+    "*" recipe, then its recipe for the dataset."""
+    dataset = dataset_family(dataset_name)
+    recipes = DATASET_DEFAULTS.get(model_family(model_name), {})
+    return {**DATA_DEFAULTS.get(dataset, {}), **recipes.get("*", {}), **recipes.get(dataset, {})}
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,6 +273,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise UserError(errors[0] if errors else f"{key}: cannot be {value!r}")
     bad = UserError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        if isinstance(value, str):
+            value = _parse_text(value)
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = args if args else (Any, Any)
+        return {coerce(k, kt, key): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str):
             value = _parse_text(value)
@@ -300,11 +343,23 @@ def get_key(cfg: TrainConfig, key: str) -> Any:
     return getattr(parent, leaf)
 
 
+@functools.cache
+def _mapping_keys(cls: type = None, prefix: str = "") -> frozenset[str]:
+    """Dotted keys whose value is a mapping (e.g. optim.custom_keys): leaves, not sections."""
+    out: set[str] = set()
+    for name, tp in _hints(cls or TrainConfig).items():
+        if dataclasses.is_dataclass(tp):
+            out |= _mapping_keys(tp, f"{prefix}{name}.")
+        elif any(typing.get_origin(t) is dict for t in (tp, *typing.get_args(tp))):
+            out.add(prefix + name)
+    return frozenset(out)
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists stay values."""
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists and mapping-valued keys stay values."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and f"{prefix}{k}" not in _mapping_keys():
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -383,12 +438,56 @@ def resolve(cfg: TrainConfig, meta: dict | None = None) -> TrainConfig:
     if cfg.aug.scale is None:
         cfg.aug.scale = [4 * crop, crop]
     e = cfg.eval
-    e.short_side = e.short_side or crop
-    e.max_long = e.max_long or 4 * e.short_side
-    e.crop = e.crop or crop
-    e.stride = e.stride or e.crop
+    e.short_side = crop if e.short_side is None else e.short_side
+    e.max_long = 4 * e.short_side if e.max_long is None else e.max_long
+    e.crop = crop if e.crop is None else e.crop
+    e.stride = e.crop if e.stride is None else e.stride
+    _resolve_official(cfg)
     validate(cfg)
     return cfg
+
+
+# ASL gamma- of each multi-label head in the official configs: TranEnc 2 (ADE20K, Pascal),
+# the TranDec and global-pooling heads of Table 6 0 (their COCO-Stuff configs); gamma+ is 0.
+ASL_GAMMA_NEG = {"tranenc": 2.0, "trandec": 0.0, "gap": 0.0}
+
+
+def _segmenter_ml_prefixes(m: ModelConfig) -> list[str]:
+    """Parameter-name prefixes of the Segmenter multi-label branch (model/heads.py): the
+    official keys "decode_head.blocks.0." and "decode_head.ml_fc" for TranEnc, renamed."""
+    if m.head != "rankseg" or m.oracle:
+        return []
+    return ["head.blocks.0.", "head.ml_fc"] if m.ml_head == "tranenc" else ["head.ml_branch."]
+
+
+def official_custom_keys(cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """The official `paramwise_cfg.custom_keys` for this model, in our parameter names.
+
+    Every Segmenter / RankSeg config: pos_embed, cls_token and norm get decay_mult 0; the
+    ADE20K / Pascal ones add decay_mult 100 on the ml branch (`optim.ml_wd_mult`; COCO-Stuff
+    has no such key, which ml_wd_mult = ml_lr_mult = 1 reproduces). Other families: none yet.
+    """
+    if model_family(cfg.model.model) != "segmenter":
+        return {}
+    keys = {k: {"decay_mult": 0.0} for k in ("pos_embed", "cls_token", "norm")}
+    o = cfg.optim
+    if (o.ml_wd_mult, o.ml_lr_mult) != (1.0, 1.0):
+        for prefix in _segmenter_ml_prefixes(cfg.model):
+            keys[prefix] = {"lr_mult": o.ml_lr_mult, "decay_mult": o.ml_wd_mult}
+    return keys
+
+
+def _resolve_official(cfg: TrainConfig) -> None:
+    """Fill the defaults that depend on the model (None = the official value)."""
+    segmenter = model_family(cfg.model.model) == "segmenter"
+    lo = cfg.loss
+    if lo.ml_loss is None:  # the ViT-B COCO-Stuff TranEnc configs are the only ones with BCE
+        coco = dataset_family(cfg.data.name) == "coco-stuff"
+        lo.ml_loss = "bce" if segmenter and coco and cfg.model.ml_head == "tranenc" else "asl"
+    if lo.asl_gamma_neg is None:
+        lo.asl_gamma_neg = ASL_GAMMA_NEG.get(cfg.model.ml_head, 2.0) if segmenter else 2.0
+    if cfg.optim.custom_keys is None:
+        cfg.optim.custom_keys = official_custom_keys(cfg)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -406,7 +505,9 @@ def validate(cfg: TrainConfig) -> None:
          f"schedule.batch_size={s.batch_size} must be divisible by schedule.accum_steps={s.accum_steps}"),
         (0 <= s.min_lr <= o.lr, f"schedule.min_lr={s.min_lr} must be in [0, optim.lr]"),
         (s.power > 0 and s.warmup_iters >= 0, "schedule.power must be > 0 and warmup_iters >= 0"),
-        (lo.ml_loss in ("asl", "bce"), f"loss.ml_loss={lo.ml_loss!r}: use asl or bce"),
+        (lo.ml_loss in ("asl", "bce", None), f"loss.ml_loss={lo.ml_loss!r}: use asl or bce"),
+        ((lo.asl_gamma_neg or 0) >= 0 and lo.asl_gamma_pos >= 0, "loss.asl_gamma_neg / asl_gamma_pos must be >= 0"),
+        (0 <= lo.asl_clip < 1, f"loss.asl_clip={lo.asl_clip} must be in [0, 1)"),
         (lo.seg_loss_norm in ("official", "valid"), f"loss.seg_loss_norm={lo.seg_loss_norm!r}: use official or valid"),
         (lo.ml_weight >= 0, "loss.ml_weight must be >= 0"),
         (a.scale is None or (len(a.scale) == 2 and min(a.scale) > 0), "aug.scale needs two positive sides (long, short)"),
@@ -416,6 +517,10 @@ def validate(cfg: TrainConfig) -> None:
         (a.mean is None or len(a.mean) == cfg.model.in_chans, "aug.mean needs one value per input channel"),
         (a.std is None or (len(a.std) == cfg.model.in_chans and min(a.std) > 0), "aug.std needs one positive value per channel"),
         (e.mode in ("whole", "slide"), f"eval.mode={e.mode!r}: use whole or slide"),
+        (all(v is None or v >= 1 for v in (e.short_side, e.max_long, e.crop, e.stride)),
+         "eval.short_side, eval.max_long, eval.crop and eval.stride must be >= 1"),
+        (e.crop is None or e.stride is None or e.stride <= e.crop,
+         f"eval.stride={e.stride} must be <= eval.crop={e.crop} (larger strides leave pixels no window covers)"),
         (len(e.scales) >= 1 and min(e.scales) > 0, "eval.scales must be positive, e.g. 0.75,1.0,1.25"),
         (e.every >= 0 and e.max_images >= 0 and e.batch_size >= 1, "eval.every/max_images >= 0, eval.batch_size >= 1"),
         (cfg.log_every >= 1 and cfg.ckpt_every >= 1, "log_every and ckpt_every must be >= 1"),
@@ -424,9 +529,23 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    _validate_custom_keys(o.custom_keys)
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.model.num_classes:
         raise UserError(f"data.class_names has {len(cfg.data.class_names)} names but model.num_classes="
                         f"{cfg.model.num_classes}")
+
+
+def _validate_custom_keys(keys: dict[str, dict[str, float]] | None) -> None:
+    example = "e.g. --set 'optim.custom_keys={norm: {decay_mult: 0}, head.ml_fc: {lr_mult: 10}}'"
+    for key, mults in (keys or {}).items():
+        if not key:
+            raise UserError(f"optim.custom_keys: empty key; {example}")
+        unknown = set(mults) - {"lr_mult", "decay_mult"}
+        if unknown:
+            raise UserError(f"optim.custom_keys['{key}']: unknown field(s) {', '.join(sorted(unknown))}; "
+                            f"use lr_mult and decay_mult, {example}")
+        if any(v < 0 for v in mults.values()):
+            raise UserError(f"optim.custom_keys['{key}']: multipliers must be >= 0")
 
 
 def build_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None,
@@ -450,8 +569,9 @@ def build_train_config(config_file: str | Path | None = None, overrides: list[st
         raise UserError("no training data: pass --data DIR (a shard directory from `rankseg prepare`)")
     meta = load_index(root)
     cfg = TrainConfig()
-    family = dataset_family(str(meta.get("name", "")))
-    for key, value in DATASET_DEFAULTS.get(family, {}).items():
+    # The recipe depends on the model family, which the user's layers may choose.
+    model_name = str(user.get("model.model") or cfg.model.model)
+    for key, value in dataset_defaults(model_name, str(meta.get("name", ""))).items():
         set_key(cfg, key, value)
     for where, layer in layers:
         for key, value in layer.items():

@@ -1,14 +1,23 @@
-"""Inference helpers: scatter back to K classes, whole / sliding-window / multi-scale.
+"""Inference: whole image, sliding window, multi-scale + flip, as the official mmseg code.
 
-All functions take normalised images N x 3 x H x W and return full-resolution outputs at the
-input size. Keyword arguments (`kappa`, `dynamic_threshold`, `select_override`, `gt_classes`)
-pass through to the model's forward; a selection given per image applies to every window.
+The official protocol (mmseg 0.x `EncoderDecoder` in the RankSeg fork), for each test pass
+(one scale, flipped or not) of an image already resized for testing:
+  1. `encode_decode(x)`: the ViT's PatchEmbed zero-pads x bottom/right to a multiple of 16,
+     the head returns logits on that (ceil) patch grid with -100 for unselected classes, and
+     they are resized bilinearly to x's UNPADDED size (the padded grid is stretched over it).
+  2. slide: windows of `crop` every `stride`, the last one flush with the border; a side
+     shorter than the crop gives a window of that side, decoded unpadded (only step 1's
+     padding to 16). Overlapping logits are averaged, -100 entries included.
+  3. The pass's logits are resized to the ORIGINAL image size, softmaxed over K, un-flipped;
+     scales x flips average these probabilities. The prediction is their argmax.
+All functions take normalised images N x 3 x H x W.
 
-The work is done on `ClassMaps`: maps over only the classes some pass or window selected
-(their union, about kappa of them), never over all K. At K = 1,284 a dense K x H x W float
-map of a 512 x 683 image is 1.8 GB; the compact one is kappa/K of that. Classes outside the
-union would carry the official -100 fill everywhere; after softmax that is < 1e-40, so
-dropping them changes no probability beyond float rounding and never the argmax. The
+The work is done on `ClassMaps`: per image, maps over only the classes it selected in some
+window or pass (about kappa of them), never over all K. At K = 1,284 a dense K x H x W float
+map of a 512 x 683 image is 1.8 GB; the compact one is kappa/K of that. A class an image never
+selected holds the official -100 everywhere; after the softmax it is < 1e-40 next to any
+selected class, so dropping it changes no probability beyond float rounding and never the
+argmax (tested against a dense K-channel re-implementation, `tests/test_protocol.py`). The
 `predict_*` functions return dense K-channel tensors (`to_dense`) for callers that want them.
 """
 
@@ -27,19 +36,16 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def scatter_to_classes(out: SegOutput, num_classes: int, fill: float = FILL_LOGIT,
-                       size: tuple[int, int] | None = None) -> Tensor:
-    """Selected-channel logits -> B x K x h x w, unselected classes = `fill` (official -100).
-
-    With `size`, the C selected channels are upsampled (bilinear, align_corners=False) before
-    the scatter, which equals upsampling the K-channel tensor (constant channels stay constant)
-    at C/K of the cost. Padding channels (valid False) are not scattered.
-    """
-    return compact_logits(out, num_classes, size, fill).to_dense(num_classes, fill)
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """mmseg's `resize`: bilinear, align_corners=False (a no-op at the same size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _ml_probs(out: SegOutput) -> Tensor | None:
-    return out.ml_logits.sigmoid() if out.ml_logits is not None else None
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """Size of an h x w image at `scale`, rounded half up as mmcv (never below 1 px)."""
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 @dataclass
@@ -76,16 +82,22 @@ def _union(a: Tensor, b: Tensor) -> Tensor:
     return torch.unique(torch.cat([a, b]))  # sorted
 
 
+def _ml_probs(out: SegOutput) -> Tensor | None:
+    return out.ml_logits.float().sigmoid() if out.ml_logits is not None else None
+
+
 def compact_logits(out: SegOutput, num_classes: int, size: tuple[int, int] | None = None,
                    fill: float = FILL_LOGIT) -> ClassMaps:
-    """A forward's logits over the union of the batch's selected classes.
+    """A forward's logits over the union of the batch's selected classes (float32).
 
     Equals `scatter_to_classes(out, num_classes, fill, size)` restricted to those classes: an
-    image's unselected classes in the union (selected for another image) get `fill`.
+    image's unselected classes in the union (selected for another image) get `fill`. The C
+    selected channels are resized before the scatter, which equals resizing the K channels
+    (constant channels stay constant) at C/K of the cost.
     """
-    logits = out.mask_logits
-    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    logits = out.mask_logits.float()
+    if size is not None:
+        logits = _resize(logits, size)
     if out.topk_index is None:
         classes = torch.arange(num_classes, device=logits.device)
         if out.valid is not None:
@@ -103,56 +115,129 @@ def compact_logits(out: SegOutput, num_classes: int, size: tuple[int, int] | Non
     return ClassMaps(full[:, :-1], classes)
 
 
-def _whole(model: nn.Module, images: Tensor, num_classes: int, **fwd_kw) -> tuple[ClassMaps, Tensor | None]:
+def scatter_to_classes(out: SegOutput, num_classes: int, fill: float = FILL_LOGIT,
+                       size: tuple[int, int] | None = None) -> Tensor:
+    """Selected-channel logits -> B x K x h x w, unselected classes = `fill` (official -100).
+
+    With `size`, the logits are resized (bilinear, align_corners=False) to it. Padding
+    channels (valid False) are not scattered.
+    """
+    return compact_logits(out, num_classes, size, fill).to_dense(num_classes, fill)
+
+
+def _image(out: SegOutput, i: int) -> SegOutput:
+    """Image i of a batch output (its pixel logits and selection only)."""
+    pick = (lambda t: None if t is None else t[i:i + 1])
+    return SegOutput(mask_logits=out.mask_logits[i:i + 1], topk_index=pick(out.topk_index), valid=pick(out.valid))
+
+
+def _encode_decode(model: nn.Module, images: Tensor, num_classes: int, **fwd_kw
+                   ) -> tuple[list[ClassMaps], Tensor | None]:
+    """Step 1 above: per image, logits over its own selected classes at the input size."""
     h, w = images.shape[-2:]
     p = getattr(model, "patch_size", 16)
-    ph, pw = -h % p, -w % p
-    x = F.pad(images, (0, pw, 0, ph)) if ph or pw else images
+    x = F.pad(images, (0, -w % p, 0, -h % p))
     out: SegOutput = model(x, **fwd_kw)
-    maps = compact_logits(out, num_classes, size=tuple(x.shape[-2:]))
-    return ClassMaps(maps.maps[..., :h, :w], maps.classes), _ml_probs(out)
+    return [compact_logits(_image(out, i), num_classes, size=(h, w)) for i in range(len(images))], _ml_probs(out)
 
 
 def _slide(model: nn.Module, images: Tensor, num_classes: int, crop: int | tuple[int, int],
-           stride: int | tuple[int, int], **fwd_kw) -> tuple[ClassMaps, Tensor | None]:
+           stride: int | tuple[int, int], **fwd_kw) -> tuple[list[ClassMaps], Tensor | None]:
+    """Step 2 above: per image, window-averaged logits at the input size."""
     n, _, h, w = images.shape
     (ch, cw), (sh, sw) = _pair(crop), _pair(stride)
     rows = max(h - ch + sh - 1, 0) // sh + 1
     cols = max(w - cw + sw - 1, 0) // sw + 1
-    total = ClassMaps(images.new_zeros((n, 0, h, w)), torch.zeros(0, dtype=torch.long, device=images.device))
+    empty = torch.zeros(0, dtype=torch.long, device=images.device)
+    sums = [ClassMaps(images.new_zeros((1, 0, h, w)), empty) for _ in range(n)]
     count = images.new_zeros((1, 1, h, w))
     ml_sum, n_win = None, 0
     for r in range(rows):
         for c in range(cols):
             y2, x2 = min(r * sh + ch, h), min(c * sw + cw, w)
             y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            window = images[:, :, y1:y2, x1:x2]
-            wh, ww = window.shape[-2:]
-            window = F.pad(window, (0, cw - ww, 0, ch - wh))
-            win, ml = _whole(model, window, num_classes, **fwd_kw)
-            classes = _union(total.classes, win.classes)
-            # A class new to the union was unselected, i.e. -100, in every window so far.
-            summed = total.widen(classes, count * FILL_LOGIT)
-            summed[:, :, y1:y2, x1:x2] += ClassMaps(win.maps[..., :wh, :ww], win.classes).widen(classes, FILL_LOGIT)
-            total = ClassMaps(summed, classes)
+            windows, ml = _encode_decode(model, images[:, :, y1:y2, x1:x2], num_classes, **fwd_kw)
+            for i, win in enumerate(windows):
+                classes = _union(sums[i].classes, win.classes)
+                # A class new to this image was unselected, i.e. -100, in every window so far.
+                summed = sums[i].widen(classes, count * FILL_LOGIT)
+                summed[:, :, y1:y2, x1:x2] += win.widen(classes, FILL_LOGIT)
+                sums[i] = ClassMaps(summed, classes)
             count[:, :, y1:y2, x1:x2] += 1
             if ml is not None:
                 ml_sum = ml if ml_sum is None else ml_sum + ml
             n_win += 1
-    return ClassMaps(total.maps / count, total.classes), (ml_sum / n_win if ml_sum is not None else None)
+    return [ClassMaps(s.maps / count, s.classes) for s in sums], (ml_sum / n_win if ml_sum is not None else None)
+
+
+def _logits(model: nn.Module, images: Tensor, num_classes: int, mode: str, crop: int | tuple[int, int] | None,
+            stride: int | tuple[int, int] | None, **fwd_kw) -> tuple[list[ClassMaps], Tensor | None]:
+    if mode == "whole":
+        return _encode_decode(model, images, num_classes, **fwd_kw)
+    if mode == "slide":
+        if crop is None or stride is None:
+            raise ValueError("slide mode needs crop and stride")
+        return _slide(model, images, num_classes, crop, stride, **fwd_kw)
+    raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+
+
+def _add(total: ClassMaps | None, probs: ClassMaps) -> ClassMaps:
+    """Sum of probability maps; a class a pass did not select has probability 0 there."""
+    if total is None:
+        return probs
+    classes = _union(total.classes, probs.classes)
+    summed = total.widen(classes, 0.0)
+    summed += probs.widen(classes, 0.0)
+    return ClassMaps(summed, classes)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images: Tensor, num_classes: int, sizes: list[tuple[int, int]] | None = None,
+                  scales: tuple[float, ...] = (1.0,), flip: bool = False, mode: str = "whole",
+                  crop: int | tuple[int, int] | None = None, stride: int | tuple[int, int] | None = None,
+                  scale_sizes: list[tuple[int, int]] | None = None,
+                  **fwd_kw) -> tuple[list[ClassMaps], Tensor | None]:
+    """Mean softmax probabilities per image, over the classes it selected (step 3 above).
+
+    images N x 3 x H x W -> ([ClassMaps 1 x C_i x h_i x w_i at sizes[i] (default H x W)],
+    ml probabilities N x K (clips x K for video) averaged over windows and passes, or None).
+    Each pass resizes the images to `scale_sizes[j]` (default: `scaled_size(H, W, scales[j])`,
+    bilinear), flips them if asked, predicts with `mode` ("whole", or "slide" with crop /
+    stride), resizes the logits to sizes[i], softmaxes and un-flips.
+    """
+    n, _, h, w = images.shape
+    sizes = [tuple(s) for s in sizes] if sizes is not None else [(h, w)] * n
+    totals: list[ClassMaps | None] = [None] * n
+    ml_sum, passes = None, 0
+    for j, scale in enumerate(scales):
+        size = tuple(scale_sizes[j]) if scale_sizes is not None else scaled_size(h, w, scale)
+        scaled = _resize(images, size)
+        for flipped in ((False, True) if flip else (False,)):
+            maps, ml = _logits(model, scaled.flip(-1) if flipped else scaled, num_classes, mode, crop, stride, **fwd_kw)
+            for i, m in enumerate(maps):
+                probs = _resize(m.maps, sizes[i]).softmax(dim=1)
+                totals[i] = _add(totals[i], ClassMaps(probs.flip(-1) if flipped else probs, m.classes))
+            if ml is not None:
+                ml_sum = ml if ml_sum is None else ml_sum + ml
+            passes += 1
+    return [ClassMaps(t.maps / passes, t.classes) for t in totals], (ml_sum / passes if ml_sum is not None else None)
+
+
+def _dense(maps: list[ClassMaps], num_classes: int, fill: float) -> Tensor:
+    return torch.cat([m.to_dense(num_classes, fill) for m in maps])
 
 
 @torch.no_grad()
 def predict_whole(model: nn.Module, images: Tensor, num_classes: int, return_ml: bool = False,
                   **fwd_kw) -> Tensor | tuple[Tensor, Tensor | None]:
-    """One forward over the whole image: N x 3 x H x W -> logits N x K x H x W.
+    """mmseg's `encode_decode`: N x 3 x H x W -> logits N x K x H x W (unselected -100).
 
-    Sides that are not multiples of the patch size are zero-padded (bottom/right) and the
-    logits cropped back. With return_ml, also the ml probabilities (N x K, or clips x K; None
-    for models without an ml branch).
+    Sides that are not multiples of the patch size are zero-padded (bottom/right) for the
+    forward, and the patch-grid logits are resized to H x W. With return_ml, also the ml
+    probabilities (N x K, or clips x K; None for models without an ml branch).
     """
-    maps, ml = _whole(model, images, num_classes, **fwd_kw)
-    logits = maps.to_dense(num_classes, FILL_LOGIT)
+    maps, ml = _encode_decode(model, images, num_classes, **fwd_kw)
+    logits = _dense(maps, num_classes, FILL_LOGIT)
     return (logits, ml) if return_ml else logits
 
 
@@ -160,64 +245,25 @@ def predict_whole(model: nn.Module, images: Tensor, num_classes: int, return_ml:
 def predict_slide(model: nn.Module, images: Tensor, num_classes: int, crop: int | tuple[int, int],
                   stride: int | tuple[int, int], return_ml: bool = False,
                   **fwd_kw) -> Tensor | tuple[Tensor, Tensor | None]:
-    """mmseg-style sliding window: N x 3 x H x W -> logits N x K x H x W.
+    """mmseg's sliding window: N x 3 x H x W -> logits N x K x H x W.
 
     Each window makes its own top-kappa selection; overlapping logits are averaged, the
-    -100 of unselected classes included (as the official code). Windows are padded to the
-    crop when the image is smaller. ml probabilities (return_ml) are averaged over windows.
+    -100 of unselected classes included. A window smaller than the crop (image side below
+    it) is decoded unpadded. ml probabilities (return_ml) are averaged over windows.
     """
     maps, ml = _slide(model, images, num_classes, crop, stride, **fwd_kw)
-    logits = maps.to_dense(num_classes, FILL_LOGIT)
+    logits = _dense(maps, num_classes, FILL_LOGIT)
     return (logits, ml) if return_ml else logits
-
-
-@torch.no_grad()
-def predict_compact(model: nn.Module, images: Tensor, num_classes: int, scales: tuple[float, ...] = (1.0,),
-                    flip: bool = False, mode: str = "whole", crop: int | tuple[int, int] | None = None,
-                    stride: int | tuple[int, int] | None = None, **fwd_kw) -> tuple[ClassMaps, Tensor | None]:
-    """Multi-scale (+ horizontal flip) test over the selected classes only.
-
-    N x 3 x H x W -> (mean softmax probabilities as ClassMaps N x C x H x W, ml probabilities
-    N x K or None). Each pass resizes the image by `scale` (bilinear), predicts with `mode`
-    ("whole", or "slide" with crop/stride), resizes the logits back to H x W, then softmaxes.
-    """
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-    if mode == "slide" and (crop is None or stride is None):
-        raise ValueError("slide mode needs crop and stride")
-    h, w = images.shape[-2:]
-    total = ClassMaps(images.new_zeros((images.shape[0], 0, h, w)),
-                      torch.zeros(0, dtype=torch.long, device=images.device))
-    ml_sum, passes = None, 0
-    for scale in scales:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        scaled = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
-            x = scaled.flip(-1) if flipped else scaled
-            if mode == "whole":
-                maps, ml = _whole(model, x, num_classes, **fwd_kw)
-            else:
-                maps, ml = _slide(model, x, num_classes, crop, stride, **fwd_kw)
-            logits = maps.maps.flip(-1) if flipped else maps.maps
-            if logits.shape[-2:] != (h, w):
-                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            classes = _union(total.classes, maps.classes)
-            # Probability 0 for classes a pass did not select (exp(-100) below float32 resolution).
-            summed = total.widen(classes, 0.0)
-            summed += ClassMaps(logits.softmax(dim=1), maps.classes).widen(classes, 0.0)
-            total = ClassMaps(summed, classes)
-            if ml is not None:
-                ml_sum = ml if ml_sum is None else ml_sum + ml
-            passes += 1
-    return ClassMaps(total.maps / passes, total.classes), (ml_sum / passes if ml_sum is not None else None)
 
 
 @torch.no_grad()
 def predict_multiscale(model: nn.Module, images: Tensor, num_classes: int, scales: tuple[float, ...] = (1.0,),
                        flip: bool = False, mode: str = "whole", crop: int | tuple[int, int] | None = None,
-                       stride: int | tuple[int, int] | None = None, return_ml: bool = False,
-                       **fwd_kw) -> Tensor | tuple[Tensor, Tensor | None]:
-    """`predict_compact` as dense probabilities N x K x H x W (unselected classes 0)."""
-    maps, ml = predict_compact(model, images, num_classes, scales, flip, mode, crop, stride, **fwd_kw)
-    probs = maps.to_dense(num_classes, 0.0)
+                       stride: int | tuple[int, int] | None = None, size: tuple[int, int] | None = None,
+                       return_ml: bool = False, **fwd_kw) -> Tensor | tuple[Tensor, Tensor | None]:
+    """`predict_probs` as dense probabilities N x K x h x w at `size` (default the input
+    size); classes an image never selected get 0."""
+    sizes = [size] * len(images) if size is not None else None
+    maps, ml = predict_probs(model, images, num_classes, sizes, scales, flip, mode, crop, stride, **fwd_kw)
+    probs = _dense(maps, num_classes, 0.0)
     return (probs, ml) if return_ml else probs

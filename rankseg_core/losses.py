@@ -47,7 +47,8 @@ def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_neg: float = 2.0, gam
     With p = sigmoid(s), p_m = max(p - clip, 0):
     L = -(1/BK) sum[ y (1-p)^g+ log(max(p, eps)) + (1-y) p_m^g- log(max(1 - p_m, eps)) ].
     Gradients flow through the focusing weights (timm's disable_torch_grad_focal_loss=False).
-    logits, targets: B x K.
+    The official heads: TranEnc gamma- = 2, TranDec / global pooling gamma- = 0; gamma+ = 0
+    and clip = 0.05 everywhere. logits, targets: B x K.
     """
     logits, targets = logits.float(), targets.float()
     p = logits.sigmoid()
@@ -147,7 +148,8 @@ def selection_stats(labels: Tensor, topk_index: Tensor | None, num_classes: int,
 class RankSegCriterion:
     """seg + ml_weight * ml, with the selection diagnostics.
 
-    ml_loss: "asl" (ASL gamma-=2, gamma+=0, clip 0.05, eps 1e-5, mean over B*K) or "bce".
+    ml_loss: "asl" (`asymmetric_loss` with asl_gamma_neg / asl_gamma_pos / asl_clip, eps 1e-5,
+        mean over B*K; defaults = the official TranEnc values) or "bce".
     seg_loss_norm: "official" (sum / all pixels) or "valid" (mean over labelled pixels).
     clip_len: frames per clip; ml targets are the union over a clip's frames.
     """
@@ -158,10 +160,16 @@ class RankSegCriterion:
     ml_weight: float = 10.0
     seg_loss_norm: str = "official"
     clip_len: int = 1
+    asl_gamma_neg: float = 2.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
 
     def __post_init__(self) -> None:
         if self.ml_loss not in ML_LOSSES:
             raise UserError(f"loss.ml_loss={self.ml_loss!r} is unknown; use one of {', '.join(ML_LOSSES)}")
+        if self.asl_gamma_neg is None or self.asl_gamma_neg < 0 or self.asl_gamma_pos < 0:
+            raise UserError(f"loss.asl_gamma_neg={self.asl_gamma_neg} / asl_gamma_pos={self.asl_gamma_pos}: "
+                            "need numbers >= 0 (config.resolve fills the per-head default)")
         if self.seg_loss_norm not in SEG_NORMS:
             raise UserError(f"loss.seg_loss_norm={self.seg_loss_norm!r} is unknown; use one of {', '.join(SEG_NORMS)}")
 
@@ -178,8 +186,10 @@ class RankSegCriterion:
             y = ml_targets(labels, self.num_classes, self.ignore_index)
             if self.clip_len > 1:
                 y = clip_targets(y, self.clip_len)
-            fn = asymmetric_loss if self.ml_loss == "asl" else bce_loss
-            ml = fn(out.ml_logits, y)
+            if self.ml_loss == "asl":
+                ml = asymmetric_loss(out.ml_logits, y, self.asl_gamma_neg, self.asl_gamma_pos, self.asl_clip)
+            else:
+                ml = bce_loss(out.ml_logits, y)
         else:
             ml = seg.new_zeros(())
         stats = selection_stats(labels, out.topk_index, self.num_classes, self.ignore_index, out.valid)

@@ -4,24 +4,56 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from rankseg_core.config import TrainConfig
+from rankseg_core.config import TrainConfig, official_custom_keys
+from rankseg_core.errors import UserError
+
+
+def sorted_custom_keys(custom_keys: dict[str, dict[str, float]]) -> list[str]:
+    """The order in which mmcv's DefaultOptimizerConstructor tries the keys: longest first,
+    equal lengths alphabetically."""
+    return sorted(sorted(custom_keys), key=len, reverse=True)
+
+
+def param_multipliers(model: nn.Module, custom_keys: dict[str, dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """{parameter name: (lr_mult, decay_mult)} for the trainable parameters.
+
+    mmcv's rule: the first key of `sorted_custom_keys` that is a substring of the name decides
+    (its missing fields are 1); a parameter no key matches gets (1, 1). The official RankSeg
+    configs set no bias / norm rules (norms are exempt only through the "norm" key).
+    UserError for a key that matches no parameter (a typo would otherwise do nothing).
+    """
+    order = sorted_custom_keys(custom_keys)
+    used: set[str] = set()
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # mmcv matches f"{module prefix}.{name}": a parameter of the root module reads ".name".
+        full = name if "." in name else f".{name}"
+        hits = [k for k in order if k in full]
+        used.update(hits)
+        mults = custom_keys[hits[0]] if hits else {}
+        out[name] = (float(mults.get("lr_mult", 1.0)), float(mults.get("decay_mult", 1.0)))
+    unused = [k for k in order if k not in used]
+    if unused and out:
+        raise UserError(f"optim.custom_keys: '{unused[0]}' matches no trainable parameter (names look like "
+                        f"'{next(iter(out))}'); fix the key or remove it")
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Four groups: (decay | no decay) x (ml branch | rest); each carries its lr multiplier."""
+    """SGD / AdamW with one group per (lr_mult, decay_mult); each group carries `lr_mult`
+    (the training loop sets lr = schedule x lr_mult) and weight_decay = base x decay_mult."""
     o = cfg.optim
-    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    ml = model.ml_branch_names() if hasattr(model, "ml_branch_names") else set()
-    groups: dict[tuple[bool, bool], list[Tensor]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((name in no_wd, name in ml), []).append(p)
-    params = []
-    for (skip_wd, is_ml), ps in sorted(groups.items()):
-        wd = 0.0 if skip_wd else o.weight_decay * (o.ml_wd_mult if is_ml else 1.0)
-        params.append({"params": ps, "weight_decay": wd, "lr_mult": o.ml_lr_mult if is_ml else 1.0})
+    keys = o.custom_keys if o.custom_keys is not None else official_custom_keys(cfg)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    named = dict(model.named_parameters())
+    for name, mults in param_multipliers(model, keys).items():
+        groups.setdefault(mults, []).append(named[name])
+    params = [{"params": ps, "weight_decay": o.weight_decay * decay, "lr_mult": lr}
+              for (lr, decay), ps in sorted(groups.items())]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum)
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas))

@@ -1,4 +1,8 @@
-"""Inference helpers: -100 scatter, whole / slide / multi-scale."""
+"""Inference helpers: -100 scatter, whole / slide / multi-scale, compact vs dense.
+
+The official-protocol semantics (logits resized before the softmax, unpadded small windows,
+grid stretched over unpadded sizes) are checked against an independent dense re-implementation
+of mmseg in tests/test_protocol.py."""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankseg_core.inference import (compact_logits, predict_compact, predict_multiscale, predict_slide, predict_whole,
-                                    scatter_to_classes)
+from rankseg_core.inference import (compact_logits, predict_multiscale, predict_probs, predict_slide, predict_whole,
+                                    scaled_size, scatter_to_classes)
 from rankseg_core.model import ModelConfig, SegOutput, build_model
 
 K = 10
@@ -54,10 +58,17 @@ def test_upsample_before_scatter_equals_after() -> None:
 
 
 def test_predict_whole_shapes_and_padding(model) -> None:
-    x = torch.randn(2, 3, 40, 36)  # not multiples of 16: padded inside, cropped back
+    x = torch.randn(2, 3, 40, 36)  # not multiples of 16: padded for the forward
     logits, ml = predict_whole(model, x, K, return_ml=True)
     assert logits.shape == (2, K, 40, 36) and ml.shape == (2, K)
     assert ((logits == -100).sum(1) == K - 3).all()  # kappa classes selected per image
+    # The 3 x 3 patch grid of the padded 48 x 48 input is stretched over the unpadded 40 x 36
+    # (mmseg resizes to the input size), not resized to 48 x 48 and cropped.
+    out = model(F.pad(x, (0, 12, 0, 8)))
+    grid = scatter_to_classes(out, K)
+    torch.testing.assert_close(logits, F.interpolate(grid, size=(40, 36), mode="bilinear", align_corners=False))
+    cropped = F.interpolate(grid, size=(48, 48), mode="bilinear", align_corners=False)[..., :40, :36]
+    assert not torch.allclose(logits, cropped)
 
 
 def test_slide_equals_whole_when_one_window_covers(model) -> None:
@@ -80,29 +91,36 @@ def test_slide_averages_overlaps_including_minus_100(model) -> None:
     torch.testing.assert_close(slide, expected)
 
 
-def test_slide_pads_small_images(model) -> None:
-    x = torch.randn(1, 3, 16, 20)
+def test_slide_decodes_small_windows_unpadded(model) -> None:
+    x = torch.randn(1, 3, 16, 20)  # smaller than the 32 crop: one window, the image itself
     slide = predict_slide(model, x, K, crop=32, stride=16)
     assert slide.shape == (1, K, 16, 20)
-    padded = F.pad(x, (0, 12, 0, 16))
-    torch.testing.assert_close(slide, predict_whole(model, padded, K)[..., :16, :20])
+    torch.testing.assert_close(slide, predict_whole(model, x, K))
+    # Padding the window to the crop (the old behaviour) gives other logits: the zeros enter
+    # the patch tokens and the 8 x 8 pooling of the ml branch.
+    padded = predict_whole(model, F.pad(x, (0, 12, 0, 16)), K)[..., :16, :20]
+    assert not torch.allclose(slide, padded)
 
 
-def test_multiscale_is_mean_of_softmax(model) -> None:
+def test_multiscale_is_mean_of_softmax_of_resized_logits(model) -> None:
     x = torch.randn(1, 3, 32, 32)
-    probs, ml = predict_multiscale(model, x, K, scales=(1.0, 1.5), flip=True, return_ml=True)
-    assert probs.shape == (1, K, 32, 32) and ml.shape == (1, K)
-    torch.testing.assert_close(probs.sum(1), torch.ones(1, 32, 32))
-    single = predict_whole(model, x, K).softmax(1)
-    flipped = predict_whole(model, x.flip(-1), K).flip(-1).softmax(1)
+    probs, ml = predict_multiscale(model, x, K, scales=(1.0, 1.5), flip=True, size=(45, 41), return_ml=True)
+    assert probs.shape == (1, K, 45, 41) and ml.shape == (1, K)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 45, 41))
+    up = (lambda t: F.interpolate(t, size=(45, 41), mode="bilinear", align_corners=False))
+    single = up(predict_whole(model, x, K)).softmax(1)
+    flipped = up(predict_whole(model, x.flip(-1), K)).softmax(1).flip(-1)
     big = F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
-    big_logits = predict_whole(model, big, K)
-    big_flip = predict_whole(model, big.flip(-1), K).flip(-1)
-    down = [F.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False).softmax(1)
-            for t in (big_logits, big_flip)]
-    torch.testing.assert_close(probs, (single + flipped + down[0] + down[1]) / 4)
+    passes = [up(predict_whole(model, big, K)).softmax(1), up(predict_whole(model, big.flip(-1), K)).softmax(1).flip(-1)]
+    torch.testing.assert_close(probs, (single + flipped + passes[0] + passes[1]) / 4)
     slide = predict_multiscale(model, x, K, scales=(1.0,), mode="slide", crop=32, stride=16)
-    torch.testing.assert_close(slide, single)
+    torch.testing.assert_close(slide, predict_whole(model, x, K).softmax(1))
+
+
+def test_scaled_size_rounds_half_up() -> None:
+    assert scaled_size(512, 683, 0.75) == (384, 512)  # 512.25
+    assert scaled_size(3, 5, 0.5) == (2, 3)  # 1.5 -> 2, 2.5 -> 3 (Python's round gives 2, 2)
+    assert scaled_size(1, 1, 0.1) == (1, 1)
 
 
 def test_predict_with_gt_override(model) -> None:
@@ -114,16 +132,21 @@ def test_predict_with_gt_override(model) -> None:
 
 @pytest.mark.parametrize("mode, scales, flip", [("whole", (1.0, 1.5), True), ("slide", (0.75, 1.0), False)])
 def test_compact_maps_hold_only_selected_classes(model, mode: str, scales: tuple, flip: bool) -> None:
-    """Multi-scale / slide results over the union of selections equal the dense K-channel ones."""
+    """Per-image maps hold only that image's selected classes and equal the dense result."""
     x = torch.randn(2, 3, 48, 40)
-    maps, ml = predict_compact(model, x, K, scales=scales, flip=flip, mode=mode, crop=32, stride=16)
+    maps, ml = predict_probs(model, x, K, sizes=[(50, 41), (30, 33)], scales=scales, flip=flip, mode=mode,
+                             crop=32, stride=16)
     passes = len(scales) * (2 if flip else 1) * (6 if mode == "slide" else 1)
-    assert maps.classes.numel() <= min(K, 2 * 3 * passes)  # batch of 2, kappa 3
-    assert torch.equal(maps.classes, torch.unique(maps.classes))
-    dense = predict_multiscale(model, x, K, scales=scales, flip=flip, mode=mode, crop=32, stride=16)
-    torch.testing.assert_close(maps.to_dense(K, 0.0), dense)
-    assert torch.equal(maps.argmax(), dense.argmax(1))
-    torch.testing.assert_close(maps.maps.sum(1), torch.ones(2, 48, 40))
+    for i, size in enumerate([(50, 41), (30, 33)]):
+        m = maps[i]
+        assert m.maps.shape == (1, m.classes.numel(), *size)
+        assert m.classes.numel() <= min(K, 3 * passes)  # kappa 3 per window and pass, this image only
+        assert torch.equal(m.classes, torch.unique(m.classes))
+        dense = predict_multiscale(model, x[i:i + 1], K, scales=scales, flip=flip, mode=mode, crop=32, stride=16,
+                                   size=size)
+        torch.testing.assert_close(m.to_dense(K, 0.0), dense)
+        assert torch.equal(m.argmax(), dense.argmax(1))
+        torch.testing.assert_close(m.maps.sum(1), torch.ones(1, *size))
 
 
 def test_compact_logits_batch_union_fills_other_images_classes() -> None:
@@ -139,6 +162,7 @@ def test_compact_logits_batch_union_fills_other_images_classes() -> None:
 def test_compact_maps_stay_near_kappa_channels_at_large_k() -> None:
     torch.manual_seed(0)
     big_k = build_model(ModelConfig(img_size=32, num_classes=200, kappa=4)).eval()
-    maps, _ = predict_compact(big_k, torch.randn(1, 3, 32, 32), 200, scales=(1.0, 1.25), flip=True)
-    assert 4 <= maps.classes.numel() <= 4 * 4  # 4 passes of kappa 4, never 200
-    assert maps.maps.shape == (1, maps.classes.numel(), 32, 32)
+    maps, _ = predict_probs(big_k, torch.randn(2, 3, 32, 32), 200, scales=(1.0, 1.25), flip=True)
+    for m in maps:  # 4 passes of kappa 4 per image, never 200 (nor the other image's classes)
+        assert 4 <= m.classes.numel() <= 4 * 4
+        assert m.maps.shape == (1, m.classes.numel(), 32, 32)

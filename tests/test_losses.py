@@ -176,3 +176,52 @@ def test_criterion_bad_option_is_user_error() -> None:
         RankSegCriterion(num_classes=3, ml_loss="focal")
     with pytest.raises(UserError):
         RankSegCriterion(num_classes=3, seg_loss_norm="batch")
+
+
+def official_asl(x: torch.Tensor, y: torch.Tensor, gamma_neg: float, gamma_pos: float, clip: float,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """The RankSeg fork's AsymmetricLoss (mmseg/models/losses/bce_loss.py), re-typed."""
+    targets, anti_targets = y, 1 - y
+    xs_pos = torch.sigmoid(x)
+    xs_neg = 1.0 - xs_pos
+    if clip is not None and clip > 0:
+        xs_neg = (xs_neg + clip).clamp(max=1)
+    loss = targets * torch.log(xs_pos.clamp(min=eps))
+    loss = loss + anti_targets * torch.log(xs_neg.clamp(min=eps))
+    if gamma_neg > 0 or gamma_pos > 0:
+        pt = xs_pos * targets + xs_neg * anti_targets
+        loss = loss * torch.pow(1 - pt, gamma_pos * targets + gamma_neg * anti_targets)
+    return -loss.sum() / x.size(0) / y.size(1)
+
+
+@pytest.mark.parametrize("gamma_neg, gamma_pos, clip", [(2, 0, 0.05), (0, 0, 0.05), (4, 1, 0.05), (1, 2, 0.0),
+                                                        (0, 0, 0.0)])
+def test_asl_matches_the_official_loss_for_any_gamma(gamma_neg: float, gamma_pos: float, clip: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 11, generator=g) * 3
+    targets = (torch.rand(3, 11, generator=g) > 0.5).float()
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = asymmetric_loss(a, targets, gamma_neg, gamma_pos, clip)
+    ref = official_asl(b, targets, gamma_neg, gamma_pos, clip)
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_criterion_uses_the_configured_asl_gammas() -> None:
+    """TranDec / GAP configs: ASL with gamma- = gamma+ = 0 (still clipped), not BCE."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 6, (2, 8, 8))  # classes 6..11 absent: negatives
+    out = SegOutput(mask_logits=torch.randn(2, 3, 4, 4), topk_index=torch.tensor([[0, 1, 2], [5, 4, 3]]),
+                    ml_logits=torch.randn(2, 12) * 3)
+    y = ml_targets(labels, 12, IGN)
+    res = RankSegCriterion(num_classes=12, ignore_index=IGN, asl_gamma_neg=0.0, asl_gamma_pos=0.0)(out, labels)
+    torch.testing.assert_close(res["ml"], official_asl(out.ml_logits, y, 0, 0, 0.05))
+    assert not torch.allclose(res["ml"], official_asl(out.ml_logits, y, 2, 0, 0.05))
+    res = RankSegCriterion(num_classes=12, ignore_index=IGN, asl_gamma_neg=3.0, asl_gamma_pos=1.0, asl_clip=0.1)(out, labels)
+    torch.testing.assert_close(res["ml"], official_asl(out.ml_logits, y, 3, 1, 0.1))
+    from rankseg_core.errors import UserError
+
+    with pytest.raises(UserError, match="asl_gamma_neg"):
+        RankSegCriterion(num_classes=3, asl_gamma_neg=None)

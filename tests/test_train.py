@@ -19,7 +19,7 @@ from rankseg_core.errors import UserError
 from rankseg_core.shards import DatasetHeader
 from rankseg_core.synthetic import make_world, prepare_synthetic, sample_maker
 from rankseg_core.loading import BatchStream, clip_table
-from rankseg_core.optim import build_optimizer, lr_schedule
+from rankseg_core.optim import lr_schedule
 from rankseg_core.train import train
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate, predict, stats_model
@@ -205,22 +205,7 @@ def test_batch_stream_shards_deterministically() -> None:
     assert next(resumed) == b
 
 
-def test_optimizer_groups(data: Path) -> None:
-    from rankseg_core.model import build_model
-
-    cfg = config(data, "optim.weight_decay=1e-6", "optim.ml_wd_mult=100", "optim.ml_lr_mult=2")
-    model = build_model(cfg.model)
-    opt = build_optimizer(model, cfg)
-    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
-    named = dict(model.named_parameters())
-    ml, no_wd = model.ml_branch_names(), model.no_weight_decay()
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)
-    for name, p in named.items():
-        g = by_id[id(p)]
-        want = 0.0 if name in no_wd else (1e-4 if name in ml else 1e-6)
-        assert g["weight_decay"] == pytest.approx(want), name
-        assert g["lr_mult"] == (2.0 if name in ml else 1.0)
-    assert by_id[id(named["head.cls_emb"])]["weight_decay"] == 0.0
+# Parameter groups (mmseg custom_keys semantics): tests/test_optim.py.
 
 
 @pytest.mark.parametrize("extra", [["model.head=segmenter"], ["model.oracle=true"], ["model.select=false"],
