@@ -6,14 +6,23 @@ rankseg_core.convert.detectron2_layout; registered by `score_cmds.register`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from rankseg_core.convert.common import default_workers
 
 from .common import RERUN_RESUMES, err, show, user_errors
-from .prepare import Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options, report
+from .prepare import (
+    Limit,
+    NumShards,
+    OnError,
+    Out,
+    ShardIndex,
+    Workers,
+    convert_options,
+    report,
+)
 
 
 @user_errors(interrupted="files already written are complete; re-run the same command to resume")
@@ -21,7 +30,7 @@ def export(
     shards: Annotated[Path, typer.Argument(help="Shard directory (from `rankseg prepare`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty, or an earlier export of the same shards to resume).")],
     layout: Annotated[str, typer.Option("--layout", help="Folder layout to write: detectron2.")] = "detectron2",
-    split: Annotated[Optional[list[str]], typer.Option("--split", help="Only this split (repeatable; default: all).")] = None,
+    split: Annotated[list[str] | None, typer.Option("--split", help="Only this split (repeatable; default: all).")] = None,
     images: Annotated[str, typer.Option("--images", help="copy: the stored bytes; maskformer: ADE20K-Full shards made with --max-short-side 0, resized and re-encoded exactly as MaskFormer's script does.")] = "copy",
 ) -> None:
     """Write shards as the folders detectron2-based projects (MaskFormer, Mask2Former, CAT-Seg,
@@ -51,7 +60,7 @@ def export(
 def prepare_detectron2(
     root: Annotated[Path, typer.Option("--root", "-r", help="The folder holding the layout (what DETECTRON2_DATASETS points to), or a `rankseg export` output.")],
     out: Out,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", help="ade20k-full, ade20k-150, coco-stuff-164k, pascal-context-459, pascal-context-59 or coco_lvis (not needed for a rankseg export).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="ade20k-full, ade20k-150, coco-stuff-164k, pascal-context-459, pascal-context-59 or coco_lvis (not needed for a rankseg export).")] = None,
     workers: Workers = default_workers(),
     num_shards: NumShards = 1,
     shard_index: ShardIndex = None,

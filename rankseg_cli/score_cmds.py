@@ -6,7 +6,7 @@ rankseg_core.score). `register(app)` also registers export_cmds' `export` and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -24,10 +24,10 @@ def eval_predictions(
     data: Annotated[Path, typer.Option("--data", "-d", help="Shard directory holding the ground truth.")],
     split: Annotated[str, typer.Option("--split", help="Split the predictions are for.")] = "val",
     protocol: Annotated[str, typer.Option("--protocol", help="mIoU average: mmseg (classes with union > 0), d2-old (detectron2 <= v0.6), d2 (detectron2 >= July 2022: classes in the GT).")] = "mmseg",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Report JSON (default PRED_DIR/../<PRED_DIR name>_scores.json); CSVs go next to it.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Report JSON (default PRED_DIR/../<PRED_DIR name>_scores.json); CSVs go next to it.")] = None,
     groups: Annotated[str, typer.Option("--groups", help="Split results by class frequency: auto, lvis, train-frequency or none.")] = "auto",
-    train_data: Annotated[Optional[Path], typer.Option("--train-data", help="Shards holding the training split, for --groups train-frequency (default: --data).")] = None,
-    train_split: Annotated[Optional[str], typer.Option("--train-split", help="Name of the training split (default: training or train).")] = None,
+    train_data: Annotated[Path | None, typer.Option("--train-data", help="Shards holding the training split, for --groups train-frequency (default: --data).")] = None,
+    train_split: Annotated[str | None, typer.Option("--train-split", help="Name of the training split (default: training or train).")] = None,
     pred_offset: Annotated[int, typer.Option("--pred-offset", help="Files store class id + N (mmseg's format_results writes id + 1).")] = 0,
     allow_extra: Annotated[bool, typer.Option("--allow-extra", help="Ignore prediction files that match no image of the split.")] = False,
 ) -> None:

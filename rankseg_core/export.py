@@ -28,7 +28,7 @@ import numpy as np
 from .codec import decode_label
 from .dataset import ShardDataset, ShardIndex
 from .errors import UserError
-from .layouts import Layout, LabelFiles, file_stem, layout_for, value_table
+from .layouts import LabelFiles, Layout, file_stem, layout_for, value_table
 from .progress import Progress
 from .shards import atomic_write_bytes, atomic_write_json
 

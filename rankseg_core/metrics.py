@@ -19,7 +19,7 @@ are dropped), which is what this matrix holds.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -60,14 +60,14 @@ class ConfusionMatrix:
             counts = np.bincount(t * k + p, minlength=k * k)
         self.matrix += counts.reshape(k, k)
 
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another matrix in place (e.g. one per process) and return self."""
         if other.num_classes != self.num_classes:
             raise ValueError("cannot merge confusion matrices of different sizes")
         self.matrix += other.matrix
         return self
 
-    def __add__(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
         out = ConfusionMatrix(self.num_classes, self.ignore_index)
         out.matrix = self.matrix + other.matrix
         return out

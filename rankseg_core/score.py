@@ -125,7 +125,9 @@ def _decode(path: Path) -> np.ndarray:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is not None:
             return arr
-    from PIL import Image  # TIFF (any integer layout) and palette PNGs (indices, not colours)
+    from PIL import (
+        Image,  # TIFF (any integer layout) and palette PNGs (indices, not colours)
+    )
 
     try:
         with Image.open(io.BytesIO(data)) as im:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-
 from convert_trees import Sample, random_image, random_label, write_jpeg, write_mask_png
 
 TABLE = Path(__file__).resolve().parents[1] / "datasets" / "pascal_context" / "classes_459.json"

@@ -11,23 +11,32 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
+from convert_trees import (
+    ade150_tree,
+    ade_full_tree,
+    coco_stuff_tree,
+    decode_rgb,
+    pascal_context_tree,
+    read_shards,
+)
+from pascal_context_trees import pascal_context_release, table
 from PIL import Image
+from score_helpers import make_shards
 from typer.testing import CliRunner
 
+from rankseg_cli.app import app
 from rankseg_core.convert.ade20k_full import prepare_ade20k_full
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.detectron2_layout import prepare_detectron2_layout
 from rankseg_core.convert.pascal_context import prepare_pascal_context_mat
-from rankseg_core.convert.png_datasets import prepare_ade20k, prepare_coco_stuff, prepare_pascal_context
+from rankseg_core.convert.png_datasets import (
+    prepare_ade20k,
+    prepare_coco_stuff,
+    prepare_pascal_context,
+)
 from rankseg_core.errors import UserError
 from rankseg_core.export import export_shards
-from rankseg_cli.app import app
-
-from conftest import assert_one_line_error
-from convert_trees import (ade150_tree, ade_full_tree, coco_stuff_tree, decode_rgb, pascal_context_tree,
-                           read_shards)
-from pascal_context_trees import pascal_context_release, table
-from score_helpers import make_shards
 
 IGNORE = 65535
 OPTS = ConvertOptions(samples_per_shard=3)
@@ -276,8 +285,8 @@ def test_real_ade20k_full_export_is_maskformers(shared_fixtures: Path, tmp_path:
         ours = decode_rgb((base / "images_detectron2" / "training" / f"{jpg.stem}.jpg").read_bytes())
         assert ours.shape == img_ref.shape
 
-        def psnr(a: np.ndarray) -> float:
-            return float(10 * np.log10(255 ** 2 / np.mean((a.astype(float) - exact.astype(float)) ** 2)))
+        def psnr(a: np.ndarray, ref: np.ndarray = exact) -> float:
+            return float(10 * np.log10(255 ** 2 / np.mean((a.astype(float) - ref.astype(float)) ** 2)))
 
         # Images: MaskFormer re-encodes at PIL quality 75, rankseg stores quality 95 once (the
         # numbers are in docs/benchmarks/export.md): ours is closer to the resized pixels.

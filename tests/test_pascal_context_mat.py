@@ -8,17 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from conftest import assert_one_line_error
+from convert_trees import read_shards
+from pascal_context_trees import pascal_context_release, table
 from typer.testing import CliRunner
 
+from rankseg_cli.app import app
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.pascal_context import prepare_pascal_context_mat
 from rankseg_core.convert.png_datasets import prepare_pascal_context
 from rankseg_core.errors import UserError
-from rankseg_cli.app import app
-
-from conftest import assert_one_line_error
-from convert_trees import read_shards
-from pascal_context_trees import pascal_context_release, table
 
 IGNORE = 65535
 OPTS = ConvertOptions(samples_per_shard=2)

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
+from convert_trees import read_shards
 from PIL import Image
+from score_helpers import IGNORE, d2_conf, d2_metrics, make_shards, mmseg_metrics
 from typer.testing import CliRunner
 
+from rankseg_cli.common import new_app
+from rankseg_cli.score_cmds import register
 from rankseg_core.errors import UserError
 from rankseg_core.metrics import PROTOCOLS, ConfusionMatrix
 from rankseg_core.score import frequency_bins, lvis_groups, match_predictions
-from rankseg_cli.common import new_app
-from rankseg_cli.score_cmds import register
-
-from conftest import assert_one_line_error
-from convert_trees import read_shards
-from score_helpers import IGNORE, d2_conf, d2_metrics, make_shards, mmseg_metrics
 
 K = 12
 NAMES = [f"class {i}" for i in range(K)]
@@ -258,7 +257,7 @@ def test_matching_rules(tmp_path: Path) -> None:
 def test_bad_input_one_line(shards: Path, tmp_path: Path) -> None:
     labels = _val_labels(shards)
     good = {k: np.where(v == IGNORE, 1, v) for k, v in labels.items()}
-    first = sorted(good)[0]
+    first = min(good)
 
     def run_with(name: str, mutate, *extra) -> object:
         d = tmp_path / name
@@ -331,11 +330,11 @@ def test_8bit_refused_when_k_exceeds_256(tmp_path: Path) -> None:
 def test_agrees_with_rankseg_eval_on_saved_predictions(tmp_path: Path) -> None:
     """A run's own `rankseg eval --save-predictions` files give the same mIoU, aAcc and per-class
     IoU as `rankseg eval` itself."""
+    from rankseg_cli.train_cmds import evaluate
     from rankseg_core.config import build_train_config
     from rankseg_core.convert.common import ConvertOptions
     from rankseg_core.synthetic import prepare_synthetic
     from rankseg_core.train import train
-    from rankseg_cli.train_cmds import evaluate
 
     data = tmp_path / "data"
     prepare_synthetic(data, num_classes=40, images=4, val_images=4, size=48, seed=3,

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..codec import check_size
 from ..errors import UserError
-from ..layouts import CLASS_TABLES, Layout, LabelFiles, layout_for, read_table
+from ..layouts import CLASS_TABLES, LabelFiles, Layout, layout_for, read_table
 from ..resources import load_json
 from ..shards import DatasetHeader, EncodedSample, SampleError
 from .common import ConvertOptions, run_conversion
