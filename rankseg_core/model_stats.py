@@ -18,6 +18,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from rankseg_core.model import ModelConfig, build_model
 
 
+def build_any(cfg: ModelConfig) -> nn.Module:
+    """The model of either family (Segmenter or Mask2Former) for `cfg`."""
+    if cfg.family == "mask2former":
+        from rankseg_core.model.mask2former import build_mask2former
+
+        return build_mask2former(cfg)
+    return build_model(cfg)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared tensors counted once)."""
     seen: set[int] = set()
@@ -63,20 +72,18 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int], **fwd_kw) -> 
     counts = counter.get_flop_counts()
     root = type(model).__name__
     total = counter.get_total_flops()
-    return {
-        "flops": int(total),
-        "macs": int(total // 2),
-        "backbone_flops": int(sum(counts.get(f"{root}.backbone", {}).values())),
-        "head_flops": int(sum(counts.get(f"{root}.head", {}).values())),
-    }
+    backbone = int(sum(counts.get(f"{root}.backbone", {}).values()))
+    # Segmenter has one `head` module; Mask2Former's head is everything after the backbone.
+    head = int(sum(counts[f"{root}.head"].values())) if f"{root}.head" in counts else int(total) - backbone
+    return {"flops": int(total), "macs": int(total // 2), "backbone_flops": backbone, "head_flops": head}
 
 
 def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int]:
     """Params (total / backbone / head, in units and millions) and GFLOPs / GMACs at cfg.img_size."""
-    model = build_model(replace(cfg, backbone_weights=None))  # counting needs no weights
+    model = build_any(replace(cfg, backbone_weights=None))  # counting needs no weights
     total = count_parameters(model)
     backbone = count_parameters(model.backbone)
-    stats: dict[str, float | int] = {
+    stats: dict[str, float | int | str] = {
         "model": cfg.model,
         "head": "oracle" if cfg.oracle else cfg.head,
         "num_classes": cfg.num_classes,
@@ -87,6 +94,10 @@ def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int]:
         "params_head": total - backbone,
         "params_m": total / 1e6,
     }
+    if cfg.family == "mask2former":
+        stats["task"] = cfg.mask2former.task
+        stats["queries"] = model.num_queries
+        stats["params_ml_head"] = count_parameters(model.ml_head) if model.ml_head is not None else 0
     if flops:
         f = count_flops(model, cfg.img_size)
         stats.update({

@@ -1,0 +1,116 @@
+"""Mask2Former parameter / FLOP counts: the architecture's own count, the paper's Table 8, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+from typer.testing import CliRunner
+
+from rankseg_core.model import ModelConfig
+from rankseg_core.model.mask2former import Mask2FormerConfig, build_mask2former
+from rankseg_core.model_stats import count_flops, count_parameters, model_stats
+from tests.conftest import assert_one_line_error
+from tests.m2f_tiny import TINY, tiny_model
+
+# Main paper Table 8 (Mask2Former Swin-L, ADE20K, K = 150): (task, head) -> #params
+PAPER = {("semantic", "segmenter"): 205.51e6, ("semantic", "rankseg"): 208.79e6,
+         ("panoptic", "segmenter"): 205.55e6, ("panoptic", "rankseg"): 208.83e6}
+
+
+def head_formula(k: int, queries: int, kappa: int, rankseg: bool, in_ch: list[int], m: Mask2FormerConfig) -> int:
+    """Parameters after the backbone, from the official layer shapes (independent of the code)."""
+    d, f_enc, f_dec, heads, pts = m.conv_dim, m.enc_dim_feedforward, m.dim_feedforward, m.nheads, m.enc_n_points
+    lin = lambda a, b, bias=True: a * b + (b if bias else 0)  # noqa: E731
+    ln = lambda c: 2 * c  # noqa: E731
+    enc_layer = (lin(d, heads * 3 * pts * 2) + lin(d, heads * 3 * pts) + 2 * lin(d, d) + ln(d)
+                 + lin(d, f_enc) + lin(f_enc, d) + ln(d))
+    pixel = (sum(lin(c, d) + ln(d) for c in in_ch[1:]) + 3 * d + m.enc_layers * enc_layer
+             + lin(in_ch[0], d, bias=False) + ln(d) + 9 * d * d + ln(d) + lin(d, m.mask_dim))
+    mha = 3 * d * d + 3 * d + lin(d, d)
+    dec_layer = 2 * (mha + ln(d)) + lin(d, f_dec) + lin(f_dec, d) + ln(d)
+    decoder = m.dec_layers * dec_layer + ln(d) + 2 * queries * d + 3 * d + 2 * lin(d, d) + lin(d, m.mask_dim)
+    cls = lin(d, k + 1, bias=not rankseg)
+    ml = 0
+    if rankseg:
+        e = m.ml_hidden_dim
+        block = 2 * ln(e) + lin(e, 3 * e) + lin(e, e) + lin(e, 4 * e) + lin(4 * e, e)
+        ml = lin(d, e) + k * e + block + ln(e) + (k * e + k) + 2 * (kappa + 1)
+    return pixel + decoder + cls + ml
+
+
+def swinl_pyramid_params() -> int:
+    """timm's own features_only Swin-L (final norm and classifier not included) + 4 output LayerNorms."""
+    ref = timm.create_model("swin_large_patch4_window12_384", pretrained=False, features_only=True)
+    return count_parameters(ref) + sum(2 * c for c in ref.feature_info.channels())
+
+
+@pytest.mark.slow  # builds Swin-L (~200M parameters) four times
+@pytest.mark.parametrize("task,head", list(PAPER))
+def test_swinl_counts_equal_the_architecture_and_sit_5pct_above_table8(task: str, head: str) -> None:
+    cfg = ModelConfig(model="mask2former-swinl", num_classes=150, kappa=150, head=head, img_size=640,
+                      mask2former=Mask2FormerConfig(task=task))
+    model = build_mask2former(cfg)
+    n = count_parameters(model)
+    m = cfg.mask2former
+    expected = swinl_pyramid_params() + head_formula(150, m.queries(cfg.model), 150, head == "rankseg",
+                                                     [192, 384, 768, 1536], m)
+    assert n == expected
+    # Table 8 is ~10M below this architecture (docs/mask2former.md): the gap is pinned so the docs stay true.
+    assert 0.045 < (n - PAPER[task, head]) / PAPER[task, head] < 0.051, n / 1e6
+
+
+@pytest.mark.slow
+def test_paper_rankseg_increment_is_the_ml_head_without_its_raw_parameters() -> None:
+    """Table 8's +3.28M is our ml head + LayerNorm(151) - class-embedding bias minus the two
+    tensors that are bare nn.Parameters (cls_emb, GroupWiseLinear): what a counter that only
+    visits standard layers (thop-style hooks) reports. Our total increment is 3.44M."""
+    base = build_mask2former(ModelConfig(model="mask2former-swinl", num_classes=150, kappa=150, head="segmenter"))
+    rank = build_mask2former(ModelConfig(model="mask2former-swinl", num_classes=150, kappa=150, head="rankseg"))
+    delta = count_parameters(rank) - count_parameters(base)
+    raw = rank.ml_head.cls_emb.numel() + sum(p.numel() for p in rank.ml_head.fc.parameters())
+    assert delta == pytest.approx(3.4389e6, rel=1e-4)
+    paper = PAPER["semantic", "rankseg"] - PAPER["semantic", "segmenter"]
+    assert abs((delta - raw) - paper) / paper < 0.01
+
+
+def test_panoptic_adds_100_queries_only_for_swin_l() -> None:
+    sem = model_stats(ModelConfig(model="mask2former-r50", num_classes=150, head="segmenter"), flops=False)
+    pan = model_stats(ModelConfig(model="mask2former-r50", num_classes=150, head="segmenter",
+                                  mask2former=Mask2FormerConfig(task="panoptic")), flops=False)
+    assert sem["queries"] == pan["queries"] == 100 and sem["params"] == pan["params"]
+    m = Mask2FormerConfig(task="panoptic")
+    assert m.queries("mask2former-swinl") - Mask2FormerConfig().queries("mask2former-swinl") == 100
+    expected = 23_454_912 + head_formula(150, 100, 150, False, [256, 512, 1024, 2048], Mask2FormerConfig())
+    assert sem["params"] == expected  # ResNet-50 with frozen BN (buffers) + the head
+    assert sem["params_backbone"] + sem["params_head"] == sem["params"] and sem["params_ml_head"] == 0
+
+
+def test_class_head_flops_scale_with_kappa_not_k() -> None:
+    """Real pruning: the class logits cost 2*Q*C*D per prediction step, C = kappa + 1 columns."""
+    q, d, steps = TINY.num_queries, TINY.hidden_dim, TINY.dec_layers + 1
+    r4 = count_flops(tiny_model(num_classes=40, kappa=4), 64)
+    r8 = count_flops(tiny_model(num_classes=40, kappa=8), 64)
+    assert r8["flops"] - r4["flops"] == 2 * q * 4 * d * steps
+    b10 = count_flops(tiny_model(num_classes=10, head="segmenter"), 64)
+    b40 = count_flops(tiny_model(num_classes=40, head="segmenter"), 64)
+    assert b40["flops"] - b10["flops"] == 2 * q * 30 * d * steps
+    assert b40["backbone_flops"] == r4["backbone_flops"] > 0
+    assert b40["head_flops"] == b40["flops"] - b40["backbone_flops"]
+
+
+def test_cli_stats_model_mask2former() -> None:
+    from rankseg_cli.app import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["stats", "model", "--model", "mask2former-r50", "--num-classes", "150", "--kappa", "150",
+                              "--task", "panoptic", "--no-flops", "--json"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.output)
+    assert stats["task"] == "panoptic" and stats["queries"] == 100 and stats["params_ml_head"] > 3e6
+    assert stats["params"] == stats["params_backbone"] + stats["params_head"]
+    bad = runner.invoke(app, ["stats", "model", "--model", "mask2former-r50", "--task", "instance", "--no-flops"])
+    assert_one_line_error(bad, "model.mask2former.task", "semantic")
+    bad = runner.invoke(app, ["stats", "model", "--model", "mask2former-swinx", "--no-flops"])
+    assert_one_line_error(bad, "mask2former-swinx")
