@@ -194,3 +194,49 @@ def test_family_predict_uses_the_protocol_and_mmcv_scale_sizes(models) -> None:
     top2 = ref.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-5
     assert torch.equal(res.semantic[0][None][clear], ref.argmax(1)[clear])
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 10, "Done when": a run on real ADE20K-Full-format shards evaluates with slide 512/512
+
+
+@pytest.mark.slow
+def test_ade20k_full_run_evaluates_with_slide_512(shared_fixtures, tmp_path, monkeypatch) -> None:
+    import json
+
+    from rankseg_core import inference
+    from rankseg_core.config import build_train_config
+    from rankseg_core.convert.ade20k_full import prepare_ade20k_full
+    from rankseg_core.convert.common import ConvertOptions
+    from rankseg_core.evaluate import EvalOptions, run_evaluation
+    from rankseg_core import runs
+    from rankseg_core.train import _evaluate, train
+
+    root = shared_fixtures / "ade20k_full" / "ADE20K_2021_17_01"
+    if not root.is_dir():
+        pytest.skip("ADE20K-Full fixture files are absent")
+    data = tmp_path / "ade"
+    prepare_ade20k_full(root, data, split="training", opts=ConvertOptions(samples_per_shard=1000))
+    split = next(iter(json.loads((data / "dataset.json").read_text())["splits"]))
+    windows: list[tuple] = []
+    real_slide = inference._slide
+
+    def spy(model, images, num_classes, crop, stride, **kw):
+        windows.append((tuple(images.shape[-2:]), crop, stride))
+        return real_slide(model, images, num_classes, crop, stride, **kw)
+
+    monkeypatch.setattr(inference, "_slide", spy)
+    # Only runtime / size knobs are set: the protocol comes from the dataset defaults.
+    cfg = build_train_config(None, ["schedule.iters=1", "schedule.batch_size=1", "data.num_workers=0",
+                                    "eval.num_workers=0", f"data.train_split={split}", "data.val_split=",
+                                    "model.dropout=0", "model.drop_path=0"], data)
+    assert cfg.model.num_classes == 847 and cfg.model.img_size == 512
+    train(cfg, tmp_path / "run", progress=False)
+    rep, _, _ = run_evaluation(tmp_path / "run", EvalOptions(split=split, max_images=1, progress=False), device="cpu")
+    assert rep["config"]["mode"] == "slide" and rep["num_images"] == 1  # `rankseg eval` defaults
+    assert len(windows) == 1 and windows[0][1:] == (512, 512) and min(windows[0][0]) == 512
+    # The evaluations during training (best-checkpoint selection) use the same protocol.
+    model, saved = runs.load_run(tmp_path / "run", "cpu")
+    saved.data.val_split = split
+    _evaluate(model, saved, torch.device("cpu"), 1)
+    assert len(windows) == 2 and windows[1] == windows[0]
