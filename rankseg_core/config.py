@@ -46,7 +46,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
     weight_decay: float = 0.0  # 0 on COCO-Stuff, 1e-6 on ADE20K / Pascal (dataset defaults)
     # mmseg `paramwise_cfg.custom_keys`: {substring of a parameter name: {lr_mult, decay_mult}};
-    # the longest matching key decides (optim.py). None = the official keys, resolved below.
+    # the longest matching key decides (optim.py). None = the official keys (Segmenter), or
+    # for other families the model's own groups (no_weight_decay / ml_branch_names).
     custom_keys: dict[str, dict[str, float]] | None = None
     ml_wd_mult: float = 100.0  # decay_mult of the ml branch in the resolved custom_keys (ADE20K/Pascal: 100)
     ml_lr_mult: float = 1.0  # lr_mult of the ml branch in the resolved custom_keys
@@ -460,15 +461,16 @@ def _segmenter_ml_prefixes(m: ModelConfig) -> list[str]:
     return ["head.blocks.0.", "head.ml_fc"] if m.ml_head == "tranenc" else ["head.ml_branch."]
 
 
-def official_custom_keys(cfg: TrainConfig) -> dict[str, dict[str, float]]:
+def official_custom_keys(cfg: TrainConfig) -> dict[str, dict[str, float]] | None:
     """The official `paramwise_cfg.custom_keys` for this model, in our parameter names.
 
     Every Segmenter / RankSeg config: pos_embed, cls_token and norm get decay_mult 0; the
     ADE20K / Pascal ones add decay_mult 100 on the ml branch (`optim.ml_wd_mult`; COCO-Stuff
-    has no such key, which ml_wd_mult = ml_lr_mult = 1 reproduces). Other families: none yet.
+    has no such key, which ml_wd_mult = ml_lr_mult = 1 reproduces). Other families: None, i.e.
+    the model's own groups (`optim.build_optimizer`).
     """
     if model_family(cfg.model.model) != "segmenter":
-        return {}
+        return None
     keys = {k: {"decay_mult": 0.0} for k in ("pos_embed", "cls_token", "norm")}
     o = cfg.optim
     if (o.ml_wd_mult, o.ml_lr_mult) != (1.0, 1.0):
@@ -486,7 +488,7 @@ def _resolve_official(cfg: TrainConfig) -> None:
         lo.ml_loss = "bce" if segmenter and coco and cfg.model.ml_head == "tranenc" else "asl"
     if lo.asl_gamma_neg is None:
         lo.asl_gamma_neg = ASL_GAMMA_NEG.get(cfg.model.ml_head, 2.0) if segmenter else 2.0
-    if cfg.optim.custom_keys is None:
+    if cfg.optim.custom_keys is None:  # stays None for families whose model defines its groups
         cfg.optim.custom_keys = official_custom_keys(cfg)
 
 

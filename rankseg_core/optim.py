@@ -43,15 +43,31 @@ def param_multipliers(model: nn.Module, custom_keys: dict[str, dict[str, float]]
     return out
 
 
+def model_multipliers(model: nn.Module, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
+    """{parameter name: (lr_mult, decay_mult)} from the model's own lists: decay 0 for
+    `model.no_weight_decay()`, `optim.ml_lr_mult` / `optim.ml_wd_mult` for
+    `model.ml_branch_names()` (families without official custom keys)."""
+    o = cfg.optim
+    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    ml = model.ml_branch_names() if hasattr(model, "ml_branch_names") else set()
+    return {name: (o.ml_lr_mult if name in ml else 1.0, 0.0 if name in no_wd else (o.ml_wd_mult if name in ml else 1.0))
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD / AdamW with one group per (lr_mult, decay_mult); each group carries `lr_mult`
-    (the training loop sets lr = schedule x lr_mult) and weight_decay = base x decay_mult."""
+    (the training loop sets lr = schedule x lr_mult) and weight_decay = base x decay_mult.
+
+    Multipliers: `optim.custom_keys` with mmseg's rule (`param_multipliers`); None (families
+    other than Segmenter) = the model's own lists (`model_multipliers`).
+    """
     o = cfg.optim
     keys = o.custom_keys if o.custom_keys is not None else official_custom_keys(cfg)
+    mults = param_multipliers(model, keys) if keys is not None else model_multipliers(model, cfg)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     named = dict(model.named_parameters())
-    for name, mults in param_multipliers(model, keys).items():
-        groups.setdefault(mults, []).append(named[name])
+    for name, m in mults.items():
+        groups.setdefault(m, []).append(named[name])
     params = [{"params": ps, "weight_decay": o.weight_decay * decay, "lr_mult": lr}
               for (lr, decay), ps in sorted(groups.items())]
     if o.name == "sgd":

@@ -131,3 +131,28 @@ def test_lr_mult_and_adamw_and_unresolved_config() -> None:
     raw.model = cfg.model
     assert official_custom_keys(raw) == make()[1].optim.custom_keys
     assert len(build_optimizer(model, raw).param_groups) == 3  # (1, 0), (1, 1), (1, 100)
+
+
+def test_other_families_use_the_models_own_groups() -> None:
+    """No official custom keys outside the Segmenter family: custom_keys stays None and the
+    model's no_weight_decay() / ml_branch_names() decide (the Mask2Former family uses this)."""
+    class Other(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.ml_head, self.norm = nn.Linear(2, 2), nn.Linear(2, 2), nn.LayerNorm(2)
+
+        def no_weight_decay(self) -> set[str]:
+            return {"norm.weight", "norm.bias"}
+
+        def ml_branch_names(self) -> set[str]:
+            return {"ml_head.weight", "ml_head.bias"}
+
+    cfg = TrainConfig()
+    cfg.model.model = "otherfamily-x"
+    cfg.optim.weight_decay, cfg.optim.ml_lr_mult, cfg.optim.ml_wd_mult = 0.05, 0.1, 1.0
+    assert official_custom_keys(cfg) is None
+    model = Other()
+    opt = build_optimizer(model, cfg)
+    by_id = {id(p): (g["lr_mult"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert by_id[id(model.body.weight)] == (1.0, 0.05) and by_id[id(model.norm.bias)] == (1.0, 0.0)
+    assert by_id[id(model.ml_head.weight)] == (0.1, pytest.approx(0.05))
