@@ -60,7 +60,7 @@ def hand_output() -> Mask2FormerOutput:
 
 def test_panoptic_inference_hand_built() -> None:
     (seg, segments), = panoptic_inference(hand_output(), (4, 32), thing_classes=[0, 1])
-    s = lambda v: math.exp(v) / (math.exp(v) + K)  # noqa: E731
+    s = lambda v: math.exp(v) / (math.exp(v) + K)
     expected_cells = [1, 1, 2, 0, 3, 3, 3, 0]  # cell 3: only dropped queries; cell 7: the dropped class-3 query
     expected = torch.tensor(expected_cells, dtype=torch.int32).repeat_interleave(4)[None].expand(4, -1)
     assert seg.dtype == torch.int32 and torch.equal(seg, expected)

@@ -12,10 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from rankseg_core.model.mask2former import criterion as crit_mod
-from rankseg_core.model.mask2former.criterion import Mask2FormerCriterion, column_targets, mask_losses
+from rankseg_core.model.mask2former.criterion import (
+    Mask2FormerCriterion,
+    column_targets,
+    mask_losses,
+)
 from rankseg_core.model.mask2former.matcher import hungarian_match, matching_cost
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
-from rankseg_core.model.mask2former.points import pixel_centres, point_sample, uncertain_points
+from rankseg_core.model.mask2former.points import (
+    pixel_centres,
+    point_sample,
+    uncertain_points,
+)
 from rankseg_core.model.mask2former.targets import (
     gt_classes_from,
     ml_targets_from,
@@ -75,9 +83,8 @@ def test_matcher_empty_targets_and_nan() -> None:
                           8, 2, 5, 5)
     assert out[0][0].numel() == 0
     bad = torch.full((1, 3, 4), float("nan"))
-    rows, cols = hungarian_match(bad, torch.randn(1, 3, 4, 4), [{"labels": torch.tensor([1]),
-                                                                 "masks": torch.ones(1, 4, 4, dtype=torch.bool)}],
-                                 8, 2, 5, 5)[0]
+    target = {"labels": torch.tensor([1]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}
+    rows, _ = hungarian_match(bad, torch.randn(1, 3, 4, 4), [target], 8, 2, 5, 5)[0]
     assert rows.numel() == 1  # no scipy error; the step's loss is non-finite and gets skipped
 
 

@@ -10,7 +10,10 @@ from rankseg_core.config import TrainConfig, from_dict, parse_override, set_key,
 from rankseg_core.errors import UserError
 from rankseg_core.model import FILL_LOGIT, ModelConfig
 from rankseg_core.model.mask2former import build_mask2former
-from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights
+from rankseg_core.model.mask2former.backbone import (
+    PyramidBackbone,
+    load_pyramid_weights,
+)
 from rankseg_core.model.mask2former.config import Mask2FormerConfig
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm, selected_logits
 from tests.m2f_tiny import TINY, tiny_cfg, tiny_model
@@ -215,9 +218,9 @@ def test_no_weight_decay_and_ml_branch_names() -> None:
 
 
 def test_config_errors_are_user_errors() -> None:
-    bad = [dict(m2f=dict(task="instance")), dict(m2f=dict(num_queries=0)), dict(m2f=dict(ml_query_layer=4)),
-           dict(m2f=dict(hidden_dim=30)), dict(m2f=dict(size_divisibility=48)), dict(clip_len=2),
-           dict(m2f=dict(importance_sample_ratio=1.5)), dict(model="mask2former-swinx")]
+    bad = [{"m2f": {"task": "instance"}}, {"m2f": {"num_queries": 0}}, {"m2f": {"ml_query_layer": 4}},
+           {"m2f": {"hidden_dim": 30}}, {"m2f": {"size_divisibility": 48}}, {"clip_len": 2},
+           {"m2f": {"importance_sample_ratio": 1.5}}, {"model": "mask2former-swinx"}]
     for kw in bad:
         with pytest.raises(UserError):
             build_mask2former(tiny_cfg(**kw))

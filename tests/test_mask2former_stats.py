@@ -22,8 +22,8 @@ PAPER = {("semantic", "segmenter"): 205.51e6, ("semantic", "rankseg"): 208.79e6,
 def head_formula(k: int, queries: int, kappa: int, rankseg: bool, in_ch: list[int], m: Mask2FormerConfig) -> int:
     """Parameters after the backbone, from the official layer shapes (independent of the code)."""
     d, f_enc, f_dec, heads, pts = m.conv_dim, m.enc_dim_feedforward, m.dim_feedforward, m.nheads, m.enc_n_points
-    lin = lambda a, b, bias=True: a * b + (b if bias else 0)  # noqa: E731
-    ln = lambda c: 2 * c  # noqa: E731
+    lin = lambda a, b, bias=True: a * b + (b if bias else 0)
+    ln = lambda c: 2 * c
     enc_layer = (lin(d, heads * 3 * pts * 2) + lin(d, heads * 3 * pts) + 2 * lin(d, d) + ln(d)
                  + lin(d, f_enc) + lin(f_enc, d) + ln(d))
     pixel = (sum(lin(c, d) + ln(d) for c in in_ch[1:]) + 3 * d + m.enc_layers * enc_layer

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankseg_core.model.mask2former import Mask2FormerCriterion, semantic_map, targets_from_semantic
+from rankseg_core.model.mask2former import (
+    Mask2FormerCriterion,
+    semantic_map,
+    targets_from_semantic,
+)
 from rankseg_core.model.mask2former.inference import panoptic_inference
 from tests.m2f_tiny import tiny_cfg, tiny_model
 

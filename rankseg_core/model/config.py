@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rankseg_core.errors import UserError
-from rankseg_core.model.mask2former.config import MASK2FORMER_BACKBONES, Mask2FormerConfig
+from rankseg_core.model.mask2former.config import (
+    MASK2FORMER_BACKBONES,
+    Mask2FormerConfig,
+)
 
 # Backbone names follow the paper (Segmenter ViT-*/16 at 384 px pretraining); the position
 # embeddings are resized to `img_size`, so the "_384" only names the timm architecture.

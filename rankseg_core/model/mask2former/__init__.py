@@ -41,7 +41,7 @@ _EXPORTS = {
     "full_class_logits": "inference",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,10 @@ from torch import Tensor, nn
 
 from rankseg_core.errors import UserError
 from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict
-from rankseg_core.model.mask2former.config import MASK2FORMER_BACKBONES, Mask2FormerConfig
+from rankseg_core.model.mask2former.config import (
+    MASK2FORMER_BACKBONES,
+    Mask2FormerConfig,
+)
 
 STRIDES = (4, 8, 16, 32)
 
@@ -33,7 +36,7 @@ class PyramidBackbone(nn.Module):
         super().__init__()
         timm_name = MASK2FORMER_BACKBONES[model_name]
         self.is_swin = timm_name.startswith("swin")
-        kw = dict(dynamic_img_size=True, always_partition=True, drop_path_rate=cfg.backbone_drop_path) \
+        kw = {"dynamic_img_size": True, "always_partition": True, "drop_path_rate": cfg.backbone_drop_path} \
             if self.is_swin else {}
         self.body = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
         # Drop what the pyramid never uses (classifier, final norm) so parameter counts are honest.
@@ -87,7 +90,7 @@ def load_pyramid_weights(backbone: PyramidBackbone, path: str | Path) -> tuple[l
 
         try:
             sd = checkpoint_filter_fn(sd, body)
-        except Exception as exc:  # noqa: BLE001 - any failure here means "not a Swin checkpoint"
+        except Exception as exc:
             raise UserError(f"backbone_weights: {path} is not a Swin checkpoint timm can read "
                             f"({exc.__class__.__name__})") from exc
     own = body.state_dict()

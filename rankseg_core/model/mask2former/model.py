@@ -23,7 +23,11 @@ from torch import Tensor, nn
 
 from rankseg_core.model.config import ModelConfig
 from rankseg_core.model.heads import FILL_LOGIT, pad_class_lists
-from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights, pad_to_multiple
+from rankseg_core.model.mask2former.backbone import (
+    PyramidBackbone,
+    load_pyramid_weights,
+    pad_to_multiple,
+)
 from rankseg_core.model.mask2former.decoder import MaskedTransformerDecoder
 from rankseg_core.model.mask2former.multilabel import (
     MultiLabelHead,

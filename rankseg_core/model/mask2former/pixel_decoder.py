@@ -15,7 +15,11 @@ from torch import Tensor, nn
 
 from rankseg_core.model.mask2former.config import Mask2FormerConfig
 from rankseg_core.model.mask2former.deform_attn import MSDeformAttn
-from rankseg_core.model.mask2former.layers import c2_xavier_, group_norm, sine_position_embedding
+from rankseg_core.model.mask2former.layers import (
+    c2_xavier_,
+    group_norm,
+    sine_position_embedding,
+)
 
 N_LEVELS = 3  # res3, res4, res5 enter the deformable encoder
 
@@ -90,6 +94,11 @@ class PixelDecoder(nn.Module):
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """feats [res2, res3, res4, res5] -> (mask features, [1/32, 1/16, 1/8] maps)."""
+        # fp32 even under autocast, as the official decoder (deformable sampling is unstable in fp16)
+        with torch.autocast(feats[0].device.type, enabled=False):
+            return self._forward(feats)
+
+    def _forward(self, feats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         srcs, pos, shapes = [], [], []
         for i, f in enumerate(feats[1:][::-1]):
             x = self.input_proj[i](f.float())  # the official encoder always runs in fp32
