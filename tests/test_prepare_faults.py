@@ -62,7 +62,7 @@ def _wait_for(what: str, cond: Callable[[], object], proc: subprocess.Popen, tim
             return got
         if proc.poll() is not None:
             pytest.fail(f"prepare ended (exit {proc.returncode}) before {what}: {proc.stderr.read()}")
-        time.sleep(0.01)
+        time.sleep(0.001)
     proc.kill()
     pytest.fail(f"timed out waiting for {what}")
 
@@ -99,6 +99,21 @@ def _state(pid: int) -> str:
 
 def _gone(pid: int) -> bool:
     return _state(pid) in "ZX"
+
+
+def _importing(pid: int) -> list[int] | None:
+    """Both workers of `pid` while they import their modules: Python catches SIGINT there
+    (it would raise KeyboardInterrupt) and `_serve` does not ignore it yet."""
+    workers, states = _workers_of(pid), []
+    for w in workers:
+        try:
+            status = Path(f"/proc/{w}/status").read_text()
+        except OSError:
+            return None
+        mask = {ln.split(":")[0]: int(ln.split()[1], 16) for ln in status.splitlines()
+                if ln.startswith(("SigCgt", "SigIgn"))}
+        states.append(mask["SigCgt"] & 2 and not mask["SigIgn"] & 2)
+    return workers if len(workers) == 2 and all(states) else None
 
 
 def _busy_worker(pid: int) -> int | None:
@@ -150,7 +165,9 @@ def test_ctrl_c_exits_130_in_one_line_and_a_rerun_resumes(tmp_path: Path, when: 
     try:
         if when == "converting":
             _wait_for("the first finished shard", lambda: _finished_shards(out), proc)
-        workers = _wait_for("the workers", lambda: (w := _workers_of(proc.pid)) and len(w) == 2 and w, proc)
+            workers = _workers_of(proc.pid)
+        else:
+            workers = _wait_for("the workers importing", lambda: _importing(proc.pid), proc)
         os.killpg(proc.pid, signal.SIGINT)
         t = time.monotonic()
         _, err = proc.communicate(timeout=60)
