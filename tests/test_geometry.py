@@ -159,3 +159,23 @@ def test_image_sizes() -> None:
                  (MAX_PIXELS // 60000 + 1, 60000)]:
         with pytest.raises(GeometryError):
             check_image_size(h, w)
+
+
+def test_boundary_length_against_a_plain_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rankseg_core.convert import geometry
+
+    rng = np.random.default_rng(1)
+    polys = [rng.uniform(0, 40, 2 * int(rng.integers(3, 30))) for _ in range(60)]
+    ends = np.cumsum([len(p) for p in polys])
+    monkeypatch.setattr(geometry, "BOUNDARY_FACTOR", 2.0)  # budget 2 * (30 + 40) = 140 px
+    problems = polygon_problems(np.concatenate(polys), ends, np.full(60, 30), np.full(60, 40))
+    flagged = 0
+    for i, p in enumerate(polys):
+        pts = p.reshape(-1, 2)
+        nxt = np.roll(pts, -1, 0)
+        length = np.maximum(abs(nxt[:, 0] - pts[:, 0]), abs(nxt[:, 1] - pts[:, 1])).sum()
+        assert (i in problems) == (length > 140), i
+        if i in problems:
+            assert f"is {length:,.0f} pixels long" in problems[i]
+            flagged += 1
+    assert 5 < flagged < 55  # both outcomes exercised

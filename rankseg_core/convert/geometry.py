@@ -80,26 +80,26 @@ def polygon_problems(xy: np.ndarray, ends: np.ndarray, h: np.ndarray, w: np.ndar
     n = len(ends)
     if n == 0:
         return {}
-    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    ends = np.asarray(ends, np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
     x, y = xy[0::2], xy[1::2]
-    ps = starts // 2  # per polygon: first point
+    ps, pe = starts // 2, ends // 2  # per polygon: its points ps..pe-1
     h = np.asarray(h, np.float64)
     w = np.asarray(w, np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        finite = np.logical_and.reduceat(np.isfinite(xy), starts)
+        # NaN propagates through min / max and fails every comparison: no separate finiteness pass
         lo_x, hi_x = np.minimum.reduceat(x, ps), np.maximum.reduceat(x, ps)
         lo_y, hi_y = np.minimum.reduceat(y, ps), np.maximum.reduceat(y, ps)
         inside = (lo_x >= -w) & (hi_x <= 2 * w) & (lo_y >= -h) & (hi_y <= 2 * h)
         # boundary length in pixels: per edge max(|dx|, |dy|), the last point joined to the first
-        nxt = np.arange(1, len(x) + 1)
-        nxt[ends // 2 - 1] = ps
-        edge = np.maximum(np.abs(x[nxt] - x), np.abs(y[nxt] - y))
-        boundary = np.add.reduceat(np.where(np.isfinite(edge), edge, 0.0), ps)
+        edge = np.empty(len(x))
+        np.maximum(np.abs(np.diff(x)), np.abs(np.diff(y)), out=edge[:-1])
+        edge[pe - 1] = np.maximum(np.abs(x[pe - 1] - x[ps]), np.abs(y[pe - 1] - y[ps]))
+        boundary = np.add.reduceat(edge, ps)
     budget = BOUNDARY_FACTOR * (h + w)
-    bad = np.flatnonzero(~finite | ~inside | (boundary > budget))
     out = {}
-    for i in bad.tolist():
-        if not finite[i]:
+    for i in np.flatnonzero(~inside | (boundary > budget)).tolist():
+        if not np.isfinite(xy[starts[i]:ends[i]]).all():
             out[i] = "polygon has a non-finite coordinate (NaN or infinity)"
         elif not inside[i]:
             out[i] = (f"polygon coordinates span x {lo_x[i]:g}..{hi_x[i]:g}, y {lo_y[i]:g}..{hi_y[i]:g}: "
