@@ -90,11 +90,11 @@ class _Failure:
     tb: str
 
     @classmethod
-    def of(cls, exc: BaseException) -> "_Failure":
+    def of(cls, exc: BaseException) -> _Failure:
         tb = "".join(traceback.format_exception(exc))
         try:  # some exception types cannot be rebuilt from their args on the other side
             pickle.loads(pickle.dumps(exc))
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure to round-trip means: send its text
             exc = RuntimeError(f"{type(exc).__name__}: {exc}")
         return cls(exc, tb)
 
@@ -117,7 +117,7 @@ def _serve(path: str, conn: Connection) -> None:
         cv2.setNumThreads(1)  # one OpenCV thread per worker: the workers are the parallelism
         with open(path, "rb") as fh:
             fn = pickle.load(fh)
-    except Exception as exc:  # every key is answered with it: the parent re-raises it
+    except Exception as exc:  # noqa: BLE001 - every key is answered with it; the parent re-raises it
         broken = _Failure.of(exc)
     while True:
         try:
@@ -129,13 +129,13 @@ def _serve(path: str, conn: Connection) -> None:
         else:
             try:
                 result = _call(fn, key)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a bug in `fn`: the parent re-raises it
                 result = _Failure.of(exc)
         try:
             conn.send(result)
         except (BrokenPipeError, ConnectionResetError):
             return
-        except Exception as exc:  # the result cannot be pickled (pickling fails before sending)
+        except Exception as exc:  # noqa: BLE001 - unpicklable result (pickling fails before sending)
             conn.send(_Failure.of(exc))
 
 
@@ -298,7 +298,7 @@ class _Pool:
                     self._cv.notify()
                 if dead:
                     return
-        except BaseException as exc:  # a bug here must not leave the consumer waiting
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not leave the consumer waiting
             with self._cv:
                 self._error = self._error or exc
                 self._cv.notify()

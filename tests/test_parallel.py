@@ -106,12 +106,12 @@ def test_more_workers_than_keys_and_no_keys() -> None:
 
 
 def test_leaving_early_stops_the_workers_and_removes_the_pickle() -> None:
-    with pytest.raises(RuntimeError):
-        with ordered_map(_square_or_fail, [f"k{i}" for i in range(100)], 2) as results:
-            next(results)
-            assert len(_workers()) == 2
-            assert len(list(Path(tempfile.gettempdir()).glob("rankseg-worker-*.pkl"))) == 1
-            raise RuntimeError("a failed sample stops the conversion")
+    with pytest.raises(RuntimeError), \
+            ordered_map(_square_or_fail, [f"k{i}" for i in range(100)], 2) as results:
+        next(results)
+        assert len(_workers()) == 2
+        assert len(list(Path(tempfile.gettempdir()).glob("rankseg-worker-*.pkl"))) == 1
+        raise RuntimeError("a failed sample stops the conversion")
     # the autouse fixture checks no worker and no pickle is left
 
 
@@ -122,10 +122,8 @@ def test_a_dead_worker_stops_the_run_naming_its_sample(how: str, ending: str) ->
     fn = functools.partial(_die_on, victim="k7", how=how)
     got = []
     t = time.monotonic()
-    with pytest.raises(UserError) as err:
-        with ordered_map(fn, KEYS, 2) as results:
-            for res in results:
-                got.append(res)
+    with pytest.raises(UserError) as err, ordered_map(fn, KEYS, 2) as results:
+        got.extend(results)  # keeps what came before the error
     assert time.monotonic() - t < 30
     msg = str(err.value)
     assert msg.startswith(f"worker process died {ending} while converting k7: "), msg
@@ -136,18 +134,16 @@ def test_a_dead_worker_stops_the_run_naming_its_sample(how: str, ending: str) ->
 
 def test_an_exception_in_the_maker_is_reraised_with_the_worker_traceback() -> None:
     got = []
-    with pytest.raises(ValueError, match="bug on k5") as err:
-        with ordered_map(_buggy, KEYS, 2) as results:
-            for res in results:
-                got.append(res)
+    with pytest.raises(ValueError, match="bug on k5") as err, ordered_map(_buggy, KEYS, 2) as results:
+        got.extend(results)
     assert got == [0, 1, 2, 3, 4]  # raised in key order, like the in-process run
     assert "_buggy" in str(err.value.__cause__)  # the worker's traceback
 
 
 def test_a_maker_that_cannot_load_in_the_worker_is_reraised() -> None:
-    with pytest.raises(RuntimeError, match="cannot rebuild the maker"):
-        with ordered_map(_Unloadable(), KEYS, 2) as results:
-            list(results)
+    with pytest.raises(RuntimeError, match="cannot rebuild the maker"), \
+            ordered_map(_Unloadable(), KEYS, 2) as results:
+        list(results)
 
 
 @pytest.mark.parametrize("ahead", [None, 3])
@@ -168,14 +164,13 @@ def test_a_slow_consumer_holds_the_workers_back(tmp_path: Path, ahead: int | Non
 def test_workers_ignore_sigint_and_the_parent_tears_down_on_it() -> None:
     # The terminal sends Ctrl-C to every process of the group: workers must go on (no
     # traceback from them), and the parent's KeyboardInterrupt stops them.
-    with pytest.raises(KeyboardInterrupt):
-        with ordered_map(_square_or_fail, KEYS, 2) as results:
-            assert next(results) == 0
-            for p in _workers():
-                os.kill(p.pid, signal.SIGINT)
-            got = [next(results) for _ in range(5)]
-            assert got == [1, 4, Skipped("k3", "/data/k3.png: corrupt"), 16, 25]
-            assert all(p.is_alive() for p in _workers())
-            os.kill(os.getpid(), signal.SIGINT)
-            next(results)
-            time.sleep(5)  # the interrupt lands at once; never reached
+    with pytest.raises(KeyboardInterrupt), ordered_map(_square_or_fail, KEYS, 2) as results:
+        assert next(results) == 0
+        for p in _workers():
+            os.kill(p.pid, signal.SIGINT)
+        got = [next(results) for _ in range(5)]
+        assert got == [1, 4, Skipped("k3", "/data/k3.png: corrupt"), 16, 25]
+        assert all(p.is_alive() for p in _workers())
+        os.kill(os.getpid(), signal.SIGINT)
+        next(results)
+        time.sleep(5)  # the interrupt lands at once; never reached

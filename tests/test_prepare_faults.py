@@ -81,11 +81,12 @@ def _check_complete_looking_shards_are_complete(out: Path) -> None:
 
 
 def _rerun_and_verify(out: Path, tmp: Path) -> None:
-    done = subprocess.run(_cmd(out), env=_env(tmp), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cmd(out), env=_env(tmp), capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr
     assert f"train: {IMAGES} samples in {IMAGES // PER_SHARD} shard(s)" in done.stderr, done.stderr
     ok = subprocess.run([sys.executable, "-m", "rankseg_cli", "verify", str(out)], env=_env(tmp),
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
@@ -123,22 +124,43 @@ def _busy_worker(pid: int) -> int | None:
     return busy[0] if len(workers) == 2 and busy else None
 
 
-@pytest.mark.slow
-def test_a_killed_worker_stops_prepare_in_one_line_and_a_rerun_resumes(tmp_path: Path) -> None:
-    out, tmp = tmp_path / "synth", tmp_path / "tmp"
+def _prepare_with_fault(out: Path, tmp: Path, strike: Callable[[subprocess.Popen], list[int]]
+                        ) -> tuple[int, str, list[int]]:
+    """Run `prepare`, let `strike(proc)` inject the fault (it returns the workers it saw), and
+    give the run 30 s to stop: (exit code, stderr, workers)."""
+    # Its own process group, so a test can send SIGINT to it all, as a terminal does.
     proc = subprocess.Popen(_cmd(out), env=_env(tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for("the first finished shard", lambda: _finished_shards(out), proc)
-        workers = _workers_of(proc.pid)
-        victim = _wait_for("a busy worker", lambda: _busy_worker(proc.pid), proc)
-        os.kill(victim, signal.SIGKILL)  # as the out-of-memory killer would
+        workers = strike(proc)
         t = time.monotonic()
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert time.monotonic() - t < 30, "the parent did not notice the dead worker at once"
-    assert proc.returncode == 2, err
+    assert time.monotonic() - t < 30, "the run did not stop at once"
+    return proc.returncode, err, workers
+
+
+def _check_left_clean(out: Path, tmp: Path, workers: list[int]) -> None:
+    _check_complete_looking_shards_are_complete(out)
+    assert not (out / "dataset.json").exists()
+    assert all(_gone(w) for w in workers)
+    assert not list(tmp.iterdir()), "worker pickle left behind"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_prepare_in_one_line_and_a_rerun_resumes(tmp_path: Path) -> None:
+    out, tmp = tmp_path / "synth", tmp_path / "tmp"
+
+    def kill_a_busy_worker(proc: subprocess.Popen) -> list[int]:
+        _wait_for("the first finished shard", lambda: _finished_shards(out), proc)
+        workers = _workers_of(proc.pid)
+        victim = _wait_for("a busy worker", lambda: _busy_worker(proc.pid), proc)
+        os.kill(victim, signal.SIGKILL)  # as the out-of-memory killer would
+        return workers
+
+    code, err, workers = _prepare_with_fault(out, tmp, kill_a_busy_worker)
+    assert code == 2, err
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if "worker process died" in ln]
     assert len(lines) == 1 and lines[0].startswith("error: worker process died (killed by signal 9, SIGKILL) "
@@ -148,10 +170,7 @@ def test_a_killed_worker_stops_prepare_in_one_line_and_a_rerun_resumes(tmp_path:
     shard = int(key.split("_")[1]) // PER_SHARD
     assert not (out / f"train-{shard:05d}-of-{IMAGES // PER_SHARD:05d}.h5").exists()
     assert 1 <= len(_finished_shards(out)) < IMAGES // PER_SHARD
-    _check_complete_looking_shards_are_complete(out)
-    assert not (out / "dataset.json").exists()
-    assert all(_gone(w) for w in workers)
-    assert not list(tmp.iterdir()), "worker pickle left behind"
+    _check_left_clean(out, tmp, workers)
     _rerun_and_verify(out, tmp)
 
 
@@ -159,26 +178,19 @@ def test_a_killed_worker_stops_prepare_in_one_line_and_a_rerun_resumes(tmp_path:
 @pytest.mark.parametrize("when", ["workers starting", "converting"])
 def test_ctrl_c_exits_130_in_one_line_and_a_rerun_resumes(tmp_path: Path, when: str) -> None:
     out, tmp = tmp_path / "synth", tmp_path / "tmp"
-    # Its own process group, so the test can send SIGINT to it all, as a terminal does.
-    proc = subprocess.Popen(_cmd(out), env=_env(tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+
+    def ctrl_c(proc: subprocess.Popen) -> list[int]:
         if when == "converting":
             _wait_for("the first finished shard", lambda: _finished_shards(out), proc)
             workers = _workers_of(proc.pid)
         else:
             workers = _wait_for("the workers importing", lambda: _importing(proc.pid), proc)
         os.killpg(proc.pid, signal.SIGINT)
-        t = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert time.monotonic() - t < 30, "Ctrl-C took too long"
-    assert proc.returncode == 130, err
+        return workers
+
+    code, err, workers = _prepare_with_fault(out, tmp, ctrl_c)
+    assert code == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert sum("interrupted" in ln for ln in err.splitlines()) == 1, err
-    _check_complete_looking_shards_are_complete(out)
-    assert not (out / "dataset.json").exists()
-    assert all(_gone(w) for w in workers)
-    assert not list(tmp.iterdir()), "worker pickle left behind"
+    _check_left_clean(out, tmp, workers)
     _rerun_and_verify(out, tmp)
