@@ -152,7 +152,8 @@ def _sigint_held() -> Iterator[None]:
     """
     caught: list[int] = []
     handler = None
-    if threading.current_thread() is threading.main_thread():
+    # (getsignal is None when a handler was set outside Python: leave that one alone)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
         handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) \
         if hasattr(signal, "pthread_sigmask") else None
