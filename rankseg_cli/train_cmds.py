@@ -101,7 +101,10 @@ def train(
         err.print(f"{'resuming' if resume else 'training'} {m.model} {what} on {cfg.data.name} (K={m.num_classes}), "
                   f"{cfg.schedule.iters} iters x batch {cfg.schedule.batch_size} -> {show(out_dir)}")
     res = run_train(cfg, out_dir, resume=resume)
-    if main and res.final_eval is not None:
+    if main and res.already_finished:
+        err.print(f"{show(out_dir)} is already finished ({res.iterations} iterations): nothing to resume; "
+                  f"evaluate it with: rankseg eval {show(shlex.quote(str(out_dir)))}", highlight=False, soft_wrap=True)
+    elif main and res.final_eval is not None:
         r = res.final_eval
         err.print(f"[green]done[/]: val mIoU {_fmt(r['miou'])}, mAP {_fmt(r['map'])}; weights {show(out_dir / 'model.safetensors')}")
 
@@ -111,7 +114,7 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory (from `rankseg train`).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory (default: the run's).")] = None,
     split: Annotated[str, typer.Option("--split", help="Split to evaluate.")] = "val",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON (default RUN/eval/<split>.json); the per-class CSV goes next to it.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON (default RUN/eval/<dataset>-<split>.json, one per shard set and split); the per-class CSV goes next to it.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="whole or slide (default: the run's eval.mode).")] = None,
     scales: Annotated[Optional[str], typer.Option("--scales", help="Multi-scale test, e.g. 0.75,1.0,1.25.")] = None,
     flip: Annotated[bool, typer.Option("--flip", help="Add horizontally flipped passes.")] = False,
@@ -157,8 +160,8 @@ def evaluate(
 def predict(
     run: Annotated[Path, typer.Argument(help="Run directory (from `rankseg train`).")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or directories of images.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
-    kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected / listed per image (default: as trained).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory: new, empty or from an earlier predict; never an input directory.")],
+    kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected / listed per image, at least 1 (default: as trained).")] = None,
     device: Device = None,
     weights: Weights = "auto",
 ) -> None:

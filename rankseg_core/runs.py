@@ -11,7 +11,9 @@ Layout of a run directory RUN (see docs/training.md):
     RUN/viz/                    figures (`rankseg viz`)
 
 Every file is written atomically (tmp + fsync + rename), so a crash or a reader never sees a
-half-written config or checkpoint; metrics.jsonl is append-only, one flushed line per record.
+half-written config or checkpoint; metrics.jsonl is append-only, one flushed strict-JSON line
+per record. Checkpoints and model.safetensors carry a checksum of their content
+(integrity.py), verified on every read: a corrupt file is refused, never used.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from typing import Any
 
 import torch
 
+from rankseg_core import integrity, jsonio
 from rankseg_core.config import TrainConfig, from_dict, to_yaml
-from rankseg_core.distributed import resolve_device
+from rankseg_core.distributed import is_main, resolve_device
 from rankseg_core.errors import UserError
-from rankseg_core.shards import atomic_write_bytes
+from rankseg_core.fsio import atomic_write_bytes, os_error
+from rankseg_core.progress import console
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -115,75 +119,121 @@ def load_config(run_dir: str | Path) -> TrainConfig:
 
 
 def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to RUN/metrics.jsonl and flush it to disk."""
+    """Append one strict JSON line (an undefined mean is null, never NaN) to RUN/metrics.jsonl
+    and flush it to disk."""
     path = run_paths(run_dir).metrics
     with open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=True) + "\n")
+        f.write(jsonio.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of RUN/metrics.jsonl (a torn last line from a crash is skipped)."""
+    """All records of RUN/metrics.jsonl; an undefined value is None (also the NaN that runs of
+    older versions wrote). A torn last line from a crash is skipped."""
     path = run_paths(run_dir).metrics
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            rec = jsonio.strict(json.loads(line))
         except json.JSONDecodeError:
             continue
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 
 def truncate_metrics(run_dir: str | Path, iteration: int) -> None:
-    """Drop records after `iteration` (logged after the checkpoint a resume starts from), so
-    a resumed run's log reads like an uninterrupted one."""
+    """Drop what was logged after the checkpoint of `iteration` that a resume starts from
+    (records of later iterations, and the final evaluation, logged after the last checkpoint),
+    so a resumed run's log reads like an uninterrupted one."""
     path = run_paths(run_dir).metrics
     if not path.exists():
         return
-    kept = [r for r in read_metrics(run_dir) if int(r.get("iter", 0)) <= iteration]
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    kept = [r for r in read_metrics(run_dir)
+            if isinstance(r.get("iter"), int) and r["iter"] <= iteration and not r.get("final")]
+    atomic_write_bytes(path, "".join(jsonio.dumps(r) + "\n" for r in kept).encode())
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints and weights
+# Checkpoints and weights (each carries a checksum of its content: integrity.py)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """torch.save into memory, then `atomic_write_bytes` (tmp, fsync, rename). `state` must
     hold only tensors, numbers, strings, lists and dicts, so that `torch.load(weights_only=True)`
-    can read it back.
+    can read it back; its checksum is added under "sha256" (`integrity.seal`).
 
     Serialised in memory because torch.save into a file on a full disk raises a RuntimeError
-    that names neither the file nor the reason; the atomic write reports an OSError naming
-    the file, removes its temp file and leaves the previous checkpoint as it was.
+    that names neither the file nor the reason; the atomic write reports the failure in one
+    line naming the file, removes its temp file and leaves the previous checkpoint as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(integrity.seal(state), buf)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` (weights_only: no pickled code runs)."""
-    path = Path(path)
+def _read(path: Path, what: str) -> bytes:
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
+        raise UserError(f"{path}: {what} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise UserError(f"{path}: cannot read checkpoint ({exc.__class__.__name__}); it is damaged or "
-                        "not a rankseg checkpoint: use another one (checkpoints/best.pt or last.pt)") from None
+        return path.read_bytes()
+    except OSError as exc:
+        raise os_error(path, exc, "cannot read") from None
+
+
+def other_weights(path: Path) -> str:
+    """What to do instead of reading the corrupt `path`: the run's other weights, if any."""
+    root = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+    paths = run_paths(root)
+    others = [name for name, p in (("final", paths.weights), ("best", paths.best), ("last", paths.last))
+              if p.is_file() and p != path]
+    if others:
+        return f"use the run's other weights (--weights {' or --weights '.join(others)}) or restore it from a backup"
+    return "restore it from a backup or train again"
+
+
+def _unverified(path: Path) -> None:
+    if is_main():
+        console.print(f"note: {path} carries no checksum (written before rankseg checked them); "
+                      "it is used unverified", highlight=False, soft_wrap=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    fix: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`: weights_only (no pickled code runs), and
+    its checksum verified. A damaged or foreign file is a UserError saying it is corrupt and
+    what to do (`fix`, default: the run's other weights). A checkpoint without a checksum (older
+    rankseg) is used with a note."""
+    path = Path(path)
+    data = _read(path, "checkpoint")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign / unsafe files
+        state, why = None, f"not a readable rankseg checkpoint: {exc.__class__.__name__}"
+    else:
+        try:
+            state, sealed = integrity.unseal(state)
+            why = ""
+        except ValueError as exc:
+            why = str(exc)
+    if why:
+        raise UserError(f"{path} is corrupt ({why}); {fix or other_weights(path)}")
+    if not sealed:
+        _unverified(path)
+    return state
 
 
 def save_weights(path: str | Path, model: torch.nn.Module) -> Path:
-    """Model weights as safetensors, written like every other run file (atomic_write_bytes).
+    """Model weights as safetensors (with their checksum in the header's metadata), written
+    like every other run file (atomic_write_bytes).
 
     Serialised in memory rather than with `save_file`, which writes through a private 0600
     temp file (the weights then had other permissions than config.yaml) and reports a full
@@ -194,18 +244,29 @@ def save_weights(path: str | Path, model: torch.nn.Module) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
+    meta = {"format": "pt", integrity.KEY: integrity.content_digest(state)}
+    atomic_write_bytes(path, save(state, metadata=meta))
     return path
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_weights(path: str | Path, fix: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, checksum verified (UserError "corrupt" on a mismatch or
+    a damaged file; a file without a checksum, e.g. from another tool, is used with a note)."""
+    from safetensors.torch import load
 
+    path = Path(path)
+    data = _read(path, "weights file")
     try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read weights ({exc.__class__.__name__}: {exc}); the file is damaged: "
-                        "use checkpoints/last.pt via --weights last") from None
+        meta = integrity.safetensors_metadata(data)
+        state = load(data)
+        if integrity.KEY in meta and integrity.content_digest(state) != meta[integrity.KEY]:
+            raise ValueError("its SHA-256 does not match the content")
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        why = str(exc) if isinstance(exc, ValueError) else f"not a readable safetensors file: {exc.__class__.__name__}"
+        raise UserError(f"{path} is corrupt ({why}); {fix or other_weights(path)}") from None
+    if integrity.KEY not in meta:
+        _unverified(path)
+    return state
 
 
 def find_weights(run_dir: str | Path, which: str = "auto") -> Path:
@@ -234,9 +295,11 @@ def model_state(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_weights(path)
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{path}: not a rankseg checkpoint (no 'model' entry)")
-    return ckpt["model"]
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise UserError(f"{path}: not a rankseg checkpoint (no 'model' dictionary of tensors); "
+                        f"{other_weights(path)}")
+    return model
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",

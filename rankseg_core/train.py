@@ -10,26 +10,30 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from rankseg_core import distributed as D
-from rankseg_core import runs
+from rankseg_core import lock, runs
 from rankseg_core.codec import IGNORE
 from rankseg_core.config import TrainConfig, diff_configs, to_yaml
 from rankseg_core.errors import UserError
 from rankseg_core.evaluate import EvalOptions, evaluate_model
 from rankseg_core.families import Criterion, Family, family_of
+from rankseg_core.fsio import os_error
 from rankseg_core.loading import make_loader
 from rankseg_core.losses import present_classes
 from rankseg_core.optim import build_optimizer, lr_schedule
 from rankseg_core.progress import Progress
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,11 +103,11 @@ class TrainResult:
     iterations: int
     final_eval: dict | None
     best_miou: float
+    already_finished: bool = False  # --resume of a finished run: nothing was done
 
 
-def prepare_run(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
-    """Fresh run: refuse to overwrite a run; save config.yaml. Resume: check the config matches.
-    Both check the splits exist first, so a typo does not surface after hours of training."""
+def check_splits(cfg: TrainConfig) -> None:
+    """The train / val splits exist, so a typo does not surface after hours of training."""
     from rankseg_core.dataset import ShardIndex
 
     splits = ShardIndex(cfg.data.root).splits
@@ -111,23 +115,65 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
         if split and split not in splits:
             raise UserError(f"{cfg.data.root}: no split '{split}' for {key} (available: {', '.join(splits)}); "
                             f"set --set {key}=<split>" + (" or '' to skip evaluation" if key == "data.val_split" else ""))
+
+
+def prepare_run(cfg: TrainConfig, run_dir: Path, resume: bool) -> bool:
+    """Fresh run: refuse to overwrite a run; save config.yaml. Resume: check the config
+    matches. Returns True when a resumed run is already finished (nothing to do).
+
+    Call with the run's lock held (`train` does): it decides from files another writer changes.
+    """
     paths = runs.run_paths(run_dir)
     if resume:
-        if not paths.last.is_file():
+        if not paths.last.is_file() and not paths.weights.is_file():
             raise UserError(f"{paths.last}: nothing to resume (no checkpoint yet); start without --resume")
         saved = runs.load_config(run_dir)
         changed = diff_configs(saved, cfg)
+        finished = paths.weights.is_file()  # written last, after the final checkpoint and evaluation
+        if finished and "schedule.iters" in changed:
+            raise UserError(f"{run_dir} is finished ({saved.schedule.iters} iterations) and cannot be extended to "
+                            f"{cfg.schedule.iters}: the poly learning rate is a function of schedule.iters (it "
+                            f"reached its floor at iteration {saved.schedule.iters}), so a longer schedule is another "
+                            "run; train one with a new --out")
         if changed:
             raise UserError(f"--resume: {', '.join(changed[:4])} differ(s) from {paths.config}; drop those options "
                             "(a resumed run keeps its config) or start a new --out")
-        return cfg  # runtime keys (device, workers, data.root, ...) come from this command line
+        return finished
     if paths.config.exists() and (paths.last.exists() or paths.weights.exists()):
         raise UserError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
-    if D.is_main():
-        runs.save_config(run_dir, cfg)
-        if paths.metrics.exists():
-            paths.metrics.unlink()  # a previous attempt that never checkpointed
-    return cfg
+    runs.save_config(run_dir, cfg)
+    if paths.metrics.exists():
+        paths.metrics.unlink()  # a previous attempt that never checkpointed
+    return False
+
+
+def _claim(cfg: TrainConfig, run_dir: Path, resume: bool, held: list[lock.DirLock]) -> bool:
+    """Rank 0's set-up: check the splits, take RUN's lock (appended to `held`), prepare the run."""
+    check_splits(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    held.append(lock.acquire(run_dir, "train"))
+    return prepare_run(cfg, run_dir, resume)
+
+
+def _on_rank0(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 and hand its result to every rank. A refusal there (run locked,
+    already a run, bad split) is raised on every rank, so the others never wait forever in a
+    collective for a rank 0 that has left; a single process just calls `fn`."""
+    info = D.current()
+    if not info.enabled:
+        return fn()
+    result, message = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except UserError as exc:
+            message = str(exc)
+        except OSError as exc:
+            message = str(os_error(exc.filename or "(file not named by the system)", exc))
+    result, message = D.all_gather_objects((result, message))[0]
+    if message is not None:
+        raise UserError(message)
+    return result
 
 
 def config_for_run(run_dir: str | Path, config_file: str | Path | None, overrides: list[str],
@@ -138,7 +184,13 @@ def config_for_run(run_dir: str | Path, config_file: str | Path | None, override
     Resume: the run's saved config.yaml with the YAML / overrides applied on top; `prepare_run`
     then refuses any change outside the runtime keys (device, workers, ...).
     """
-    from rankseg_core.config import build_train_config, parse_override, read_yaml, resolve, set_key
+    from rankseg_core.config import (
+        build_train_config,
+        parse_override,
+        read_yaml,
+        resolve,
+        set_key,
+    )
     from rankseg_core.dataset import load_index
 
     if not resume:
@@ -188,11 +240,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     device = D.resolve_device(cfg.device, D.env_info().local_rank)
     owned = not D.current().enabled
     info = D.init_distributed(device)
+    run_dir, held = Path(run_dir), []
     try:
-        return _train(cfg, Path(run_dir), resume, progress, device, info)
+        if _on_rank0(lambda: _claim(cfg, run_dir, resume, held)):
+            return _finished(cfg, run_dir)
+        return _train(cfg, run_dir, resume, progress, device, info)
     finally:
+        for lk in held:  # RUN's lock (rank 0), held to the end of the run
+            lk.release()
         if owned:
             D.cleanup()
+
+
+def _finished(cfg: TrainConfig, run_dir: Path) -> TrainResult:
+    evals = [r["miou"] for r in runs.read_metrics(run_dir) if r.get("type") == "eval" and r.get("miou") is not None]
+    return TrainResult(run_dir, cfg.schedule.iters, None, max(evals, default=float("-inf")), already_finished=True)
 
 
 @dataclass
@@ -222,11 +284,7 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
     amp, scaler = _autocast(device, cfg.amp)
     start, best, window = 0, float("-inf"), Window(family.stats)
     if resume:
-        ckpt = runs.load_checkpoint(paths.last, map_location="cpu")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
+        ckpt = _resume_state(paths, model, optimizer, scaler)
         start, best, window = int(ckpt["iteration"]), float(ckpt["best_miou"]), Window(family.stats, ckpt["window"])
         set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if info.is_main:
@@ -240,6 +298,26 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
     dc = model.data_config()
     loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start))
     return _State(family, model, ddp, optimizer, scaler, amp, family.criterion(cfg), loader, start, best, window)
+
+
+def _resume_state(paths: runs.RunPaths, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> dict:
+    """Load checkpoints/last.pt into model / optimizer / scaler; the checkpoint (for the rest).
+    A corrupt or foreign last.pt is refused before anything of the run is written."""
+    fix = f"cannot resume from it (nothing was changed): {runs.other_weights(paths.last)}, or train a new --out"
+    ckpt = runs.load_checkpoint(paths.last, map_location="cpu", fix=fix)
+    need = {"model": dict, "optimizer": dict, "iteration": int, "best_miou": (int, float), "rng": list, "window": dict}
+    bad = [k for k, t in need.items() if not isinstance(ckpt.get(k), t)]
+    try:
+        if bad:
+            raise ValueError(f"no valid {', '.join(bad)}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise UserError(f"{paths.last} is not a resumable checkpoint of this run "
+                        f"({str(exc).splitlines()[0][:200]}); {fix}") from None
+    return ckpt
 
 
 def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distributed: bool) -> Tensor:
@@ -304,7 +382,6 @@ def _checkpoint(st: _State, cfg: TrainConfig, paths: runs.RunPaths, path: Path, 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device,
            info: D.DistInfo) -> TrainResult:
     paths = runs.run_paths(run_dir)
-    cfg = prepare_run(cfg, run_dir, resume)
     st = _setup(cfg, paths, resume, device, info)
     lrs, iters = lr_schedule(cfg), cfg.schedule.iters
     st.model.train()
