@@ -11,9 +11,12 @@ classes with positives ("mAP") and recall@kappa.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
+import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,14 @@ import torch
 from torch import nn
 
 from rankseg_core import distributed as D
+from rankseg_core import lock
 from rankseg_core.augment import TestTransform, build_test_transform
 from rankseg_core.codec import IGNORE
 from rankseg_core.config import TrainConfig
 from rankseg_core.dataset import ShardDataset
 from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
+from rankseg_core.fsio import check_writable_target
 from rankseg_core.loading import worker_init
 from rankseg_core.metrics import ConfusionMatrix, average_precision, recall_at_k
 from rankseg_core.progress import Progress
@@ -51,6 +56,32 @@ class EvalOptions:
     max_images: int = 0  # 0 = the whole split
     save_predictions: Path | None = None  # 16-bit PNG of train ids per image
     progress: bool = True
+
+    def check(self) -> None:
+        """UserError naming the option for a value no evaluation can use."""
+        if self.mode is not None and self.mode not in ("whole", "slide"):
+            raise UserError(f"--mode {self.mode!r}: use whole or slide")
+        check_kappa(self.kappa)
+        if self.scales is not None:
+            bad = [s for s in self.scales if not 0 < s <= MAX_SCALE]  # NaN fails too
+            if bad or not self.scales:
+                raise UserError(f"--scales {','.join(f'{s:g}' for s in self.scales)}: every scale must be > 0 and "
+                                f"at most {MAX_SCALE:g} (e.g. 0.75,1.0,1.25)")
+        if self.dynamic_kappa is not None and not 0 < self.dynamic_kappa < 1:
+            raise UserError(f"--dynamic-kappa {self.dynamic_kappa}: a sigmoid threshold in (0, 1), e.g. 0.05")
+        if self.max_images < 0:
+            raise UserError(f"--max-images {self.max_images}: must be >= 0 (0 = the whole split)")
+
+
+# Test-time scales multiply the test size (eval.short_side); beyond 8x a 512 short side is a
+# 4096 x 16384 input, more than any model here was meant for (and the memory to match).
+MAX_SCALE = 8.0
+
+
+def check_kappa(kappa: int | None) -> None:
+    """--kappa of eval / predict: None (as trained) or at least 1 (more than K selects all K)."""
+    if kappa is not None and kappa < 1:
+        raise UserError(f"--kappa {kappa}: must be at least 1 (classes selected per image)")
 
 
 @dataclass
@@ -163,15 +194,10 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
     if ds.num_classes != k:
         raise UserError(f"{root}: K={ds.num_classes} but the model was trained with K={k}; "
                         "evaluate on shards of the same dataset")
+    opts.check()
     mode = opts.mode or cfg.eval.mode
     scales = opts.scales or cfg.eval.scales
     flip = cfg.eval.flip if opts.flip is None else opts.flip
-    if mode not in ("whole", "slide"):
-        raise UserError(f"--mode {mode!r}: use whole or slide")
-    if opts.kappa is not None and opts.kappa < 1:
-        raise UserError(f"--kappa {opts.kappa}: must be >= 1")
-    if opts.dynamic_kappa is not None and not 0 < opts.dynamic_kappa < 1:
-        raise UserError(f"--dynamic-kappa {opts.dynamic_kappa}: a sigmoid threshold in (0, 1), e.g. 0.05")
     dc = model.data_config() if hasattr(model, "data_config") else {"mean": [127.5] * 3, "std": [127.5] * 3}
     items = eval_clips(ds, cfg.model.clip_len, opts.max_images)
     mine = items[info.rank::info.world_size]
@@ -236,7 +262,7 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
 
 
 def _num(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def read_class_subsets(path: str | Path, class_names: list[str]) -> dict[str, list[int]]:
@@ -295,7 +321,7 @@ def per_class_csv(res: EvalResult, cfg: TrainConfig) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["id", "name", "iou", "acc", "gt_pixels", "pred_pixels", "ap"])
-    fmt = (lambda x: "" if math.isnan(x) else f"{x:.6f}")
+    fmt = (lambda x: f"{x:.6f}" if math.isfinite(x) else "")
     for i, name in enumerate(names):
         w.writerow([i, name, fmt(iou[i]), fmt(acc[i]), int(m[i].sum()), int(m[:, i].sum()), fmt(res.ap[i])])
     return buf.getvalue()
@@ -316,24 +342,58 @@ def write_report(json_path: Path, res: EvalResult, cfg: TrainConfig, subsets: di
 # Run-level entry points (what the CLI calls)
 
 
+def default_json(run_dir: str | Path, cfg: TrainConfig, data_root: Path, split: str) -> Path:
+    """Where `rankseg eval` writes by default: RUN/eval/<split>.json for the run's own shards
+    (as always), RUN/eval/<dataset>-<split>-<hash>.json for other shards (`--data`), where
+    <hash> is 8 hex digits of the SHA-256 of their absolute path. So evaluating on other shards
+    never replaces an earlier result, even of other shards with the same dataset name."""
+    from rankseg_core.dataset import ShardIndex
+    from rankseg_core.runs import run_paths
+
+    eval_dir = run_paths(run_dir).eval_dir
+    if data_root == Path(cfg.data.root).resolve():
+        return eval_dir / f"{_plain(split)}.json"
+    tag = hashlib.sha256(str(data_root).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return eval_dir / f"{_plain(ShardIndex(data_root).name)}-{_plain(split)}-{tag}.json"
+
+
+def _plain(name: str) -> str:
+    """A dataset / split name (from an untrusted dataset.json or the command line) as a plain
+    file name part: no separators, no leading dot."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:80] or "_"
+
+
 def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path | None = None,
                    classes_json: str | Path | None = None, device: str = "auto",
                    weights: str = "auto") -> tuple[dict[str, Any], Path, Path]:
-    """Load a run, evaluate it, write the JSON (default RUN/eval/<split>.json) and the
-    per-class CSV next to it. Returns (report, json path, csv path)."""
-    from rankseg_core.runs import find_weights, load_run, run_paths
+    """Load a run, evaluate it, write the JSON (default: see `default_json`) and the per-class
+    CSV next to it. Returns (report, json path, csv path).
 
+    Holds a lock on that JSON file name (not on RUN: evaluating while the run trains is fine),
+    and on `opts.save_predictions`, so two evaluations never write the same files at once.
+    """
+    from rankseg_core.runs import find_weights, load_run
+
+    opts.check()
     dev = D.resolve_device(device)
     model, cfg = load_run(run_dir, dev, weights)
     subsets = read_class_subsets(classes_json, cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]) \
         if classes_json else None
-    res = evaluate_model(model, cfg, opts, dev)
-    extra = {"split": opts.split, "data": str(opts.data_root or cfg.data.root),
-             "weights": str(find_weights(run_dir, weights)), "mode": opts.mode or cfg.eval.mode,
-             "scales": list(opts.scales or cfg.eval.scales),
-             "flip": bool(cfg.eval.flip if opts.flip is None else opts.flip),
-             "short_side": cfg.eval.short_side, "max_long": cfg.eval.max_long,
-             "dynamic_kappa": opts.dynamic_kappa, "oracle": bool(opts.oracle or cfg.model.oracle)}
-    path = Path(json_path) if json_path else run_paths(run_dir).eval_dir / f"{opts.split}.json"
-    json_out, csv_out = write_report(path, res, cfg, subsets, extra)
+    data_root = Path(opts.data_root or cfg.data.root).resolve()
+    path = Path(json_path) if json_path else default_json(run_dir, cfg, data_root, opts.split)
+    check_writable_target(path)  # /dev/full, a directory: refused before hours of evaluation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as held:
+        held.enter_context(lock.dir_lock(path.parent, "eval", name=f"{lock.LOCK_NAME}.{path.name}"))
+        if opts.save_predictions is not None:
+            Path(opts.save_predictions).mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock.dir_lock(opts.save_predictions, "eval --save-predictions"))
+        res = evaluate_model(model, cfg, opts, dev)
+        extra = {"split": opts.split, "data": str(data_root),
+                 "weights": str(find_weights(run_dir, weights)), "mode": opts.mode or cfg.eval.mode,
+                 "scales": list(opts.scales or cfg.eval.scales),
+                 "flip": bool(cfg.eval.flip if opts.flip is None else opts.flip),
+                 "short_side": cfg.eval.short_side, "max_long": cfg.eval.max_long,
+                 "dynamic_kappa": opts.dynamic_kappa, "oracle": bool(opts.oracle or cfg.model.oracle)}
+        json_out, csv_out = write_report(path, res, cfg, subsets, extra)
     return report(res, cfg, subsets, extra), json_out, csv_out

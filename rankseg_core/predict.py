@@ -11,23 +11,36 @@ import torch
 from torch import nn
 
 from rankseg_core import distributed as D
+from rankseg_core import lock
 from rankseg_core.augment import build_test_transform
 from rankseg_core.codec import decode_image
 from rankseg_core.config import TrainConfig
 from rankseg_core.errors import UserError
-from rankseg_core.evaluate import write_label_png
-from rankseg_core.families import family_of
+from rankseg_core.evaluate import check_kappa, write_label_png
+from rankseg_core.families import Family, family_of
 from rankseg_core.progress import Progress
 from rankseg_core.shards import atomic_write_bytes, atomic_write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+# Written first into every --out directory: marks its PNGs as predictions (never inputs) and
+# lets a later `predict` write there again.
+MARKER = ".rankseg-predict.json"
+
+
 def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; directories expand to their image files (sorted, not recursive)."""
+    """Files as given; directories expand to their image files (sorted, not recursive).
+
+    Refuses inputs inside a directory `predict` wrote (it holds MARKER): its PNGs are label
+    maps and overlays, which would be segmented as if they were photos."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
+        folder = p if p.is_dir() else p.parent
+        if (folder / MARKER).is_file():
+            raise UserError(f"{p}: {folder} holds `rankseg predict` outputs ({MARKER}), whose PNGs are predictions, "
+                            "not images; give the original images")
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
@@ -38,6 +51,62 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
         else:
             raise UserError(f"{p}: no such file or directory")
     return out
+
+
+def plan_outputs(files: list[Path], out: Path) -> list[tuple[Path, Path, Path]]:
+    """(label PNG, overlay PNG, JSON) per input: `<stem>.png`, `<stem>_overlay.png`,
+    `<stem>.json`, with `-1`, `-2`... added to a stem until none of its three names is taken by
+    another input's outputs (inputs `a/x.png`, `b/x.png`, `x-1.png`, `x_overlay.png` all keep
+    their results)."""
+    taken: set[str] = set()
+    plan = []
+    for path in files:
+        stem, n = path.stem, 0
+        while True:
+            names = (f"{stem}.png", f"{stem}_overlay.png", f"{stem}.json")
+            if not taken.intersection(names):
+                break
+            n += 1
+            stem = f"{path.stem}-{n}"
+        taken.update(names)
+        plan.append(tuple(out / name for name in names))
+    return plan
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_no_overwrite(inputs: list[str | Path], files: list[Path], plan: list[tuple[Path, ...]], out: Path) -> None:
+    """Refuse an --out that is an input directory, and any output that is an input file
+    (same file: symlinks and hard links included), before anything is written."""
+    out_id = _file_id(out)
+    for item in inputs:
+        if Path(item).is_dir() and out_id is not None and _file_id(Path(item)) == out_id:
+            raise UserError(f"--out {out} is also an input directory: the predictions would be written among (and over) "
+                            "your images; choose another --out")
+    ids = {_file_id(f): f for f in files}
+    for outputs in plan:
+        for target in outputs:
+            source = ids.get(_file_id(target)) if target.exists() else None
+            if source is not None:
+                raise UserError(f"{target} would overwrite the input {source}; choose another --out")
+
+
+def claim_out_dir(out: Path) -> None:
+    """Make --out ours: refuse a directory holding other files (they could be overwritten),
+    unless an earlier `predict` wrote it (MARKER); then write MARKER. Call with out locked."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        other = next((f.name for f in sorted(out.iterdir()) if not lock.is_lock_file(f.name)), None)
+        if other is not None:
+            raise UserError(f"--out {out} already holds files that `rankseg predict` did not write (e.g. {other}), "
+                            "which predictions could overwrite; choose a new or empty --out")
+    atomic_write_json(out / MARKER, {"written_by": "rankseg predict"})
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -103,24 +172,36 @@ def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], 
                   progress: bool = True) -> list[Prediction]:
     """Segment user images of any size. Per image `<stem>.png` (16-bit train ids),
     `<stem>_overlay.png` (with a legend) and `<stem>.json` (classes found, top-kappa ml
-    probabilities). Stops at the first unreadable image, naming it."""
+    probabilities); see `plan_outputs`. Stops at the first unreadable image, naming it.
+
+    Never overwrites an input or a file it did not write (`check_no_overwrite`,
+    `claim_out_dir`), and holds a lock on `out_dir` while it writes."""
     if cfg.model.oracle:
         raise UserError("this run is a GT (train + eval) oracle model: it needs ground-truth classes and cannot "
                         "predict on unlabelled images")
+    check_kappa(kappa)
     family = family_of(cfg.model.model)
     files = list_images(inputs)
     out = Path(out_dir)
+    plan = plan_outputs(files, out)
+    check_no_overwrite(inputs, files, plan, out)
     out.mkdir(parents=True, exist_ok=True)
+    with lock.dir_lock(out, "predict"):
+        claim_out_dir(out)
+        return _predict(model, cfg, family, files, plan, device, kappa, mode, progress)
+
+
+def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Path], plan: list[tuple[Path, ...]],
+             device: torch.device, kappa: int | None, mode: str | None, progress: bool) -> list[Prediction]:
     dc = model.data_config()
     tf = build_test_transform(cfg, dc["mean"], dc["std"])
     names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
     pal = _palette(cfg)
     kappa_eff = kappa or cfg.model.effective_kappa
     mode = mode or cfg.eval.mode
-    stems: dict[str, int] = {}
     results = []
     with Progress(len(files), "predict", unit="img", enabled=progress) as bar:
-        for path in files:
+        for path, (label_png, overlay_png, json_path) in zip(files, plan):
             rgb = read_image(path)
             x = torch.from_numpy(tf(rgb))[None].to(device)
             frames = cfg.model.clip_len
@@ -132,9 +213,6 @@ def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], 
                 raise UserError(f"{cfg.model.model} is a multi-label classifier: it lists classes but does not "
                                 "segment; predict with a segmentation run")
             pred, ml = res.semantic[0].cpu().numpy().astype(np.uint16), res.ml
-            stem = path.stem if path.stem not in stems else f"{path.stem}-{stems[path.stem]}"
-            stems[path.stem] = stems.get(path.stem, 0) + 1
-            label_png, overlay_png, json_path = out / f"{stem}.png", out / f"{stem}_overlay.png", out / f"{stem}.json"
             write_label_png(label_png, pred)
             ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay(rgb, pred, pal, names), cv2.COLOR_RGB2BGR))
             atomic_write_bytes(overlay_png, buf.tobytes())
@@ -153,11 +231,11 @@ def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], 
     return results
 
 
-
 def run_prediction(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto",
                    weights: str = "auto", kappa: int | None = None, progress: bool = True) -> list[Prediction]:
     from rankseg_core.runs import load_run
 
+    check_kappa(kappa)  # before loading the model
     dev = D.resolve_device(device)
     model, cfg = load_run(run_dir, dev, weights)
     return predict_files(model, cfg, inputs, out_dir, dev, kappa=kappa, progress=progress)

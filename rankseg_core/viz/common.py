@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -297,17 +296,17 @@ def _cell(v: Any) -> Any:
     if v is None:
         return ""
     if isinstance(v, (float, np.floating)):
-        return "" if np.isnan(v) else f"{float(v):.6f}"
+        return f"{float(v):.6f}" if np.isfinite(v) else ""
     if isinstance(v, np.integer):
         return int(v)
     return v
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Atomic JSON write; NaN becomes null so that strict JSON readers accept it."""
+    """Atomic strict JSON write (NaN and Infinity become null: `jsonio`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, json.loads(json.dumps(_jsonable(data))))
+    atomic_write_json(path, _jsonable(data))
     return path
 
 
@@ -321,7 +320,7 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, (float, np.floating)):
-        return None if np.isnan(v) else float(v)
+        return float(v) if np.isfinite(v) else None
     if isinstance(v, Path):
         return str(v)
     return v
