@@ -114,7 +114,7 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory (from `rankseg train`).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory (default: the run's).")] = None,
     split: Annotated[str, typer.Option("--split", help="Split to evaluate.")] = "val",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON (default RUN/eval/<dataset>-<split>.json, one per shard set and split); the per-class CSV goes next to it.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON (default RUN/eval/<split>.json, with --data other shards RUN/eval/<dataset>-<split>-<hash>.json); the per-class CSV goes next to it.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="whole or slide (default: the run's eval.mode).")] = None,
     scales: Annotated[Optional[str], typer.Option("--scales", help="Multi-scale test, e.g. 0.75,1.0,1.25.")] = None,
     flip: Annotated[bool, typer.Option("--flip", help="Add horizontally flipped passes.")] = False,
