@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +68,21 @@ def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_neg: float = 2.0, gam
 def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """BCE-with-logits, mean over B*K (the COCO-Stuff ViT-B configs)."""
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+def ml_loss_fn(loss_cfg: Any) -> Callable[[Tensor, Tensor], Tensor]:
+    """The multi-label loss (logits B x K, targets B x K) -> 0-dim tensor that a resolved
+    `config.LossConfig` (or anything with its fields) names: `asymmetric_loss` with
+    asl_gamma_neg / asl_gamma_pos / asl_clip, or `bce_loss`."""
+    if loss_cfg.ml_loss == "bce":
+        return bce_loss
+    if loss_cfg.ml_loss != "asl":
+        raise UserError(f"loss.ml_loss={loss_cfg.ml_loss!r} is unknown; use one of {', '.join(ML_LOSSES)}")
+    gneg, gpos = loss_cfg.asl_gamma_neg, loss_cfg.asl_gamma_pos
+    if gneg is None or gneg < 0 or gpos < 0:
+        raise UserError(f"loss.asl_gamma_neg={gneg} / asl_gamma_pos={gpos}: need numbers >= 0 "
+                        "(config.resolve fills the per-head default)")
+    return functools.partial(asymmetric_loss, gamma_neg=float(gneg), gamma_pos=float(gpos), clip=loss_cfg.asl_clip)
 
 
 def rank_targets(labels: Tensor, topk_index: Tensor, num_classes: int, ignore_index: int,
@@ -165,11 +183,7 @@ class RankSegCriterion:
     asl_clip: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.ml_loss not in ML_LOSSES:
-            raise UserError(f"loss.ml_loss={self.ml_loss!r} is unknown; use one of {', '.join(ML_LOSSES)}")
-        if self.asl_gamma_neg is None or self.asl_gamma_neg < 0 or self.asl_gamma_pos < 0:
-            raise UserError(f"loss.asl_gamma_neg={self.asl_gamma_neg} / asl_gamma_pos={self.asl_gamma_pos}: "
-                            "need numbers >= 0 (config.resolve fills the per-head default)")
+        self._ml_fn = ml_loss_fn(self)
         if self.seg_loss_norm not in SEG_NORMS:
             raise UserError(f"loss.seg_loss_norm={self.seg_loss_norm!r} is unknown; use one of {', '.join(SEG_NORMS)}")
 
@@ -186,10 +200,7 @@ class RankSegCriterion:
             y = ml_targets(labels, self.num_classes, self.ignore_index)
             if self.clip_len > 1:
                 y = clip_targets(y, self.clip_len)
-            if self.ml_loss == "asl":
-                ml = asymmetric_loss(out.ml_logits, y, self.asl_gamma_neg, self.asl_gamma_pos, self.asl_clip)
-            else:
-                ml = bce_loss(out.ml_logits, y)
+            ml = self._ml_fn(out.ml_logits, y)
         else:
             ml = seg.new_zeros(())
         stats = selection_stats(labels, out.topk_index, self.num_classes, self.ignore_index, out.valid)

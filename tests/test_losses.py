@@ -14,6 +14,7 @@ from rankseg_core.losses import (
     asymmetric_loss,
     bce_loss,
     clip_targets,
+    ml_loss_fn,
     ml_targets,
     present_classes,
     rank_targets,
@@ -225,3 +226,17 @@ def test_criterion_uses_the_configured_asl_gammas() -> None:
 
     with pytest.raises(UserError, match="asl_gamma_neg"):
         RankSegCriterion(num_classes=3, asl_gamma_neg=None)
+
+
+def test_ml_loss_fn_from_a_loss_config() -> None:
+    from rankseg_core.config import LossConfig
+    from rankseg_core.errors import UserError
+
+    x, y = torch.randn(2, 9) * 2, (torch.rand(2, 9) > 0.5).float()
+    fn = ml_loss_fn(LossConfig(ml_loss="asl", asl_gamma_neg=0.0, asl_gamma_pos=1.0, asl_clip=0.1))
+    torch.testing.assert_close(fn(x, y), official_asl(x, y, 0, 1, 0.1))
+    assert ml_loss_fn(LossConfig(ml_loss="bce")) is bce_loss
+    with pytest.raises(UserError, match="asl_gamma_neg=None"):
+        ml_loss_fn(LossConfig(ml_loss="asl"))  # unresolved
+    with pytest.raises(UserError, match="use one of asl, bce"):
+        ml_loss_fn(LossConfig(ml_loss="focal"))
