@@ -345,7 +345,7 @@ def get_key(cfg: TrainConfig, key: str) -> Any:
 
 
 @functools.cache
-def _mapping_keys(cls: type = None, prefix: str = "") -> frozenset[str]:
+def _mapping_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
     """Dotted keys whose value is a mapping (e.g. optim.custom_keys): leaves, not sections."""
     out: set[str] = set()
     for name, tp in _hints(cls or TrainConfig).items():
