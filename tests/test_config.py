@@ -8,9 +8,21 @@ from pathlib import Path
 import pytest
 
 from rankseg_core import runs
-from rankseg_core.config import (DATASET_DEFAULTS, TrainConfig, build_train_config, coerce, dataset_defaults,
-                                 dataset_family, diff_configs, flag_overrides, from_dict, parse_override, read_yaml,
-                                 set_key, to_yaml)
+from rankseg_core.config import (
+    DATASET_DEFAULTS,
+    TrainConfig,
+    build_train_config,
+    coerce,
+    dataset_defaults,
+    dataset_family,
+    diff_configs,
+    flag_overrides,
+    from_dict,
+    parse_override,
+    read_yaml,
+    set_key,
+    to_yaml,
+)
 from rankseg_core.errors import UserError
 from rankseg_core.shards import FORMAT, VERSION
 

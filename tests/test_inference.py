@@ -10,8 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankseg_core.inference import (compact_logits, predict_multiscale, predict_probs, predict_slide, predict_whole,
-                                    scaled_size, scatter_to_classes)
+from rankseg_core.inference import (
+    compact_logits,
+    predict_multiscale,
+    predict_probs,
+    predict_slide,
+    predict_whole,
+    scaled_size,
+    scatter_to_classes,
+)
 from rankseg_core.model import ModelConfig, SegOutput, build_model
 
 K = 10
@@ -134,8 +141,8 @@ def test_predict_with_gt_override(model) -> None:
 def test_compact_maps_hold_only_selected_classes(model, mode: str, scales: tuple, flip: bool) -> None:
     """Per-image maps hold only that image's selected classes and equal the dense result."""
     x = torch.randn(2, 3, 48, 40)
-    maps, ml = predict_probs(model, x, K, sizes=[(50, 41), (30, 33)], scales=scales, flip=flip, mode=mode,
-                             crop=32, stride=16)
+    maps, _ = predict_probs(model, x, K, sizes=[(50, 41), (30, 33)], scales=scales, flip=flip, mode=mode,
+                            crop=32, stride=16)
     passes = len(scales) * (2 if flip else 1) * (6 if mode == "slide" else 1)
     for i, size in enumerate([(50, 41), (30, 33)]):
         m = maps[i]

@@ -53,8 +53,8 @@ def make(ml_head: str = "tranenc", head: str = "rankseg", oracle: bool = False, 
     return build_model(cfg.model), cfg
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(ml_head="trandec"), dict(ml_head="gap"), dict(head="segmenter"),
-                                     dict(oracle=True), dict(ml_wd_mult=1.0), dict(ml_lr_mult=10.0)])
+@pytest.mark.parametrize("variant", [{}, {"ml_head": "trandec"}, {"ml_head": "gap"}, {"head": "segmenter"},
+                                     {"oracle": True}, {"ml_wd_mult": 1.0}, {"ml_lr_mult": 10.0}])
 def test_matches_mmcv_add_params(variant: dict) -> None:
     model, cfg = make(**variant)
     ref = mmcv_param_groups(model, cfg.optim.custom_keys, BASE_LR, BASE_WD)

@@ -152,7 +152,7 @@ def test_matches_dense_mmseg_reference(models, image, ori, crop, stride, mode, s
 @pytest.mark.parametrize("fwd_kw", [{}, {"dynamic_threshold": 0.5}, {"kappa": K}])
 def test_reference_selection_options_and_baseline(models, fwd_kw) -> None:
     x = torch.randn(1, 3, 40, 52)
-    for name, model in models.items():
+    for model in models.values():
         maps, _ = predict_probs(model, x, K, sizes=[(77, 99)], scales=(0.75, 1.0), flip=True, mode="slide",
                                 crop=32, stride=24, **fwd_kw)
         ref = ref_predict(model, x, (77, 99), (0.75, 1.0), True, "slide", 32, 24, **fwd_kw)
@@ -204,12 +204,11 @@ def test_family_predict_uses_the_protocol_and_mmcv_scale_sizes(models) -> None:
 def test_ade20k_full_run_evaluates_with_slide_512(shared_fixtures, tmp_path, monkeypatch) -> None:
     import json
 
-    from rankseg_core import inference
+    from rankseg_core import inference, runs
     from rankseg_core.config import build_train_config
     from rankseg_core.convert.ade20k_full import prepare_ade20k_full
     from rankseg_core.convert.common import ConvertOptions
     from rankseg_core.evaluate import EvalOptions, run_evaluation
-    from rankseg_core import runs
     from rankseg_core.train import _evaluate, train
 
     root = shared_fixtures / "ade20k_full" / "ADE20K_2021_17_01"
