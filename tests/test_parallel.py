@@ -6,6 +6,7 @@ import ctypes
 import functools
 import multiprocessing as mp
 import os
+import resource
 import signal
 import tempfile
 import time
@@ -31,6 +32,7 @@ def _die_on(key: str, *, victim: str, how: str) -> int:
         if how == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif how == "segfault":
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the checkout
             ctypes.string_at(0)  # reads address 0: SIGSEGV in native code
         elif how == "exit":
             os._exit(3)
