@@ -292,10 +292,11 @@ class _Pool:
                     if not w.proc.is_alive():
                         dead.append(w)
                 received += len(got)
+                error = UserError(self._obituary(list(dict.fromkeys(dead)), keys)) if dead else None
                 with self._cv:
                     self._done.update(got)
-                    if dead and not self._stop:
-                        self._error = UserError(self._obituary(list(dict.fromkeys(dead)), keys))
+                    if error is not None and not self._stop:
+                        self._error = error
                     self._cv.notify()
                 if dead:
                     return
