@@ -37,11 +37,28 @@ def _fmt(x: float | None, pct: bool = True) -> str:
     return "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.4f}")
 
 
+def _variant(m) -> str:
+    """The model variant in words, for the line `rankseg train` starts with."""
+    if m.family == "classifier":
+        return f"multi-label classifier (recall@{m.effective_kappa})"
+    if m.oracle:
+        return "oracle (GT train+eval)"
+    if m.head == "segmenter":
+        return m.head
+    if m.has_selector:
+        return f"rankseg kappa={m.effective_kappa} selected by the frozen classifier {m.selector.run}"
+    return f"rankseg kappa={m.effective_kappa}" if m.select else "+MT"
+
+
+def _classifier(rep: dict) -> bool:
+    return str(rep["config"]["model"]).startswith("classifier-")
+
+
 @user_errors(interrupted=_train_interrupted)
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (config.yaml, metrics.jsonl, checkpoints/, model.safetensors).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory from `rankseg prepare`.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="segmenter-vitt / -vits / -vitb / -vitl.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="segmenter-vitt / -vits / -vitb / -vitl, classifier-vit{t,s,b,l} (multi-label classifier of the independent scheme), mask2former-*.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections model:, optim:, schedule:, ...).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=1e-3 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue RUN from checkpoints/last.pt exactly (same data order and losses).")] = False,
@@ -58,6 +75,8 @@ def train(
     clip_len: Annotated[Optional[int], typer.Option("--clip-len", help="Video: T consecutive frames share one selection.")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", help="Training crop in pixels (multiple of 16).")] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="Local ViT weights (.pth/.npz/.safetensors); never downloaded.")] = None,
+    selector: Annotated[Optional[Path], typer.Option("--selector", help="Independent scheme: a trained classifier run whose top-kappa select this segmenter's classes (frozen; no ml branch of its own).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start from a run's or a file's weights (.safetensors, rankseg .pt, state dict): tensors matching by name and shape; not re-applied by --resume.")] = None,
     iters: Annotated[Optional[int], typer.Option("--iters", help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Global batch (images or clips) per step, over all processes.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of weights, data order and augmentation.")] = None,
@@ -72,7 +91,10 @@ def train(
     Examples:\n
       [bold]rankseg train --model segmenter-vitb --data data/ade20k-full --out runs/adefull[/]\n
       [bold]rankseg train --data data/synth --out runs/tiny --model segmenter-vitt --img-size 64 --iters 300 --set optim.lr=0.01[/]\n
-      [bold]rankseg train --out runs/adefull --resume[/]
+      [bold]rankseg train --out runs/adefull --resume[/]\n
+      [bold]rankseg train --model classifier-vitb --data data/coco-stuff --out runs/q2l[/]\n
+      [bold]rankseg train --model segmenter-vitb --data data/coco-stuff --selector runs/q2l --out runs/indep[/]\n
+      [bold]rankseg train --model segmenter-vitb --data data/coco-stuff --init-from runs/q2l --out runs/ft[/]
     """
     from rankseg_core import distributed as D
     from rankseg_core.config import flag_overrides
@@ -89,15 +111,23 @@ def train(
         overrides.append("model.select=false")
     if oracle:
         overrides.append("model.oracle=true")
+    if selector is not None:
+        overrides.append(f"model.selector.run={selector}")
+    if init_from is not None:
+        overrides.append(f"init_from={init_from}")
     cfg = config_for_run(out_dir, config, overrides, data, resume)
     if dry_run:
+        from rankseg_core.selector import resolve_selector
+        from rankseg_core.warm_start import check_init_from
+
+        resolve_selector(cfg, out_dir)  # as training would record them
+        check_init_from(cfg, resume)
         out.print(describe(cfg), highlight=False, markup=False)
         return
     main = D.env_info().is_main
     if main:
         m = cfg.model
-        what = "oracle (GT train+eval)" if m.oracle else (m.head if m.head == "segmenter" else
-                                                           f"rankseg kappa={m.effective_kappa}" if m.select else "+MT")
+        what = _variant(m)
         err.print(f"{'resuming' if resume else 'training'} {m.model} {what} on {cfg.data.name} (K={m.num_classes}), "
                   f"{cfg.schedule.iters} iters x batch {cfg.schedule.batch_size} -> {show(out_dir)}")
     res = run_train(cfg, out_dir, resume=resume)
@@ -106,7 +136,9 @@ def train(
                   f"evaluate it with: rankseg eval {show(shlex.quote(str(out_dir)))}", highlight=False, soft_wrap=True)
     elif main and res.final_eval is not None:
         r = res.final_eval
-        err.print(f"[green]done[/]: val mIoU {_fmt(r['miou'])}, mAP {_fmt(r['map'])}; weights {show(out_dir / 'model.safetensors')}")
+        seg = f"val mIoU {_fmt(r['miou'])}, " if r["miou"] is not None and r["miou"] == r["miou"] else "val "
+        err.print(f"[green]done[/]: {seg}mAP {_fmt(r['map'])}, recall@{r['kappa']} {_fmt(r['recall_at_kappa'])}; "
+                  f"weights {show(out_dir / 'model.safetensors')}")
 
 
 @user_errors
@@ -145,11 +177,12 @@ def evaluate(
                        max_images=max_images, save_predictions=save_predictions)
     rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights)
     t = Table("metric", "value")
-    t.add_row("mIoU", _fmt(rep["miou"]))
-    t.add_row("aAcc", _fmt(rep["aacc"]))
+    if not _classifier(rep):  # a classifier has no segmentation rows
+        t.add_row("mIoU", _fmt(rep["miou"]))
+        t.add_row("aAcc", _fmt(rep["aacc"]))
     t.add_row("mAP (multi-label)", _fmt(rep["map"]))
     t.add_row(f"recall@{rep['config']['kappa']}", _fmt(rep["recall_at_kappa"]))
-    for name, sub in rep["subsets"].items():
+    for name, sub in ({} if _classifier(rep) else rep["subsets"]).items():
         t.add_row(f"mIoU {name} ({sub['num_classes']} classes)", _fmt(sub["miou"]))
     t.add_row("images", str(rep["num_images"]))
     out.print(t)

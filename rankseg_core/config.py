@@ -120,6 +120,10 @@ class TrainConfig:
     log_every: int = 20  # iterations between metrics.jsonl records
     ckpt_every: int = 1000  # iterations between checkpoints/last.pt writes
     log_seconds: float = 10.0  # plain progress line period when stderr is not a terminal
+    # Initial weights of a fresh run (mmseg's load_from): a run directory or a weights file
+    # (.safetensors / .pt / .pth); tensors matching by name and shape (warm_start.py). A resume
+    # never re-applies it: the checkpoint wins.
+    init_from: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,9 +163,22 @@ SEGMENTER_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128, "eval.mode": "whole",
                   "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
 }
+# The multi-label classifier of the independent scheme (families/classifier.py): the official
+# Query2Label recipe where the engine has it (AdamW lr 1e-4, weight decay 1e-2 on every
+# parameter, ASL gamma- 2 / gamma+ 0 / clip 0.05: loss.* resolves to those), our poly schedule
+# instead of its one-cycle, whole-image test; kappa = the recall@kappa it is scored at and the
+# kappa of the segmenter it will drive (the Segmenter recipes' kappa per dataset).
+CLASSIFIER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 1e-2, "eval.mode": "whole"},
+    **{name: {k: v for k, v in recipe.items() if k in ("model.kappa", "model.img_size", "schedule.iters")}
+       for name, recipe in SEGMENTER_DEFAULTS.items() if name != "*"},
+    "synthetic": {"model.kappa": 25, "model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8,
+                  "eval.every": 500},
+}
 # Per model family (the prefix of model.model): that family's recipes. A family without an
 # entry gets the dataclass defaults (plus DATA_DEFAULTS).
-DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"segmenter": SEGMENTER_DEFAULTS}
+DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"segmenter": SEGMENTER_DEFAULTS,
+                                                          "classifier": CLASSIFIER_DEFAULTS}
 # Spellings converters and users use for the same datasets (lower case, separators dropped).
 _ALIASES = {
     "ade20kfull": "ade20k-full", "ade847": "ade20k-full", "ade20k847": "ade20k-full", "adefull": "ade20k-full",
@@ -456,7 +473,7 @@ ASL_GAMMA_NEG = {"tranenc": 2.0, "trandec": 0.0, "gap": 0.0}
 def _segmenter_ml_prefixes(m: ModelConfig) -> list[str]:
     """Parameter-name prefixes of the Segmenter multi-label branch (model/heads.py): the
     official keys "decode_head.blocks.0." and "decode_head.ml_fc" for TranEnc, renamed."""
-    if m.head != "rankseg" or m.oracle:
+    if m.head != "rankseg" or m.oracle or m.has_selector:  # no ml branch of its own
         return []
     return ["head.blocks.0.", "head.ml_fc"] if m.ml_head == "tranenc" else ["head.ml_branch."]
 

@@ -309,11 +309,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     weights: see `find_weights`. The backbone_weights path of the config is not re-read:
     the run's own weights hold the whole model.
     """
-    from rankseg_core.model import build_model
+    from rankseg_core.families import family_of
 
     cfg = load_config(run_dir)
     path = find_weights(run_dir, weights)
-    model = build_model(replace(cfg.model, backbone_weights=None))
+    model = family_of(cfg.model.model).build(replace(cfg.model, backbone_weights=None))
     state = model_state(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

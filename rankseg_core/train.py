@@ -32,6 +32,8 @@ from rankseg_core.loading import make_loader
 from rankseg_core.losses import present_classes
 from rankseg_core.optim import build_optimizer, lr_schedule
 from rankseg_core.progress import Progress
+from rankseg_core.selector import resolve_selector
+from rankseg_core.warm_start import check_init_from, init_model
 
 T = TypeVar("T")
 
@@ -242,6 +244,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     info = D.init_distributed(device)
     run_dir, held = Path(run_dir), []
     try:
+        resolve_selector(cfg, run_dir)  # config.yaml records the exact selector / init source
+        check_init_from(cfg, resume)
         if _on_rank0(lambda: _claim(cfg, run_dir, resume, held)):
             return _finished(cfg, run_dir)
         return _train(cfg, run_dir, resume, progress, device, info)
@@ -280,6 +284,7 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
     family = family_of(cfg.model.model)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = family.build(cfg.model).to(device)
+    init_model(model, cfg, resume, info.is_main)  # --init-from: fresh runs only (a resume loads last.pt)
     optimizer = build_optimizer(model, cfg)
     amp, scaler = _autocast(device, cfg.amp)
     start, best, window = 0, float("-inf"), Window(family.stats)

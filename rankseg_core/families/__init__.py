@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from rankseg_core.errors import UserError
 from rankseg_core.families.base import Criterion, Family, Predictions
+from rankseg_core.families.classifier import CLASSIFIER
 from rankseg_core.families.segmenter import SEGMENTER
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SEGMENTER,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SEGMENTER, CLASSIFIER)}
 
 
 def family_of(model_name: str) -> Family:

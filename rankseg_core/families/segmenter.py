@@ -22,7 +22,9 @@ from rankseg_core.model import build_model
 
 def _criterion(cfg: Any) -> Any:
     lo = cfg.loss
-    crit = RankSegCriterion(cfg.model.num_classes, IGNORE, lo.ml_loss, lo.ml_weight, lo.seg_loss_norm,
+    # A frozen selector does not learn: its ASL on the crop is logged ("ml"), never added to the loss.
+    ml_weight = 0.0 if cfg.model.has_selector else lo.ml_weight
+    crit = RankSegCriterion(cfg.model.num_classes, IGNORE, lo.ml_loss, ml_weight, lo.seg_loss_norm,
                             cfg.model.clip_len, lo.asl_gamma_neg, lo.asl_gamma_pos, lo.asl_clip)
     return lambda out, batch: crit(out, batch["label"])
 

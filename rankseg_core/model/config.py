@@ -17,12 +17,32 @@ BACKBONES: dict[str, str] = {
     "segmenter-vits": "vit_small_patch16_384",
     "segmenter-vitb": "vit_base_patch16_384",
     "segmenter-vitl": "vit_large_patch16_384",
+    # The multi-label classifier of the independent scheme (model/classifier.py): same ViTs.
+    "classifier-vitt": "vit_tiny_patch16_384",
+    "classifier-vits": "vit_small_patch16_384",
+    "classifier-vitb": "vit_base_patch16_384",
+    "classifier-vitl": "vit_large_patch16_384",
     **MASK2FORMER_BACKBONES,  # mask2former-{r50,swint,swins,swinb,swinl} (docs/mask2former.md)
 }
 HEADS = ("segmenter", "rankseg")
 TAUS = ("rank", "shared")
 ML_HEADS = ("tranenc", "trandec", "gap")
 PATCH_SIZE = 16
+
+
+@dataclass
+class SelectorConfig:
+    """The frozen classifier run whose top-kappa select a segmenter's classes (independent
+    scheme, METHOD.md sec. 6). The user sets `run`; `rankseg_core.selector.resolve_selector`
+    fills the rest from that run when training starts, so config.yaml says exactly which
+    weights were used and a changed selector is refused (on resume, eval, predict)."""
+
+    run: str | None = None  # classifier run directory (absolute once resolved); None = no selector
+    weights: str = "final"  # final | best | last | a file; resolved to the absolute file
+    sha256: str | None = None  # content digest of those weights (integrity.content_digest)
+    model: str | None = None  # the classifier's model.model, e.g. classifier-vitb
+    img_size: int | None = None  # its training crop (the size of its stored position embeddings)
+    in_chans: int | None = None
 
 
 @dataclass
@@ -46,6 +66,8 @@ class ModelConfig:
     in_chans: int = 3
     # Mask2Former family only (head / kappa / select / tau / oracle keep their meaning there).
     mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
+    # Segmenter family: selection by a frozen classifier run instead of an own ml branch.
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
 
     @property
     def timm_name(self) -> str:
@@ -55,6 +77,11 @@ class ModelConfig:
     def family(self) -> str:
         """Model family: the `model.model` prefix ("segmenter" or "mask2former")."""
         return self.model.split("-", 1)[0]
+
+    @property
+    def has_selector(self) -> bool:
+        """A segmenter whose top-kappa come from a frozen classifier run (no ml branch)."""
+        return bool(self.selector.run)
 
     @property
     def effective_kappa(self) -> int:
@@ -85,8 +112,28 @@ class ModelConfig:
             raise UserError("model.drop_path and model.dropout must be in [0, 1)")
         if self.in_chans < 1:
             raise UserError(f"model.in_chans={self.in_chans} must be >= 1")
+        if self.family == "classifier" and self.oracle:
+            raise UserError("model.oracle: the GT oracle is a segmentation variant; a classifier has no selection "
+                            "to replace (drop --oracle)")
+        if self.has_selector:
+            self._validate_selector()
         if self.family == "mask2former":
             if self.clip_len != 1:
                 raise UserError(f"model.clip_len={self.clip_len}: the Mask2Former family is image-only for now; "
                                 "use clip_len=1")
             self.mask2former.validate()
+
+    def _validate_selector(self) -> None:
+        """A selector drives the selection of a RankSeg head that has no ml branch of its own."""
+        sel = self.selector
+        where = f"model.selector.run={sel.run}"
+        if self.family != "segmenter":
+            raise UserError(f"{where}: only a segmenter-* model takes its classes from a classifier run "
+                            f"(this is {self.model})")
+        if self.head != "rankseg" or not self.select or self.oracle:
+            raise UserError(f"{where}: the selector replaces the RankSeg selection; use --head rankseg without "
+                            "--no-select / --oracle")
+        if sel.model is not None and not sel.model.startswith("classifier-"):
+            raise UserError(f"{where}: that run is a {sel.model}, not a multi-label classifier (classifier-*)")
+        if sel.img_size is not None and (sel.img_size < PATCH_SIZE or sel.img_size % PATCH_SIZE):
+            raise UserError(f"model.selector.img_size={sel.img_size} must be a positive multiple of {PATCH_SIZE}")

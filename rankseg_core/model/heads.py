@@ -219,8 +219,11 @@ class MaskTransformerHead(nn.Module):
         d, k = embed_dim, cfg.num_classes
         self.num_classes = k
         self.oracle = cfg.oracle
-        self.uses_ml = cfg.head == "rankseg" and not cfg.oracle
-        self.selects = cfg.oracle or (self.uses_ml and cfg.select)
+        # A segmenter with a selector (independent scheme) ranks by the frozen classifier's
+        # logits, passed to `forward` as `selector_logits`, instead of an ml branch of its own.
+        self.external = cfg.has_selector
+        self.uses_ml = cfg.head == "rankseg" and not cfg.oracle and not self.external
+        self.selects = cfg.oracle or self.external or (self.uses_ml and cfg.select)
         self.ml_head = cfg.ml_head if self.uses_ml else None
         self.kappa = cfg.effective_kappa if self.selects else k
 
@@ -303,8 +306,12 @@ class MaskTransformerHead(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, feats: Tensor, *, clip_len: int = 1, gt_classes: list[Tensor] | None = None,
                 kappa: int | None = None, dynamic_threshold: float | None = None,
-                select_override: list[Tensor] | None = None) -> SegOutput:
-        """feats (B*T) x D x h x w -> SegOutput (see its docstring for shapes)."""
+                select_override: list[Tensor] | None = None, selector_logits: Tensor | None = None) -> SegOutput:
+        """feats (B*T) x D x h x w -> SegOutput (see its docstring for shapes).
+
+        selector_logits: B x K ranking scores of a frozen classifier (required by, and only
+        used by, a head built with a selector); returned as `ml_logits`.
+        """
         bt, d, h, w = feats.shape
         if bt % clip_len:
             raise ValueError(f"batch of {bt} frames is not a whole number of clips of {clip_len}")
@@ -312,6 +319,10 @@ class MaskTransformerHead(nn.Module):
         patches = self.proj_dec(feats.flatten(2).transpose(1, 2))  # BT x p x D
 
         ml_logits, emb = self._multilabel(feats, clip_len) if self.uses_ml else (None, None)
+        if self.external:
+            if selector_logits is None or tuple(selector_logits.shape) != (b, self.num_classes):
+                raise ValueError(f"a segmenter with a selector needs selector_logits of shape {(b, self.num_classes)}")
+            ml_logits = selector_logits.detach()
         if emb is None:
             emb = self.cls_emb.expand(b, -1, -1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rankseg_core.model.backbone import ViTBackbone, load_backbone_weights
+from rankseg_core.model.classifier import SELECTOR_ATTR, load_selector
 from rankseg_core.model.config import ModelConfig
 from rankseg_core.model.heads import MaskTransformerHead, SegOutput
 
@@ -21,6 +22,9 @@ class RankSegModel(nn.Module):
         self.cfg = cfg
         self.backbone = ViTBackbone(cfg)
         self.head = MaskTransformerHead(cfg, self.backbone.embed_dim)
+        # Independent scheme: a frozen classifier run ranks the classes (not in the state dict).
+        if cfg.has_selector:
+            setattr(self, SELECTOR_ATTR, load_selector(cfg.selector, cfg.num_classes, cfg.clip_len))
 
     @property
     def patch_size(self) -> int:
@@ -32,7 +36,7 @@ class RankSegModel(nn.Module):
 
     def forward_head(self, feats: Tensor, *, gt_classes: list[Tensor] | None = None, kappa: int | None = None,
                      dynamic_threshold: float | None = None,
-                     select_override: list[Tensor] | None = None) -> SegOutput:
+                     select_override: list[Tensor] | None = None, selector_logits: Tensor | None = None) -> SegOutput:
         """B x D x h x w -> SegOutput.
 
         kappa: selected classes at this forward (default: the trained kappa); may exceed the
@@ -41,13 +45,18 @@ class RankSegModel(nn.Module):
         select_override: per-image class ids replacing the ml selection (GT (eval) oracle),
             ordered by ml score when the model has an ml branch.
         gt_classes: per-image GT class ids, required when cfg.oracle (GT train+eval).
+        selector_logits: B x K scores of the frozen selector (`forward` computes them from the
+            images when cfg.selector is set); they rank the classes instead of an ml branch.
         Selection options are ignored by the baseline and +MT, except select_override, which
         then restricts the K class-ordered channels (valid mask).
         """
         return self.head(feats, clip_len=self.cfg.clip_len, gt_classes=gt_classes, kappa=kappa,
-                         dynamic_threshold=dynamic_threshold, select_override=select_override)
+                         dynamic_threshold=dynamic_threshold, select_override=select_override,
+                         selector_logits=selector_logits)
 
     def forward(self, images: Tensor, **kw) -> SegOutput:
+        if self.cfg.has_selector:  # the frozen classifier sees exactly the segmenter's input
+            kw["selector_logits"] = getattr(self, SELECTOR_ATTR)(images)
         return self.forward_head(self.forward_features(images), **kw)
 
     def rank_scale(self) -> Tensor:
