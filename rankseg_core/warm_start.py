@@ -73,7 +73,7 @@ def _plain_state(path: Path) -> dict[str, Tensor]:
         raise os_error(path, exc, "cannot read") from None
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated / foreign / pickled code: torch raises several types
+    except Exception as exc:  # noqa: BLE001 - truncated / foreign / pickled code: torch raises several types
         raise UserError(f"--init-from {path} is corrupt or not a weights file ({exc.__class__.__name__}); give a run "
                         "directory, a .safetensors file or a state dict saved with torch.save") from None
     if isinstance(obj, dict) and integrity.KEY in obj:

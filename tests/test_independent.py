@@ -12,6 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from rankseg_cli.common import new_app
+from rankseg_cli.train_cmds import evaluate, predict
+from rankseg_cli.train_cmds import train as train_cmd
 from rankseg_core import runs
 from rankseg_core.augment import build_test_transform
 from rankseg_core.config import build_train_config
@@ -21,9 +24,6 @@ from rankseg_core.errors import UserError
 from rankseg_core.model.classifier import SELECTOR_ATTR
 from rankseg_core.synthetic import prepare_synthetic
 from rankseg_core.train import train
-from rankseg_cli.common import new_app
-from rankseg_cli.train_cmds import evaluate, predict
-from rankseg_cli.train_cmds import train as train_cmd
 from tests.conftest import assert_one_line_error
 
 K = 40
@@ -149,6 +149,21 @@ def test_classifier_refuses_oracle_and_selector(data: Path, classifier_run: Path
         config(data, "model.model=classifier-vitt", "model.oracle=true")
     with pytest.raises(UserError, match="only a segmenter"):
         config(data, "model.model=classifier-vitt", f"model.selector.run={classifier_run}")
+
+
+def test_classifier_clips_give_one_prediction_per_clip() -> None:
+    from rankseg_core.model import ModelConfig
+    from rankseg_core.model.classifier import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(ModelConfig(model="classifier-vitt", num_classes=K, img_size=32, clip_len=2)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, K)
+        # a clip's two frames form one memory: the same frames in the other order, the same logits
+        swapped = model(x[[1, 0, 3, 2]])
+    assert torch.allclose(out, swapped, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -8,6 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from rankseg_cli.common import new_app
+from rankseg_cli.train_cmds import evaluate
+from rankseg_cli.train_cmds import train as train_cmd
 from rankseg_core import runs
 from rankseg_core.config import build_train_config
 from rankseg_core.convert.common import ConvertOptions
@@ -16,9 +19,6 @@ from rankseg_core.model import ModelConfig, build_model
 from rankseg_core.synthetic import prepare_synthetic
 from rankseg_core.train import train
 from rankseg_core.warm_start import warm_start
-from rankseg_cli.common import new_app
-from rankseg_cli.train_cmds import evaluate
-from rankseg_cli.train_cmds import train as train_cmd
 from tests.conftest import assert_one_line_error
 
 K = 40
@@ -180,8 +180,10 @@ def test_cli_init_from(data: Path, classifier_run: Path, tmp_path: Path) -> None
     assert res.exit_code == 0, res.output  # K=40 -> K=48: skipped and said so, training goes on
     assert "shape mismatch (skipped)" in res.output and "head.cls_emb [1, 40, 192] -> [1, 48, 192]" in " ".join(
         res.output.split())
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x08" + b"\x00" * 7 + b"{broken")
     for source, fragment in ((tmp_path / "nope", "no such file or run directory"),
-                             (data, "not a rankseg run")):
+                             (data, "not a rankseg run"), (corrupt, "is corrupt")):
         res = CliRunner().invoke(cli_app(), args + ["--out", str(tmp_path / "c"), "--init-from", str(source)])
         assert_one_line_error(res, fragment)
     assert not (tmp_path / "c" / "model.safetensors").exists()

@@ -88,7 +88,7 @@ class FrozenSelector(nn.Module):
         self.register_state_dict_post_hook(_drop_own_keys)
         self.register_load_state_dict_post_hook(_forget_own_keys)
 
-    def train(self, mode: bool = True) -> "FrozenSelector":
+    def train(self, mode: bool = True) -> FrozenSelector:
         return super().train(False)
 
     @torch.no_grad()
@@ -120,7 +120,7 @@ def _read_state(path: Path) -> dict[str, Tensor]:
         if not isinstance(state, dict):
             raise TypeError("no model dictionary")
         return state
-    except Exception as exc:  # torch / safetensors raise several types for damaged files
+    except Exception as exc:  # noqa: BLE001 - torch / safetensors raise several types for damaged files
         raise UserError(f"model.selector.weights: cannot read {path} ({exc.__class__.__name__}); restore the "
                         "selector run's weights or retrain this segmenter with another --selector") from None
 
