@@ -30,7 +30,7 @@ from rankseg_core.model.mask2former.targets import (
     targets_from_panoptic,
     targets_from_semantic,
 )
-from tests.m2f_tiny import tiny_cfg
+from m2f_tiny import tiny_cfg
 
 
 def dense_bce(logit: torch.Tensor, target: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ from rankseg_core.model.mask2former.backbone import (
 )
 from rankseg_core.model.mask2former.config import Mask2FormerConfig
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm, selected_logits
-from tests.m2f_tiny import TINY, tiny_cfg, tiny_model
+from m2f_tiny import TINY, tiny_cfg, tiny_model
 
 K, KAPPA = 10, 4
 FAST = ["mask2former-r50", "mask2former-swint", "mask2former-swins"]

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from rankseg_core.model import ModelConfig
 from rankseg_core.model.mask2former import Mask2FormerConfig, build_mask2former
 from rankseg_core.model_stats import count_flops, count_parameters, model_stats
-from tests.conftest import assert_one_line_error
-from tests.m2f_tiny import TINY, tiny_model
+from conftest import assert_one_line_error
+from m2f_tiny import TINY, tiny_model
 
 # Main paper Table 8 (Mask2Former Swin-L, ADE20K, K = 150): (task, head) -> #params
 PAPER = {("semantic", "segmenter"): 205.51e6, ("semantic", "rankseg"): 208.79e6,

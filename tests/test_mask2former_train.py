@@ -11,7 +11,7 @@ from rankseg_core.model.mask2former import (
     targets_from_semantic,
 )
 from rankseg_core.model.mask2former.inference import panoptic_inference
-from tests.m2f_tiny import tiny_cfg, tiny_model
+from m2f_tiny import tiny_cfg, tiny_model
 
 K = 10
 

@@ -19,7 +19,7 @@ from rankseg_core.model import ModelConfig, build_model
 from rankseg_core.synthetic import prepare_synthetic
 from rankseg_core.train import train
 from rankseg_core.warm_start import warm_start
-from tests.conftest import assert_one_line_error
+from conftest import assert_one_line_error
 
 K = 40
 TINY = ["model.img_size=32", "model.kappa=8", "schedule.batch_size=2", "data.num_workers=0",
