@@ -51,7 +51,8 @@ def _variant(m) -> str:
 
 
 def _classifier(rep: dict) -> bool:
-    return str(rep["config"]["model"]).startswith("classifier-")
+    """A report without class maps (a multi-label classifier run): no segmentation rows."""
+    return "miou" not in rep
 
 
 @user_errors(interrupted=_train_interrupted)
@@ -154,17 +155,20 @@ def evaluate(
     dynamic_kappa: Annotated[Optional[float], typer.Option("--dynamic-kappa", help="Select classes with ml probability > THRESH (e.g. 0.05).")] = None,
     oracle: Annotated[bool, typer.Option("--oracle", help="GT (eval): select exactly each image's GT classes.")] = False,
     save_predictions: Annotated[Optional[Path], typer.Option("--save-predictions", help="Write 16-bit PNG predictions (train ids) here.")] = None,
+    save_panoptic: Annotated[Optional[Path], typer.Option("--save-panoptic", help="Panoptic runs on panoptic shards: write the predicted segments here in the COCO panoptic format (PNGs + predictions.json), for panopticapi.")] = None,
     classes_json: Annotated[Optional[Path], typer.Option("--classes-json", help='Class subsets {"base": [...], "novel": [...]} (ids or names) for subset mIoU.')] = None,
     max_images: Annotated[int, typer.Option("--max-images", help="Evaluate only the first N images (0 = all).")] = 0,
     device: Device = None,
     weights: Weights = "auto",
 ) -> None:
-    """Evaluate a run: mIoU / aAcc / per-class IoU (confusion matrix), multi-label mAP and recall@kappa.
+    """Evaluate a run: mIoU / aAcc / per-class IoU (confusion matrix), multi-label mAP and recall@kappa,
+    and PQ / SQ / RQ (all, things, stuff) for panoptic runs on panoptic shards.
 
     Examples:\n
       [bold]rankseg eval runs/adefull[/]\n
       [bold]rankseg eval runs/adefull --mode slide --scales 0.75,1.0,1.25 --flip --json adefull_ms.json[/]\n
-      [bold]rankseg eval runs/adefull --kappa 50 --oracle[/]
+      [bold]rankseg eval runs/adefull --kappa 50 --oracle[/]\n
+      [bold]rankseg eval runs/m2f-pan --save-panoptic preds/pan[/]
     """
     from rankseg_core.evaluate import EvalOptions, run_evaluation
 
@@ -174,7 +178,7 @@ def evaluate(
         raise UserError(f"--scales {scales!r}: expected numbers separated by commas, e.g. 0.75,1.0,1.25") from None
     opts = EvalOptions(split=split, data_root=str(data) if data else None, mode=mode, scales=scale_list,
                        flip=True if flip else None, kappa=kappa, dynamic_kappa=dynamic_kappa, oracle=oracle,
-                       max_images=max_images, save_predictions=save_predictions)
+                       max_images=max_images, save_predictions=save_predictions, save_panoptic=save_panoptic)
     rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights)
     t = Table("metric", "value")
     if not _classifier(rep):  # a classifier has no segmentation rows
@@ -184,6 +188,10 @@ def evaluate(
     t.add_row(f"recall@{rep['config']['kappa']}", _fmt(rep["recall_at_kappa"]))
     for name, sub in ({} if _classifier(rep) else rep["subsets"]).items():
         t.add_row(f"mIoU {name} ({sub['num_classes']} classes)", _fmt(sub["miou"]))
+    for part, values in ((p, rep["pq"][p]) for p in ("all", "things", "stuff") if "pq" in rep):
+        what = "" if part == "all" else f" {part}"
+        t.add_row(f"PQ / SQ / RQ{what} ({values['n']} classes)",
+                  " / ".join(_fmt(values[m]) for m in ("pq", "sq", "rq")))
     t.add_row("images", str(rep["num_images"]))
     out.print(t)
     err.print(f"wrote {show(json_path)} and {show(csv_path)}")

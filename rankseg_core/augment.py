@@ -29,13 +29,13 @@ def rescale_size(h: int, w: int, long_side: float, short_side: float) -> tuple[i
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
-def resize_pair(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]
+def resize_pair(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int], nearest: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Bilinear image, nearest label. size = (h, w)."""
+    """Bilinear image (nearest with `nearest`, for index maps), nearest label. size = (h, w)."""
     h, w = size
     if image.shape[:2] == (h, w):
         return image, label
-    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
     if label is not None:
         label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
     return image, label
@@ -130,7 +130,10 @@ class TrainTransform:
 
     Call with T images (H x W x 3 uint8 RGB) and T labels (H x W uint16, 65535 = ignore) of
     one clip (T = 1 for images) -> (T x 3 x crop x crop float32, T x crop x crop int64 with
-    `ignore` kept). All frames must have the same size.
+    `ignore` kept). All frames must have the same size. Panoptic data: T segment-index maps
+    (H x W uint16, 0 = no segment) go through the same geometry as the labels (nearest
+    resize, crop, flip; padding 0) and come back as a third array T x crop x crop int64; the
+    random draws are the same with or without them.
     """
 
     crop: int
@@ -148,14 +151,17 @@ class TrainTransform:
         self.mean = np.asarray(self.mean, np.float32)
         self.std = np.asarray(self.std, np.float32)
 
-    def __call__(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
+                 segments: list[np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
         h, w = labels[0].shape
         if any(lab.shape != (h, w) or img.shape[:2] != (h, w) for img, lab in zip(images, labels)):
             raise ValueError("all frames of a clip (and each image and its label) must have the same size")
+        if segments is not None and any(s.shape != (h, w) for s in segments):
+            raise ValueError("a segment map differs in size from its label")
         ratio = rng.uniform(*self.ratio_range)
         size = rescale_size(h, w, self.scale[0] * ratio, self.scale[1] * ratio)
         resized = [resize_pair(i, lab, size) for i, lab in zip(images, labels)]
+        segs = None if segments is None else [resize_pair(s, None, size, nearest=True)[0] for s in segments]
         # The crop is chosen on the first frame's label; the clip shares it.
         y1, y2, x1, x2 = random_crop_box(resized[0][1], self.crop, rng, self.cat_max_ratio, self.ignore)
         flip = rng.random() < self.flip_prob
@@ -173,7 +179,13 @@ class TrainTransform:
             ch, cw = lab.shape
             out_img[f, :, :ch, :cw] = normalize(img, self.mean, self.std)
             out_lab[f, :ch, :cw] = lab
-        return out_img, out_lab
+        if segs is None:
+            return out_img, out_lab
+        out_seg = np.zeros((t, c, c), np.int64)
+        for f, s in enumerate(segs):
+            s = s[y1:y2, x1:x2]
+            out_seg[f, :s.shape[0], :s.shape[1]] = s[:, ::-1] if flip else s
+        return out_img, out_lab, out_seg
 
 
 @dataclass

@@ -36,6 +36,7 @@ class DataConfig:
     name: str = ""
     class_names: list[str] = field(default_factory=list)
     palette: list[list[int]] = field(default_factory=list)
+    thing_classes: list[int] | None = None  # panoptic shards (format v2): train ids of thing classes
 
 
 @dataclass
@@ -51,6 +52,9 @@ class OptimConfig:
     custom_keys: dict[str, dict[str, float]] | None = None
     ml_wd_mult: float = 100.0  # decay_mult of the ml branch in the resolved custom_keys (ADE20K/Pascal: 100)
     ml_lr_mult: float = 1.0  # lr_mult of the ml branch in the resolved custom_keys
+    # Families whose model defines its groups (custom_keys None): lr x this on `backbone.*`
+    # (detectron2's SOLVER.BACKBONE_MULTIPLIER, 0.1 in every Mask2Former config).
+    backbone_lr_mult: float = 1.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off (the paper does not clip)
 
 
@@ -163,6 +167,21 @@ SEGMENTER_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128, "eval.mode": "whole",
                   "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
 }
+# The official Mask2Former recipe (configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k
+# .yaml and the panoptic / Swin configs on top; docs/mask2former.md): AdamW 1e-4, weight decay
+# 0.05 (0 on norms and embeddings: the model's no_weight_decay), backbone lr x 0.1, the RankSeg
+# ml head lr x 0.1 (SOLVER.MLHEAD_MULTIPLIER) with no extra decay, full-model gradient-norm
+# clipping at 0.01, poly 0.9 without floor or warm-up, batch 16, 160k iterations, crop 512
+# (640 for the Swin-B/L configs: pass --img-size 640), whole-image test at the short side of
+# the crop (long side <= 4x), ml loss ASL(2, 0) with weight 10 (RANKSEG.LOSS_WEIGHT).
+MASK2FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 0.05, "optim.backbone_lr_mult": 0.1,
+          "optim.ml_lr_mult": 0.1, "optim.ml_wd_mult": 1.0, "optim.grad_clip": 0.01, "schedule.min_lr": 0.0,
+          "schedule.batch_size": 16, "schedule.iters": 160000, "model.img_size": 512, "aug.cat_max_ratio": 1.0,
+          "loss.ml_weight": 10.0, "eval.mode": "whole"},
+    # Our own cheap CPU protocol on the built-in data (as the Segmenter's synthetic recipe).
+    "synthetic": {"model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
+}
 # The multi-label classifier of the independent scheme (families/classifier.py): the official
 # Query2Label recipe where the engine has it (AdamW lr 1e-4, weight decay 1e-2 on every
 # parameter, ASL gamma- 2 / gamma+ 0 / clip 0.05: loss.* resolves to those), our poly schedule
@@ -178,6 +197,7 @@ CLASSIFIER_DEFAULTS: dict[str, dict[str, Any]] = {
 # Per model family (the prefix of model.model): that family's recipes. A family without an
 # entry gets the dataclass defaults (plus DATA_DEFAULTS).
 DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"segmenter": SEGMENTER_DEFAULTS,
+                                                          "mask2former": MASK2FORMER_DEFAULTS,
                                                           "classifier": CLASSIFIER_DEFAULTS}
 # Spellings converters and users use for the same datasets (lower case, separators dropped).
 _ALIASES = {
@@ -450,6 +470,8 @@ def resolve(cfg: TrainConfig, meta: dict | None = None) -> TrainConfig:
         cfg.data.name = str(meta.get("name", ""))
         cfg.data.class_names = [str(n) for n in meta["class_names"]]
         cfg.data.palette = [[int(c) for c in row] for row in meta["palette"]]
+        things = meta.get("thing_classes")
+        cfg.data.thing_classes = [int(c) for c in things] if meta.get("panoptic") and things is not None else None
         cfg.model.num_classes = k
     m = cfg.model
     crop = m.img_size
@@ -517,7 +539,8 @@ def validate(cfg: TrainConfig) -> None:
         (o.name in ("sgd", "adamw"), f"optim.name={o.name!r}: use sgd or adamw"),
         (o.lr > 0, f"optim.lr={o.lr} must be > 0"),
         (len(o.betas) == 2, "optim.betas needs two values, e.g. 0.9,0.999"),
-        (o.weight_decay >= 0 and o.ml_wd_mult >= 0 and o.ml_lr_mult >= 0, "optim weight decay / multipliers must be >= 0"),
+        (o.weight_decay >= 0 and min(o.ml_wd_mult, o.ml_lr_mult, o.backbone_lr_mult) >= 0,
+         "optim weight decay / multipliers must be >= 0"),
         (s.iters >= 1, f"schedule.iters={s.iters} must be >= 1"),
         (s.batch_size >= 1 and s.accum_steps >= 1, "schedule.batch_size and schedule.accum_steps must be >= 1"),
         (s.batch_size % s.accum_steps == 0,

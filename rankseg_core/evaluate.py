@@ -5,7 +5,9 @@ Test protocol (METHOD.md sec. 5 and 8): resize the image so that its short side 
 multi-scale / flip), resize the logits back to the ORIGINAL label size, argmax. Metrics: a K x K
 confusion matrix (mIoU = nanmean over classes with union > 0, aAcc, per-class IoU, subsets),
 and from the multi-label probabilities vs the image's GT classes: per-class AP averaged over
-classes with positives ("mAP") and recall@kappa.
+classes with positives ("mAP") and recall@kappa. Panoptic shards and a family that predicts
+segments: PQ / SQ / RQ as panopticapi's pq_compute (panoptic.py). `score` is what picks a
+run's best checkpoint: PQ when measured, else mIoU, else (a classifier) mAP.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from rankseg_core.families import family_of
 from rankseg_core.fsio import check_writable_target
 from rankseg_core.loading import worker_init
 from rankseg_core.metrics import ConfusionMatrix, average_precision, recall_at_k
+from rankseg_core.panoptic import PanopticQuality, gt_from_shard
+from rankseg_core.panoptic_format import CocoPanopticWriter, categories_of, image_id_of
 from rankseg_core.progress import Progress
 from rankseg_core.shards import atomic_write_bytes, atomic_write_json
 
@@ -55,6 +59,7 @@ class EvalOptions:
     oracle: bool = False  # GT (eval): select exactly the image's GT classes
     max_images: int = 0  # 0 = the whole split
     save_predictions: Path | None = None  # 16-bit PNG of train ids per image
+    save_panoptic: Path | None = None  # panoptic predictions in the COCO panoptic format (PNG + JSON)
     progress: bool = True
 
     def check(self) -> None:
@@ -138,8 +143,11 @@ class EvalData(torch.utils.data.Dataset):
         images = [self.transform(f["image"]) for f in frames]
         if len({im.shape for im in images}) > 1:
             raise UserError(f"{self.ds.index.root}: frames of one video differ in size ({frames[0]['key']})")
-        return {"image": torch.from_numpy(np.stack(images)), "labels": [f["label"] for f in frames],
+        item = {"image": torch.from_numpy(np.stack(images)), "labels": [f["label"] for f in frames],
                 "classes": [f["classes"] for f in frames], "keys": [f["key"] for f in frames], "real": real}
+        if "segments" in frames[0]:  # panoptic shards: the GT segments for PQ
+            item["segments"] = [(f["segments"], f["segments_info"]) for f in frames]
+        return item
 
 
 def _collate(items: list[dict]) -> list[dict]:
@@ -207,6 +215,9 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
                                          collate_fn=_collate, worker_init_fn=worker_init)
     cm = ConfusionMatrix(k, IGNORE)
     scores, targets = [], []
+    pq = PanopticQuality(k, ds.index.thing_classes) if ds.index.is_panoptic else None
+    segmented = False  # whether the family predicted class maps (a classifier does not)
+    writer = _panoptic_writer(opts, ds, info)
     if opts.save_predictions is not None:
         Path(opts.save_predictions).mkdir(parents=True, exist_ok=True)
     total = sum(sum(r) for _, r in items)
@@ -221,6 +232,7 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
                 classes = [c for g in group for c in g["classes"]]
                 real = [r for g in group for r in g["real"]]
                 keys = [key for g in group for key in g["keys"]]
+                gt_segments = [s for g in group for s in g.get("segments", [None] * len(g["real"]))]
                 kw = forward_kwargs(cfg, classes, device, opts.kappa, opts.dynamic_kappa, opts.oracle)
                 res = family.predict(model, cfg, images, [lab.shape for lab in labels], mode, scales, flip, **kw)
                 ml = res.ml
@@ -230,6 +242,7 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
                     if not real[j]:
                         continue
                     pred = res.semantic[j] if res.semantic is not None else None
+                    segmented |= pred is not None
                     if pred is not None:
                         cm.update(pred, torch.from_numpy(lab.astype(np.int64)).to(pred.device))
                     if ml is not None:
@@ -237,11 +250,26 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
                         t = np.zeros(k, np.float32)
                         t[classes[j]] = 1
                         targets.append(t)
+                    if res.panoptic is not None and pq is not None:
+                        pan_ids, pan_info = res.panoptic[j]
+                        pan_ids = pan_ids.cpu().numpy()
+                        pq.update(pan_ids, pan_info, *gt_from_shard(*gt_segments[j]))
+                        if writer is not None:
+                            writer.add(image_id_of(keys[j]), f"{_safe_name(keys[j])}.png", pan_ids, pan_info)
                     if opts.save_predictions is not None and pred is not None:
                         write_label_png(Path(opts.save_predictions) / f"{_safe_name(keys[j])}.png",
                                         pred.cpu().numpy())
                 bar.advance(sum(real))
+    if writer is not None:
+        writer.close()
     cm.matrix = D.all_reduce_sum_np(cm.matrix, device)
+    panoptic = None
+    if pq is not None:  # the same on every rank (a property of the shards): the gather cannot hang
+        merged = PanopticQuality(k, ds.index.thing_classes)
+        for state in D.all_gather_objects(pq.state()):
+            merged.merge(state)
+        if merged.num_images:  # none when the family predicts no segments
+            panoptic = merged.compute()
     gathered = D.all_gather_objects((scores, targets))
     scores = [s for part in gathered for s in part[0]]
     targets = [t for part in gathered for t in part[1]]
@@ -252,9 +280,23 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
         rec = recall_at_k(s, t, kappa)
     else:
         m_ap, ap, rec = float("nan"), np.full(k, np.nan), float("nan")
-    metrics = {"miou": cm.miou(), "aacc": cm.aacc(), "map": m_ap, "recall_at_kappa": rec,
-               "num_images": total, "kappa": kappa}
+    miou = cm.miou()
+    metrics = {"miou": miou, "aacc": cm.aacc(), "map": m_ap, "recall_at_kappa": rec,
+               "num_images": total, "kappa": kappa, "pq": panoptic, "segmentation": segmented,
+               "score": panoptic["all"]["pq"] if panoptic else (miou if segmented else m_ap)}
     return EvalResult(metrics, cm, ap)
+
+
+def _panoptic_writer(opts: EvalOptions, ds: ShardDataset, info: D.DistInfo) -> CocoPanopticWriter | None:
+    """The COCO panoptic writer of `--save-panoptic` (one process only: it writes one JSON)."""
+    if opts.save_panoptic is None:
+        return None
+    if not ds.index.is_panoptic:
+        raise UserError(f"--save-panoptic: {ds.index.root} is not a panoptic dataset; panoptic predictions are "
+                        "written for panoptic shards (rankseg prepare coco-panoptic / ade20k-panoptic)")
+    if info.enabled:
+        raise UserError("--save-panoptic writes one JSON: run `rankseg eval` in one process (not under torchrun)")
+    return CocoPanopticWriter(opts.save_panoptic, categories_of(ds.index.meta))
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,15 +339,19 @@ def read_class_subsets(path: str | Path, class_names: list[str]) -> dict[str, li
 
 def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | None = None,
            extra_config: dict | None = None) -> dict[str, Any]:
-    """The JSON `rankseg eval` writes."""
+    """The JSON `rankseg eval` writes (no segmentation keys for a family that does not segment,
+    no "pq" where PQ was not measured)."""
     names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
     iou = res.confusion.iou()
-    return {
-        "miou": _num(res["miou"]), "aacc": _num(res["aacc"]), "map": _num(res["map"]),
-        "recall_at_kappa": _num(res["recall_at_kappa"]),
+    seg = {
+        "miou": _num(res["miou"]), "aacc": _num(res["aacc"]),
         "per_class": {n: _num(v) for n, v in zip(names, iou.tolist())},
         "subsets": {name: {"miou": _num(res.confusion.miou(ids)), "num_classes": len(ids)}
                     for name, ids in (subsets or {}).items()},
+    } if res["segmentation"] else {}
+    return {
+        **seg, "map": _num(res["map"]), "recall_at_kappa": _num(res["recall_at_kappa"]),
+        "score": _num(res["score"]), **({"pq": res["pq"]} if res["pq"] else {}),
         "num_images": res["num_images"],
         "config": {"model": cfg.model.model, "head": "oracle" if cfg.model.oracle else cfg.model.head,
                    "num_classes": cfg.model.num_classes, "kappa": res["kappa"], "dataset": cfg.data.name,
@@ -385,15 +431,17 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
     path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as held:
         held.enter_context(lock.dir_lock(path.parent, "eval", name=f"{lock.LOCK_NAME}.{path.name}"))
-        if opts.save_predictions is not None:
-            Path(opts.save_predictions).mkdir(parents=True, exist_ok=True)
-            held.enter_context(lock.dir_lock(opts.save_predictions, "eval --save-predictions"))
+        for out_dir, what in ((opts.save_predictions, "--save-predictions"), (opts.save_panoptic, "--save-panoptic")):
+            if out_dir is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                held.enter_context(lock.dir_lock(out_dir, f"eval {what}"))
         res = evaluate_model(model, cfg, opts, dev)
         extra = {"split": opts.split, "data": str(data_root),
                  "weights": str(find_weights(run_dir, weights)), "mode": opts.mode or cfg.eval.mode,
                  "scales": list(opts.scales or cfg.eval.scales),
                  "flip": bool(cfg.eval.flip if opts.flip is None else opts.flip),
                  "short_side": cfg.eval.short_side, "max_long": cfg.eval.max_long,
+                 "crop": cfg.eval.crop, "stride": cfg.eval.stride,
                  "dynamic_kappa": opts.dynamic_kappa, "oracle": bool(opts.oracle or cfg.model.oracle)}
         json_out, csv_out = write_report(path, res, cfg, subsets, extra)
     return report(res, cfg, subsets, extra), json_out, csv_out

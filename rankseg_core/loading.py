@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -88,10 +88,12 @@ class BatchStream:
 
 
 class AugmentedClips(torch.utils.data.Dataset):
-    """(global position, clip id) -> augmented clip {image T x 3 x c x c, label T x c x c}."""
+    """(global position, clip id) -> augmented clip {image T x 3 x c x c, label T x c x c}
+    (+ with `segments`: segments T x c x c segment indices and segments_info, T record lists)."""
 
-    def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int) -> None:
-        self.ds, self.clips, self.transform, self.seed = ds, clips, transform, seed
+    def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int,
+                 segments: bool = False) -> None:
+        self.ds, self.clips, self.transform, self.seed, self.segments = ds, clips, transform, seed, segments
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -100,16 +102,24 @@ class AugmentedClips(torch.utils.data.Dataset):
         g, clip = item
         frames = [self.ds.load(int(i)) for i in self.clips[clip]]
         rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
+        segs = [f["segments"] for f in frames] if self.segments else None
         try:
-            img, lab = self.transform([f["image"] for f in frames], [f["label"] for f in frames], rng)
+            out = self.transform([f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
         except ValueError as exc:
             raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
-        return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab)}
+        item = {"image": torch.from_numpy(out[0]), "label": torch.from_numpy(out[1])}
+        if self.segments:
+            item.update(segments=torch.from_numpy(out[2]), segments_info=[f["segments_info"] for f in frames])
+        return item
 
 
-def collate_clips(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major)."""
-    return {"image": torch.cat([i["image"] for i in items]), "label": torch.cat([i["label"] for i in items])}
+def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major);
+    segment maps likewise, segment records as one list per frame."""
+    out = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments") if k in items[0]}
+    if "segments_info" in items[0]:
+        out["segments_info"] = [info for i in items for info in i["segments_info"]]
+    return out
 
 
 def worker_init(worker_id: int) -> None:
@@ -124,18 +134,24 @@ def worker_init(worker_id: int) -> None:
 
 
 def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.DistInfo,
-                start_step: int) -> torch.utils.data.DataLoader:
+                start_step: int, segments: bool = False) -> torch.utils.data.DataLoader:
+    """This rank's training batches from `start_step` on; with `segments` they carry the
+    panoptic segment maps and records (the shards must be panoptic)."""
     ds = ShardDataset(cfg.data.root, cfg.data.train_split)
     if ds.num_classes != cfg.model.num_classes:
         raise UserError(f"{cfg.data.root}: K={ds.num_classes} but the run was configured for "
                         f"K={cfg.model.num_classes}; use the same shards or a new run")
+    if segments and not ds.index.is_panoptic:
+        raise UserError(f"{cfg.data.root}: {ds.index.name} has no panoptic segments, which this model needs "
+                        "(panoptic shards come from `rankseg prepare coco-panoptic | ade20k-panoptic | synthetic "
+                        "--panoptic`); or train the semantic task (--set model.mask2former.task=semantic)")
     clips = clip_table(ds, cfg.model.clip_len)
     s = cfg.schedule
     if s.batch_size % (info.world_size * s.accum_steps):
         raise UserError(f"schedule.batch_size={s.batch_size} is not divisible by processes x accum_steps "
                         f"= {info.world_size} x {s.accum_steps}")
     stream = BatchStream(len(clips), s.batch_size, s.accum_steps, info.world_size, info.rank, cfg.seed, start_step)
-    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed)
+    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed, segments)
     workers = cfg.data.num_workers
     return torch.utils.data.DataLoader(
         data, batch_sampler=stream, num_workers=workers, collate_fn=collate_clips,

@@ -15,16 +15,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from rankseg_core.model import ModelConfig, build_model
+from rankseg_core.families import family_of
+from rankseg_core.model import ModelConfig
 
 
 def build_any(cfg: ModelConfig) -> nn.Module:
-    """The model of either family (Segmenter or Mask2Former) for `cfg`."""
-    if cfg.family == "mask2former":
-        from rankseg_core.model.mask2former import build_mask2former
-
-        return build_mask2former(cfg)
-    return build_model(cfg)
+    """The model of any family (Segmenter, Mask2Former, ...) for `cfg`."""
+    return family_of(cfg.model).build(cfg)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

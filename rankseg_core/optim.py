@@ -44,14 +44,20 @@ def param_multipliers(model: nn.Module, custom_keys: dict[str, dict[str, float]]
 
 
 def model_multipliers(model: nn.Module, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
-    """{parameter name: (lr_mult, decay_mult)} from the model's own lists: decay 0 for
+    """{parameter name: (lr_mult, decay_mult)} from the model's own lists (families without
+    official custom keys, e.g. Mask2Former as detectron2 builds its groups): decay 0 for
     `model.no_weight_decay()`, `optim.ml_lr_mult` / `optim.ml_wd_mult` for
-    `model.ml_branch_names()` (families without official custom keys)."""
+    `model.ml_branch_names()`, lr x `optim.backbone_lr_mult` for `backbone.*`."""
     o = cfg.optim
     no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     ml = model.ml_branch_names() if hasattr(model, "ml_branch_names") else set()
-    return {name: (o.ml_lr_mult if name in ml else 1.0, 0.0 if name in no_wd else (o.ml_wd_mult if name in ml else 1.0))
-            for name, p in model.named_parameters() if p.requires_grad}
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = (o.ml_lr_mult if name in ml else 1.0) * (o.backbone_lr_mult if name.startswith("backbone.") else 1.0)
+        out[name] = (lr, 0.0 if name in no_wd else (o.ml_wd_mult if name in ml else 1.0))
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -104,7 +104,7 @@ class TrainResult:
     run_dir: Path
     iterations: int
     final_eval: dict | None
-    best_miou: float
+    best_score: float  # the best validation `score` (evaluate.py: PQ, else mIoU, else mAP)
     already_finished: bool = False  # --resume of a finished run: nothing was done
 
 
@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
 
 
 def _finished(cfg: TrainConfig, run_dir: Path) -> TrainResult:
-    evals = [r["miou"] for r in runs.read_metrics(run_dir) if r.get("type") == "eval" and r.get("miou") is not None]
+    evals = [_score(r) for r in runs.read_metrics(run_dir) if r.get("type") == "eval"]
     return TrainResult(run_dir, cfg.schedule.iters, None, max(evals, default=float("-inf")), already_finished=True)
 
 
@@ -290,7 +290,7 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
     start, best, window = 0, float("-inf"), Window(family.stats)
     if resume:
         ckpt = _resume_state(paths, model, optimizer, scaler)
-        start, best, window = int(ckpt["iteration"]), float(ckpt["best_miou"]), Window(family.stats, ckpt["window"])
+        start, best, window = int(ckpt["iteration"]), float(ckpt["best_score"]), Window(family.stats, ckpt["window"])
         set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if info.is_main:
             runs.truncate_metrics(paths.root, start)
@@ -301,7 +301,7 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=family.find_unused_parameters(cfg.model))
     dc = model.data_config()
-    loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start))
+    loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start, family.uses_segments(cfg.model)))
     return _State(family, model, ddp, optimizer, scaler, amp, family.criterion(cfg), loader, start, best, window)
 
 
@@ -310,7 +310,9 @@ def _resume_state(paths: runs.RunPaths, model: nn.Module, optimizer: torch.optim
     A corrupt or foreign last.pt is refused before anything of the run is written."""
     fix = f"cannot resume from it (nothing was changed): {runs.other_weights(paths.last)}, or train a new --out"
     ckpt = runs.load_checkpoint(paths.last, map_location="cpu", fix=fix)
-    need = {"model": dict, "optimizer": dict, "iteration": int, "best_miou": (int, float), "rng": list, "window": dict}
+    if "best_score" not in ckpt and "best_miou" in ckpt:  # checkpoints written before PQ / mAP selection
+        ckpt["best_score"] = ckpt["best_miou"]
+    need = {"model": dict, "optimizer": dict, "iteration": int, "best_score": (int, float), "rng": list, "window": dict}
     bad = [k for k, t in need.items() if not isinstance(ckpt.get(k), t)]
     try:
         if bad:
@@ -375,7 +377,7 @@ def _checkpoint(st: _State, cfg: TrainConfig, paths: runs.RunPaths, path: Path, 
     resumable = path == paths.last
     states = D.all_gather_objects(rng_state()) if resumable else None  # every rank's RNG: DDP resumes exactly
     if info.is_main:
-        state = {"model": st.model.state_dict(), "iteration": it, "best_miou": st.best}
+        state = {"model": st.model.state_dict(), "iteration": it, "best_score": st.best}
         if resumable:
             state.update(optimizer=st.optimizer.state_dict(), rng=states, window=st.window.state(),
                          data={"step": it, "seed": cfg.seed, "global_batch": cfg.schedule.batch_size})
@@ -413,8 +415,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
                 res = _evaluate(st.model, cfg, device, cfg.eval.max_images)
                 if info.is_main:
                     runs.append_metrics(run_dir, {"type": "eval", "iter": done, **_summary(res)})
-                if res["miou"] > st.best:
-                    st.best = res["miou"]
+                if _score(res.metrics) > st.best:
+                    st.best = _score(res.metrics)
                     _checkpoint(st, cfg, paths, paths.best, done, info)
             if done % cfg.ckpt_every == 0 or done == iters:
                 _checkpoint(st, cfg, paths, paths.last, done, info)
@@ -422,8 +424,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
     final = _evaluate(st.model, cfg, device, 0) if cfg.data.val_split else None
     if final is not None and info.is_main:
         runs.append_metrics(run_dir, {"type": "eval", "iter": iters, "final": True, **_summary(final)})
-    if final is not None and (final["miou"] > st.best or st.best == float("-inf")):
-        st.best = max(st.best, final["miou"])
+    if final is not None and (_score(final.metrics) > st.best or st.best == float("-inf")):
+        st.best = max(st.best, _score(final.metrics))
         _checkpoint(st, cfg, paths, paths.best, iters, info)
     if info.is_main:
         runs.save_weights(paths.weights, st.model)
@@ -431,8 +433,21 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
     return TrainResult(run_dir, iters, final, st.best)
 
 
-def _summary(res: dict) -> dict:
-    return {k: res[k] for k in ("miou", "aacc", "map", "recall_at_kappa", "num_images")}
+def _summary(res: Any) -> dict:
+    """What metrics.jsonl keeps of an evaluation (PQ parts only when measured)."""
+    keys = ("miou", "aacc") if res["segmentation"] else ()  # a classifier has no class maps
+    out = {k: res[k] for k in (*keys, "map", "recall_at_kappa", "num_images", "score")}
+    pq = res["pq"]
+    if pq:
+        out.update(pq=pq["all"]["pq"], sq=pq["all"]["sq"], rq=pq["all"]["rq"], pq_things=pq["things"]["pq"],
+                   pq_stuff=pq["stuff"]["pq"])
+    return out
+
+
+def _score(metrics: dict) -> float:
+    """The selection score of an evaluation's metrics (or a metrics.jsonl record); undefined = -inf."""
+    value = metrics["score"] if "score" in metrics else metrics.get("miou")  # records of older runs: mIoU
+    return float("-inf") if value is None or not math.isfinite(value) else float(value)
 
 
 def describe(cfg: TrainConfig) -> str:

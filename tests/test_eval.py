@@ -73,7 +73,9 @@ def test_eval_json_csv_and_recomputation(run: Path, tmp_path: Path) -> None:
               "--device", "cpu")
     assert res.exit_code == 0, res.output
     rep = json.loads(out_json.read_text())
-    assert set(rep) == {"miou", "aacc", "map", "recall_at_kappa", "per_class", "subsets", "num_images", "config"}
+    assert set(rep) == {"miou", "aacc", "map", "recall_at_kappa", "per_class", "subsets", "num_images", "config",
+                        "score"}
+    assert rep["score"] == rep["miou"]  # what picks best.pt for a segmentation run
     assert rep["num_images"] == 5 and set(rep["subsets"]) == {"base", "novel"}
     assert rep["config"]["kappa"] == 6 and rep["config"]["mode"] == "whole"
     assert list(rep["per_class"]) == cfg.data.class_names

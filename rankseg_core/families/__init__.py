@@ -5,9 +5,10 @@ from __future__ import annotations
 from rankseg_core.errors import UserError
 from rankseg_core.families.base import Criterion, Family, Predictions
 from rankseg_core.families.classifier import CLASSIFIER
+from rankseg_core.families.mask2former import MASK2FORMER
 from rankseg_core.families.segmenter import SEGMENTER
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SEGMENTER, CLASSIFIER)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SEGMENTER, MASK2FORMER, CLASSIFIER)}
 
 
 def family_of(model_name: str) -> Family:

@@ -57,6 +57,8 @@ class Family:
     predict: (model, cfg, images N x 3 x H x W normalised, sizes [(h, w)] per image, mode,
         scales, flip, **forward kwargs) -> Predictions at `sizes`.
     find_unused_parameters: whether DDP must look for parameters a step does not use.
+    uses_segments: whether training needs the panoptic segment maps (shard format v2) in
+        the batch (`segments` (B*T) x c x c, `segments_info` per frame).
     """
 
     name: str
@@ -65,3 +67,4 @@ class Family:
     stats: tuple[str, ...]
     predict: Callable[..., Predictions]
     find_unused_parameters: Callable[["ModelConfig"], bool] = lambda m: False
+    uses_segments: Callable[["ModelConfig"], bool] = lambda m: False

@@ -64,10 +64,8 @@ class Mask2FormerConfig:
     ml_dropout: float = 0.1
     ml_query_layer: int = 3  # the ml head reads the object queries after this decoder layer
     cosine_logits: bool = True  # SEM_SEG_HEAD.USE_LAYERNORM of the rankseg configs: cosine class logits
-    ml_weight: float = 10.0  # RANKSEG.LOSS_WEIGHT
-    asl_gamma_neg: float = 2.0
-    asl_gamma_pos: float = 0.0
-    ml_lr_mult: float = 0.1  # SOLVER.MLHEAD_MULTIPLIER (learning rate of the ml head)
+    # The ml loss (weight 10, ASL gamma- 2 / gamma+ 0) and the ml head's lr multiplier (0.1) are
+    # the engine's loss.* / optim.ml_lr_mult, set by the family's recipe (config.py).
 
     def queries(self, model_name: str) -> int:
         """Number of object queries: the explicit value, else the official one."""
@@ -99,8 +97,7 @@ class Mask2FormerConfig:
             raise UserError(f"{p}size_divisibility={self.size_divisibility} must be a multiple of 32 (stride of res5)")
         if self.oversample_ratio < 1 or not 0 <= self.importance_sample_ratio <= 1:
             raise UserError(f"{p}oversample_ratio must be >= 1 and importance_sample_ratio in [0, 1]")
-        for name in ("class_weight", "mask_weight", "dice_weight", "no_object_weight", "ml_weight", "ml_lr_mult",
-                     "asl_gamma_neg", "asl_gamma_pos"):
+        for name in ("class_weight", "mask_weight", "dice_weight", "no_object_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"{p}{name}={getattr(self, name)} must be >= 0")
         for name in ("dropout", "ml_dropout", "backbone_drop_path"):

@@ -183,7 +183,7 @@ class Mask2FormerModel(nn.Module):
 
     def ml_branch_names(self) -> set[str]:
         """Parameters of the multi-label head (the official SOLVER.MLHEAD_MULTIPLIER group:
-        lr x cfg.mask2former.ml_lr_mult); the rank LayerNorm is not part of it."""
+        lr x the run's optim.ml_lr_mult, 0.1 in the Mask2Former recipe); the rank LayerNorm is not part of it."""
         return {n for n, _ in self.named_parameters() if n.startswith("ml_head.")}
 
 
