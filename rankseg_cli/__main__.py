@@ -1,5 +1,5 @@
 """`python -m rankseg_cli ...` (what `torchrun ... -m rankseg_cli train` runs)."""
 
-from .app import main
+from rankseg_cli.entry import main
 
 main()

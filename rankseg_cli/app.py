@@ -46,7 +46,3 @@ app.command("eval")(evaluate)
 app.command("predict")(predict)
 stats_app.command("model")(stats_model)
 register_scoring(app)  # eval-predictions, export, prepare detectron2
-
-
-def main() -> None:
-    app()

@@ -70,7 +70,7 @@ def test_wheel_carries_the_class_tables_and_metadata(built: dict[str, Path]) -> 
     assert "\nName: rankseg-toolkit\n" in text
     assert any(n.endswith("/LICENSE") and ".dist-info/" in n for n in names)
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "rankseg = rankseg_cli.app:main" in zipfile.ZipFile(built["wheel"]).read(entry).decode()
+    assert "rankseg = rankseg_cli.entry:main" in zipfile.ZipFile(built["wheel"]).read(entry).decode()
 
 
 def test_sdist_carries_datasets_docs_and_license(built: dict[str, Path]) -> None:
