@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from rankseg_core.model.heads import sine_position_encoding
 from rankseg_core.model.mask2former.deform_attn import MSDeformAttn, ms_deform_sample
-from rankseg_core.model.mask2former.layers import sine_position_embedding
 from rankseg_core.model.mask2former.pixel_decoder import reference_points
+from rankseg_core.model.position import sine_position_embedding
 
 
 def bilinear_zero_pad(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
@@ -74,8 +73,25 @@ def test_msdeformattn_init_directions_and_uniform_weights() -> None:
     assert out.shape == (1, 5, 16) and torch.isfinite(out).all()
 
 
-def test_sine_embedding_matches_segmenter_square_version_and_formula() -> None:
-    torch.testing.assert_close(sine_position_embedding(6, 6, 32), sine_position_encoding(6, 32))
+def _detr_sine_loop(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """DETR's PositionEmbeddingSine (normalize=True, no mask), one value at a time."""
+    out = torch.zeros(dim, h, w)
+    npf, eps, scale = dim // 2, 1e-6, 2 * math.pi
+    for i in range(h):
+        for j in range(w):
+            yy, xx = (i + 1) / (h + eps) * scale, (j + 1) / (w + eps) * scale
+            for c in range(npf):
+                t = temperature ** (2 * (c // 2) / npf)
+                out[c, i, j] = math.sin(yy / t) if c % 2 == 0 else math.cos(yy / t)
+                out[npf + c, i, j] = math.sin(xx / t) if c % 2 == 0 else math.cos(xx / t)
+    return out
+
+
+@pytest.mark.parametrize("h, w, dim", [(6, 6, 32), (3, 5, 8), (16, 16, 16)])
+def test_sine_embedding_equals_detr_formula(h: int, w: int, dim: int) -> None:
+    torch.testing.assert_close(sine_position_embedding(h, w, dim), _detr_sine_loop(h, w, dim), atol=1e-5, rtol=0)
+
+def test_sine_embedding_hand_values() -> None:
     emb = sine_position_embedding(3, 5, 8)
     assert emb.shape == (8, 3, 5)
     # channel 4 = x-sine with dim_t = 1: sin(x_norm), x_norm = (j+1)/5 * 2pi (up to eps)

@@ -101,14 +101,20 @@ def load_backbone_weights(backbone: ViTBackbone, path: str | Path) -> tuple[list
     sd = checkpoint_filter_fn(sd, vit)  # resamples pos_embed (bicubic) to the model's grid
     # The classifier belongs to the pretraining task; the segmentation model has none.
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "pre_logits."))}
-    own = vit.state_dict()
-    shape_mismatch = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    if shape_mismatch:
-        raise UserError(f"backbone_weights: {path} does not fit model {vit.default_cfg.get('architecture', '')}: "
-                        f"shape mismatch for {shape_mismatch[:3]}; pick the matching model.model size")
-    result = vit.load_state_dict(sd, strict=False)
+    return load_timm_state(vit, sd, path, "a timm ViT")
+
+
+def load_timm_state(body: nn.Module, sd: dict[str, Tensor], path: Path, what: str) -> tuple[list[str], list[str]]:
+    """Load a (filtered) state dict into a timm backbone: UserError on shape mismatches or when
+    nothing matches, a warning for missing keys. Returns (missing, unexpected)."""
+    own = body.state_dict()
+    mismatch = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if mismatch:
+        raise UserError(f"backbone_weights: {path} does not fit {body.default_cfg.get('architecture', '')}: "
+                        f"shape mismatch for {mismatch[:3]}; pick the matching model.model size")
+    result = body.load_state_dict(sd, strict=False)
     if len(result.missing_keys) == len(own):
-        raise UserError(f"backbone_weights: no key of {path} matches a timm ViT; is it a timm checkpoint?")
+        raise UserError(f"backbone_weights: no key of {path} matches {what}; is it a timm checkpoint?")
     if result.missing_keys:
         warnings.warn(f"backbone weights {path.name}: {len(result.missing_keys)} missing keys, "
                       f"e.g. {result.missing_keys[:3]}", stacklevel=2)

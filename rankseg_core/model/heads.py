@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
 from rankseg_core.model.config import ModelConfig
+from rankseg_core.model.position import sine_position_embedding
 
 # Logit given to padding / unselected channels; the official scatter uses the same value.
 FILL_LOGIT = -100.0
@@ -110,22 +111,6 @@ class RankNorm(nn.Module):
         return y.masked_fill(~valid[:, None, :], FILL_LOGIT)
 
 
-def sine_position_encoding(size: int, dim: int, temperature: float = 10000.0) -> Tensor:
-    """DETR sine encoding of a size x size grid, normalised to 2*pi: dim x size x size."""
-    npf = dim // 2
-    ones = torch.ones(size, size)
-    y = ones.cumsum(0)
-    x = ones.cumsum(1)
-    eps, scale = 1e-6, 2 * math.pi
-    y = y / (y[-1:, :] + eps) * scale
-    x = x / (x[:, -1:] + eps) * scale
-    dim_t = temperature ** (2 * (torch.arange(npf, dtype=torch.float32) // 2) / npf)
-    px, py = x[..., None] / dim_t, y[..., None] / dim_t
-    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=3).flatten(2)
-    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=3).flatten(2)
-    return torch.cat((py, px), dim=2).permute(2, 0, 1)
-
-
 class CrossAttnDecoderLayer(nn.Module):
     """Post-norm transformer decoder layer without self-attention (Query2Label)."""
 
@@ -156,7 +141,7 @@ class TranDecMLHead(nn.Module):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(ML_POOL_TRANDEC)
         self.input_proj = nn.Conv2d(dim, dim, kernel_size=1)
-        self.register_buffer("pos", sine_position_encoding(ML_POOL_TRANDEC, dim).flatten(1).t()[None],
+        self.register_buffer("pos", sine_position_embedding(ML_POOL_TRANDEC, ML_POOL_TRANDEC, dim).flatten(1).t()[None],
                              persistent=False)
         self.layers = nn.ModuleList([CrossAttnDecoderLayer(dim, heads, ffn, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)

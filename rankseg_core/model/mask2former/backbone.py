@@ -11,7 +11,6 @@ output (norm0..norm3) instead of the final norm; `out_norms` are those.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import timm
@@ -20,7 +19,11 @@ from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 
 from rankseg_core.errors import UserError
-from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict
+from rankseg_core.model.backbone import (
+    WEIGHT_SUFFIXES,
+    _read_state_dict,
+    load_timm_state,
+)
 from rankseg_core.model.mask2former.config import (
     MASK2FORMER_BACKBONES,
     Mask2FormerConfig,
@@ -95,17 +98,7 @@ def load_pyramid_weights(backbone: PyramidBackbone, path: str | Path) -> tuple[l
                             f"({exc.__class__.__name__})") from exc
     own = body.state_dict()
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("head.", "fc.", "norm."))}
-    mismatch = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    if mismatch:
-        raise UserError(f"backbone_weights: {path} does not fit {body.default_cfg.get('architecture', '')}: "
-                        f"shape mismatch for {mismatch[:3]}; pick the matching model.model")
-    result = body.load_state_dict(sd, strict=False)
-    if len(result.missing_keys) == len(own):
-        raise UserError(f"backbone_weights: no key of {path} matches the timm backbone; is it a timm checkpoint?")
-    if result.missing_keys:
-        warnings.warn(f"backbone weights {path.name}: {len(result.missing_keys)} missing keys, "
-                      f"e.g. {result.missing_keys[:3]}", stacklevel=2)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    return load_timm_state(body, sd, path, "the timm backbone")
 
 
 def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:

@@ -21,8 +21,8 @@ from rankseg_core.model.mask2former.config import Mask2FormerConfig
 from rankseg_core.model.mask2former.layers import (
     MLP,
     c2_xavier_,
-    sine_position_embedding,
 )
+from rankseg_core.model.position import sine_position_embedding
 
 N_SCALES = 3
 

@@ -18,8 +18,8 @@ from rankseg_core.model.mask2former.deform_attn import MSDeformAttn
 from rankseg_core.model.mask2former.layers import (
     c2_xavier_,
     group_norm,
-    sine_position_embedding,
 )
+from rankseg_core.model.position import sine_position_embedding
 
 N_LEVELS = 3  # res3, res4, res5 enter the deformable encoder
 
