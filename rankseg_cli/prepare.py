@@ -56,6 +56,7 @@ def synthetic(
     size: Annotated[int, typer.Option("--size", help="Image side in pixels (multiple of 16).")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same dataset (byte for byte).")] = 0,
     panoptic: Annotated[bool, typer.Option("--panoptic", help="Panoptic shards: objects are things (one instance each, a class may repeat), backgrounds stuff.")] = False,
+    pretrain_images: Annotated[int, typer.Option("--pretrain-images", help="Also write a 'pretrain' split of N more images of the same classes and looks, disjoint from train / val (to pre-train a backbone on); train / val stay byte-identical.")] = 0,
     workers: Workers = 0,
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file (>= 1).")] = 500,
 ) -> None:
@@ -65,7 +66,8 @@ def synthetic(
     shared by ~K/32 classes of other scenes, so context decides its class.
 
     Example: [bold]rankseg prepare synthetic --out data/synth --num-classes 1000 --images 2000[/]\n
-    Panoptic (instances): [bold]rankseg prepare synthetic --out data/synth_pan --num-classes 100 --panoptic[/]
+    Panoptic (instances): [bold]rankseg prepare synthetic --out data/synth_pan --num-classes 100 --panoptic[/]\n
+    With a pre-training split: [bold]rankseg prepare synthetic --out data/synth --num-classes 200 --pretrain-images 20000[/]
     """
     from rankseg_core.synthetic import prepare_synthetic
 
@@ -74,5 +76,5 @@ def synthetic(
                         f"uint16 and 65535 means ignore), not {num_classes}")
     opts = convert_options(workers, 1, None, None, "fail", samples_per_shard)
     index = prepare_synthetic(out, num_classes=num_classes, images=images, val_images=val_images,
-                              size=size, seed=seed, panoptic=panoptic, opts=opts)
+                              size=size, seed=seed, panoptic=panoptic, pretrain_images=pretrain_images, opts=opts)
     report(index, out)

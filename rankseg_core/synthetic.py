@@ -11,7 +11,9 @@ It is built so that the RankSeg idea matters, as on ADE20K-Full or COCO+LVIS:
   tail of real data.
 
 Everything is a function of (seed, split, index), so any worker can make any sample and the
-dataset is identical for a given seed whatever the number of workers.
+dataset is identical for a given seed whatever the number of workers. An optional `pretrain`
+split draws more images of the same world from its own stream (split id 3), disjoint from
+train / val, whose bytes it leaves unchanged.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def render_panoptic(world: World, rng: np.random.Generator, size: int) -> tuple[
     return image, ids, segment_class
 
 
-SPLIT_IDS = {"train": 1, "val": 2}
+SPLIT_IDS = {"train": 1, "val": 2, "pretrain": 3}  # the rng stream of each split
 
 
 def make_sample(key: str, *, world: World, seed: int, size: int, panoptic: bool = False) -> EncodedSample:
@@ -210,11 +212,17 @@ def sample_maker(world: World, seed: int, size: int, panoptic: bool = False):
 
 
 def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_images: int | None = None,
-                      size: int = 128, seed: int = 0, panoptic: bool = False, opts=None) -> dict | None:
+                      size: int = 128, seed: int = 0, panoptic: bool = False, pretrain_images: int = 0,
+                      opts=None) -> dict | None:
     """Write the synthetic dataset (train + val) to `out` and return its `dataset.json`.
 
     `panoptic`: object classes are things (each drawn object an instance), scene backgrounds
     stuff, written as panoptic (v2) shards. Without it the output is what it always was.
+    `pretrain_images`: also write a `pretrain` split of that many images of the same world
+    (same classes, scenes and looks) drawn from their own stream, so they never repeat a train
+    or val image (a larger disjoint set to pre-train a backbone on, as ImageNet is for the
+    paper). The train / val shards stay byte-identical; dataset.json records the option only
+    when it is > 0.
     """
     from .convert.common import ConvertOptions, run_conversion
     from .errors import UserError
@@ -222,6 +230,8 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
 
     if images < 1 or size < 32 or size % 16:
         raise UserError("--images must be >= 1 and --size a multiple of 16, >= 32")
+    if pretrain_images < 0:
+        raise UserError(f"--pretrain-images must be >= 0 (0 = no pretrain split), not {pretrain_images}")
     try:
         world = make_world(num_classes, seed)
     except ValueError as exc:
@@ -230,9 +240,13 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
     options = {"num_classes": num_classes, "images": images, "val_images": val_images, "size": size, "seed": seed}
     if panoptic:  # only then: the semantic dataset.json stays byte-identical
         options["panoptic"] = True
+    if pretrain_images:  # likewise
+        options["pretrain_images"] = pretrain_images
     header = DatasetHeader(
         name="synthetic", class_names=list(world.names), source="rankseg synthetic generator", options=options,
         thing_classes=np.flatnonzero(world.appearance >= 0).tolist() if panoptic else None)
     splits = {"train": split_keys("train", images), "val": split_keys("val", val_images)}
+    if pretrain_images:
+        splits["pretrain"] = split_keys("pretrain", pretrain_images)
     return run_conversion(out, header, splits, sample_maker(world, seed, size, panoptic),
                           opts or ConvertOptions(samples_per_shard=500))
