@@ -14,6 +14,16 @@ from rankseg_core.synthetic import prepare_synthetic
 # (measured ~10x slower with the default thread count under load).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Restore one intra-op thread after every test: a test that changes it in-process (the
+    replication smoke run sets its per-job threads) must not change the float summation order
+    of later tests, whose exact-equality checks compare runs made in different processes."""
+    yield
+    torch.set_num_threads(1)
+
+
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
