@@ -25,7 +25,7 @@ from rankseg_core import lock, runs
 from rankseg_core.codec import IGNORE
 from rankseg_core.config import TrainConfig, diff_configs, to_yaml
 from rankseg_core.errors import UserError
-from rankseg_core.evaluate import EvalOptions, evaluate_model
+from rankseg_core.evaluate import EvalOptions, EvalResult, evaluate_model
 from rankseg_core.families import Criterion, Family, family_of
 from rankseg_core.fsio import os_error
 from rankseg_core.loading import make_loader
@@ -212,7 +212,7 @@ def config_for_run(run_dir: str | Path, config_file: str | Path | None, override
     return resolve(cfg)
 
 
-def _evaluate(model: nn.Module, cfg: TrainConfig, device: torch.device, max_images: int) -> dict:
+def _evaluate(model: nn.Module, cfg: TrainConfig, device: torch.device, max_images: int) -> EvalResult:
     was = model.training
     model.eval()
     try:
