@@ -1,4 +1,5 @@
-"""bench/replicate.py: the protocol's pieces (fast) and the whole pipeline in --smoke mode (slow)."""
+"""bench/replicate.py: the protocol's pieces and the verdict rule (fast), and the whole pipeline
+in --smoke mode (slow)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import replicate as R  # noqa: E402
+import replication_claims as C  # noqa: E402
+import replication_report as RR  # noqa: E402
 
 
 def test_variants_and_evals() -> None:
@@ -28,25 +31,114 @@ def test_variants_and_evals() -> None:
     assert [o for a, b, o in specs if b == "thr0.05"] == [{"dynamic_kappa": 0.05}]
     rec = R.recipe(p, 64, 2)
     assert "seed=2" in rec and "model.img_size=64" in rec and "model.kappa=20" in rec
+    assert not any(x.startswith("init_from=") for x in rec)
+    tuned = R.recipe(p, 64, 2, "/w/backbone.safetensors")
+    # One recipe: a fine-tuned run differs from the from-scratch one only by its initial weights
+    # and the lower learning rate of the pre-trained backbone.
+    assert tuned[:len(rec)] == rec and tuned[len(rec):] == [
+        "init_from=/w/backbone.safetensors", f"optim.custom_keys={{backbone.: {{lr_mult: {p.backbone_lr_mult}}}}}"]
+    pre = R.pretrain_recipe(p, 64)
+    assert "model.model=classifier-vitt" in pre and "data.train_split=pretrain" in pre
+    assert f"schedule.iters={p.pretrain_iters}" in pre and not any(x.startswith("init_from=") for x in pre)
+    assert R.Protocol().pretrained and not R.Protocol.from_scratch().pretrained
+    assert not R.Protocol.smoke(from_scratch=True).pretrained and R.Protocol.smoke().pretrained
+
+
+def test_plan_dependencies(tmp_path: Path) -> None:
+    """The pre-training run comes first and every fine-tune starts from its backbone; each
+    independent segmenter waits for its own seed's classifier; evaluations wait for their run."""
+    p = R.Protocol(seeds=2, kappa_sweep=[], kappa_eval=[10])
+    tasks, runs = R.plan(R.Dataset("synthetic", tmp_path / "d", 200, 64), p, tmp_path / "w")
+    keys = [t.key for t in tasks]
+    assert keys[0] == ("train", "pretrain", 0)
+    backbone = tasks[0].args[4]
+    for t in tasks:
+        assert all(keys.index(d) < keys.index(t.key) for d in t.deps)  # listed after what it needs
+        if t.key[0] == "train" and t.key[1] != "pretrain":
+            assert f"init_from={backbone}" in t.args[2] and ("train", "pretrain", 0) in t.deps or t.key[1] == "indep"
+    indep = [t for t in tasks if t.key[1] == "indep"]
+    assert len(indep) == 2 and all(t.deps == (("train", "classifier", t.key[2]),) for t in indep)
+    assert all(f"model.selector.run={runs[('classifier', t.key[2])]}" in t.args[2] for t in indep)
+    scratch, _ = R.plan(R.Dataset("synthetic", tmp_path / "d", 200, 64), R.Protocol.from_scratch(), tmp_path / "w")
+    assert all(t.key[1] != "pretrain" and not any(a.startswith("init_from=") for a in t.args[2])
+               for t in scratch if t.key[0] == "train")
+
+
+def test_run_tasks_in_process_order() -> None:
+    seen = []
+    tasks = [R.Task(("a",), lambda: seen.append("a") or {"x": 1}, ()),
+             R.Task(("b",), lambda: seen.append("b") or {"x": 2}, (), (("a",),))]
+    assert R.run_tasks(tasks, 1) == {("a",): {"x": 1}, ("b",): {"x": 2}} and seen == ["a", "b"]
+    with pytest.raises(RuntimeError, match="before its dependencies"):
+        R.run_tasks(tasks[::-1], 1)
 
 
 def test_aggregation_and_tables(tmp_path: Path) -> None:
-    a = R.agg([0.5, 0.7, None, 0.6])
+    a = RR.agg([0.5, 0.7, None, 0.6])
     assert a["n"] == 3 and a["mean"] == pytest.approx(0.6) and a["std"] == pytest.approx(0.1)
     assert a["min"] == 0.5 and a["max"] == 0.7
-    assert R.pm(a) == "60.0 ± 10.0"
-    assert R.agg([None])["mean"] is None and R.pm(R.agg([])) == "–"
-    assert R.agg([0.3])["std"] == 0.0
-    assert R.md_table(["a", "b"], [[1, "x"]]) == "| a | b |\n| --- | --- |\n| 1 | x |"
+    assert RR.pm(a) == "60.0 ± 10.0"
+    assert RR.agg([None])["mean"] is None and RR.pm(RR.agg([])) == "–"
+    assert RR.agg([0.3])["std"] == 0.0
+    assert RR.md_table(["a", "b"], [[1, "x"]]) == "| a | b |\n| --- | --- |\n| 1 | x |"
     doc = tmp_path / "r.md"
-    doc.write_text("# T\n\nreading\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\ntail\n")
+    doc.write_text("# T\n\nreading\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\n"
+                   "<!-- from-scratch:start -->\nkept\n<!-- from-scratch:end -->\ntail\n")
     R.write_doc_block("new numbers", doc)
     text = doc.read_text()
     assert "new numbers" in text and "old" not in text and text.endswith("tail\n") and "reading" in text
+    assert "kept" in text  # the other regime's block is left alone
+    R.write_doc_block("scratch numbers", doc, "from-scratch")
+    assert "kept" not in doc.read_text() and "new numbers" in doc.read_text()
+
+
+def test_verdict_rule_on_hand_built_cases() -> None:
+    """Beyond the seed spread = every seed on the same side AND |mean difference| > pooled std."""
+    clear = C.compare("c", "A", [0.30, 0.32, 0.34], ">", "B", [0.20, 0.22, 0.24])  # +0.10 each, std 0.02
+    assert clear.outcome == "above" and clear.holds and clear.diffs == pytest.approx([0.1] * 3)
+    assert clear.spread == pytest.approx(0.02) and clear.verdict.startswith("holds")
+    # One seed reversed: not beyond the spread, whatever the mean.
+    mixed = C.compare("c", "A", [0.50, 0.50, 0.19], ">", "B", [0.20, 0.20, 0.20])
+    assert mixed.outcome == "within" and not mixed.holds
+    # Every seed higher, but by less than the (large) spread.
+    noisy = C.compare("c", "A", [0.11, 0.31, 0.51], ">", "B", [0.10, 0.30, 0.50])
+    assert noisy.outcome == "within" and not noisy.holds
+    assert noisy.spread == pytest.approx(0.2) and noisy.mean_diff == pytest.approx(0.01)
+    lower = C.compare("c", "A", [0.1, 0.11, 0.12], ">", "B", [0.3, 0.31, 0.32])
+    assert lower.outcome == "below" and not lower.holds and "lower beyond" in lower.verdict
+    assert C.compare("c", "A", [0.1, 0.11, 0.12], "≥", "B", [0.1, 0.13, 0.10]).holds  # equal within the spread
+    assert not C.compare("c", "A", [0.1, 0.11, 0.12], "≥", "B", [0.3, 0.31, 0.32]).holds
+    assert C.compare("c", "A", [0.1, 0.11, 0.12], "≈", "B", [0.1, 0.13, 0.10]).holds
+    assert not C.compare("c", "A", [0.30, 0.32, 0.34], "≈", "B", [0.20, 0.22, 0.24]).holds
+    # One set against a fixed value uses that set's own std.
+    rho = C.compare("c", "rho", [-0.9, -0.8, -0.7], "<", "0", 0.0)
+    assert rho.holds and rho.spread == pytest.approx(0.1)
+    assert not C.compare("c", "rho", [-0.9, 0.1, -0.7], "<", "0", 0.0).holds
+    with pytest.raises(ValueError):
+        C.compare("c", "A", [0.1, 0.2], ">", "B", [0.1])
+
+
+def test_claims_cover_the_paper_and_skip_missing_numbers() -> None:
+    seeds = {n: [0.1, 0.11, 0.12] for n in ("baseline", "mt", "mt_ls", "rankseg", "oracle", "indep",
+                                            "baseline/gt_eval", "rankseg/gt_eval", "rankseg_k200", "rankseg_k5",
+                                            "rankseg/kappa10", "rankseg/kappa40", "rankseg/kappa5",
+                                            "rankseg/kappa100", "rankseg/thr0.1")}
+    seeds["rho/rankseg"] = [-0.5, -0.6, -0.7]
+    rows = C.claims(seeds, 20, 200)
+    text = [r.claim for r in rows]
+    assert "Table 1: +MT > Baseline" in text and "Table 3: joint scheme > independent scheme" in text
+    assert any("κ = K" in t and "≥" in t for t in text) and any(t.startswith("Fig. 7") for t in text)
+    # Evaluation kappa: only inside the paper's tried range (kappa / 2 .. 2 kappa).
+    robust = [t for t in text if t.startswith("§4.2")]
+    assert len(robust) == 2 and all("(10 " in t or "(40 " in t for t in robust)
+    assert len(C.claims({"baseline": [0.1, 0.2], "mt": [0.2, 0.3]}, 20, 200)) == 1
 
 
 @pytest.mark.slow
 def test_smoke_end_to_end(tmp_path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+
     from rankseg_core.evaluate import EvalOptions, evaluate_model
     from rankseg_core.runs import load_run
 
@@ -56,32 +148,63 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
     assert res["dataset"] == "synthetic" and res["num_classes"] == 40
     body = out["report"]
     assert "SMOKE RUN" in body
-    for title in ("Table 1", "Fig. 3", "Table 4", "Supplement Table 5", "Fig. 7", "False positives"):
+    for title in ("Pre-training", "Verdicts", "Table 1", "Fig. 3", "Tables 2–3", "Table 4", "Supplement Table 5",
+                  "Fig. 7", "False positives"):
         assert title in body
     figs = tmp_path / "work" / "figures"
-    for name in list(res["figures"].values()) + [res["fp"]["figure"]]:
+    names = list(res["figures"].values()) + [res["fp"][f"figure_{k}"] for k in ("summary", "image", "predictions")]
+    for name in names:
         with Image.open(figs / name) as im:
             assert im.size[0] > 300 and im.size[1] > 200
     assert (figs / "replication_report.md").read_text().strip() == body.strip()
+    base = tmp_path / "work" / "pretrained" / "synthetic"
+
+    def stored(v: str, s: int) -> dict:
+        return json.loads((base / v / f"seed{s}" / "replicate.json").read_text())
 
     # Table numbers are the runs' own evaluations: re-evaluate seed 1 of RankSeg with GT (eval).
-    run = tmp_path / "work" / "synthetic" / "rankseg" / "seed1"
+    run = base / "rankseg" / "seed1"
     model, cfg = load_run(run)
-    import torch
-
     again = evaluate_model(model, cfg, EvalOptions(oracle=True, progress=False), torch.device("cpu"))
-    stored = json.loads((tmp_path / "work" / "synthetic" / "evals" / "rankseg_seed1_gt_eval.json").read_text())
-    assert stored["miou"] == pytest.approx(again["miou"], abs=1e-9)
-    seeds = [json.loads((tmp_path / "work" / "synthetic" / v / f"seed{s}" / "replicate.json").read_text())["miou"]
-             for v in ("baseline",) for s in range(p.seeds)]
+    ev = json.loads((base / "evals" / "rankseg_seed1_gt_eval.json").read_text())
+    assert ev["miou"] == pytest.approx(again["miou"], abs=1e-9)
+    assert res["evals"]["rankseg/gt_eval"]["per_seed"]["miou"][1] == ev["miou"]
+    seeds = [stored("baseline", s)["miou"] for s in range(p.seeds)]
     assert res["runs"]["baseline"]["miou"]["mean"] == pytest.approx(np.mean(seeds))
     # Fig. 7 numbers: the mean over seeds of each run's LayerNorm weight.
-    weights = [load_run(tmp_path / "work" / "synthetic" / "rankseg" / f"seed{s}")[0].rank_scale().detach().numpy()
-               for s in range(p.seeds)]
+    weights = [load_run(base / "rankseg" / f"seed{s}")[0].rank_scale().detach().numpy() for s in range(p.seeds)]
     np.testing.assert_allclose(res["tau"]["rankseg"]["inv_tau"], np.mean(weights, 0), atol=1e-6)
     assert res["cost"]["baseline"]["params_m"] < res["cost"]["rankseg"]["params_m"]  # the ml branch adds params
 
+    # Only the backbone transferred: the init file holds exactly the model's backbone.* tensors.
+    with safe_open(str(base / "pretrain_backbone.safetensors"), "pt") as f:
+        init_keys = set(f.keys())
+    for v in ("rankseg", "baseline", "classifier", "indep"):
+        rec = stored(v, 0)["init"]
+        own = {k for k in load_run(base / v / "seed0")[0].state_dict() if k.startswith("backbone.")}
+        assert init_keys == own and rec["loaded"] == len(own) and rec["unexpected"] == 0 and rec["backbone_only"]
+    from safetensors.torch import load_file
+
+    from rankseg_core.integrity import content_digest
+
+    digest = content_digest(load_file(str(base / "pretrain_backbone.safetensors")))
+    assert {stored(v, s)["init"]["sha256"] for v in ("mt", "indep") for s in range(p.seeds)} == {digest}
+    assert res["pretrain"]["map"] is not None
+
+    # The verdict table follows mechanically from the numbers: recompute "+MT > Baseline" here.
+    a = np.array([stored("mt", s)["miou"] for s in range(p.seeds)])
+    b = np.array([stored("baseline", s)["miou"] for s in range(p.seeds)])
+    d = a - b
+    pooled = np.sqrt((a.std(ddof=1) ** 2 + b.std(ddof=1) ** 2) / 2)
+    expect = bool(np.all(d > 0) and d.mean() > pooled)
+    row = next(c for c in res["claims"] if c["claim"] == "Table 1: +MT > Baseline")
+    assert row["holds"] == expect and row["diffs"] == pytest.approx(d.tolist())
+    assert row["spread"] == pytest.approx(pooled) and ("**holds**" if expect else "**does not hold**") in body
+
     # A second call reuses the finished runs and stored evaluations.
     stamp = (run / "model.safetensors").stat().st_mtime_ns
-    R.main(["--smoke", "--work", str(tmp_path / "work")])
+    ev_stamp = (base / "evals" / "rankseg_seed1_gt_eval.json").stat().st_mtime_ns
+    again = R.main(["--smoke", "--work", str(tmp_path / "work")])
     assert (run / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (base / "evals" / "rankseg_seed1_gt_eval.json").stat().st_mtime_ns == ev_stamp
+    assert again["results"][0]["reused_runs"] == again["results"][0]["total_runs"]

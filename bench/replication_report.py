@@ -1,0 +1,359 @@
+"""bench/replicate.py's numbers -> aggregates, verdicts, figures and the markdown block.
+
+Everything here reads what the runs and evaluations returned (their replicate.json and the
+stored evaluations); nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from replication_protocol import METRICS, VARIANT_NAMES, Protocol, eval_specs, recipe
+from replication_claims import claims
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregation
+
+
+def agg(values: list[float | None]) -> dict[str, float | int | None]:
+    v = np.array([x for x in values if x is not None], np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def pm(a: dict, scale: float = 100.0, digits: int = 1) -> str:
+    """'mean ± std' (percent by default) or '–' when undefined."""
+    if a["mean"] is None:
+        return "–"
+    return f"{a['mean'] * scale:.{digits}f} ± {a['std'] * scale:.{digits}f}"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _summary(recs: list[dict], keys: tuple[str, ...]) -> dict:
+    """Per metric: the aggregate and the per-seed values."""
+    out = {m: agg([r.get(m) for r in recs]) for m in keys}
+    out["per_seed"] = {m: [r.get(m) for r in recs] for m in keys}
+    return out
+
+
+def collect(trained: dict[tuple, dict], evals: dict[tuple, dict], p: Protocol, k: int) -> dict:
+    """Aggregates over seeds. trained: (variant, seed) -> train_job record ("pretrain", 0
+    included); evals: (variant, seed, eval name) -> eval_job record."""
+    res: dict[str, Any] = {"runs": {}, "evals": {}, "pretrain": trained.get(("pretrain", 0))}
+    variants = sorted({v for v, _ in trained if v != "pretrain"})
+    for v in variants:
+        recs = [trained[(v, s)] for s in range(p.seeds)]
+        res["runs"][v] = _summary(recs, METRICS + ("train_seconds", "train_coverage", "train_recall"))
+        res["runs"][v]["init"] = recs[0].get("init")
+        res["runs"][v]["init_same_all_seeds"] = all(
+            {x: (r.get("init") or {}).get(x) for x in ("loaded", "missing", "unexpected", "mismatched", "sha256")} ==
+            {x: (recs[0].get("init") or {}).get(x) for x in ("loaded", "missing", "unexpected", "mismatched", "sha256")}
+            for r in recs)
+    for v, name, _ in eval_specs(p, k):
+        res["evals"][f"{v}/{name}"] = _summary([evals[(v, s, name)] for s in range(p.seeds)], METRICS)
+    return res
+
+
+def seed_values(res: dict) -> dict[str, list[float]]:
+    """name -> per-seed mIoU of every run and evaluation (and the per-seed Spearman rho of
+    RankSeg's 1/tau as 'rho/rankseg'): the numbers the verdicts are computed from."""
+    out = {v: r["per_seed"]["miou"] for v, r in res["runs"].items()}
+    out.update({n: e["per_seed"]["miou"] for n, e in res["evals"].items()})
+    out = {n: vals for n, vals in out.items() if vals and all(x is not None for x in vals)}
+    if "rankseg" in res.get("tau", {}):
+        out["rho/rankseg"] = res["tau"]["rankseg"]["rho_per_seed"]
+    return out
+
+
+def judge(res: dict, p: Protocol, k: int) -> list[dict]:
+    """The verdict of every claim (replication_claims.claims), as plain dicts."""
+    return [{**dataclasses.asdict(c), "verdict": c.verdict} for c in claims(seed_values(res), min(p.kappa, k), k)]
+
+
+def cost_table(p: Protocol, k: int, img_size: int, variants: dict[str, list[str]], runs: dict) -> dict[str, dict]:
+    """Params and FLOPs of one forward at the replication's image size: every segmenter
+    variant, the classifier, and the independent segmenter with its frozen classifier."""
+    from rankseg_core.config import TrainConfig, set_key
+    from rankseg_core.model_stats import model_stats
+    from rankseg_core.runs import load_config
+
+    out = {}
+    for v, extra in {**variants, "classifier": ["model.model=classifier-vitt"]}.items():
+        cfg = TrainConfig()
+        for text in recipe(p, img_size, 0) + extra:
+            key, value = text.split("=", 1)
+            if key.startswith("model."):
+                set_key(cfg, key, value)
+        cfg.model.num_classes = k
+        out[v] = _stats(model_stats(cfg.model))
+    out["indep"] = _stats(model_stats(load_config(runs[("indep", 0)]).model))  # the selector counted
+    return out
+
+
+def _stats(s: dict) -> dict:
+    return {"params_m": s["params_m"], "gflops": s["gflops"], "head_gflops": s["head_gflops"], "kappa": s["kappa"]}
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+
+
+def _bars(ax, bars: list[tuple[str, dict]], ylabel: str, colours: list[str]) -> None:
+    """Mean bars with the sample std, and each seed as a dot."""
+    x = np.arange(len(bars))
+    means = [100 * (b["mean"] or 0) for _, b in bars]
+    stds = [100 * (b["std"] or 0) for _, b in bars]
+    ax.bar(x, means, yerr=stds, capsize=3, color=colours[:len(bars)])
+    tops = [100 * (b["max"] or 0) for _, b in bars] + [m + s for m, s in zip(means, stds)]
+    ax.set_ylim(0, 1.18 * max(tops + [1e-3]))
+    for xi, (_, b), m in zip(x, bars, means):
+        seeds = [100 * v for v in b.get("seeds", []) if v is not None]
+        ax.plot([xi] * len(seeds), seeds, "k.", ms=4)
+        ax.text(xi + 0.12, m, f"{m:.1f}", ha="left", va="bottom", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([n for n, _ in bars], fontsize=8, rotation=12)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _miou(block: dict) -> dict:
+    return {**block["miou"], "seeds": block["per_seed"]["miou"]}
+
+
+def draw(res: dict, p: Protocol, name: str, runs: dict, fig_dir: Path, prefix: str) -> dict:
+    from rankseg_core.plotting import plt, save_figure
+    from rankseg_core.viz import load_viz_run, tau_curve
+    from rankseg_core.viz.tau import TauCurve, plot_tau
+
+    figs = {}
+    k = res["num_classes"]
+    r, e = res["runs"], res["evals"]
+    title = f"(mean ± std and each seed, {p.seeds} seeds)"
+    # Table 1 and the independent scheme.
+    bars = [("Baseline", _miou(r["baseline"])), ("+MT", _miou(r["mt"])), ("+MT+LS", _miou(r["mt_ls"])),
+            ("+MT+LS+RA", _miou(r["rankseg"])), ("independent", _miou(r["indep"]))]
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    _bars(ax, bars, "mIoU (%)", ["0.6", "0.75", "tab:cyan", "tab:blue", "tab:orange"])
+    ax.set_title(f"{name}, K={k}: Table 1 and the independent scheme {title}", fontsize=9)
+    figs["table1"] = save_figure(fig, fig_dir / f"{prefix}table1.png", dpi=90).name
+    # Fig. 3 analogue: baseline, RankSeg, the two GT oracles.
+    bars = [("Baseline", _miou(r["baseline"])), ("Baseline + GT (eval)", _miou(e["baseline/gt_eval"])),
+            ("RankSeg", _miou(r["rankseg"])), ("RankSeg + GT (eval)", _miou(e["rankseg/gt_eval"])),
+            ("GT (train + eval)", _miou(r["oracle"]))]
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    _bars(ax, bars, "mIoU (%)", ["0.6", "0.75", "tab:blue", "tab:cyan", "tab:green"])
+    ax.set_title(f"{name}, K={k}: oracle selections {title}", fontsize=9)
+    figs["oracles"] = save_figure(fig, fig_dir / f"{prefix}oracles.png", dpi=90).name
+
+    # Table 4 analogue: mIoU against training kappa, and against evaluation kappa.
+    kap0 = min(p.kappa, k)
+    train_k = sorted([(kap0, "rankseg")] + [(int(v.split("_k")[1]), v) for v in r if v.startswith("rankseg_k")])
+    eval_k = sorted([(kap0, r["rankseg"]["miou"])] +
+                    [(int(n.split("kappa")[1]), x["miou"]) for n, x in e.items() if n.startswith("rankseg/kappa")])
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for pts, label, style in (([(kap, r[v]["miou"]) for kap, v in train_k], "trained and evaluated with κ", "o-"),
+                              (eval_k, f"trained with κ={kap0}, evaluated with κ", "s--")):
+        ax.errorbar([a for a, _ in pts], [100 * b["mean"] for _, b in pts], yerr=[100 * b["std"] for _, b in pts],
+                    fmt=style, capsize=3, label=label)
+    ax.axhline(100 * r["baseline"]["miou"]["mean"], color="0.5", ls=":", label="baseline (all K classes)")
+    ax.set_xscale("log")
+    ax.set(xlabel=f"κ (K = {k})", ylabel="mIoU (%)")
+    ax.set_title(f"{name}: number of selected classes", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figs["kappa"] = save_figure(fig, fig_dir / f"{prefix}kappa.png", dpi=90).name
+
+    # Fig. 7: learned 1/tau by rank, mean over seeds with the seed range, per training kappa.
+    curves, spread, res["tau"] = [], {}, {}
+    for kap, v in train_k:
+        cs = [tau_curve(load_viz_run(runs[(v, s)])) for s in range(p.seeds)]
+        scale, bias = np.stack([c.scale for c in cs]), np.stack([c.bias for c in cs])
+        label = f"{name} K={k} κ={kap} (mean of {p.seeds} seeds)"
+        curve = TauCurve(label, v, name, k, kap, "rank", scale.mean(0), bias.mean(0))
+        curves.append(curve)
+        spread[label] = (scale.min(0), scale.max(0))
+        res["tau"][v] = {"kappa": kap, "inv_tau": curve.scale.tolist(), "bias": curve.bias.tolist(),
+                         "trend": curve.trend(), "rho_per_seed": [c.trend()["spearman"] for c in cs]}
+    figs["tau"] = plot_tau(curves, fig_dir / f"{prefix}tau.png", spread=spread).name
+    return figs
+
+
+def false_positives(runs: dict, data: Path, out: Path, fp_images: int, fig_dir: Path, prefix: str) -> dict:
+    """Seed 0: RankSeg's false positives against the baseline's over the val split, its
+    per-image chart of the first val image, and both models' predictions on four images."""
+    from rankseg_core.viz import load_viz_run, run_false_positives, run_predictions
+
+    rs, base = load_viz_run(runs[("rankseg", 0)]), load_viz_run(runs[("baseline", 0)])
+    summary = run_false_positives(rs, data, out, num=1, stats_num=fp_images, baseline=base)
+    pred = run_predictions([base, rs], data, out / "pred", num=4)
+    figures = {"summary": (out / "fp_summary.png", "fp_summary.png"),
+               "image": (next(out.glob("fp_val_*.png")), "fp_image.png"),
+               "predictions": (out / "pred" / pred["figures"][0], "predictions.png")}
+    for key, (src, dst) in figures.items():
+        shutil.copyfile(src, fig_dir / f"{prefix}{dst}")
+        summary[f"figure_{key}"] = f"{prefix}{dst}"
+    summary["image_key"] = figures["image"][0].stem.removeprefix("fp_")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+
+
+def _per_seed(vals: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
+    return ", ".join("–" if x is None else f"{x * scale:.{digits}f}" for x in vals)
+
+
+def _claims_table(rows: list[dict]) -> str:
+    def num(c: dict, x: float, sign: str = "+") -> str:  # mIoU in points; rho as it is
+        return f"{x:{sign}.2f}" if c["b"] == "0" else f"{100 * x:{sign}.1f}"
+
+    return md_table(["claim (paper)", "A vs B", "A − B per seed", "mean A − B", "pooled std", "verdict"], [
+        [c["claim"], f"{c['a']} {c['relation']} {c['b']}", ", ".join(num(c, d) for d in c["diffs"]),
+         num(c, c["mean_diff"]), num(c, c["spread"], ""),
+         f"**{'holds' if c['holds'] else 'does not hold'}** ({c['verdict'].split('(', 1)[1]}"] for c in rows])
+
+
+def variant_name(v: str) -> str:
+    return f"RankSeg κ={v.split('_k')[1]}" if v.startswith("rankseg_k") else VARIANT_NAMES.get(v, v)
+
+
+def _init_line(r: dict, v: str) -> list[str]:
+    i = r[v].get("init")
+    if not i:
+        return [variant_name(v), "–", "–", "–", "–", "–"]
+    return [variant_name(v), f"{i['loaded']} of {i['loaded'] + i['missing'] + i['mismatched']}",
+            str(i["missing"]), str(i["unexpected"]), str(i["mismatched"]),
+            ("yes" if i["backbone_only"] else "NO") + ("" if r[v]["init_same_all_seeds"] else " (differs by seed!)")]
+
+
+def report(results: list[dict], p: Protocol, total_seconds: float, command: str, smoke: bool, img_rel: str,
+           load: dict, cpu: float) -> str:
+    """The markdown results block of docs/replication.md."""
+    from report import machine  # bench/report.py
+
+    out = []
+    tag = "**SMOKE RUN** (tiny sizes, 2 iterations: the numbers mean nothing)  \n" if smoke else ""
+    cores = max(1, p.jobs * p.threads)
+    out.append(f"{tag}Command: `{command}`  \nMeasured wall time: **{total_seconds / 60:.1f} min** on {machine()} "
+               f"(threads per job {p.threads}, {p.jobs} job(s) at a time). 1-min load average at start / end "
+               f"{load['start']:.1f} / {load['end']:.1f}, mean {load['mean']:.1f}, max {load['max']:.1f} over "
+               f"{load['n']} samples (other processes included). CPU time of the replication's processes "
+               f"{cpu / 60:.1f} min, i.e. {cpu / 60 / cores:.1f} min of wall time on {cores} dedicated core(s).  ")
+    pre = (f"pre-training: `classifier-vitt` on {p.pretrain_images} `pretrain` images, {p.pretrain_iters} iterations "
+           f"of batch {p.pretrain_batch} (AdamW lr {p.pretrain_lr:g}); every run below starts from its backbone. "
+           if p.pretrained else "every run from random weights (no pre-training). ")
+    out.append(f"Protocol: {p.seeds} seeds; {pre}Each run: {p.iters} iterations of batch {p.batch} (AdamW lr {p.lr:g}, "
+               f"warm-up {p.warmup}, poly decay); training κ = {p.kappa}; ml loss weight {p.ml_weight:g}. "
+               "Metrics in %, mean ± sample std over seeds.")
+    for r in results:
+        out.append(dataset_report(r, p, img_rel))
+    return "\n".join(out)
+
+
+def dataset_report(r: dict, p: Protocol, img_rel: str) -> str:
+    k, name = r["num_classes"], r["dataset"]
+    runs, evals, cost = r["runs"], r["evals"], r["cost"]
+    kap0 = min(p.kappa, k)
+    out = [f"\n### {name} (K = {k}, {r['img_size']} px)\n",
+           f"{r['total_runs']} runs ({r['total_runs'] - r['reused_runs']} trained, {r['reused_runs']} reused from an "
+           f"earlier invocation, {r['resumed_runs']} resumed) and their evaluations {r['seconds'] / 60:.1f} min; "
+           f"figures and false positives {r['figure_seconds'] / 60:.1f} min.\n"]
+    pre = r.get("pretrain")
+    if pre:
+        out.append(f"**Pre-training** (one run, shared by every variant and seed): val mAP {100 * pre['map']:.1f}, "
+                   f"recall@{kap0} {100 * pre['recall_at_kappa']:.1f}, {pre['train_seconds'] / 60:.1f} min. "
+                   "What `--init-from` loaded into each variant (the report `train` prints; identical for every seed "
+                   "unless marked):\n")
+        out.append(md_table(["variant", "loaded", "missing (kept as initialised)", "unexpected", "shape mismatch",
+                             "exactly the backbone"], [_init_line(runs, v) for v in runs]))
+        out.append("")
+    out.append("**Verdicts** (bench/replication_claims.py: A > B holds when A − B > 0 on every seed AND the mean "
+               "difference exceeds the pooled sample std; ≥ holds unless A is lower by that rule; ≈ holds when "
+               "neither is; ρ < 0 holds when ρ < 0 on every seed and |mean ρ| exceeds its sample std). "
+               "Differences in mIoU points (ρ for Fig. 7).\n")
+    out.append(_claims_table(r["claims"]))
+    out.append(f"\n**Table 1** (ablation), selection diagnostics and cost: params / GFLOPs of one forward at "
+               f"{r['img_size']} px (FlopCounterMode, all matmuls). Train coverage = share of labelled pixels whose "
+               "class is in the selection, mean of the last quarter of training.\n")
+    rows = []
+    for v in ("baseline", "mt", "mt_ls", "rankseg"):
+        c = runs[v]
+        rows.append([VARIANT_NAMES[v], pm(c["miou"]), pm(c["aacc"]), pm(c["map"]), pm(c["recall_at_kappa"]),
+                     pm(c["train_coverage"]), f"{cost[v]['params_m']:.2f}M", f"{cost[v]['gflops']:.3f}",
+                     f"{c['train_seconds']['mean']:.0f}"])
+    out.append(md_table(["variant", "mIoU", "aAcc", "mAP (ml)", f"recall@{kap0}", "train coverage", "params", "GFLOPs",
+                         "train s"], rows))
+    out.append("\nPer-seed mIoU: " + "; ".join(f"{VARIANT_NAMES[v]} {_per_seed(runs[v]['per_seed']['miou'])}"
+                                               for v in ("baseline", "mt", "mt_ls", "rankseg")) + ".\n")
+    out.append(f"![table 1]({img_rel}/{r['figures']['table1']})\n")
+    out.append("**Fig. 3** (oracle selections)\n")
+    out.append(md_table(["selection", "mIoU", "per seed"], [
+        [label, pm(block["miou"]), _per_seed(block["per_seed"]["miou"])] for label, block in (
+            ("Baseline (all K)", runs["baseline"]), ("Baseline, GT classes only at eval", evals["baseline/gt_eval"]),
+            ("RankSeg (top-κ)", runs["rankseg"]), ("RankSeg, GT (eval)", evals["rankseg/gt_eval"]),
+            ("GT (train + eval)", runs["oracle"]))]))
+    out.append(f"\n![oracles]({img_rel}/{r['figures']['oracles']})\n")
+    out.append(f"**Tables 2–3** (independent scheme: a `classifier-vitt` fine-tuned per seed with the same recipe, "
+               f"then a segmenter with `--selector` that classifier; joint = RankSeg; κ = {kap0} for both). Ranking "
+               "mAP / recall: the classifier's (independent) or the ml branch's (joint) on the val images. Cost: "
+               "the independent segmenter's forward includes its frozen classifier.\n")
+    cls, ind, rs = runs["classifier"], runs["indep"], runs["rankseg"]
+    out.append(md_table(["scheme", "ranking mAP", f"recall@{kap0}", "mIoU", "per seed", "params", "GFLOPs"], [
+        ["Baseline (no selection)", "–", "–", pm(runs["baseline"]["miou"]), _per_seed(runs["baseline"]["per_seed"]["miou"]),
+         f"{cost['baseline']['params_m']:.2f}M", f"{cost['baseline']['gflops']:.3f}"],
+        ["Independent (classifier → segmenter)", pm(ind["map"]), pm(ind["recall_at_kappa"]), pm(ind["miou"]),
+         _per_seed(ind["per_seed"]["miou"]), f"{cost['indep']['params_m']:.2f}M", f"{cost['indep']['gflops']:.3f}"],
+        ["Joint (RankSeg)", pm(rs["map"]), pm(rs["recall_at_kappa"]), pm(rs["miou"]), _per_seed(rs["per_seed"]["miou"]),
+         f"{cost['rankseg']['params_m']:.2f}M", f"{cost['rankseg']['gflops']:.3f}"]]))
+    out.append(f"\nThe classifier alone: mAP {pm(cls['map'])}, recall@{kap0} {pm(cls['recall_at_kappa'])} "
+               f"({cost['classifier']['params_m']:.2f}M params, {cost['classifier']['gflops']:.3f} GFLOPs).\n")
+    out.append("**Table 4** (κ at training = κ at evaluation; κ = K sorts all classes)\n")
+    trows = [(kap0, "rankseg")] + [(int(v.split("_k")[1]), v) for v in runs if v.startswith("rankseg_k")]
+    out.append(md_table(["κ", "mIoU", "per seed", "aAcc", "mAP", "recall@κ", "train coverage", "GFLOPs"], [
+        [f"{kap}{' = K' if kap == k else ''}", pm(runs[v]["miou"]), _per_seed(runs[v]["per_seed"]["miou"]),
+         pm(runs[v]["aacc"]), pm(runs[v]["map"]), pm(runs[v]["recall_at_kappa"]), pm(runs[v]["train_coverage"]),
+         f"{cost[v]['gflops']:.3f}"] for kap, v in sorted(trows)]))
+    out.append(f"\n**κ at evaluation ≠ κ at training** (trained with κ = {kap0})\n")
+    erows = [[f"{kap0} (training)", pm(runs["rankseg"]["miou"]), _per_seed(runs["rankseg"]["per_seed"]["miou"]),
+              pm(runs["rankseg"]["recall_at_kappa"])]]
+    erows += [[n.split("kappa")[1], pm(x["miou"]), _per_seed(x["per_seed"]["miou"]), pm(x["recall_at_kappa"])]
+              for n, x in sorted(evals.items(), key=lambda t: int(t[0].split("kappa")[1]) if "kappa" in t[0] else 0)
+              if n.startswith("rankseg/kappa")]
+    out.append(md_table(["κ at eval", "mIoU", "per seed", "recall@κ"], erows))
+    out.append("\n**Supplement Table 5** (dynamic κ: classes with sigmoid score > threshold)\n")
+    out.append(md_table(["threshold", "mIoU", "per seed"], [
+        [n.split("thr")[1], pm(x["miou"]), _per_seed(x["per_seed"]["miou"])] for n, x in evals.items()
+        if n.startswith("rankseg/thr")]))
+    out.append(f"\n![kappa]({img_rel}/{r['figures']['kappa']})\n")
+    out.append("**Fig. 7** (learned 1/τ by rank, mean over seeds; band = range over seeds)\n")
+    out.append(md_table(["training κ", "1/τ rank 1", "1/τ last rank", "Spearman ρ of the mean curve", "ρ per seed",
+                         "slope per rank"], [
+        [str(t["kappa"]), f"{t['inv_tau'][0]:.3f}", f"{t['inv_tau'][-1]:.3f}", f"{t['trend']['spearman']:.2f}",
+         ", ".join(f"{x:.2f}" for x in t["rho_per_seed"]), f"{t['trend']['slope_per_rank']:.4f}"]
+        for t in r["tau"].values()]))
+    out.append(f"\n![tau]({img_rel}/{r['figures']['tau']})\n")
+    fp = r["fp"]
+    out.append(f"**False positives** (seed 0, {fp['images']} val images, per image): top-κ {fp['topk_fp_per_image']:.2f}; "
+               f"prediction: RankSeg {fp['pred_fp_per_image']:.2f}, baseline {fp['baseline_pred_fp_per_image']:.2f} "
+               f"({fp['removed_per_image']:.2f} of the baseline's removed, {fp['added_per_image']:.2f} added).\n")
+    out.append(f"![false positives]({img_rel}/{fp['figure_summary']})\n")
+    out.append(f"Seed 0 on `{fp['image_key']}`: RankSeg's existence probabilities (black = GT classes, red = false "
+               "positives), and both models' errors on four val images (white = correct, other colours = the wrongly "
+               "predicted class, black = ignore):\n")
+    out.append(f"![per-image false positives]({img_rel}/{fp['figure_image']})\n")
+    out.append(f"![predictions]({img_rel}/{fp['figure_predictions']})\n")
+    return "\n".join(out)
