@@ -368,6 +368,17 @@ class LoadSampler:
         return {"start": s[0], "end": s[-1], "mean": float(np.mean(s)), "max": float(np.max(s)), "n": len(s)}
 
 
+def log_invocation(path: Path, rec: dict) -> list[dict]:
+    """Append this invocation's timing to `path` (JSON lines) and return every record, so that
+    a replication trained over several invocations (interrupted, resumed) reports them all."""
+    from rankseg_core.jsonio import dumps
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(dumps(rec) + "\n")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def write_doc_block(body: str, doc: Path = DOC, name: str = "results") -> None:
     """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` of the doc."""
     text = doc.read_text() if doc.exists() else "# Mini-replication\n"
@@ -406,6 +417,16 @@ def main(argv: list[str] | None = None) -> dict:
         ap.add_argument(f"--{name}", type=kind)
     args = ap.parse_args(argv)
 
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads_before)  # main() also runs in-process (tests)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     p = Protocol.smoke(args.from_scratch) if args.smoke else Protocol.from_scratch() if args.from_scratch else Protocol()
     for name in ("seeds", "iters", "jobs", "threads", "num_classes", "size", "images", "kappa", "lr",
                  "pretrain_images", "pretrain_iters", "pretrain_lr"):
@@ -424,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig_dir = DOC_IMG if args.docs else work / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     t0, cpu0, load = time.perf_counter(), cpu_seconds(), LoadSampler()
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC"
 
     from rankseg_core.dataset import ShardIndex
     from rankseg_core.errors import UserError
@@ -439,16 +461,18 @@ def main(argv: list[str] | None = None) -> dict:
         datasets.append(Dataset(re.sub(r"[^A-Za-z0-9_-]", "_", idx.name or d.name), d.resolve(), idx.num_classes,
                                 p.size))
     if not datasets:
-        ap.error("nothing to do: pass --data or drop --no-synthetic")
+        raise UserError("nothing to do: pass --data or drop --no-synthetic")
 
     results = []
     for ds in datasets:
         prefix = ("smoke_" if args.smoke else "") + f"replication_{'' if regime == 'scratch' else 'pt_'}{ds.name}_"
         results.append(replicate_dataset(ds, p, work / regime / ds.name, fig_dir, prefix))
     total = time.perf_counter() - t0
-    command = "python bench/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = rep.report(results, p, total, command.strip(), args.smoke, "img" if args.docs else ".", load.stop(),
-                      cpu_seconds() - cpu0)
+    command = ("python bench/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    history = log_invocation(work / regime / "invocations.jsonl", {
+        "started": started, "command": command, "wall_s": total, "cpu_s": cpu_seconds() - cpu0, "load": load.stop(),
+        **{k: sum(r[f"{k}_runs"] for r in results) for k in ("total", "reused", "resumed")}})
+    body = rep.report(results, p, command, args.smoke, "img" if args.docs else ".", history)
     from rankseg_core.jsonio import dumps
 
     (work / f"results_{regime}.json").write_text(dumps({"protocol": p.__dict__, "total_seconds": total,
@@ -463,4 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from rankseg_core.errors import UserError
+
+    try:
+        main()
+    except UserError as exc:  # a user mistake (bad --data, ...): one line, no traceback
+        sys.exit(f"error: {exc}")

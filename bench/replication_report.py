@@ -186,9 +186,20 @@ def draw(res: dict, p: Protocol, name: str, runs: dict, fig_dir: Path, prefix: s
         curves.append(curve)
         spread[label] = (scale.min(0), scale.max(0))
         res["tau"][v] = {"kappa": kap, "inv_tau": curve.scale.tolist(), "bias": curve.bias.tolist(),
-                         "trend": curve.trend(), "rho_per_seed": [c.trend()["spearman"] for c in cs]}
+                         "trend": curve.trend(), "rho_per_seed": [c.trend()["spearman"] for c in cs],
+                         "bias_rho_per_seed": [_spearman(c.bias) for c in cs],
+                         "max_abs_change": float(np.abs(scale - 1).max())}
     figs["tau"] = plot_tau(curves, fig_dir / f"{prefix}tau.png", spread=spread).name
     return figs
+
+
+def _spearman(y: np.ndarray) -> float | None:
+    """Spearman rho of `y` against rank (None when y is constant)."""
+    from scipy.stats import spearmanr
+
+    if len(y) < 2 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(np.arange(len(y)), y).statistic)
 
 
 def false_positives(runs: dict, data: Path, out: Path, fp_images: int, fig_dir: Path, prefix: str) -> dict:
@@ -211,6 +222,10 @@ def false_positives(runs: dict, data: Path, out: Path, fp_images: int, fig_dir: 
 
 # ---------------------------------------------------------------------------------------
 # Markdown
+
+
+def _rhos(vals: list[float | None]) -> str:
+    return ", ".join("–" if x is None or x != x else f"{x:.2f}" for x in vals)
 
 
 def _per_seed(vals: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
@@ -240,21 +255,26 @@ def _init_line(r: dict, v: str) -> list[str]:
             ("yes" if i["backbone_only"] else "NO") + ("" if r[v]["init_same_all_seeds"] else " (differs by seed!)")]
 
 
-def report(results: list[dict], p: Protocol, total_seconds: float, command: str, smoke: bool, img_rel: str,
-           load: dict, cpu: float) -> str:
-    """The markdown results block of docs/replication.md."""
+def report(results: list[dict], p: Protocol, command: str, smoke: bool, img_rel: str, history: list[dict]) -> str:
+    """The markdown results block of docs/replication.md. history: the timing records of
+    every invocation on this work directory, this one last."""
     from report import machine  # bench/report.py
 
     out = []
     tag = "**SMOKE RUN** (tiny sizes, 2 iterations: the numbers mean nothing)  \n" if smoke else ""
     cores = max(1, p.jobs * p.threads)
-    out.append(f"{tag}Command: `{command}`  \nMeasured wall time: **{total_seconds / 60:.1f} min** on {machine()} "
-               f"(threads per job {p.threads}, {p.jobs} job(s) at a time). 1-min load average at start / end "
-               f"{load['start']:.1f} / {load['end']:.1f}, mean {load['mean']:.1f}, max {load['max']:.1f} over "
-               f"{load['n']} samples (other processes included). CPU time of the replication's processes "
-               f"{cpu / 60:.1f} min, i.e. {cpu / 60 / cores:.1f} min of wall time on {cores} dedicated core(s).  ")
+    now = history[-1]
+    out.append(f"{tag}Command: `{command}` on {machine()} (threads per job {p.threads}, {p.jobs} job(s) at a time).  ")
+    out.append(f"This invocation ({now['started']}): {_timing(now, cores)}  ")
+    earlier = [h for h in history[:-1] if h["total"] > h["reused"]]
+    if now["reused"]:
+        out.append(f"It reused {now['reused']} of {now['total']} runs; the invocations on this work directory that "
+                   "trained runs:  ")
+        out += [f"- {h['started']} `{h['command']}`: {h['total'] - h['reused']} runs trained ({h['resumed']} resumed); "
+                f"{_timing(h, cores)}  " for h in earlier] or ["- none recorded its timing (interrupted before the end)  "]
     pre = (f"pre-training: `classifier-vitt` on {p.pretrain_images} `pretrain` images, {p.pretrain_iters} iterations "
-           f"of batch {p.pretrain_batch} (AdamW lr {p.pretrain_lr:g}); every run below starts from its backbone. "
+           f"of batch {p.pretrain_batch} (AdamW lr {p.pretrain_lr:g}, warm-up {p.pretrain_warmup}, poly decay, DDP over "
+           f"{p.jobs} processes); every run below starts from its backbone, trained at {p.backbone_lr_mult:g} × the lr. "
            if p.pretrained else "every run from random weights (no pre-training). ")
     out.append(f"Protocol: {p.seeds} seeds; {pre}Each run: {p.iters} iterations of batch {p.batch} (AdamW lr {p.lr:g}, "
                f"warm-up {p.warmup}, poly decay); training κ = {p.kappa}; ml loss weight {p.ml_weight:g}. "
@@ -262,6 +282,14 @@ def report(results: list[dict], p: Protocol, total_seconds: float, command: str,
     for r in results:
         out.append(dataset_report(r, p, img_rel))
     return "\n".join(out)
+
+
+def _timing(h: dict, cores: int) -> str:
+    load = h["load"]
+    return (f"wall time **{h['wall_s'] / 60:.1f} min**; CPU time of the replication's processes {h['cpu_s'] / 60:.1f} "
+            f"min (= {h['cpu_s'] / 60 / cores:.1f} min on {cores} dedicated core(s)); 1-min load average at start / "
+            f"end {load['start']:.1f} / {load['end']:.1f}, mean {load['mean']:.1f}, max {load['max']:.1f} over "
+            f"{load['n']} samples (other processes included).")
 
 
 def dataset_report(r: dict, p: Protocol, img_rel: str) -> str:
@@ -339,11 +367,14 @@ def dataset_report(r: dict, p: Protocol, img_rel: str) -> str:
         [n.split("thr")[1], pm(x["miou"]), _per_seed(x["per_seed"]["miou"])] for n, x in evals.items()
         if n.startswith("rankseg/thr")]))
     out.append(f"\n![kappa]({img_rel}/{r['figures']['kappa']})\n")
-    out.append("**Fig. 7** (learned 1/τ by rank, mean over seeds; band = range over seeds)\n")
-    out.append(md_table(["training κ", "1/τ rank 1", "1/τ last rank", "Spearman ρ of the mean curve", "ρ per seed",
-                         "slope per rank"], [
-        [str(t["kappa"]), f"{t['inv_tau'][0]:.3f}", f"{t['inv_tau'][-1]:.3f}", f"{t['trend']['spearman']:.2f}",
-         ", ".join(f"{x:.2f}" for x in t["rho_per_seed"]), f"{t['trend']['slope_per_rank']:.4f}"]
+    out.append("**Fig. 7** (learned 1/τ by rank, mean over seeds; band = range over seeds). Spearman ρ against "
+               "rank (< 0: decreasing); max |1/τ − 1| = how far any seed's 1/τ moved from its initial 1; β = the "
+               "per-rank bias of the same LayerNorm.\n")
+    out.append(md_table(["training κ", "1/τ rank 1", "1/τ last rank", "ρ of 1/τ per seed", "ρ of the mean curve",
+                         "slope per rank", "max abs(1/τ − 1)", "β rank 1", "β last rank", "ρ of β per seed"], [
+        [str(t["kappa"]), f"{t['inv_tau'][0]:.3f}", f"{t['inv_tau'][-1]:.3f}", _rhos(t["rho_per_seed"]),
+         f"{t['trend']['spearman']:.2f}", f"{t['trend']['slope_per_rank']:.5f}", f"{t['max_abs_change']:.3f}",
+         f"{t['bias'][0]:.3f}", f"{t['bias'][-1]:.3f}", _rhos(t["bias_rho_per_seed"])]
         for t in r["tau"].values()]))
     out.append(f"\n![tau]({img_rel}/{r['figures']['tau']})\n")
     fp = r["fp"]
