@@ -154,6 +154,7 @@ def evaluate(
     kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected at test time (default: as trained).")] = None,
     dynamic_kappa: Annotated[Optional[float], typer.Option("--dynamic-kappa", help="Select classes with ml probability > THRESH (e.g. 0.05).")] = None,
     oracle: Annotated[bool, typer.Option("--oracle", help="GT (eval): select exactly each image's GT classes.")] = False,
+    oracle_fill: Annotated[Optional[str], typer.Option("--oracle-fill", help="With --oracle: fill each image's GT classes up to kappa with the model's highest-ranked other classes (ranked: recall 100 %, the ranking's own false positives) or with random ones (random, seeded by the image).")] = None,
     save_predictions: Annotated[Optional[Path], typer.Option("--save-predictions", help="Write 16-bit PNG predictions (train ids) here.")] = None,
     save_panoptic: Annotated[Optional[Path], typer.Option("--save-panoptic", help="Panoptic runs on panoptic shards: write the predicted segments here in the COCO panoptic format (PNGs + predictions.json), for panopticapi.")] = None,
     classes_json: Annotated[Optional[Path], typer.Option("--classes-json", help='Class subsets {"base": [...], "novel": [...]} (ids or names) for subset mIoU.')] = None,
@@ -168,6 +169,7 @@ def evaluate(
       [bold]rankseg eval runs/adefull[/]\n
       [bold]rankseg eval runs/adefull --mode slide --scales 0.75,1.0,1.25 --flip --json adefull_ms.json[/]\n
       [bold]rankseg eval runs/adefull --kappa 50 --oracle[/]\n
+      [bold]rankseg eval runs/adefull --oracle --oracle-fill ranked --json adefull_gt_ranked.json[/]\n
       [bold]rankseg eval runs/m2f-pan --save-panoptic preds/pan[/]
     """
     from rankseg_core.evaluate import EvalOptions, run_evaluation
@@ -178,7 +180,8 @@ def evaluate(
         raise UserError(f"--scales {scales!r}: expected numbers separated by commas, e.g. 0.75,1.0,1.25") from None
     opts = EvalOptions(split=split, data_root=str(data) if data else None, mode=mode, scales=scale_list,
                        flip=True if flip else None, kappa=kappa, dynamic_kappa=dynamic_kappa, oracle=oracle,
-                       max_images=max_images, save_predictions=save_predictions, save_panoptic=save_panoptic)
+                       oracle_fill=oracle_fill, max_images=max_images, save_predictions=save_predictions,
+                       save_panoptic=save_panoptic)
     rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights)
     t = Table("metric", "value")
     if not _classifier(rep):  # a classifier has no segmentation rows

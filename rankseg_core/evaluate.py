@@ -18,6 +18,7 @@ import io
 import json
 import math
 import re
+import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,9 @@ class EvalOptions:
     kappa: int | None = None  # classes selected at test time (may differ from training)
     dynamic_kappa: float | None = None  # select classes with sigmoid score > threshold
     oracle: bool = False  # GT (eval): select exactly the image's GT classes
+    # With oracle: fill each image's GT classes up to kappa with the model's highest-ranked
+    # other classes ("ranked") or with uniformly drawn ones ("random", seeded by the image key).
+    oracle_fill: str | None = None
     max_images: int = 0  # 0 = the whole split
     save_predictions: Path | None = None  # 16-bit PNG of train ids per image
     save_panoptic: Path | None = None  # panoptic predictions in the COCO panoptic format (PNG + JSON)
@@ -74,9 +78,16 @@ class EvalOptions:
                                 f"at most {MAX_SCALE:g} (e.g. 0.75,1.0,1.25)")
         if self.dynamic_kappa is not None and not 0 < self.dynamic_kappa < 1:
             raise UserError(f"--dynamic-kappa {self.dynamic_kappa}: a sigmoid threshold in (0, 1), e.g. 0.05")
+        if self.oracle_fill is not None:
+            if self.oracle_fill not in ORACLE_FILLS:
+                raise UserError(f"--oracle-fill {self.oracle_fill!r}: use {' or '.join(ORACLE_FILLS)}")
+            if not self.oracle:
+                raise UserError("--oracle-fill fills the GT (eval) selection: add --oracle")
         if self.max_images < 0:
             raise UserError(f"--max-images {self.max_images}: must be >= 0 (0 = the whole split)")
 
+
+ORACLE_FILLS = ("ranked", "random")
 
 # Test-time scales multiply the test size (eval.short_side); beyond 8x a 512 short side is a
 # 4096 x 16384 input, more than any model here was meant for (and the memory to match).
@@ -159,19 +170,39 @@ def _collate(items: list[dict]) -> list[dict]:
 
 
 def forward_kwargs(cfg: TrainConfig, classes: list[np.ndarray], device: torch.device, kappa: int | None,
-                   dynamic_kappa: float | None, oracle: bool) -> dict[str, Any]:
-    """Model keyword arguments for one batch; `classes` are the images' GT class ids."""
+                   dynamic_kappa: float | None, oracle: bool, oracle_fill: str | None = None,
+                   keys: list[str] | None = None) -> dict[str, Any]:
+    """Model keyword arguments for one batch; `classes` are the images' GT class ids and
+    `keys` their sample keys (they seed the "random" oracle fill)."""
     kw: dict[str, Any] = {}
     gt = [torch.as_tensor(c, dtype=torch.long, device=device) for c in classes]
     if cfg.model.oracle:
         kw["gt_classes"] = gt  # GT (train + eval) models always select the GT classes
     elif oracle:
+        total = kappa if kappa is not None else cfg.model.kappa
+        if oracle_fill == "ranked":
+            kw["select_fill"] = total
+        elif oracle_fill == "random":
+            assert keys is not None and len(keys) == len(classes)
+            gt = [random_fill(c, cfg.model.num_classes, total, key).to(device) for c, key in zip(classes, keys)]
         kw["select_override"] = gt
     if kappa is not None:
         kw["kappa"] = kappa
     if dynamic_kappa is not None:
         kw["dynamic_threshold"] = dynamic_kappa
     return kw
+
+
+def random_fill(classes: np.ndarray, num_classes: int, total: int, key: str) -> torch.Tensor:
+    """The image's GT class ids (ignore dropped) plus classes drawn uniformly from the others
+    until there are `total`; the draw depends only on the sample key (batching, workers and
+    DDP ranks do not change it)."""
+    c = np.unique(np.asarray(classes, np.int64))
+    c = c[(c >= 0) & (c < num_classes)]
+    others = np.setdiff1d(np.arange(num_classes), c)
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    extra = rng.choice(others, size=min(len(others), max(0, total - len(c))), replace=False)
+    return torch.as_tensor(np.concatenate([c, extra]), dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,6 +234,12 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
         raise UserError(f"{root}: K={ds.num_classes} but the model was trained with K={k}; "
                         "evaluate on shards of the same dataset")
     opts.check()
+    if opts.oracle_fill is not None and (cfg.model.oracle or family.name == "classifier"):
+        raise UserError("--oracle-fill: this run " + ("always selects the GT classes (GT train + eval oracle)"
+                        if cfg.model.oracle else "is a classifier (no segmentation to evaluate)"))
+    if opts.oracle_fill == "ranked" and cfg.model.head != "rankseg":
+        raise UserError("--oracle-fill ranked fills from the model's class ranking; a baseline head has none "
+                        "(use --oracle-fill random)")
     mode = opts.mode or cfg.eval.mode
     scales = opts.scales or cfg.eval.scales
     flip = cfg.eval.flip if opts.flip is None else opts.flip
@@ -233,7 +270,8 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
                 real = [r for g in group for r in g["real"]]
                 keys = [key for g in group for key in g["keys"]]
                 gt_segments = [s for g in group for s in g.get("segments", [None] * len(g["real"]))]
-                kw = forward_kwargs(cfg, classes, device, opts.kappa, opts.dynamic_kappa, opts.oracle)
+                kw = forward_kwargs(cfg, classes, device, opts.kappa, opts.dynamic_kappa, opts.oracle,
+                                    opts.oracle_fill, keys)
                 res = family.predict(model, cfg, images, [lab.shape for lab in labels], mode, scales, flip, **kw)
                 ml = res.ml
                 if ml is not None and cfg.model.clip_len > 1:
@@ -442,6 +480,7 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
                  "flip": bool(cfg.eval.flip if opts.flip is None else opts.flip),
                  "short_side": cfg.eval.short_side, "max_long": cfg.eval.max_long,
                  "crop": cfg.eval.crop, "stride": cfg.eval.stride,
-                 "dynamic_kappa": opts.dynamic_kappa, "oracle": bool(opts.oracle or cfg.model.oracle)}
+                 "dynamic_kappa": opts.dynamic_kappa, "oracle": bool(opts.oracle or cfg.model.oracle),
+                 "oracle_fill": opts.oracle_fill}
         json_out, csv_out = write_report(path, res, cfg, subsets, extra)
     return report(res, cfg, subsets, extra), json_out, csv_out

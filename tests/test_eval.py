@@ -201,3 +201,29 @@ def test_stats_model_json() -> None:
     base = json.loads(cli("stats-model", "--model", "segmenter-vitt", "--num-classes", "50", "--head", "segmenter",
                           "--img-size", "64", "--json", "--no-flops").output)
     assert base["params"] < stats["params"] and "gflops" not in base
+
+
+def test_oracle_fill_eval(run: Path, tmp_path: Path) -> None:
+    """--oracle-fill ranked with kappa = K selects every class (= plain kappa = K); random keeps
+    every GT class and predicts only classes of the selection; the errors are one line."""
+    model, cfg = runs.load_run(run, "cpu")
+    dev = torch.device("cpu")
+    full = evaluate_model(model, cfg, EvalOptions(kappa=K, progress=False), dev)
+    ranked = evaluate_model(model, cfg, EvalOptions(kappa=K, oracle=True, oracle_fill="ranked", progress=False), dev)
+    assert ranked["miou"] == pytest.approx(full["miou"], abs=1e-12)
+    preds = tmp_path / "random"
+    rep = evaluate_model(model, cfg, EvalOptions(oracle=True, oracle_fill="random", save_predictions=preds,
+                                                 progress=False), dev)
+    assert 0 <= rep["miou"] <= 1
+    from rankseg_core.evaluate import random_fill
+
+    ds = ShardDataset(cfg.data.root, "val")
+    for i in range(len(ds)):
+        item = ds.load(i)
+        pred = cv2.imread(str(preds / f"{item['key']}.png"), cv2.IMREAD_UNCHANGED)
+        allowed = set(random_fill(item["classes"], K, cfg.model.kappa, item["key"]).tolist())
+        assert set(np.unique(pred)) <= allowed
+    res = cli("eval", run, "--oracle-fill", "ranked")
+    assert res.exit_code == 2 and "add --oracle" in res.output and "Traceback" not in res.output
+    res = cli("eval", run, "--oracle", "--oracle-fill", "best")
+    assert res.exit_code == 2 and "ranked or random" in res.output

@@ -189,6 +189,22 @@ def pad_class_lists(classes: list[Tensor], max_len: int | None, device: torch.de
     return index.clamp_min(0), valid
 
 
+def fill_from_ranking(classes: list[Tensor], ml_logits: Tensor, total: int) -> list[Tensor]:
+    """Extend each image's class list with the highest-ranked classes it lacks until it holds
+    `total` classes (longer lists are kept whole). classes: B lists of ids; ml_logits: B x K.
+
+    This is the GT (eval) oracle with the ranking's own false positives: recall 100 % and the
+    same competing classes as the learned top-kappa, which tells classes the ranking misses
+    from classes it wrongly keeps (docs/replication.md, "Why selection does not help here").
+    """
+    out = []
+    ranking = ml_logits.detach().argsort(dim=1, descending=True, stable=True)
+    for c, r in zip(classes, ranking, strict=True):
+        c = _in_range(c, ml_logits.shape[1], r.device)
+        out.append(torch.cat([c, r[~torch.isin(r, c)][: max(0, total - c.numel())]]))
+    return out
+
+
 def _key_mask(valid: Tensor, n_patches: int, dtype: torch.dtype) -> Tensor:
     """Additive attention mask B x 1 x 1 x (p + C) hiding padded class tokens as keys."""
     keep = torch.cat([valid.new_ones(valid.shape[0], n_patches), valid], dim=1)
@@ -291,11 +307,14 @@ class MaskTransformerHead(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, feats: Tensor, *, clip_len: int = 1, gt_classes: list[Tensor] | None = None,
                 kappa: int | None = None, dynamic_threshold: float | None = None,
-                select_override: list[Tensor] | None = None, selector_logits: Tensor | None = None) -> SegOutput:
+                select_override: list[Tensor] | None = None, selector_logits: Tensor | None = None,
+                select_fill: int | None = None) -> SegOutput:
         """feats (B*T) x D x h x w -> SegOutput (see its docstring for shapes).
 
         selector_logits: B x K ranking scores of a frozen classifier (required by, and only
         used by, a head built with a selector); returned as `ml_logits`.
+        select_fill: with select_override, each list is filled up to this many classes with
+        the ranking's highest other classes (`fill_from_ranking`).
         """
         bt, d, h, w = feats.shape
         if bt % clip_len:
@@ -310,6 +329,10 @@ class MaskTransformerHead(nn.Module):
             ml_logits = selector_logits.detach()
         if emb is None:
             emb = self.cls_emb.expand(b, -1, -1)
+        if select_fill is not None and select_override is not None:
+            if ml_logits is None:
+                raise ValueError("select_fill fills from the model's class ranking; this model has none")
+            select_override = fill_from_ranking(_per_clip(select_override, b, clip_len), ml_logits, select_fill)
 
         index = valid = None
         if self.selects:

@@ -36,7 +36,8 @@ class RankSegModel(nn.Module):
 
     def forward_head(self, feats: Tensor, *, gt_classes: list[Tensor] | None = None, kappa: int | None = None,
                      dynamic_threshold: float | None = None,
-                     select_override: list[Tensor] | None = None, selector_logits: Tensor | None = None) -> SegOutput:
+                     select_override: list[Tensor] | None = None, selector_logits: Tensor | None = None,
+                     select_fill: int | None = None) -> SegOutput:
         """B x D x h x w -> SegOutput.
 
         kappa: selected classes at this forward (default: the trained kappa); may exceed the
@@ -47,12 +48,14 @@ class RankSegModel(nn.Module):
         gt_classes: per-image GT class ids, required when cfg.oracle (GT train+eval).
         selector_logits: B x K scores of the frozen selector (`forward` computes them from the
             images when cfg.selector is set); they rank the classes instead of an ml branch.
+        select_fill: with select_override, fill each image's list up to this many classes with
+            the ranking's highest other classes (GT (eval) + the ranking's false positives).
         Selection options are ignored by the baseline and +MT, except select_override, which
         then restricts the K class-ordered channels (valid mask).
         """
         return self.head(feats, clip_len=self.cfg.clip_len, gt_classes=gt_classes, kappa=kappa,
                          dynamic_threshold=dynamic_threshold, select_override=select_override,
-                         selector_logits=selector_logits)
+                         selector_logits=selector_logits, select_fill=select_fill)
 
     def forward(self, images: Tensor, **kw) -> SegOutput:
         if self.cfg.has_selector:  # the frozen classifier sees exactly the segmenter's input

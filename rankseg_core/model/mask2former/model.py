@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from rankseg_core.model.config import ModelConfig
-from rankseg_core.model.heads import FILL_LOGIT, pad_class_lists
+from rankseg_core.model.heads import FILL_LOGIT, fill_from_ranking, pad_class_lists
 from rankseg_core.model.mask2former.backbone import (
     PyramidBackbone,
     load_pyramid_weights,
@@ -108,7 +108,8 @@ class Mask2FormerModel(nn.Module):
 
     def forward_head(self, feats: Features, *, gt_classes: list[Tensor] | None = None, kappa: int | None = None,
                      dynamic_threshold: float | None = None,
-                     select_override: list[Tensor] | None = None) -> Mask2FormerOutput:
+                     select_override: list[Tensor] | None = None,
+                     select_fill: int | None = None) -> Mask2FormerOutput:
         """Features -> Mask2FormerOutput. Nothing here needs ground truth except the oracle.
 
         kappa: selected classes at this forward (default: the trained kappa; larger values
@@ -116,11 +117,17 @@ class Mask2FormerModel(nn.Module):
         dynamic_threshold: select classes whose ml sigmoid exceeds it (1..K per image, padded).
         select_override: per-image class ids replacing the ml selection (GT (eval) oracle),
             ordered by ml score; on a class-ordered model they restrict the K columns.
+        select_fill: with select_override, fill each image's list up to this many classes with
+            the ml ranking's highest other classes (`heads.fill_from_ranking`).
         gt_classes: per-image GT class ids, required (only) by the oracle model.
         """
         mask_features, scales = self.pixel_decoder(feats.maps)
         dec = self.decoder(scales, mask_features)
         ml_logits = self.ml_head(dec.queries[self.ml_query_layer - 1]) if self.ml_head is not None else None
+        if select_fill is not None and select_override is not None:
+            if ml_logits is None:
+                raise ValueError("select_fill fills from the model's class ranking; this model has none")
+            select_override = fill_from_ranking(select_override, ml_logits, select_fill)
         device = mask_features.device
         index = valid = None
         w, b = self.class_embed.weight, self.class_embed.bias
