@@ -331,7 +331,8 @@ def replicate_dataset(ds: Dataset, p: Protocol, base: Path, fig_dir: Path, fig_p
     t1 = time.perf_counter()
     res["figures"] = rep.draw(res, p, ds.name, runs, fig_dir, fig_prefix)
     res["fp"] = rep.false_positives(runs, ds.root, base / "fp", p.fp_images, fig_dir, fig_prefix)
-    res["claims"] = rep.judge(res, p, k)
+    res["fp_makeup"] = rep.false_positive_makeup(runs, ds.root, p, k)
+    res["claims"], res["diagnoses"] = rep.judge(res, p, k)
     res["figure_seconds"] = time.perf_counter() - t1
     return res
 

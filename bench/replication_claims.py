@@ -122,3 +122,24 @@ def claims(seeds: dict[str, list[float]], kappa: int, num_classes: int) -> list[
             f"fixed κ={kappa}", f"dynamic κ (t = {t})")
     add(f"Fig. 7: 1/τ decreases with rank (Spearman ρ < 0, κ = {kappa})", "rho/rankseg", "<", 0.0, "ρ", "0")
     return out
+
+
+def diagnoses(seeds: dict[str, list[float]], kappa: int) -> list[Comparison]:
+    """Comparisons that explain why the selection helps or not (docs/replication.md, "Why
+    the selection does not help here"): the GT (eval) selection filled up to kappa with the
+    ranking's own best other classes (`rankseg/gt_ranked`) or with random ones (`gt_random`)."""
+    out: list[Comparison] = []
+    pairs = [
+        ("Missed GT classes explain the loss: recall 100 % (GT + the ranking's best others) beats the own top-κ",
+         "rankseg/gt_ranked", ">", "rankseg", "GT + ranked fill", f"own top-{kappa}"),
+        ("The ranking's false positives are the confusable ones: random ones instead lift mIoU",
+         "rankseg/gt_random", ">", "rankseg/gt_ranked", "GT + random fill", "GT + ranked fill"),
+        ("The decoder gains from fewer competing classes: GT alone beats GT + random ones",
+         "rankseg/gt_eval", ">", "rankseg/gt_random", "GT only", "GT + random fill"),
+        ("The baseline gains the same from a random-filled GT selection",
+         "baseline/gt_random", ">", "baseline", "Baseline + GT + random fill", "Baseline"),
+    ]
+    for claim, a, rel, b, a_label, b_label in pairs:
+        if a in seeds and b in seeds:
+            out.append(compare(claim, a_label, seeds[a], rel, b_label, seeds[b]))
+    return out

@@ -116,4 +116,10 @@ def eval_specs(p: Protocol, k: int) -> list[tuple[str, str, dict]]:
     specs += [("rankseg", f"kappa{kap}", {"kappa": kap}) for kap in sorted({min(x, k) for x in p.kappa_eval})
               if kap != min(p.kappa, k)]
     specs += [("rankseg", f"thr{t:g}", {"dynamic_kappa": t}) for t in p.thresholds]
+    # Why the selection helps or not: the GT classes filled up to kappa with the ranking's own
+    # best other classes (recall 100 %, the same competitors) or with random ones.
+    kap = min(p.kappa, k)
+    specs += [("rankseg", "gt_ranked", {"oracle": True, "oracle_fill": "ranked", "kappa": kap}),
+              ("rankseg", "gt_random", {"oracle": True, "oracle_fill": "random", "kappa": kap}),
+              ("baseline", "gt_random", {"oracle": True, "oracle_fill": "random", "kappa": kap})]
     return specs

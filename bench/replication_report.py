@@ -7,6 +7,7 @@ stored evaluations); nothing is typed in by hand.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from replication_protocol import METRICS, VARIANT_NAMES, Protocol, eval_specs, recipe
-from replication_claims import claims
+from replication_claims import claims, diagnoses
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,9 +79,110 @@ def seed_values(res: dict) -> dict[str, list[float]]:
     return out
 
 
-def judge(res: dict, p: Protocol, k: int) -> list[dict]:
-    """The verdict of every claim (replication_claims.claims), as plain dicts."""
-    return [{**dataclasses.asdict(c), "verdict": c.verdict} for c in claims(seed_values(res), min(p.kappa, k), k)]
+def judge(res: dict, p: Protocol, k: int) -> tuple[list[dict], list[dict]]:
+    """The verdict of every claim and of every diagnosis (replication_claims), as plain dicts."""
+    seeds, kap = seed_values(res), min(p.kappa, k)
+    return ([{**dataclasses.asdict(c), "verdict": c.verdict} for c in claims(seeds, kap, k)],
+            [{**dataclasses.asdict(c), "verdict": c.verdict} for c in diagnoses(seeds, kap)])
+
+
+def related_classes(world, classes: np.ndarray) -> dict[str, np.ndarray]:
+    """K-bool masks of an image's absent classes that relate to its GT classes in the synthetic
+    world (docs/synthetic.md): "scene" = object classes of the image's scene (its background
+    says which), "look" = object classes with the colour x texture of one of its objects."""
+    k = world.num_classes
+    gt = np.zeros(k, bool)
+    gt[np.asarray(classes, np.int64)] = True
+    scene = np.zeros(k, bool)
+    for s in np.nonzero(np.isin(world.scenes_bg, np.nonzero(gt)[0]))[0]:
+        scene[world.scenes_objects[s]] = True
+    looks = world.appearance[gt & (world.appearance >= 0)]
+    look = (world.appearance >= 0) & np.isin(world.appearance, looks)
+    return {"scene": scene & ~gt, "look": look & ~gt}
+
+
+def selection_makeup(classes: list[np.ndarray], probs: np.ndarray, related: list[dict[str, np.ndarray]],
+                     kappa: int) -> dict:
+    """What the top-kappa's false positives are. classes: per image GT ids; probs: N x K ml
+    scores; related: per image, name -> K-bool mask of related absent classes. Per name,
+    micro-averaged over the images: the share of the false positives that are related, the
+    share a uniform draw of as many absent classes would have, the share of the related
+    classes the top-kappa keeps (and the draw's), and related classes per image."""
+    k = probs.shape[1]
+    tot: dict[str, float] = {}
+    for c, pr, rel in zip(classes, probs, related, strict=True):
+        gt = np.zeros(k, bool)
+        gt[np.asarray(c, np.int64)] = True
+        top = np.zeros(k, bool)
+        top[np.argsort(-pr, kind="stable")[:kappa]] = True
+        n_fp, n_absent = float((top & ~gt).sum()), float((~gt).sum())
+        tot["fp"] = tot.get("fp", 0.0) + n_fp
+        for name, mask in rel.items():
+            tot[f"{name}/kept"] = tot.get(f"{name}/kept", 0.0) + float((top & mask).sum())
+            tot[f"{name}/random"] = tot.get(f"{name}/random", 0.0) + n_fp * float(mask.sum()) / n_absent
+            tot[f"{name}/all"] = tot.get(f"{name}/all", 0.0) + float(mask.sum())
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    out: dict[str, float | None] = {"fp_per_image": tot.get("fp", 0.0) / len(classes)}
+    for name in (related[0] if related else {}):
+        kept, rand, allr = tot[f"{name}/kept"], tot[f"{name}/random"], tot[f"{name}/all"]
+        out |= {f"{name}_fp_share": ratio(kept, tot["fp"]), f"{name}_fp_share_random": ratio(rand, tot["fp"]),
+                f"{name}_kept": ratio(kept, allr), f"{name}_kept_random": ratio(rand, allr),
+                f"{name}_per_image": allr / len(classes)}
+    return out
+
+
+def error_makeup(preds: list[np.ndarray], labels: list[np.ndarray], classes: list[np.ndarray],
+                 related: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Where wrongly labelled pixels go: share of the labelled, wrongly predicted pixels whose
+    predicted class is another GT class of the image ("gt"), one of each related set (first
+    match in `related`'s order), or none of them ("other"). preds / labels: H x W train ids
+    (labels >= K are ignore)."""
+    counts: dict[str, float] = {}
+    for pred, lab, c, rel in zip(preds, labels, classes, related, strict=True):
+        k = next(iter(rel.values())).shape[0]
+        wrong = (lab < k) & (pred != lab)
+        got = pred[wrong]
+        gt = np.zeros(k, bool)
+        gt[np.asarray(c, np.int64)] = True
+        left = np.ones(got.shape, bool)
+        for name, mask in {"gt": gt, **rel}.items():
+            hit = left & mask[got]
+            counts[name] = counts.get(name, 0.0) + float(hit.sum())
+            left &= ~hit
+        counts["other"] = counts.get("other", 0.0) + float(left.sum())
+    total = sum(counts.values())
+    return {f"err_{name}": (v / total if total else None) for name, v in counts.items()}
+
+
+def false_positive_makeup(runs: dict, data: Path, p: Protocol, k: int) -> dict | None:
+    """`selection_makeup` of every RankSeg seed on the val images (the synthetic world is
+    rebuilt from dataset.json's options); None for data that are not the synthetic set."""
+    from rankseg_core.dataset import ShardIndex
+    from rankseg_core.synthetic import make_world
+    from rankseg_core.viz.common import load_viz_run, open_split, predict_samples
+
+    idx = ShardIndex(data)
+    opts = idx.meta.get("options") or {}
+    if idx.name != "synthetic" or "seed" not in opts:
+        return None
+    world = make_world(idx.num_classes, int(opts["seed"]))
+    per_seed = []
+    for s in range(p.seeds):
+        run, base = load_viz_run(runs[("rankseg", s)]), load_viz_run(runs[("baseline", s)])
+        ds = open_split(data, "val", [run, base])
+        samples = predict_samples(run, ds, range(len(ds)))
+        rel = [related_classes(world, x.classes) for x in samples]
+        rec = selection_makeup([x.classes for x in samples], np.stack([x.probs for x in samples]), rel,
+                               min(p.kappa, k))
+        args = ([x.label for x in samples], [x.classes for x in samples], rel)
+        rec |= {f"rankseg_{n}": v for n, v in error_makeup([x.pred for x in samples], *args).items()}
+        b_preds = [x.pred for x in predict_samples(base, ds, range(len(ds)))]
+        rec |= {f"baseline_{n}": v for n, v in error_makeup(b_preds, *args).items()}
+        per_seed.append(rec)
+    return {key: agg([r[key] for r in per_seed]) for key in per_seed[0]} | {"per_seed": per_seed}
 
 
 def cost_table(p: Protocol, k: int, img_size: int, variants: dict[str, list[str]], runs: dict) -> dict[str, dict]:
@@ -232,11 +334,49 @@ def _per_seed(vals: list[float | None], scale: float = 100.0, digits: int = 1) -
     return ", ".join("–" if x is None else f"{x * scale:.{digits}f}" for x in vals)
 
 
-def _claims_table(rows: list[dict]) -> str:
+def _diagnosis(r: dict, kap: int) -> list[str]:
+    """Which classes in the selection cost mIoU: the GT (eval) selection filled up to kappa."""
+    runs, evals = r["runs"], r["evals"]
+    if "rankseg/gt_ranked" not in evals:
+        return []
+    out = [f"**Which classes in the selection cost mIoU** (`rankseg eval --oracle --oracle-fill`): each image's "
+           f"GT classes filled up to κ = {kap} with the model's own highest-ranked other classes (*ranked*: "
+           "recall 100 %, the same competitors as its top-κ) or with uniformly drawn ones (*random*, seeded by "
+           "the image).\n"]
+    rows = [("RankSeg, own top-κ", runs["rankseg"]), ("RankSeg, GT + ranked fill", evals["rankseg/gt_ranked"]),
+            ("RankSeg, GT + random fill", evals["rankseg/gt_random"]), ("RankSeg, GT only", evals["rankseg/gt_eval"]),
+            ("Baseline, all K", runs["baseline"]), ("Baseline, GT + random fill", evals["baseline/gt_random"]),
+            ("Baseline, GT only", evals["baseline/gt_eval"])]
+    out.append(md_table(["selection at evaluation", "mIoU", "per seed"],
+                        [[label, pm(b["miou"]), _per_seed(b["per_seed"]["miou"])] for label, b in rows]))
+    out.append("\nThe same rule as the verdicts, applied to the hypotheses these numbers test:\n")
+    out.append(_claims_table(r["diagnoses"], "hypothesis"))
+    mk = r.get("fp_makeup")
+    if mk:
+        out.append(f"\nWhat RankSeg's top-κ false positives are ({mk['fp_per_image']['mean']:.1f} per image; synthetic "
+                   "world, docs/synthetic.md): *scene-mates* = object classes of the image's scene that it does not "
+                   "show; *look-alikes* = classes with the colour × texture of one of its objects, from other "
+                   "scenes. 'Random' = the same numbers for as many absent classes drawn uniformly.\n")
+        out.append(md_table(["absent classes", "per image", "share of the top-κ false positives", "random",
+                             "share of them in the top-κ", "random"], [
+            [label, f"{mk[f'{n}_per_image']['mean']:.1f}", pm(mk[f"{n}_fp_share"]), pm(mk[f"{n}_fp_share_random"]),
+             pm(mk[f"{n}_kept"]), pm(mk[f"{n}_kept_random"])]
+            for n, label in (("scene", "scene-mates"), ("look", "look-alikes"))]))
+        out.append("\nWhere the wrongly labelled pixels go (share of the labelled pixels predicted wrong, by the kind "
+                   "of class they are given; a class counts in the first row it belongs to):\n")
+        out.append(md_table(["predicted class", "Baseline", "RankSeg"], [
+            [label, pm(mk[f"baseline_err_{n}"]), pm(mk[f"rankseg_err_{n}"])]
+            for n, label in (("gt", "another class of the image"), ("scene", "a scene-mate"),
+                             ("look", "a look-alike"), ("other", "any other class"))]))
+        out.append("")
+    return out
+
+
+def _claims_table(rows: list[dict], first: str = "claim (paper)") -> str:
     def num(c: dict, x: float, sign: str = "+") -> str:  # mIoU in points; rho as it is
         return f"{x:{sign}.2f}" if c["b"] == "0" else f"{100 * x:{sign}.1f}"
 
-    return md_table(["claim (paper)", "A vs B", "A − B per seed", "mean A − B", "pooled std", "verdict"], [
+    return md_table([first, "A vs B", "A − B per seed", "mean A − B", "pooled std", "verdict"], [
         [c["claim"], f"{c['a']} {c['relation']} {c['b']}", ", ".join(num(c, d) for d in c["diffs"]),
          num(c, c["mean_diff"]), num(c, c["spread"], ""),
          f"**{'holds' if c['holds'] else 'does not hold'}** ({c['verdict'].split('(', 1)[1]}"] for c in rows])
@@ -335,6 +475,7 @@ def dataset_report(r: dict, p: Protocol, img_rel: str) -> str:
             ("RankSeg (top-κ)", runs["rankseg"]), ("RankSeg, GT (eval)", evals["rankseg/gt_eval"]),
             ("GT (train + eval)", runs["oracle"]))]))
     out.append(f"\n![oracles]({img_rel}/{r['figures']['oracles']})\n")
+    out += _diagnosis(r, kap0)
     out.append(f"**Tables 2–3** (independent scheme: a `classifier-vitt` fine-tuned per seed with the same recipe, "
                f"then a segmenter with `--selector` that classifier; joint = RankSeg; κ = {kap0} for both). Ranking "
                "mAP / recall: the classifier's (independent) or the ml branch's (joint) on the val images. Cost: "

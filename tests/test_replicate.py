@@ -29,6 +29,10 @@ def test_variants_and_evals() -> None:
     assert ("baseline", "gt_eval") in names and ("rankseg", "gt_eval") in names
     assert ("rankseg", "kappa20") not in names and ("rankseg", "kappa40") in names  # 20 is the training kappa
     assert [o for a, b, o in specs if b == "thr0.05"] == [{"dynamic_kappa": 0.05}]
+    fills = {(a, b): o for a, b, o in specs if b.startswith("gt_r")}
+    assert fills == {("rankseg", "gt_ranked"): {"oracle": True, "oracle_fill": "ranked", "kappa": 20},
+                     ("rankseg", "gt_random"): {"oracle": True, "oracle_fill": "random", "kappa": 20},
+                     ("baseline", "gt_random"): {"oracle": True, "oracle_fill": "random", "kappa": 20}}
     rec = R.recipe(p, 64, 2)
     assert "seed=2" in rec and "model.img_size=64" in rec and "model.kappa=20" in rec
     assert not any(x.startswith("init_from=") for x in rec)
@@ -71,6 +75,43 @@ def test_run_tasks_in_process_order() -> None:
     assert R.run_tasks(tasks, 1) == {("a",): {"x": 1}, ("b",): {"x": 2}} and seen == ["a", "b"]
     with pytest.raises(RuntimeError, match="before its dependencies"):
         R.run_tasks(tasks[::-1], 1)
+
+
+def test_false_positive_makeup_hand_built() -> None:
+    from types import SimpleNamespace
+
+    # Classes: 0, 6 backgrounds of scenes 0, 1; objects 1-5 with looks a, a, b, b, c.
+    # Scene 0 = background 0 + objects 1, 3, 5; scene 1 = background 6 + objects 2, 4.
+    world = SimpleNamespace(num_classes=7, appearance=np.array([-1, 0, 0, 1, 1, 2, -1]),
+                            scenes_bg=np.array([0, 6]), scenes_objects=np.array([[1, 3, 5], [2, 4, 4]]))
+    rel = RR.related_classes(world, np.array([0, 1]))
+    assert np.nonzero(rel["scene"])[0].tolist() == [3, 5]  # the scene's objects it does not show
+    assert np.nonzero(rel["look"])[0].tolist() == [2]  # look a of object 1, from scene 1
+    probs = np.array([[0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.05]])  # top-4: 0, 1, 2, 3 -> false positives 2, 3
+    mk = RR.selection_makeup([np.array([0, 1])], probs, [rel], 4)
+    # 5 absent classes, 2 of them drawn: a uniform draw holds 2 * 2/5 scene-mates and 2 * 1/5 look-alikes.
+    assert mk == pytest.approx({"fp_per_image": 2.0,
+                                "scene_fp_share": 0.5, "scene_fp_share_random": 0.4, "scene_kept": 0.5,
+                                "scene_kept_random": 0.4, "scene_per_image": 2.0,
+                                "look_fp_share": 0.5, "look_fp_share_random": 0.2, "look_kept": 1.0,
+                                "look_kept_random": 0.4, "look_per_image": 1.0})
+    assert RR.selection_makeup([np.array([0, 1])], probs, [rel], 2)["scene_fp_share"] is None  # top-2 = GT
+    # Labels: 0 = background, 1 = object, 65535 = ignore; five wrong pixels go to 1 (GT), 3 (scene-mate),
+    # 2 (look-alike), 4, 4 (neither) and one ignore pixel is never counted.
+    label = np.array([[0, 0, 0, 1, 1, 0, 65535]])
+    pred = np.array([[0, 1, 3, 2, 4, 4, 5]])
+    err = RR.error_makeup([pred], [label], [np.array([0, 1])], [rel])
+    assert err == pytest.approx({"err_gt": 0.2, "err_scene": 0.2, "err_look": 0.2, "err_other": 0.4})
+
+
+def test_diagnoses_follow_the_rule() -> None:
+    seeds = {"rankseg": [0.20, 0.16, 0.17], "rankseg/gt_ranked": [0.20, 0.165, 0.17],
+             "rankseg/gt_random": [0.28, 0.27, 0.26], "rankseg/gt_eval": [0.37, 0.32, 0.33],
+             "baseline": [0.19, 0.19, 0.19], "baseline/gt_random": [0.30, 0.29, 0.31]}
+    got = {d.b: (d.relation, d.holds) for d in C.diagnoses(seeds, 50)}
+    assert got == {"own top-50": (">", False), "GT + ranked fill": (">", True), "GT + random fill": (">", True),
+                   "Baseline": (">", True)}
+    assert C.diagnoses({"rankseg": [0.1]}, 50) == []
 
 
 def test_aggregation_and_tables(tmp_path: Path) -> None:
@@ -149,7 +190,7 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
     body = out["report"]
     assert "SMOKE RUN" in body
     for title in ("Pre-training", "Verdicts", "Table 1", "Fig. 3", "Tables 2–3", "Table 4", "Supplement Table 5",
-                  "Fig. 7", "False positives"):
+                  "Fig. 7", "False positives", "Which classes in the selection cost mIoU", "scene-mates"):
         assert title in body
     figs = tmp_path / "work" / "figures"
     names = list(res["figures"].values()) + [res["fp"][f"figure_{k}"] for k in ("summary", "image", "predictions")]
@@ -169,6 +210,22 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
     ev = json.loads((base / "evals" / "rankseg_seed1_gt_eval.json").read_text())
     assert ev["miou"] == pytest.approx(again["miou"], abs=1e-9)
     assert res["evals"]["rankseg/gt_eval"]["per_seed"]["miou"][1] == ev["miou"]
+    filled = evaluate_model(model, cfg, EvalOptions(oracle=True, oracle_fill="random", kappa=p.kappa, progress=False),
+                            torch.device("cpu"))
+    assert res["evals"]["rankseg/gt_random"]["per_seed"]["miou"][1] == pytest.approx(filled["miou"], abs=1e-9)
+    assert {d["b"] for d in res["diagnoses"]} >= {"GT + ranked fill", f"own top-{p.kappa}"}
+    # The false-positive makeup rebuilds the generator's world: every val image's classes are
+    # one scene's background and objects in it.
+    from rankseg_core.dataset import ShardDataset
+    from rankseg_core.synthetic import make_world
+
+    world = make_world(40, 0)
+    ds = ShardDataset(cfg.data.root, "val")
+    for i in range(len(ds)):
+        c = set(ds.load(i)["classes"].tolist())
+        assert any(c <= {int(b), *world.scenes_objects[s].tolist()} and int(b) in c
+                   for s, b in enumerate(world.scenes_bg))
+    assert res["fp_makeup"]["scene_per_image"]["mean"] > 0
     seeds = [stored("baseline", s)["miou"] for s in range(p.seeds)]
     assert res["runs"]["baseline"]["miou"]["mean"] == pytest.approx(np.mean(seeds))
     # Fig. 7 numbers: the mean over seeds of each run's LayerNorm weight.
