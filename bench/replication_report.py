@@ -7,7 +7,6 @@ stored evaluations); nothing is typed in by hand.
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 from pathlib import Path
 from typing import Any
