@@ -236,7 +236,8 @@ def stats_model(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Parameters and FLOPs / MACs of a model (all matmuls counted; see docs/model.md for the
-    paper's mmcv counting).
+    paper's mmcv counting). params_m is in units of 10^6, params_mi in units of 2^20 (the unit
+    of the paper's Mask2Former Table 8).
 
     Examples:\n
       [bold]rankseg stats model --model segmenter-vitb --num-classes 1284 --kappa 100[/]\n
