@@ -195,7 +195,7 @@ def fill_from_ranking(classes: list[Tensor], ml_logits: Tensor, total: int) -> l
 
     This is the GT (eval) oracle with the ranking's own false positives: recall 100 % and the
     same competing classes as the learned top-kappa, which tells classes the ranking misses
-    from classes it wrongly keeps (docs/replication.md, "Why selection does not help here").
+    from classes it wrongly keeps (docs/replication.md, "Why the selection does not help here").
     """
     out = []
     ranking = ml_logits.detach().argsort(dim=1, descending=True, stable=True)
