@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from rankseg_core.synthetic import prepare_synthetic
 # Tiny models on a small shared machine: intra-op threads cost more in sync than they gain
 # (measured ~10x slower with the default thread count under load).
 torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts background commands with SIGINT ignored (POSIX, no job control), and the
+    # ignore is inherited by everything they run: the Ctrl-C tests would then test nothing
+    # but that. Take SIGINT as a terminal delivers it; children get the default on exec.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
