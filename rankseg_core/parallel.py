@@ -233,7 +233,8 @@ class _Pool:
         """`fn(key)` (or `Skipped`) for `keys` in order; the workers start on them at once."""
         self._feeder = threading.Thread(target=self._feed, args=(keys, ahead), daemon=True,
                                         name="rankseg-feeder")
-        self._feeder.start()
+        with _sigint_held():  # a Ctrl-C inside Thread.start() leaves a thread close() cannot join
+            self._feeder.start()
         return self._collect(len(keys))
 
     def _collect(self, n: int) -> Iterator[Any]:

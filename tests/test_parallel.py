@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,23 @@ def test_a_slow_consumer_holds_the_workers_back(tmp_path: Path, ahead: int | Non
             lead.append(len(os.listdir(tmp_path)) - consumed)
     assert max(lead) <= bound, lead
     assert len(os.listdir(tmp_path)) == len(keys)
+
+
+def test_ctrl_c_while_the_feeder_thread_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under load a Ctrl-C could land inside Thread.start(): the thread never started and the
+    # tear-down's join raised RuntimeError (a traceback, exit 1). It must be a plain interrupt.
+    real_start = threading.Thread.start
+
+    def interrupted_start(self: threading.Thread) -> None:
+        if self.name == "rankseg-feeder":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # without the hold, the interrupt is raised here, before the start
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt), ordered_map(_square_or_fail, KEYS, 2) as results:
+        next(results)
+    assert not _workers()
 
 
 def test_workers_ignore_sigint_and_the_parent_tears_down_on_it() -> None:
