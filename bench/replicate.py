@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rankseg_core.fsio import atomic_write_bytes, atomic_write_json
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the modules below, report.py
 from replication_protocol import (CLASSIFIER, METRICS, Protocol, eval_specs, pretrain_recipe,  # noqa: E402
                                   recipe, train_variants)
@@ -159,7 +161,7 @@ def train_job(run_dir: str, data: str, overrides: list[str], threads: int, expor
     rec = {"run": run_dir, "train_seconds": seconds, "resumed": resume, "procs": procs, "iters": final["iter"],
            "stamp": weights_digest(paths.weights), "init": init, **_train_stats(run_dir),
            **{k: _num(final.get(k)) for k in METRICS}}
-    done.write_text(json.dumps(rec))
+    atomic_write_json(done, rec)  # the completion marker: never half-written, never NaN
     if export:
         _export_backbone(run_dir, export)
     return rec
@@ -217,7 +219,7 @@ def eval_job(run_dir: str, out_json: str, options: dict, threads: int) -> dict:
     rec = {"run": run_dir, "options": options, "stamp": stamp, "eval_seconds": time.perf_counter() - t,
            **{k: _num(res[k]) for k in METRICS}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rec))
+    atomic_write_json(out, rec)
     return rec
 
 
@@ -386,7 +388,7 @@ def write_doc_block(body: str, doc: Path = DOC, name: str = "results") -> None:
     block = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
+    atomic_write_bytes(doc, text.encode())  # an interrupted rewrite must not truncate the doc
 
 
 def synthetic_root(p: Protocol, work: Path) -> Path:
@@ -474,10 +476,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "started": started, "command": command, "wall_s": total, "cpu_s": cpu_seconds() - cpu0, "load": load.stop(),
         **{k: sum(r[f"{k}_runs"] for r in results) for k in ("total", "reused", "resumed")}})
     body = rep.report(results, p, command, args.smoke, "img" if args.docs else ".", history)
-    from rankseg_core.jsonio import dumps
-
-    (work / f"results_{regime}.json").write_text(dumps({"protocol": p.__dict__, "total_seconds": total,
-                                                       "results": results}))
+    atomic_write_json(work / f"results_{regime}.json", {"protocol": p.__dict__, "total_seconds": total,
+                                                       "results": results})
     if args.docs:
         write_doc_block(body, name="results" if p.pretrained else "from-scratch")
     else:
