@@ -223,7 +223,7 @@ def test_selector_is_recorded_and_selects_the_classifier_top_kappa(selected_run:
             seg.train(mode)
             out = seg(x)
             assert torch.equal(out.topk_index, want)
-            assert torch.allclose(out.ml_logits, clf(x))
+            assert torch.allclose(out.ml_logits, clf(x), atol=1e-5)  # same weights, another batch path: rounding
     # Gradients never reach the selector, and the optimizer never sees it.
     seg.train()
     seg(x).mask_logits.sum().backward()
