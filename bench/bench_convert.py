@@ -32,11 +32,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from rankseg_core.codec import encode_label
-from rankseg_core.convert.ade20k_full import (load_table, prepare_ade20k_full, seg_codes, seg_lut,
-                                              value_lut)
+from rankseg_core.convert.ade20k_full import load_table, prepare_ade20k_full, seg_codes, seg_lut, value_lut
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.resize import short_side_size
+from rankseg_core.shards.codec import encode_label
 
 SMALL, LARGE = (512, 683), (900, 1200)
 

@@ -20,11 +20,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
-from rankseg_core.codec import encode_jpeg, encode_label  # noqa: E402
 from rankseg_core.convert.common import ConvertOptions, run_conversion  # noqa: E402
-from rankseg_core.shards import DatasetHeader, encode_sample  # noqa: E402
-from rankseg_core.stats import dataset_class_cdf  # noqa: E402
-from rankseg_core.synthetic import make_world, prepare_synthetic, render  # noqa: E402
+from rankseg_core.convert.synthetic import make_world, prepare_synthetic, render  # noqa: E402
+from rankseg_core.shards.codec import encode_jpeg, encode_label  # noqa: E402
+from rankseg_core.shards.stats import dataset_class_cdf  # noqa: E402
+from rankseg_core.shards.write import DatasetHeader, encode_sample  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -28,16 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
-from rankseg_core.config import TrainConfig, build_train_config  # noqa: E402
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.train import TrainConfig, build_train_config  # noqa: E402
 from rankseg_core.convert.common import ConvertOptions  # noqa: E402
-from rankseg_core.dataset import ShardDataset  # noqa: E402
-from rankseg_core.distributed import DistInfo  # noqa: E402
-from rankseg_core.losses import RankSegCriterion  # noqa: E402
-from rankseg_core.model import ModelConfig, build_model  # noqa: E402
-from rankseg_core.model_stats import model_stats  # noqa: E402
-from rankseg_core.synthetic import prepare_synthetic  # noqa: E402
-from rankseg_core.loading import make_loader  # noqa: E402
-from rankseg_core.optim import build_optimizer  # noqa: E402
+from rankseg_core.convert.synthetic import prepare_synthetic  # noqa: E402
+from rankseg_core.data.loading import make_loader  # noqa: E402
+from rankseg_core.engine.model_stats import model_stats  # noqa: E402
+from rankseg_core.engine.optim import build_optimizer  # noqa: E402
+from rankseg_core.losses.rankseg import RankSegCriterion  # noqa: E402
+from rankseg_core.model.segmenter import build_model  # noqa: E402
+from rankseg_core.shards.read import ShardDataset  # noqa: E402
+from rankseg_core.utils.distributed import DistInfo  # noqa: E402
 
 KS = (150, 847, 1284)
 KAPPAS = (25, 50, 100)

@@ -21,8 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rankseg_core.metrics import PROTOCOLS
-from rankseg_core.score import report, score_predictions
+from rankseg_core.evaluation.metrics import PROTOCOLS
+from rankseg_core.evaluation.score_files import report, score_predictions
 
 NAMES = ["wall", "floor", "bed", "lamp", "painting", "rug", "bathtub", "toilet"]
 WALL, FLOOR, BED, LAMP, PAINTING, RUG, BATHTUB, TOILET = range(8)

@@ -43,11 +43,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rankseg_core.fsio import atomic_write_bytes, atomic_write_json
+from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the modules below, report.py
-from replication_protocol import (CLASSIFIER, METRICS, Protocol, eval_specs, pretrain_recipe,  # noqa: E402
-                                  recipe, train_variants)
+from replication_protocol import (  # noqa: E402
+    CLASSIFIER,
+    METRICS,
+    Protocol,
+    eval_specs,
+    pretrain_recipe,
+    recipe,
+    train_variants,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "replication.md"
@@ -71,7 +78,7 @@ def _num(x: Any) -> float | None:
 
 def weights_digest(path: str | Path) -> str:
     """The content SHA-256 a rankseg .safetensors file carries in its header (the run's identity)."""
-    from rankseg_core import integrity
+    from rankseg_core.utils import integrity
 
     return integrity.safetensors_metadata(Path(path).read_bytes())[integrity.KEY]
 
@@ -79,9 +86,9 @@ def weights_digest(path: str | Path) -> str:
 def resolved_config(run_dir: str, data: str, overrides: list[str]):
     """The config `train` will record for these overrides: selector and init source resolved
     as `train` resolves them, so that a finished run's config.yaml compares equal."""
-    from rankseg_core.config import build_train_config
-    from rankseg_core.selector import resolve_selector
-    from rankseg_core.warm_start import check_init_from
+    from rankseg_core.config.train import build_train_config
+    from rankseg_core.engine.selector import resolve_selector
+    from rankseg_core.engine.warm_start import check_init_from
 
     cfg = build_train_config(None, overrides, data)
     resolve_selector(cfg, run_dir)
@@ -94,8 +101,8 @@ def init_report(cfg) -> dict | None:
     on a fresh model of the same config), and whether exactly the backbone transferred."""
     if not cfg.init_from:
         return None
+    from rankseg_core.engine.warm_start import warm_start
     from rankseg_core.families import family_of
-    from rankseg_core.warm_start import warm_start
 
     model = family_of(cfg.model.model).build(cfg.model)
     rep = warm_start(model, cfg.init_from)
@@ -109,7 +116,7 @@ def init_report(cfg) -> dict | None:
 def _train_stats(run_dir: str) -> dict:
     """Selection diagnostics of the last quarter of training (coverage = share of labelled
     pixels whose class is selected; recall / precision of the selection vs the crop's classes)."""
-    from rankseg_core.runs import read_metrics
+    from rankseg_core.engine.runs import read_metrics
 
     recs = [r for r in read_metrics(run_dir) if r.get("type") == "train"]
     tail = recs[len(recs) - max(1, len(recs) // 4):] if recs else []
@@ -128,8 +135,8 @@ def train_job(run_dir: str, data: str, overrides: list[str], threads: int, expor
     > 1: train with DDP over that many processes of `threads` threads (torchrun; the global
     batch and so the run are the same, docs/training.md)."""
     _threads(threads)
-    from rankseg_core import runs
-    from rankseg_core.config import diff_configs
+    from rankseg_core.config.train import diff_configs
+    from rankseg_core.engine import runs
 
     cfg = resolved_config(run_dir, data, overrides)
     init = init_report(cfg)
@@ -152,7 +159,7 @@ def train_job(run_dir: str, data: str, overrides: list[str], threads: int, expor
     if procs > 1:
         _torchrun(run_dir, data, overrides, procs, resume)
     else:
-        from rankseg_core.train import train
+        from rankseg_core.engine.train import train
 
         train(cfg, run_dir, resume=resume, progress=False)
     seconds = time.perf_counter() - t
@@ -189,7 +196,7 @@ def _export_backbone(run_dir: str, out: str) -> None:
     "ImageNet weights" of this replication: nothing of the classifier's head goes along)."""
     from torch import nn
 
-    from rankseg_core.runs import load_run, save_weights
+    from rankseg_core.engine.runs import load_run, save_weights
 
     model, _ = load_run(run_dir)
     holder = nn.Module()
@@ -209,8 +216,8 @@ def eval_job(run_dir: str, out_json: str, options: dict, threads: int) -> dict:
             return rec
     import torch
 
-    from rankseg_core.evaluate import EvalOptions, evaluate_model
-    from rankseg_core.runs import load_run
+    from rankseg_core.engine.evaluate import EvalOptions, evaluate_model
+    from rankseg_core.engine.runs import load_run
 
     t = time.perf_counter()
     model, cfg = load_run(run_dir, "cpu")
@@ -374,7 +381,7 @@ class LoadSampler:
 def log_invocation(path: Path, rec: dict) -> list[dict]:
     """Append this invocation's timing to `path` (JSON lines) and return every record, so that
     a replication trained over several invocations (interrupted, resumed) reports them all."""
-    from rankseg_core.jsonio import dumps
+    from rankseg_core.utils.jsonio import dumps
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
@@ -394,7 +401,7 @@ def write_doc_block(body: str, doc: Path = DOC, name: str = "results") -> None:
 def synthetic_root(p: Protocol, work: Path) -> Path:
     """The synthetic shards of this protocol (made once; the pretrain split only when pre-training)."""
     from rankseg_core.convert.common import ConvertOptions
-    from rankseg_core.synthetic import prepare_synthetic
+    from rankseg_core.convert.synthetic import prepare_synthetic
 
     pre = p.pretrain_images if p.pretrained else 0
     root = work / (f"synthetic_K{p.num_classes}_{p.size}px_{p.images}" + (f"_pre{pre}" if pre else ""))
@@ -450,8 +457,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     t0, cpu0, load = time.perf_counter(), cpu_seconds(), LoadSampler()
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC"
 
-    from rankseg_core.dataset import ShardIndex
     from rankseg_core.errors import UserError
+    from rankseg_core.shards.read import ShardIndex
 
     datasets = []
     if not args.no_synthetic:

@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from replication_protocol import METRICS, VARIANT_NAMES, Protocol, eval_specs, recipe
 from replication_claims import claims, diagnoses
-
+from replication_protocol import METRICS, VARIANT_NAMES, Protocol, eval_specs, recipe
 
 # ---------------------------------------------------------------------------------------
 # Aggregation
@@ -159,8 +157,8 @@ def error_makeup(preds: list[np.ndarray], labels: list[np.ndarray], classes: lis
 def false_positive_makeup(runs: dict, data: Path, p: Protocol, k: int) -> dict | None:
     """`selection_makeup` of every RankSeg seed on the val images (the synthetic world is
     rebuilt from dataset.json's options); None for data that are not the synthetic set."""
-    from rankseg_core.dataset import ShardIndex
-    from rankseg_core.synthetic import make_world
+    from rankseg_core.convert.synthetic import make_world
+    from rankseg_core.shards.read import ShardIndex
     from rankseg_core.viz.common import load_viz_run, open_split, predict_samples
 
     idx = ShardIndex(data)
@@ -187,9 +185,9 @@ def false_positive_makeup(runs: dict, data: Path, p: Protocol, k: int) -> dict |
 def cost_table(p: Protocol, k: int, img_size: int, variants: dict[str, list[str]], runs: dict) -> dict[str, dict]:
     """Params and FLOPs of one forward at the replication's image size: every segmenter
     variant, the classifier, and the independent segmenter with its frozen classifier."""
-    from rankseg_core.config import TrainConfig, set_key
-    from rankseg_core.model_stats import model_stats
-    from rankseg_core.runs import load_config
+    from rankseg_core.config.train import TrainConfig, set_key
+    from rankseg_core.engine.model_stats import model_stats
+    from rankseg_core.engine.runs import load_config
 
     out = {}
     for v, extra in {**variants, "classifier": ["model.model=classifier-vitt"]}.items():
@@ -235,9 +233,9 @@ def _miou(block: dict) -> dict:
 
 
 def draw(res: dict, p: Protocol, name: str, runs: dict, fig_dir: Path, prefix: str) -> dict:
-    from rankseg_core.plotting import plt, save_figure
-    from rankseg_core.viz import load_viz_run, tau_curve
-    from rankseg_core.viz.tau import TauCurve, plot_tau
+    from rankseg_core.utils.plotting import plt, save_figure
+    from rankseg_core.viz.common import load_viz_run
+    from rankseg_core.viz.tau import TauCurve, plot_tau, tau_curve
 
     figs = {}
     k = res["num_classes"]
@@ -306,7 +304,9 @@ def _spearman(y: np.ndarray) -> float | None:
 def false_positives(runs: dict, data: Path, out: Path, fp_images: int, fig_dir: Path, prefix: str) -> dict:
     """Seed 0: RankSeg's false positives against the baseline's over the val split, its
     per-image chart of the first val image, and both models' predictions on four images."""
-    from rankseg_core.viz import load_viz_run, run_false_positives, run_predictions
+    from rankseg_core.viz.common import load_viz_run
+    from rankseg_core.viz.false_positives import run_false_positives
+    from rankseg_core.viz.predictions import run_predictions
 
     rs, base = load_viz_run(runs[("rankseg", 0)]), load_viz_run(runs[("baseline", 0)])
     summary = run_false_positives(rs, data, out, num=1, stats_num=fp_images, baseline=base)

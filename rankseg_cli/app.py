@@ -6,17 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from rankseg_core import __version__
-
-from .common import new_app
-from .data_cmds import inspect, stats_app, verify
 # Importing these registers their `prepare <dataset>` commands on prepare_app.
-from . import prepare_images, prepare_panoptic, prepare_video_lvis  # noqa: F401
-from .demo import demo
-from .prepare import prepare_app
-from .score_cmds import register as register_scoring
-from .train_cmds import evaluate, predict, stats_model, train
-from .viz_cmds import viz_app
+from rankseg_cli import prepare_images, prepare_panoptic, prepare_video_lvis  # noqa: F401
+from rankseg_cli.common import new_app
+from rankseg_cli.data_cmds import inspect, stats_app, verify
+from rankseg_cli.demo import demo
+from rankseg_cli.prepare import prepare_app
+from rankseg_cli.score_cmds import register as register_scoring
+from rankseg_cli.train_cmds import evaluate, predict, stats_model, train
+from rankseg_cli.viz_cmds import viz_app
+from rankseg_core import __version__
 
 app = new_app(
     "rankseg: large-vocabulary image and video segmentation with RankSeg (ECCV 2022).\n\n"

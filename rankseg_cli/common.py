@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 import typer
 from rich.markup import escape
 
-from rankseg_core.console import make_console, printable
 from rankseg_core.errors import UserError
+from rankseg_core.utils.console import make_console, printable
 
 out = make_console()  # results (tables) on stdout
 err = make_console(stderr=True)  # progress, notes and errors on stderr
@@ -52,8 +52,8 @@ def fail(message: str, exit_code: int = 2) -> NoReturn:
 
 def os_error_message(exc: OSError) -> str:
     """One line for an OSError that no lower layer turned into a UserError: the path, the
-    reason and what to do (the wording of `rankseg_core.fsio.os_error`)."""
-    from rankseg_core.fsio import os_error
+    reason and what to do (the wording of `rankseg_core.utils.fsio.os_error`)."""
+    from rankseg_core.utils.fsio import os_error
 
     path = exc.filename
     if path is None:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import err, new_app, out, show, user_errors
+from rankseg_cli.common import err, new_app, out, show, user_errors
 
 stats_app = new_app("Statistics: class counts per image (Fig. 2) and model size/FLOPs.")
 
@@ -28,7 +28,7 @@ def inspect(
       [bold]rankseg inspect data/synth[/]\n
       [bold]rankseg inspect data/synth --jsonl --limit 5 | jq .classes[/]
     """
-    from rankseg_core.dataset import ShardIndex
+    from rankseg_core.shards.read import ShardIndex
 
     idx = ShardIndex(root)
     splits = [split] if split else idx.splits
@@ -82,7 +82,7 @@ def verify(
 
     Example: [bold]rankseg verify data/synth[/]
     """
-    from rankseg_core.verify import verify_shards
+    from rankseg_core.shards.verify import verify_shards
 
     problems = 0
     for p in verify_shards(root, decode_images=images):
@@ -109,16 +109,17 @@ def class_cdf(
 
     Example: [bold]rankseg stats class-cdf data/ade847 data/cocolvis --plot cdf.png --json cdf.json[/]
     """
-    from rankseg_core.plotting import figure_format
-    from rankseg_core.shards import atomic_write_json
-    from rankseg_core.stats import dataset_class_cdf, plot_class_cdf
+    from rankseg_core.shards.stats import dataset_class_cdf, plot_class_cdf
+    from rankseg_core.utils.fsio import atomic_write_json
+    from rankseg_core.utils.plotting import figure_format
 
     if plot:
         figure_format(plot)  # an unknown extension fails before the work, not after
     results = [dataset_class_cdf(r, max_classes, split) for r in roots]
     t = Table("dataset", "K", "images", "<= 5 classes", "<= 10", "< 25 classes")
     for r in results:
-        at = (lambda n: f"{100 * r.cdf[n - 1]:.2f}%" if n <= len(r.cdf) else "-")
+        def at(n):
+            return (f"{100 * r.cdf[n - 1]:.2f}%" if n <= len(r.cdf) else "-")
         t.add_row(f"{show(r.name)} ({show(r.path)})", str(r.num_classes), str(r.num_images), at(5), at(10),
                   f"{100 * r.share_below_25:.2f}%")
     out.print(t)

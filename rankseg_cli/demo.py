@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import err, out, show, user_errors
+from rankseg_cli.common import err, out, show, user_errors
 
 # Small enough for a 2-core CPU in a few minutes, large enough that context matters: K=200
 # classes in 8 scenes, each object look shared by ~6 classes of different scenes. There the
@@ -37,18 +37,18 @@ def demo(
 
     Example: [bold]rankseg demo --out rankseg-demo[/]
     """
-    from rankseg_core.config import build_train_config
-    from rankseg_core.convert.common import ConvertOptions, default_workers
-    from rankseg_core.evaluate import EvalOptions, run_evaluation
-    from rankseg_core.runs import run_paths
-    from rankseg_core.shards import atomic_write_json
-    from rankseg_core.stats import dataset_class_cdf, plot_class_cdf
-    from rankseg_core.synthetic import prepare_synthetic
-    from rankseg_core.train import train
-
     import os
 
     import torch
+
+    from rankseg_core.config.train import build_train_config
+    from rankseg_core.convert.common import ConvertOptions, default_workers
+    from rankseg_core.convert.synthetic import prepare_synthetic
+    from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
+    from rankseg_core.engine.runs import run_paths
+    from rankseg_core.engine.train import train
+    from rankseg_core.shards.stats import dataset_class_cdf, plot_class_cdf
+    from rankseg_core.utils.fsio import atomic_write_json
 
     # One core feeds the data, the others compute: on a 2-core machine two compute threads
     # fighting a data worker for the cores are several times slower than one.
@@ -76,12 +76,13 @@ def demo(
                                                             f"device={device}"], data)
         train(cfg, run, resume=resume)
 
-    from rankseg_core.runs import read_metrics
+    from rankseg_core.engine.runs import read_metrics
 
     table = Table("model", "val mIoU", "aAcc", "ml mAP", "recall@25", "train img/s", "run")
     table.columns[-1].overflow = "fold"
     results = {}
-    fmt = (lambda v: "-" if v is None else f"{100 * v:.1f}")
+    def fmt(v):
+        return ("-" if v is None else f"{100 * v:.1f}")
     for name, (run, _) in runs.items():
         rep, _, _ = run_evaluation(run, EvalOptions(progress=False), device=device)
         speed = [r["samples_per_s"] for r in read_metrics(run) if r.get("type") == "train" and r.get("samples_per_s")]

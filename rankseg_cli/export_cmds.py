@@ -1,5 +1,5 @@
 """`rankseg export` (shards -> the folders detectron2-based projects read) and `rankseg prepare
-detectron2` (such a folder -> shards). Thin commands over rankseg_core.export and
+detectron2` (such a folder -> shards). Thin commands over rankseg_core.convert.export and
 rankseg_core.convert.detectron2_layout; registered by `score_cmds.register`.
 """
 
@@ -10,19 +10,9 @@ from typing import Annotated
 
 import typer
 
+from rankseg_cli.common import RERUN_RESUMES, err, show, user_errors
+from rankseg_cli.prepare import Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options, report
 from rankseg_core.convert.common import default_workers
-
-from .common import RERUN_RESUMES, err, show, user_errors
-from .prepare import (
-    Limit,
-    NumShards,
-    OnError,
-    Out,
-    ShardIndex,
-    Workers,
-    convert_options,
-    report,
-)
 
 
 @user_errors(interrupted="files already written are complete; re-run the same command to resume")
@@ -47,7 +37,7 @@ def export(
       [bold]rankseg export shards/pc459 --out datasets/ --split val[/]\n
       [bold]rankseg export shards/ade847_fullres --out datasets/ --images maskformer[/]  (byte-identical to MaskFormer's files)
     """
-    from rankseg_core.export import export_shards
+    from rankseg_core.convert.export import export_shards
 
     res = export_shards(shards, out, layout, split or None, images)
     for s, n in res.samples.items():

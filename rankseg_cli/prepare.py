@@ -7,11 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from rankseg_cli.common import RERUN_RESUMES, err, new_app, show, user_errors
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.errors import UserError
-from rankseg_core.shards import MAX_CLASSES
-
-from .common import RERUN_RESUMES, err, new_app, show, user_errors
+from rankseg_core.shards.write import MAX_CLASSES
 
 prepare_app = new_app(
     "Convert a dataset into rankseg shards (HDF5 + dataset.json with image-level multi-label targets).\n\n"
@@ -69,7 +68,7 @@ def synthetic(
     Panoptic (instances): [bold]rankseg prepare synthetic --out data/synth_pan --num-classes 100 --panoptic[/]\n
     With a pre-training split: [bold]rankseg prepare synthetic --out data/synth --num-classes 200 --pretrain-images 20000[/]
     """
-    from rankseg_core.synthetic import prepare_synthetic
+    from rankseg_core.convert.synthetic import prepare_synthetic
 
     if num_classes > MAX_CLASSES:  # before generating a world of K classes
         raise UserError(f"--num-classes must be at most {MAX_CLASSES} (train ids are stored as "

@@ -7,12 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
+from rankseg_cli.common import RERUN_RESUMES, user_errors
+from rankseg_cli.prepare import (
+    Limit,
+    NumShards,
+    OnError,
+    Out,
+    ShardIndex,
+    Workers,
+    convert_options,
+    prepare_app,
+    report,
+)
 from rankseg_core.convert.common import default_workers
 from rankseg_core.errors import UserError
-
-from .common import RERUN_RESUMES, user_errors
-from .prepare import (Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options,
-                      prepare_app, report)
 
 Root = Annotated[Path, typer.Option("--root", "-r", help="The dataset release folder (see the layout above).")]
 PerShard = Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file.")]

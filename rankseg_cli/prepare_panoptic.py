@@ -6,12 +6,20 @@ from typing import Annotated
 
 import typer
 
+from rankseg_cli.common import RERUN_RESUMES, user_errors
+from rankseg_cli.prepare import (
+    Limit,
+    NumShards,
+    OnError,
+    Out,
+    ShardIndex,
+    Workers,
+    convert_options,
+    prepare_app,
+    report,
+)
+from rankseg_cli.prepare_images import PerShard, Root
 from rankseg_core.convert.common import default_workers
-
-from .common import RERUN_RESUMES, user_errors
-from .prepare import (Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options,
-                      prepare_app, report)
-from .prepare_images import PerShard, Root
 
 
 @prepare_app.command("coco-panoptic")

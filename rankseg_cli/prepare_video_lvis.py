@@ -7,11 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
+from rankseg_cli.common import RERUN_RESUMES, err, user_errors
+from rankseg_cli.prepare import (
+    Limit,
+    NumShards,
+    OnError,
+    Out,
+    ShardIndex,
+    Workers,
+    convert_options,
+    prepare_app,
+    report,
+)
 from rankseg_core.convert.common import default_workers
-
-from .common import RERUN_RESUMES, err, user_errors
-from .prepare import (Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options,
-                      prepare_app, report)
 
 
 def _note(msg: str) -> None:

@@ -1,5 +1,5 @@
 """`rankseg eval-predictions`: score any model's label files (thin command over
-rankseg_core.score). `register(app)` also registers export_cmds' `export` and
+rankseg_core.evaluation.score_files). `register(app)` also registers export_cmds' `export` and
 `prepare detectron2`.
 """
 
@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import err, out, show, user_errors
+from rankseg_cli.common import err, out, show, user_errors
 
 
 def _fmt(x: float | None) -> str:
@@ -43,7 +43,7 @@ def eval_predictions(
       [bold]rankseg eval-predictions catseg_a847/ --data shards/ade847 --split validation --protocol d2[/]\n
       [bold]rankseg eval-predictions rankseg_lvis/ --data shards/coco_lvis --pred-offset 1 --json lvis.json[/]
     """
-    from rankseg_core.score import report, score_predictions, write_reports
+    from rankseg_core.evaluation.score_files import report, score_predictions, write_reports
 
     res = score_predictions(pred_dir, data, split, protocol=protocol, groups=groups, train_data=train_data,
                             train_split=train_split, pred_offset=pred_offset, allow_extra=allow_extra)
@@ -69,8 +69,8 @@ def eval_predictions(
 
 def register(app: typer.Typer) -> None:
     """eval-predictions, export and prepare detectron2 (on the app's `prepare` group)."""
-    from . import export_cmds
-    from .prepare import prepare_app
+    from rankseg_cli import export_cmds
+    from rankseg_cli.prepare import prepare_app
 
     app.command("eval-predictions")(eval_predictions)
     export_cmds.register(app, prepare_app)

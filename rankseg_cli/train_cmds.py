@@ -15,9 +15,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from rankseg_cli.common import err, out, show, user_errors
 from rankseg_core.errors import UserError
-
-from .common import err, out, show, user_errors
 
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available).")]
 Weights = Annotated[str, typer.Option("--weights", help="auto (model.safetensors, else best.pt, else last.pt), final, best, last or a file.")]
@@ -25,7 +24,7 @@ Weights = Annotated[str, typer.Option("--weights", help="auto (model.safetensors
 
 def _train_interrupted(kwargs: dict) -> str:
     """How to go on after Ctrl-C: resume from the last checkpoint if one was written."""
-    from rankseg_core.runs import run_paths
+    from rankseg_core.engine.runs import run_paths
 
     run = kwargs.get("out_dir")
     if run is not None and run_paths(run).last.is_file():
@@ -97,10 +96,10 @@ def train(
       [bold]rankseg train --model segmenter-vitb --data data/coco-stuff --selector runs/q2l --out runs/indep[/]\n
       [bold]rankseg train --model segmenter-vitb --data data/coco-stuff --init-from runs/q2l --out runs/ft[/]
     """
-    from rankseg_core import distributed as D
-    from rankseg_core.config import flag_overrides
-    from rankseg_core.train import config_for_run, describe
-    from rankseg_core.train import train as run_train
+    from rankseg_core.config.train import flag_overrides
+    from rankseg_core.engine.train import config_for_run, describe
+    from rankseg_core.engine.train import train as run_train
+    from rankseg_core.utils import distributed as D
 
     if oracle is not None and oracle != "train-eval":
         raise UserError(f"--oracle {oracle!r}: only train-eval is a training mode (GT eval is `rankseg eval --oracle`)")
@@ -118,8 +117,8 @@ def train(
         overrides.append(f"init_from={init_from}")
     cfg = config_for_run(out_dir, config, overrides, data, resume)
     if dry_run:
-        from rankseg_core.selector import resolve_selector
-        from rankseg_core.warm_start import check_init_from
+        from rankseg_core.engine.selector import resolve_selector
+        from rankseg_core.engine.warm_start import check_init_from
 
         resolve_selector(cfg, out_dir)  # as training would record them
         check_init_from(cfg, resume)
@@ -172,7 +171,7 @@ def evaluate(
       [bold]rankseg eval runs/adefull --oracle --oracle-fill ranked --json adefull_gt_ranked.json[/]\n
       [bold]rankseg eval runs/m2f-pan --save-panoptic preds/pan[/]
     """
-    from rankseg_core.evaluate import EvalOptions, run_evaluation
+    from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
 
     try:
         scale_list = [float(s) for s in scales.split(",")] if scales else None
@@ -214,7 +213,7 @@ def predict(
 
     Example: [bold]rankseg predict runs/adefull photos/ --out preds/[/]
     """
-    from rankseg_core.predict import run_prediction
+    from rankseg_core.engine.predict import run_prediction
 
     results = run_prediction(run, inputs, out_dir, device or "auto", weights, kappa)
     for r in results[:10]:
@@ -243,9 +242,9 @@ def stats_model(
       [bold]rankseg stats model --model segmenter-vitb --num-classes 1284 --kappa 100[/]\n
       [bold]rankseg stats model --model mask2former-swinl --num-classes 150 --kappa 150 --img-size 640 --task panoptic[/]
     """
-    from rankseg_core.model import ModelConfig
-    from rankseg_core.model.mask2former.config import Mask2FormerConfig
-    from rankseg_core.model_stats import model_stats
+    from rankseg_core.config.mask2former import Mask2FormerConfig
+    from rankseg_core.config.model import ModelConfig
+    from rankseg_core.engine.model_stats import model_stats
 
     cfg = ModelConfig(model=model, num_classes=num_classes, head=head, kappa=kappa, img_size=img_size, ml_head=ml_head,
                       mask2former=Mask2FormerConfig(task=task))

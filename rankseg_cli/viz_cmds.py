@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import err, new_app, show, user_errors
+from rankseg_cli.common import err, new_app, show, user_errors
 
 viz_app = new_app(
     "Figures of what a model learned: learned 1/tau per rank, false positives, predictions, and a "
@@ -39,8 +39,9 @@ def tau(
 
     Example: [bold]rankseg viz tau runs/ade-rankseg runs/lvis-rankseg --out tau.png[/]
     """
-    from rankseg_core.plotting import figure_format
-    from rankseg_core.viz import load_viz_run, tau_curve, write_tau
+    from rankseg_core.utils.plotting import figure_format
+    from rankseg_core.viz.common import load_viz_run
+    from rankseg_core.viz.tau import tau_curve, write_tau
 
     figure_format(out)
     curves = [tau_curve(load_viz_run(r, "cpu", weights)) for r in runs]
@@ -76,8 +77,8 @@ def false_positives(
 
     Example: [bold]rankseg viz false-positives runs/rs --data data/synth --baseline runs/base --num 4 --out viz/fp[/]
     """
-    from rankseg_core.viz import load_viz_run, run_false_positives
-    from rankseg_core.viz.common import parse_keys
+    from rankseg_core.viz.common import load_viz_run, parse_keys
+    from rankseg_core.viz.false_positives import run_false_positives
 
     r = load_viz_run(run, device, weights)
     b = load_viz_run(baseline, device, weights) if baseline is not None else None
@@ -114,8 +115,8 @@ def predictions(
 
     Example: [bold]rankseg viz predictions runs/rs --baseline runs/base --data data/synth --num 4 --out viz/pred[/]
     """
-    from rankseg_core.viz import load_viz_run, run_predictions
-    from rankseg_core.viz.common import parse_keys
+    from rankseg_core.viz.common import load_viz_run, parse_keys
+    from rankseg_core.viz.predictions import run_predictions
 
     runs = ([load_viz_run(baseline, device, weights)] if baseline is not None else []) + [load_viz_run(run, device, weights)]
     res = run_predictions(runs, data, out, split=split, keys=parse_keys(keys), num=num, per_figure=per_figure)
@@ -139,8 +140,8 @@ def samples(
 
     Example: [bold]rankseg viz samples data/ade20k-full --keys ADE_val_00000001 --out viz/samples[/]
     """
-    from rankseg_core.viz import run_samples
     from rankseg_core.viz.common import parse_keys
+    from rankseg_core.viz.samples import run_samples
 
     res = run_samples(data, out, split=split, keys=parse_keys(keys), num=num, per_figure=per_figure)
     if res["index_mismatches"]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.synthetic import prepare_synthetic
+from rankseg_core.convert.synthetic import prepare_synthetic
 
 # Tiny models on a small shared machine: intra-op threads cost more in sync than they gain
 # (measured ~10x slower with the default thread count under load).

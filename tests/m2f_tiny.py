@@ -6,8 +6,9 @@ import dataclasses
 
 import torch
 
-from rankseg_core.model import ModelConfig
-from rankseg_core.model.mask2former import Mask2FormerConfig, build_mask2former
+from rankseg_core.config.mask2former import Mask2FormerConfig
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.model.mask2former.model import build_mask2former
 
 TINY = Mask2FormerConfig(hidden_dim=32, conv_dim=32, mask_dim=32, nheads=4, num_queries=6, dec_layers=3,
                          enc_layers=1, dim_feedforward=64, enc_dim_feedforward=64, ml_hidden_dim=32,

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from convert_trees import random_image, write_jpeg, write_mask_png
+from PIL import Image
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from rankseg_core.convert.common import ConvertOptions, run_conversion
-from rankseg_core.shards import DatasetHeader, encode_sample
+from rankseg_core.shards.write import DatasetHeader, encode_sample
 
 IGNORE = 65535
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rankseg_core import augment
-from rankseg_core.augment import PhotoParams, TrainTransform, apply_photometric, random_crop_box, rescale_size
-from rankseg_core.codec import IGNORE
+from rankseg_core.data import augment
+from rankseg_core.data.augment import PhotoParams, TrainTransform, apply_photometric, random_crop_box, rescale_size
+from rankseg_core.shards.codec import IGNORE
 
 PALETTE = np.random.default_rng(0).integers(0, 256, (8, 3)).astype(np.uint8)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rankseg_core import runs
-from rankseg_core.config import (
+from rankseg_core.config.train import (
     DATASET_DEFAULTS,
     TrainConfig,
     build_train_config,
@@ -23,8 +22,9 @@ from rankseg_core.config import (
     set_key,
     to_yaml,
 )
+from rankseg_core.engine import runs
 from rankseg_core.errors import UserError
-from rankseg_core.shards import FORMAT, VERSION
+from rankseg_core.shards.write import FORMAT, VERSION
 
 
 def fake_shards(root: Path, name: str, k: int) -> Path:

@@ -11,20 +11,24 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from convert_trees import ade_full_tree, ade_seg_rgb, decode_rgb, random_label, read_shards, write_ade_full
 from PIL import Image
 from typer.testing import CliRunner
 
 import rankseg_cli.prepare_images  # noqa: F401  (registers the commands on `prepare`)
-from convert_trees import (ade_full_tree, ade_seg_rgb, decode_rgb, random_label, read_shards,
-                           write_ade_full)
 from rankseg_cli.app import app
-from rankseg_core.codec import IGNORE
-from rankseg_core.convert.ade20k_full import (FREQUENCY_CACHE, find_images, prepare_ade20k_full,
-                                              split_of, top_classes_by_frequency)
+from rankseg_core.convert.ade20k_full import (
+    FREQUENCY_CACHE,
+    find_images,
+    prepare_ade20k_full,
+    split_of,
+    top_classes_by_frequency,
+)
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.resize import short_side_size
 from rankseg_core.errors import UserError
-from rankseg_core.verify import verify_shards
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.verify import verify_shards
 
 REAL = Path("ade20k_full") / "ADE20K_2021_17_01"
 SHIPPED = Path(__file__).resolve().parents[1] / "datasets" / "ade20k_full" / "classes.json"

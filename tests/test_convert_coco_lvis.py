@@ -8,19 +8,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from PIL import Image
 from typer.testing import CliRunner
+from video_lvis_trees import coco_image, read_samples, rect, stuff_doc, v1_categories, write_jpeg, write_json
 
-from rankseg_core.codec import IGNORE
-from rankseg_core.convert.coco_lvis import (essnet_mapping, json_vocabulary, prepare_coco_lvis,
-                                            split_of, stuff_lut, v1_vocabulary)
+from rankseg_core.convert.coco_lvis import (
+    essnet_mapping,
+    json_vocabulary,
+    prepare_coco_lvis,
+    split_of,
+    stuff_lut,
+    v1_vocabulary,
+)
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.errors import UserError
-from rankseg_core.resources import load_json as load_dataset_json
-from rankseg_core.verify import verify_shards
-from conftest import assert_one_line_error
-from video_lvis_trees import (coco_image, read_samples, rect, stuff_doc, v1_categories, write_jpeg,
-                              write_json)
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.verify import verify_shards
+from rankseg_core.utils.resources import load_json as load_dataset_json
 
 # The spec's merges (docs/datasets.md, ESSNet): stuff id -> COCO+LVIS value.
 MERGES = {92: 50, 93: 110, 98: 181, 108: 346, 109: 350, 137: 713, 141: 804, 153: 904, 165: 1050,

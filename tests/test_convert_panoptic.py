@@ -10,21 +10,29 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
+from panoptic_trees import (
+    ade_panoptic_tree,
+    ade_things,
+    bbox,
+    coco_categories,
+    coco_tree,
+    coco_tree_from_fixtures,
+    read_png_ids,
+    write_ade_instance,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error
-from panoptic_trees import (ade_panoptic_tree, ade_things, bbox, coco_categories, coco_tree,
-                            coco_tree_from_fixtures, read_png_ids, write_ade_instance)
 from rankseg_cli.app import app
-from rankseg_core.codec import IGNORE
 from rankseg_core.convert.ade20k_panoptic import prepare_ade20k_panoptic
 from rankseg_core.convert.coco_panoptic import prepare_coco_panoptic
+from rankseg_core.convert.coco_panoptic_format import categories_of, image_id_of, write_coco_panoptic
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.errors import UserError
-from rankseg_core.panoptic import PanopticQuality, gt_from_shard
-from rankseg_core.panoptic_format import categories_of, image_id_of, write_coco_panoptic
-from rankseg_core.verify import verify_shards
+from rankseg_core.evaluation.panoptic_quality import PanopticQuality, gt_from_shard
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.verify import verify_shards
 
 runner = CliRunner()
 
@@ -39,7 +47,8 @@ def read_panoptic(out: Path) -> dict[str, dict]:
                 assert f.attrs["version"] == 2
                 offs, cls = f["class_offsets"][:], f["classes"][:]
                 for i, key in enumerate(f["key"].asstr()[:]):
-                    png = (lambda name: np.asarray(Image.open(io.BytesIO(f[name][i].tobytes()))).astype(np.int64))
+                    def png(name):
+                        return (np.asarray(Image.open(io.BytesIO(f[name][i].tobytes()))).astype(np.int64))
                     samples[key] = {"split": split, "label": png("label"), "segments": png("segments"),
                                     "info": json.loads(f["segments_info"].asstr()[i]),
                                     "image": f["image"][i].tobytes(),
@@ -121,7 +130,7 @@ def test_coco_real_fixtures(tmp_path: Path, shared_fixtures: Path, under_annotat
 
 def test_coco_export_round_trip_and_perfect_pq(tmp_path: Path, shared_fixtures: Path) -> None:
     """Shards -> COCO panoptic export reproduces the official PNGs and segments_info."""
-    from rankseg_core.dataset import ShardDataset
+    from rankseg_core.shards.read import ShardDataset
 
     root = tmp_path / "coco"
     doc = coco_tree_from_fixtures(root, shared_fixtures)

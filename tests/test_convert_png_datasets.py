@@ -13,20 +13,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from convert_trees import (
+    COCO_STUFF_UNUSED,
+    ade150_tree,
+    coco_stuff_tree,
+    decode_rgb,
+    pascal_context_tree,
+    random_image,
+    read_shards,
+    write_mask_png,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
 import rankseg_cli.prepare_images  # noqa: F401  (registers the commands on `prepare`)
-from convert_trees import (COCO_STUFF_UNUSED, ade150_tree, coco_stuff_tree, decode_rgb,
-                           pascal_context_tree, random_image, read_shards, write_mask_png)
 from rankseg_cli.app import app
-from rankseg_core.codec import IGNORE, decode_image
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.png_datasets import prepare_ade20k, prepare_coco_stuff, prepare_pascal_context
 from rankseg_core.convert.source_io import decode_jpeg
-from rankseg_core.errors import UserError
-from rankseg_core.shards import SampleError
-from rankseg_core.verify import verify_shards
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE, decode_image
+from rankseg_core.shards.verify import verify_shards
 
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 runner = CliRunner()

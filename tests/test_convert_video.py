@@ -7,20 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
+from video_lvis_trees import read_samples, rect, rle_uncompressed, vspw_tree, write_json, write_mask, ytvis_frames
 
-from rankseg_core.codec import IGNORE
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.vspw import prepare_vspw
 from rankseg_core.convert.youtube_vis import prepare_youtube_vis
 from rankseg_core.errors import UserError
-from rankseg_core.resources import load_json as load_dataset_json
-from rankseg_core.verify import verify_shards
-from conftest import assert_one_line_error
-from video_lvis_trees import (read_samples, rect, rle_uncompressed, vspw_tree, write_json,
-                              write_mask, ytvis_frames)
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.verify import verify_shards
+from rankseg_core.utils.resources import load_json as load_dataset_json
 
 OPTS = ConvertOptions(workers=0)
 

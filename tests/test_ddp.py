@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankseg_core import runs
-from rankseg_core.config import build_train_config
+from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.synthetic import prepare_synthetic
-from rankseg_core.train import train
+from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.engine import runs
+from rankseg_core.engine.train import train
 
 SCRIPT = """
 from rankseg_cli.common import new_app
@@ -51,7 +51,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     # The runs really trained (a test that passes with frozen weights would prove nothing).
-    from rankseg_core.model import build_model
+    from rankseg_core.model.segmenter import build_model
 
     torch.manual_seed(0)  # train() seeds with cfg.seed = 0 before building the model
     fresh = build_model(build_train_config(None, sets, data).model).state_dict()

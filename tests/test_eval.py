@@ -14,18 +14,18 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from rankseg_core import runs
-from rankseg_core.config import build_train_config
-from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.dataset import ShardDataset
-from rankseg_core.errors import UserError
-from rankseg_core.evaluate import EvalOptions, evaluate_model, read_class_subsets
-from rankseg_core.families.segmenter import predict_fast
-from rankseg_core.inference import predict_whole
-from rankseg_core.synthetic import prepare_synthetic
-from rankseg_core.train import train
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate, predict, stats_model
+from rankseg_core.config.train import build_train_config
+from rankseg_core.convert.common import ConvertOptions
+from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.engine import runs
+from rankseg_core.engine.evaluate import EvalOptions, evaluate_model, read_class_subsets
+from rankseg_core.engine.train import train
+from rankseg_core.errors import UserError
+from rankseg_core.families.segmenter import predict_fast
+from rankseg_core.inference.dense import predict_whole
+from rankseg_core.shards.read import ShardDataset
 
 K = 40
 
@@ -215,7 +215,7 @@ def test_oracle_fill_eval(run: Path, tmp_path: Path) -> None:
     rep = evaluate_model(model, cfg, EvalOptions(oracle=True, oracle_fill="random", save_predictions=preds,
                                                  progress=False), dev)
     assert 0 <= rep["miou"] <= 1
-    from rankseg_core.evaluate import random_fill
+    from rankseg_core.engine.evaluate import random_fill
 
     ds = ShardDataset(cfg.data.root, "val")
     for i in range(len(ds)):

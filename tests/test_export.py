@@ -12,14 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import assert_one_line_error
-from convert_trees import (
-    ade150_tree,
-    ade_full_tree,
-    coco_stuff_tree,
-    decode_rgb,
-    pascal_context_tree,
-    read_shards,
-)
+from convert_trees import ade150_tree, ade_full_tree, coco_stuff_tree, decode_rgb, pascal_context_tree, read_shards
 from pascal_context_trees import pascal_context_release, table
 from PIL import Image
 from score_helpers import make_shards
@@ -29,14 +22,10 @@ from rankseg_cli.app import app
 from rankseg_core.convert.ade20k_full import prepare_ade20k_full
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.detectron2_layout import prepare_detectron2_layout
+from rankseg_core.convert.export import export_shards
 from rankseg_core.convert.pascal_context import prepare_pascal_context_mat
-from rankseg_core.convert.png_datasets import (
-    prepare_ade20k,
-    prepare_coco_stuff,
-    prepare_pascal_context,
-)
+from rankseg_core.convert.png_datasets import prepare_ade20k, prepare_coco_stuff, prepare_pascal_context
 from rankseg_core.errors import UserError
-from rankseg_core.export import export_shards
 
 IGNORE = 65535
 OPTS = ConvertOptions(samples_per_shard=3)

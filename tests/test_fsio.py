@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rankseg_core import fsio, jsonio
 from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.errors import SampleError, UserError
-from rankseg_core.shards import DatasetHeader, atomic_write_bytes, atomic_write_json, encode_sample
+from rankseg_core.shards.write import DatasetHeader, encode_sample
+from rankseg_core.utils import fsio, jsonio
+from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
 
 
 def strict_loads(text: str):
@@ -142,7 +143,7 @@ def test_symlink_at_the_temp_name_is_not_followed(tmp_path: Path) -> None:
 
 def test_full_disk_during_a_shard_leaves_nothing_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC while a shard is written: one line, no temp file, no shard; a re-run resumes."""
-    import rankseg_core.shards as shards
+    import rankseg_core.shards.write as shards
 
     def maker(key: str):
         return encode_sample(key, b"\xff\xd8", np.zeros((3, 3), np.uint16), 3)

@@ -10,10 +10,20 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from rankseg_core.codec import MAX_PIXELS
-from rankseg_core.convert.geometry import (BOUNDARY_FACTOR, GeometryError, check_counts_list, check_image_size,
-                                           check_polygons, check_rle_dict, compressed_rle, decode_counts,
-                                           polygon_lists, polygon_problems, rle_string_problems)
+from rankseg_core.convert.geometry import (
+    BOUNDARY_FACTOR,
+    GeometryError,
+    check_counts_list,
+    check_image_size,
+    check_polygons,
+    check_rle_dict,
+    compressed_rle,
+    decode_counts,
+    polygon_lists,
+    polygon_problems,
+    rle_string_problems,
+)
+from rankseg_core.shards.codec import MAX_PIXELS
 
 
 def runs_of(mask: np.ndarray) -> list[int]:

@@ -68,7 +68,7 @@ def _numbers(obj: object, prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k in ("time", "seconds", "data", "weights", "elapsed", "data_time", "step_time"):
+            if k in ("samples_per_s", "data", "weights"):  # speed and paths, not results
                 continue
             out.update(_numbers(v, f"{prefix}{k}."))
     elif isinstance(obj, list):

@@ -10,21 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate, predict
 from rankseg_cli.train_cmds import train as train_cmd
-from rankseg_core import runs
-from rankseg_core.augment import build_test_transform
-from rankseg_core.config import build_train_config
+from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.dataset import ShardDataset
+from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.data.augment import build_test_transform
+from rankseg_core.engine import runs
+from rankseg_core.engine.train import train
 from rankseg_core.errors import UserError
 from rankseg_core.model.classifier import SELECTOR_ATTR
-from rankseg_core.synthetic import prepare_synthetic
-from rankseg_core.train import train
-from conftest import assert_one_line_error
+from rankseg_core.shards.read import ShardDataset
 
 K = 40
 KAPPA = 8
@@ -153,7 +153,7 @@ def test_classifier_refuses_oracle_and_selector(data: Path, classifier_run: Path
 
 
 def test_classifier_clips_give_one_prediction_per_clip() -> None:
-    from rankseg_core.model import ModelConfig
+    from rankseg_core.config.model import ModelConfig
     from rankseg_core.model.classifier import build_classifier
 
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankseg_core.inference import (
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.inference.dense import (
     compact_logits,
     predict_multiscale,
     predict_probs,
@@ -19,7 +20,8 @@ from rankseg_core.inference import (
     scaled_size,
     scatter_to_classes,
 )
-from rankseg_core.model import ModelConfig, SegOutput, build_model
+from rankseg_core.model.heads import SegOutput
+from rankseg_core.model.segmenter import build_model
 
 K = 10
 
@@ -114,7 +116,8 @@ def test_multiscale_is_mean_of_softmax_of_resized_logits(model) -> None:
     probs, ml = predict_multiscale(model, x, K, scales=(1.0, 1.5), flip=True, size=(45, 41), return_ml=True)
     assert probs.shape == (1, K, 45, 41) and ml.shape == (1, K)
     torch.testing.assert_close(probs.sum(1), torch.ones(1, 45, 41))
-    up = (lambda t: F.interpolate(t, size=(45, 41), mode="bilinear", align_corners=False))
+    def up(t):
+        return (F.interpolate(t, size=(45, 41), mode="bilinear", align_corners=False))
     single = up(predict_whole(model, x, K)).softmax(1)
     flipped = up(predict_whole(model, x.flip(-1), K)).softmax(1).flip(-1)
     big = F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)

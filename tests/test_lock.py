@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 from rankseg_cli.app import app
 from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.errors import UserError
-from rankseg_core.lock import LOCK_NAME, acquire, dir_lock
-from rankseg_core.shards import DatasetHeader, encode_sample
+from rankseg_core.shards.write import DatasetHeader, encode_sample
+from rankseg_core.utils.lock import LOCK_NAME, acquire, dir_lock
 
 HOLDER = """
 import sys, time
-from rankseg_core.lock import acquire
+from rankseg_core.utils.lock import acquire
 acquire(sys.argv[1], "prepare", shared=sys.argv[2] == "shared")
 if len(sys.argv) > 3:
     acquire(sys.argv[1], "prepare", name=sys.argv[3])

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankseg_core.losses import (
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.losses.rankseg import (
     PAD_LOGIT,
     RankSegCriterion,
     asymmetric_loss,
@@ -21,7 +22,8 @@ from rankseg_core.losses import (
     seg_loss,
     selection_stats,
 )
-from rankseg_core.model import ModelConfig, SegOutput, build_model
+from rankseg_core.model.heads import SegOutput
+from rankseg_core.model.segmenter import build_model
 
 IGN = 255
 
@@ -229,7 +231,7 @@ def test_criterion_uses_the_configured_asl_gammas() -> None:
 
 
 def test_ml_loss_fn_from_a_loss_config() -> None:
-    from rankseg_core.config import LossConfig
+    from rankseg_core.config.train import LossConfig
     from rankseg_core.errors import UserError
 
     x, y = torch.randn(2, 9) * 2, (torch.rand(2, 9) > 0.5).float()

@@ -15,15 +15,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
+from video_lvis_trees import (
+    H,
+    W,
+    lvis_tree,
+    read_samples,
+    rect,
+    rle_str,
+    rle_uncompressed,
+    write_docs,
+    write_json,
+    ytvis_frames,
+)
 
 from rankseg_core.convert.coco_lvis import prepare_coco_lvis
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.youtube_vis import prepare_youtube_vis
 from rankseg_core.errors import UserError
-from rankseg_core.verify import verify_shards
-from conftest import assert_one_line_error
-from video_lvis_trees import H, W, lvis_tree, read_samples, rect, rle_str, rle_uncompressed, write_docs, write_json, ytvis_frames
+from rankseg_core.shards.verify import verify_shards
 
 SKIP = ConvertOptions(workers=0, on_error="skip")
 FAIL = ConvertOptions(workers=0)

@@ -18,20 +18,20 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core import runs
-from rankseg_core.config import build_train_config
+from rankseg_core.config.train import build_train_config
+from rankseg_core.convert.coco_panoptic_format import read_coco_panoptic
 from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.dataset import ShardDataset
-from rankseg_core.evaluate import EvalOptions, run_evaluation
-from rankseg_core.metrics import ConfusionMatrix
-from rankseg_core.panoptic import PanopticQuality, gt_from_shard
-from rankseg_core.panoptic_format import read_coco_panoptic
-from rankseg_core.synthetic import prepare_synthetic
-from rankseg_core.train import train
-from conftest import assert_one_line_error
+from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.engine import runs
+from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
+from rankseg_core.engine.train import train
+from rankseg_core.evaluation.metrics import ConfusionMatrix
+from rankseg_core.evaluation.panoptic_quality import PanopticQuality, gt_from_shard
+from rankseg_core.shards.read import ShardDataset
 
 runner = CliRunner()
 
@@ -82,8 +82,8 @@ def test_recipe_defaults_are_the_official_mask2former_ones(pan_data: Path) -> No
 
 def test_optimizer_groups_follow_detectron2(pan_data: Path) -> None:
     """backbone lr x 0.1, ml head lr x 0.1, no decay on the model's no_weight_decay list."""
+    from rankseg_core.engine.optim import build_optimizer
     from rankseg_core.families import family_of
-    from rankseg_core.optim import build_optimizer
 
     cfg = _cfg(pan_data)
     model = family_of(cfg.model.model).build(cfg.model)
@@ -126,7 +126,7 @@ def test_panoptic_run_resumes_exactly_and_reports_pq(tmp_path: Path, pan_data: P
 
 def _train_until(cfg, run_dir: Path, stop_after: int) -> None:
     """Train `cfg` but stop (as a crash would) right after iteration `stop_after`'s checkpoint."""
-    import rankseg_core.train as T
+    import rankseg_core.engine.train as T
 
     real = T._checkpoint
 

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from rankseg_core.model import FILL_LOGIT
-from rankseg_core.model.mask2former.inference import (
+from rankseg_core.inference.mask2former import (
     full_class_logits,
     panoptic_inference,
     semantic_inference,
     semantic_inference_compact,
     semantic_map,
 )
+from rankseg_core.model.heads import FILL_LOGIT
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 
 # Masks are one row of 8 cells (image 4 x 32, cells of 4 columns). Bilinear x4 upsampling of
@@ -60,7 +60,8 @@ def hand_output() -> Mask2FormerOutput:
 
 def test_panoptic_inference_hand_built() -> None:
     (seg, segments), = panoptic_inference(hand_output(), (4, 32), thing_classes=[0, 1])
-    s = lambda v: math.exp(v) / (math.exp(v) + K)
+    def s(v):
+        return math.exp(v) / (math.exp(v) + K)
     expected_cells = [1, 1, 2, 0, 3, 3, 3, 0]  # cell 3: only dropped queries; cell 7: the dropped class-3 query
     expected = torch.tensor(expected_cells, dtype=torch.int32).repeat_interleave(4)[None].expand(4, -1)
     assert seg.dtype == torch.int32 and torch.equal(seg, expected)

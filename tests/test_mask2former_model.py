@@ -5,18 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from rankseg_core.config import TrainConfig, from_dict, parse_override, set_key, to_yaml
-from rankseg_core.errors import UserError
-from rankseg_core.model import FILL_LOGIT, ModelConfig
-from rankseg_core.model.mask2former import build_mask2former
-from rankseg_core.model.mask2former.backbone import (
-    PyramidBackbone,
-    load_pyramid_weights,
-)
-from rankseg_core.model.mask2former.config import Mask2FormerConfig
-from rankseg_core.model.mask2former.multilabel import QueryRankNorm, selected_logits
 from m2f_tiny import TINY, tiny_cfg, tiny_model
+
+from rankseg_core.config.mask2former import Mask2FormerConfig
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.train import TrainConfig, from_dict, parse_override, set_key, to_yaml
+from rankseg_core.errors import UserError
+from rankseg_core.model.heads import FILL_LOGIT
+from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights
+from rankseg_core.model.mask2former.model import build_mask2former
+from rankseg_core.model.mask2former.multilabel import QueryRankNorm, selected_logits
 
 K, KAPPA = 10, 4
 FAST = ["mask2former-r50", "mask2former-swint", "mask2former-swins"]

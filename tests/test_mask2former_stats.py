@@ -6,13 +6,14 @@ import json
 
 import pytest
 import timm
-from typer.testing import CliRunner
-
-from rankseg_core.model import ModelConfig
-from rankseg_core.model.mask2former import Mask2FormerConfig, build_mask2former
-from rankseg_core.model_stats import count_flops, count_parameters, model_stats
 from conftest import assert_one_line_error
 from m2f_tiny import TINY, tiny_model
+from typer.testing import CliRunner
+
+from rankseg_core.config.mask2former import Mask2FormerConfig
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.engine.model_stats import count_flops, count_parameters, model_stats
+from rankseg_core.model.mask2former.model import build_mask2former
 
 # Main paper Table 8 (Mask2Former Swin-L, ADE20K, K = 150): (task, head) -> #params as printed,
 # in "M" = 2^20 parameters (docs/mask2former.md, "Cost").
@@ -24,8 +25,10 @@ MI = 2**20
 def head_formula(k: int, queries: int, kappa: int, rankseg: bool, in_ch: list[int], m: Mask2FormerConfig) -> int:
     """Parameters after the backbone, from the official layer shapes (independent of the code)."""
     d, f_enc, f_dec, heads, pts = m.conv_dim, m.enc_dim_feedforward, m.dim_feedforward, m.nheads, m.enc_n_points
-    lin = lambda a, b, bias=True: a * b + (b if bias else 0)
-    ln = lambda c: 2 * c
+    def lin(a, b, bias=True):
+        return a * b + (b if bias else 0)
+    def ln(c):
+        return 2 * c
     enc_layer = (lin(d, heads * 3 * pts * 2) + lin(d, heads * 3 * pts) + 2 * lin(d, d) + ln(d)
                  + lin(d, f_enc) + lin(f_enc, d) + ln(d))
     pixel = (sum(lin(c, d) + ln(d) for c in in_ch[1:]) + 3 * d + m.enc_layers * enc_layer

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from rankseg_core.model.mask2former import (
-    Mask2FormerCriterion,
-    semantic_map,
-    targets_from_semantic,
-)
-from rankseg_core.model.mask2former.inference import panoptic_inference
 from m2f_tiny import tiny_cfg, tiny_model
+
+from rankseg_core.inference.mask2former import panoptic_inference, semantic_map
+from rankseg_core.losses.mask2former import Mask2FormerCriterion
+from rankseg_core.losses.targets import targets_from_semantic
 
 K = 10
 

@@ -16,8 +16,8 @@ import typer
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core import runs
-from rankseg_core.config import build_train_config
+from rankseg_core.config.train import build_train_config
+from rankseg_core.engine import runs
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "400"}  # help panels only; our own lines must not need it
@@ -58,20 +58,20 @@ def test_ctrl_c_in_train_before_a_checkpoint_and_elsewhere(tmp_path: Path, monke
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    import rankseg_core.evaluate
-    import rankseg_core.synthetic
-    import rankseg_core.train
+    import rankseg_core.convert.synthetic
+    import rankseg_core.engine.evaluate
+    import rankseg_core.engine.train
 
-    monkeypatch.setattr(rankseg_core.train, "config_for_run", interrupt)
+    monkeypatch.setattr(rankseg_core.engine.train, "config_for_run", interrupt)
     res = run("train", "--out", tmp_path / "run", "--data", tmp_path)
     assert res.exit_code == 130, res.output
     assert "no checkpoint was written yet" in res.output and "--resume" not in res.output
 
-    monkeypatch.setattr(rankseg_core.synthetic, "prepare_synthetic", interrupt)
+    monkeypatch.setattr(rankseg_core.convert.synthetic, "prepare_synthetic", interrupt)
     res = run("prepare", "synthetic", "--out", tmp_path / "d")
     assert res.exit_code == 130 and "re-run the same command to resume" in res.output, res.output
 
-    monkeypatch.setattr(rankseg_core.evaluate, "run_evaluation", interrupt)
+    monkeypatch.setattr(rankseg_core.engine.evaluate, "run_evaluation", interrupt)
     res = run("eval", tmp_path / "run")
     assert res.exit_code == 130 and "resume" not in res.output, res.output  # eval keeps nothing to resume
 
@@ -123,9 +123,9 @@ def capture(monkeypatch: pytest.MonkeyPatch, module, name: str) -> dict:
 
 def test_converter_defaults_are_what_help_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import rankseg_core.convert.png_datasets as png
+    import rankseg_core.convert.synthetic as synthetic
     import rankseg_core.convert.vspw as vspw
     import rankseg_core.convert.youtube_vis as ytvis
-    import rankseg_core.synthetic as synthetic
 
     seen = capture(monkeypatch, png, "prepare_ade20k")
     run("prepare", "ade20k", "--root", tmp_path, "--out", tmp_path / "o")
@@ -154,13 +154,13 @@ def test_synthetic_val_images_default(tmp_path: Path) -> None:
 
 
 def test_eval_and_predict_device_default_is_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rankseg_core.evaluate
-    import rankseg_core.predict
+    import rankseg_core.engine.evaluate
+    import rankseg_core.engine.predict
 
-    seen = capture(monkeypatch, rankseg_core.evaluate, "run_evaluation")
+    seen = capture(monkeypatch, rankseg_core.engine.evaluate, "run_evaluation")
     run("eval", tmp_path)
     assert seen["args"][1].mode is None and seen["args"][4] == "auto"  # mode: the run's eval.mode
-    seen = capture(monkeypatch, rankseg_core.predict, "run_prediction")
+    seen = capture(monkeypatch, rankseg_core.engine.predict, "run_prediction")
     run("predict", tmp_path, tmp_path, "--out", tmp_path / "p")
     assert seen["args"][3] == "auto"
 
@@ -227,7 +227,7 @@ def test_unknown_figure_extension_is_one_line_and_writes_nothing(synth: Path, tm
 
 def test_save_figure_formats_and_atomicity(tmp_path: Path) -> None:
     from rankseg_core.errors import UserError
-    from rankseg_core.plotting import plt, save_figure
+    from rankseg_core.utils.plotting import plt, save_figure
 
     for ext in ("png", "pdf", "svg"):
         fig, ax = plt.subplots()
@@ -253,6 +253,7 @@ def test_weights_have_the_permissions_of_the_other_run_files(tmp_path: Path, syn
         runs.save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"iteration": 1})
     finally:
         os.umask(old)
-    mode = (lambda p: (tmp_path / p).stat().st_mode & 0o777)
+    def mode(p):
+        return ((tmp_path / p).stat().st_mode & 0o777)
     assert mode("config.yaml") == 0o666 & ~0o027
     assert mode("model.safetensors") == mode("config.yaml") == mode("checkpoints/last.pt")

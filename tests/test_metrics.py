@@ -8,12 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankseg_core.metrics import (
-    ConfusionMatrix,
-    average_precision,
-    ranking_ap_per_image,
-    recall_at_k,
-)
+from rankseg_core.evaluation.metrics import ConfusionMatrix, average_precision, ranking_ap_per_image, recall_at_k
 
 IGN = 255
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rankseg_core.config.model import ModelConfig
 from rankseg_core.errors import UserError
-from rankseg_core.model import FILL_LOGIT, ModelConfig, RankNorm, build_model, load_backbone_weights
+from rankseg_core.model.backbone import load_backbone_weights
+from rankseg_core.model.heads import FILL_LOGIT, RankNorm
+from rankseg_core.model.segmenter import build_model
 
 K, KAPPA, IMG = 12, 4, 32
 

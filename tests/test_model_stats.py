@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankseg_core.model import ModelConfig, build_model
-from rankseg_core.model_stats import count_flops, count_parameters, model_stats
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.engine.model_stats import count_flops, count_parameters, model_stats
+from rankseg_core.model.segmenter import build_model
 
 
 def test_count_parameters_small_module() -> None:

@@ -18,15 +18,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from convert_trees import ade150_tree
 from typer.testing import CliRunner
 
-from convert_trees import ade150_tree
 from rankseg_cli.app import app
-from rankseg_core import runs
-from rankseg_core.config import build_train_config
-from rankseg_core.console import printable
-from rankseg_core.shards import shard_is_complete
-from rankseg_core.train import train as run_train
+from rankseg_core.config.train import build_train_config
+from rankseg_core.engine import runs
+from rankseg_core.engine.train import train as run_train
+from rankseg_core.shards.write import shard_is_complete
+from rankseg_core.utils.console import printable
 
 runner = CliRunner()
 PROC = "/proc/rankseg-unwritable"

@@ -10,7 +10,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from rankseg_core.panoptic import PanopticQuality, gt_from_shard, image_stats
+from rankseg_core.evaluation.panoptic_quality import PanopticQuality, gt_from_shard, image_stats
 
 K = 5
 THINGS = [0, 1]  # 2, 3, 4 are stuff; 4 never occurs

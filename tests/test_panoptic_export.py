@@ -7,18 +7,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from panoptic_trees import bbox, read_png_ids
 from typer.testing import CliRunner
 
-from panoptic_trees import bbox, read_png_ids
 from rankseg_cli.app import app
-from rankseg_core.codec import IGNORE
+from rankseg_core.convert.coco_panoptic_format import (
+    Category,
+    categories_of,
+    id2rgb,
+    image_id_of,
+    read_coco_panoptic,
+    rgb2id,
+    write_coco_panoptic,
+)
 from rankseg_core.convert.common import ConvertOptions
+from rankseg_core.convert.synthetic import make_world, prepare_synthetic, render_panoptic
 from rankseg_core.errors import UserError
-from rankseg_core.panoptic import PanopticQuality, gt_from_shard
-from rankseg_core.panoptic_format import (Category, categories_of, id2rgb, image_id_of, read_coco_panoptic,
-                                          rgb2id, write_coco_panoptic)
-from rankseg_core.synthetic import make_world, prepare_synthetic, render_panoptic
-from rankseg_core.verify import verify_shards
+from rankseg_core.evaluation.panoptic_quality import PanopticQuality, gt_from_shard
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.verify import verify_shards
 
 runner = CliRunner()
 CATS = [Category(1, "person", True), Category(7, "train", True), Category(92, "banner", False)]
@@ -92,7 +99,7 @@ def test_categories_of_and_image_ids() -> None:
 # --- synthetic panoptic ------------------------------------------------------------------------------
 
 def test_synthetic_panoptic(tmp_path: Path) -> None:
-    from rankseg_core.dataset import ShardDataset
+    from rankseg_core.shards.read import ShardDataset
 
     index = prepare_synthetic(tmp_path / "a", num_classes=60, images=16, size=48, seed=2, panoptic=True,
                               opts=ConvertOptions(samples_per_shard=8))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rankseg_core.errors import SampleError, UserError
-from rankseg_core.parallel import AHEAD_PER_WORKER, Skipped, ordered_map
+from rankseg_core.utils.parallel import AHEAD_PER_WORKER, Skipped, ordered_map
 
 # Makers are module-level so spawned workers can unpickle them.
 

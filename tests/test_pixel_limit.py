@@ -17,18 +17,24 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from PIL import Image
 from typer.testing import CliRunner
+from video_lvis_trees import lvis_tree, read_samples, write_docs
 
-from rankseg_core.codec import (MAX_PIXELS, check_pixel_limit, decode_image, decode_label, encode_label,
-                                header_size)
 from rankseg_core.convert.ade20k_full import decode_seg
 from rankseg_core.convert.coco_lvis import prepare_coco_lvis
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.source_io import decode_jpeg, decode_mask
-from rankseg_core.shards import SampleError
-from conftest import assert_one_line_error
-from video_lvis_trees import lvis_tree, read_samples, write_docs
+from rankseg_core.errors import SampleError
+from rankseg_core.shards.codec import (
+    MAX_PIXELS,
+    check_pixel_limit,
+    decode_image,
+    decode_label,
+    encode_label,
+    header_size,
+)
 
 BIG = 20000  # 20000^2 = 4e8 > MAX_PIXELS = 2^28 (and < OpenCV's 2^30)
 
@@ -131,10 +137,10 @@ def test_coco_lvis_skips_a_bomb_image(tmp_path: Path) -> None:
 
 
 def test_predict_refuses_a_bomb(tmp_path: Path) -> None:
-    from rankseg_core.config import build_train_config
-    from rankseg_core.synthetic import prepare_synthetic
-    from rankseg_core.train import train
     from rankseg_cli.app import app
+    from rankseg_core.config.train import build_train_config
+    from rankseg_core.convert.synthetic import prepare_synthetic
+    from rankseg_core.engine.train import train
 
     prepare_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=2, size=32, seed=0,
                       opts=ConvertOptions(samples_per_shard=8))

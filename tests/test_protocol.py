@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankseg_core.config import TrainConfig, resolve
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.train import TrainConfig, resolve
 from rankseg_core.families.segmenter import predict, scale_sizes
-from rankseg_core.inference import predict_probs
-from rankseg_core.model import ModelConfig, build_model
+from rankseg_core.inference.dense import predict_probs
+from rankseg_core.model.segmenter import build_model
 
 K = 12
 PATCH = 16
@@ -204,12 +205,13 @@ def test_family_predict_uses_the_protocol_and_mmcv_scale_sizes(models) -> None:
 def test_ade20k_full_run_evaluates_with_slide_512(shared_fixtures, tmp_path, monkeypatch) -> None:
     import json
 
-    from rankseg_core import inference, runs
-    from rankseg_core.config import build_train_config
+    from rankseg_core.config.train import build_train_config
     from rankseg_core.convert.ade20k_full import prepare_ade20k_full
     from rankseg_core.convert.common import ConvertOptions
-    from rankseg_core.evaluate import EvalOptions, run_evaluation
-    from rankseg_core.train import _evaluate, train
+    from rankseg_core.engine import runs
+    from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
+    from rankseg_core.engine.train import _evaluate, train
+    from rankseg_core.inference.dense import dense as inference
 
     root = shared_fixtures / "ade20k_full" / "ADE20K_2021_17_01"
     if not root.is_dir():

@@ -180,8 +180,8 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
     import torch
     from safetensors import safe_open
 
-    from rankseg_core.evaluate import EvalOptions, evaluate_model
-    from rankseg_core.runs import load_run
+    from rankseg_core.engine.evaluate import EvalOptions, evaluate_model
+    from rankseg_core.engine.runs import load_run
 
     out = R.main(["--smoke", "--work", str(tmp_path / "work")])
     res = out["results"][0]
@@ -216,8 +216,8 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
     assert {d["b"] for d in res["diagnoses"]} >= {"GT + ranked fill", f"own top-{p.kappa}"}
     # The false-positive makeup rebuilds the generator's world: every val image's classes are
     # one scene's background and objects in it.
-    from rankseg_core.dataset import ShardDataset
-    from rankseg_core.synthetic import make_world
+    from rankseg_core.convert.synthetic import make_world
+    from rankseg_core.shards.read import ShardDataset
 
     world = make_world(40, 0)
     ds = ShardDataset(cfg.data.root, "val")
@@ -242,7 +242,7 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
         assert init_keys == own and rec["loaded"] == len(own) and rec["unexpected"] == 0 and rec["backbone_only"]
     from safetensors.torch import load_file
 
-    from rankseg_core.integrity import content_digest
+    from rankseg_core.utils.integrity import content_digest
 
     digest = content_digest(load_file(str(base / "pretrain_backbone.safetensors")))
     assert {stored(v, s)["init"]["sha256"] for v in ("mt", "indep") for s in range(p.seeds)} == {digest}

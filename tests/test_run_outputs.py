@@ -20,11 +20,11 @@ from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.config import build_train_config
+from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.predict import MARKER
-from rankseg_core.synthetic import prepare_synthetic
-from rankseg_core.train import train
+from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.engine.predict import MARKER
+from rankseg_core.engine.train import train
 
 K = 40
 TINY = ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=6", "schedule.iters=2",
@@ -115,7 +115,7 @@ def test_eval_on_other_shards_keeps_both_results(root: Path, tmp_path: Path) -> 
 
 
 def test_an_evaluation_in_progress_locks_its_output(root: Path, tmp_path: Path) -> None:
-    from rankseg_core import lock
+    from rankseg_core.utils import lock
 
     out = tmp_path / "e.json"
     with lock.dir_lock(tmp_path, "eval", name=f"{lock.LOCK_NAME}.e.json"):

@@ -27,12 +27,13 @@ from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core import integrity, lock, runs
-from rankseg_core.config import build_train_config
+from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.common import ConvertOptions
+from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.engine import runs
+from rankseg_core.engine.train import train
 from rankseg_core.errors import UserError
-from rankseg_core.synthetic import prepare_synthetic
-from rankseg_core.train import train
+from rankseg_core.utils import integrity, lock
 
 REPO = Path(__file__).resolve().parents[1]
 K = 40
@@ -325,7 +326,7 @@ def test_ctrl_c_during_train_then_the_hinted_command_resumes_exactly(data: Path,
 # A `rankseg train` whose steps take 0.3 s longer, so that a signal lands mid-run.
 SLOW_CLI = """
 import time
-import rankseg_core.train as T
+import rankseg_core.engine.train as T
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import train, stats_model
 

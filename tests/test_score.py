@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from rankseg_cli.common import new_app
 from rankseg_cli.score_cmds import register
 from rankseg_core.errors import UserError
-from rankseg_core.metrics import PROTOCOLS, ConfusionMatrix
-from rankseg_core.score import frequency_bins, lvis_groups, match_predictions
+from rankseg_core.evaluation.metrics import PROTOCOLS, ConfusionMatrix
+from rankseg_core.evaluation.score_files import frequency_bins, lvis_groups, match_predictions
 
 K = 12
 NAMES = [f"class {i}" for i in range(K)]
@@ -331,10 +331,10 @@ def test_agrees_with_rankseg_eval_on_saved_predictions(tmp_path: Path) -> None:
     """A run's own `rankseg eval --save-predictions` files give the same mIoU, aAcc and per-class
     IoU as `rankseg eval` itself."""
     from rankseg_cli.train_cmds import evaluate
-    from rankseg_core.config import build_train_config
+    from rankseg_core.config.train import build_train_config
     from rankseg_core.convert.common import ConvertOptions
-    from rankseg_core.synthetic import prepare_synthetic
-    from rankseg_core.train import train
+    from rankseg_core.convert.synthetic import prepare_synthetic
+    from rankseg_core.engine.train import train
 
     data = tmp_path / "data"
     prepare_synthetic(data, num_classes=40, images=4, val_images=4, size=48, seed=3,

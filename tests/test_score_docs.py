@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from protocol_example import markdown, worked_example
+from protocol_example import markdown, worked_example  # noqa: E402
 
 
 def test_worked_example_in_docs_is_computed(tmp_path: Path) -> None:

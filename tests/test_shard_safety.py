@@ -19,10 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.dataset import ShardDataset
 from rankseg_core.errors import UserError
-from rankseg_core.shards import sha256_file
-from rankseg_core.verify import verify_shards
+from rankseg_core.shards.read import ShardDataset
+from rankseg_core.shards.verify import verify_shards
+from rankseg_core.shards.write import sha256_file
 
 runner = CliRunner()
 SHARD = "train-00000-of-00003.h5"  # the synth fixture: 24 train images, 8 per shard
@@ -179,7 +179,7 @@ def test_crafted_directory_is_refused_in_one_line(data: Path, case: str) -> None
 
 def test_oversized_file_is_not_hashed(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file larger than its record is refused from its size alone, before any byte is read."""
-    import rankseg_core.verify as verify
+    import rankseg_core.shards.verify as verify
 
     with open(data / SHARD, "ab") as f:
         f.truncate(50 << 30)  # sparse: 50 GB apparent size, no disk used

@@ -9,15 +9,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-from rankseg_core.codec import IGNORE, class_counts, decode_label, encode_jpeg
-from rankseg_core.convert.common import ConvertOptions, run_conversion
-from rankseg_core.dataset import ShardDataset, ShardIndex
-from rankseg_core.errors import UserError
-from rankseg_core.shards import DatasetHeader, SampleError, encode_sample, plan_shards
-from rankseg_core.verify import verify_shards
-
 from conftest import make_synthetic
+
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE, class_counts, decode_label, encode_jpeg
+from rankseg_core.shards.read import ShardDataset, ShardIndex
+from rankseg_core.shards.verify import verify_shards
+from rankseg_core.shards.write import DatasetHeader, encode_sample, plan_shards
 
 K = 300  # > 255: 255 must be an ordinary class
 
@@ -169,7 +168,7 @@ def test_synthetic_is_deterministic(tmp_path: Path, seed_b: int, same: bool) -> 
 
 @pytest.mark.parametrize("per_shard", [500, 2])  # 2: one result stream cut into several shards
 def test_synthetic_workers_match_in_process(tmp_path: Path, per_shard: int) -> None:
-    from rankseg_core.synthetic import prepare_synthetic
+    from rankseg_core.convert.synthetic import prepare_synthetic
 
     make_synthetic(tmp_path / "a", images=6, per_shard=per_shard)
     prepare_synthetic(tmp_path / "b", num_classes=60, images=6, size=32,
@@ -180,7 +179,7 @@ def test_synthetic_workers_match_in_process(tmp_path: Path, per_shard: int) -> N
 
 def test_synthetic_has_the_properties_rankseg_needs(tmp_path: Path) -> None:
     """Few classes per image out of many, and appearances shared across classes."""
-    from rankseg_core.synthetic import NUM_APPEARANCES, make_world
+    from rankseg_core.convert.synthetic import NUM_APPEARANCES, make_world
 
     root = make_synthetic(tmp_path / "d", images=40, num_classes=400, size=48)
     n = ShardIndex(root).class_counts_only("train")
@@ -208,7 +207,7 @@ def test_verify_catches_flipped_byte_and_truncation(tmp_path: Path) -> None:
 
 def test_verify_catches_inconsistent_classes(tmp_path: Path) -> None:
     """A shard whose stored class list disagrees with its label (checksum re-sealed)."""
-    from rankseg_core.shards import sha256_file
+    from rankseg_core.shards.write import sha256_file
 
     root = make_synthetic(tmp_path / "d", images=4, per_shard=4)
     shard = root / "train-00000-of-00001.h5"

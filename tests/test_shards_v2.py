@@ -11,12 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.codec import IGNORE, encode_jpeg, encode_label
 from rankseg_core.convert.common import ConvertOptions, run_conversion
-from rankseg_core.dataset import ShardDataset, ShardIndex
 from rankseg_core.errors import SampleError, UserError
-from rankseg_core.shards import DatasetHeader, encode_sample, sha256_file
-from rankseg_core.verify import verify_shards
+from rankseg_core.shards.codec import IGNORE, encode_jpeg, encode_label
+from rankseg_core.shards.read import ShardDataset, ShardIndex
+from rankseg_core.shards.verify import verify_shards
+from rankseg_core.shards.write import DatasetHeader, encode_sample, sha256_file
 
 K = 5
 THINGS = [3, 1]  # given unsorted: stored sorted

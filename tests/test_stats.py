@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rankseg_core.stats import class_cdf, dataset_class_cdf
+from rankseg_core.shards.stats import class_cdf, dataset_class_cdf
 
 
 def test_cdf_hand_computed() -> None:
@@ -20,7 +20,7 @@ def test_cdf_empty_and_beyond_max() -> None:
 
 
 def test_dataset_cdf_matches_stored_class_lists(synth) -> None:
-    from rankseg_core.dataset import ShardIndex
+    from rankseg_core.shards.read import ShardIndex
 
     res = dataset_class_cdf(synth, max_classes=12)
     idx = ShardIndex(synth)

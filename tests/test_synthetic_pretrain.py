@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error
 from rankseg_cli.app import app
 from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.dataset import ShardDataset
-from rankseg_core.synthetic import make_world, prepare_synthetic
+from rankseg_core.convert.synthetic import make_world, prepare_synthetic
+from rankseg_core.shards.read import ShardDataset
 
 runner = CliRunner()
 

@@ -12,18 +12,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rankseg_core import runs
-from rankseg_core.config import build_train_config
-from rankseg_core.convert.common import ConvertOptions, run_conversion
-from rankseg_core.errors import UserError
-from rankseg_core.shards import DatasetHeader
-from rankseg_core.synthetic import make_world, prepare_synthetic, sample_maker
-from rankseg_core.loading import BatchStream, clip_table
-from rankseg_core.optim import lr_schedule
-from rankseg_core.train import train
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate, predict, stats_model
 from rankseg_cli.train_cmds import train as train_cmd
+from rankseg_core.config.train import build_train_config
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.synthetic import make_world, prepare_synthetic, sample_maker
+from rankseg_core.data.loading import BatchStream, clip_table
+from rankseg_core.engine import runs
+from rankseg_core.engine.optim import lr_schedule
+from rankseg_core.engine.train import train
+from rankseg_core.errors import UserError
+from rankseg_core.shards.write import DatasetHeader
 
 K = 40
 TINY = ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=8", "schedule.batch_size=2",
@@ -144,7 +144,7 @@ def test_splits_checked_up_front_and_eval_optional(data: Path, tmp_path: Path) -
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from rankseg_core import losses
+    from rankseg_core.losses.rankseg import rankseg as losses
 
     calls = {"n": 0}
     real_call = losses.RankSegCriterion.__call__
@@ -234,7 +234,7 @@ def video_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_clip_mode(video_data: Path, tmp_path: Path) -> None:
-    from rankseg_core.dataset import ShardDataset
+    from rankseg_core.shards.read import ShardDataset
 
     ds = ShardDataset(video_data, "train")
     clips = clip_table(ds, 2)
@@ -260,7 +260,7 @@ def test_a_few_hundred_steps_beat_chance(tmp_path: Path) -> None:
     # Chance, from the val pixel counts: predicting the majority class everywhere scores
     # IoU = its pixel share on that class and 0 on the other present classes; a uniform random
     # guess over K scores IoU_c = (p_c / K) / (p_c + 1/K - p_c / K). Take the better of the two.
-    from rankseg_core.dataset import ShardIndex
+    from rankseg_core.shards.read import ShardIndex
 
     px = np.asarray(ShardIndex(data).split_meta("val")["class_pixels"], np.float64)
     share = px[px > 0] / px.sum()

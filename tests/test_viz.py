@@ -10,19 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_synthetic
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_synthetic
 from rankseg_cli.viz_cmds import viz_app
-from rankseg_core import runs
-from rankseg_core.codec import IGNORE
-from rankseg_core.config import build_train_config
+from rankseg_core.config.train import build_train_config
+from rankseg_core.engine import runs
 from rankseg_core.errors import UserError
-from rankseg_core.model import build_model
+from rankseg_core.model.segmenter import build_model
+from rankseg_core.shards.codec import IGNORE
 from rankseg_core.viz import false_positives as fpm
-from rankseg_core.viz import load_viz_run, predictions, samples, tau
-from rankseg_core.viz.common import colorize, error_map, ids_by_area, legend_handles
+from rankseg_core.viz import predictions, samples, tau
+from rankseg_core.viz.common import colorize, error_map, ids_by_area, legend_handles, load_viz_run
 
 runner = CliRunner()
 DPI = 120  # plotting.save_figure's default
@@ -286,7 +286,7 @@ def test_samples_command(data: Path, tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(out / "samples.csv")))
     assert [r["key"] for r in rows] == ["train_000003", "train_000001"]
     assert all(r["index_ok"] == "1" for r in rows)
-    from rankseg_core.dataset import ShardDataset
+    from rankseg_core.shards.read import ShardDataset
 
     item = ShardDataset(data, "train").load(3)
     names = ShardDataset(data, "train").index.class_names
@@ -307,7 +307,7 @@ def test_label_summary() -> None:
 
 @pytest.mark.slow
 def test_viz_on_a_trained_run(data: Path, tmp_path: Path) -> None:
-    from rankseg_core.train import train
+    from rankseg_core.engine.train import train
 
     cfg = build_train_config(None, ["model.img_size=32", "model.kappa=8", "schedule.iters=3", "schedule.batch_size=2",
                                     "data.num_workers=0", "eval.num_workers=0", "eval.every=0"], data)

@@ -6,20 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate
 from rankseg_cli.train_cmds import train as train_cmd
-from rankseg_core import runs
-from rankseg_core.config import build_train_config
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.common import ConvertOptions
+from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.engine import runs
+from rankseg_core.engine.train import train
+from rankseg_core.engine.warm_start import warm_start
 from rankseg_core.errors import UserError
-from rankseg_core.model import ModelConfig, build_model
-from rankseg_core.synthetic import prepare_synthetic
-from rankseg_core.train import train
-from rankseg_core.warm_start import warm_start
-from conftest import assert_one_line_error
+from rankseg_core.model.segmenter import build_model
 
 K = 40
 TINY = ["model.img_size=32", "model.kappa=8", "schedule.batch_size=2", "data.num_workers=0",

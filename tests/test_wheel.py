@@ -21,7 +21,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURES
 from convert_trees import ade150_tree, coco_stuff_tree, pascal_context_tree
 from video_lvis_trees import stuff_doc, vspw_tree, write_jpeg, write_json, ytvis_frames

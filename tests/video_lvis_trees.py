@@ -8,12 +8,12 @@ from pathlib import Path
 import cv2
 import h5py
 import numpy as np
-from pycocotools import mask as mask_utils
 from PIL import Image
+from pycocotools import mask as mask_utils
 
-from rankseg_core.codec import decode_label
-from rankseg_core.dataset import ShardIndex
-from rankseg_core.resources import load_json as load_dataset_json
+from rankseg_core.shards.codec import decode_label
+from rankseg_core.shards.read import ShardIndex
+from rankseg_core.utils.resources import load_json as load_dataset_json
 
 # --------------------------------------------------------------------------- generic
 

@@ -29,17 +29,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec import IGNORE, check_size
-from ..errors import UserError
-from ..parallel import Skipped, ordered_map
-from ..progress import Progress
-from ..resources import load_json
-from ..shards import DatasetHeader, EncodedSample, SampleError, atomic_write_json
-from .common import ConvertOptions, claim, run_conversion
-from .png_datasets import make_encoded, remap
-from .source_io import (BAD, JPEG_QUALITY, check_pixels, check_same_size, decode_jpeg, encode_jpeg_bgr, read_bytes,
-                        stored_image_bytes)
-from .resize import resize_image, resize_nearest, short_side_size
+from rankseg_core.convert.common import ConvertOptions, claim, run_conversion
+from rankseg_core.convert.png_datasets import make_encoded, remap
+from rankseg_core.convert.resize import resize_image, resize_nearest, short_side_size
+from rankseg_core.convert.source_io import (
+    BAD,
+    JPEG_QUALITY,
+    check_pixels,
+    check_same_size,
+    decode_jpeg,
+    encode_jpeg_bgr,
+    read_bytes,
+    stored_image_bytes,
+)
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE, check_size
+from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils.fsio import atomic_write_json
+from rankseg_core.utils.parallel import Skipped, ordered_map
+from rankseg_core.utils.progress import Progress
+from rankseg_core.utils.resources import load_json
 
 TABLE = "ade20k_full/classes.json"
 LAYOUT = ("ADE20K_2021_17_01 with images/ADE/{training,validation}/<scene folders>/ADE_*.jpg, "

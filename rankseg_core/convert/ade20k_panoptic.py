@@ -23,14 +23,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..resources import load_json as load_dataset_json
-from ..shards import DatasetHeader, EncodedSample, SampleError
-from .common import ConvertOptions, run_conversion
-from .png_datasets import _class_table, pair_by_folder
-from .segments import panoptic_sample
-from .source_io import (check_same_size, decode_jpeg, decode_mask, decode_rgb_mask, read_bytes,
-                        stored_image_bytes)
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.png_datasets import _class_table, pair_by_folder
+from rankseg_core.convert.segments import panoptic_sample
+from rankseg_core.convert.source_io import (
+    check_same_size,
+    decode_jpeg,
+    decode_mask,
+    decode_rgb_mask,
+    read_bytes,
+    stored_image_bytes,
+)
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils.resources import load_json as load_dataset_json
 
 SPLITS = ("training", "validation")
 LAYOUT = ("ADEChallengeData2016/{images,annotations,annotations_instance}/{training,validation}/ "

@@ -26,14 +26,21 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..codec import IGNORE
-from ..errors import UserError
-from ..resources import load_json as load_dataset_json
-from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
-from .common import ConvertOptions, run_conversion
-from .geometry import (GeometryError, check_counts_list, check_image_size, check_rle_dict, polygon_lists,
-                       polygon_problems, rle_string_problems)
-from .source_io import decode_jpeg, read_bytes, stored_image_bytes, stream_items
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.geometry import (
+    GeometryError,
+    check_counts_list,
+    check_image_size,
+    check_rle_dict,
+    polygon_lists,
+    polygon_problems,
+    rle_string_problems,
+)
+from rankseg_core.convert.source_io import decode_jpeg, read_bytes, stored_image_bytes, stream_items
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.write import DatasetHeader, EncodedSample, encode_sample
+from rankseg_core.utils.resources import load_json as load_dataset_json
 
 NUM_LVIS_V1 = 1203
 _POLY, _RLE, _BAD = 0, 1, 2

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..resources import load_json as load_dataset_json
-from ..shards import DatasetHeader, EncodedSample, SampleError
-from .common import ConvertOptions, run_conversion
-from .segments import panoptic_sample
-from .source_io import decode_jpeg, decode_rgb_mask, load_json, read_bytes, stored_image_bytes
-from ..panoptic_format import MAX_SEGMENT_ID, rgb2id
+from rankseg_core.convert.coco_panoptic_format import MAX_SEGMENT_ID, rgb2id
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.segments import panoptic_sample
+from rankseg_core.convert.source_io import decode_jpeg, decode_rgb_mask, load_json, read_bytes, stored_image_bytes
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils.resources import load_json as load_dataset_json
 
 SPLITS = ("train", "val")
 LAYOUT = ("COCO root with annotations/panoptic_{train,val}2017.json, panoptic_{train,val}2017/*.png "

@@ -7,11 +7,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..parallel import ordered_map
-from ..progress import console
-from ..shards import (DatasetHeader, EncodedSample, assemble, claim_output, pending_shards, release_output,
-                      shard_count, write_pending)
+from rankseg_core.errors import UserError
+from rankseg_core.shards.write import (
+    DatasetHeader,
+    EncodedSample,
+    assemble,
+    claim_output,
+    pending_shards,
+    release_output,
+    shard_count,
+    write_pending,
+)
+from rankseg_core.utils.parallel import ordered_map
+from rankseg_core.utils.progress import console
 
 
 @dataclass

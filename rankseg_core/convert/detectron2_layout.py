@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec import check_size
-from ..errors import UserError
-from ..layouts import CLASS_TABLES, LabelFiles, Layout, layout_for, read_table
-from ..resources import load_json
-from ..shards import DatasetHeader, EncodedSample, SampleError
-from .common import ConvertOptions, run_conversion
-from .png_datasets import make_encoded, remap
-from .source_io import BAD, check_same_size, decode_jpeg, read_bytes, stored_image_bytes
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.detectron2_format import CLASS_TABLES, LabelFiles, Layout, layout_for, read_table
+from rankseg_core.convert.png_datasets import make_encoded, remap
+from rankseg_core.convert.source_io import BAD, check_same_size, decode_jpeg, read_bytes, stored_image_bytes
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import check_size
+from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils.resources import load_json
 
 SUMMARY = "rankseg_export.json"
 IMAGE_SUFFIXES = (".jpg", ".png")

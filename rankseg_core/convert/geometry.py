@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..codec import MAX_PIXELS
+from rankseg_core.shards.codec import MAX_PIXELS
 
 MAX_SIDE = 65535  # JPEG's own limit: an annotation of a larger image cannot match its JPEG
 BOUNDARY_FACTOR = 64  # rasterised polygon boundary <= 64 * (H + W) pixels

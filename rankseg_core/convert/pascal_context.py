@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec import IGNORE
-from ..errors import UserError
-from ..resources import load_json
-from ..shards import DatasetHeader, EncodedSample, SampleError
-from .common import ConvertOptions, run_conversion
-from .png_datasets import _class_table, make_encoded, remap
-from .source_io import BAD, check_same_size, decode_jpeg, read_bytes, stored_image_bytes
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.png_datasets import _class_table, make_encoded, remap
+from rankseg_core.convert.source_io import BAD, check_same_size, decode_jpeg, read_bytes, stored_image_bytes
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils.resources import load_json
 
 TABLE = "pascal_context/classes_459.json"
 NUM_LABELS = 459

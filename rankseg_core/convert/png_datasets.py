@@ -18,12 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec import IGNORE, class_counts, encode_label
-from ..errors import UserError
-from ..resources import load_json
-from ..shards import DatasetHeader, EncodedSample, SampleError
-from .common import ConvertOptions, run_conversion
-from .source_io import BAD, check_same_size, decode_jpeg, decode_mask, read_bytes, stored_image_bytes
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.source_io import (
+    BAD,
+    check_same_size,
+    decode_jpeg,
+    decode_mask,
+    read_bytes,
+    stored_image_bytes,
+)
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE, class_counts, encode_label
+from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils.resources import load_json
+
 
 def remap(values: np.ndarray, lut: np.ndarray, num_classes: int, path: str | Path,
           describe: Callable[[int], str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..codec import IGNORE
-from ..shards import EncodedSample, SampleError, encode_sample
+from rankseg_core.errors import SampleError
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.write import EncodedSample, encode_sample
 
 
 def panoptic_sample(key: str, image: bytes, ids: np.ndarray, records: Sequence[tuple],

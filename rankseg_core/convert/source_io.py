@@ -14,9 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..codec import IGNORE, check_pixel_limit
-from ..errors import UserError
-from ..shards import SampleError
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE, check_pixel_limit
 
 BAD = IGNORE - 1  # LUT marker for values outside the release's label domain (never a train id here)
 JPEG_QUALITY = 95  # re-encoding only happens when a protocol resizes (or EXIF would rotate)

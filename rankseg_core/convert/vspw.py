@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..codec import IGNORE
-from ..errors import UserError
-from ..resources import load_json as load_dataset_json
-from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
-from .common import ConvertOptions, run_conversion
-from .source_io import check_pixels, decode_jpeg, stored_image_bytes
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.source_io import check_pixels, decode_jpeg, stored_image_bytes
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.write import DatasetHeader, EncodedSample, encode_sample
+from rankseg_core.utils.resources import load_json as load_dataset_json
 
 NUM_CLASSES = 124
 VOID = 255

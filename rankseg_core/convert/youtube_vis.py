@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..codec import IGNORE
-from ..errors import UserError
-from ..resources import load_json as load_dataset_json
-from ..shards import DatasetHeader, EncodedSample, SampleError, encode_sample
-from .common import ConvertOptions, run_conversion
-from .geometry import GeometryError, check_image_size, compressed_rle
-from .source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
+from rankseg_core.convert.common import ConvertOptions, run_conversion
+from rankseg_core.convert.geometry import GeometryError, check_image_size, compressed_rle
+from rankseg_core.convert.source_io import decode_jpeg, load_json, read_bytes, stored_image_bytes
+from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.write import DatasetHeader, EncodedSample, encode_sample
+from rankseg_core.utils.resources import load_json as load_dataset_json
 
 SPLITS = ("train", "valid", "test")
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # the engine's config; families only read it
-    from rankseg_core.config import TrainConfig
-    from rankseg_core.model.config import ModelConfig
+    from rankseg_core.config.model import ModelConfig
+    from rankseg_core.config.train import TrainConfig
 
 
 class Criterion(Protocol):

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankseg_core.codec import IGNORE
 from rankseg_core.errors import UserError
 from rankseg_core.families.base import Family, Predictions
 from rankseg_core.families.segmenter import scale_sizes
-from rankseg_core.losses import clip_targets, ml_loss_fn, ml_targets, selection_stats
+from rankseg_core.losses.rankseg import clip_targets, ml_loss_fn, ml_targets, selection_stats
 from rankseg_core.model.classifier import build_classifier
+from rankseg_core.shards.codec import IGNORE
 
 
 def _criterion(cfg: Any) -> Any:

@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankseg_core.codec import IGNORE
 from rankseg_core.errors import UserError
 from rankseg_core.families.base import Family, Predictions
-from rankseg_core.inference import ClassMaps
-from rankseg_core.losses import ml_loss_fn
-from rankseg_core.model.mask2former import (Mask2FormerCriterion, build_mask2former, panoptic_inference,
-                                            semantic_inference_compact, targets_from_panoptic,
-                                            targets_from_semantic)
-from rankseg_core.model.mask2former.model import Mask2FormerOutput
+from rankseg_core.inference.dense import ClassMaps
+from rankseg_core.inference.mask2former import panoptic_inference, semantic_inference_compact
+from rankseg_core.losses.mask2former import Mask2FormerCriterion
+from rankseg_core.losses.rankseg import ml_loss_fn
+from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
+from rankseg_core.model.mask2former.model import Mask2FormerOutput, build_mask2former
+from rankseg_core.shards.codec import IGNORE
 
 
 def _panoptic(cfg: Any) -> bool:
@@ -49,7 +49,8 @@ def _criterion(cfg: Any) -> Any:
 
 def _one(out: Mask2FormerOutput, i: int) -> Mask2FormerOutput:
     """The output of image i alone (inference needs no auxiliary predictions)."""
-    pick = (lambda t: None if t is None else t[i:i + 1])
+    def pick(t):
+        return (None if t is None else t[i:i + 1])
     return dataclasses.replace(out, pred_logits=out.pred_logits[i:i + 1], pred_masks=out.pred_masks[i:i + 1],
                                aux=[], ml_logits=pick(out.ml_logits), topk_index=pick(out.topk_index),
                                valid=pick(out.valid))

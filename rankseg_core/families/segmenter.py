@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rankseg_core.augment import rescale_size
-from rankseg_core.codec import IGNORE
+from rankseg_core.data.augment import rescale_size
 from rankseg_core.families.base import Family, Predictions
-from rankseg_core.inference import predict_probs
-from rankseg_core.losses import RankSegCriterion
-from rankseg_core.model import build_model
+from rankseg_core.inference.dense import predict_probs
+from rankseg_core.losses.rankseg import RankSegCriterion
+from rankseg_core.model.segmenter import build_model
+from rankseg_core.shards.codec import IGNORE
 
 
 def _criterion(cfg: Any) -> Any:

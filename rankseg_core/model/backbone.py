@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from rankseg_core.config.model import PATCH_SIZE, ModelConfig
 from rankseg_core.errors import UserError
-from rankseg_core.model.config import PATCH_SIZE, ModelConfig
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".npz", ".safetensors")
 

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
+from rankseg_core.config.model import ModelConfig, SelectorConfig
 from rankseg_core.errors import UserError
-from rankseg_core.integrity import content_digest
 from rankseg_core.model.backbone import ViTBackbone, load_backbone_weights
-from rankseg_core.model.config import ModelConfig, SelectorConfig
 from rankseg_core.model.heads import TranDecMLHead, _init_weights
+from rankseg_core.utils.integrity import content_digest
 
 
 class QueryHead(nn.Module):
@@ -126,12 +126,12 @@ def _read_state(path: Path) -> dict[str, Tensor]:
 
 
 def load_selector(sel: SelectorConfig, num_classes: int, clip_len: int) -> FrozenSelector:
-    """The classifier recorded in `sel` (resolved by `rankseg_core.selector.resolve_selector`),
+    """The classifier recorded in `sel` (resolved by `rankseg_core.engine.selector.resolve_selector`),
     its weights checked against the recorded digest: a selector that changed since the
     segmenter was trained is refused, never silently used."""
     if not (sel.weights and sel.sha256 and sel.model and sel.img_size):
         raise UserError(f"model.selector.run={sel.run}: the selector is not resolved (weights, sha256, model, "
-                        "img_size); start training through `rankseg train` / `rankseg_core.train.train`, which "
+                        "img_size); start training through `rankseg train` / `rankseg_core.engine.train.train`, which "
                         "records them")
     path = Path(sel.weights)
     if not path.is_file():

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
-from rankseg_core.model.config import ModelConfig
+from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.position import sine_position_embedding
 
 # Logit given to padding / unselected channels; the official scatter uses the same value.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.backbone import ViTBackbone, load_backbone_weights
 from rankseg_core.model.classifier import SELECTOR_ATTR, load_selector
-from rankseg_core.model.config import ModelConfig
 from rankseg_core.model.heads import MaskTransformerHead, SegOutput
 
 

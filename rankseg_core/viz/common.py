@@ -20,12 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from rankseg_core.codec import IGNORE
-from rankseg_core.config import TrainConfig
-from rankseg_core.dataset import ShardDataset
+from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
-from rankseg_core.palette import make_palette
-from rankseg_core.shards import atomic_write_bytes, atomic_write_json
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.read import ShardDataset
+from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
+from rankseg_core.utils.palette import make_palette
 
 IGNORE_RGB = (0, 0, 0)
 CORRECT_RGB = (255, 255, 255)
@@ -69,7 +69,7 @@ def variant_name(cfg: TrainConfig) -> str:
 
 def load_viz_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "auto") -> VizRun:
     """`runs.load_run` with a one-line error for a path that is not a run directory."""
-    from rankseg_core.runs import load_run
+    from rankseg_core.engine.runs import load_run
 
     path = Path(run_dir)
     if not path.is_dir():
@@ -246,7 +246,7 @@ def predict_samples(run: VizRun, ds: ShardDataset, indices: Sequence[int],
     """Predict stored samples exactly as `rankseg eval` does (test resize, the run's eval mode,
     scales and flip), one image at a time (any size). GT (train + eval) oracle runs receive
     the image's GT classes, as in evaluation."""
-    from rankseg_core.augment import build_test_transform
+    from rankseg_core.data.augment import build_test_transform
     from rankseg_core.families import family_of
 
     cfg, model = run.cfg, run.model

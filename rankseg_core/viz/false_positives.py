@@ -18,12 +18,27 @@ from typing import Sequence
 
 import numpy as np
 
-from rankseg_core.codec import IGNORE
 from rankseg_core.errors import UserError
-from rankseg_core.plotting import plt, save_figure
-from rankseg_core.viz.common import (FP_RED, SamplePrediction, VizRun, colorize, ids_by_area, legend_handles,
-                                     open_split, predict_samples, rgb01, run_class_names, run_palette,
-                                     safe_name, select_indices, variant_name, write_csv, write_json)
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.utils.plotting import plt, save_figure
+from rankseg_core.viz.common import (
+    FP_RED,
+    SamplePrediction,
+    VizRun,
+    colorize,
+    ids_by_area,
+    legend_handles,
+    open_split,
+    predict_samples,
+    rgb01,
+    run_class_names,
+    run_palette,
+    safe_name,
+    select_indices,
+    variant_name,
+    write_csv,
+    write_json,
+)
 
 TOP_BARS = 20  # classes per image in the bar chart
 TOP_CHART = 15  # classes per panel in the dataset-level chart

@@ -12,13 +12,28 @@ from typing import Sequence
 
 import numpy as np
 
-from rankseg_core.codec import IGNORE
 from rankseg_core.errors import UserError
-from rankseg_core.metrics import ConfusionMatrix
-from rankseg_core.plotting import plt, save_figure
-from rankseg_core.viz.common import (draw_panels, CORRECT_RGB, IGNORE_RGB, SamplePrediction, VizRun, colorize, error_map,
-                                     ids_by_area, legend_handles, open_split, predict_samples, run_class_names,
-                                     run_palette, select_indices, write_csv, write_json)
+from rankseg_core.evaluation.metrics import ConfusionMatrix
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.utils.plotting import plt, save_figure
+from rankseg_core.viz.common import (
+    CORRECT_RGB,
+    IGNORE_RGB,
+    SamplePrediction,
+    VizRun,
+    colorize,
+    draw_panels,
+    error_map,
+    ids_by_area,
+    legend_handles,
+    open_split,
+    predict_samples,
+    run_class_names,
+    run_palette,
+    select_indices,
+    write_csv,
+    write_json,
+)
 
 ROW_HEIGHT = 2.6  # inches per image row
 PANEL_WIDTH = 2.6

@@ -13,12 +13,20 @@ from typing import Sequence
 
 import numpy as np
 
-from rankseg_core.codec import IGNORE
-from rankseg_core.dataset import ShardDataset
 from rankseg_core.errors import UserError
-from rankseg_core.plotting import plt, save_figure
-from rankseg_core.viz.common import (draw_panels, colorize, dataset_palette, legend_handles, overlay,
-                                     select_indices, write_csv, write_json)
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.read import ShardDataset
+from rankseg_core.utils.plotting import plt, save_figure
+from rankseg_core.viz.common import (
+    colorize,
+    dataset_palette,
+    draw_panels,
+    legend_handles,
+    overlay,
+    select_indices,
+    write_csv,
+    write_json,
+)
 
 ROW_HEIGHT = 2.6
 PANEL_WIDTH = 2.6
@@ -78,7 +86,7 @@ def _named(ids: np.ndarray, share: np.ndarray, names: Sequence[str]) -> list[str
 def run_samples(data: str | Path, out: str | Path, *, split: str | None = None, keys: Sequence[str] | None = None,
                 num: int = 8, per_figure: int = 8) -> dict:
     """Write samples[_NN].png and samples.csv / .json for the chosen samples of a shard split."""
-    from rankseg_core.dataset import ShardIndex
+    from rankseg_core.shards.read import ShardIndex
 
     index = ShardIndex(data)
     split = split or ("val" if "val" in index.splits else index.splits[0])

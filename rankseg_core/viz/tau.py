@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from rankseg_core.errors import UserError
-from rankseg_core.plotting import plt, save_figure
+from rankseg_core.utils.plotting import plt, save_figure
 from rankseg_core.viz.common import VizRun, variant_name, write_csv, write_json
-
 
 FIGSIZE = (11.0, 4.2)  # inches; the legend below adds ~0.3 in per two runs
 

@@ -18,16 +18,9 @@ import torch
 from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 
+from rankseg_core.config.mask2former import MASK2FORMER_BACKBONES, Mask2FormerConfig
 from rankseg_core.errors import UserError
-from rankseg_core.model.backbone import (
-    WEIGHT_SUFFIXES,
-    _read_state_dict,
-    load_timm_state,
-)
-from rankseg_core.model.mask2former.config import (
-    MASK2FORMER_BACKBONES,
-    Mask2FormerConfig,
-)
+from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict, load_timm_state
 
 STRIDES = (4, 8, 16, 32)
 

@@ -17,11 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankseg_core.model.mask2former.config import Mask2FormerConfig
-from rankseg_core.model.mask2former.layers import (
-    MLP,
-    c2_xavier_,
-)
+from rankseg_core.config.mask2former import Mask2FormerConfig
+from rankseg_core.model.mask2former.layers import MLP, c2_xavier_
 from rankseg_core.model.position import sine_position_embedding
 
 N_SCALES = 3

@@ -21,13 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rankseg_core.model.config import ModelConfig
+from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.heads import FILL_LOGIT, fill_from_ranking, pad_class_lists
-from rankseg_core.model.mask2former.backbone import (
-    PyramidBackbone,
-    load_pyramid_weights,
-    pad_to_multiple,
-)
+from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights, pad_to_multiple
 from rankseg_core.model.mask2former.decoder import MaskedTransformerDecoder
 from rankseg_core.model.mask2former.multilabel import (
     MultiLabelHead,

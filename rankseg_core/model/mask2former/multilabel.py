@@ -18,13 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
-from rankseg_core.model.heads import (
-    FILL_LOGIT,
-    GroupWiseLinear,
-    RankNorm,
-    _in_range,
-    pad_class_lists,
-)
+from rankseg_core.model.heads import FILL_LOGIT, GroupWiseLinear, RankNorm, _in_range, pad_class_lists
 
 
 class MultiLabelHead(nn.Module):

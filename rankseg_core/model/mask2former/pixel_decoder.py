@@ -13,12 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankseg_core.model.mask2former.config import Mask2FormerConfig
+from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.model.mask2former.deform_attn import MSDeformAttn
-from rankseg_core.model.mask2former.layers import (
-    c2_xavier_,
-    group_norm,
-)
+from rankseg_core.model.mask2former.layers import c2_xavier_, group_norm
 from rankseg_core.model.position import sine_position_embedding
 
 N_LEVELS = 3  # res3, res4, res5 enter the deformable encoder

@@ -1,0 +1,136 @@
+"""Model configuration: one dataclass, validated once in `build_model`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rankseg_core.config.mask2former import MASK2FORMER_BACKBONES, Mask2FormerConfig
+from rankseg_core.errors import UserError
+
+# Backbone names follow the paper (Segmenter ViT-*/16 at 384 px pretraining); the position
+# embeddings are resized to `img_size`, so the "_384" only names the timm architecture.
+BACKBONES: dict[str, str] = {
+    "segmenter-vitt": "vit_tiny_patch16_384",
+    "segmenter-vits": "vit_small_patch16_384",
+    "segmenter-vitb": "vit_base_patch16_384",
+    "segmenter-vitl": "vit_large_patch16_384",
+    # The multi-label classifier of the independent scheme (model/classifier.py): same ViTs.
+    "classifier-vitt": "vit_tiny_patch16_384",
+    "classifier-vits": "vit_small_patch16_384",
+    "classifier-vitb": "vit_base_patch16_384",
+    "classifier-vitl": "vit_large_patch16_384",
+    **MASK2FORMER_BACKBONES,  # mask2former-{r50,swint,swins,swinb,swinl} (docs/mask2former.md)
+}
+HEADS = ("segmenter", "rankseg")
+TAUS = ("rank", "shared")
+ML_HEADS = ("tranenc", "trandec", "gap")
+PATCH_SIZE = 16
+
+
+@dataclass
+class SelectorConfig:
+    """The frozen classifier run whose top-kappa select a segmenter's classes (independent
+    scheme, METHOD.md sec. 6). The user sets `run`; `rankseg_core.engine.selector.resolve_selector`
+    fills the rest from that run when training starts, so config.yaml says exactly which
+    weights were used and a changed selector is refused (on resume, eval, predict)."""
+
+    run: str | None = None  # classifier run directory (absolute once resolved); None = no selector
+    weights: str = "final"  # final | best | last | a file; resolved to the absolute file
+    sha256: str | None = None  # content digest of those weights (integrity.content_digest)
+    model: str | None = None  # the classifier's model.model, e.g. classifier-vitb
+    img_size: int | None = None  # its training crop (the size of its stored position embeddings)
+    in_chans: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Segmenter / RankSeg model options (METHOD.md sections 1-3, 7)."""
+
+    model: str = "segmenter-vitt"  # segmenter-vit{t,s,b,l}; ViT-B is the paper's main model
+    num_classes: int = 150  # K, the complete label set
+    img_size: int = 512  # training crop; the pos-embed is built for this grid
+    head: str = "rankseg"  # "segmenter" = baseline over all K; "rankseg" = ml branch + top-kappa
+    kappa: int = 100  # selected classes; clamped to num_classes (kappa = K: sort only)
+    select: bool = True  # False = "+MT" ablation: ml loss only, pixels over all K in class order
+    tau: str = "rank"  # "rank": per-rank gamma/beta (RA); "shared": one scalar gamma/beta (+MT+LS)
+    ml_head: str = "tranenc"  # multi-label head xi (Table 6); tranenc is the paper's default
+    oracle: bool = False  # GT (train+eval): select the image's GT classes, no ml branch
+    clip_len: int = 1  # video: T consecutive frames share one ml prediction and top-kappa
+    drop_path: float = 0.1  # backbone stochastic depth (the decoder uses none, as in mmseg)
+    dropout: float = 0.1  # decoder attention / MLP dropout
+    decoder_depth: int = 2  # Segmenter decoder blocks; the tranenc ml block comes on top
+    backbone_weights: str | None = None  # local .pth/.bin/.npz/.safetensors; never downloaded
+    in_chans: int = 3
+    # Mask2Former family only (head / kappa / select / tau / oracle keep their meaning there).
+    mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
+    # Segmenter family: selection by a frozen classifier run instead of an own ml branch.
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+
+    @property
+    def timm_name(self) -> str:
+        return BACKBONES[self.model]
+
+    @property
+    def family(self) -> str:
+        """Model family: the `model.model` prefix ("segmenter" or "mask2former")."""
+        return self.model.split("-", 1)[0]
+
+    @property
+    def has_selector(self) -> bool:
+        """A segmenter whose top-kappa come from a frozen classifier run (no ml branch)."""
+        return bool(self.selector.run)
+
+    @property
+    def effective_kappa(self) -> int:
+        """kappa clamped to K (the size of the rank-adaptive LayerNorm when selecting)."""
+        return max(1, min(self.kappa, self.num_classes))
+
+    def validate(self) -> None:
+        """Raise `UserError` naming the first bad option and how to fix it."""
+        if self.model not in BACKBONES:
+            raise UserError(f"model.model={self.model!r} is unknown; use one of {', '.join(BACKBONES)}")
+        if self.head not in HEADS:
+            raise UserError(f"model.head={self.head!r} is unknown; use one of {', '.join(HEADS)}")
+        if self.tau not in TAUS:
+            raise UserError(f"model.tau={self.tau!r} is unknown; use one of {', '.join(TAUS)}")
+        if self.ml_head not in ML_HEADS:
+            raise UserError(f"model.ml_head={self.ml_head!r} is unknown; use one of {', '.join(ML_HEADS)}")
+        if self.num_classes < 1:
+            raise UserError(f"model.num_classes={self.num_classes} must be >= 1")
+        if self.kappa < 1:
+            raise UserError(f"model.kappa={self.kappa} must be >= 1 (it is clamped to num_classes)")
+        if self.img_size < PATCH_SIZE or self.img_size % PATCH_SIZE:
+            raise UserError(f"model.img_size={self.img_size} must be a positive multiple of {PATCH_SIZE}")
+        if self.clip_len < 1:
+            raise UserError(f"model.clip_len={self.clip_len} must be >= 1")
+        if self.decoder_depth < 1:
+            raise UserError(f"model.decoder_depth={self.decoder_depth} must be >= 1")
+        if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0:
+            raise UserError("model.drop_path and model.dropout must be in [0, 1)")
+        if self.in_chans < 1:
+            raise UserError(f"model.in_chans={self.in_chans} must be >= 1")
+        if self.family == "classifier" and self.oracle:
+            raise UserError("model.oracle: the GT oracle is a segmentation variant; a classifier has no selection "
+                            "to replace (drop --oracle)")
+        if self.has_selector:
+            self._validate_selector()
+        if self.family == "mask2former":
+            if self.clip_len != 1:
+                raise UserError(f"model.clip_len={self.clip_len}: the Mask2Former family is image-only for now; "
+                                "use clip_len=1")
+            self.mask2former.validate()
+
+    def _validate_selector(self) -> None:
+        """A selector drives the selection of a RankSeg head that has no ml branch of its own."""
+        sel = self.selector
+        where = f"model.selector.run={sel.run}"
+        if self.family != "segmenter":
+            raise UserError(f"{where}: only a segmenter-* model takes its classes from a classifier run "
+                            f"(this is {self.model})")
+        if self.head != "rankseg" or not self.select or self.oracle:
+            raise UserError(f"{where}: the selector replaces the RankSeg selection; use --head rankseg without "
+                            "--no-select / --oracle")
+        if sel.model is not None and not sel.model.startswith("classifier-"):
+            raise UserError(f"{where}: that run is a {sel.model}, not a multi-label classifier (classifier-*)")
+        if sel.img_size is not None and (sel.img_size < PATCH_SIZE or sel.img_size % PATCH_SIZE):
+            raise UserError(f"model.selector.img_size={sel.img_size} must be a positive multiple of {PATCH_SIZE}")

@@ -1,0 +1,651 @@
+"""Training configuration: one nested dataclass, YAML files and dotted `--set` overrides.
+
+Layering, lowest to highest priority (dinov2-style):
+    dataclass defaults < per-dataset defaults (METHOD.md sec. 4-5, by the shards' name)
+    < the user's YAML < `--set key=value` (the CLI's flags become `--set`s too).
+So a dataset default only applies where the user set nothing. K, the class names and the
+palette always come from the shards' `dataset.json`. The resolved config (every derived
+value filled in) is what `runs.save_config` writes next to the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # shard directory (`rankseg prepare ... --out DIR`)
+    train_split: str = "train"
+    val_split: str = "val"  # "" = no evaluation during or after training
+    num_workers: int = 2  # DataLoader workers per process; 0 = decode in the training process
+    # Filled from dataset.json at resolve time (kept in config.yaml so a run is self-contained).
+    name: str = ""
+    class_names: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)
+    thing_classes: list[int] | None = None  # panoptic shards (format v2): train ids of thing classes
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # "sgd" (the paper) or "adamw"
+    lr: float = 0.001  # Segmenter/RankSeg recipe: SGD 1e-3, momentum 0.9
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    weight_decay: float = 0.0  # 0 on COCO-Stuff, 1e-6 on ADE20K / Pascal (dataset defaults)
+    # mmseg `paramwise_cfg.custom_keys`: {substring of a parameter name: {lr_mult, decay_mult}};
+    # the longest matching key decides (optim.py). None = the official keys (Segmenter), or
+    # for other families the model's own groups (no_weight_decay / ml_branch_names).
+    custom_keys: dict[str, dict[str, float]] | None = None
+    ml_wd_mult: float = 100.0  # decay_mult of the ml branch in the resolved custom_keys (ADE20K/Pascal: 100)
+    ml_lr_mult: float = 1.0  # lr_mult of the ml branch in the resolved custom_keys
+    # Families whose model defines its groups (custom_keys None): lr x this on `backbone.*`
+    # (detectron2's SOLVER.BACKBONE_MULTIPLIER, 0.1 in every Mask2Former config).
+    backbone_lr_mult: float = 1.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (the paper does not clip)
+
+
+@dataclass
+class ScheduleConfig:
+    iters: int = 160000  # optimizer steps (iteration-based, as mmseg)
+    batch_size: int = 8  # GLOBAL images (clips) per optimizer step, over all processes
+    accum_steps: int = 1  # micro-batches per step: per-process micro = batch / (world * accum)
+    power: float = 0.9  # poly decay
+    min_lr: float = 1e-5  # poly floor (torch's PolynomialLR has none)
+    warmup_iters: int = 0  # linear warm-up; the paper uses none
+
+
+@dataclass
+class LossConfig:
+    ml_loss: str | None = None  # "asl" or "bce"; None = official: bce for COCO-Stuff TranEnc, else asl
+    ml_weight: float = 10.0  # total = seg + w * ml; per-dataset value from METHOD.md
+    seg_loss_norm: str = "official"  # "official": sum / all pixels; "valid": mean over labelled
+    asl_gamma_neg: float | None = None  # None = official per ml head: tranenc 2, trandec / gap 0
+    asl_gamma_pos: float = 0.0  # 0 in every official config
+    asl_clip: float = 0.05  # probability margin on negatives (the ASL default of every config)
+
+
+@dataclass
+class AugConfig:
+    scale: list[int] | None = None  # (long, short) base scale; None = (4 * crop, crop), e.g. 2048x512
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75  # mmseg: a crop may not be > 75% one class (10 tries)
+    flip_prob: float = 0.5
+    photometric: bool = True  # mmseg PhotoMetricDistortion
+    brightness_delta: int = 32
+    contrast_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    saturation_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    hue_delta: int = 18
+    mean: list[float] | None = None  # 0..255 scale; None = the backbone's data config
+    std: list[float] | None = None
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N iterations during training (0 = only at the end)
+    max_images: int = 0  # cap for the periodic evaluation (0 = whole split); the final one is full
+    short_side: int | None = None  # test resize: short side (None = the crop size)
+    max_long: int | None = None  # long side cap (None = 4 x short side, i.e. 2048 for 512)
+    mode: str = "whole"  # "whole" or "slide"; Segmenter recipes: slide (every official test config)
+    crop: int | None = None  # slide window (None = the crop size)
+    stride: int | None = None  # slide stride (None = the window, as the official configs)
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    batch_size: int = 4  # images of the same size are batched
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    amp: bool = True  # autocast on CUDA only (bf16 where supported, else fp16 + GradScaler)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
+    log_every: int = 20  # iterations between metrics.jsonl records
+    ckpt_every: int = 1000  # iterations between checkpoints/last.pt writes
+    log_seconds: float = 10.0  # plain progress line period when stderr is not a terminal
+    # Initial weights of a fresh run (mmseg's load_from): a run directory or a weights file
+    # (.safetensors / .pt / .pth); tensors matching by name and shape (warm_start.py). A resume
+    # never re-applies it: the checkpoint wins.
+    init_from: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys that may differ when resuming: they change how, not what, is computed.
+RUNTIME_KEYS = frozenset({"device", "data.num_workers", "eval.num_workers", "eval.batch_size",
+                          "log_seconds", "data.root", "eval.every", "eval.max_images", "ckpt_every"})
+
+# What the data itself asks for, whatever the model family. Synthetic: colour is the class
+# identity, so no photometric distortion (a hue shift would turn one class's look into another's).
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {"aug.photometric": False},
+}
+
+# The official Segmenter + RankSeg recipes (openseg-group/RankSeg mmseg configs; METHOD.md sec.
+# 4-5). Test protocol of every official config: keep-ratio resize to (4 x crop, crop) -- the
+# derived eval.short_side / eval.max_long -- then slide with window = stride = crop, single
+# scale, no flip; aug.scale derives to the same (4 x crop, crop). "*" applies to any dataset.
+# ADE20K-Full and COCO+LVIS have no released config: they follow the ADE20K one.
+_ADE = {"optim.weight_decay": 1e-6, "model.img_size": 512}
+SEGMENTER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"eval.mode": "slide"},
+    "ade20k-full": {**_ADE, "model.kappa": 100, "loss.ml_weight": 100.0, "schedule.iters": 160000},
+    "coco-lvis": {**_ADE, "model.kappa": 100, "loss.ml_weight": 300.0, "schedule.iters": 320000},
+    "ade20k": {**_ADE, "model.kappa": 50, "loss.ml_weight": 10.0, "schedule.iters": 160000},
+    # The ViT-B 80k COCO-Stuff-10k config: BCE (loss.ml_loss resolves to it), weight 5, no
+    # weight decay and no ml-branch custom key.
+    "coco-stuff": {"optim.weight_decay": 0.0, "optim.ml_wd_mult": 1.0, "model.img_size": 512, "model.kappa": 50,
+                   "loss.ml_weight": 5.0, "schedule.iters": 80000},
+    # img_scale (4160, 520) for training and test, crop 480 (pascal_context_meanstd0.5*.py).
+    "pascal-context": {"optim.weight_decay": 1e-6, "aug.scale": [4160, 520], "model.img_size": 480,
+                       "eval.short_side": 520, "eval.max_long": 4160,
+                       "model.kappa": 25, "loss.ml_weight": 5.0, "schedule.iters": 80000},
+    # Synthetic: 128 px images with <= 10 classes each; small enough to learn on a CPU. Our
+    # own cheap protocol: one whole-image forward at the crop size.
+    "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128, "eval.mode": "whole",
+                  "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
+}
+# The official Mask2Former recipe (configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k
+# .yaml and the panoptic / Swin configs on top; docs/mask2former.md): AdamW 1e-4, weight decay
+# 0.05 (0 on norms and embeddings: the model's no_weight_decay), backbone lr x 0.1, the RankSeg
+# ml head lr x 0.1 (SOLVER.MLHEAD_MULTIPLIER) with no extra decay, full-model gradient-norm
+# clipping at 0.01, poly 0.9 without floor or warm-up, batch 16, 160k iterations, crop 512
+# (640 for the Swin-B/L configs: pass --img-size 640), whole-image test at the short side of
+# the crop (long side <= 4x), ml loss ASL(2, 0) with weight 10 (RANKSEG.LOSS_WEIGHT).
+MASK2FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 0.05, "optim.backbone_lr_mult": 0.1,
+          "optim.ml_lr_mult": 0.1, "optim.ml_wd_mult": 1.0, "optim.grad_clip": 0.01, "schedule.min_lr": 0.0,
+          "schedule.batch_size": 16, "schedule.iters": 160000, "model.img_size": 512, "aug.cat_max_ratio": 1.0,
+          "loss.ml_weight": 10.0, "eval.mode": "whole"},
+    # Our own cheap CPU protocol on the built-in data (as the Segmenter's synthetic recipe).
+    "synthetic": {"model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
+}
+# The multi-label classifier of the independent scheme (families/classifier.py): the official
+# Query2Label recipe where the engine has it (AdamW lr 1e-4, weight decay 1e-2 on every
+# parameter, ASL gamma- 2 / gamma+ 0 / clip 0.05: loss.* resolves to those), our poly schedule
+# instead of its one-cycle, whole-image test; kappa = the recall@kappa it is scored at and the
+# kappa of the segmenter it will drive (the Segmenter recipes' kappa per dataset).
+CLASSIFIER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 1e-2, "eval.mode": "whole"},
+    **{name: {k: v for k, v in recipe.items() if k in ("model.kappa", "model.img_size", "schedule.iters")}
+       for name, recipe in SEGMENTER_DEFAULTS.items() if name != "*"},
+    "synthetic": {"model.kappa": 25, "model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8,
+                  "eval.every": 500},
+}
+# Per model family (the prefix of model.model): that family's recipes. A family without an
+# entry gets the dataclass defaults (plus DATA_DEFAULTS).
+DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"segmenter": SEGMENTER_DEFAULTS,
+                                                          "mask2former": MASK2FORMER_DEFAULTS,
+                                                          "classifier": CLASSIFIER_DEFAULTS}
+# Spellings converters and users use for the same datasets (lower case, separators dropped).
+_ALIASES = {
+    "ade20kfull": "ade20k-full", "ade847": "ade20k-full", "ade20k847": "ade20k-full", "adefull": "ade20k-full",
+    "cocolvis": "coco-lvis", "lvis": "coco-lvis", "cocostufflvis": "coco-lvis",
+    "ade20k": "ade20k", "ade150": "ade20k", "ade20k150": "ade20k",
+    "cocostuff": "coco-stuff", "cocostuff164k": "coco-stuff", "cocostuff10k": "coco-stuff", "cocostuff171": "coco-stuff",
+    "pascalcontext": "pascal-context", "pascalcontext59": "pascal-context", "pascalcontext60": "pascal-context",
+    "pcontext": "pascal-context", "pc59": "pascal-context", "pc60": "pascal-context",
+    "synthetic": "synthetic",
+}
+
+
+def dataset_family(name: str) -> str | None:
+    """Map a dataset name from dataset.json to a `DATASET_DEFAULTS` key (None if unknown)."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    if key.startswith("ade20kfulltop"):  # ADE20K-x (ProtoSeg): the x most frequent Full classes
+        return "ade20k-full"
+    return _ALIASES.get(key)
+
+
+def model_family(model_name: str) -> str:
+    """The family prefix of a `model.model` name ('segmenter-vitb' -> 'segmenter')."""
+    return model_name.split("-", 1)[0]
+
+
+def dataset_defaults(model_name: str, dataset_name: str) -> dict[str, Any]:
+    """The default config keys for a model on a dataset: DATA_DEFAULTS, then the family's
+    "*" recipe, then its recipe for the dataset."""
+    dataset = dataset_family(dataset_name)
+    recipes = DATASET_DEFAULTS.get(model_family(model_name), {})
+    return {**DATA_DEFAULTS.get(dataset, {}), **recipes.get("*", {}), **recipes.get(dataset, {})}
+
+
+# ---------------------------------------------------------------------------------------
+# Dotted access and type coercion
+
+
+def _sections(obj: Any) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config dataclass (e.g. 'optim.lr')."""
+    obj = TrainConfig() if obj is None else obj
+    keys = []
+    for name in _sections(obj):
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see docs/training.md for the keys"
+    return UserError(f"{where}unknown config key '{key}'{hint}")
+
+
+def _locate(cfg: Any, key: str, where: str = "") -> tuple[Any, str, Any]:
+    """(parent dataclass, field name, field type) for a dotted key, or UserError."""
+    parts = key.split(".")
+    obj = cfg
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or part not in _sections(obj) \
+                or not dataclasses.is_dataclass(getattr(obj, part)):
+            raise _unknown_key(key, where)
+        obj = getattr(obj, part)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(obj) or leaf not in _sections(obj) or dataclasses.is_dataclass(getattr(obj, leaf)):
+        raise _unknown_key(key, where)
+    return obj, leaf, _hints(type(obj))[leaf]
+
+
+def _parse_text(text: str) -> Any:
+    """A `--set` value string: YAML scalars/lists, plus bare comma lists ('0.75,1.0')."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str) and "," in value and not value.startswith(("[", "{")):
+        value = [_parse_text(v.strip()) for v in value.split(",")]
+    return value
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from YAML or a --set string) to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~", "")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    bad = UserError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        if isinstance(value, str):
+            value = _parse_text(value)
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = args if args else (Any, Any)
+        return {coerce(k, kt, key): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = _parse_text(value)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return [coerce(v, inner, key) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not f.is_integer():
+            raise bad
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        if value is None:  # `--set data.val_split=` means empty, not the text "None"
+            return ""
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "") -> None:
+    """cfg.<key> = coerced value; UserError for unknown keys or bad values."""
+    parent, leaf, tp = _locate(cfg, key, where)
+    try:
+        setattr(parent, leaf, coerce(value, tp, key))
+    except UserError as exc:
+        raise UserError(f"{where}{exc}") from None
+
+
+def get_key(cfg: TrainConfig, key: str) -> Any:
+    parent, leaf, _ = _locate(cfg, key)
+    return getattr(parent, leaf)
+
+
+@functools.cache
+def _mapping_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
+    """Dotted keys whose value is a mapping (e.g. optim.custom_keys): leaves, not sections."""
+    out: set[str] = set()
+    for name, tp in _hints(cls or TrainConfig).items():
+        if dataclasses.is_dataclass(tp):
+            out |= _mapping_keys(tp, f"{prefix}{name}.")
+        elif any(typing.get_origin(t) is dict for t in (tp, *typing.get_args(tp))):
+            out.add(prefix + name)
+    return frozenset(out)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists and mapping-valued keys stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in _mapping_keys():
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=1e-3' -> ('optim.lr', '1e-3'); coercion happens in `set_key`."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.001")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set {text!r}: empty key")
+    _locate(TrainConfig(), key, "--set: ")  # unknown key -> UserError now, not after loading data
+    return key, value.strip()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as flat dotted keys (validated against TrainConfig)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model:, optim:, ...)")
+    flat = flatten(data)
+    probe = TrainConfig()
+    for key in flat:
+        _locate(probe, key, f"{path}: ")
+    return flat
+
+
+def from_dict(data: dict, where: str = "") -> TrainConfig:
+    """A TrainConfig from a nested dict (e.g. a run's config.yaml); unknown keys are errors."""
+    cfg = TrainConfig()
+    for key, value in flatten(data).items():
+        set_key(cfg, key, value, where)
+    return cfg
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections, flow-style scalar lists: a K=1284 palette stays one row per class."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = all(not isinstance(v, (list, dict)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+# ---------------------------------------------------------------------------------------
+# Resolution against the shards
+
+
+def resolve(cfg: TrainConfig, meta: dict | None = None) -> TrainConfig:
+    """Fill derived values (None = derived) and validate. `meta` is the shards' dataset.json."""
+    if meta is not None:
+        k = int(meta["num_classes"])
+        cfg.data.name = str(meta.get("name", ""))
+        cfg.data.class_names = [str(n) for n in meta["class_names"]]
+        cfg.data.palette = [[int(c) for c in row] for row in meta["palette"]]
+        things = meta.get("thing_classes")
+        cfg.data.thing_classes = [int(c) for c in things] if meta.get("panoptic") and things is not None else None
+        cfg.model.num_classes = k
+    m = cfg.model
+    crop = m.img_size
+    if cfg.aug.scale is None:
+        cfg.aug.scale = [4 * crop, crop]
+    e = cfg.eval
+    e.short_side = crop if e.short_side is None else e.short_side
+    e.max_long = 4 * e.short_side if e.max_long is None else e.max_long
+    e.crop = crop if e.crop is None else e.crop
+    e.stride = e.crop if e.stride is None else e.stride
+    _resolve_official(cfg)
+    validate(cfg)
+    return cfg
+
+
+# ASL gamma- of each multi-label head in the official configs: TranEnc 2 (ADE20K, Pascal),
+# the TranDec and global-pooling heads of Table 6 0 (their COCO-Stuff configs); gamma+ is 0.
+ASL_GAMMA_NEG = {"tranenc": 2.0, "trandec": 0.0, "gap": 0.0}
+
+
+def _segmenter_ml_prefixes(m: ModelConfig) -> list[str]:
+    """Parameter-name prefixes of the Segmenter multi-label branch (model/heads.py): the
+    official keys "decode_head.blocks.0." and "decode_head.ml_fc" for TranEnc, renamed."""
+    if m.head != "rankseg" or m.oracle or m.has_selector:  # no ml branch of its own
+        return []
+    return ["head.blocks.0.", "head.ml_fc"] if m.ml_head == "tranenc" else ["head.ml_branch."]
+
+
+def official_custom_keys(cfg: TrainConfig) -> dict[str, dict[str, float]] | None:
+    """The official `paramwise_cfg.custom_keys` for this model, in our parameter names.
+
+    Every Segmenter / RankSeg config: pos_embed, cls_token and norm get decay_mult 0; the
+    ADE20K / Pascal ones add decay_mult 100 on the ml branch (`optim.ml_wd_mult`; COCO-Stuff
+    has no such key, which ml_wd_mult = ml_lr_mult = 1 reproduces). Other families: None, i.e.
+    the model's own groups (`optim.build_optimizer`).
+    """
+    if model_family(cfg.model.model) != "segmenter":
+        return None
+    keys = {k: {"decay_mult": 0.0} for k in ("pos_embed", "cls_token", "norm")}
+    o = cfg.optim
+    if (o.ml_wd_mult, o.ml_lr_mult) != (1.0, 1.0):
+        for prefix in _segmenter_ml_prefixes(cfg.model):
+            keys[prefix] = {"lr_mult": o.ml_lr_mult, "decay_mult": o.ml_wd_mult}
+    return keys
+
+
+def _resolve_official(cfg: TrainConfig) -> None:
+    """Fill the defaults that depend on the model (None = the official value)."""
+    segmenter = model_family(cfg.model.model) == "segmenter"
+    lo = cfg.loss
+    if lo.ml_loss is None:  # the ViT-B COCO-Stuff TranEnc configs are the only ones with BCE
+        coco = dataset_family(cfg.data.name) == "coco-stuff"
+        lo.ml_loss = "bce" if segmenter and coco and cfg.model.ml_head == "tranenc" else "asl"
+    if lo.asl_gamma_neg is None:
+        lo.asl_gamma_neg = ASL_GAMMA_NEG.get(cfg.model.ml_head, 2.0) if segmenter else 2.0
+    if cfg.optim.custom_keys is None:  # stays None for families whose model defines its groups
+        cfg.optim.custom_keys = official_custom_keys(cfg)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """UserError naming the first bad option and how to fix it."""
+    cfg.model.validate()
+    o, s, a, e, lo = cfg.optim, cfg.schedule, cfg.aug, cfg.eval, cfg.loss
+    checks = [
+        (o.name in ("sgd", "adamw"), f"optim.name={o.name!r}: use sgd or adamw"),
+        (o.lr > 0, f"optim.lr={o.lr} must be > 0"),
+        (len(o.betas) == 2, "optim.betas needs two values, e.g. 0.9,0.999"),
+        (o.weight_decay >= 0 and min(o.ml_wd_mult, o.ml_lr_mult, o.backbone_lr_mult) >= 0,
+         "optim weight decay / multipliers must be >= 0"),
+        (s.iters >= 1, f"schedule.iters={s.iters} must be >= 1"),
+        (s.batch_size >= 1 and s.accum_steps >= 1, "schedule.batch_size and schedule.accum_steps must be >= 1"),
+        (s.batch_size % s.accum_steps == 0,
+         f"schedule.batch_size={s.batch_size} must be divisible by schedule.accum_steps={s.accum_steps}"),
+        (0 <= s.min_lr <= o.lr, f"schedule.min_lr={s.min_lr} must be in [0, optim.lr]"),
+        (s.power > 0 and s.warmup_iters >= 0, "schedule.power must be > 0 and warmup_iters >= 0"),
+        (lo.ml_loss in ("asl", "bce", None), f"loss.ml_loss={lo.ml_loss!r}: use asl or bce"),
+        ((lo.asl_gamma_neg or 0) >= 0 and lo.asl_gamma_pos >= 0, "loss.asl_gamma_neg / asl_gamma_pos must be >= 0"),
+        (0 <= lo.asl_clip < 1, f"loss.asl_clip={lo.asl_clip} must be in [0, 1)"),
+        (lo.seg_loss_norm in ("official", "valid"), f"loss.seg_loss_norm={lo.seg_loss_norm!r}: use official or valid"),
+        (lo.ml_weight >= 0, "loss.ml_weight must be >= 0"),
+        (a.scale is None or (len(a.scale) == 2 and min(a.scale) > 0), "aug.scale needs two positive sides (long, short)"),
+        (len(a.ratio_range) == 2 and 0 < a.ratio_range[0] <= a.ratio_range[1], "aug.ratio_range needs 0 < lo <= hi"),
+        (0 < a.cat_max_ratio <= 1, "aug.cat_max_ratio must be in (0, 1]"),
+        (0 <= a.flip_prob <= 1, "aug.flip_prob must be in [0, 1]"),
+        (a.mean is None or len(a.mean) == cfg.model.in_chans, "aug.mean needs one value per input channel"),
+        (a.std is None or (len(a.std) == cfg.model.in_chans and min(a.std) > 0), "aug.std needs one positive value per channel"),
+        (e.mode in ("whole", "slide"), f"eval.mode={e.mode!r}: use whole or slide"),
+        (all(v is None or v >= 1 for v in (e.short_side, e.max_long, e.crop, e.stride)),
+         "eval.short_side, eval.max_long, eval.crop and eval.stride must be >= 1"),
+        (e.crop is None or e.stride is None or e.stride <= e.crop,
+         f"eval.stride={e.stride} must be <= eval.crop={e.crop} (larger strides leave pixels no window covers)"),
+        (len(e.scales) >= 1 and min(e.scales) > 0, "eval.scales must be positive, e.g. 0.75,1.0,1.25"),
+        (e.every >= 0 and e.max_images >= 0 and e.batch_size >= 1, "eval.every/max_images >= 0, eval.batch_size >= 1"),
+        (cfg.log_every >= 1 and cfg.ckpt_every >= 1, "log_every and ckpt_every must be >= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    _validate_custom_keys(o.custom_keys)
+    if cfg.data.class_names and len(cfg.data.class_names) != cfg.model.num_classes:
+        raise UserError(f"data.class_names has {len(cfg.data.class_names)} names but model.num_classes="
+                        f"{cfg.model.num_classes}")
+
+
+def _validate_custom_keys(keys: dict[str, dict[str, float]] | None) -> None:
+    example = "e.g. --set 'optim.custom_keys={norm: {decay_mult: 0}, head.ml_fc: {lr_mult: 10}}'"
+    for key, mults in (keys or {}).items():
+        if not key:
+            raise UserError(f"optim.custom_keys: empty key; {example}")
+        unknown = set(mults) - {"lr_mult", "decay_mult"}
+        if unknown:
+            raise UserError(f"optim.custom_keys['{key}']: unknown field(s) {', '.join(sorted(unknown))}; "
+                            f"use lr_mult and decay_mult, {example}")
+        if any(v < 0 for v in mults.values()):
+            raise UserError(f"optim.custom_keys['{key}']: multipliers must be >= 0")
+
+
+def build_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None,
+                       data_root: str | Path | None = None) -> TrainConfig:
+    """Defaults < dataset defaults < YAML < overrides, resolved against the shards.
+
+    `overrides` are 'key=value' strings (the CLI's --set and its flags, flags last).
+    """
+    from rankseg_core.shards.read import load_index
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file is not None:
+        layers.append((f"{config_file}: ", read_yaml(config_file)))
+    sets = dict(parse_override(text) for text in overrides or [])
+    if data_root is not None:
+        sets["data.root"] = str(data_root)
+    layers.append(("--set: ", sets))
+    user = {k: v for _, layer in layers for k, v in layer.items()}
+    root = user.get("data.root")
+    if not root:
+        raise UserError("no training data: pass --data DIR (a shard directory from `rankseg prepare`)")
+    meta = load_index(root)
+    cfg = TrainConfig()
+    # The recipe depends on the model family, which the user's layers may choose.
+    model_name = str(user.get("model.model") or cfg.model.model)
+    for key, value in dataset_defaults(model_name, str(meta.get("name", ""))).items():
+        set_key(cfg, key, value)
+    for where, layer in layers:
+        for key, value in layer.items():
+            set_key(cfg, key, value, where)
+    k = int(meta["num_classes"])
+    if "model.num_classes" in user and cfg.model.num_classes != k:
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the shards in {root} have K={k}: "
+                        "drop the override (K always comes from the shards)")
+    return resolve(cfg, meta)
+
+
+# CLI flags of `rankseg train` and the config keys they set (the flags are `--set` shorthands).
+FLAG_KEYS: dict[str, str] = {
+    "model": "model.model", "head": "model.head", "kappa": "model.kappa", "tau": "model.tau",
+    "ml_head": "model.ml_head", "clip_len": "model.clip_len", "img_size": "model.img_size",
+    "backbone_weights": "model.backbone_weights", "ml_loss": "loss.ml_loss", "ml_weight": "loss.ml_weight",
+    "seg_loss_norm": "loss.seg_loss_norm", "iters": "schedule.iters", "batch_size": "schedule.batch_size",
+    "seed": "seed", "device": "device", "eval_every": "eval.every", "workers": "data.num_workers",
+}
+
+
+def flag_overrides(flags: dict[str, Any]) -> list[str]:
+    """CLI flag values (None = not given) -> 'key=value' overrides, in FLAG_KEYS order."""
+    out = []
+    for name, key in FLAG_KEYS.items():
+        value = flags.get(name)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def diff_configs(a: TrainConfig, b: TrainConfig, ignore: frozenset[str] = RUNTIME_KEYS) -> list[str]:
+    """Dotted keys whose values differ (outside `ignore`)."""
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
+    return [k for k in fa if k not in ignore and fa[k] != fb.get(k)]

@@ -1,0 +1,159 @@
+"""Training data: clips, the deterministic batch stream, augmentation, the DataLoader.
+
+Determinism and exact resume rest on one idea: the data stream is a pure function of
+(seed, global sample position). Epoch e visits the clips in the permutation drawn from
+(seed, e); the sample at global position g is augmented with a generator seeded by
+(seed, g). Optimizer step s consumes positions [s*B, (s+1)*B) (B = global batch), split into
+accumulation micro-batches and then across DDP ranks. So resuming at step s only needs s,
+and the stream does not depend on the number of workers or processes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rankseg_core.config.train import TrainConfig
+from rankseg_core.data.augment import TrainTransform, build_train_transform
+from rankseg_core.errors import UserError
+from rankseg_core.shards.read import ShardDataset
+from rankseg_core.utils import distributed as D
+
+
+def clip_table(ds: ShardDataset, clip_len: int) -> np.ndarray:
+    """Sample indices of every trainable clip: N_clips x T (T = 1: every image is a clip).
+
+    A clip is T consecutive frames (by frame number) of one video.
+    """
+    n = len(ds)
+    if clip_len == 1:
+        return np.arange(n)[:, None]
+    a = ds.arrays
+    videos = np.asarray(a.video)
+    if not np.all(videos != ""):
+        raise UserError(f"{ds.index.root}: model.clip_len={clip_len} needs a video dataset (samples with "
+                        "video/frame fields, e.g. VSPW); use --clip-len 1 for images")
+    order = np.lexsort((a.frame, videos))  # by video, then frame
+    v = videos[order]
+    starts = np.arange(n - clip_len + 1)
+    same = np.ones(starts.size, bool)
+    for t in range(1, clip_len):
+        same &= v[starts + t] == v[starts]
+    if not same.any():
+        raise UserError(f"{ds.index.root}: no video has {clip_len} frames; lower --clip-len")
+    return order[starts[same][:, None] + np.arange(clip_len)[None, :]]
+
+
+@dataclass
+class BatchStream:
+    """Yields this rank's micro-batches as lists of (global position, clip id).
+
+    Step s, micro-batch m, rank r takes global positions
+    s*B + m*(W*b) + r*b + [0, b), with b = B / (W * accum).
+    """
+
+    num_clips: int
+    global_batch: int
+    accum_steps: int
+    world_size: int
+    rank: int
+    seed: int
+    start_step: int = 0
+
+    @property
+    def micro(self) -> int:
+        return self.global_batch // (self.world_size * self.accum_steps)
+
+    def clip_at(self, g: np.ndarray) -> np.ndarray:
+        epoch, pos = np.divmod(g, self.num_clips)
+        out = np.empty_like(g)
+        for e in np.unique(epoch):  # at most two epochs per batch
+            perm = np.random.default_rng([self.seed, 7, int(e)]).permutation(self.num_clips)
+            out[epoch == e] = perm[pos[epoch == e]]
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b, step = self.micro, self.start_step
+        while True:
+            for m in range(self.accum_steps):
+                g0 = step * self.global_batch + m * self.world_size * b + self.rank * b
+                g = np.arange(g0, g0 + b)
+                yield [(int(x), int(c)) for x, c in zip(g, self.clip_at(g))]
+            step += 1
+
+
+class AugmentedClips(torch.utils.data.Dataset):
+    """(global position, clip id) -> augmented clip {image T x 3 x c x c, label T x c x c}
+    (+ with `segments`: segments T x c x c segment indices and segments_info, T record lists)."""
+
+    def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int,
+                 segments: bool = False) -> None:
+        self.ds, self.clips, self.transform, self.seed, self.segments = ds, clips, transform, seed, segments
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
+        g, clip = item
+        frames = [self.ds.load(int(i)) for i in self.clips[clip]]
+        rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
+        segs = [f["segments"] for f in frames] if self.segments else None
+        try:
+            out = self.transform([f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
+        except ValueError as exc:
+            raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
+        item = {"image": torch.from_numpy(out[0]), "label": torch.from_numpy(out[1])}
+        if self.segments:
+            item.update(segments=torch.from_numpy(out[2]), segments_info=[f["segments_info"] for f in frames])
+        return item
+
+
+def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major);
+    segment maps likewise, segment records as one list per frame."""
+    out = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments") if k in items[0]}
+    if "segments_info" in items[0]:
+        out["segments_info"] = [info for i in items for info in i["segments_info"]]
+    return out
+
+
+def worker_init(worker_id: int) -> None:
+    """Per-worker seeding and no nested threading (OpenCV / torch threads x workers)."""
+    import cv2
+
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32  # the DataLoader derives it from its generator
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.DistInfo,
+                start_step: int, segments: bool = False) -> torch.utils.data.DataLoader:
+    """This rank's training batches from `start_step` on; with `segments` they carry the
+    panoptic segment maps and records (the shards must be panoptic)."""
+    ds = ShardDataset(cfg.data.root, cfg.data.train_split)
+    if ds.num_classes != cfg.model.num_classes:
+        raise UserError(f"{cfg.data.root}: K={ds.num_classes} but the run was configured for "
+                        f"K={cfg.model.num_classes}; use the same shards or a new run")
+    if segments and not ds.index.is_panoptic:
+        raise UserError(f"{cfg.data.root}: {ds.index.name} has no panoptic segments, which this model needs "
+                        "(panoptic shards come from `rankseg prepare coco-panoptic | ade20k-panoptic | synthetic "
+                        "--panoptic`); or train the semantic task (--set model.mask2former.task=semantic)")
+    clips = clip_table(ds, cfg.model.clip_len)
+    s = cfg.schedule
+    if s.batch_size % (info.world_size * s.accum_steps):
+        raise UserError(f"schedule.batch_size={s.batch_size} is not divisible by processes x accum_steps "
+                        f"= {info.world_size} x {s.accum_steps}")
+    stream = BatchStream(len(clips), s.batch_size, s.accum_steps, info.world_size, info.rank, cfg.seed, start_step)
+    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed, segments)
+    workers = cfg.data.num_workers
+    return torch.utils.data.DataLoader(
+        data, batch_sampler=stream, num_workers=workers, collate_fn=collate_clips,
+        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(cfg.seed + info.rank),
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=False)

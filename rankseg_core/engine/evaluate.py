@@ -1,0 +1,486 @@
+"""Evaluation on shards (`rankseg eval`), for every model family.
+
+Test protocol (METHOD.md sec. 5 and 8): resize the image so that its short side is
+`eval.short_side` (long side <= `eval.max_long`), predict (whole image, sliding window,
+multi-scale / flip), resize the logits back to the ORIGINAL label size, argmax. Metrics: a K x K
+confusion matrix (mIoU = nanmean over classes with union > 0, aAcc, per-class IoU, subsets),
+and from the multi-label probabilities vs the image's GT classes: per-class AP averaged over
+classes with positives ("mAP") and recall@kappa. Panoptic shards and a family that predicts
+segments: PQ / SQ / RQ as panopticapi's pq_compute (panoptic.py). `score` is what picks a
+run's best checkpoint: PQ when measured, else mIoU, else (a classifier) mAP.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+import zlib
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from rankseg_core.config.train import TrainConfig
+from rankseg_core.convert.coco_panoptic_format import CocoPanopticWriter, categories_of, image_id_of
+from rankseg_core.data.augment import TestTransform, build_test_transform
+from rankseg_core.data.loading import worker_init
+from rankseg_core.errors import UserError
+from rankseg_core.evaluation.metrics import ConfusionMatrix, average_precision, recall_at_k
+from rankseg_core.evaluation.panoptic_quality import PanopticQuality, gt_from_shard
+from rankseg_core.families import family_of
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.read import ShardDataset
+from rankseg_core.utils import distributed as D
+from rankseg_core.utils import lock
+from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json, check_writable_target
+from rankseg_core.utils.progress import Progress
+
+
+@dataclass
+class EvalOptions:
+    """What `rankseg eval` can change; None = the run's config (`cfg.eval`)."""
+
+    split: str = "val"
+    data_root: str | None = None  # None = the run's data.root
+    mode: str | None = None  # whole | slide
+    scales: list[float] | None = None
+    flip: bool | None = None
+    kappa: int | None = None  # classes selected at test time (may differ from training)
+    dynamic_kappa: float | None = None  # select classes with sigmoid score > threshold
+    oracle: bool = False  # GT (eval): select exactly the image's GT classes
+    # With oracle: fill each image's GT classes up to kappa with the model's highest-ranked
+    # other classes ("ranked") or with uniformly drawn ones ("random", seeded by the image key).
+    oracle_fill: str | None = None
+    max_images: int = 0  # 0 = the whole split
+    save_predictions: Path | None = None  # 16-bit PNG of train ids per image
+    save_panoptic: Path | None = None  # panoptic predictions in the COCO panoptic format (PNG + JSON)
+    progress: bool = True
+
+    def check(self) -> None:
+        """UserError naming the option for a value no evaluation can use."""
+        if self.mode is not None and self.mode not in ("whole", "slide"):
+            raise UserError(f"--mode {self.mode!r}: use whole or slide")
+        check_kappa(self.kappa)
+        if self.scales is not None:
+            bad = [s for s in self.scales if not 0 < s <= MAX_SCALE]  # NaN fails too
+            if bad or not self.scales:
+                raise UserError(f"--scales {','.join(f'{s:g}' for s in self.scales)}: every scale must be > 0 and "
+                                f"at most {MAX_SCALE:g} (e.g. 0.75,1.0,1.25)")
+        if self.dynamic_kappa is not None and not 0 < self.dynamic_kappa < 1:
+            raise UserError(f"--dynamic-kappa {self.dynamic_kappa}: a sigmoid threshold in (0, 1), e.g. 0.05")
+        if self.oracle_fill is not None:
+            if self.oracle_fill not in ORACLE_FILLS:
+                raise UserError(f"--oracle-fill {self.oracle_fill!r}: use {' or '.join(ORACLE_FILLS)}")
+            if not self.oracle:
+                raise UserError("--oracle-fill fills the GT (eval) selection: add --oracle")
+        if self.max_images < 0:
+            raise UserError(f"--max-images {self.max_images}: must be >= 0 (0 = the whole split)")
+
+
+ORACLE_FILLS = ("ranked", "random")
+
+# Test-time scales multiply the test size (eval.short_side); beyond 8x a 512 short side is a
+# 4096 x 16384 input, more than any model here was meant for (and the memory to match).
+MAX_SCALE = 8.0
+
+
+def check_kappa(kappa: int | None) -> None:
+    """--kappa of eval / predict: None (as trained) or at least 1 (more than K selects all K)."""
+    if kappa is not None and kappa < 1:
+        raise UserError(f"--kappa {kappa}: must be at least 1 (classes selected per image)")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # miou, aacc, map, recall_at_kappa, num_images, kappa
+    confusion: ConfusionMatrix
+    ap: np.ndarray  # K, per-class AP (NaN without positives)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metrics[key]
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def eval_clips(ds: ShardDataset, clip_len: int, max_images: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """Frames grouped as the model consumes them: ([sample ids], [is real frame]) per item.
+
+    Images: one frame per item. Video models: consecutive non-overlapping chunks of T frames
+    per video; the last chunk repeats its final frame (padding frames are not scored).
+    """
+    n = len(ds) if not max_images else min(max_images, len(ds))
+    if clip_len == 1:
+        return [([i], [True]) for i in range(n)]
+    a = ds.arrays
+    order = np.lexsort((a.frame[:n], np.asarray(a.video[:n])))
+    items, video = [], np.asarray(a.video)
+    start = 0
+    while start < n:
+        v = video[order[start]]
+        end = start
+        while end < n and video[order[end]] == v and end - start < clip_len:
+            end += 1
+        ids = [int(i) for i in order[start:end]]
+        real = [True] * len(ids) + [False] * (clip_len - len(ids))
+        items.append((ids + [ids[-1]] * (clip_len - len(ids)), real))
+        start = end
+    return items
+
+
+class EvalData(torch.utils.data.Dataset):
+    """Item -> {image T x 3 x H' x W', labels [T x (H x W)], classes, keys, real}."""
+
+    def __init__(self, ds: ShardDataset, items: list[tuple[list[int], list[bool]]], transform: TestTransform) -> None:
+        self.ds, self.items, self.transform = ds, items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids, real = self.items[i]
+        frames = [self.ds.load(j) for j in ids]
+        images = [self.transform(f["image"]) for f in frames]
+        if len({im.shape for im in images}) > 1:
+            raise UserError(f"{self.ds.index.root}: frames of one video differ in size ({frames[0]['key']})")
+        item = {"image": torch.from_numpy(np.stack(images)), "labels": [f["label"] for f in frames],
+                "classes": [f["classes"] for f in frames], "keys": [f["key"] for f in frames], "real": real}
+        if "segments" in frames[0]:  # panoptic shards: the GT segments for PQ
+            item["segments"] = [(f["segments"], f["segments_info"]) for f in frames]
+        return item
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+# ---------------------------------------------------------------------------------------
+# Prediction
+
+
+def forward_kwargs(cfg: TrainConfig, classes: list[np.ndarray], device: torch.device, kappa: int | None,
+                   dynamic_kappa: float | None, oracle: bool, oracle_fill: str | None = None,
+                   keys: list[str] | None = None) -> dict[str, Any]:
+    """Model keyword arguments for one batch; `classes` are the images' GT class ids and
+    `keys` their sample keys (they seed the "random" oracle fill)."""
+    kw: dict[str, Any] = {}
+    gt = [torch.as_tensor(c, dtype=torch.long, device=device) for c in classes]
+    if cfg.model.oracle:
+        kw["gt_classes"] = gt  # GT (train + eval) models always select the GT classes
+    elif oracle:
+        total = kappa if kappa is not None else cfg.model.kappa
+        if oracle_fill == "ranked":
+            kw["select_fill"] = total
+        elif oracle_fill == "random":
+            assert keys is not None and len(keys) == len(classes)
+            gt = [random_fill(c, cfg.model.num_classes, total, key).to(device) for c, key in zip(classes, keys)]
+        kw["select_override"] = gt
+    if kappa is not None:
+        kw["kappa"] = kappa
+    if dynamic_kappa is not None:
+        kw["dynamic_threshold"] = dynamic_kappa
+    return kw
+
+
+def random_fill(classes: np.ndarray, num_classes: int, total: int, key: str) -> torch.Tensor:
+    """The image's GT class ids (ignore dropped) plus classes drawn uniformly from the others
+    until there are `total`; the draw depends only on the sample key (batching, workers and
+    DDP ranks do not change it)."""
+    c = np.unique(np.asarray(classes, np.int64))
+    c = c[(c >= 0) & (c < num_classes)]
+    others = np.setdiff1d(np.arange(num_classes), c)
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    extra = rng.choice(others, size=min(len(others), max(0, total - len(c))), replace=False)
+    return torch.as_tensor(np.concatenate([c, extra]), dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _safe_name(key: str) -> str:
+    return key.replace("/", "__").replace("\\", "__")
+
+
+def write_label_png(path: Path, label: np.ndarray) -> None:
+    """H x W train ids -> 16-bit PNG, atomically."""
+    ok, buf = cv2.imencode(".png", label.astype(np.uint16))
+    if not ok:  # pragma: no cover - uint16 2-D arrays always encode
+        raise RuntimeError(f"PNG encoding failed for {path}")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device: torch.device) -> EvalResult:
+    """Evaluate `model` on a shard split; under DDP each process takes every W-th item and
+    the confusion matrices / scores are reduced (every process gets the result)."""
+    info = D.current()
+    root = opts.data_root or cfg.data.root
+    ds = ShardDataset(root, opts.split)
+    k = cfg.model.num_classes
+    family = family_of(cfg.model.model)
+    if ds.num_classes != k:
+        raise UserError(f"{root}: K={ds.num_classes} but the model was trained with K={k}; "
+                        "evaluate on shards of the same dataset")
+    opts.check()
+    if opts.oracle_fill is not None and (cfg.model.oracle or family.name == "classifier"):
+        raise UserError("--oracle-fill: this run " + ("always selects the GT classes (GT train + eval oracle)"
+                        if cfg.model.oracle else "is a classifier (no segmentation to evaluate)"))
+    if opts.oracle_fill == "ranked" and cfg.model.head != "rankseg":
+        raise UserError("--oracle-fill ranked fills from the model's class ranking; a baseline head has none "
+                        "(use --oracle-fill random)")
+    mode = opts.mode or cfg.eval.mode
+    scales = opts.scales or cfg.eval.scales
+    flip = cfg.eval.flip if opts.flip is None else opts.flip
+    dc = model.data_config() if hasattr(model, "data_config") else {"mean": [127.5] * 3, "std": [127.5] * 3}
+    items = eval_clips(ds, cfg.model.clip_len, opts.max_images)
+    mine = items[info.rank::info.world_size]
+    data = EvalData(ds, mine, build_test_transform(cfg, dc["mean"], dc["std"]))
+    workers = cfg.eval.num_workers if len(mine) > 8 else 0  # worker start-up costs more than tiny splits
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size, num_workers=workers,
+                                         collate_fn=_collate, worker_init_fn=worker_init)
+    cm = ConfusionMatrix(k, IGNORE)
+    scores, targets = [], []
+    pq = PanopticQuality(k, ds.index.thing_classes) if ds.index.is_panoptic else None
+    segmented = False  # whether the family predicted class maps (a classifier does not)
+    writer = _panoptic_writer(opts, ds, info)
+    if opts.save_predictions is not None:
+        Path(opts.save_predictions).mkdir(parents=True, exist_ok=True)
+    total = sum(sum(r) for _, r in items)
+    with Progress(total, f"eval {opts.split}", unit="img", enabled=opts.progress and info.is_main) as bar:
+        for batch in loader:
+            groups: dict[tuple[int, ...], list[dict]] = {}
+            for item in batch:  # equal sizes are stacked; others go one by one
+                groups.setdefault(tuple(item["image"].shape), []).append(item)
+            for group in groups.values():
+                images = torch.cat([g["image"] for g in group]).to(device)
+                labels = [lab for g in group for lab in g["labels"]]
+                classes = [c for g in group for c in g["classes"]]
+                real = [r for g in group for r in g["real"]]
+                keys = [key for g in group for key in g["keys"]]
+                gt_segments = [s for g in group for s in g.get("segments", [None] * len(g["real"]))]
+                kw = forward_kwargs(cfg, classes, device, opts.kappa, opts.dynamic_kappa, opts.oracle,
+                                    opts.oracle_fill, keys)
+                res = family.predict(model, cfg, images, [lab.shape for lab in labels], mode, scales, flip, **kw)
+                ml = res.ml
+                if ml is not None and cfg.model.clip_len > 1:
+                    ml = ml.repeat_interleave(cfg.model.clip_len, dim=0)
+                for j, lab in enumerate(labels):
+                    if not real[j]:
+                        continue
+                    pred = res.semantic[j] if res.semantic is not None else None
+                    segmented |= pred is not None
+                    if pred is not None:
+                        cm.update(pred, torch.from_numpy(lab.astype(np.int64)).to(pred.device))
+                    if ml is not None:
+                        scores.append(ml[j].cpu().numpy())
+                        t = np.zeros(k, np.float32)
+                        t[classes[j]] = 1
+                        targets.append(t)
+                    if res.panoptic is not None and pq is not None:
+                        pan_ids, pan_info = res.panoptic[j]
+                        pan_ids = pan_ids.cpu().numpy()
+                        pq.update(pan_ids, pan_info, *gt_from_shard(*gt_segments[j]))
+                        if writer is not None:
+                            writer.add(image_id_of(keys[j]), f"{_safe_name(keys[j])}.png", pan_ids, pan_info)
+                    if opts.save_predictions is not None and pred is not None:
+                        write_label_png(Path(opts.save_predictions) / f"{_safe_name(keys[j])}.png",
+                                        pred.cpu().numpy())
+                bar.advance(sum(real))
+    if writer is not None:
+        writer.close()
+    cm.matrix = D.all_reduce_sum_np(cm.matrix, device)
+    panoptic = None
+    if pq is not None:  # the same on every rank (a property of the shards): the gather cannot hang
+        merged = PanopticQuality(k, ds.index.thing_classes)
+        for state in D.all_gather_objects(pq.state()):
+            merged.merge(state)
+        if merged.num_images:  # none when the family predicts no segments
+            panoptic = merged.compute()
+    gathered = D.all_gather_objects((scores, targets))
+    scores = [s for part in gathered for s in part[0]]
+    targets = [t for part in gathered for t in part[1]]
+    kappa = opts.kappa or cfg.model.effective_kappa
+    if scores:
+        s, t = np.stack(scores), np.stack(targets)
+        m_ap, ap = average_precision(s, t)
+        rec = recall_at_k(s, t, kappa)
+    else:
+        m_ap, ap, rec = float("nan"), np.full(k, np.nan), float("nan")
+    miou = cm.miou()
+    metrics = {"miou": miou, "aacc": cm.aacc(), "map": m_ap, "recall_at_kappa": rec,
+               "num_images": total, "kappa": kappa, "pq": panoptic, "segmentation": segmented,
+               "score": panoptic["all"]["pq"] if panoptic else (miou if segmented else m_ap)}
+    return EvalResult(metrics, cm, ap)
+
+
+def _panoptic_writer(opts: EvalOptions, ds: ShardDataset, info: D.DistInfo) -> CocoPanopticWriter | None:
+    """The COCO panoptic writer of `--save-panoptic` (one process only: it writes one JSON)."""
+    if opts.save_panoptic is None:
+        return None
+    if not ds.index.is_panoptic:
+        raise UserError(f"--save-panoptic: {ds.index.root} is not a panoptic dataset; panoptic predictions are "
+                        "written for panoptic shards (rankseg prepare coco-panoptic / ade20k-panoptic)")
+    if info.enabled:
+        raise UserError("--save-panoptic writes one JSON: run `rankseg eval` in one process (not under torchrun)")
+    return CocoPanopticWriter(opts.save_panoptic, categories_of(ds.index.meta))
+
+
+# ---------------------------------------------------------------------------------------
+# Reports
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def read_class_subsets(path: str | Path, class_names: list[str]) -> dict[str, list[int]]:
+    """{"base": [ids or names], "novel": [...]} -> {subset: sorted ids} (UserError if bad)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: class subset file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not data or not all(isinstance(v, list) for v in data.values()):
+        raise UserError(f'{path}: expected {{"base": [ids or names], "novel": [...]}}')
+    by_name = {n: i for i, n in enumerate(class_names)}
+    k = len(class_names)
+    out = {}
+    for name, values in data.items():
+        ids = []
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise UserError(f"{path}: '{name}' holds {v!r}; use train ids (0..{k - 1}) or class names")
+            if isinstance(v, str):
+                if v not in by_name:
+                    raise UserError(f"{path}: '{name}' names an unknown class {v!r} (not in the run's class names)")
+                v = by_name[v]
+            if not 0 <= v < k:
+                raise UserError(f"{path}: '{name}' holds class id {v}, outside 0..{k - 1}")
+            ids.append(int(v))
+        out[str(name)] = sorted(set(ids))
+    return out
+
+
+def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | None = None,
+           extra_config: dict | None = None) -> dict[str, Any]:
+    """The JSON `rankseg eval` writes (no segmentation keys for a family that does not segment,
+    no "pq" where PQ was not measured)."""
+    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+    iou = res.confusion.iou()
+    seg = {
+        "miou": _num(res["miou"]), "aacc": _num(res["aacc"]),
+        "per_class": {n: _num(v) for n, v in zip(names, iou.tolist())},
+        "subsets": {name: {"miou": _num(res.confusion.miou(ids)), "num_classes": len(ids)}
+                    for name, ids in (subsets or {}).items()},
+    } if res["segmentation"] else {}
+    return {
+        **seg, "map": _num(res["map"]), "recall_at_kappa": _num(res["recall_at_kappa"]),
+        "score": _num(res["score"]), **({"pq": res["pq"]} if res["pq"] else {}),
+        "num_images": res["num_images"],
+        "config": {"model": cfg.model.model, "head": "oracle" if cfg.model.oracle else cfg.model.head,
+                   "num_classes": cfg.model.num_classes, "kappa": res["kappa"], "dataset": cfg.data.name,
+                   **(extra_config or {})},
+    }
+
+
+def per_class_csv(res: EvalResult, cfg: TrainConfig) -> str:
+    """id,name,iou,acc,gt_pixels,pred_pixels,ap (empty = undefined)."""
+    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+    m = res.confusion.matrix
+    iou, acc = res.confusion.iou(), res.confusion.acc()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "name", "iou", "acc", "gt_pixels", "pred_pixels", "ap"])
+    def fmt(x):
+        return (f"{x:.6f}" if math.isfinite(x) else "")
+    for i, name in enumerate(names):
+        w.writerow([i, name, fmt(iou[i]), fmt(acc[i]), int(m[i].sum()), int(m[:, i].sum()), fmt(res.ap[i])])
+    return buf.getvalue()
+
+
+def write_report(json_path: Path, res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | None = None,
+                 extra_config: dict | None = None) -> tuple[Path, Path]:
+    """Write the JSON and `<stem>_per_class.csv` next to it; returns both paths."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(json_path, report(res, cfg, subsets, extra_config))
+    csv_path = json_path.with_name(json_path.stem + "_per_class.csv")
+    atomic_write_bytes(csv_path, per_class_csv(res, cfg).encode())
+    return json_path, csv_path
+
+
+# ---------------------------------------------------------------------------------------
+# Run-level entry points (what the CLI calls)
+
+
+def default_json(run_dir: str | Path, cfg: TrainConfig, data_root: Path, split: str) -> Path:
+    """Where `rankseg eval` writes by default: RUN/eval/<split>.json for the run's own shards
+    (as always), RUN/eval/<dataset>-<split>-<hash>.json for other shards (`--data`), where
+    <hash> is 8 hex digits of the SHA-256 of their absolute path. So evaluating on other shards
+    never replaces an earlier result, even of other shards with the same dataset name."""
+    from rankseg_core.engine.runs import run_paths
+    from rankseg_core.shards.read import ShardIndex
+
+    eval_dir = run_paths(run_dir).eval_dir
+    if data_root == Path(cfg.data.root).resolve():
+        return eval_dir / f"{_plain(split)}.json"
+    tag = hashlib.sha256(str(data_root).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return eval_dir / f"{_plain(ShardIndex(data_root).name)}-{_plain(split)}-{tag}.json"
+
+
+def _plain(name: str) -> str:
+    """A dataset / split name (from an untrusted dataset.json or the command line) as a plain
+    file name part: no separators, no leading dot."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:80] or "_"
+
+
+def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path | None = None,
+                   classes_json: str | Path | None = None, device: str = "auto",
+                   weights: str = "auto") -> tuple[dict[str, Any], Path, Path]:
+    """Load a run, evaluate it, write the JSON (default: see `default_json`) and the per-class
+    CSV next to it. Returns (report, json path, csv path).
+
+    Holds a lock on that JSON file name (not on RUN: evaluating while the run trains is fine),
+    and on `opts.save_predictions`, so two evaluations never write the same files at once.
+    """
+    from rankseg_core.engine.runs import find_weights, load_run
+
+    opts.check()
+    dev = D.resolve_device(device)
+    model, cfg = load_run(run_dir, dev, weights)
+    subsets = read_class_subsets(classes_json, cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]) \
+        if classes_json else None
+    data_root = Path(opts.data_root or cfg.data.root).resolve()
+    path = Path(json_path) if json_path else default_json(run_dir, cfg, data_root, opts.split)
+    check_writable_target(path)  # /dev/full, a directory: refused before hours of evaluation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as held:
+        held.enter_context(lock.dir_lock(path.parent, "eval", name=f"{lock.LOCK_NAME}.{path.name}"))
+        for out_dir, what in ((opts.save_predictions, "--save-predictions"), (opts.save_panoptic, "--save-panoptic")):
+            if out_dir is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                held.enter_context(lock.dir_lock(out_dir, f"eval {what}"))
+        res = evaluate_model(model, cfg, opts, dev)
+        extra = {"split": opts.split, "data": str(data_root),
+                 "weights": str(find_weights(run_dir, weights)), "mode": opts.mode or cfg.eval.mode,
+                 "scales": list(opts.scales or cfg.eval.scales),
+                 "flip": bool(cfg.eval.flip if opts.flip is None else opts.flip),
+                 "short_side": cfg.eval.short_side, "max_long": cfg.eval.max_long,
+                 "crop": cfg.eval.crop, "stride": cfg.eval.stride,
+                 "dynamic_kappa": opts.dynamic_kappa, "oracle": bool(opts.oracle or cfg.model.oracle),
+                 "oracle_fill": opts.oracle_fill}
+        json_out, csv_out = write_report(path, res, cfg, subsets, extra)
+    return report(res, cfg, subsets, extra), json_out, csv_out

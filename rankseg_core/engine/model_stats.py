@@ -1,0 +1,111 @@
+"""Parameter and FLOP counts (`rankseg stats model`), cf. METHOD.md sec. 9.
+
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which counts every matmul,
+conv and attention product as 2 x MACs. The paper's "FLOPs" are mmcv module-hook MACs that
+skip functional matmuls (attention scores, nn.MultiheadAttention projections), so absolute
+numbers differ (ViT-B/16 at 512: paper 78.8G vs our 105.7 GMACs for the baseline); compare
+variants with the same counter (docs/model.md lists both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.families import family_of
+
+
+def build_any(cfg: ModelConfig) -> nn.Module:
+    """The model of any family (Segmenter, Mask2Former, ...) for `cfg`."""
+    return family_of(cfg.model).build(cfg)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def _dummy_forward_kw(model: nn.Module) -> dict:
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.oracle:
+        # The oracle needs GT classes: assume kappa of them (its largest, costliest case).
+        n = cfg.effective_kappa
+        return {"gt_classes": [torch.arange(n)] * cfg.clip_len}
+    return {}
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, img_size: int | tuple[int, int], **fwd_kw) -> dict[str, int]:
+    """FLOPs / MACs of one eval forward on a 1 x 3 x H x W input (clip_len frames for video).
+
+    Returns flops (= 2 x macs, all matmuls incl. attention), macs, backbone / head flops.
+    """
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    cfg = getattr(model, "cfg", None)
+    frames = cfg.clip_len if cfg is not None else 1
+    in_chans = cfg.in_chans if cfg is not None else 3
+    param = next(model.parameters())
+    x = torch.zeros(frames, in_chans, h, w, dtype=param.dtype, device=param.device)
+    kw = {**_dummy_forward_kw(model), **fwd_kw}
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(x, **kw)
+    finally:
+        model.train(was_training)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    total = counter.get_total_flops()
+    backbone = int(sum(counts.get(f"{root}.backbone", {}).values()))
+    # Segmenter has one `head` module; Mask2Former's head is everything after the backbone.
+    head = int(sum(counts[f"{root}.head"].values())) if f"{root}.head" in counts else int(total) - backbone
+    return {"flops": int(total), "macs": int(total // 2), "backbone_flops": backbone, "head_flops": head}
+
+
+def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int]:
+    """Params (total / backbone / head, in units and millions) and GFLOPs / GMACs at cfg.img_size.
+
+    params_mi is the total in units of 2^20: the "M" of the paper's Mask2Former table (main
+    paper Table 8 equals our counts divided by 1,048,576 to the printed 0.01), while its
+    Segmenter numbers are in units of 10^6 (docs/mask2former.md, "Cost")."""
+    model = build_any(replace(cfg, backbone_weights=None))  # counting needs no weights
+    total = count_parameters(model)
+    backbone = count_parameters(model.backbone)
+    stats: dict[str, float | int | str] = {
+        "model": cfg.model,
+        "head": "oracle" if cfg.oracle else cfg.head,
+        "num_classes": cfg.num_classes,
+        "kappa": cfg.effective_kappa,
+        "img_size": cfg.img_size,
+        "params": total,
+        "params_backbone": backbone,
+        "params_head": total - backbone,
+        "params_m": total / 1e6,
+        "params_mi": total / 2**20,
+    }
+    if cfg.family == "mask2former":
+        stats["task"] = cfg.mask2former.task
+        stats["queries"] = model.num_queries
+        stats["params_ml_head"] = count_parameters(model.ml_head) if model.ml_head is not None else 0
+    if flops:
+        f = count_flops(model, cfg.img_size)
+        stats.update({
+            "gflops": f["flops"] / 1e9,
+            "gmacs": f["macs"] / 1e9,
+            "backbone_gflops": f["backbone_flops"] / 1e9,
+            "head_gflops": f["head_flops"] / 1e9,
+        })
+    return stats

@@ -1,0 +1,96 @@
+"""Optimizer parameter groups and the learning-rate schedule (mmseg semantics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankseg_core.config.train import TrainConfig, official_custom_keys
+from rankseg_core.errors import UserError
+
+
+def sorted_custom_keys(custom_keys: dict[str, dict[str, float]]) -> list[str]:
+    """The order in which mmcv's DefaultOptimizerConstructor tries the keys: longest first,
+    equal lengths alphabetically."""
+    return sorted(sorted(custom_keys), key=len, reverse=True)
+
+
+def param_multipliers(model: nn.Module, custom_keys: dict[str, dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """{parameter name: (lr_mult, decay_mult)} for the trainable parameters.
+
+    mmcv's rule: the first key of `sorted_custom_keys` that is a substring of the name decides
+    (its missing fields are 1); a parameter no key matches gets (1, 1). The official RankSeg
+    configs set no bias / norm rules (norms are exempt only through the "norm" key).
+    UserError for a key that matches no parameter (a typo would otherwise do nothing).
+    """
+    order = sorted_custom_keys(custom_keys)
+    used: set[str] = set()
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # mmcv matches f"{module prefix}.{name}": a parameter of the root module reads ".name".
+        full = name if "." in name else f".{name}"
+        hits = [k for k in order if k in full]
+        used.update(hits)
+        mults = custom_keys[hits[0]] if hits else {}
+        out[name] = (float(mults.get("lr_mult", 1.0)), float(mults.get("decay_mult", 1.0)))
+    unused = [k for k in order if k not in used]
+    if unused and out:
+        raise UserError(f"optim.custom_keys: '{unused[0]}' matches no trainable parameter (names look like "
+                        f"'{next(iter(out))}'); fix the key or remove it")
+    return out
+
+
+def model_multipliers(model: nn.Module, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
+    """{parameter name: (lr_mult, decay_mult)} from the model's own lists (families without
+    official custom keys, e.g. Mask2Former as detectron2 builds its groups): decay 0 for
+    `model.no_weight_decay()`, `optim.ml_lr_mult` / `optim.ml_wd_mult` for
+    `model.ml_branch_names()`, lr x `optim.backbone_lr_mult` for `backbone.*`."""
+    o = cfg.optim
+    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    ml = model.ml_branch_names() if hasattr(model, "ml_branch_names") else set()
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = (o.ml_lr_mult if name in ml else 1.0) * (o.backbone_lr_mult if name.startswith("backbone.") else 1.0)
+        out[name] = (lr, 0.0 if name in no_wd else (o.ml_wd_mult if name in ml else 1.0))
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD / AdamW with one group per (lr_mult, decay_mult); each group carries `lr_mult`
+    (the training loop sets lr = schedule x lr_mult) and weight_decay = base x decay_mult.
+
+    Multipliers: `optim.custom_keys` with mmseg's rule (`param_multipliers`); None (families
+    other than Segmenter) = the model's own lists (`model_multipliers`).
+    """
+    o = cfg.optim
+    keys = o.custom_keys if o.custom_keys is not None else official_custom_keys(cfg)
+    mults = param_multipliers(model, keys) if keys is not None else model_multipliers(model, cfg)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    named = dict(model.named_parameters())
+    for name, m in mults.items():
+        groups.setdefault(m, []).append(named[name])
+    params = [{"params": ps, "weight_decay": o.weight_decay * decay, "lr_mult": lr}
+              for (lr, decay), ps in sorted(groups.items())]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas))
+
+
+def lr_schedule(cfg: TrainConfig) -> np.ndarray:
+    """Learning rate at every iteration (iters,): mmseg poly with floor and optional warm-up.
+
+    lr_i = (lr - min_lr) * (1 - i / iters) ** power + min_lr; warm-up scales it linearly from
+    1e-6 x to 1 x over warmup_iters (mmseg's linear warm-up).
+    """
+    s, lr = cfg.schedule, cfg.optim.lr
+    i = np.arange(s.iters, dtype=np.float64)
+    lrs = (lr - s.min_lr) * (1 - i / s.iters) ** s.power + s.min_lr
+    if s.warmup_iters:
+        k = np.clip(1 - i / s.warmup_iters, 0, 1)
+        lrs *= 1 - k * (1 - 1e-6)
+    return lrs

@@ -1,0 +1,242 @@
+"""Prediction on the user's own images (`rankseg predict`): label PNGs, overlays, class lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from rankseg_core.config.train import TrainConfig
+from rankseg_core.data.augment import build_test_transform
+from rankseg_core.engine.evaluate import check_kappa, write_label_png
+from rankseg_core.errors import UserError
+from rankseg_core.families import family_of
+from rankseg_core.families.base import Family
+from rankseg_core.shards.codec import decode_image
+from rankseg_core.utils import distributed as D
+from rankseg_core.utils import lock
+from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
+from rankseg_core.utils.progress import Progress
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# Written first into every --out directory: marks its PNGs as predictions (never inputs) and
+# lets a later `predict` write there again.
+MARKER = ".rankseg-predict.json"
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; directories expand to their image files (sorted, not recursive).
+
+    Refuses inputs inside a directory `predict` wrote (it holds MARKER): its PNGs are label
+    maps and overlays, which would be segmented as if they were photos."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        folder = p if p.is_dir() else p.parent
+        if (folder / MARKER).is_file():
+            raise UserError(f"{p}: {folder} holds `rankseg predict` outputs ({MARKER}), whose PNGs are predictions, "
+                            "not images; give the original images")
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UserError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+            out += files
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    return out
+
+
+def plan_outputs(files: list[Path], out: Path) -> list[tuple[Path, Path, Path]]:
+    """(label PNG, overlay PNG, JSON) per input: `<stem>.png`, `<stem>_overlay.png`,
+    `<stem>.json`, with `-1`, `-2`... added to a stem until none of its three names is taken by
+    another input's outputs (inputs `a/x.png`, `b/x.png`, `x-1.png`, `x_overlay.png` all keep
+    their results)."""
+    taken: set[str] = set()
+    plan = []
+    for path in files:
+        stem, n = path.stem, 0
+        while True:
+            names = (f"{stem}.png", f"{stem}_overlay.png", f"{stem}.json")
+            if not taken.intersection(names):
+                break
+            n += 1
+            stem = f"{path.stem}-{n}"
+        taken.update(names)
+        plan.append(tuple(out / name for name in names))
+    return plan
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_no_overwrite(inputs: list[str | Path], files: list[Path], plan: list[tuple[Path, ...]], out: Path) -> None:
+    """Refuse an --out that is an input directory, and any output that is an input file
+    (same file: symlinks and hard links included), before anything is written."""
+    out_id = _file_id(out)
+    for item in inputs:
+        if Path(item).is_dir() and out_id is not None and _file_id(Path(item)) == out_id:
+            raise UserError(f"--out {out} is also an input directory: the predictions would be written among (and over) "
+                            "your images; choose another --out")
+    ids = {_file_id(f): f for f in files}
+    for outputs in plan:
+        for target in outputs:
+            source = ids.get(_file_id(target)) if target.exists() else None
+            if source is not None:
+                raise UserError(f"{target} would overwrite the input {source}; choose another --out")
+
+
+def claim_out_dir(out: Path) -> None:
+    """Make --out ours: refuse a directory holding other files (they could be overwritten),
+    unless an earlier `predict` wrote it (MARKER); then write MARKER. Call with out locked."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        other = next((f.name for f in sorted(out.iterdir()) if not lock.is_lock_file(f.name)), None)
+        if other is not None:
+            raise UserError(f"--out {out} already holds files that `rankseg predict` did not write (e.g. {other}), "
+                            "which predictions could overwrite; choose a new or empty --out")
+    atomic_write_json(out / MARKER, {"written_by": "rankseg predict"})
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Any image file -> H x W x 3 uint8 RGB (grey / alpha / 16-bit converted); UserError if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return decode_image(data)
+    except ValueError as exc:
+        raise UserError(f"{path}: cannot decode image ({exc}); supported: JPEG, PNG, BMP, WebP, TIFF") from None
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: list[str],
+            alpha: float = 0.5, max_legend: int = 20) -> np.ndarray:
+    """Blend the coloured prediction over the image and add a legend panel on the right
+    (classes by area, at most `max_legend`). H x W x 3 RGB uint8 -> H x (W + legend) x 3."""
+    colour = palette[pred]
+    blended = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
+    ids, counts = np.unique(pred, return_counts=True)
+    order = ids[np.argsort(-counts, kind="stable")]
+    shown = order[:max_legend]
+    h = blended.shape[0]
+    row = 18
+    lines = len(shown) + (1 if len(order) > len(shown) else 0)
+    panel_h = max(h, row * lines + 8)
+    width = 12 + 20 + max((len(names[i]) for i in shown), default=4) * 8 + 10
+    panel = np.full((panel_h, width, 3), 255, np.uint8)
+    for r, cid in enumerate(shown):
+        y = 4 + r * row
+        panel[y:y + 14, 8:22] = palette[cid]
+        cv2.putText(panel, names[cid], (28, y + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    if len(order) > len(shown):
+        cv2.putText(panel, f"... {len(order) - len(shown)} more", (8, 4 + len(shown) * row + 12),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+    canvas = np.full((panel_h, blended.shape[1] + width, 3), 255, np.uint8)
+    canvas[:h, :blended.shape[1]] = blended
+    canvas[:, blended.shape[1]:] = panel
+    return canvas
+
+
+def _palette(cfg: TrainConfig) -> np.ndarray:
+    if len(cfg.data.palette) == cfg.model.num_classes:
+        return np.asarray(cfg.data.palette, np.uint8)
+    from rankseg_core.utils.palette import make_palette
+
+    return make_palette(cfg.model.num_classes)
+
+
+@dataclass
+class Prediction:
+    image: Path
+    label_png: Path
+    overlay_png: Path
+    json_path: Path
+    classes: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], out_dir: str | Path,
+                  device: torch.device, kappa: int | None = None, mode: str | None = None,
+                  progress: bool = True) -> list[Prediction]:
+    """Segment user images of any size. Per image `<stem>.png` (16-bit train ids),
+    `<stem>_overlay.png` (with a legend) and `<stem>.json` (classes found, top-kappa ml
+    probabilities); see `plan_outputs`. Stops at the first unreadable image, naming it.
+
+    Never overwrites an input or a file it did not write (`check_no_overwrite`,
+    `claim_out_dir`), and holds a lock on `out_dir` while it writes."""
+    if cfg.model.oracle:
+        raise UserError("this run is a GT (train + eval) oracle model: it needs ground-truth classes and cannot "
+                        "predict on unlabelled images")
+    check_kappa(kappa)
+    family = family_of(cfg.model.model)
+    files = list_images(inputs)
+    out = Path(out_dir)
+    plan = plan_outputs(files, out)
+    check_no_overwrite(inputs, files, plan, out)
+    out.mkdir(parents=True, exist_ok=True)
+    with lock.dir_lock(out, "predict"):
+        claim_out_dir(out)
+        return _predict(model, cfg, family, files, plan, device, kappa, mode, progress)
+
+
+def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Path], plan: list[tuple[Path, ...]],
+             device: torch.device, kappa: int | None, mode: str | None, progress: bool) -> list[Prediction]:
+    dc = model.data_config()
+    tf = build_test_transform(cfg, dc["mean"], dc["std"])
+    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+    pal = _palette(cfg)
+    kappa_eff = kappa or cfg.model.effective_kappa
+    mode = mode or cfg.eval.mode
+    results = []
+    with Progress(len(files), "predict", unit="img", enabled=progress) as bar:
+        for path, (label_png, overlay_png, json_path) in zip(files, plan):
+            rgb = read_image(path)
+            x = torch.from_numpy(tf(rgb))[None].to(device)
+            frames = cfg.model.clip_len
+            if frames > 1:  # a video model on a still image: the image is a clip of T copies
+                x = x.repeat(frames, 1, 1, 1)
+            kw = {"kappa": kappa} if kappa is not None else {}
+            res = family.predict(model, cfg, x, [rgb.shape[:2]] * len(x), mode, cfg.eval.scales, cfg.eval.flip, **kw)
+            if res.semantic is None:
+                raise UserError(f"{cfg.model.model} is a multi-label classifier: it lists classes but does not "
+                                "segment; predict with a segmentation run")
+            pred, ml = res.semantic[0].cpu().numpy().astype(np.uint16), res.ml
+            write_label_png(label_png, pred)
+            ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay(rgb, pred, pal, names), cv2.COLOR_RGB2BGR))
+            atomic_write_bytes(overlay_png, buf.tobytes())
+            ids, counts = np.unique(pred, return_counts=True)
+            found = [{"id": int(i), "name": names[i], "fraction": float(c / pred.size)}
+                     for i, c in sorted(zip(ids, counts), key=lambda t: -t[1])]
+            top = []
+            if ml is not None:
+                p = ml[0].cpu().numpy()
+                for i in np.argsort(-p, kind="stable")[:kappa_eff]:
+                    top.append({"id": int(i), "name": names[i], "probability": float(p[i])})
+            atomic_write_json(json_path, {"image": str(path), "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
+                                          "kappa": kappa_eff, "classes": found, "top_kappa": top})
+            results.append(Prediction(path, label_png, overlay_png, json_path, found))
+            bar.advance(1)
+    return results
+
+
+def run_prediction(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto",
+                   weights: str = "auto", kappa: int | None = None, progress: bool = True) -> list[Prediction]:
+    from rankseg_core.engine.runs import load_run
+
+    check_kappa(kappa)  # before loading the model
+    dev = D.resolve_device(device)
+    model, cfg = load_run(run_dir, dev, weights)
+    return predict_files(model, cfg, inputs, out_dir, dev, kappa=kappa, progress=progress)

@@ -1,0 +1,324 @@
+"""Run directories: resolved config, metrics log, checkpoints, final weights.
+
+Layout of a run directory RUN (see docs/training.md):
+
+    RUN/config.yaml             resolved TrainConfig (K, class names, palette included)
+    RUN/metrics.jsonl           one JSON per logged step / evaluation
+    RUN/checkpoints/last.pt     model + optimizer + iteration + RNG + data-order state
+    RUN/checkpoints/best.pt     model + iteration + mIoU at the best validation mIoU (no resume state)
+    RUN/model.safetensors       final weights (written when training finishes)
+    RUN/eval/                   `rankseg eval` outputs (default location)
+    RUN/viz/                    figures (`rankseg viz`)
+
+Every file is written atomically (tmp + fsync + rename), so a crash or a reader never sees a
+half-written config or checkpoint; metrics.jsonl is append-only, one flushed strict-JSON line
+per record. Checkpoints and model.safetensors carry a checksum of their content
+(integrity.py), verified on every read: a corrupt file is refused, never used.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankseg_core.config.train import TrainConfig, from_dict, to_yaml
+from rankseg_core.errors import UserError
+from rankseg_core.utils import integrity, jsonio
+from rankseg_core.utils.distributed import is_main, resolve_device
+from rankseg_core.utils.fsio import atomic_write_bytes, os_error
+from rankseg_core.utils.progress import console
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        return self.root / CHECKPOINTS / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.root / CHECKPOINTS / BEST
+
+    @property
+    def weights(self) -> Path:
+        return self.root / WEIGHTS
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def viz_dir(self) -> Path:
+        return self.root / "viz"
+
+
+def run_paths(run_dir: str | Path) -> RunPaths:
+    return RunPaths(Path(run_dir))
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+
+
+def save_config(run_dir: str | Path, cfg: TrainConfig) -> Path:
+    """Write RUN/config.yaml atomically (creating RUN)."""
+    paths = run_paths(run_dir)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(paths.config, to_yaml(cfg).encode())
+    return paths.config
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """Read RUN/config.yaml back into a TrainConfig (UserError if RUN is not a run)."""
+    import yaml
+
+    path = run_paths(run_dir).config
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {run_dir} is not a rankseg run directory "
+                        "(create one with `rankseg train --out DIR`)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid YAML ({exc.__class__.__name__}); restore it or re-run training") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a rankseg config (expected sections model:, data:, ...)")
+    return from_dict(data, f"{path}: ")
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+
+
+def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Append one strict JSON line (an undefined mean is null, never NaN) to RUN/metrics.jsonl
+    and flush it to disk."""
+    path = run_paths(run_dir).metrics
+    with open(path, "a") as f:
+        f.write(jsonio.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of RUN/metrics.jsonl; an undefined value is None (also the NaN that runs of
+    older versions wrote). A torn last line from a crash is skipped."""
+    path = run_paths(run_dir).metrics
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = jsonio.strict(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def truncate_metrics(run_dir: str | Path, iteration: int) -> None:
+    """Drop what was logged after the checkpoint of `iteration` that a resume starts from
+    (records of later iterations, and the final evaluation, logged after the last checkpoint),
+    so a resumed run's log reads like an uninterrupted one."""
+    path = run_paths(run_dir).metrics
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(run_dir)
+            if isinstance(r.get("iter"), int) and r["iter"] <= iteration and not r.get("final")]
+    atomic_write_bytes(path, "".join(jsonio.dumps(r) + "\n" for r in kept).encode())
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and weights (each carries a checksum of its content: integrity.py)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """torch.save into memory, then `atomic_write_bytes` (tmp, fsync, rename). `state` must
+    hold only tensors, numbers, strings, lists and dicts, so that `torch.load(weights_only=True)`
+    can read it back; its checksum is added under "sha256" (`integrity.seal`).
+
+    Serialised in memory because torch.save into a file on a full disk raises a RuntimeError
+    that names neither the file nor the reason; the atomic write reports the failure in one
+    line naming the file, removes its temp file and leaves the previous checkpoint as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(integrity.seal(state), buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _read(path: Path, what: str) -> bytes:
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise os_error(path, exc, "cannot read") from None
+
+
+def other_weights(path: Path) -> str:
+    """What to do instead of reading the corrupt `path`: the run's other weights, if any."""
+    root = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+    paths = run_paths(root)
+    others = [name for name, p in (("final", paths.weights), ("best", paths.best), ("last", paths.last))
+              if p.is_file() and p != path]
+    if others:
+        return f"use the run's other weights (--weights {' or --weights '.join(others)}) or restore it from a backup"
+    return "restore it from a backup or train again"
+
+
+def _unverified(path: Path) -> None:
+    if is_main():
+        console.print(f"note: {path} carries no checksum (written before rankseg checked them); "
+                      "it is used unverified", highlight=False, soft_wrap=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    fix: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`: weights_only (no pickled code runs), and
+    its checksum verified. A damaged or foreign file is a UserError saying it is corrupt and
+    what to do (`fix`, default: the run's other weights). A checkpoint without a checksum (older
+    rankseg) is used with a note."""
+    path = Path(path)
+    data = _read(path, "checkpoint")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign / unsafe files
+        state, why = None, f"not a readable rankseg checkpoint: {exc.__class__.__name__}"
+    else:
+        try:
+            state, sealed = integrity.unseal(state)
+            why = ""
+        except ValueError as exc:
+            why = str(exc)
+    if why:
+        raise UserError(f"{path} is corrupt ({why}); {fix or other_weights(path)}")
+    if not sealed:
+        _unverified(path)
+    return state
+
+
+def save_weights(path: str | Path, model: torch.nn.Module) -> Path:
+    """Model weights as safetensors (with their checksum in the header's metadata), written
+    like every other run file (atomic_write_bytes).
+
+    Serialised in memory rather than with `save_file`, which writes through a private 0600
+    temp file (the weights then had other permissions than config.yaml) and reports a full
+    disk as its own exception type instead of an OSError naming the file.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", integrity.KEY: integrity.content_digest(state)}
+    atomic_write_bytes(path, save(state, metadata=meta))
+    return path
+
+
+def load_weights(path: str | Path, fix: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, checksum verified (UserError "corrupt" on a mismatch or
+    a damaged file; a file without a checksum, e.g. from another tool, is used with a note)."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    data = _read(path, "weights file")
+    try:
+        meta = integrity.safetensors_metadata(data)
+        state = load(data)
+        if integrity.KEY in meta and integrity.content_digest(state) != meta[integrity.KEY]:
+            raise ValueError("its SHA-256 does not match the content")
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        why = str(exc) if isinstance(exc, ValueError) else f"not a readable safetensors file: {exc.__class__.__name__}"
+        raise UserError(f"{path} is corrupt ({why}); {fix or other_weights(path)}") from None
+    if integrity.KEY not in meta:
+        _unverified(path)
+    return state
+
+
+def find_weights(run_dir: str | Path, which: str = "auto") -> Path:
+    """Resolve which weights to load.
+
+    which: "auto" (model.safetensors, else checkpoints/best.pt, else last.pt), "final",
+    "best", "last", or a file path.
+    """
+    paths = run_paths(run_dir)
+    named = {"final": paths.weights, "best": paths.best, "last": paths.last}
+    if which == "auto":
+        for p in (paths.weights, paths.best, paths.last):
+            if p.is_file():
+                return p
+        raise UserError(f"{paths.root}: no weights yet (no {WEIGHTS} and no checkpoints/*.pt); "
+                        "train first or wait for the first checkpoint")
+    path = named.get(which, Path(which))
+    if not path.is_file():
+        raise UserError(f"{path}: weights not found (use --weights auto|final|best|last or a file)")
+    return path
+
+
+def model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict from a .safetensors file or a training checkpoint."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_weights(path)
+    ckpt = load_checkpoint(path)
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise UserError(f"{path}: not a rankseg checkpoint (no 'model' dictionary of tensors); "
+                        f"{other_weights(path)}")
+    return model
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
+             weights: str = "auto") -> tuple[torch.nn.Module, TrainConfig]:
+    """(model in eval mode on `device`, resolved TrainConfig) of a run directory.
+
+    weights: see `find_weights`. The backbone_weights path of the config is not re-read:
+    the run's own weights hold the whole model.
+    """
+    from rankseg_core.families import family_of
+
+    cfg = load_config(run_dir)
+    path = find_weights(run_dir, weights)
+    model = family_of(cfg.model.model).build(replace(cfg.model, backbone_weights=None))
+    state = model_state(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match {run_dir}/config.yaml (missing {len(missing)}, "
+                        f"unexpected {len(unexpected)} tensors, e.g. {(list(missing) + list(unexpected))[0]}); "
+                        "was config.yaml edited?")
+    model.to(resolve_device(device)).eval()
+    return model, cfg

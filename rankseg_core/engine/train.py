@@ -1,0 +1,451 @@
+"""Training: run set-up, checkpoints and one explicit loop (`train`) for every model family.
+
+The data stream (loading.py) is a pure function of (seed, global sample position), the
+optimizer and schedule come from optim.py, and the model, its loss and its inference from
+the run's family (families/). Resuming at step s therefore only needs the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rankseg_core.config.train import TrainConfig, diff_configs, to_yaml
+from rankseg_core.data.loading import make_loader
+from rankseg_core.engine import runs
+from rankseg_core.engine.evaluate import EvalOptions, EvalResult, evaluate_model
+from rankseg_core.engine.optim import build_optimizer, lr_schedule
+from rankseg_core.engine.selector import resolve_selector
+from rankseg_core.engine.warm_start import check_init_from, init_model
+from rankseg_core.errors import UserError
+from rankseg_core.families import family_of
+from rankseg_core.families.base import Criterion, Family
+from rankseg_core.losses.rankseg import present_classes
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.utils import distributed as D
+from rankseg_core.utils import lock
+from rankseg_core.utils.fsio import os_error
+from rankseg_core.utils.progress import Progress
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------
+# RNG state (checkpointed so that dropout / drop-path continue exactly)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+             "python": [random.getstate()[0], list(random.getstate()[1])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate((state["python"][0], tuple(state["python"][1]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Running statistics between log lines
+
+
+class Window:
+    """NaN-aware sums of the logged statistics (`keys`) since the last log line (checkpointed)."""
+
+    def __init__(self, keys: tuple[str, ...], state: dict | None = None) -> None:
+        self.keys = keys
+        self.sums = dict(state["sums"]) if state else {k: 0.0 for k in keys}
+        self.counts = dict(state["counts"]) if state else {k: 0 for k in keys}
+        self.samples = int(state["samples"]) if state else 0
+
+    def add(self, values: Tensor, samples: int) -> None:
+        for k, v in zip(self.keys, values.tolist()):
+            if math.isfinite(v):
+                self.sums[k] += v
+                self.counts[k] += 1
+        self.samples += samples
+
+    def means(self) -> dict[str, float]:
+        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else float("nan")) for k in self.keys}
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts, "samples": self.samples}
+
+
+# ---------------------------------------------------------------------------------------
+# Set-up shared by fresh and resumed runs
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iterations: int
+    final_eval: dict | None
+    best_score: float  # the best validation `score` (evaluate.py: PQ, else mIoU, else mAP)
+    already_finished: bool = False  # --resume of a finished run: nothing was done
+
+
+def check_splits(cfg: TrainConfig) -> None:
+    """The train / val splits exist, so a typo does not surface after hours of training."""
+    from rankseg_core.shards.read import ShardIndex
+
+    splits = ShardIndex(cfg.data.root).splits
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        if split and split not in splits:
+            raise UserError(f"{cfg.data.root}: no split '{split}' for {key} (available: {', '.join(splits)}); "
+                            f"set --set {key}=<split>" + (" or '' to skip evaluation" if key == "data.val_split" else ""))
+
+
+def prepare_run(cfg: TrainConfig, run_dir: Path, resume: bool) -> bool:
+    """Fresh run: refuse to overwrite a run; save config.yaml. Resume: check the config
+    matches. Returns True when a resumed run is already finished (nothing to do).
+
+    Call with the run's lock held (`train` does): it decides from files another writer changes.
+    """
+    paths = runs.run_paths(run_dir)
+    if resume:
+        if not paths.last.is_file() and not paths.weights.is_file():
+            raise UserError(f"{paths.last}: nothing to resume (no checkpoint yet); start without --resume")
+        saved = runs.load_config(run_dir)
+        changed = diff_configs(saved, cfg)
+        finished = paths.weights.is_file()  # written last, after the final checkpoint and evaluation
+        if finished and "schedule.iters" in changed:
+            raise UserError(f"{run_dir} is finished ({saved.schedule.iters} iterations) and cannot be extended to "
+                            f"{cfg.schedule.iters}: the poly learning rate is a function of schedule.iters (it "
+                            f"reached its floor at iteration {saved.schedule.iters}), so a longer schedule is another "
+                            "run; train one with a new --out")
+        if changed:
+            raise UserError(f"--resume: {', '.join(changed[:4])} differ(s) from {paths.config}; drop those options "
+                            "(a resumed run keeps its config) or start a new --out")
+        return finished
+    if paths.config.exists() and (paths.last.exists() or paths.weights.exists()):
+        raise UserError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
+    runs.save_config(run_dir, cfg)
+    if paths.metrics.exists():
+        paths.metrics.unlink()  # a previous attempt that never checkpointed
+    return False
+
+
+def _claim(cfg: TrainConfig, run_dir: Path, resume: bool, held: list[lock.DirLock]) -> bool:
+    """Rank 0's set-up: check the splits, take RUN's lock (appended to `held`), prepare the run."""
+    check_splits(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    held.append(lock.acquire(run_dir, "train"))
+    return prepare_run(cfg, run_dir, resume)
+
+
+def _on_rank0(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 and hand its result to every rank. A refusal there (run locked,
+    already a run, bad split) is raised on every rank, so the others never wait forever in a
+    collective for a rank 0 that has left; a single process just calls `fn`."""
+    info = D.current()
+    if not info.enabled:
+        return fn()
+    result, message = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except UserError as exc:
+            message = str(exc)
+        except OSError as exc:
+            message = str(os_error(exc.filename or "(file not named by the system)", exc))
+    result, message = D.all_gather_objects((result, message))[0]
+    if message is not None:
+        raise UserError(message)
+    return result
+
+
+def config_for_run(run_dir: str | Path, config_file: str | Path | None, overrides: list[str],
+                   data_root: str | Path | None, resume: bool) -> TrainConfig:
+    """The config a `rankseg train` command means.
+
+    Fresh run: defaults < dataset defaults < YAML < overrides (`config.build_train_config`).
+    Resume: the run's saved config.yaml with the YAML / overrides applied on top; `prepare_run`
+    then refuses any change outside the runtime keys (device, workers, ...).
+    """
+    from rankseg_core.config.train import build_train_config, parse_override, read_yaml, resolve, set_key
+    from rankseg_core.shards.read import load_index
+
+    if not resume:
+        return build_train_config(config_file, overrides, data_root)
+    cfg = runs.load_config(run_dir)
+    layers = [(f"{config_file}: ", read_yaml(config_file))] if config_file else []
+    layers.append(("--set: ", dict(parse_override(o) for o in overrides)))
+    for where, layer in layers:
+        for key, value in layer.items():
+            set_key(cfg, key, value, where)
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    meta = load_index(cfg.data.root)
+    if int(meta["num_classes"]) != cfg.model.num_classes:
+        raise UserError(f"{cfg.data.root}: K={meta['num_classes']} but {run_dir} was trained with "
+                        f"K={cfg.model.num_classes}; pass --data with the run's shards")
+    return resolve(cfg)
+
+
+def _evaluate(model: nn.Module, cfg: TrainConfig, device: torch.device, max_images: int) -> EvalResult:
+    was = model.training
+    model.eval()
+    try:
+        res = evaluate_model(model, cfg, EvalOptions(split=cfg.data.val_split, max_images=max_images,
+                                                     progress=False), device)
+    finally:
+        model.train(was)
+    return res
+
+
+def _autocast(device: torch.device, enabled: bool) -> tuple[Any, Any]:
+    """(autocast context, GradScaler or None). AMP on CUDA only; bf16 needs no scaler."""
+    if not enabled or device.type != "cuda":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) a run in `run_dir`; see docs/training.md. Call under torchrun for DDP
+    (a process group the caller already set up is used and left open)."""
+    device = D.resolve_device(cfg.device, D.env_info().local_rank)
+    owned = not D.current().enabled
+    info = D.init_distributed(device)
+    run_dir, held = Path(run_dir), []
+    try:
+        resolve_selector(cfg, run_dir)  # config.yaml records the exact selector / init source
+        check_init_from(cfg, resume)
+        if _on_rank0(lambda: _claim(cfg, run_dir, resume, held)):
+            return _finished(cfg, run_dir)
+        return _train(cfg, run_dir, resume, progress, device, info)
+    finally:
+        for lk in held:  # RUN's lock (rank 0), held to the end of the run
+            lk.release()
+        if owned:
+            D.cleanup()
+
+
+def _finished(cfg: TrainConfig, run_dir: Path) -> TrainResult:
+    evals = [_score(r) for r in runs.read_metrics(run_dir) if r.get("type") == "eval"]
+    return TrainResult(run_dir, cfg.schedule.iters, None, max(evals, default=float("-inf")), already_finished=True)
+
+
+@dataclass
+class _State:
+    """What a step needs besides the batch (built once by `_setup`)."""
+
+    family: Family
+    model: nn.Module  # the bare model (checkpoints, evaluation)
+    ddp: nn.Module  # the model to call: DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    amp: Any
+    crit: Criterion
+    loader: Iterator[dict[str, Tensor]]
+    start: int
+    best: float
+    window: Window
+
+
+def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.device, info: D.DistInfo) -> _State:
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    family = family_of(cfg.model.model)
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model = family.build(cfg.model).to(device)
+    init_model(model, cfg, resume, info.is_main)  # --init-from: fresh runs only (a resume loads last.pt)
+    optimizer = build_optimizer(model, cfg)
+    amp, scaler = _autocast(device, cfg.amp)
+    start, best, window = 0, float("-inf"), Window(family.stats)
+    if resume:
+        ckpt = _resume_state(paths, model, optimizer, scaler)
+        start, best, window = int(ckpt["iteration"]), float(ckpt["best_score"]), Window(family.stats, ckpt["window"])
+        set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if info.is_main:
+            runs.truncate_metrics(paths.root, start)
+    else:
+        torch.manual_seed(cfg.seed + info.rank)  # dropout / drop-path differ across ranks
+    ddp = model
+    if info.enabled:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=family.find_unused_parameters(cfg.model))
+    dc = model.data_config()
+    loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start, family.uses_segments(cfg.model)))
+    return _State(family, model, ddp, optimizer, scaler, amp, family.criterion(cfg), loader, start, best, window)
+
+
+def _resume_state(paths: runs.RunPaths, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> dict:
+    """Load checkpoints/last.pt into model / optimizer / scaler; the checkpoint (for the rest).
+    A corrupt or foreign last.pt is refused before anything of the run is written."""
+    fix = f"cannot resume from it (nothing was changed): {runs.other_weights(paths.last)}, or train a new --out"
+    ckpt = runs.load_checkpoint(paths.last, map_location="cpu", fix=fix)
+    if "best_score" not in ckpt and "best_miou" in ckpt:  # checkpoints written before PQ / mAP selection
+        ckpt["best_score"] = ckpt["best_miou"]
+    need = {"model": dict, "optimizer": dict, "iteration": int, "best_score": (int, float), "rng": list, "window": dict}
+    bad = [k for k, t in need.items() if not isinstance(ckpt.get(k), t)]
+    try:
+        if bad:
+            raise ValueError(f"no valid {', '.join(bad)}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise UserError(f"{paths.last} is not a resumable checkpoint of this run "
+                        f"({str(exc).splitlines()[0][:200]}); {fix}") from None
+    return ckpt
+
+
+def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distributed: bool) -> Tensor:
+    """All micro-batches of one step: backward into .grad; returns the family's stats
+    (len(stats),) averaged over micro-batches and processes (an all-reduce: a sync point)."""
+    accum, keys = cfg.schedule.accum_steps, st.family.stats
+    stats = torch.zeros(len(keys))
+    for m in range(accum):
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in next(st.loader).items()}
+        kw = {"gt_classes": present_classes(batch["label"], cfg.model.num_classes, IGNORE)} if cfg.model.oracle else {}
+        # Gradients are all-reduced once per step, on the last micro-batch.
+        with st.ddp.no_sync() if distributed and m < accum - 1 else nullcontext():
+            with st.amp:
+                out = st.ddp(batch["image"], **kw)
+            losses = st.crit(out, batch)
+            loss = losses["loss"] / accum
+            (st.scaler.scale(loss) if st.scaler is not None else loss).backward()
+        stats += torch.stack([losses[k].detach().float().cpu() for k in keys]) / accum
+    return D.all_reduce_mean(stats)
+
+
+def _optimizer_step(st: _State, cfg: TrainConfig) -> None:
+    if st.scaler is not None:
+        st.scaler.unscale_(st.optimizer)
+    if cfg.optim.grad_clip > 0:
+        nn.utils.clip_grad_norm_(st.model.parameters(), cfg.optim.grad_clip)
+    if st.scaler is not None:
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+    else:
+        st.optimizer.step()
+    st.optimizer.zero_grad(set_to_none=True)
+
+
+def _non_finite(value: float, it: int, cfg: TrainConfig, paths: runs.RunPaths) -> UserError:
+    kept = f"last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint was written"
+    return UserError(f"non-finite loss ({value}) at iteration {it}: training stopped; {kept}. "
+                     f"Lower optim.lr (now {cfg.optim.lr:g}) or check the data, then --resume or restart")
+
+
+def _checkpoint(st: _State, cfg: TrainConfig, paths: runs.RunPaths, path: Path, it: int, info: D.DistInfo) -> None:
+    """Save on rank 0 (every rank takes part: RNG states are gathered). Weights that are no
+    longer finite are never saved, so last.pt stays the last good state.
+
+    Only last.pt carries the resume state (optimizer, RNG, data order): best.pt is read for
+    evaluation only, and without the momentum buffers it is half the size, which matters
+    when a sweep improves its best mIoU at every evaluation."""
+    if not all(bool(torch.isfinite(p).all()) for p in st.model.parameters()):
+        raise _non_finite(float("nan"), it, cfg, paths)
+    resumable = path == paths.last
+    states = D.all_gather_objects(rng_state()) if resumable else None  # every rank's RNG: DDP resumes exactly
+    if info.is_main:
+        state = {"model": st.model.state_dict(), "iteration": it, "best_score": st.best}
+        if resumable:
+            state.update(optimizer=st.optimizer.state_dict(), rng=states, window=st.window.state(),
+                         data={"step": it, "seed": cfg.seed, "global_batch": cfg.schedule.batch_size})
+            if st.scaler is not None:
+                state["scaler"] = st.scaler.state_dict()
+        runs.save_checkpoint(path, state)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device,
+           info: D.DistInfo) -> TrainResult:
+    paths = runs.run_paths(run_dir)
+    st = _setup(cfg, paths, resume, device, info)
+    lrs, iters = lr_schedule(cfg), cfg.schedule.iters
+    st.model.train()
+    t_log = time.perf_counter()
+    with Progress(iters, "train", unit="it", log_every=cfg.log_seconds, enabled=progress and info.is_main) as bar:
+        bar.done = st.start
+        for it in range(st.start, iters):
+            done = it + 1
+            for g in st.optimizer.param_groups:
+                g["lr"] = float(lrs[it]) * g["lr_mult"]  # python floats: checkpoints load with weights_only
+            stats = _forward_backward(st, cfg, device, info.enabled)
+            if not math.isfinite(float(stats[0])):  # every rank sees the same all-reduced value
+                raise _non_finite(float(stats[0]), done, cfg, paths)
+            _optimizer_step(st, cfg)
+            st.window.add(stats, cfg.schedule.batch_size)
+            bar.advance(1, postfix=f"loss {float(stats[0]):.4f} lr {lrs[it]:.2e}")
+            if done % cfg.log_every == 0 or done == iters:
+                rec = {"type": "train", "iter": done, **st.window.means(), "lr": float(lrs[it]),
+                       "samples_per_s": st.window.samples / max(time.perf_counter() - t_log, 1e-9)}
+                if info.is_main:
+                    runs.append_metrics(run_dir, rec)
+                st.window, t_log = Window(st.family.stats), time.perf_counter()
+            if cfg.data.val_split and cfg.eval.every and done % cfg.eval.every == 0 and done < iters:
+                res = _evaluate(st.model, cfg, device, cfg.eval.max_images)
+                if info.is_main:
+                    runs.append_metrics(run_dir, {"type": "eval", "iter": done, **_summary(res)})
+                if _score(res.metrics) > st.best:
+                    st.best = _score(res.metrics)
+                    _checkpoint(st, cfg, paths, paths.best, done, info)
+            if done % cfg.ckpt_every == 0 or done == iters:
+                _checkpoint(st, cfg, paths, paths.last, done, info)
+    st.loader = iter(())  # drop the DataLoader iterator: its workers shut down before evaluating
+    final = _evaluate(st.model, cfg, device, 0) if cfg.data.val_split else None
+    if final is not None and info.is_main:
+        runs.append_metrics(run_dir, {"type": "eval", "iter": iters, "final": True, **_summary(final)})
+    if final is not None and (_score(final.metrics) > st.best or st.best == float("-inf")):
+        st.best = max(st.best, _score(final.metrics))
+        _checkpoint(st, cfg, paths, paths.best, iters, info)
+    if info.is_main:
+        runs.save_weights(paths.weights, st.model)
+    D.barrier()
+    return TrainResult(run_dir, iters, final, st.best)
+
+
+def _summary(res: Any) -> dict:
+    """What metrics.jsonl keeps of an evaluation (PQ parts only when measured)."""
+    keys = ("miou", "aacc") if res["segmentation"] else ()  # a classifier has no class maps
+    out = {k: res[k] for k in (*keys, "map", "recall_at_kappa", "num_images", "score")}
+    pq = res["pq"]
+    if pq:
+        out.update(pq=pq["all"]["pq"], sq=pq["all"]["sq"], rq=pq["all"]["rq"], pq_things=pq["things"]["pq"],
+                   pq_stuff=pq["stuff"]["pq"])
+    return out
+
+
+def _score(metrics: dict) -> float:
+    """The selection score of an evaluation's metrics (or a metrics.jsonl record); undefined = -inf."""
+    value = metrics["score"] if "score" in metrics else metrics.get("miou")  # records of older runs: mIoU
+    return float("-inf") if value is None or not math.isfinite(value) else float(value)
+
+
+def describe(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (printed by `rankseg train --dry-run`)."""
+    return to_yaml(cfg)

@@ -1,0 +1,157 @@
+"""Mask2Former set losses (+ the RankSeg multi-label loss), as the official SetCriterion.
+
+For every prediction step (the last layer, and with deep supervision each earlier one):
+Hungarian matching, then
+- ce:   cross-entropy of every query's class logits; unmatched queries target no-object
+        (the last column), whose class weight is `no_object_weight` (weighted mean);
+- mask: sigmoid CE of matched masks at importance-sampled points, summed over masks / N;
+- dice: dice loss of the same points, summed over masks / N,
+with N the number of GT segments in the batch (averaged over processes, at least 1).
+Total = sum over steps of (2 ce + 5 mask + 5 dice) + ml_weight * ml_loss(ml logits, image
+classes), ml_loss = ASL(gamma- 2, gamma+ 0) as the official fork unless the caller passes another.
+
+RankSeg: GT segments are renumbered to the column of their class in the selection, and
+segments whose class is not selected are dropped BEFORE matching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.losses.matcher import hungarian_match
+from rankseg_core.losses.points import point_sample, uncertain_points
+from rankseg_core.losses.rankseg import asymmetric_loss
+from rankseg_core.losses.targets import ml_targets_from
+from rankseg_core.model.mask2former.model import Mask2FormerOutput
+
+
+def column_targets(targets: list[dict[str, Tensor]], topk_index: Tensor | None, valid: Tensor | None,
+                   num_classes: int) -> list[dict[str, Tensor]]:
+    """Class labels -> output column indices; segments without a column are dropped.
+
+    topk_index B x C (valid B x C): column r holds class topk_index[b, r]; None = the K
+    classes in class order (labels outside [0, K) are dropped).
+    """
+    out = []
+    for b, t in enumerate(targets):
+        labels = t["labels"].long()
+        if topk_index is None:
+            cols = torch.where((labels >= 0) & (labels < num_classes), labels, -1)
+        else:
+            table = torch.full((num_classes + 1,), -1, dtype=torch.long, device=labels.device)
+            idx = topk_index[b].to(labels.device)
+            if valid is not None:  # padding columns write into the spare slot K
+                idx = idx.masked_fill(~valid[b].to(labels.device), num_classes)
+            table.scatter_(0, idx, torch.arange(idx.numel(), device=labels.device))
+            table[num_classes] = -1
+            cols = table[labels.clamp(0, num_classes)].masked_fill((labels < 0) | (labels >= num_classes), -1)
+        keep = cols >= 0
+        out.append({"labels": cols[keep], "masks": t["masks"][keep]})
+    return out
+
+
+def mask_losses(src: Tensor, tgt: Tensor, coords: Tensor, num_masks: float) -> tuple[Tensor, Tensor]:
+    """Sigmoid CE (mean over points, sum over masks) and dice (sum over masks), both / num_masks.
+
+    src N x h x w logits, tgt N x H x W (0/1), coords N x P x 2 in [0, 1].
+    """
+    logits = point_sample(src[:, None], coords)[:, 0]
+    with torch.no_grad():
+        labels = point_sample(tgt[:, None].to(logits.dtype), coords)[:, 0]
+    ce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).sum() / num_masks
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * labels).sum(-1) + 1) / (p.sum(-1) + labels.sum(-1) + 1)
+    return ce, dice.sum() / num_masks
+
+
+class Mask2FormerCriterion:
+    """`crit(out, targets, ml_targets) -> {"loss", "ce", "mask", "dice", "ml", "kept"}`.
+
+    targets: per image {"labels": n long class ids, "masks": n x H x W bool} at the input
+    size before padding (`targets.targets_from_semantic / _from_panoptic`).
+    ml_targets: B x K image-level targets; None = the classes of each image's segments.
+    "ce" / "mask" / "dice" are the last layer's unweighted parts, "ml" the unweighted ASL,
+    "kept" the fraction of GT segments whose class is selected (1 for class-ordered models).
+    """
+
+    def __init__(self, cfg: ModelConfig, ml_loss: Callable[[Tensor, Tensor], Tensor] = asymmetric_loss,
+                 ml_weight: float = 10.0) -> None:
+        # ml_loss / ml_weight: the engine passes the run's `loss.*` (one knob for every family);
+        # the defaults are the fork's RANKSEG.LOSS_WEIGHT and AsymmetricLoss(2, 0).
+        self.num_classes = cfg.num_classes
+        self.m = cfg.mask2former
+        self.ml_loss, self.ml_weight = ml_loss, ml_weight
+
+    def _num_masks(self, targets: list[dict[str, Tensor]], device: torch.device) -> float:
+        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if dist.is_available() and dist.is_initialized():  # the official normaliser is global
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return max(float(n.item()), 1.0)
+
+    def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_masks: float
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.m
+        indices = hungarian_match(logits, masks, targets, m.train_num_points, m.class_weight, m.mask_weight,
+                                  m.dice_weight)
+        c = logits.shape[-1]
+        target_cols = torch.full(logits.shape[:2], c - 1, dtype=torch.long, device=logits.device)
+        for b, (q, j) in enumerate(indices):
+            target_cols[b, q] = targets[b]["labels"][j]
+        weight = torch.ones(c, device=logits.device)
+        weight[-1] = m.no_object_weight
+        ce = F.cross_entropy(logits.float().transpose(1, 2), target_cols, weight)
+
+        src = torch.cat([masks[b, q] for b, (q, _) in enumerate(indices)])
+        if src.shape[0] == 0:  # nothing to match: keep the graph, zero mask losses
+            zero = masks.sum() * 0.0
+            return ce, zero, zero
+        tgt = torch.cat([targets[b]["masks"][j] for b, (_, j) in enumerate(indices)])
+        with torch.no_grad():
+            coords = uncertain_points(src[:, None].detach().float(), m.train_num_points, m.oversample_ratio,
+                                      m.importance_sample_ratio)
+        loss_mask, loss_dice = mask_losses(src.float(), tgt, coords, num_masks)
+        return ce, loss_mask, loss_dice
+
+    def __call__(self, out: Mask2FormerOutput, targets: list[dict[str, Tensor]],
+                 ml_targets: Tensor | None = None) -> dict[str, Tensor]:
+        m = self.m
+        if len(targets) != out.pred_logits.shape[0]:
+            raise ValueError(f"{len(targets)} target dicts for a batch of {out.pred_logits.shape[0]} images")
+        padded = (out.pred_masks.shape[-2] * 4, out.pred_masks.shape[-1] * 4)
+        tgts = []
+        for t in targets:
+            if tuple(t["masks"].shape[-2:]) != tuple(out.image_size):
+                raise ValueError(f"target masks are {tuple(t['masks'].shape[-2:])}, the input was {out.image_size}")
+            ph, pw = padded[0] - out.image_size[0], padded[1] - out.image_size[1]
+            masks = t["masks"].to(out.pred_masks.device)
+            tgts.append({"labels": t["labels"].to(out.pred_masks.device),
+                         "masks": F.pad(masks, (0, pw, 0, ph)) if ph or pw else masks})
+        cols = column_targets(tgts, out.topk_index, out.valid if out.topk_index is not None else None,
+                              self.num_classes)
+        total_segments = sum(len(t["labels"]) for t in tgts)
+        kept = sum(len(t["labels"]) for t in cols) / total_segments if total_segments else 1.0
+        num_masks = self._num_masks(cols, out.pred_logits.device)
+
+        steps = [(out.pred_logits, out.pred_masks)] + (out.aux[::-1] if m.deep_supervision else [])
+        total = out.pred_logits.new_zeros((), dtype=torch.float32)
+        parts = None
+        for logits, masks in steps:
+            ce, loss_mask, loss_dice = self._step(logits, masks, cols, num_masks)
+            total = total + m.class_weight * ce + m.mask_weight * loss_mask + m.dice_weight * loss_dice
+            parts = parts or (ce, loss_mask, loss_dice)
+
+        ml = total.new_zeros(())
+        if out.ml_logits is not None:
+            y = ml_targets if ml_targets is not None else ml_targets_from(tgts, self.num_classes)
+            ml = self.ml_loss(out.ml_logits, y.to(out.ml_logits.device))
+            total = total + self.ml_weight * ml
+        ce, loss_mask, loss_dice = parts
+        return {"loss": total, "ce": ce.detach(), "mask": loss_mask.detach(), "dice": loss_dice.detach(),
+                "ml": ml.detach(), "kept": torch.tensor(kept, device=total.device)}

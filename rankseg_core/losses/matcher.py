@@ -1,0 +1,72 @@
+"""Hungarian matching of queries to GT segments (one image at a time), as the official
+HungarianMatcher: cost = w_class * (-softmax prob of the GT class) + w_mask * mean sigmoid
+CE + w_dice * dice loss, the mask costs over the SAME points for prediction and target
+(uniform random points unless given), solved with scipy's linear_sum_assignment.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from rankseg_core.losses.points import point_sample
+
+
+def pairwise_sigmoid_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean binary CE of every prediction against every target: Q x P, n x P -> Q x n."""
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return (pos @ targets.t() + neg @ (1 - targets).t()) / logits.shape[1]
+
+
+def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
+    """Dice loss 1 - (2|p t| + 1) / (|p| + |t| + 1) of every pair: Q x P, n x P -> Q x n."""
+    p = logits.sigmoid()
+    num = 2 * p @ targets.t()
+    den = p.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (num + 1) / (den + 1)
+
+
+def matching_cost(logits: Tensor, masks: Tensor, labels: Tensor, tgt_masks: Tensor, coords: Tensor,
+                  w_class: float, w_mask: float, w_dice: float) -> Tensor:
+    """Cost matrix Q x n for one image.
+
+    logits Q x (C+1), masks Q x h x w (logits), labels n (column indices < C),
+    tgt_masks n x H x W (0/1), coords P x 2 points in [0, 1] (both masks read there).
+    """
+    prob = logits.float().softmax(-1)
+    cost_class = -prob[:, labels]
+    pts = coords[None]
+    pred = point_sample(masks[:, None].float(), pts.expand(masks.shape[0], -1, -1))[:, 0]
+    tgt = point_sample(tgt_masks[:, None].float(), pts.expand(tgt_masks.shape[0], -1, -1))[:, 0]
+    return w_mask * pairwise_sigmoid_ce(pred, tgt) + w_class * cost_class + w_dice * pairwise_dice(pred, tgt)
+
+
+@torch.no_grad()
+def hungarian_match(logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_points: int,
+                    w_class: float, w_mask: float, w_dice: float,
+                    coords: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+    """Per image (query indices, target indices), both n long, min(Q, n) pairs.
+
+    logits B x Q x (C+1), masks B x Q x h x w; targets[b] = {"labels": n, "masks": n x H x W}
+    with labels already in column space. coords: fixed P x 2 points (tests); default fresh
+    uniform points per image.
+    """
+    out = []
+    for b, tgt in enumerate(targets):
+        labels = tgt["labels"]
+        if labels.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=logits.device)
+            out.append((empty, empty))
+            continue
+        pts = coords if coords is not None else torch.rand(num_points, 2, device=logits.device)
+        cost = matching_cost(logits[b], masks[b], labels, tgt["masks"], pts, w_class, w_mask, w_dice)
+        # scipy rejects NaN / inf; the loss of such a step is non-finite anyway and the
+        # training loop skips it, so any assignment will do here.
+        cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        out.append((torch.as_tensor(rows, dtype=torch.long, device=logits.device),
+                    torch.as_tensor(cols, dtype=torch.long, device=logits.device)))
+    return out

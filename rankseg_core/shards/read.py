@@ -1,0 +1,292 @@
+"""Shard format v1 / v2 (panoptic): reading.
+
+`ShardIndex` reads `dataset.json` and the small per-shard arrays (keys, sizes, class lists)
+without decoding anything. `ShardDataset` is the `torch.utils.data.Dataset` over one split:
+it opens the HDF5 files lazily in whichever process first reads them (never before the
+DataLoader forks or spawns its workers, because an HDF5 handle must not cross a fork) and
+keeps the handles open for the life of the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from rankseg_core.errors import UserError
+from rankseg_core.shards.check import (
+    FIX_SHARD,
+    check_regular_file,
+    check_shard_layout,
+    check_shard_size,
+    check_shard_values,
+    read_index,
+)
+from rankseg_core.shards.codec import IGNORE, decode_image, decode_label
+
+# Read-only shards on NFS/Lustre: HDF5's file locking fails or serialises there.
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+
+def load_index(root: str | Path) -> dict:
+    """Parse and check `root/dataset.json` (every field readers use; see `shard_check`)."""
+    root = Path(root)
+    path = root / "dataset.json"
+    if not root.is_dir():
+        raise UserError(f"{root}: no such shard directory (create it with `rankseg prepare ...`)")
+    if not path.exists():
+        hint = " (the conversion did not finish: re-run the same `rankseg prepare` to resume)" \
+            if (root / ".rankseg-shards.json").exists() else " (create it with `rankseg prepare ...`)"
+        raise UserError(f"{path} is missing: {root} is not a finished shard directory{hint}")
+    return read_index(root)
+
+
+def open_shard(path: Path) -> h5py.File:
+    """Open a shard read-only; a FIFO, device or non-HDF5 file is a one-line UserError."""
+    check_regular_file(path, FIX_SHARD)
+    try:
+        return h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as exc:
+        raise UserError(f"{path}: cannot open shard ({exc.__class__.__name__}: {exc}); "
+                        f"{FIX_SHARD}") from None
+
+
+@dataclass
+class SplitArrays:
+    """Per-sample metadata of a split, column-wise (N samples, CSR class lists)."""
+
+    keys: list[str]
+    shard: np.ndarray  # N, index into the split's shard list
+    row: np.ndarray  # N, row inside that shard
+    height: np.ndarray
+    width: np.ndarray
+    video: list[str]
+    frame: np.ndarray
+    class_offsets: np.ndarray  # N + 1
+    classes: np.ndarray  # concatenated sorted train ids
+    pixels: np.ndarray  # aligned with classes
+
+    def classes_of(self, i: int) -> np.ndarray:
+        return self.classes[self.class_offsets[i]:self.class_offsets[i + 1]]
+
+    def pixels_of(self, i: int) -> np.ndarray:
+        return self.pixels[self.class_offsets[i]:self.class_offsets[i + 1]]
+
+    def num_classes_per_image(self) -> np.ndarray:
+        return np.diff(self.class_offsets)
+
+
+class ShardIndex:
+    """`dataset.json` plus helpers to read per-sample metadata without decoding images."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.meta = load_index(self.root)
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def thing_classes(self) -> list[int] | None:
+        """Sorted train ids of the thing classes of a panoptic (v2) dataset; None otherwise."""
+        return [int(c) for c in self.meta["thing_classes"]] if self.is_panoptic else None
+
+    @property
+    def is_panoptic(self) -> bool:
+        return bool(self.meta.get("panoptic"))
+
+    @property
+    def palette(self) -> np.ndarray:
+        return np.asarray(self.meta["palette"], np.uint8)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    def split_meta(self, split: str) -> dict:
+        if split not in self.meta["splits"]:
+            raise UserError(f"{self.root}: no split '{split}' (available: {', '.join(self.splits)})")
+        return self.meta["splits"][split]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.root / s["file"] for s in self.split_meta(split)["shards"]]
+
+    def open_checked(self, split: str, position: int) -> h5py.File:
+        """Open shard `position` of `split` after checking its size, attributes and array layout."""
+        record = self.split_meta(split)["shards"][position]
+        path = self.root / record["file"]
+        check_shard_size(path, record)
+        f = open_shard(path)
+        try:
+            check_shard_layout(f, path, self.meta, split, position)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def class_counts_only(self, split: str) -> np.ndarray:
+        """Number of classes per image, reading only the class lists and sizes (fast path for stats)."""
+        out = []
+        for si, p in enumerate(self.shard_paths(split)):
+            with self.open_checked(split, si) as f:
+                offs, classes, heights, widths = (_read(f, name, p) for name in
+                                                  ("class_offsets", "classes", "height", "width"))
+            check_shard_values(p, self.num_classes, offs, len(classes), classes, heights, widths)
+            out.append(np.diff(offs))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def segment_counts(self, split: str) -> np.ndarray | None:
+        """Number of segments per sample of a panoptic split (None for semantic datasets)."""
+        if not self.is_panoptic:
+            return None
+        out = []
+        for si, p in enumerate(self.shard_paths(split)):
+            with self.open_checked(split, si) as f:
+                infos = _read(f, "segments_info", p, asstr=True)
+            for x in infos:
+                try:
+                    records = json.loads(x)
+                except ValueError as exc:  # JSONDecodeError is a ValueError
+                    raise UserError(f"{p}: shard is damaged (segments_info: {exc}); {FIX_SHARD}") from None
+                if not isinstance(records, list):
+                    raise UserError(f"{p}: shard is damaged (segments_info is not a list); {FIX_SHARD}")
+                out.append(len(records))
+        return np.asarray(out, np.int64)
+
+    def arrays(self, split: str) -> SplitArrays:
+        """Every sample's key, size, video / frame and class list, checked for consistency."""
+        keys, video, parts = [], [], {k: [] for k in ("shard", "row", "height", "width", "frame",
+                                                       "classes", "pixels", "offsets")}
+        base = 0
+        for si, p in enumerate(self.shard_paths(split)):
+            with self.open_checked(split, si) as f:
+                k = list(_read(f, "key", p, asstr=True))
+                n = len(k)
+                keys += k
+                video += list(_read(f, "video", p, asstr=True))
+                cols = {name: _read(f, name, p) for name in ("height", "width", "frame", "classes",
+                                                              "pixels", "class_offsets")}
+            offs = cols["class_offsets"]
+            check_shard_values(p, self.num_classes, offs, len(cols["classes"]), cols["classes"],
+                               cols["height"], cols["width"], cols["pixels"])
+            parts["shard"].append(np.full(n, si))
+            parts["row"].append(np.arange(n))
+            for name in ("height", "width", "frame", "classes", "pixels"):
+                parts[name].append(cols[name])
+            parts["offsets"].append(offs[1:] + base)
+            base += int(offs[-1])
+        def cat(xs):
+            return (np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        return SplitArrays(keys, cat(parts["shard"]), cat(parts["row"]), cat(parts["height"]),
+                           cat(parts["width"]), video, cat(parts["frame"]),
+                           np.concatenate([[0], cat(parts["offsets"])]).astype(np.int64),
+                           cat(parts["classes"]), cat(parts["pixels"]))
+
+
+def _read(f: h5py.File, name: str, path: Path, asstr: bool = False) -> Any:
+    try:
+        ds = f[name]
+        return ds.asstr()[:] if asstr else ds[:]
+    except (KeyError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: shard is damaged (cannot read '{name}': {exc}); {FIX_SHARD}") from None
+
+
+class ShardDataset:
+    """`torch.utils.data.Dataset` over one split of a shard directory.
+
+    Items are dicts: `image` H x W x 3 uint8 RGB, `label` H x W uint16 (65535 = ignore),
+    `key`, `classes` (sorted train ids, int64), `video`, `frame`, `index`; panoptic (v2)
+    datasets add `segments` (H x W uint16, 0 = no segment, i = record i) and `segments_info`
+    (list of {"id", "category", "iscrowd", "area"}). A `transform` callable, if given, maps
+    that dict to whatever the training loop needs.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Any = None) -> None:
+        self.index = ShardIndex(root)
+        self.split = split
+        self.paths = self.index.shard_paths(split)
+        self.arrays = self.index.arrays(split)
+        self.num_classes = self.index.num_classes
+        self.is_panoptic = self.index.is_panoptic
+        self.ignore = IGNORE
+        self.transform = transform
+        self._files: dict[int, h5py.File] = {}
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.arrays.keys)
+
+    def __getstate__(self) -> dict:
+        # Never ship open handles to a worker: it reopens its own.
+        state = self.__dict__.copy()
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+    def _file(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():  # first access in this process (or after a fork)
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = open_shard(self.paths[shard])
+        return self._files[shard]
+
+    def raw(self, i: int) -> tuple[bytes, bytes]:
+        """Encoded (image, label) bytes of sample i."""
+        a = self.arrays
+        f = self._file(int(a.shard[i]))
+        r = int(a.row[i])
+        try:
+            return f["image"][r].tobytes(), f["label"][r].tobytes()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.paths[a.shard[i]]}: cannot read sample {a.keys[i]} ({exc}); "
+                            "run `rankseg verify`") from None
+
+    def load(self, i: int) -> dict:
+        img_b, lab_b = self.raw(i)
+        a = self.arrays
+        try:
+            image, label = decode_image(img_b), decode_label(lab_b)
+        except ValueError as exc:
+            raise UserError(f"{self.paths[a.shard[i]]}: sample {a.keys[i]} does not decode ({exc}); "
+                            "run `rankseg verify`") from None
+        item = {"image": image, "label": label, "key": a.keys[i],
+                "classes": a.classes_of(i).astype(np.int64), "video": a.video[i],
+                "frame": int(a.frame[i]), "index": i}
+        if self.is_panoptic:
+            item["segments"], item["segments_info"] = self.segments(i)
+        return item
+
+    def segments(self, i: int) -> tuple[np.ndarray, list[dict]]:
+        """Sample i's H x W uint16 segment-index map and its records (panoptic datasets only)."""
+        a = self.arrays
+        f = self._file(int(a.shard[i]))
+        r = int(a.row[i])
+        where = f"{self.paths[a.shard[i]]}: sample {a.keys[i]}"
+        try:
+            seg_b, info = f["segments"][r].tobytes(), f["segments_info"].asstr()[r]
+            segments, records = decode_label(seg_b), json.loads(info)
+        except (KeyError, OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            raise UserError(f"{where}: segments do not read ({exc}); run `rankseg verify`") from None
+        if not isinstance(records, list):
+            raise UserError(f"{where}: segments_info is not a list; run `rankseg verify`")
+        return segments, records
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.load(i)
+        return self.transform(item) if self.transform is not None else item
+
+    def key_to_index(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.arrays.keys)}
