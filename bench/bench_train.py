@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
 from rankseg_core.config.model import ModelConfig
-from rankseg_core.config.train import TrainConfig, build_train_config  # noqa: E402
+from rankseg_core.config.train import TrainConfig
 from rankseg_core.convert.common import ConvertOptions  # noqa: E402
 from rankseg_core.convert.synthetic import prepare_synthetic  # noqa: E402
 from rankseg_core.data.loading import make_loader  # noqa: E402
+from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.model_stats import model_stats  # noqa: E402
 from rankseg_core.engine.optim import build_optimizer  # noqa: E402
 from rankseg_core.losses.rankseg import RankSegCriterion  # noqa: E402

@@ -86,7 +86,7 @@ def weights_digest(path: str | Path) -> str:
 def resolved_config(run_dir: str, data: str, overrides: list[str]):
     """The config `train` will record for these overrides: selector and init source resolved
     as `train` resolves them, so that a finished run's config.yaml compares equal."""
-    from rankseg_core.config.train import build_train_config
+    from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.selector import resolve_selector
     from rankseg_core.engine.warm_start import check_init_from
 
@@ -205,7 +205,7 @@ def _export_backbone(run_dir: str, out: str) -> None:
 
 
 def eval_job(run_dir: str, out_json: str, options: dict, threads: int) -> dict:
-    """Evaluate a run on its val split with EvalOptions(**options); cached in out_json for
+    """Evaluate a run on its val split with SelectionOptions(**options); cached in out_json for
     the same weights (the run's stamp)."""
     _threads(threads)
     out = Path(out_json)
@@ -218,10 +218,12 @@ def eval_job(run_dir: str, out_json: str, options: dict, threads: int) -> dict:
 
     from rankseg_core.engine.evaluate import EvalOptions, evaluate_model
     from rankseg_core.engine.runs import load_run
+    from rankseg_core.model.selection import SelectionOptions
 
     t = time.perf_counter()
     model, cfg = load_run(run_dir, "cpu")
-    res = evaluate_model(model, cfg, EvalOptions(split=cfg.data.val_split, progress=False, **options),
+    res = evaluate_model(model, cfg, EvalOptions(split=cfg.data.val_split, progress=False,
+                                                   selection=SelectionOptions(**options)),
                          torch.device("cpu"))
     rec = {"run": run_dir, "options": options, "stamp": stamp, "eval_seconds": time.perf_counter() - t,
            **{k: _num(res[k]) for k in METRICS}}

@@ -41,9 +41,9 @@ def demo(
 
     import torch
 
-    from rankseg_core.config.train import build_train_config
     from rankseg_core.convert.common import ConvertOptions, default_workers
     from rankseg_core.convert.synthetic import prepare_synthetic
+    from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
     from rankseg_core.engine.runs import run_paths
     from rankseg_core.engine.train import train

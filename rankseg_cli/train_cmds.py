@@ -36,22 +36,9 @@ def _fmt(x: float | None, pct: bool = True) -> str:
     return "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.4f}")
 
 
-def _variant(m) -> str:
-    """The model variant in words, for the line `rankseg train` starts with."""
-    if m.family == "classifier":
-        return f"multi-label classifier (recall@{m.effective_kappa})"
-    if m.oracle:
-        return "oracle (GT train+eval)"
-    if m.head == "segmenter":
-        return m.head
-    if m.has_selector:
-        return f"rankseg kappa={m.effective_kappa} selected by the frozen classifier {m.selector.run}"
-    return f"rankseg kappa={m.effective_kappa}" if m.select else "+MT"
-
-
-def _classifier(rep: dict) -> bool:
-    """A report without class maps (a multi-label classifier run): no segmentation rows."""
-    return "miou" not in rep
+def _segmented(rep: dict) -> bool:
+    """Whether a report has segmentation rows (a multi-label classifier's has none)."""
+    return "miou" in rep
 
 
 @user_errors(interrupted=_train_interrupted)
@@ -96,7 +83,7 @@ def train(
       [bold]rankseg train --model segmenter-vitb --data data/coco-stuff --selector runs/q2l --out runs/indep[/]\n
       [bold]rankseg train --model segmenter-vitb --data data/coco-stuff --init-from runs/q2l --out runs/ft[/]
     """
-    from rankseg_core.config.train import flag_overrides
+    from rankseg_core.engine.configure import flag_overrides
     from rankseg_core.engine.train import config_for_run, describe
     from rankseg_core.engine.train import train as run_train
     from rankseg_core.utils import distributed as D
@@ -126,8 +113,10 @@ def train(
         return
     main = D.env_info().is_main
     if main:
+        from rankseg_core.families import family_of
+
         m = cfg.model
-        what = _variant(m)
+        what = family_of(m.model).describe(m)
         err.print(f"{'resuming' if resume else 'training'} {m.model} {what} on {cfg.data.name} (K={m.num_classes}), "
                   f"{cfg.schedule.iters} iters x batch {cfg.schedule.batch_size} -> {show(out_dir)}")
     res = run_train(cfg, out_dir, resume=resume)
@@ -172,23 +161,24 @@ def evaluate(
       [bold]rankseg eval runs/m2f-pan --save-panoptic preds/pan[/]
     """
     from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
+    from rankseg_core.model.selection import SelectionOptions
 
     try:
         scale_list = [float(s) for s in scales.split(",")] if scales else None
     except ValueError:
         raise UserError(f"--scales {scales!r}: expected numbers separated by commas, e.g. 0.75,1.0,1.25") from None
     opts = EvalOptions(split=split, data_root=str(data) if data else None, mode=mode, scales=scale_list,
-                       flip=True if flip else None, kappa=kappa, dynamic_kappa=dynamic_kappa, oracle=oracle,
-                       oracle_fill=oracle_fill, max_images=max_images, save_predictions=save_predictions,
+                       flip=True if flip else None,
+                       selection=SelectionOptions(kappa, dynamic_kappa, oracle, oracle_fill), max_images=max_images, save_predictions=save_predictions,
                        save_panoptic=save_panoptic)
     rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights)
     t = Table("metric", "value")
-    if not _classifier(rep):  # a classifier has no segmentation rows
+    if _segmented(rep):
         t.add_row("mIoU", _fmt(rep["miou"]))
         t.add_row("aAcc", _fmt(rep["aacc"]))
     t.add_row("mAP (multi-label)", _fmt(rep["map"]))
     t.add_row(f"recall@{rep['config']['kappa']}", _fmt(rep["recall_at_kappa"]))
-    for name, sub in ({} if _classifier(rep) else rep["subsets"]).items():
+    for name, sub in (rep["subsets"] if _segmented(rep) else {}).items():
         t.add_row(f"mIoU {name} ({sub['num_classes']} classes)", _fmt(sub["miou"]))
     for part, values in ((p, rep["pq"][p]) for p in ("all", "things", "stuff") if "pq" in rep):
         what = "" if part == "all" else f" {part}"

@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from rankseg_core.config.datasets import recipe_dataset as dataset_family
 from rankseg_core.config.train import (
     DATASET_DEFAULTS,
     TrainConfig,
-    build_train_config,
     coerce,
-    dataset_defaults,
-    dataset_family,
     diff_configs,
-    flag_overrides,
     from_dict,
     parse_override,
     read_yaml,
@@ -23,6 +20,7 @@ from rankseg_core.config.train import (
     to_yaml,
 )
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import build_train_config, dataset_defaults, flag_overrides
 from rankseg_core.errors import UserError
 from rankseg_core.shards.write import FORMAT, VERSION
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
 
 SCRIPT = """

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate, predict
 from rankseg_cli.train_cmds import train as train_cmd
-from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.data.augment import build_test_transform
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
 from rankseg_core.errors import UserError
 from rankseg_core.model.classifier import SELECTOR_ATTR

@@ -22,11 +22,11 @@ from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.coco_panoptic_format import read_coco_panoptic
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
 from rankseg_core.engine.train import train
 from rankseg_core.evaluation.metrics import ConfusionMatrix

@@ -16,8 +16,8 @@ import typer
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.config.train import build_train_config
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import build_train_config
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "400"}  # help panels only; our own lines must not need it

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from rankseg_core.config.model import ModelConfig
-from rankseg_core.config.train import TrainConfig, official_custom_keys, resolve
+from rankseg_core.config.train import TrainConfig
+from rankseg_core.engine.configure import resolve
 from rankseg_core.engine.optim import build_optimizer, param_multipliers, sorted_custom_keys
 from rankseg_core.errors import UserError
+from rankseg_core.families.segmenter import official_custom_keys
 from rankseg_core.model.segmenter import build_model
 
 BASE_LR, BASE_WD = 0.001, 1e-6

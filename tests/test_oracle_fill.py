@@ -11,8 +11,8 @@ from m2f_tiny import tiny_model
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.engine.evaluate import EvalOptions, random_fill
 from rankseg_core.errors import UserError
-from rankseg_core.model.heads import fill_from_ranking
 from rankseg_core.model.segmenter import build_model
+from rankseg_core.model.selection import fill_from_ranking
 
 
 def test_fill_from_ranking_hand_built() -> None:

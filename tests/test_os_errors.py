@@ -22,8 +22,8 @@ from convert_trees import ade150_tree
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.config.train import build_train_config
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train as run_train
 from rankseg_core.shards.write import shard_is_complete
 from rankseg_core.utils.console import printable

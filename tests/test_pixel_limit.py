@@ -138,8 +138,8 @@ def test_coco_lvis_skips_a_bomb_image(tmp_path: Path) -> None:
 
 def test_predict_refuses_a_bomb(tmp_path: Path) -> None:
     from rankseg_cli.app import app
-    from rankseg_core.config.train import build_train_config
     from rankseg_core.convert.synthetic import prepare_synthetic
+    from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.train import train
 
     prepare_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=2, size=32, seed=0,

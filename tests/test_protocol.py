@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from rankseg_core.config.model import ModelConfig
-from rankseg_core.config.train import TrainConfig, resolve
-from rankseg_core.families.segmenter import predict, scale_sizes
-from rankseg_core.inference.dense import predict_probs
+from rankseg_core.config.train import TrainConfig
+from rankseg_core.engine.configure import resolve
+from rankseg_core.families.segmenter import predict
+from rankseg_core.inference.dense import predict_probs, scale_sizes
 from rankseg_core.model.segmenter import build_model
 
 K = 12
@@ -205,10 +206,10 @@ def test_family_predict_uses_the_protocol_and_mmcv_scale_sizes(models) -> None:
 def test_ade20k_full_run_evaluates_with_slide_512(shared_fixtures, tmp_path, monkeypatch) -> None:
     import json
 
-    from rankseg_core.config.train import build_train_config
     from rankseg_core.convert.ade20k_full import prepare_ade20k_full
     from rankseg_core.convert.common import ConvertOptions
     from rankseg_core.engine import runs
+    from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
     from rankseg_core.engine.train import _evaluate, train
     from rankseg_core.inference.dense import dense as inference

@@ -331,9 +331,9 @@ def test_agrees_with_rankseg_eval_on_saved_predictions(tmp_path: Path) -> None:
     """A run's own `rankseg eval --save-predictions` files give the same mIoU, aAcc and per-class
     IoU as `rankseg eval` itself."""
     from rankseg_cli.train_cmds import evaluate
-    from rankseg_core.config.train import build_train_config
     from rankseg_core.convert.common import ConvertOptions
     from rankseg_core.convert.synthetic import prepare_synthetic
+    from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.train import train
 
     data = tmp_path / "data"

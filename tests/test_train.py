@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate, predict, stats_model
 from rankseg_cli.train_cmds import train as train_cmd
-from rankseg_core.config.train import build_train_config
 from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.convert.synthetic import make_world, prepare_synthetic, sample_maker
 from rankseg_core.data.loading import BatchStream, clip_table
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.optim import lr_schedule
 from rankseg_core.engine.train import train
 from rankseg_core.errors import UserError

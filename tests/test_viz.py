@@ -15,8 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from rankseg_cli.viz_cmds import viz_app
-from rankseg_core.config.train import build_train_config
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import build_train_config
 from rankseg_core.errors import UserError
 from rankseg_core.model.segmenter import build_model
 from rankseg_core.shards.codec import IGNORE

@@ -4,7 +4,7 @@ Defaults are the official values of facebookresearch/Mask2Former's ADE20K config
 (`maskformer2_R50_bs16_160k.yaml` and its Swin variants) and of the RankSeg fork's
 `*-rankseg.yaml` (openseg-group/RankSeg, `mask2former/`). The small knobs (hidden_dim,
 dec_layers, enc_layers, num_queries, train_num_points) exist for tiny CPU models and tests.
-This module imports nothing from the rest of the model package (model/config.py nests it).
+It imports nothing of rankseg but errors (config/model.py nests it).
 """
 
 from __future__ import annotations
@@ -13,15 +13,6 @@ from dataclasses import dataclass
 
 from rankseg_core.errors import UserError
 
-# `model.model` name -> timm architecture. The Swin windows / pretraining sizes are the ones
-# the official configs load (Swin-T/S: window 7 at 224; Swin-B/L: IN21k window 12 at 384).
-MASK2FORMER_BACKBONES: dict[str, str] = {
-    "mask2former-r50": "resnet50",
-    "mask2former-swint": "swin_tiny_patch4_window7_224",
-    "mask2former-swins": "swin_small_patch4_window7_224",
-    "mask2former-swinb": "swin_base_patch4_window12_384",
-    "mask2former-swinl": "swin_large_patch4_window12_384",
-}
 TASKS = ("semantic", "panoptic")
 
 
@@ -32,7 +23,7 @@ class Mask2FormerConfig:
     task: str = "semantic"  # "semantic" or "panoptic": picks the official query count and inference
     # Transformer decoder (MultiScaleMaskedTransformerDecoder)
     hidden_dim: int = 256
-    num_queries: int | None = None  # None = official: 200 for Swin-L panoptic, else 100
+    num_queries: int | None = None  # None = official (the family: 200 for Swin-L panoptic, else 100)
     nheads: int = 8
     dec_layers: int = 9  # the config says DEC_LAYERS: 10 = 9 layers + the prediction on the learnable queries
     dim_feedforward: int = 2048
@@ -66,12 +57,6 @@ class Mask2FormerConfig:
     cosine_logits: bool = True  # SEM_SEG_HEAD.USE_LAYERNORM of the rankseg configs: cosine class logits
     # The ml loss (weight 10, ASL gamma- 2 / gamma+ 0) and the ml head's lr multiplier (0.1) are
     # the engine's loss.* / optim.ml_lr_mult, set by the family's recipe (config.py).
-
-    def queries(self, model_name: str) -> int:
-        """Number of object queries: the explicit value, else the official one."""
-        if self.num_queries is not None:
-            return self.num_queries
-        return 200 if model_name == "mask2former-swinl" and self.task == "panoptic" else 100
 
     def validate(self) -> None:
         """Raise `UserError` naming the first bad option and how to fix it."""

@@ -1,26 +1,16 @@
-"""Model configuration: one dataclass, validated once in `build_model`."""
+"""Model configuration: one dataclass for every family (`model.*`), validated in `build_*`.
+
+Which names `model.model` takes, and what each family allows of the rest, is the families'
+knowledge (rankseg_core/families/).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rankseg_core.config.mask2former import MASK2FORMER_BACKBONES, Mask2FormerConfig
+from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.errors import UserError
 
-# Backbone names follow the paper (Segmenter ViT-*/16 at 384 px pretraining); the position
-# embeddings are resized to `img_size`, so the "_384" only names the timm architecture.
-BACKBONES: dict[str, str] = {
-    "segmenter-vitt": "vit_tiny_patch16_384",
-    "segmenter-vits": "vit_small_patch16_384",
-    "segmenter-vitb": "vit_base_patch16_384",
-    "segmenter-vitl": "vit_large_patch16_384",
-    # The multi-label classifier of the independent scheme (model/classifier.py): same ViTs.
-    "classifier-vitt": "vit_tiny_patch16_384",
-    "classifier-vits": "vit_small_patch16_384",
-    "classifier-vitb": "vit_base_patch16_384",
-    "classifier-vitl": "vit_large_patch16_384",
-    **MASK2FORMER_BACKBONES,  # mask2former-{r50,swint,swins,swinb,swinl} (docs/mask2former.md)
-}
 HEADS = ("segmenter", "rankseg")
 TAUS = ("rank", "shared")
 ML_HEADS = ("tranenc", "trandec", "gap")
@@ -67,15 +57,6 @@ class ModelConfig:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
 
     @property
-    def timm_name(self) -> str:
-        return BACKBONES[self.model]
-
-    @property
-    def family(self) -> str:
-        """Model family: the `model.model` prefix ("segmenter" or "mask2former")."""
-        return self.model.split("-", 1)[0]
-
-    @property
     def has_selector(self) -> bool:
         """A segmenter whose top-kappa come from a frozen classifier run (no ml branch)."""
         return bool(self.selector.run)
@@ -87,8 +68,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise `UserError` naming the first bad option and how to fix it."""
-        if self.model not in BACKBONES:
-            raise UserError(f"model.model={self.model!r} is unknown; use one of {', '.join(BACKBONES)}")
         if self.head not in HEADS:
             raise UserError(f"model.head={self.head!r} is unknown; use one of {', '.join(HEADS)}")
         if self.tau not in TAUS:
@@ -109,28 +88,7 @@ class ModelConfig:
             raise UserError("model.drop_path and model.dropout must be in [0, 1)")
         if self.in_chans < 1:
             raise UserError(f"model.in_chans={self.in_chans} must be >= 1")
-        if self.family == "classifier" and self.oracle:
-            raise UserError("model.oracle: the GT oracle is a segmentation variant; a classifier has no selection "
-                            "to replace (drop --oracle)")
-        if self.has_selector:
-            self._validate_selector()
-        if self.family == "mask2former":
-            if self.clip_len != 1:
-                raise UserError(f"model.clip_len={self.clip_len}: the Mask2Former family is image-only for now; "
-                                "use clip_len=1")
-            self.mask2former.validate()
-
-    def _validate_selector(self) -> None:
-        """A selector drives the selection of a RankSeg head that has no ml branch of its own."""
-        sel = self.selector
-        where = f"model.selector.run={sel.run}"
-        if self.family != "segmenter":
-            raise UserError(f"{where}: only a segmenter-* model takes its classes from a classifier run "
-                            f"(this is {self.model})")
-        if self.head != "rankseg" or not self.select or self.oracle:
-            raise UserError(f"{where}: the selector replaces the RankSeg selection; use --head rankseg without "
-                            "--no-select / --oracle")
-        if sel.model is not None and not sel.model.startswith("classifier-"):
-            raise UserError(f"{where}: that run is a {sel.model}, not a multi-label classifier (classifier-*)")
-        if sel.img_size is not None and (sel.img_size < PATCH_SIZE or sel.img_size % PATCH_SIZE):
-            raise UserError(f"model.selector.img_size={sel.img_size} must be a positive multiple of {PATCH_SIZE}")
+        if self.has_selector and self.selector.img_size is not None and (
+                self.selector.img_size < PATCH_SIZE or self.selector.img_size % PATCH_SIZE):
+            raise UserError(f"model.selector.img_size={self.selector.img_size} must be a positive multiple of "
+                            f"{PATCH_SIZE}")

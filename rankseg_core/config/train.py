@@ -1,11 +1,9 @@
 """Training configuration: one nested dataclass, YAML files and dotted `--set` overrides.
 
-Layering, lowest to highest priority (dinov2-style):
-    dataclass defaults < per-dataset defaults (METHOD.md sec. 4-5, by the shards' name)
-    < the user's YAML < `--set key=value` (the CLI's flags become `--set`s too).
-So a dataset default only applies where the user set nothing. K, the class names and the
-palette always come from the shards' `dataset.json`. The resolved config (every derived
-value filled in) is what `runs.save_config` writes next to the run.
+This module holds the schema (every section and its defaults), dotted access with type
+coercion, YAML in and out, and the checks every run passes. Which defaults a model family or a
+dataset brings, and the resolution against the shards, are the engine's
+(rankseg_core/engine/configure.py); what a family allows of `model.*`, the family's.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,101 +133,6 @@ class TrainConfig:
 # Keys that may differ when resuming: they change how, not what, is computed.
 RUNTIME_KEYS = frozenset({"device", "data.num_workers", "eval.num_workers", "eval.batch_size",
                           "log_seconds", "data.root", "eval.every", "eval.max_images", "ckpt_every"})
-
-# What the data itself asks for, whatever the model family. Synthetic: colour is the class
-# identity, so no photometric distortion (a hue shift would turn one class's look into another's).
-DATA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "synthetic": {"aug.photometric": False},
-}
-
-# The official Segmenter + RankSeg recipes (openseg-group/RankSeg mmseg configs; METHOD.md sec.
-# 4-5). Test protocol of every official config: keep-ratio resize to (4 x crop, crop) -- the
-# derived eval.short_side / eval.max_long -- then slide with window = stride = crop, single
-# scale, no flip; aug.scale derives to the same (4 x crop, crop). "*" applies to any dataset.
-# ADE20K-Full and COCO+LVIS have no released config: they follow the ADE20K one.
-_ADE = {"optim.weight_decay": 1e-6, "model.img_size": 512}
-SEGMENTER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "*": {"eval.mode": "slide"},
-    "ade20k-full": {**_ADE, "model.kappa": 100, "loss.ml_weight": 100.0, "schedule.iters": 160000},
-    "coco-lvis": {**_ADE, "model.kappa": 100, "loss.ml_weight": 300.0, "schedule.iters": 320000},
-    "ade20k": {**_ADE, "model.kappa": 50, "loss.ml_weight": 10.0, "schedule.iters": 160000},
-    # The ViT-B 80k COCO-Stuff-10k config: BCE (loss.ml_loss resolves to it), weight 5, no
-    # weight decay and no ml-branch custom key.
-    "coco-stuff": {"optim.weight_decay": 0.0, "optim.ml_wd_mult": 1.0, "model.img_size": 512, "model.kappa": 50,
-                   "loss.ml_weight": 5.0, "schedule.iters": 80000},
-    # img_scale (4160, 520) for training and test, crop 480 (pascal_context_meanstd0.5*.py).
-    "pascal-context": {"optim.weight_decay": 1e-6, "aug.scale": [4160, 520], "model.img_size": 480,
-                       "eval.short_side": 520, "eval.max_long": 4160,
-                       "model.kappa": 25, "loss.ml_weight": 5.0, "schedule.iters": 80000},
-    # Synthetic: 128 px images with <= 10 classes each; small enough to learn on a CPU. Our
-    # own cheap protocol: one whole-image forward at the crop size.
-    "synthetic": {"model.kappa": 25, "loss.ml_weight": 10.0, "model.img_size": 128, "eval.mode": "whole",
-                  "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
-}
-# The official Mask2Former recipe (configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k
-# .yaml and the panoptic / Swin configs on top; docs/mask2former.md): AdamW 1e-4, weight decay
-# 0.05 (0 on norms and embeddings: the model's no_weight_decay), backbone lr x 0.1, the RankSeg
-# ml head lr x 0.1 (SOLVER.MLHEAD_MULTIPLIER) with no extra decay, full-model gradient-norm
-# clipping at 0.01, poly 0.9 without floor or warm-up, batch 16, 160k iterations, crop 512
-# (640 for the Swin-B/L configs: pass --img-size 640), whole-image test at the short side of
-# the crop (long side <= 4x), ml loss ASL(2, 0) with weight 10 (RANKSEG.LOSS_WEIGHT).
-MASK2FORMER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "*": {"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 0.05, "optim.backbone_lr_mult": 0.1,
-          "optim.ml_lr_mult": 0.1, "optim.ml_wd_mult": 1.0, "optim.grad_clip": 0.01, "schedule.min_lr": 0.0,
-          "schedule.batch_size": 16, "schedule.iters": 160000, "model.img_size": 512, "aug.cat_max_ratio": 1.0,
-          "loss.ml_weight": 10.0, "eval.mode": "whole"},
-    # Our own cheap CPU protocol on the built-in data (as the Segmenter's synthetic recipe).
-    "synthetic": {"model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
-}
-# The multi-label classifier of the independent scheme (families/classifier.py): the official
-# Query2Label recipe where the engine has it (AdamW lr 1e-4, weight decay 1e-2 on every
-# parameter, ASL gamma- 2 / gamma+ 0 / clip 0.05: loss.* resolves to those), our poly schedule
-# instead of its one-cycle, whole-image test; kappa = the recall@kappa it is scored at and the
-# kappa of the segmenter it will drive (the Segmenter recipes' kappa per dataset).
-CLASSIFIER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "*": {"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 1e-2, "eval.mode": "whole"},
-    **{name: {k: v for k, v in recipe.items() if k in ("model.kappa", "model.img_size", "schedule.iters")}
-       for name, recipe in SEGMENTER_DEFAULTS.items() if name != "*"},
-    "synthetic": {"model.kappa": 25, "model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8,
-                  "eval.every": 500},
-}
-# Per model family (the prefix of model.model): that family's recipes. A family without an
-# entry gets the dataclass defaults (plus DATA_DEFAULTS).
-DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"segmenter": SEGMENTER_DEFAULTS,
-                                                          "mask2former": MASK2FORMER_DEFAULTS,
-                                                          "classifier": CLASSIFIER_DEFAULTS}
-# Spellings converters and users use for the same datasets (lower case, separators dropped).
-_ALIASES = {
-    "ade20kfull": "ade20k-full", "ade847": "ade20k-full", "ade20k847": "ade20k-full", "adefull": "ade20k-full",
-    "cocolvis": "coco-lvis", "lvis": "coco-lvis", "cocostufflvis": "coco-lvis",
-    "ade20k": "ade20k", "ade150": "ade20k", "ade20k150": "ade20k",
-    "cocostuff": "coco-stuff", "cocostuff164k": "coco-stuff", "cocostuff10k": "coco-stuff", "cocostuff171": "coco-stuff",
-    "pascalcontext": "pascal-context", "pascalcontext59": "pascal-context", "pascalcontext60": "pascal-context",
-    "pcontext": "pascal-context", "pc59": "pascal-context", "pc60": "pascal-context",
-    "synthetic": "synthetic",
-}
-
-
-def dataset_family(name: str) -> str | None:
-    """Map a dataset name from dataset.json to a `DATASET_DEFAULTS` key (None if unknown)."""
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    if key.startswith("ade20kfulltop"):  # ADE20K-x (ProtoSeg): the x most frequent Full classes
-        return "ade20k-full"
-    return _ALIASES.get(key)
-
-
-def model_family(model_name: str) -> str:
-    """The family prefix of a `model.model` name ('segmenter-vitb' -> 'segmenter')."""
-    return model_name.split("-", 1)[0]
-
-
-def dataset_defaults(model_name: str, dataset_name: str) -> dict[str, Any]:
-    """The default config keys for a model on a dataset: DATA_DEFAULTS, then the family's
-    "*" recipe, then its recipe for the dataset."""
-    dataset = dataset_family(dataset_name)
-    recipes = DATASET_DEFAULTS.get(model_family(model_name), {})
-    return {**DATA_DEFAULTS.get(dataset, {}), **recipes.get("*", {}), **recipes.get(dataset, {})}
-
 
 # ---------------------------------------------------------------------------------------
 # Dotted access and type coercion
@@ -460,79 +362,12 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Resolution against the shards
-
-
-def resolve(cfg: TrainConfig, meta: dict | None = None) -> TrainConfig:
-    """Fill derived values (None = derived) and validate. `meta` is the shards' dataset.json."""
-    if meta is not None:
-        k = int(meta["num_classes"])
-        cfg.data.name = str(meta.get("name", ""))
-        cfg.data.class_names = [str(n) for n in meta["class_names"]]
-        cfg.data.palette = [[int(c) for c in row] for row in meta["palette"]]
-        things = meta.get("thing_classes")
-        cfg.data.thing_classes = [int(c) for c in things] if meta.get("panoptic") and things is not None else None
-        cfg.model.num_classes = k
-    m = cfg.model
-    crop = m.img_size
-    if cfg.aug.scale is None:
-        cfg.aug.scale = [4 * crop, crop]
-    e = cfg.eval
-    e.short_side = crop if e.short_side is None else e.short_side
-    e.max_long = 4 * e.short_side if e.max_long is None else e.max_long
-    e.crop = crop if e.crop is None else e.crop
-    e.stride = e.crop if e.stride is None else e.stride
-    _resolve_official(cfg)
-    validate(cfg)
-    return cfg
-
-
-# ASL gamma- of each multi-label head in the official configs: TranEnc 2 (ADE20K, Pascal),
-# the TranDec and global-pooling heads of Table 6 0 (their COCO-Stuff configs); gamma+ is 0.
-ASL_GAMMA_NEG = {"tranenc": 2.0, "trandec": 0.0, "gap": 0.0}
-
-
-def _segmenter_ml_prefixes(m: ModelConfig) -> list[str]:
-    """Parameter-name prefixes of the Segmenter multi-label branch (model/heads.py): the
-    official keys "decode_head.blocks.0." and "decode_head.ml_fc" for TranEnc, renamed."""
-    if m.head != "rankseg" or m.oracle or m.has_selector:  # no ml branch of its own
-        return []
-    return ["head.blocks.0.", "head.ml_fc"] if m.ml_head == "tranenc" else ["head.ml_branch."]
-
-
-def official_custom_keys(cfg: TrainConfig) -> dict[str, dict[str, float]] | None:
-    """The official `paramwise_cfg.custom_keys` for this model, in our parameter names.
-
-    Every Segmenter / RankSeg config: pos_embed, cls_token and norm get decay_mult 0; the
-    ADE20K / Pascal ones add decay_mult 100 on the ml branch (`optim.ml_wd_mult`; COCO-Stuff
-    has no such key, which ml_wd_mult = ml_lr_mult = 1 reproduces). Other families: None, i.e.
-    the model's own groups (`optim.build_optimizer`).
-    """
-    if model_family(cfg.model.model) != "segmenter":
-        return None
-    keys = {k: {"decay_mult": 0.0} for k in ("pos_embed", "cls_token", "norm")}
-    o = cfg.optim
-    if (o.ml_wd_mult, o.ml_lr_mult) != (1.0, 1.0):
-        for prefix in _segmenter_ml_prefixes(cfg.model):
-            keys[prefix] = {"lr_mult": o.ml_lr_mult, "decay_mult": o.ml_wd_mult}
-    return keys
-
-
-def _resolve_official(cfg: TrainConfig) -> None:
-    """Fill the defaults that depend on the model (None = the official value)."""
-    segmenter = model_family(cfg.model.model) == "segmenter"
-    lo = cfg.loss
-    if lo.ml_loss is None:  # the ViT-B COCO-Stuff TranEnc configs are the only ones with BCE
-        coco = dataset_family(cfg.data.name) == "coco-stuff"
-        lo.ml_loss = "bce" if segmenter and coco and cfg.model.ml_head == "tranenc" else "asl"
-    if lo.asl_gamma_neg is None:
-        lo.asl_gamma_neg = ASL_GAMMA_NEG.get(cfg.model.ml_head, 2.0) if segmenter else 2.0
-    if cfg.optim.custom_keys is None:  # stays None for families whose model defines its groups
-        cfg.optim.custom_keys = official_custom_keys(cfg)
+# Checks
 
 
 def validate(cfg: TrainConfig) -> None:
-    """UserError naming the first bad option and how to fix it."""
+    """UserError naming the first bad option and how to fix it (the family's own checks come
+    on top: engine/configure.py `check_model`)."""
     cfg.model.validate()
     o, s, a, e, lo = cfg.optim, cfg.schedule, cfg.aug, cfg.eval, cfg.loss
     checks = [
@@ -588,61 +423,6 @@ def _validate_custom_keys(keys: dict[str, dict[str, float]] | None) -> None:
                             f"use lr_mult and decay_mult, {example}")
         if any(v < 0 for v in mults.values()):
             raise UserError(f"optim.custom_keys['{key}']: multipliers must be >= 0")
-
-
-def build_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None,
-                       data_root: str | Path | None = None) -> TrainConfig:
-    """Defaults < dataset defaults < YAML < overrides, resolved against the shards.
-
-    `overrides` are 'key=value' strings (the CLI's --set and its flags, flags last).
-    """
-    from rankseg_core.shards.read import load_index
-
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if config_file is not None:
-        layers.append((f"{config_file}: ", read_yaml(config_file)))
-    sets = dict(parse_override(text) for text in overrides or [])
-    if data_root is not None:
-        sets["data.root"] = str(data_root)
-    layers.append(("--set: ", sets))
-    user = {k: v for _, layer in layers for k, v in layer.items()}
-    root = user.get("data.root")
-    if not root:
-        raise UserError("no training data: pass --data DIR (a shard directory from `rankseg prepare`)")
-    meta = load_index(root)
-    cfg = TrainConfig()
-    # The recipe depends on the model family, which the user's layers may choose.
-    model_name = str(user.get("model.model") or cfg.model.model)
-    for key, value in dataset_defaults(model_name, str(meta.get("name", ""))).items():
-        set_key(cfg, key, value)
-    for where, layer in layers:
-        for key, value in layer.items():
-            set_key(cfg, key, value, where)
-    k = int(meta["num_classes"])
-    if "model.num_classes" in user and cfg.model.num_classes != k:
-        raise UserError(f"model.num_classes={cfg.model.num_classes} but the shards in {root} have K={k}: "
-                        "drop the override (K always comes from the shards)")
-    return resolve(cfg, meta)
-
-
-# CLI flags of `rankseg train` and the config keys they set (the flags are `--set` shorthands).
-FLAG_KEYS: dict[str, str] = {
-    "model": "model.model", "head": "model.head", "kappa": "model.kappa", "tau": "model.tau",
-    "ml_head": "model.ml_head", "clip_len": "model.clip_len", "img_size": "model.img_size",
-    "backbone_weights": "model.backbone_weights", "ml_loss": "loss.ml_loss", "ml_weight": "loss.ml_weight",
-    "seg_loss_norm": "loss.seg_loss_norm", "iters": "schedule.iters", "batch_size": "schedule.batch_size",
-    "seed": "seed", "device": "device", "eval_every": "eval.every", "workers": "data.num_workers",
-}
-
-
-def flag_overrides(flags: dict[str, Any]) -> list[str]:
-    """CLI flag values (None = not given) -> 'key=value' overrides, in FLAG_KEYS order."""
-    out = []
-    for name, key in FLAG_KEYS.items():
-        value = flags.get(name)
-        if value is not None:
-            out.append(f"{key}={value}")
-    return out
 
 
 def diff_configs(a: TrainConfig, b: TrainConfig, ignore: frozenset[str] = RUNTIME_KEYS) -> list[str]:

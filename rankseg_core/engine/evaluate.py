@@ -18,9 +18,8 @@ import io
 import json
 import math
 import re
-import zlib
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.convert.coco_panoptic_format import CocoPanopticWriter, categories_of, image_id_of
 from rankseg_core.data.augment import TestTransform, build_test_transform
 from rankseg_core.data.loading import worker_init
 from rankseg_core.errors import UserError
-from rankseg_core.evaluation.metrics import ConfusionMatrix, average_precision, recall_at_k
-from rankseg_core.evaluation.panoptic_quality import PanopticQuality, gt_from_shard
+from rankseg_core.evaluation.accumulators import EvalAccumulators
+from rankseg_core.evaluation.metrics import ConfusionMatrix
+from rankseg_core.evaluation.panoptic_quality import gt_from_shard
 from rankseg_core.families import family_of
+from rankseg_core.families.base import Family, Predictions, TestProtocol
+from rankseg_core.model.selection import SelectionOptions, batch_selection
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.shards.read import ShardDataset
 from rankseg_core.utils import distributed as D
@@ -54,12 +57,7 @@ class EvalOptions:
     mode: str | None = None  # whole | slide
     scales: list[float] | None = None
     flip: bool | None = None
-    kappa: int | None = None  # classes selected at test time (may differ from training)
-    dynamic_kappa: float | None = None  # select classes with sigmoid score > threshold
-    oracle: bool = False  # GT (eval): select exactly the image's GT classes
-    # With oracle: fill each image's GT classes up to kappa with the model's highest-ranked
-    # other classes ("ranked") or with uniformly drawn ones ("random", seeded by the image key).
-    oracle_fill: str | None = None
+    selection: SelectionOptions = field(default_factory=SelectionOptions)  # --kappa, --oracle, ...
     max_images: int = 0  # 0 = the whole split
     save_predictions: Path | None = None  # 16-bit PNG of train ids per image
     save_panoptic: Path | None = None  # panoptic predictions in the COCO panoptic format (PNG + JSON)
@@ -69,34 +67,47 @@ class EvalOptions:
         """UserError naming the option for a value no evaluation can use."""
         if self.mode is not None and self.mode not in ("whole", "slide"):
             raise UserError(f"--mode {self.mode!r}: use whole or slide")
-        check_kappa(self.kappa)
+        self.selection.check()
         if self.scales is not None:
             bad = [s for s in self.scales if not 0 < s <= MAX_SCALE]  # NaN fails too
             if bad or not self.scales:
                 raise UserError(f"--scales {','.join(f'{s:g}' for s in self.scales)}: every scale must be > 0 and "
                                 f"at most {MAX_SCALE:g} (e.g. 0.75,1.0,1.25)")
-        if self.dynamic_kappa is not None and not 0 < self.dynamic_kappa < 1:
-            raise UserError(f"--dynamic-kappa {self.dynamic_kappa}: a sigmoid threshold in (0, 1), e.g. 0.05")
-        if self.oracle_fill is not None:
-            if self.oracle_fill not in ORACLE_FILLS:
-                raise UserError(f"--oracle-fill {self.oracle_fill!r}: use {' or '.join(ORACLE_FILLS)}")
-            if not self.oracle:
-                raise UserError("--oracle-fill fills the GT (eval) selection: add --oracle")
         if self.max_images < 0:
             raise UserError(f"--max-images {self.max_images}: must be >= 0 (0 = the whole split)")
 
+    def protocol(self, cfg: TrainConfig) -> TestProtocol:
+        """The test protocol: these options over the run's `eval.*`."""
+        return TestProtocol(self.mode or cfg.eval.mode, tuple(self.scales or cfg.eval.scales),
+                            cfg.eval.flip if self.flip is None else self.flip)
 
-ORACLE_FILLS = ("ranked", "random")
 
 # Test-time scales multiply the test size (eval.short_side); beyond 8x a 512 short side is a
 # 4096 x 16384 input, more than any model here was meant for (and the memory to match).
 MAX_SCALE = 8.0
 
 
-def check_kappa(kappa: int | None) -> None:
-    """--kappa of eval / predict: None (as trained) or at least 1 (more than K selects all K)."""
-    if kappa is not None and kappa < 1:
-        raise UserError(f"--kappa {kappa}: must be at least 1 (classes selected per image)")
+def check_selection(family: Family, m: ModelConfig, opts: SelectionOptions) -> None:
+    """UserError, before any work, for selection options this run's model cannot honour (the
+    family says what its model can do: rank the classes, select among them)."""
+    opts.check()
+    what = f"this run ({m.model}: {family.describe(m)})"
+    if (opts.oracle or opts.dynamic_kappa is not None) and not family.segments:
+        flag = "--oracle" if opts.oracle else "--dynamic-kappa"
+        raise UserError(f"{flag} changes which classes a segmentation model classifies pixels over; {what} segments "
+                        "nothing: a classifier is scored by mAP and recall@kappa (use --kappa)")
+    if opts.oracle_fill is not None and m.oracle:
+        raise UserError(f"--oracle-fill: {what} always selects the GT classes (GT train + eval oracle)")
+    ranked = family.ranks(m)
+    if opts.oracle_fill == "ranked" and not ranked:
+        raise UserError(f"--oracle-fill ranked fills from the model's class ranking; {what} has none "
+                        "(use --oracle-fill random)")
+    if opts.dynamic_kappa is not None and not (ranked and family.selects(m)):
+        raise UserError(f"--dynamic-kappa selects the classes the model ranks above a threshold; {what} does not "
+                        "select among ranked classes")
+    if opts.kappa is not None and not ranked and opts.oracle_fill != "random":
+        raise UserError(f"--kappa sets how many ranked classes are kept; {what} ranks no classes (with "
+                        "--oracle --oracle-fill random it is the size the GT classes are filled up to)")
 
 
 @dataclass
@@ -165,46 +176,6 @@ def _collate(items: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------
-# Prediction
-
-
-def forward_kwargs(cfg: TrainConfig, classes: list[np.ndarray], device: torch.device, kappa: int | None,
-                   dynamic_kappa: float | None, oracle: bool, oracle_fill: str | None = None,
-                   keys: list[str] | None = None) -> dict[str, Any]:
-    """Model keyword arguments for one batch; `classes` are the images' GT class ids and
-    `keys` their sample keys (they seed the "random" oracle fill)."""
-    kw: dict[str, Any] = {}
-    gt = [torch.as_tensor(c, dtype=torch.long, device=device) for c in classes]
-    if cfg.model.oracle:
-        kw["gt_classes"] = gt  # GT (train + eval) models always select the GT classes
-    elif oracle:
-        total = kappa if kappa is not None else cfg.model.kappa
-        if oracle_fill == "ranked":
-            kw["select_fill"] = total
-        elif oracle_fill == "random":
-            assert keys is not None and len(keys) == len(classes)
-            gt = [random_fill(c, cfg.model.num_classes, total, key).to(device) for c, key in zip(classes, keys)]
-        kw["select_override"] = gt
-    if kappa is not None:
-        kw["kappa"] = kappa
-    if dynamic_kappa is not None:
-        kw["dynamic_threshold"] = dynamic_kappa
-    return kw
-
-
-def random_fill(classes: np.ndarray, num_classes: int, total: int, key: str) -> torch.Tensor:
-    """The image's GT class ids (ignore dropped) plus classes drawn uniformly from the others
-    until there are `total`; the draw depends only on the sample key (batching, workers and
-    DDP ranks do not change it)."""
-    c = np.unique(np.asarray(classes, np.int64))
-    c = c[(c >= 0) & (c < num_classes)]
-    others = np.setdiff1d(np.arange(num_classes), c)
-    rng = np.random.default_rng(zlib.crc32(key.encode()))
-    extra = rng.choice(others, size=min(len(others), max(0, total - len(c))), replace=False)
-    return torch.as_tensor(np.concatenate([c, extra]), dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -223,105 +194,119 @@ def write_label_png(path: Path, label: np.ndarray) -> None:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device: torch.device) -> EvalResult:
     """Evaluate `model` on a shard split; under DDP each process takes every W-th item and
-    the confusion matrices / scores are reduced (every process gets the result)."""
-    info = D.current()
-    root = opts.data_root or cfg.data.root
-    ds = ShardDataset(root, opts.split)
-    k = cfg.model.num_classes
-    family = family_of(cfg.model.model)
-    if ds.num_classes != k:
-        raise UserError(f"{root}: K={ds.num_classes} but the model was trained with K={k}; "
-                        "evaluate on shards of the same dataset")
+    the accumulators are reduced (every process gets the result)."""
+    info, family = D.current(), family_of(cfg.model.model)
+    ds = _open_split(cfg, opts)
     opts.check()
-    if opts.oracle_fill is not None and (cfg.model.oracle or family.name == "classifier"):
-        raise UserError("--oracle-fill: this run " + ("always selects the GT classes (GT train + eval oracle)"
-                        if cfg.model.oracle else "is a classifier (no segmentation to evaluate)"))
-    if opts.oracle_fill == "ranked" and cfg.model.head != "rankseg":
-        raise UserError("--oracle-fill ranked fills from the model's class ranking; a baseline head has none "
-                        "(use --oracle-fill random)")
-    mode = opts.mode or cfg.eval.mode
-    scales = opts.scales or cfg.eval.scales
-    flip = cfg.eval.flip if opts.flip is None else opts.flip
-    dc = model.data_config() if hasattr(model, "data_config") else {"mean": [127.5] * 3, "std": [127.5] * 3}
+    check_selection(family, cfg.model, opts.selection)
+    protocol = opts.protocol(cfg)
+    kappa = opts.selection.kappa or cfg.model.effective_kappa
     items = eval_clips(ds, cfg.model.clip_len, opts.max_images)
-    mine = items[info.rank::info.world_size]
-    data = EvalData(ds, mine, build_test_transform(cfg, dc["mean"], dc["std"]))
-    workers = cfg.eval.num_workers if len(mine) > 8 else 0  # worker start-up costs more than tiny splits
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size, num_workers=workers,
-                                         collate_fn=_collate, worker_init_fn=worker_init)
-    cm = ConfusionMatrix(k, IGNORE)
-    scores, targets = [], []
-    pq = PanopticQuality(k, ds.index.thing_classes) if ds.index.is_panoptic else None
-    segmented = False  # whether the family predicted class maps (a classifier does not)
-    writer = _panoptic_writer(opts, ds, info)
-    if opts.save_predictions is not None:
-        Path(opts.save_predictions).mkdir(parents=True, exist_ok=True)
-    total = sum(sum(r) for _, r in items)
+    loader = _loader(ds, items[info.rank::info.world_size], cfg, family.data_config(model))
+    acc = EvalAccumulators.create(cfg.model.num_classes, ignore_index=IGNORE, kappa=kappa,
+                                  thing_classes=ds.index.thing_classes if ds.index.is_panoptic else None)
+    writers = _Writers(opts, ds, info)
+    total = sum(sum(real) for _, real in items)
     with Progress(total, f"eval {opts.split}", unit="img", enabled=opts.progress and info.is_main) as bar:
         for batch in loader:
-            groups: dict[tuple[int, ...], list[dict]] = {}
-            for item in batch:  # equal sizes are stacked; others go one by one
-                groups.setdefault(tuple(item["image"].shape), []).append(item)
-            for group in groups.values():
-                images = torch.cat([g["image"] for g in group]).to(device)
-                labels = [lab for g in group for lab in g["labels"]]
-                classes = [c for g in group for c in g["classes"]]
-                real = [r for g in group for r in g["real"]]
-                keys = [key for g in group for key in g["keys"]]
-                gt_segments = [s for g in group for s in g.get("segments", [None] * len(g["real"]))]
-                kw = forward_kwargs(cfg, classes, device, opts.kappa, opts.dynamic_kappa, opts.oracle,
-                                    opts.oracle_fill, keys)
-                res = family.predict(model, cfg, images, [lab.shape for lab in labels], mode, scales, flip, **kw)
-                ml = res.ml
-                if ml is not None and cfg.model.clip_len > 1:
-                    ml = ml.repeat_interleave(cfg.model.clip_len, dim=0)
-                for j, lab in enumerate(labels):
-                    if not real[j]:
-                        continue
-                    pred = res.semantic[j] if res.semantic is not None else None
-                    segmented |= pred is not None
-                    if pred is not None:
-                        cm.update(pred, torch.from_numpy(lab.astype(np.int64)).to(pred.device))
-                    if ml is not None:
-                        scores.append(ml[j].cpu().numpy())
-                        t = np.zeros(k, np.float32)
-                        t[classes[j]] = 1
-                        targets.append(t)
-                    if res.panoptic is not None and pq is not None:
-                        pan_ids, pan_info = res.panoptic[j]
-                        pan_ids = pan_ids.cpu().numpy()
-                        pq.update(pan_ids, pan_info, *gt_from_shard(*gt_segments[j]))
-                        if writer is not None:
-                            writer.add(image_id_of(keys[j]), f"{_safe_name(keys[j])}.png", pan_ids, pan_info)
-                    if opts.save_predictions is not None and pred is not None:
-                        write_label_png(Path(opts.save_predictions) / f"{_safe_name(keys[j])}.png",
-                                        pred.cpu().numpy())
-                bar.advance(sum(real))
-    if writer is not None:
-        writer.close()
-    cm.matrix = D.all_reduce_sum_np(cm.matrix, device)
-    panoptic = None
-    if pq is not None:  # the same on every rank (a property of the shards): the gather cannot hang
-        merged = PanopticQuality(k, ds.index.thing_classes)
-        for state in D.all_gather_objects(pq.state()):
-            merged.merge(state)
-        if merged.num_images:  # none when the family predicts no segments
-            panoptic = merged.compute()
-    gathered = D.all_gather_objects((scores, targets))
-    scores = [s for part in gathered for s in part[0]]
-    targets = [t for part in gathered for t in part[1]]
-    kappa = opts.kappa or cfg.model.effective_kappa
-    if scores:
-        s, t = np.stack(scores), np.stack(targets)
-        m_ap, ap = average_precision(s, t)
-        rec = recall_at_k(s, t, kappa)
-    else:
-        m_ap, ap, rec = float("nan"), np.full(k, np.nan), float("nan")
-    miou = cm.miou()
-    metrics = {"miou": miou, "aacc": cm.aacc(), "map": m_ap, "recall_at_kappa": rec,
-               "num_images": total, "kappa": kappa, "pq": panoptic, "segmentation": segmented,
-               "score": panoptic["all"]["pq"] if panoptic else (miou if segmented else m_ap)}
-    return EvalResult(metrics, cm, ap)
+            for frames in _same_size_groups(batch):
+                sel = batch_selection(opts.selection, cfg.model, frames.classes, device, frames.keys)
+                res = family.predict(model, cfg, frames.images.to(device), frames.sizes, protocol, sel)
+                ml = res.ml.repeat_interleave(cfg.model.clip_len, dim=0) if res.ml is not None else None
+                for j in (j for j, real in enumerate(frames.real) if real):
+                    _score_frame(acc, writers, frames, j, res, ml)
+                bar.advance(sum(frames.real))
+    writers.close()
+    m = acc.reduce(device).compute()
+    segmented = family.segments
+    metrics = {"miou": m["miou"], "aacc": m["aacc"], "map": m["map"], "recall_at_kappa": m["recall_at_kappa"],
+               "num_images": total, "kappa": kappa, "pq": m["pq"], "segmentation": segmented,
+               "score": m["pq"]["all"]["pq"] if m["pq"] else (m["miou"] if segmented else m["map"])}
+    return EvalResult(metrics, acc.confusion, m["ap"])
+
+
+def _open_split(cfg: TrainConfig, opts: EvalOptions) -> ShardDataset:
+    root = opts.data_root or cfg.data.root
+    ds = ShardDataset(root, opts.split)
+    if ds.num_classes != cfg.model.num_classes:
+        raise UserError(f"{root}: K={ds.num_classes} but the model was trained with K={cfg.model.num_classes}; "
+                        "evaluate on shards of the same dataset")
+    return ds
+
+
+def _loader(ds: ShardDataset, items: list[tuple[list[int], list[bool]]], cfg: TrainConfig,
+            dc: dict[str, Any]) -> torch.utils.data.DataLoader:
+    data = EvalData(ds, items, build_test_transform(cfg, dc["mean"], dc["std"]))
+    workers = cfg.eval.num_workers if len(items) > 8 else 0  # worker start-up costs more than tiny splits
+    return torch.utils.data.DataLoader(data, batch_size=cfg.eval.batch_size, num_workers=workers,
+                                       collate_fn=_collate, worker_init_fn=worker_init)
+
+
+@dataclass
+class _Frames:
+    """Equally sized frames of a loader batch, stacked: images F x 3 x H' x W' and per frame its
+    label (h x w), GT classes, key, whether it is real (not clip padding) and GT segments."""
+
+    images: torch.Tensor
+    labels: list[np.ndarray]
+    classes: list[np.ndarray]
+    keys: list[str]
+    real: list[bool]
+    segments: list[Any]
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return [(int(lab.shape[0]), int(lab.shape[1])) for lab in self.labels]
+
+
+def _same_size_groups(batch: list[dict]) -> list[_Frames]:
+    """A batch's items grouped by image size (equal sizes are stacked; others go one by one)."""
+    groups: dict[tuple[int, ...], list[dict]] = {}
+    for item in batch:
+        groups.setdefault(tuple(item["image"].shape), []).append(item)
+    return [_Frames(torch.cat([g["image"] for g in group]), [lab for g in group for lab in g["labels"]],
+                    [c for g in group for c in g["classes"]], [k for g in group for k in g["keys"]],
+                    [r for g in group for r in g["real"]],
+                    [s for g in group for s in g.get("segments", [None] * len(g["real"]))])
+            for group in groups.values()]
+
+
+def _score_frame(acc: EvalAccumulators, writers: _Writers, frames: _Frames, j: int, res: Predictions,
+                 ml: torch.Tensor | None) -> None:
+    """Add frame j's predictions to the accumulators and to the requested output files."""
+    pred = res.semantic[j] if res.semantic is not None else None
+    if pred is not None and acc.confusion is not None:
+        acc.confusion.update(pred, torch.from_numpy(frames.labels[j].astype(np.int64)).to(pred.device))
+        writers.label_map(frames.keys[j], pred)
+    if ml is not None and acc.multilabel is not None:
+        acc.multilabel.update(ml[j:j + 1], [frames.classes[j]])
+    if res.panoptic is not None and acc.panoptic is not None:
+        pan_ids, pan_info = res.panoptic[j]
+        pan_ids = pan_ids.cpu().numpy()
+        acc.panoptic.update(pan_ids, pan_info, *gt_from_shard(*frames.segments[j]))
+        writers.panoptic(frames.keys[j], pan_ids, pan_info)
+
+
+class _Writers:
+    """The optional outputs of an evaluation: --save-predictions and --save-panoptic."""
+
+    def __init__(self, opts: EvalOptions, ds: ShardDataset, info: D.DistInfo) -> None:
+        self.pred_dir = Path(opts.save_predictions) if opts.save_predictions is not None else None
+        if self.pred_dir is not None:
+            self.pred_dir.mkdir(parents=True, exist_ok=True)
+        self.pan = _panoptic_writer(opts, ds, info)
+
+    def label_map(self, key: str, pred: torch.Tensor) -> None:
+        if self.pred_dir is not None:
+            write_label_png(self.pred_dir / f"{_safe_name(key)}.png", pred.cpu().numpy())
+
+    def panoptic(self, key: str, pan_ids: np.ndarray, pan_info: list[dict]) -> None:
+        if self.pan is not None:
+            self.pan.add(image_id_of(key), f"{_safe_name(key)}.png", pan_ids, pan_info)
+
+    def close(self) -> None:
+        if self.pan is not None:
+            self.pan.close()
 
 
 def _panoptic_writer(opts: EvalOptions, ds: ShardDataset, info: D.DistInfo) -> CocoPanopticWriter | None:
@@ -474,13 +459,13 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
                 held.enter_context(lock.dir_lock(out_dir, f"eval {what}"))
         res = evaluate_model(model, cfg, opts, dev)
+        protocol = opts.protocol(cfg)
         extra = {"split": opts.split, "data": str(data_root),
-                 "weights": str(find_weights(run_dir, weights)), "mode": opts.mode or cfg.eval.mode,
-                 "scales": list(opts.scales or cfg.eval.scales),
-                 "flip": bool(cfg.eval.flip if opts.flip is None else opts.flip),
+                 "weights": str(find_weights(run_dir, weights)), "mode": protocol.mode,
+                 "scales": list(protocol.scales), "flip": bool(protocol.flip),
                  "short_side": cfg.eval.short_side, "max_long": cfg.eval.max_long,
                  "crop": cfg.eval.crop, "stride": cfg.eval.stride,
-                 "dynamic_kappa": opts.dynamic_kappa, "oracle": bool(opts.oracle or cfg.model.oracle),
-                 "oracle_fill": opts.oracle_fill}
+                 "dynamic_kappa": opts.selection.dynamic_kappa,
+                 "oracle": bool(opts.selection.oracle or cfg.model.oracle), "oracle_fill": opts.selection.oracle_fill}
         json_out, csv_out = write_report(path, res, cfg, subsets, extra)
     return report(res, cfg, subsets, extra), json_out, csv_out

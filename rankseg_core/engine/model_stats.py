@@ -17,11 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.families import family_of
-
-
-def build_any(cfg: ModelConfig) -> nn.Module:
-    """The model of any family (Segmenter, Mask2Former, ...) for `cfg`."""
-    return family_of(cfg.model).build(cfg)
+from rankseg_core.model.selection import NO_SELECTION, Selection
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -36,34 +32,25 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
-def _dummy_forward_kw(model: nn.Module) -> dict:
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and cfg.oracle:
-        # The oracle needs GT classes: assume kappa of them (its largest, costliest case).
-        n = cfg.effective_kappa
-        return {"gt_classes": [torch.arange(n)] * cfg.clip_len}
-    return {}
-
-
 @torch.no_grad()
-def count_flops(model: nn.Module, img_size: int | tuple[int, int], **fwd_kw) -> dict[str, int]:
-    """FLOPs / MACs of one eval forward on a 1 x 3 x H x W input (clip_len frames for video).
+def count_flops(model: nn.Module, m: ModelConfig, img_size: int | tuple[int, int] | None = None,
+                selection: Selection = NO_SELECTION) -> dict[str, int]:
+    """FLOPs / MACs of one eval forward on a clip_len x in_chans x H x W input (default size
+    m.img_size) under `selection`.
 
-    Returns flops (= 2 x macs, all matmuls incl. attention), macs, backbone / head flops.
+    Returns flops (= 2 x macs, all matmuls incl. attention), macs, backbone / head flops (the
+    head: a `head` submodule where the model has one, else everything after the backbone).
     """
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    cfg = getattr(model, "cfg", None)
-    frames = cfg.clip_len if cfg is not None else 1
-    in_chans = cfg.in_chans if cfg is not None else 3
+    size = m.img_size if img_size is None else img_size
+    h, w = (size, size) if isinstance(size, int) else size
     param = next(model.parameters())
-    x = torch.zeros(frames, in_chans, h, w, dtype=param.dtype, device=param.device)
-    kw = {**_dummy_forward_kw(model), **fwd_kw}
+    x = torch.zeros(m.clip_len, m.in_chans, h, w, dtype=param.dtype, device=param.device)
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
         with counter:
-            model(x, **kw)
+            model(x, selection)
     finally:
         model.train(was_training)
     counts = counter.get_flop_counts()
@@ -81,7 +68,9 @@ def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int]:
     params_mi is the total in units of 2^20: the "M" of the paper's Mask2Former table (main
     paper Table 8 equals our counts divided by 1,048,576 to the printed 0.01), while its
     Segmenter numbers are in units of 10^6 (docs/mask2former.md, "Cost")."""
-    model = build_any(replace(cfg, backbone_weights=None))  # counting needs no weights
+    family = family_of(cfg.model)
+    family.validate(cfg)
+    model = family.build(replace(cfg, backbone_weights=None))  # counting needs no weights
     total = count_parameters(model)
     backbone = count_parameters(model.backbone)
     stats: dict[str, float | int | str] = {
@@ -96,12 +85,9 @@ def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int]:
         "params_m": total / 1e6,
         "params_mi": total / 2**20,
     }
-    if cfg.family == "mask2former":
-        stats["task"] = cfg.mask2former.task
-        stats["queries"] = model.num_queries
-        stats["params_ml_head"] = count_parameters(model.ml_head) if model.ml_head is not None else 0
+    stats.update(family.stats_extra(model, cfg))
     if flops:
-        f = count_flops(model, cfg.img_size)
+        f = count_flops(model, cfg, selection=family.stats_selection(cfg))
         stats.update({
             "gflops": f["flops"] / 1e9,
             "gmacs": f["macs"] / 1e9,

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankseg_core.config.train import TrainConfig, official_custom_keys
+from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
+from rankseg_core.families import family_of
 
 
 def sorted_custom_keys(custom_keys: dict[str, dict[str, float]]) -> list[str]:
@@ -43,33 +44,19 @@ def param_multipliers(model: nn.Module, custom_keys: dict[str, dict[str, float]]
     return out
 
 
-def model_multipliers(model: nn.Module, cfg: TrainConfig) -> dict[str, tuple[float, float]]:
-    """{parameter name: (lr_mult, decay_mult)} from the model's own lists (families without
-    official custom keys, e.g. Mask2Former as detectron2 builds its groups): decay 0 for
-    `model.no_weight_decay()`, `optim.ml_lr_mult` / `optim.ml_wd_mult` for
-    `model.ml_branch_names()`, lr x `optim.backbone_lr_mult` for `backbone.*`."""
-    o = cfg.optim
-    no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    ml = model.ml_branch_names() if hasattr(model, "ml_branch_names") else set()
-    out = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = (o.ml_lr_mult if name in ml else 1.0) * (o.backbone_lr_mult if name.startswith("backbone.") else 1.0)
-        out[name] = (lr, 0.0 if name in no_wd else (o.ml_wd_mult if name in ml else 1.0))
-    return out
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD / AdamW with one group per (lr_mult, decay_mult); each group carries `lr_mult`
     (the training loop sets lr = schedule x lr_mult) and weight_decay = base x decay_mult.
 
-    Multipliers: `optim.custom_keys` with mmseg's rule (`param_multipliers`); None (families
-    other than Segmenter) = the model's own lists (`model_multipliers`).
+    Multipliers: `optim.custom_keys` with mmseg's rule (`param_multipliers`; the Segmenter
+    family resolves them to the official keys); None = the family's own groups
+    (`Family.param_groups`, e.g. Mask2Former's detectron2-style lists).
     """
     o = cfg.optim
-    keys = o.custom_keys if o.custom_keys is not None else official_custom_keys(cfg)
-    mults = param_multipliers(model, keys) if keys is not None else model_multipliers(model, cfg)
+    if o.custom_keys is not None:
+        mults = param_multipliers(model, o.custom_keys)
+    else:
+        mults = family_of(cfg.model.model).param_groups(model, cfg)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     named = dict(model.named_parameters())
     for name, m in mults.items():

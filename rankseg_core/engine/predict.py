@@ -12,10 +12,11 @@ from torch import nn
 
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.data.augment import build_test_transform
-from rankseg_core.engine.evaluate import check_kappa, write_label_png
+from rankseg_core.engine.evaluate import check_selection, write_label_png
 from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
-from rankseg_core.families.base import Family
+from rankseg_core.families.base import Family, TestProtocol
+from rankseg_core.model.selection import Selection, SelectionOptions
 from rankseg_core.shards.codec import decode_image
 from rankseg_core.utils import distributed as D
 from rankseg_core.utils import lock
@@ -180,8 +181,11 @@ def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], 
     if cfg.model.oracle:
         raise UserError("this run is a GT (train + eval) oracle model: it needs ground-truth classes and cannot "
                         "predict on unlabelled images")
-    check_kappa(kappa)
     family = family_of(cfg.model.model)
+    check_selection(family, cfg.model, SelectionOptions(kappa=kappa))
+    if not family.segments:
+        raise UserError(f"{cfg.model.model} is a multi-label classifier: it lists classes but does not segment; "
+                        "predict with a segmentation run")
     files = list_images(inputs)
     out = Path(out_dir)
     plan = plan_outputs(files, out)
@@ -194,12 +198,13 @@ def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], 
 
 def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Path], plan: list[tuple[Path, ...]],
              device: torch.device, kappa: int | None, mode: str | None, progress: bool) -> list[Prediction]:
-    dc = model.data_config()
+    dc = family.data_config(model)
     tf = build_test_transform(cfg, dc["mean"], dc["std"])
     names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
     pal = _palette(cfg)
     kappa_eff = kappa or cfg.model.effective_kappa
-    mode = mode or cfg.eval.mode
+    protocol = TestProtocol(mode or cfg.eval.mode, tuple(cfg.eval.scales), cfg.eval.flip)
+    selection = Selection(kappa=kappa)
     results = []
     with Progress(len(files), "predict", unit="img", enabled=progress) as bar:
         for path, (label_png, overlay_png, json_path) in zip(files, plan):
@@ -208,11 +213,8 @@ def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Pat
             frames = cfg.model.clip_len
             if frames > 1:  # a video model on a still image: the image is a clip of T copies
                 x = x.repeat(frames, 1, 1, 1)
-            kw = {"kappa": kappa} if kappa is not None else {}
-            res = family.predict(model, cfg, x, [rgb.shape[:2]] * len(x), mode, cfg.eval.scales, cfg.eval.flip, **kw)
-            if res.semantic is None:
-                raise UserError(f"{cfg.model.model} is a multi-label classifier: it lists classes but does not "
-                                "segment; predict with a segmentation run")
+            res = family.predict(model, cfg, x, [rgb.shape[:2]] * len(x), protocol, selection)
+            assert res.semantic is not None  # a segmenting family (checked above)
             pred, ml = res.semantic[0].cpu().numpy().astype(np.uint16), res.ml
             write_label_png(label_png, pred)
             ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay(rgb, pred, pal, names), cv2.COLOR_RGB2BGR))
@@ -236,7 +238,7 @@ def run_prediction(run_dir: str | Path, inputs: list[str | Path], out_dir: str |
                    weights: str = "auto", kappa: int | None = None, progress: bool = True) -> list[Prediction]:
     from rankseg_core.engine.runs import load_run
 
-    check_kappa(kappa)  # before loading the model
+    SelectionOptions(kappa=kappa).check()  # before loading the model
     dev = D.resolve_device(device)
     model, cfg = load_run(run_dir, dev, weights)
     return predict_files(model, cfg, inputs, out_dir, dev, kappa=kappa, progress=progress)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.engine import runs
+from rankseg_core.engine.configure import check_model
 from rankseg_core.errors import UserError
+from rankseg_core.families import family_of
 from rankseg_core.utils.integrity import content_digest
 
 
@@ -25,7 +27,7 @@ def normalisation(cfg: TrainConfig) -> tuple[list[float], list[float]]:
     timm data config (as augment.py builds the transforms; read without building the model)."""
     from timm.models import get_pretrained_cfg
 
-    dc = get_pretrained_cfg(cfg.model.timm_name)
+    dc = get_pretrained_cfg(family_of(cfg.model.model).arch(cfg.model.model))
     mean = cfg.aug.mean or [float(v) * 255.0 for v in dc.mean]
     std = cfg.aug.std or [float(v) * 255.0 for v in dc.std]
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
@@ -49,7 +51,8 @@ def resolve_selector(cfg: TrainConfig, run_dir: str | Path | None = None) -> Non
         raise UserError(f"{where}: no such run directory; train the classifier first (rankseg train --model "
                         "classifier-vitb ... --out DIR) and pass DIR")
     scfg = runs.load_config(root)
-    if not scfg.model.model.startswith("classifier-"):
+    sfam = family_of(scfg.model.model)
+    if sfam.segments or not sfam.ranks(scfg.model):  # a selector ranks the classes and segments nothing
         raise UserError(f"{where}: that run is a {scfg.model.model}, not a multi-label classifier; train one with "
                         "--model classifier-vit{t,s,b,l}")
     if scfg.model.num_classes != m.num_classes or (scfg.data.class_names and m.num_classes and cfg.data.class_names
@@ -78,4 +81,4 @@ def resolve_selector(cfg: TrainConfig, run_dir: str | Path | None = None) -> Non
     sel.run = str(root)
     for key, value in found.items():
         setattr(sel, key, value)
-    m.validate()
+    check_model(cfg)

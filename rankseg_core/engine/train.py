@@ -31,6 +31,7 @@ from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
 from rankseg_core.families.base import Criterion, Family
 from rankseg_core.losses.rankseg import present_classes
+from rankseg_core.model.selection import NO_SELECTION, Selection
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.utils import distributed as D
 from rankseg_core.utils import lock
@@ -188,7 +189,8 @@ def config_for_run(run_dir: str | Path, config_file: str | Path | None, override
     Resume: the run's saved config.yaml with the YAML / overrides applied on top; `prepare_run`
     then refuses any change outside the runtime keys (device, workers, ...).
     """
-    from rankseg_core.config.train import build_train_config, parse_override, read_yaml, resolve, set_key
+    from rankseg_core.config.train import parse_override, read_yaml, set_key
+    from rankseg_core.engine.configure import build_train_config, resolve
     from rankseg_core.shards.read import load_index
 
     if not resume:
@@ -296,8 +298,8 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=family.find_unused_parameters(cfg.model))
-    dc = model.data_config()
-    loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start, family.uses_segments(cfg.model)))
+    dc = family.data_config(model)
+    loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start, family.panoptic(cfg.model)))
     return _State(family, model, ddp, optimizer, scaler, amp, family.criterion(cfg), loader, start, best, window)
 
 
@@ -330,11 +332,13 @@ def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distri
     stats = torch.zeros(len(keys))
     for m in range(accum):
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in next(st.loader).items()}
-        kw = {"gt_classes": present_classes(batch["label"], cfg.model.num_classes, IGNORE)} if cfg.model.oracle else {}
+        # A GT (train + eval) oracle selects the crop's classes; everything else trains as built.
+        sel = Selection(gt_classes=present_classes(batch["label"], cfg.model.num_classes, IGNORE)) \
+            if cfg.model.oracle else NO_SELECTION
         # Gradients are all-reduced once per step, on the last micro-batch.
         with st.ddp.no_sync() if distributed and m < accum - 1 else nullcontext():
             with st.amp:
-                out = st.ddp(batch["image"], **kw)
+                out = st.ddp(batch["image"], sel)
             losses = st.crit(out, batch)
             loss = losses["loss"] / accum
             (st.scaler.scale(loss) if st.scaler is not None else loss).backward()

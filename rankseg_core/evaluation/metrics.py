@@ -20,6 +20,7 @@ are dropped), which is what this matrix holds.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +34,14 @@ def _np(x: ArrayLike) -> np.ndarray:
 
 
 class ConfusionMatrix:
-    """K x K counts, rows = ground truth, columns = prediction; ignore excluded."""
+    """K x K counts, rows = ground truth, columns = prediction; ignore excluded.
+
+    An `accumulators.Accumulator`: `state()` is the K x K int64 matrix, and matrices add, so
+    `accumulators.reduce_across_processes` sums it over processes with one all-reduce.
+    """
+
+    # The state is one dense count array that merges by addition (one all-reduce, no gather).
+    reduce_by_sum: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         self.num_classes = num_classes
@@ -60,11 +68,18 @@ class ConfusionMatrix:
             counts = np.bincount(t * k + p, minlength=k * k)
         self.matrix += counts.reshape(k, k)
 
-    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
-        """Add another matrix in place (e.g. one per process) and return self."""
-        if other.num_classes != self.num_classes:
+    def state(self) -> np.ndarray:
+        """A copy of the K x K int64 counts (picklable; what `merge` also takes)."""
+        return self.matrix.copy()
+
+    def merge(self, other: ConfusionMatrix | np.ndarray) -> ConfusionMatrix:
+        """Add another matrix, or its `state()`, in place (e.g. one per process); returns self."""
+        counts = other.matrix if isinstance(other, ConfusionMatrix) else np.asarray(other)
+        if counts.shape != self.matrix.shape:
             raise ValueError("cannot merge confusion matrices of different sizes")
-        self.matrix += other.matrix
+        if counts.dtype.kind not in "iu":  # a float state would round the counts silently
+            raise ValueError(f"confusion matrix counts must be integers, got {counts.dtype}")
+        self.matrix += counts.astype(np.int64, copy=False)
         return self
 
     def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
@@ -74,6 +89,12 @@ class ConfusionMatrix:
 
     def reset(self) -> None:
         self.matrix[:] = 0
+
+    def compute(self, protocol: str = "mmseg") -> dict[str, Any]:
+        """{"miou", "aacc", "macc", "fwiou": float (NaN if undefined), "iou", "acc": (K,)},
+        the mIoU / per-class IoU under `protocol`."""
+        return {"miou": self.miou(protocol=protocol), "aacc": self.aacc(), "macc": self.macc(),
+                "fwiou": self.fwiou(), "iou": self.iou(protocol), "acc": self.acc()}
 
     def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tp, gt, pred) pixel counts per class (K,) each, float64."""

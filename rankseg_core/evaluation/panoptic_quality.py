@@ -9,12 +9,14 @@ SQ = sum IoU / TP (0 without TP), RQ = TP / (TP + FP/2 + FN/2); averages run ove
 categories with TP + FP + FN > 0.
 
 The accumulator keeps per-category sums (TP, FP, FN, IoU), so per-process accumulators merge
-exactly (`state()` / `merge()`), e.g. after `torch.distributed.all_gather_object`.
+exactly (`state()` / `merge()`): `accumulators.reduce_across_processes` gathers the states and
+merges them in rank order, so every process gets the same float sums.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -140,8 +142,13 @@ class PanopticQuality:
 
     Usage: `pq = PanopticQuality(K, thing_classes)`; per image
     `pq.update(pred_segments, pred_info, gt_segments, gt_info)` (see `image_stats`);
-    across processes `pq.merge(other.state())`; finally `pq.compute()`.
+    across processes `pq.merge(other.state())`; finally `pq.compute()`. An
+    `accumulators.Accumulator`.
     """
+
+    # The IoU sums are floats: gathering and merging in rank order (not an all-reduce, whose
+    # summation order is the backend's) keeps the result identical to a sequential merge.
+    reduce_by_sum: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, thing_classes: Iterable[int]) -> None:
         if num_classes < 1:

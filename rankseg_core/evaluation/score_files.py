@@ -5,8 +5,10 @@ single-channel PNG or TIFF at the size of the stored label. Files are matched to
 name (`match_predictions`); every check fails with one line naming the file. The images are
 streamed: only one label and one prediction are in memory next to the K x K confusion matrix.
 
-The metrics and the three mIoU averaging rules live in `metrics.ConfusionMatrix`; this module
-reads files, groups classes by frequency and writes the reports (docs/benchmarks/scoring.md).
+The metrics and the three mIoU averaging rules live in `metrics.ConfusionMatrix`, the same
+accumulator `rankseg eval` fills (`accumulators.EvalAccumulators.confusion`), so both commands
+count pixels alike; this module reads files, groups classes by frequency and writes the reports
+(docs/benchmarks/scoring.md).
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ def score_predictions(pred_dir: str | Path, data: str | Path, split: str = "val"
         raise UserError(f"{data}: split '{split}' holds no samples")
     paths = match_predictions(keys, list_predictions(pred_dir), pred_dir, split, allow_extra)
     k = ds.num_classes
-    cm = ConfusionMatrix(k, IGNORE)
+    cm = ConfusionMatrix(k, IGNORE)  # one process: nothing to reduce across processes
     with Progress(len(keys), f"score {split}", unit="img", enabled=progress) as bar:
         for i, (key, path) in enumerate(zip(keys, paths)):
             try:

@@ -1,23 +1,24 @@
-"""Model families (Segmenter, ...) behind one training loop and one evaluation path."""
+"""Model families (Segmenter, Mask2Former, the multi-label classifier) behind one engine.
+
+Each family is a `Family` (base.py) in its own module, holding everything that differs between
+families: model names, recipes, parameter groups, capabilities, training loss and inference.
+"""
 
 from __future__ import annotations
 
 from rankseg_core.errors import UserError
-from rankseg_core.families.base import Criterion, Family, Predictions
+from rankseg_core.families.base import Family
 from rankseg_core.families.classifier import CLASSIFIER
 from rankseg_core.families.mask2former import MASK2FORMER
 from rankseg_core.families.segmenter import SEGMENTER
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SEGMENTER, MASK2FORMER, CLASSIFIER)}
+FAMILIES: tuple[Family, ...] = (SEGMENTER, MASK2FORMER, CLASSIFIER)
 
 
-def family_of(model_name: str) -> Family:
-    """The family of a `model.model` name: its prefix before the first '-'."""
-    prefix = model_name.split("-", 1)[0]
-    if prefix not in FAMILIES:
-        raise UserError(f"model.model={model_name!r}: unknown model family '{prefix}'; "
-                        f"use one of {', '.join(FAMILIES)} (e.g. segmenter-vitb)")
-    return FAMILIES[prefix]
-
-
-__all__ = ["Criterion", "FAMILIES", "Family", "Predictions", "family_of"]
+def family_of(model_name: str, families: tuple[Family, ...] = FAMILIES) -> Family:
+    """The family whose `models` name `model_name` (UserError listing every known name)."""
+    for family in families:
+        if model_name in family.models:
+            return family
+    names = ", ".join(name for family in families for name in family.models)
+    raise UserError(f"model.model={model_name!r} is unknown; use one of {names}")

@@ -1,22 +1,25 @@
 """The interface through which a model family plugs into the one engine.
 
-`rankseg train` (train.py) and `rankseg eval` (evaluate.py) know nothing about a family's
-model, loss or inference: they call the four things a `Family` holds. A family is a frozen
-dataclass of plain functions; `families.family_of(cfg.model)` picks it from the model name
-(`segmenter-vitb` -> "segmenter").
+`rankseg train`, `eval`, `predict`, `stats model` and `viz` (rankseg_core/engine/, viz/) know
+nothing about a family's models, recipes, losses or inference: they call what its `Family`
+holds, and ask it what it can do (`segments`, `ranks`, `panoptic`, ...) instead of comparing
+model names. A family is a frozen dataclass of plain functions and tables;
+`families.family_of(cfg.model.model)` picks it by model name. docs/architecture.md says how
+to add one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # the engine's config; families only read it
-    from rankseg_core.config.model import ModelConfig
-    from rankseg_core.config.train import TrainConfig
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.train import OptimConfig, TrainConfig
+from rankseg_core.model.selection import NO_SELECTION, Selection
 
 
 class Criterion(Protocol):
@@ -48,23 +51,130 @@ class Predictions:
 
 
 @dataclass(frozen=True)
-class Family:
-    """A model family: how to build it, train it and read predictions from it.
+class TestProtocol:
+    """How an image is predicted: mode ("whole" or "slide"), scales (x the test size), flip."""
 
-    build: ModelConfig -> model (validated; local weights loaded).
+    mode: str = "whole"
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+
+Multipliers = dict[str, tuple[float, float]]  # parameter name -> (lr_mult, decay_mult)
+
+
+def uniform_groups(model: nn.Module, cfg: TrainConfig) -> Multipliers:
+    """Every trainable parameter at the base lr and weight decay, except lr x
+    `optim.backbone_lr_mult` on `backbone.*` (detectron2's SOLVER.BACKBONE_MULTIPLIER)."""
+    return listed_groups(model, cfg.optim, no_decay=set(), ml=set())
+
+
+def listed_groups(model: nn.Module, o: OptimConfig, no_decay: set[str], ml: set[str]) -> Multipliers:
+    """Multipliers from explicit name lists, as detectron2 builds its groups: decay 0 for
+    `no_decay`, `optim.ml_lr_mult` / `optim.ml_wd_mult` for the multi-label branch `ml`, lr x
+    `optim.backbone_lr_mult` for `backbone.*`."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = (o.ml_lr_mult if name in ml else 1.0) * (o.backbone_lr_mult if name.startswith("backbone.") else 1.0)
+        out[name] = (lr, 0.0 if name in no_decay else (o.ml_wd_mult if name in ml else 1.0))
+    return out
+
+
+def _no_resolve(cfg: TrainConfig) -> None:
+    return None
+
+
+def _no_checks(m: ModelConfig) -> None:
+    return None
+
+
+def describe_head(m: ModelConfig) -> str:
+    """The variant of a RankSeg-style head in words (what `rankseg train` says it trains)."""
+    if m.oracle:
+        return "oracle (GT train+eval)"
+    if m.head == "segmenter":
+        return m.head
+    return f"rankseg kappa={m.effective_kappa}" if m.select else "+MT"
+
+
+def oracle_selection(m: ModelConfig) -> Selection:
+    """What a cost-counting forward passes: an oracle needs GT classes; kappa of them is its
+    largest, costliest case."""
+    return Selection(gt_classes=[torch.arange(m.effective_kappa)] * m.clip_len) if m.oracle else NO_SELECTION
+
+
+def _no_extra_stats(model: nn.Module, m: ModelConfig) -> dict[str, Any]:
+    return {}
+
+
+def _never(m: ModelConfig) -> bool:
+    return False
+
+
+def _no_rank_scale(model: nn.Module) -> tuple[Tensor, Tensor] | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its names, recipes and capabilities, and how to build, train and
+    read predictions from its models.
+
+    name: the family's name, the prefix of its model names ("segmenter").
+    models: `model.model` name -> timm backbone architecture, e.g. "segmenter-vitb" ->
+        "vit_base_patch16_384".
+    build: ModelConfig -> model (validated; local weights loaded). Every model is called as
+        `model(images, selection)` (training and inference; `selection` may be ignored).
     criterion: TrainConfig -> Criterion.
     stats: the names `criterion` returns, "loss" first (logged to metrics.jsonl).
-    predict: (model, cfg, images N x 3 x H x W normalised, sizes [(h, w)] per image, mode,
-        scales, flip, **forward kwargs) -> Predictions at `sizes`.
+    predict: (model, cfg, images N x 3 x H x W normalised, sizes [(h, w)] per image,
+        TestProtocol, Selection) -> Predictions at `sizes`.
+    data_config: model -> {"mean", "std"} on the 0..255 scale (input normalisation).
+    recipes: dataset key (config/datasets.py) -> {dotted config key: value}; "*" applies to
+        every dataset, the dataset's own entry on top (the paper's / official recipes).
+    resolve: fill the defaults of a resolved TrainConfig that depend on this family (None =
+        the family's official value), after the recipes and the user's keys.
+    validate: UserError for a model option this family cannot honour (beyond
+        `ModelConfig.validate`, which every family shares).
+    param_groups: (model, cfg) -> {parameter: (lr_mult, decay_mult)} when `optim.custom_keys`
+        is None (the mmseg custom-keys rule applies otherwise, for every family).
+    segments: the family predicts class maps (a multi-label classifier does not).
+    ranks: the model ranks the K classes (multi-label logits or a frozen selector), so that
+        --kappa, --dynamic-kappa and --oracle-fill ranked have a meaning.
+    selects: the model classifies pixels over a selection that GT classes can replace
+        (--oracle; a class-ordered baseline restricts its K channels instead).
+    panoptic: the model predicts segments (and trains on the shards' segment maps).
+    accepts_selector: a frozen classifier run may rank its classes (--selector).
     find_unused_parameters: whether DDP must look for parameters a step does not use.
-    uses_segments: whether training needs the panoptic segment maps (shard format v2) in
-        the batch (`segments` (B*T) x c x c, `segments_info` per frame).
+    describe: the model variant in a few words (what `rankseg train` says it trains).
+    stats_extra: (model, ModelConfig) -> extra rows of `rankseg stats model`.
+    stats_selection: the Selection a cost-counting forward needs (an oracle needs GT classes).
+    rank_scale: model -> (1/tau per rank, beta per rank) of its rank LayerNorm, or None.
     """
 
     name: str
-    build: Callable[["ModelConfig"], nn.Module]
-    criterion: Callable[["TrainConfig"], Criterion]
+    models: dict[str, str]
+    build: Callable[[ModelConfig], nn.Module]
+    criterion: Callable[[TrainConfig], Criterion]
     stats: tuple[str, ...]
-    predict: Callable[..., Predictions]
-    find_unused_parameters: Callable[["ModelConfig"], bool] = lambda m: False
-    uses_segments: Callable[["ModelConfig"], bool] = lambda m: False
+    predict: Callable[[nn.Module, TrainConfig, Tensor, list[tuple[int, int]], TestProtocol, Selection], Predictions]
+    data_config: Callable[[nn.Module], dict[str, Any]]
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resolve: Callable[[TrainConfig], None] = _no_resolve
+    validate: Callable[[ModelConfig], None] = _no_checks
+    param_groups: Callable[[nn.Module, TrainConfig], Multipliers] = uniform_groups
+    segments: bool = True
+    ranks: Callable[[ModelConfig], bool] = _never
+    selects: Callable[[ModelConfig], bool] = _never
+    panoptic: Callable[[ModelConfig], bool] = _never
+    accepts_selector: bool = False
+    find_unused_parameters: Callable[[ModelConfig], bool] = _never
+    describe: Callable[[ModelConfig], str] = describe_head
+    stats_extra: Callable[[nn.Module, ModelConfig], dict[str, Any]] = _no_extra_stats
+    stats_selection: Callable[[ModelConfig], Selection] = oracle_selection
+    rank_scale: Callable[[nn.Module], tuple[Tensor, Tensor] | None] = _no_rank_scale
+
+    def arch(self, model_name: str) -> str:
+        """The timm architecture of one of this family's model names."""
+        return self.models[model_name]

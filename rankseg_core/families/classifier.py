@@ -15,15 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
-from rankseg_core.families.base import Family, Predictions
-from rankseg_core.families.segmenter import scale_sizes
+from rankseg_core.families.base import Family, Predictions, TestProtocol
+from rankseg_core.families.vit import RECIPES as SEGMENTER_RECIPES
+from rankseg_core.families.vit import VIT_SIZES
+from rankseg_core.inference.dense import mmseg_scale_sizes
 from rankseg_core.losses.rankseg import clip_targets, ml_loss_fn, ml_targets, selection_stats
 from rankseg_core.model.classifier import build_classifier
+from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
 
 
-def _criterion(cfg: Any) -> Any:
+def _criterion(cfg: TrainConfig) -> Any:
     """loss = the ml loss (ASL by default) of the logits against the crop's classes; logged
     with the recall / precision of the top-kappa against them (as the Segmenter logs its
     selection)."""
@@ -50,36 +55,59 @@ def _pad16(images: Tensor, patch: int) -> Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, cfg: Any, images: Tensor, sizes: list[tuple[int, int]], mode: str,
-            scales: list[float], flip: bool, **fwd_kw) -> Predictions:
+def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: TestProtocol,
+            selection: Selection) -> Predictions:
     """Multi-label probabilities N x K (clips x K for video) of whole images: the sigmoid of
-    each pass (scale, flip) averaged over passes, as the Segmenter's ml probabilities."""
-    if mode != "whole":
-        raise UserError(f"eval mode {mode!r}: a classifier predicts whole images; use --mode whole")
-    if fwd_kw.get("select_override") is not None or fwd_kw.get("gt_classes") is not None:
-        raise UserError("--oracle replaces a segmenter's selection with the GT classes; a classifier has no selection "
-                        "(drop --oracle)")
-    if fwd_kw.get("dynamic_threshold") is not None:
-        raise UserError("--dynamic-kappa selects classes for a segmenter; a classifier run is scored by mAP and "
-                        "recall@kappa (use --kappa)")
+    each pass (scale, flip) averaged over passes, as the Segmenter's ml probabilities. A
+    classifier selects nothing: `selection` does not apply (the engine refuses its options)."""
+    if protocol.mode != "whole":
+        raise UserError(f"eval mode {protocol.mode!r}: a classifier predicts whole images; use --mode whole")
     h, w = images.shape[-2:]
-    sized = scale_sizes(cfg, images, sizes, scales) or [(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
-                                                        for s in scales]
+    scales = list(protocol.scales)
+    sized = mmseg_scale_sizes(cfg.eval, images, sizes, scales) or [
+        (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))) for s in scales]
     total, passes = None, 0
     for size in sized:
         x = images if tuple(size) == (h, w) else F.interpolate(images, size=tuple(size), mode="bilinear",
                                                                align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
+        for flipped in ((False, True) if protocol.flip else (False,)):
             p = model(_pad16(x.flip(-1) if flipped else x, model.patch_size)).float().sigmoid()
             total = p if total is None else total + p
             passes += 1
     return Predictions(semantic=None, ml=total / passes)
 
 
+MODELS = {f"classifier-{size}": arch for size, arch in VIT_SIZES.items()}
+# The official Query2Label recipe where the engine has it (AdamW lr 1e-4, weight decay 1e-2 on
+# every parameter, ASL gamma- 2 / gamma+ 0 / clip 0.05: loss.* resolves to those), our poly
+# schedule instead of its one-cycle, whole-image test; kappa = the recall@kappa it is scored at
+# and the kappa of the segmenter it will drive (the Segmenter recipes' kappa per dataset).
+RECIPES: dict[str, dict[str, Any]] = {
+    "*": {"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 1e-2, "eval.mode": "whole"},
+    **{name: {k: v for k, v in recipe.items() if k in ("model.kappa", "model.img_size", "schedule.iters")}
+       for name, recipe in SEGMENTER_RECIPES.items() if name != "*"},
+    "synthetic": {"model.kappa": 25, "model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8,
+                  "eval.every": 500},
+}
+
+
+def _validate(m: ModelConfig) -> None:
+    if m.oracle:
+        raise UserError("model.oracle: the GT oracle is a segmentation variant; a classifier has no selection "
+                        "to replace (drop --oracle)")
+
+
 CLASSIFIER = Family(
     name="classifier",
-    build=build_classifier,
+    models=MODELS,
+    build=lambda m: build_classifier(m, MODELS[m.model]),
     criterion=_criterion,
     stats=("loss", "recall", "precision"),
     predict=predict,
+    data_config=lambda model: model.data_config(),
+    recipes=RECIPES,
+    validate=_validate,
+    segments=False,
+    ranks=lambda m: True,
+    describe=lambda m: f"multi-label classifier (recall@{m.effective_kappa})",
 )

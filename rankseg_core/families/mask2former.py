@@ -17,19 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
-from rankseg_core.families.base import Family, Predictions
+from rankseg_core.families.base import Family, Multipliers, Predictions, TestProtocol, listed_groups
 from rankseg_core.inference.dense import ClassMaps
 from rankseg_core.inference.mask2former import panoptic_inference, semantic_inference_compact
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
 from rankseg_core.model.mask2former.model import Mask2FormerOutput, build_mask2former
+from rankseg_core.model.mask2former.multilabel import QueryRankNorm
+from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
 
 
-def _panoptic(cfg: Any) -> bool:
-    return cfg.model.mask2former.task == "panoptic"
+def _panoptic(m: ModelConfig) -> bool:
+    return m.mask2former.task == "panoptic"
 
 
 def batch_targets(batch: dict[str, Any], num_classes: int, panoptic: bool) -> list[dict[str, Tensor]]:
@@ -41,9 +45,9 @@ def batch_targets(batch: dict[str, Any], num_classes: int, panoptic: bool) -> li
     return [targets_from_semantic(lab, num_classes, IGNORE) for lab in batch["label"]]
 
 
-def _criterion(cfg: Any) -> Any:
+def _criterion(cfg: TrainConfig) -> Any:
     crit = Mask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
-    k, panoptic = cfg.model.num_classes, _panoptic(cfg)
+    k, panoptic = cfg.model.num_classes, _panoptic(cfg.model)
     return lambda out, batch: crit(out, batch_targets(batch, k, panoptic))
 
 
@@ -69,26 +73,26 @@ def _scores(out: Mask2FormerOutput, size: tuple[int, int], flipped: bool) -> Cla
 
 
 @torch.no_grad()
-def predict(model: nn.Module, cfg: Any, images: Tensor, sizes: list[tuple[int, int]], mode: str,
-            scales: list[float], flip: bool, **fwd_kw) -> Predictions:
+def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: TestProtocol,
+            selection: Selection) -> Predictions:
     """Semantic class maps (and panoptic segments for the panoptic task) at `sizes`.
 
     images N x 3 x H x W at the test size. Scores per pass: sum over queries of class
     probability x sigmoid mask, masks resized to the output size first (official
     `semantic_inference`); passes are averaged (scores of a class a pass did not select: 0).
     """
-    if mode != "whole":
-        raise UserError(f"eval mode {mode!r}: Mask2Former predicts whole images (every official config does); "
+    if protocol.mode != "whole":
+        raise UserError(f"eval mode {protocol.mode!r}: Mask2Former predicts whole images (every official config does); "
                         "use --mode whole")
     h, w = images.shape[-2:]
     n = images.shape[0]
     totals: list[ClassMaps | None] = [None] * n
     ml_sum, passes, panoptic = None, 0, None
-    for scale in scales:
+    for scale in protocol.scales:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
-            out = model(x.flip(-1) if flipped else x, **fwd_kw)
+        for flipped in ((False, True) if protocol.flip else (False,)):
+            out = model(x.flip(-1) if flipped else x, selection)
             for i in range(n):
                 s = _scores(_one(out, i), tuple(sizes[i]), flipped)
                 t = totals[i]
@@ -97,7 +101,7 @@ def predict(model: nn.Module, cfg: Any, images: Tensor, sizes: list[tuple[int, i
                 else:
                     classes = torch.unique(torch.cat([t.classes, s.classes]))
                     totals[i] = ClassMaps(t.widen(classes, 0.0) + s.widen(classes, 0.0), classes)
-            if _panoptic(cfg) and size == (h, w) and not flipped:
+            if _panoptic(cfg.model) and size == (h, w) and not flipped:
                 m = cfg.model.mask2former
                 things = cfg.data.thing_classes or []
                 panoptic = [panoptic_inference(_one(out, i), tuple(sizes[i]), things, m.object_mask_threshold,
@@ -110,13 +114,104 @@ def predict(model: nn.Module, cfg: Any, images: Tensor, sizes: list[tuple[int, i
     return Predictions(semantic, None if ml_sum is None else ml_sum / passes, panoptic)
 
 
+# ---------------------------------------------------------------------------------------
+# Names, recipes, parameter groups
+
+# `model.model` name -> timm architecture. The Swin windows / pretraining sizes are the ones
+# the official configs load (Swin-T/S: window 7 at 224; Swin-B/L: IN21k window 12 at 384).
+MODELS = {
+    "mask2former-r50": "resnet50",
+    "mask2former-swint": "swin_tiny_patch4_window7_224",
+    "mask2former-swins": "swin_small_patch4_window7_224",
+    "mask2former-swinb": "swin_base_patch4_window12_384",
+    "mask2former-swinl": "swin_large_patch4_window12_384",
+}
+
+# The official Mask2Former recipe (configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k
+# .yaml and the panoptic / Swin configs on top; docs/mask2former.md): AdamW 1e-4, weight decay
+# 0.05 (0 on norms and embeddings: `no_weight_decay`), backbone lr x 0.1, the RankSeg ml head
+# lr x 0.1 (SOLVER.MLHEAD_MULTIPLIER) with no extra decay, full-model gradient-norm clipping at
+# 0.01, poly 0.9 without floor or warm-up, batch 16, 160k iterations, crop 512 (640 for the
+# Swin-B/L configs: pass --img-size 640), whole-image test at the short side of the crop (long
+# side <= 4x), ml loss ASL(2, 0) with weight 10 (RANKSEG.LOSS_WEIGHT).
+RECIPES: dict[str, dict[str, Any]] = {
+    "*": {"optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 0.05, "optim.backbone_lr_mult": 0.1,
+          "optim.ml_lr_mult": 0.1, "optim.ml_wd_mult": 1.0, "optim.grad_clip": 0.01, "schedule.min_lr": 0.0,
+          "schedule.batch_size": 16, "schedule.iters": 160000, "model.img_size": 512, "aug.cat_max_ratio": 1.0,
+          "loss.ml_weight": 10.0, "eval.mode": "whole"},
+    # Our own cheap CPU protocol on the built-in data (as the Segmenter's synthetic recipe).
+    "synthetic": {"model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
+}
+
+
+def num_queries(m: ModelConfig) -> int:
+    """Number of object queries: the explicit value, else the official one (200 for the
+    Swin-L panoptic configs, 100 for every other)."""
+    if m.mask2former.num_queries is not None:
+        return m.mask2former.num_queries
+    return 200 if m.model == "mask2former-swinl" and _panoptic(m) else 100
+
+
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Official exemptions: parameters of norm layers and embeddings, class embeddings of
+    the ml head, Swin's relative position bias tables (biases of linears DO decay there)."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding, QueryRankNorm)
+    names = set()
+    for mod_name, mod in model.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(mod, norms) or p_name in ("cls_emb", "relative_position_bias_table", "absolute_pos_embed"):
+                names.add(full)
+    return names
+
+
+def ml_branch_names(model: nn.Module) -> set[str]:
+    """Parameters of the multi-label head (the official SOLVER.MLHEAD_MULTIPLIER group: lr x
+    the run's optim.ml_lr_mult, 0.1 in the recipe); the rank LayerNorm is not part of it."""
+    return {n for n, _ in model.named_parameters() if n.startswith("ml_head.")}
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> Multipliers:
+    """detectron2's groups as the official build_optimizer makes them (docs/mask2former.md)."""
+    return listed_groups(model, cfg.optim, no_weight_decay(model), ml_branch_names(model))
+
+
+def _validate(m: ModelConfig) -> None:
+    if m.clip_len != 1:
+        raise UserError(f"model.clip_len={m.clip_len}: the Mask2Former family is image-only for now; use clip_len=1")
+    m.mask2former.validate()
+
+
+def stats_extra(model: nn.Module, m: ModelConfig) -> dict[str, Any]:
+    head = model.ml_head
+    return {"task": m.mask2former.task, "queries": model.num_queries,
+            "params_ml_head": sum(p.numel() for p in head.parameters()) if head is not None else 0}
+
+
+def rank_scale(model: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(1/tau, beta) per class rank of the rank LayerNorm (no-object column excluded)."""
+    if model.ml_norm is None or not model.selects:
+        return None
+    scale, bias = model.ml_norm.affine(model.kappa + 1)
+    return scale[:-1], bias[:-1]
+
+
 MASK2FORMER = Family(
     name="mask2former",
-    build=build_mask2former,
+    models=MODELS,
+    build=lambda m: build_mask2former(m, MODELS[m.model], num_queries(m)),
     criterion=_criterion,
     stats=("loss", "ce", "mask", "dice", "ml", "kept"),
     predict=predict,
+    data_config=lambda model: model.data_config(),
+    recipes=RECIPES,
+    validate=_validate,
+    param_groups=param_groups,
+    ranks=lambda m: m.head == "rankseg" and not m.oracle,
+    selects=lambda m: m.head == "rankseg" and m.select or m.oracle,
+    panoptic=_panoptic,
     # The GT (train + eval) oracle has no ml head in the graph.
     find_unused_parameters=lambda m: m.oracle,
-    uses_segments=lambda m: m.mask2former.task == "panoptic",
+    stats_extra=stats_extra,
+    rank_scale=rank_scale,
 )

@@ -1,4 +1,4 @@
-"""The Segmenter family: Segmenter baseline, RankSeg and their ablations (model/, losses.py).
+"""The Segmenter family: Segmenter baseline, RankSeg and their ablations (model/, losses/rankseg.py).
 
 Prediction follows the official mmseg protocol (`inference.predict_probs`: whole or sliding
 window, logits resized to the original size before the softmax, multi-scale / flip averaging
@@ -12,15 +12,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rankseg_core.data.augment import rescale_size
-from rankseg_core.families.base import Family, Predictions
-from rankseg_core.inference.dense import predict_probs
+from rankseg_core.config.datasets import recipe_dataset
+from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.train import TrainConfig
+from rankseg_core.errors import UserError
+from rankseg_core.families.base import Family, Predictions, TestProtocol, describe_head
+from rankseg_core.families.classifier import MODELS as CLASSIFIER_MODELS
+from rankseg_core.families.vit import RECIPES, VIT_SIZES
+from rankseg_core.inference.dense import mmseg_scale_sizes, predict_probs
 from rankseg_core.losses.rankseg import RankSegCriterion
 from rankseg_core.model.segmenter import build_model
+from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
 
 
-def _criterion(cfg: Any) -> Any:
+def _criterion(cfg: TrainConfig) -> Any:
     lo = cfg.loss
     # A frozen selector does not learn: its ASL on the crop is logged ("ml"), never added to the loss.
     ml_weight = 0.0 if cfg.model.has_selector else lo.ml_weight
@@ -29,49 +35,114 @@ def _criterion(cfg: Any) -> Any:
     return lambda out, batch: crit(out, batch["label"])
 
 
-def scale_sizes(cfg: Any, images: Tensor, sizes: list[tuple[int, int]], scales: list[float]
-                ) -> list[tuple[int, int]] | None:
-    """The image size of each test scale, as mmseg's MultiScaleFlipAug computes it: the
-    ORIGINAL image (sizes[0]) keep-ratio resized to (max_long x r, short_side x r).
-
-    None (= scale the input size, `inference.scaled_size`) when the batch's images differ in
-    original size or were not resized by the test transform (scale 1 must give the input size).
-    """
-    h, w = images.shape[-2:]
-    e = cfg.eval
-    if len(set(map(tuple, sizes))) != 1 or not e.short_side or not e.max_long:
-        return None
-    oh, ow = sizes[0]
-    if rescale_size(oh, ow, e.max_long, e.short_side) != (h, w):
-        return None
-    return [rescale_size(oh, ow, int(e.max_long * r), int(e.short_side * r)) for r in scales]
-
-
 @torch.no_grad()
-def predict(model: nn.Module, cfg: Any, images: Tensor, sizes: list[tuple[int, int]], mode: str,
-            scales: list[float], flip: bool, **fwd_kw) -> Predictions:
+def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: TestProtocol,
+            selection: Selection) -> Predictions:
     """Class maps at `sizes` and ml probabilities for a batch of equally sized images."""
-    probs, ml = predict_probs(model, images, cfg.model.num_classes, sizes, tuple(scales), flip, mode,
-                              cfg.eval.crop, cfg.eval.stride, scale_sizes(cfg, images, sizes, scales), **fwd_kw)
+    scales = list(protocol.scales)
+    probs, ml = predict_probs(model, images, cfg.model.num_classes, sizes, tuple(scales), protocol.flip, protocol.mode,
+                              cfg.eval.crop, cfg.eval.stride, mmseg_scale_sizes(cfg.eval, images, sizes, scales), selection,
+                              patch=model.patch_size)
     return Predictions([p.argmax()[0] for p in probs], ml)
 
 
-@torch.no_grad()
-def predict_fast(model: nn.Module, images: Tensor, sizes: list[tuple[int, int]], **fwd_kw
-                 ) -> tuple[list[Tensor], Tensor | None]:
-    """Single-scale whole-image prediction (mmseg's `whole_inference` + argmax): per image an
-    (h x w) long class map at sizes[i], and the ml probabilities (None without an ml branch).
-    Equals `predict_whole` + resize + argmax at kappa/K of the memory."""
-    probs, ml = predict_probs(model, images, model.cfg.num_classes, sizes, **fwd_kw)
-    return [p.argmax()[0] for p in probs], ml
+# ---------------------------------------------------------------------------------------
+# Names, recipes, parameter groups
+
+MODELS = {f"segmenter-{size}": arch for size, arch in VIT_SIZES.items()}
+
+# ASL gamma- of each multi-label head in the official configs: TranEnc 2 (ADE20K, Pascal),
+# the TranDec and global-pooling heads of Table 6 0 (their COCO-Stuff configs); gamma+ is 0.
+ASL_GAMMA_NEG = {"tranenc": 2.0, "trandec": 0.0, "gap": 0.0}
+
+
+def ml_prefixes(m: ModelConfig) -> list[str]:
+    """Parameter-name prefixes of the multi-label branch (model/heads.py): the official keys
+    "decode_head.blocks.0." and "decode_head.ml_fc" for TranEnc, renamed; the whole
+    `ml_branch` of the TranDec / GAP heads. This is the one definition of the ml group.
+
+    TranEnc's `head.decoder_norm2` is not in it, as in the official configs: the longer
+    "norm" key gives it decay 0 there (mmcv matches the longest key first)."""
+    if m.head != "rankseg" or m.oracle or m.has_selector:  # no ml branch of its own
+        return []
+    return ["head.blocks.0.", "head.ml_fc"] if m.ml_head == "tranenc" else ["head.ml_branch."]
+
+
+def official_custom_keys(cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """The official `paramwise_cfg.custom_keys` for this model, in our parameter names.
+
+    Every Segmenter / RankSeg config: pos_embed, cls_token and norm get decay_mult 0; the
+    ADE20K / Pascal ones add decay_mult 100 on the ml branch (`optim.ml_wd_mult`; COCO-Stuff
+    has no such key, which ml_wd_mult = ml_lr_mult = 1 reproduces).
+    """
+    keys = {k: {"decay_mult": 0.0} for k in ("pos_embed", "cls_token", "norm")}
+    o = cfg.optim
+    if (o.ml_wd_mult, o.ml_lr_mult) != (1.0, 1.0):
+        for prefix in ml_prefixes(cfg.model):
+            keys[prefix] = {"lr_mult": o.ml_lr_mult, "decay_mult": o.ml_wd_mult}
+    return keys
+
+
+def _resolve(cfg: TrainConfig) -> None:
+    """The official per-head defaults: BCE only for the ViT-B COCO-Stuff TranEnc configs, ASL
+    gamma- by ml head, the official custom keys."""
+    lo = cfg.loss
+    if lo.ml_loss is None:
+        coco = recipe_dataset(cfg.data.name) == "coco-stuff"
+        lo.ml_loss = "bce" if coco and cfg.model.ml_head == "tranenc" else "asl"
+    if lo.asl_gamma_neg is None:
+        lo.asl_gamma_neg = ASL_GAMMA_NEG.get(cfg.model.ml_head, 2.0)
+    if cfg.optim.custom_keys is None:
+        cfg.optim.custom_keys = official_custom_keys(cfg)
+
+
+def _validate(m: ModelConfig) -> None:
+    if m.has_selector and (m.head != "rankseg" or not m.select or m.oracle):
+        raise UserError(f"model.selector.run={m.selector.run}: the selector replaces the RankSeg selection; use "
+                        "--head rankseg without --no-select / --oracle")
+
+
+def _build(m: ModelConfig) -> nn.Module:
+    selector = CLASSIFIER_MODELS.get(m.selector.model or "") if m.has_selector else None
+    return build_model(m, MODELS[m.model], selector)
+
+
+def describe(m: ModelConfig) -> str:
+    """The model variant in words, for the line `rankseg train` starts with."""
+    if m.has_selector:
+        return f"rankseg kappa={m.effective_kappa} selected by the frozen classifier {m.selector.run}"
+    return describe_head(m)
+
+
+def ranks(m: ModelConfig) -> bool:
+    """An ml branch of its own or a frozen selector ranks the classes (the oracle does not)."""
+    return m.head == "rankseg" and not m.oracle
+
+
+def rank_scale(model: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(1/tau, beta) per rank of a selecting head; None for a class-ordered LayerNorm(K)."""
+    if not model.head.selects:
+        return None
+    norm = model.head.mask_norm
+    return norm.affine(norm.size)
 
 
 SEGMENTER = Family(
     name="segmenter",
-    build=build_model,
+    models=MODELS,
+    build=_build,
     criterion=_criterion,
     stats=("loss", "seg", "ml", "coverage", "recall", "precision"),
     predict=predict,
+    data_config=lambda model: model.data_config(),
+    recipes=RECIPES,
+    resolve=_resolve,
+    validate=_validate,
+    ranks=ranks,
+    selects=lambda m: m.head == "rankseg" and m.select or m.oracle,
+    accepts_selector=True,
     # The GT (train+eval) oracle has no ml branch in the graph of some steps.
     find_unused_parameters=lambda m: m.oracle,
+    describe=describe,
+    rank_scale=rank_scale,
 )

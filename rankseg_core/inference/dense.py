@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rankseg_core.config.train import EvalConfig
+from rankseg_core.data.augment import rescale_size
 from rankseg_core.model.heads import FILL_LOGIT, SegOutput
+from rankseg_core.model.selection import NO_SELECTION, Selection
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -132,18 +135,18 @@ def _image(out: SegOutput, i: int) -> SegOutput:
     return SegOutput(mask_logits=out.mask_logits[i:i + 1], topk_index=pick(out.topk_index), valid=pick(out.valid))
 
 
-def _encode_decode(model: nn.Module, images: Tensor, num_classes: int, **fwd_kw
-                   ) -> tuple[list[ClassMaps], Tensor | None]:
+def _encode_decode(model: nn.Module, images: Tensor, num_classes: int, selection: Selection = NO_SELECTION,
+                   patch: int = 16) -> tuple[list[ClassMaps], Tensor | None]:
     """Step 1 above: per image, logits over its own selected classes at the input size."""
     h, w = images.shape[-2:]
-    p = getattr(model, "patch_size", 16)
-    x = F.pad(images, (0, -w % p, 0, -h % p))
-    out: SegOutput = model(x, **fwd_kw)
+    x = F.pad(images, (0, -w % patch, 0, -h % patch))
+    out: SegOutput = model(x, selection)
     return [compact_logits(_image(out, i), num_classes, size=(h, w)) for i in range(len(images))], _ml_probs(out)
 
 
 def _slide(model: nn.Module, images: Tensor, num_classes: int, crop: int | tuple[int, int],
-           stride: int | tuple[int, int], **fwd_kw) -> tuple[list[ClassMaps], Tensor | None]:
+           stride: int | tuple[int, int], selection: Selection = NO_SELECTION, patch: int = 16
+           ) -> tuple[list[ClassMaps], Tensor | None]:
     """Step 2 above: per image, window-averaged logits at the input size."""
     n, _, h, w = images.shape
     (ch, cw), (sh, sw) = _pair(crop), _pair(stride)
@@ -157,7 +160,7 @@ def _slide(model: nn.Module, images: Tensor, num_classes: int, crop: int | tuple
         for c in range(cols):
             y2, x2 = min(r * sh + ch, h), min(c * sw + cw, w)
             y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            windows, ml = _encode_decode(model, images[:, :, y1:y2, x1:x2], num_classes, **fwd_kw)
+            windows, ml = _encode_decode(model, images[:, :, y1:y2, x1:x2], num_classes, selection, patch)
             for i, win in enumerate(windows):
                 classes = _union(sums[i].classes, win.classes)
                 # A class new to this image was unselected, i.e. -100, in every window so far.
@@ -172,13 +175,14 @@ def _slide(model: nn.Module, images: Tensor, num_classes: int, crop: int | tuple
 
 
 def _logits(model: nn.Module, images: Tensor, num_classes: int, mode: str, crop: int | tuple[int, int] | None,
-            stride: int | tuple[int, int] | None, **fwd_kw) -> tuple[list[ClassMaps], Tensor | None]:
+            stride: int | tuple[int, int] | None, selection: Selection = NO_SELECTION, patch: int = 16
+            ) -> tuple[list[ClassMaps], Tensor | None]:
     if mode == "whole":
-        return _encode_decode(model, images, num_classes, **fwd_kw)
+        return _encode_decode(model, images, num_classes, selection, patch)
     if mode == "slide":
         if crop is None or stride is None:
             raise ValueError("slide mode needs crop and stride")
-        return _slide(model, images, num_classes, crop, stride, **fwd_kw)
+        return _slide(model, images, num_classes, crop, stride, selection, patch)
     raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
 
 
@@ -197,14 +201,15 @@ def predict_probs(model: nn.Module, images: Tensor, num_classes: int, sizes: lis
                   scales: tuple[float, ...] = (1.0,), flip: bool = False, mode: str = "whole",
                   crop: int | tuple[int, int] | None = None, stride: int | tuple[int, int] | None = None,
                   scale_sizes: list[tuple[int, int]] | None = None,
-                  **fwd_kw) -> tuple[list[ClassMaps], Tensor | None]:
+                  selection: Selection = NO_SELECTION, patch: int = 16) -> tuple[list[ClassMaps], Tensor | None]:
     """Mean softmax probabilities per image, over the classes it selected (step 3 above).
 
     images N x 3 x H x W -> ([ClassMaps 1 x C_i x h_i x w_i at sizes[i] (default H x W)],
     ml probabilities N x K (clips x K for video) averaged over windows and passes, or None).
     Each pass resizes the images to `scale_sizes[j]` (default: `scaled_size(H, W, scales[j])`,
     bilinear), flips them if asked, predicts with `mode` ("whole", or "slide" with crop /
-    stride), resizes the logits to sizes[i], softmaxes and un-flips.
+    stride) under `selection`, zero-padding inputs to a multiple of `patch`, resizes the logits
+    to sizes[i], softmaxes and un-flips.
     """
     n, _, h, w = images.shape
     sizes = [tuple(s) for s in sizes] if sizes is not None else [(h, w)] * n
@@ -214,7 +219,8 @@ def predict_probs(model: nn.Module, images: Tensor, num_classes: int, sizes: lis
         size = tuple(scale_sizes[j]) if scale_sizes is not None else scaled_size(h, w, scale)
         scaled = _resize(images, size)
         for flipped in ((False, True) if flip else (False,)):
-            maps, ml = _logits(model, scaled.flip(-1) if flipped else scaled, num_classes, mode, crop, stride, **fwd_kw)
+            maps, ml = _logits(model, scaled.flip(-1) if flipped else scaled, num_classes, mode, crop, stride,
+                               selection, patch)
             for i, m in enumerate(maps):
                 probs = _resize(m.maps, sizes[i]).softmax(dim=1)
                 totals[i] = _add(totals[i], ClassMaps(probs.flip(-1) if flipped else probs, m.classes))
@@ -230,14 +236,14 @@ def _dense(maps: list[ClassMaps], num_classes: int, fill: float) -> Tensor:
 
 @torch.no_grad()
 def predict_whole(model: nn.Module, images: Tensor, num_classes: int, return_ml: bool = False,
-                  **fwd_kw) -> Tensor | tuple[Tensor, Tensor | None]:
+                  selection: Selection = NO_SELECTION, patch: int = 16) -> Tensor | tuple[Tensor, Tensor | None]:
     """mmseg's `encode_decode`: N x 3 x H x W -> logits N x K x H x W (unselected -100).
 
     Sides that are not multiples of the patch size are zero-padded (bottom/right) for the
     forward, and the patch-grid logits are resized to H x W. With return_ml, also the ml
     probabilities (N x K, or clips x K; None for models without an ml branch).
     """
-    maps, ml = _encode_decode(model, images, num_classes, **fwd_kw)
+    maps, ml = _encode_decode(model, images, num_classes, selection, patch)
     logits = _dense(maps, num_classes, FILL_LOGIT)
     return (logits, ml) if return_ml else logits
 
@@ -245,14 +251,14 @@ def predict_whole(model: nn.Module, images: Tensor, num_classes: int, return_ml:
 @torch.no_grad()
 def predict_slide(model: nn.Module, images: Tensor, num_classes: int, crop: int | tuple[int, int],
                   stride: int | tuple[int, int], return_ml: bool = False,
-                  **fwd_kw) -> Tensor | tuple[Tensor, Tensor | None]:
+                  selection: Selection = NO_SELECTION, patch: int = 16) -> Tensor | tuple[Tensor, Tensor | None]:
     """mmseg's sliding window: N x 3 x H x W -> logits N x K x H x W.
 
     Each window makes its own top-kappa selection; overlapping logits are averaged, the
     -100 of unselected classes included. A window smaller than the crop (image side below
     it) is decoded unpadded. ml probabilities (return_ml) are averaged over windows.
     """
-    maps, ml = _slide(model, images, num_classes, crop, stride, **fwd_kw)
+    maps, ml = _slide(model, images, num_classes, crop, stride, selection, patch)
     logits = _dense(maps, num_classes, FILL_LOGIT)
     return (logits, ml) if return_ml else logits
 
@@ -261,10 +267,29 @@ def predict_slide(model: nn.Module, images: Tensor, num_classes: int, crop: int 
 def predict_multiscale(model: nn.Module, images: Tensor, num_classes: int, scales: tuple[float, ...] = (1.0,),
                        flip: bool = False, mode: str = "whole", crop: int | tuple[int, int] | None = None,
                        stride: int | tuple[int, int] | None = None, size: tuple[int, int] | None = None,
-                       return_ml: bool = False, **fwd_kw) -> Tensor | tuple[Tensor, Tensor | None]:
+                       return_ml: bool = False, selection: Selection = NO_SELECTION, patch: int = 16
+                       ) -> Tensor | tuple[Tensor, Tensor | None]:
     """`predict_probs` as dense probabilities N x K x h x w at `size` (default the input
     size); classes an image never selected get 0."""
     sizes = [size] * len(images) if size is not None else None
-    maps, ml = predict_probs(model, images, num_classes, sizes, scales, flip, mode, crop, stride, **fwd_kw)
+    maps, ml = predict_probs(model, images, num_classes, sizes, scales, flip, mode, crop, stride,
+                             selection=selection, patch=patch)
     probs = _dense(maps, num_classes, 0.0)
     return (probs, ml) if return_ml else probs
+
+
+def mmseg_scale_sizes(e: EvalConfig, images: Tensor, sizes: list[tuple[int, int]], scales: list[float]
+                ) -> list[tuple[int, int]] | None:
+    """The image size of each test scale, as mmseg's MultiScaleFlipAug computes it: the
+    ORIGINAL image (sizes[0]) keep-ratio resized to (max_long x r, short_side x r).
+
+    None (= scale the input size, `inference.scaled_size`) when the batch's images differ in
+    original size or were not resized by the test transform (scale 1 must give the input size).
+    """
+    h, w = images.shape[-2:]
+    if len(set(map(tuple, sizes))) != 1 or not e.short_side or not e.max_long:
+        return None
+    oh, ow = sizes[0]
+    if rescale_size(oh, ow, e.max_long, e.short_side) != (h, w):
+        return None
+    return [rescale_size(oh, ow, int(e.max_long * r), int(e.short_side * r)) for r in scales]

@@ -22,10 +22,10 @@ class ViTBackbone(nn.Module):
     input whose sides are multiples of 16 works (sliding windows, multi-scale, test images).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, arch: str) -> None:
         super().__init__()
         self.vit = timm.create_model(
-            cfg.timm_name,
+            arch,
             pretrained=False,
             img_size=cfg.img_size,
             drop_path_rate=cfg.drop_path,

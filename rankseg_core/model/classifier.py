@@ -22,6 +22,7 @@ from rankseg_core.config.model import ModelConfig, SelectorConfig
 from rankseg_core.errors import UserError
 from rankseg_core.model.backbone import ViTBackbone, load_backbone_weights
 from rankseg_core.model.heads import TranDecMLHead, _init_weights
+from rankseg_core.model.selection import NO_SELECTION, Selection
 from rankseg_core.utils.integrity import content_digest
 
 
@@ -43,17 +44,19 @@ class QueryHead(nn.Module):
 class MultiLabelClassifier(nn.Module):
     """images (B*T) x 3 x H x W (sides multiples of 16) -> multi-label logits B x K."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, arch: str) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = ViTBackbone(cfg)
+        self.backbone = ViTBackbone(cfg, arch)
         self.head = QueryHead(cfg.num_classes, self.backbone.embed_dim, cfg.dropout)
 
     @property
     def patch_size(self) -> int:
         return self.backbone.patch_size
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, selection: Selection = NO_SELECTION) -> Tensor:
+        """`selection` is accepted as by every model of the engine and unused: a classifier
+        ranks all K classes and selects none."""
         return self.head(self.backbone(images), self.cfg.clip_len)
 
     def data_config(self) -> dict:
@@ -61,10 +64,11 @@ class MultiLabelClassifier(nn.Module):
         return self.backbone.data_config()
 
 
-def build_classifier(cfg: ModelConfig) -> MultiLabelClassifier:
-    """Validate `cfg`, build the classifier and load local backbone weights if given."""
+def build_classifier(cfg: ModelConfig, arch: str) -> MultiLabelClassifier:
+    """Validate `cfg`, build the classifier on the timm ViT `arch` and load local backbone
+    weights if given."""
     cfg.validate()
-    model = MultiLabelClassifier(cfg)
+    model = MultiLabelClassifier(cfg, arch)
     if cfg.backbone_weights:
         load_backbone_weights(model.backbone, cfg.backbone_weights)
     return model
@@ -125,7 +129,7 @@ def _read_state(path: Path) -> dict[str, Tensor]:
                         "selector run's weights or retrain this segmenter with another --selector") from None
 
 
-def load_selector(sel: SelectorConfig, num_classes: int, clip_len: int) -> FrozenSelector:
+def load_selector(sel: SelectorConfig, num_classes: int, clip_len: int, arch: str) -> FrozenSelector:
     """The classifier recorded in `sel` (resolved by `rankseg_core.engine.selector.resolve_selector`),
     its weights checked against the recorded digest: a selector that changed since the
     segmenter was trained is refused, never silently used."""
@@ -145,7 +149,7 @@ def load_selector(sel: SelectorConfig, num_classes: int, clip_len: int) -> Froze
     cfg = ModelConfig(model=sel.model, num_classes=num_classes, img_size=sel.img_size, in_chans=sel.in_chans or 3,
                       clip_len=clip_len, dropout=0.0, drop_path=0.0)
     cfg.validate()
-    classifier = MultiLabelClassifier(cfg)
+    classifier = MultiLabelClassifier(cfg, arch)
     missing, unexpected = classifier.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"model.selector.weights: {path} does not fit {sel.model} with K={num_classes} "

@@ -23,6 +23,7 @@ from torch.nn.init import trunc_normal_
 
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.position import sine_position_embedding
+from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
 
 # Logit given to padding / unselected channels; the official scatter uses the same value.
 FILL_LOGIT = -100.0
@@ -174,37 +175,6 @@ class GapMLHead(nn.Module):
         return self.cls(F.relu(self.conv(pooled))).flatten(1)
 
 
-def pad_class_lists(classes: list[Tensor], max_len: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-image class-id lists -> index B x C (padding 0) and valid B x C.
-
-    Lists are truncated to `max_len`; an empty list selects class 0 so that every image keeps
-    one channel (the official oracle does the same).
-    """
-    rows = []
-    for c in classes:
-        c = torch.as_tensor(c, dtype=torch.long, device=device).flatten()
-        rows.append((c[:max_len] if max_len else c) if c.numel() else c.new_zeros(1))
-    index = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
-    valid = index >= 0
-    return index.clamp_min(0), valid
-
-
-def fill_from_ranking(classes: list[Tensor], ml_logits: Tensor, total: int) -> list[Tensor]:
-    """Extend each image's class list with the highest-ranked classes it lacks until it holds
-    `total` classes (longer lists are kept whole). classes: B lists of ids; ml_logits: B x K.
-
-    This is the GT (eval) oracle with the ranking's own false positives: recall 100 % and the
-    same competing classes as the learned top-kappa, which tells classes the ranking misses
-    from classes it wrongly keeps (docs/replication.md, "Why the selection does not help here").
-    """
-    out = []
-    ranking = ml_logits.detach().argsort(dim=1, descending=True, stable=True)
-    for c, r in zip(classes, ranking, strict=True):
-        c = _in_range(c, ml_logits.shape[1], r.device)
-        out.append(torch.cat([c, r[~torch.isin(r, c)][: max(0, total - c.numel())]]))
-    return out
-
-
 def _key_mask(valid: Tensor, n_patches: int, dtype: torch.dtype) -> Tensor:
     """Additive attention mask B x 1 x 1 x (p + C) hiding padded class tokens as keys."""
     keep = torch.cat([valid.new_ones(valid.shape[0], n_patches), valid], dim=1)
@@ -274,47 +244,15 @@ class MaskTransformerHead(nn.Module):
         # The supplement found raw class embeddings better for these heads (official code too).
         return logits, self.cls_emb.expand(b, -1, -1)
 
-    # ---- selection -----------------------------------------------------------------------
-    def _select(self, ml_logits: Tensor | None, b: int, device: torch.device, *, kappa: int | None,
-                dynamic_threshold: float | None, select_override: list[Tensor] | None,
-                gt_classes: list[Tensor] | None, clip_len: int) -> tuple[Tensor, Tensor | None]:
-        """-> index B x C (rank order) and valid B x C (None when all valid), B = clips."""
-        override = select_override
-        if self.oracle and override is None:
-            if gt_classes is None:
-                raise ValueError("oracle model needs gt_classes (per image class ids) at every forward")
-            override = gt_classes  # sorted by id below
-        if override is not None:
-            override = [_in_range(c, self.num_classes, device) for c in override]
-            override = _per_clip(override, b, clip_len)
-            index, valid = pad_class_lists(override, self.kappa if self.oracle else None, device)
-            if ml_logits is not None:
-                # Keep rank semantics for the per-rank gamma/beta: order the given classes by score.
-                score = ml_logits.detach().gather(1, index).masked_fill(~valid, float("-inf"))
-                order = score.argsort(dim=1, descending=True, stable=True)
-                index, valid = index.gather(1, order), valid.gather(1, order)
-            return index, (None if bool(valid.all()) else valid)
-        assert ml_logits is not None
-        ranking = ml_logits.detach().argsort(dim=1, descending=True, stable=True)  # no grad through sort
-        if dynamic_threshold is not None:
-            n = (ml_logits.detach().sigmoid() > dynamic_threshold).sum(1).clamp(1, self.num_classes)
-            c = int(n.max())
-            valid = torch.arange(c, device=device)[None, :] < n[:, None]
-            return ranking[:, :c], (None if bool(valid.all()) else valid)
-        c = min(kappa if kappa is not None else self.kappa, self.num_classes)
-        return ranking[:, : max(1, c)], None
-
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, feats: Tensor, *, clip_len: int = 1, gt_classes: list[Tensor] | None = None,
-                kappa: int | None = None, dynamic_threshold: float | None = None,
-                select_override: list[Tensor] | None = None, selector_logits: Tensor | None = None,
-                select_fill: int | None = None) -> SegOutput:
+    def forward(self, feats: Tensor, selection: Selection = NO_SELECTION, *, clip_len: int = 1,
+                selector_logits: Tensor | None = None) -> SegOutput:
         """feats (B*T) x D x h x w -> SegOutput (see its docstring for shapes).
 
+        selection: this forward's selection options (model/selection.py); a baseline / +MT
+            head ignores them except `override`, which restricts its K class-ordered channels.
         selector_logits: B x K ranking scores of a frozen classifier (required by, and only
-        used by, a head built with a selector); returned as `ml_logits`.
-        select_fill: with select_override, each list is filled up to this many classes with
-        the ranking's highest other classes (`fill_from_ranking`).
+            used by, a head built with a selector); returned as `ml_logits`.
         """
         bt, d, h, w = feats.shape
         if bt % clip_len:
@@ -329,16 +267,13 @@ class MaskTransformerHead(nn.Module):
             ml_logits = selector_logits.detach()
         if emb is None:
             emb = self.cls_emb.expand(b, -1, -1)
-        if select_fill is not None and select_override is not None:
-            if ml_logits is None:
-                raise ValueError("select_fill fills from the model's class ranking; this model has none")
-            select_override = fill_from_ranking(_per_clip(select_override, b, clip_len), ml_logits, select_fill)
+        override = resolve_override(selection, self.oracle, ml_logits, b, clip_len)
 
         index = valid = None
         if self.selects:
-            index, valid = self._select(ml_logits, b, feats.device, kappa=kappa,
-                                        dynamic_threshold=dynamic_threshold, select_override=select_override,
-                                        gt_classes=gt_classes, clip_len=clip_len)
+            kappa = selection.kappa if selection.kappa is not None else self.kappa
+            index, valid = select(ml_logits, self.num_classes, kappa, feats.device,
+                                  dynamic_threshold=selection.dynamic_threshold, override=override, by_id=self.oracle)
             emb = emb.gather(1, index[:, :, None].expand(-1, -1, d))  # B x C x D, any batch size
         if clip_len > 1:  # the T frames of a clip share its class tokens and selection
             emb = emb.repeat_interleave(clip_len, dim=0)
@@ -350,12 +285,8 @@ class MaskTransformerHead(nn.Module):
             masks = self.mask_norm(masks, valid)
         else:
             masks = self.mask_norm(masks)
-            if select_override is not None:  # GT (eval) on a class-ordered model: restrict the argmax
-                sel = _per_clip(select_override, b, clip_len)
-                idx, ok = pad_class_lists(sel, None, feats.device)
-                valid = torch.zeros(b, self.num_classes + 1, dtype=torch.bool, device=feats.device)
-                valid.scatter_(1, idx.masked_fill(~ok, self.num_classes), True)
-                valid = valid[:, : self.num_classes].repeat_interleave(clip_len, dim=0)
+            if override is not None:  # GT (eval) on a class-ordered model: restrict the argmax
+                valid = allowed_classes(override, self.num_classes, feats.device).repeat_interleave(clip_len, dim=0)
                 masks = masks.masked_fill(~valid[:, None, :], FILL_LOGIT)
         mask_logits = masks.transpose(1, 2).reshape(bt, masks.shape[-1], h, w)
         return SegOutput(mask_logits=mask_logits, topk_index=index, ml_logits=ml_logits, valid=valid)
@@ -371,19 +302,3 @@ class MaskTransformerHead(nn.Module):
         pix = F.normalize(x[:, :p] @ self.proj_patch, dim=-1)
         cls = F.normalize(x[:, p:] @ self.proj_classes, dim=-1)
         return pix @ cls.transpose(1, 2)
-
-
-def _in_range(c: Tensor, num_classes: int, device: torch.device) -> Tensor:
-    """Unique class ids (sorted), without ignore values / out-of-range ids a caller may pass."""
-    c = torch.as_tensor(c, dtype=torch.long, device=device).flatten()
-    return torch.unique(c[(c >= 0) & (c < num_classes)])
-
-
-def _per_clip(classes: list[Tensor], b: int, clip_len: int) -> list[Tensor]:
-    """Class lists given per frame (B*T) are merged per clip; lists given per clip pass through."""
-    if len(classes) == b:
-        return list(classes)
-    if len(classes) == b * clip_len:
-        return [torch.unique(torch.cat([torch.as_tensor(c).flatten() for c in classes[i * clip_len:(i + 1) * clip_len]]))
-                for i in range(b)]
-    raise ValueError(f"got {len(classes)} class lists for {b} clips of {clip_len} frames")

@@ -8,6 +8,7 @@ from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.backbone import ViTBackbone, load_backbone_weights
 from rankseg_core.model.classifier import SELECTOR_ATTR, load_selector
 from rankseg_core.model.heads import MaskTransformerHead, SegOutput
+from rankseg_core.model.selection import NO_SELECTION, Selection
 
 
 class RankSegModel(nn.Module):
@@ -17,14 +18,16 @@ class RankSegModel(nn.Module):
     clip consecutive; ml_logits are per clip (B x K), mask_logits / topk_index per frame.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, arch: str, selector_arch: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = ViTBackbone(cfg)
+        self.backbone = ViTBackbone(cfg, arch)
         self.head = MaskTransformerHead(cfg, self.backbone.embed_dim)
         # Independent scheme: a frozen classifier run ranks the classes (not in the state dict).
         if cfg.has_selector:
-            setattr(self, SELECTOR_ATTR, load_selector(cfg.selector, cfg.num_classes, cfg.clip_len))
+            if selector_arch is None:
+                raise ValueError("a segmenter with a selector needs the selector's backbone architecture")
+            setattr(self, SELECTOR_ATTR, load_selector(cfg.selector, cfg.num_classes, cfg.clip_len, selector_arch))
 
     @property
     def patch_size(self) -> int:
@@ -34,33 +37,21 @@ class RankSegModel(nn.Module):
         """B x 3 x H x W -> B x D x H/16 x W/16 patch tokens (class token dropped)."""
         return self.backbone(images)
 
-    def forward_head(self, feats: Tensor, *, gt_classes: list[Tensor] | None = None, kappa: int | None = None,
-                     dynamic_threshold: float | None = None,
-                     select_override: list[Tensor] | None = None, selector_logits: Tensor | None = None,
-                     select_fill: int | None = None) -> SegOutput:
+    def forward_head(self, feats: Tensor, selection: Selection = NO_SELECTION,
+                     selector_logits: Tensor | None = None) -> SegOutput:
         """B x D x h x w -> SegOutput.
 
-        kappa: selected classes at this forward (default: the trained kappa); may exceed the
-            trained size, the last gamma/beta are then repeated.
-        dynamic_threshold: select classes whose sigmoid score exceeds it (1..K per image).
-        select_override: per-image class ids replacing the ml selection (GT (eval) oracle),
-            ordered by ml score when the model has an ml branch.
-        gt_classes: per-image GT class ids, required when cfg.oracle (GT train+eval).
+        selection: this forward's selection options (model/selection.py: kappa, dynamic
+            threshold, GT override and fill, the GT classes an oracle model needs).
         selector_logits: B x K scores of the frozen selector (`forward` computes them from the
             images when cfg.selector is set); they rank the classes instead of an ml branch.
-        select_fill: with select_override, fill each image's list up to this many classes with
-            the ranking's highest other classes (GT (eval) + the ranking's false positives).
-        Selection options are ignored by the baseline and +MT, except select_override, which
-        then restricts the K class-ordered channels (valid mask).
         """
-        return self.head(feats, clip_len=self.cfg.clip_len, gt_classes=gt_classes, kappa=kappa,
-                         dynamic_threshold=dynamic_threshold, select_override=select_override,
-                         selector_logits=selector_logits, select_fill=select_fill)
+        return self.head(feats, selection, clip_len=self.cfg.clip_len, selector_logits=selector_logits)
 
-    def forward(self, images: Tensor, **kw) -> SegOutput:
-        if self.cfg.has_selector:  # the frozen classifier sees exactly the segmenter's input
-            kw["selector_logits"] = getattr(self, SELECTOR_ATTR)(images)
-        return self.forward_head(self.forward_features(images), **kw)
+    def forward(self, images: Tensor, selection: Selection = NO_SELECTION) -> SegOutput:
+        # The frozen classifier sees exactly the segmenter's input.
+        logits = getattr(self, SELECTOR_ATTR)(images) if self.cfg.has_selector else None
+        return self.forward_head(self.forward_features(images), selection, logits)
 
     def rank_scale(self) -> Tensor:
         """Learned 1/tau per rank (kappa,), i.e. the rank LayerNorm weight (shared: repeated)."""
@@ -76,31 +67,12 @@ class RankSegModel(nn.Module):
         """mean/std on the 0..255 scale for input normalisation (timm's data config)."""
         return self.backbone.data_config()
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay: norms, biases, pos-embed, class tokens."""
-        names = set()
-        for name, p in self.named_parameters():
-            if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "cls_emb", "reg_token")):
-                names.add(name)
-        return names
 
-    def ml_branch_names(self) -> set[str]:
-        """Parameters of the multi-label branch (block 0 + classifier for tranenc), which the
-        ADE20K / Pascal recipes give 100x weight decay."""
-        head = self.head
-        if head.ml_head == "tranenc":
-            prefixes = ("head.blocks.0.", "head.ml_fc.", "head.decoder_norm2.")
-        elif head.ml_head is not None:
-            prefixes = ("head.ml_branch.",)
-        else:
-            return set()
-        return {n for n, _ in self.named_parameters() if n.startswith(prefixes)}
-
-
-def build_model(cfg: ModelConfig) -> RankSegModel:
-    """Validate `cfg`, build the model and load local backbone weights if given."""
+def build_model(cfg: ModelConfig, arch: str, selector_arch: str | None = None) -> RankSegModel:
+    """Validate `cfg`, build the model on the timm ViT `arch` (and the frozen selector's ViT
+    `selector_arch` when cfg.selector is set) and load local backbone weights if given."""
     cfg.validate()
-    model = RankSegModel(cfg)
+    model = RankSegModel(cfg, arch, selector_arch)
     if cfg.backbone_weights:
         load_backbone_weights(model.backbone, cfg.backbone_weights)
     return model

@@ -247,28 +247,30 @@ def predict_samples(run: VizRun, ds: ShardDataset, indices: Sequence[int],
     scales and flip), one image at a time (any size). GT (train + eval) oracle runs receive
     the image's GT classes, as in evaluation."""
     from rankseg_core.data.augment import build_test_transform
+    from rankseg_core.engine.evaluate import check_selection
     from rankseg_core.families import family_of
+    from rankseg_core.families.base import TestProtocol
+    from rankseg_core.model.selection import SelectionOptions, batch_selection
 
     cfg, model = run.cfg, run.model
-    dc = model.data_config()
+    family = family_of(cfg.model.model)
+    check_selection(family, cfg.model, SelectionOptions(kappa=kappa))
+    if not family.segments:
+        raise UserError(f"{run.path}: a multi-label classifier run has no segmentation to draw")
+    dc = family.data_config(model)
     tf = build_test_transform(cfg, dc["mean"], dc["std"])
     dev = next(model.parameters()).device  # load_viz_run put the model on the chosen device
+    protocol = TestProtocol(cfg.eval.mode, tuple(cfg.eval.scales), cfg.eval.flip)
     out = []
     for i in indices:
         item = ds.load(int(i))
         x = torch.from_numpy(tf(item["image"]))[None].to(dev)
         if cfg.model.clip_len > 1:  # a video model on one frame: a clip of T copies
             x = x.repeat(cfg.model.clip_len, 1, 1, 1)
-        kw: dict[str, Any] = {}
-        if cfg.model.oracle:
-            kw["gt_classes"] = [torch.as_tensor(item["classes"], dtype=torch.long, device=dev)] * len(x)
-        if kappa is not None:
-            kw["kappa"] = kappa
+        sel = batch_selection(SelectionOptions(kappa=kappa), cfg.model, [item["classes"]] * len(x), dev)
         size = tuple(item["label"].shape)
-        res = family_of(cfg.model.model).predict(model, cfg, x, [size] * len(x), cfg.eval.mode, cfg.eval.scales,
-                                                 cfg.eval.flip, **kw)
-        if res.semantic is None:
-            raise UserError(f"{run.path}: a multi-label classifier run has no segmentation to draw")
+        res = family.predict(model, cfg, x, [size] * len(x), protocol, sel)
+        assert res.semantic is not None  # a segmenting family (checked above)
         probs = res.ml[0].float().cpu().numpy() if res.ml is not None else None
         out.append(SamplePrediction(item["key"], item["image"], item["label"],
                                     res.semantic[0].cpu().numpy().astype(np.int64), probs, item["classes"]))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from rankseg_core.errors import UserError
+from rankseg_core.families import family_of
 from rankseg_core.utils.plotting import plt, save_figure
 from rankseg_core.viz.common import VizRun, variant_name, write_csv, write_json
 
@@ -67,13 +68,14 @@ def tau_curve(run: VizRun) -> TauCurve:
     The baseline and +MT normalise over the K classes in class order: their LayerNorm
     weight is per class, not per rank, so they raise UserError.
     """
-    head = run.model.head
-    if not getattr(head, "selects", False):
-        raise UserError(f"{run.path} is a {variant_name(run.cfg)} run: its LayerNorm(K) weight is per class, "
-                        "not per rank; plot RankSeg runs (model.head=rankseg with selection)")
+    pair = family_of(run.cfg.model.model).rank_scale(run.model)
+    if pair is None:
+        raise UserError(f"{run.path} is a {variant_name(run.cfg)} run: it has no rank LayerNorm (a baseline or +MT "
+                        "normalises its K classes in class order, per class, not per rank; a classifier "
+                        "selects nothing); plot RankSeg runs (model.head=rankseg with selection)")
     with torch.no_grad():
-        scale = run.model.rank_scale().detach().float().cpu().numpy().copy()
-        bias = run.model.rank_bias().detach().float().cpu().numpy().copy()
+        scale = pair[0].detach().float().cpu().numpy().copy()
+        bias = pair[1].detach().float().cpu().numpy().copy()
     cfg = run.cfg
     dataset = cfg.data.name or "?"
     kappa = len(scale)

@@ -18,7 +18,7 @@ import torch
 from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 
-from rankseg_core.config.mask2former import MASK2FORMER_BACKBONES, Mask2FormerConfig
+from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.errors import UserError
 from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict, load_timm_state
 
@@ -28,9 +28,8 @@ STRIDES = (4, 8, 16, 32)
 class PyramidBackbone(nn.Module):
     """B x 3 x H x W (H, W multiples of 32) -> [res2, res3, res4, res5], B x C_i x H/s x W/s."""
 
-    def __init__(self, model_name: str, cfg: Mask2FormerConfig, in_chans: int = 3) -> None:
+    def __init__(self, timm_name: str, cfg: Mask2FormerConfig, in_chans: int = 3) -> None:
         super().__init__()
-        timm_name = MASK2FORMER_BACKBONES[model_name]
         self.is_swin = timm_name.startswith("swin")
         kw = {"dynamic_img_size": True, "always_partition": True, "drop_path_rate": cfg.backbone_drop_path} \
             if self.is_swin else {}

@@ -22,18 +22,18 @@ import torch
 from torch import Tensor, nn
 
 from rankseg_core.config.model import ModelConfig
-from rankseg_core.model.heads import FILL_LOGIT, fill_from_ranking, pad_class_lists
+from rankseg_core.model.heads import FILL_LOGIT
 from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights, pad_to_multiple
 from rankseg_core.model.mask2former.decoder import MaskedTransformerDecoder
 from rankseg_core.model.mask2former.multilabel import (
     MultiLabelHead,
     QueryRankNorm,
     mask_invalid,
-    select_classes,
     selected_logits,
     with_no_object,
 )
 from rankseg_core.model.mask2former.pixel_decoder import PixelDecoder
+from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
 
 
 @dataclass
@@ -75,12 +75,12 @@ class Mask2FormerOutput:
 class Mask2FormerModel(nn.Module):
     """`forward_features` -> `forward_head`, as in timm (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, arch: str, num_queries: int) -> None:
         super().__init__()
         m = cfg.mask2former
         self.cfg = cfg
         self.num_classes = k = cfg.num_classes
-        self.num_queries = m.queries(cfg.model)
+        self.num_queries = num_queries
         self.size_divisibility = m.size_divisibility
         self.oracle = cfg.oracle
         self.uses_ml = cfg.head == "rankseg" and not cfg.oracle
@@ -89,7 +89,7 @@ class Mask2FormerModel(nn.Module):
         self.kappa = cfg.effective_kappa if self.selects else k
         self.ml_query_layer = m.ml_query_layer
 
-        self.backbone = PyramidBackbone(cfg.model, m, cfg.in_chans)
+        self.backbone = PyramidBackbone(arch, m, cfg.in_chans)
         self.pixel_decoder = PixelDecoder(self.backbone.channels, m)
         self.decoder = MaskedTransformerDecoder(m.conv_dim, m, self.num_queries)
         self.class_embed = nn.Linear(m.hidden_dim, k + 1, bias=not self.cosine)
@@ -102,39 +102,23 @@ class Mask2FormerModel(nn.Module):
         size = (int(images.shape[-2]), int(images.shape[-1]))
         return Features(self.backbone(pad_to_multiple(images, self.size_divisibility)), size)
 
-    def forward_head(self, feats: Features, *, gt_classes: list[Tensor] | None = None, kappa: int | None = None,
-                     dynamic_threshold: float | None = None,
-                     select_override: list[Tensor] | None = None,
-                     select_fill: int | None = None) -> Mask2FormerOutput:
+    def forward_head(self, feats: Features, selection: Selection = NO_SELECTION) -> Mask2FormerOutput:
         """Features -> Mask2FormerOutput. Nothing here needs ground truth except the oracle.
 
-        kappa: selected classes at this forward (default: the trained kappa; larger values
-            repeat the last rank's gamma / beta).
-        dynamic_threshold: select classes whose ml sigmoid exceeds it (1..K per image, padded).
-        select_override: per-image class ids replacing the ml selection (GT (eval) oracle),
-            ordered by ml score; on a class-ordered model they restrict the K columns.
-        select_fill: with select_override, fill each image's list up to this many classes with
-            the ml ranking's highest other classes (`heads.fill_from_ranking`).
-        gt_classes: per-image GT class ids, required (only) by the oracle model.
+        selection: this forward's selection options (model/selection.py); a larger kappa than
+            trained repeats the last rank's gamma / beta; `override` on a class-ordered model
+            restricts its K columns.
         """
         mask_features, scales = self.pixel_decoder(feats.maps)
         dec = self.decoder(scales, mask_features)
         ml_logits = self.ml_head(dec.queries[self.ml_query_layer - 1]) if self.ml_head is not None else None
-        if select_fill is not None and select_override is not None:
-            if ml_logits is None:
-                raise ValueError("select_fill fills from the model's class ranking; this model has none")
-            select_override = fill_from_ranking(select_override, ml_logits, select_fill)
         device = mask_features.device
+        override = resolve_override(selection, self.oracle, ml_logits, mask_features.shape[0])
         index = valid = None
         w, b = self.class_embed.weight, self.class_embed.bias
         if self.selects:
-            override = select_override
-            if self.oracle and override is None:
-                if gt_classes is None:
-                    raise ValueError("oracle model needs gt_classes (per image class ids) at every forward")
-                override = gt_classes
-            index, valid = select_classes(ml_logits, self.num_classes, kappa or self.kappa, device,
-                                          dynamic_threshold=dynamic_threshold, override=override, by_id=self.oracle)
+            index, valid = select(ml_logits, self.num_classes, selection.kappa or self.kappa, device,
+                                  dynamic_threshold=selection.dynamic_threshold, override=override, by_id=self.oracle)
             cols, ok = with_no_object(index, valid, self.num_classes)
             logits = [selected_logits(e, w, b, cols, self.cosine) for e in dec.embeds]
             if self.ml_norm is not None:
@@ -146,12 +130,8 @@ class Mask2FormerModel(nn.Module):
             logits = [selected_logits(e, w, b, cols, self.cosine) for e in dec.embeds]
             if self.ml_norm is not None:
                 logits = [self.ml_norm(x) for x in logits]
-            if select_override is not None:  # GT (eval) on a class-ordered model: only these classes
-                idx, ok = pad_class_lists([torch.as_tensor(c, device=device) for c in select_override], None, device)
-                idx = idx.masked_fill(~ok | (idx >= self.num_classes) | (idx < 0), self.num_classes)
-                valid = torch.zeros(idx.shape[0], self.num_classes + 1, dtype=torch.bool, device=device)
-                valid.scatter_(1, idx, True)
-                valid = valid[:, : self.num_classes]
+            if override is not None:  # GT (eval) on a class-ordered model: only these classes
+                valid = allowed_classes(override, self.num_classes, device)
                 keep = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
                 logits = [x.masked_fill(~keep[:, None, :], FILL_LOGIT) for x in logits]
         aux = list(zip(logits[:-1], dec.masks[:-1]))
@@ -159,8 +139,8 @@ class Mask2FormerModel(nn.Module):
                                  topk_index=index, valid=valid, image_size=feats.image_size,
                                  num_classes=self.num_classes)
 
-    def forward(self, images: Tensor, **kw) -> Mask2FormerOutput:
-        return self.forward_head(self.forward_features(images), **kw)
+    def forward(self, images: Tensor, selection: Selection = NO_SELECTION) -> Mask2FormerOutput:
+        return self.forward_head(self.forward_features(images), selection)
 
     def rank_scale(self) -> Tensor:
         """Learned 1/tau per class rank (kappa,) of the rank LayerNorm (no-object excluded)."""
@@ -172,30 +152,12 @@ class Mask2FormerModel(nn.Module):
         """mean/std on the 0..255 scale (ImageNet, as every official Mask2Former config)."""
         return self.backbone.data_config()
 
-    def no_weight_decay(self) -> set[str]:
-        """Official exemptions: parameters of norm layers and embeddings, class embeddings of
-        the ml head, Swin's relative position bias tables (biases of linears DO decay there)."""
-        norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding, QueryRankNorm)
-        names = set()
-        for mod_name, mod in self.named_modules():
-            for p_name, _ in mod.named_parameters(recurse=False):
-                full = f"{mod_name}.{p_name}" if mod_name else p_name
-                if isinstance(mod, norms) or p_name in ("cls_emb", "relative_position_bias_table", "absolute_pos_embed"):
-                    names.add(full)
-        return names
 
-    def ml_branch_names(self) -> set[str]:
-        """Parameters of the multi-label head (the official SOLVER.MLHEAD_MULTIPLIER group:
-        lr x the run's optim.ml_lr_mult, 0.1 in the Mask2Former recipe); the rank LayerNorm is not part of it."""
-        return {n for n, _ in self.named_parameters() if n.startswith("ml_head.")}
-
-
-def build_mask2former(cfg: ModelConfig) -> Mask2FormerModel:
-    """Validate `cfg`, build the model and load local backbone weights if given."""
+def build_mask2former(cfg: ModelConfig, arch: str, num_queries: int) -> Mask2FormerModel:
+    """Validate `cfg`, build the model on the timm backbone `arch` and load local backbone
+    weights if given."""
     cfg.validate()
-    if cfg.family != "mask2former":
-        raise ValueError(f"build_mask2former got model.model={cfg.model!r}")
-    model = Mask2FormerModel(cfg)
+    model = Mask2FormerModel(cfg, arch, num_queries)
     if cfg.backbone_weights:
         load_pyramid_weights(model.backbone, cfg.backbone_weights)
     return model

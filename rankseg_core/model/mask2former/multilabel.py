@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
-from rankseg_core.model.heads import FILL_LOGIT, GroupWiseLinear, RankNorm, _in_range, pad_class_lists
+from rankseg_core.model.heads import FILL_LOGIT, GroupWiseLinear, RankNorm
 
 
 class MultiLabelHead(nn.Module):
@@ -63,36 +63,6 @@ class QueryRankNorm(RankNorm):
         ranks = torch.arange(c - 1, device=self.weight.device).clamp_max(self.kappa - 1)
         index = torch.cat([ranks, ranks.new_full((1,), self.kappa)])
         return self.weight[index], self.bias[index]
-
-
-def select_classes(ml_logits: Tensor | None, num_classes: int, kappa: int, device: torch.device, *,
-                   dynamic_threshold: float | None = None, override: list[Tensor] | None = None,
-                   by_id: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Classes kept per image -> index B x C (class ids) and valid B x C (None = all valid).
-
-    Default: the kappa highest ml logits, in rank order (no gradient through the sort).
-    dynamic_threshold: the classes whose sigmoid exceeds it (1..K per image; padded).
-    override: per-image class ids (GT oracle, stored predictions); out-of-range ids such as
-        the ignore value are dropped, duplicates merged; ordered by ml score when ml_logits
-        is given (per-rank gamma keeps its meaning), else by id; truncated to kappa if by_id.
-    """
-    if override is not None:
-        lists = [_in_range(c, num_classes, device) for c in override]
-        index, valid = pad_class_lists(lists, kappa if by_id else None, device)
-        if ml_logits is not None:
-            score = ml_logits.detach().gather(1, index).masked_fill(~valid, float("-inf"))
-            order = score.argsort(dim=1, descending=True, stable=True)
-            index, valid = index.gather(1, order), valid.gather(1, order)
-        return index, (None if bool(valid.all()) else valid)
-    if ml_logits is None:
-        raise ValueError("selecting classes needs ml logits or an explicit class list")
-    ranking = ml_logits.detach().argsort(dim=1, descending=True, stable=True)
-    if dynamic_threshold is not None:
-        n = (ml_logits.detach().sigmoid() > dynamic_threshold).sum(1).clamp(1, num_classes)
-        c = int(n.max())
-        valid = torch.arange(c, device=ml_logits.device)[None, :] < n[:, None]
-        return ranking[:, :c], (None if bool(valid.all()) else valid)
-    return ranking[:, : max(1, min(kappa, num_classes))], None
 
 
 def with_no_object(index: Tensor, valid: Tensor | None, num_classes: int) -> tuple[Tensor, Tensor]:
