@@ -36,8 +36,8 @@ from rankseg_core.data.loading import make_loader  # noqa: E402
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.model_stats import model_stats  # noqa: E402
 from rankseg_core.engine.optim import build_optimizer  # noqa: E402
+from rankseg_core.families.segmenter import SEGMENTER
 from rankseg_core.losses.rankseg import RankSegCriterion  # noqa: E402
-from rankseg_core.model.segmenter import build_model  # noqa: E402
 from rankseg_core.shards.read import ShardDataset  # noqa: E402
 from rankseg_core.utils.distributed import DistInfo  # noqa: E402
 
@@ -52,7 +52,7 @@ def latencies_ms(cfgs: list[ModelConfig], repeats: int) -> list[float]:
     models = []
     for cfg in cfgs:
         torch.manual_seed(0)
-        models.append(build_model(cfg).eval())
+        models.append(SEGMENTER.build(cfg).eval())
     x = torch.randn(1, 3, cfgs[0].img_size, cfgs[0].img_size)
     for m in models:
         m(x)  # warm-up (allocations, pos-embed resampling)
@@ -106,7 +106,7 @@ def train_rate(head: str, iters: int) -> float:
     torch.manual_seed(0)
     cfg = ModelConfig(model="segmenter-vitt", num_classes=100, img_size=64, head=head, kappa=10,
                       dropout=0.0, drop_path=0.0)
-    model = build_model(cfg).train()
+    model = SEGMENTER.build(cfg).train()
     crit = RankSegCriterion(100, 65535, ml_weight=10.0)
     opt = build_optimizer(model, TrainConfig())  # the paper's SGD settings
     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 100, (8, 64, 64))

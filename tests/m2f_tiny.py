@@ -8,7 +8,7 @@ import torch
 
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.config.model import ModelConfig
-from rankseg_core.model.mask2former.model import build_mask2former
+from rankseg_core.families.mask2former import MASK2FORMER
 
 TINY = Mask2FormerConfig(hidden_dim=32, conv_dim=32, mask_dim=32, nheads=4, num_queries=6, dec_layers=3,
                          enc_layers=1, dim_feedforward=64, enc_dim_feedforward=64, ml_hidden_dim=32,
@@ -24,4 +24,4 @@ def tiny_cfg(model: str = "mask2former-r50", num_classes: int = 10, kappa: int =
 
 def tiny_model(seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_mask2former(tiny_cfg(**kw))
+    return MASK2FORMER.build(tiny_cfg(**kw))

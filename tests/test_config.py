@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rankseg_core.config.datasets import recipe_dataset as dataset_family
+from rankseg_core.config.datasets import recipe_dataset
 from rankseg_core.config.train import (
-    DATASET_DEFAULTS,
     TrainConfig,
     coerce,
     diff_configs,
@@ -22,6 +21,7 @@ from rankseg_core.config.train import (
 from rankseg_core.engine import runs
 from rankseg_core.engine.configure import build_train_config, dataset_defaults, flag_overrides
 from rankseg_core.errors import UserError
+from rankseg_core.families.segmenter import SEGMENTER
 from rankseg_core.shards.write import FORMAT, VERSION
 
 
@@ -61,11 +61,11 @@ def test_yaml_then_set_precedence(tmp_path: Path) -> None:
     ("coco-stuff-164k", "coco-stuff", 50, 5.0), ("pascal-context-59", "pascal-context", 25, 5.0),
     ("ADE20K_Full", "ade20k-full", 100, 100.0), ("COCO-Stuff", "coco-stuff", 50, 5.0)])
 def test_dataset_defaults(tmp_path: Path, name: str, family: str, kappa: int, weight: float) -> None:
-    assert dataset_family(name) == family
+    assert recipe_dataset(name) == family
     data = fake_shards(tmp_path / "d", name, 60)
     cfg = build_train_config(None, [], data)
     assert (cfg.model.kappa, cfg.loss.ml_weight) == (kappa, weight)
-    assert cfg.model.kappa == DATASET_DEFAULTS["segmenter"][family]["model.kappa"]
+    assert cfg.model.kappa == SEGMENTER.recipes[family]["model.kappa"]
     # An explicit value wins over the dataset default.
     cfg = build_train_config(None, ["model.kappa=11", "loss.ml_weight=3"], data)
     assert (cfg.model.kappa, cfg.loss.ml_weight) == (11, 3.0)
@@ -199,8 +199,8 @@ def test_synthetic_keeps_its_cheap_protocol_and_other_families_get_no_segmenter_
     cfg = build_train_config(None, [], data)
     assert cfg.eval.mode == "whole" and cfg.aug.photometric is False and cfg.model.kappa == 25
     assert dataset_defaults("segmenter-vitt", "my-own-data") == {"eval.mode": "slide"}  # the paper's protocol
-    other = dataset_defaults("someotherfamily-x", "ade20k-full")
-    assert other == {} and dataset_defaults("someotherfamily-x", "synthetic") == {"aug.photometric": False}
+    with pytest.raises(UserError, match="model.model='someotherfamily-x' is unknown; use one of segmenter-vitt"):
+        dataset_defaults("someotherfamily-x", "ade20k-full")
 
 
 @pytest.mark.parametrize("ml_head, dataset, ml_loss, gneg", [

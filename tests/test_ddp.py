@@ -51,10 +51,10 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     # The runs really trained (a test that passes with frozen weights would prove nothing).
-    from rankseg_core.model.segmenter import build_model
+    from rankseg_core.families.segmenter import SEGMENTER
 
     torch.manual_seed(0)  # train() seeds with cfg.seed = 0 before building the model
-    fresh = build_model(build_train_config(None, sets, data).model).state_dict()
+    fresh = SEGMENTER.build(build_train_config(None, sets, data).model).state_dict()
     moved = sum(not torch.allclose(fresh[k], a[k]) for k in a)
     assert moved > len(a) // 2
 

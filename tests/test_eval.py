@@ -23,8 +23,10 @@ from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.evaluate import EvalOptions, evaluate_model, read_class_subsets
 from rankseg_core.engine.train import train
 from rankseg_core.errors import UserError
-from rankseg_core.families.segmenter import predict_fast
+from rankseg_core.families.base import InferenceProtocol
+from rankseg_core.families.segmenter import SEGMENTER
 from rankseg_core.inference.dense import predict_whole
+from rankseg_core.model.selection import NO_SELECTION, SelectionOptions
 from rankseg_core.shards.read import ShardDataset
 
 K = 40
@@ -105,7 +107,8 @@ def test_fast_path_equals_generic_helpers(run: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 40, 56)  # not multiples of 16: padded inside
     sizes = [(37, 61), (40, 56)]
-    fast, ml = predict_fast(model, x, sizes)
+    res = SEGMENTER.predict(model, cfg, x, sizes, InferenceProtocol("whole"), NO_SELECTION)
+    fast, ml = res.semantic, res.ml
     logits, ml_ref = predict_whole(model, x, K, return_ml=True)
     for i, s in enumerate(sizes):
         ref = F.interpolate(logits[i:i + 1], size=s, mode="bilinear", align_corners=False)[0].argmax(0)
@@ -120,21 +123,21 @@ def test_eval_modes_and_selection_options(run: Path, tmp_path: Path) -> None:
                         torch.device("cpu"))
     assert 0 <= ms["miou"] <= 1 and ms["num_images"] == base["num_images"]
     # kappa = K at test time: the selection cannot miss a GT class.
-    full = evaluate_model(model, cfg, EvalOptions(kappa=K, progress=False), torch.device("cpu"))
+    full = evaluate_model(model, cfg, EvalOptions(progress=False, selection=SelectionOptions(kappa=K)), torch.device("cpu"))
     assert full["recall_at_kappa"] == pytest.approx(1.0)
     assert full["map"] == pytest.approx(base["map"])  # ml scores do not depend on kappa
     # GT (eval) oracle: every predicted class is one of the image's GT classes.
     preds = tmp_path / "oracle"
-    evaluate_model(model, cfg, EvalOptions(oracle=True, save_predictions=preds, progress=False), torch.device("cpu"))
+    evaluate_model(model, cfg, EvalOptions(save_predictions=preds, progress=False, selection=SelectionOptions(oracle=True)), torch.device("cpu"))
     ds = ShardDataset(cfg.data.root, "val")
     for i in range(len(ds)):
         item = ds.load(i)
         pred = cv2.imread(str(preds / f"{item['key']}.png"), cv2.IMREAD_UNCHANGED)
         assert set(np.unique(pred)) <= set(item["classes"].tolist())
-    dyn = evaluate_model(model, cfg, EvalOptions(dynamic_kappa=0.5, progress=False), torch.device("cpu"))
+    dyn = evaluate_model(model, cfg, EvalOptions(progress=False, selection=SelectionOptions(dynamic_kappa=0.5)), torch.device("cpu"))
     assert 0 <= dyn["miou"] <= 1
     with pytest.raises(UserError, match="dynamic-kappa"):
-        evaluate_model(model, cfg, EvalOptions(dynamic_kappa=2.0, progress=False), torch.device("cpu"))
+        evaluate_model(model, cfg, EvalOptions(progress=False, selection=SelectionOptions(dynamic_kappa=2.0)), torch.device("cpu"))
 
 
 def test_class_subset_errors(tmp_path: Path) -> None:
@@ -208,14 +211,13 @@ def test_oracle_fill_eval(run: Path, tmp_path: Path) -> None:
     every GT class and predicts only classes of the selection; the errors are one line."""
     model, cfg = runs.load_run(run, "cpu")
     dev = torch.device("cpu")
-    full = evaluate_model(model, cfg, EvalOptions(kappa=K, progress=False), dev)
-    ranked = evaluate_model(model, cfg, EvalOptions(kappa=K, oracle=True, oracle_fill="ranked", progress=False), dev)
+    full = evaluate_model(model, cfg, EvalOptions(progress=False, selection=SelectionOptions(kappa=K)), dev)
+    ranked = evaluate_model(model, cfg, EvalOptions(progress=False, selection=SelectionOptions(kappa=K, oracle=True, oracle_fill="ranked")), dev)
     assert ranked["miou"] == pytest.approx(full["miou"], abs=1e-12)
     preds = tmp_path / "random"
-    rep = evaluate_model(model, cfg, EvalOptions(oracle=True, oracle_fill="random", save_predictions=preds,
-                                                 progress=False), dev)
+    rep = evaluate_model(model, cfg, EvalOptions(save_predictions=preds, progress=False, selection=SelectionOptions(oracle=True, oracle_fill="random")), dev)
     assert 0 <= rep["miou"] <= 1
-    from rankseg_core.engine.evaluate import random_fill
+    from rankseg_core.model.selection import random_fill
 
     ds = ShardDataset(cfg.data.root, "val")
     for i in range(len(ds)):

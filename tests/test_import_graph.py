@@ -1,14 +1,22 @@
-"""The library's modules depend on each other one way: no import cycles, lazy imports included.
+"""The library's packages depend on each other one way (the layer contract), and its modules
+have no import cycles, lazy imports included.
 
-Data flows prepare -> shards -> dataset -> model -> loss -> metrics -> viz; a cycle (even one
-hidden in a function-level import) means two modules that cannot be read, tested or replaced
-on their own.
+The layers are declared once, in pyproject.toml's [tool.importlinter] (docs/architecture.md
+draws them); import-linter checks them here, and a planted upward import shows that the check
+can fail. A module cycle (even one hidden in a function-level import) means two modules that
+cannot be read, tested or replaced on their own.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("rankseg_core", "rankseg_cli")
@@ -95,6 +103,41 @@ def test_train_and_evaluate_depend_one_way() -> None:
     g = import_graph()
     assert "rankseg_core.engine.evaluate" in g["rankseg_core.engine.train"]
     assert "rankseg_core.engine.train" not in g["rankseg_core.engine.evaluate"]
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter over the packages under `root` (a fresh process, so that it analyses
+    that tree and not the rankseg already imported here)."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True, no_logo=True))"
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_layer_contract_is_kept() -> None:
+    res = _lint_imports(ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 kept, 0 broken" in res.stdout
+
+
+@pytest.mark.parametrize("module, planted, lazy", [
+    ("rankseg_core/model/heads.py", "from rankseg_core.engine import train", False),  # model -> engine: upward
+    ("rankseg_core/shards/read.py", "import rankseg_core.families", True),  # inside a function, still upward
+    ("rankseg_core/data/augment.py", "from rankseg_core.evaluation import metrics", False),  # siblings apart
+])
+def test_layer_contract_catches_a_planted_import(tmp_path: Path, module: str, planted: str, lazy: bool) -> None:
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / module
+    text = target.read_text()
+    if lazy:
+        text += f"\n\ndef _planted() -> None:\n    {planted}  # noqa\n"
+    else:
+        text += f"\n{planted}  # noqa\n"
+    target.write_text(text)
+    res = _lint_imports(tmp_path)
+    assert res.returncode != 0 and "BROKEN" in res.stdout.upper(), res.stdout + res.stderr
 
 
 def test_no_import_cycles() -> None:

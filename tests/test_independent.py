@@ -136,7 +136,7 @@ def test_classifier_run_and_eval_metrics_equal_an_independent_computation(classi
 
 
 @pytest.mark.parametrize("options, fragment", [(["--mode", "slide"], "a classifier predicts whole images"),
-                                               (["--oracle"], "a classifier has no selection"),
+                                               (["--oracle"], "segments nothing"),
                                                (["--dynamic-kappa", "0.1"], "use --kappa")])
 def test_classifier_eval_bad_options_are_one_line(classifier_run: Path, tmp_path: Path, options: list[str],
                                                   fragment: str) -> None:
@@ -148,16 +148,16 @@ def test_classifier_eval_bad_options_are_one_line(classifier_run: Path, tmp_path
 def test_classifier_refuses_oracle_and_selector(data: Path, classifier_run: Path) -> None:
     with pytest.raises(UserError, match="a classifier has no selection"):
         config(data, "model.model=classifier-vitt", "model.oracle=true")
-    with pytest.raises(UserError, match="only a segmenter"):
+    with pytest.raises(UserError, match="use a model of a family that does: segmenter"):
         config(data, "model.model=classifier-vitt", f"model.selector.run={classifier_run}")
 
 
 def test_classifier_clips_give_one_prediction_per_clip() -> None:
     from rankseg_core.config.model import ModelConfig
-    from rankseg_core.model.classifier import build_classifier
+    from rankseg_core.families.classifier import CLASSIFIER
 
     torch.manual_seed(0)
-    model = build_classifier(ModelConfig(model="classifier-vitt", num_classes=K, img_size=32, clip_len=2)).eval()
+    model = CLASSIFIER.build(ModelConfig(model="classifier-vitt", num_classes=K, img_size=32, clip_len=2)).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
@@ -289,7 +289,7 @@ def test_selector_cannot_change_under_resume_or_eval(data: Path, tmp_path: Path)
     (lambda d, c, s: ["--selector", str(c), "--no-select"], "use --head rankseg"),
     (lambda d, c, s: ["--selector", str(c), "--clip-len", "2"], "same --clip-len"),
     (lambda d, c, s: ["--selector", str(c), "--set", "aug.mean=1,2,3"], "same aug.mean"),
-    (lambda d, c, s: ["--model", "classifier-vitt", "--selector", str(c)], "only a segmenter"),
+    (lambda d, c, s: ["--model", "classifier-vitt", "--selector", str(c)], "use a model of a family that does: segmenter"),
 ])
 def test_cli_selector_bad_inputs(data: Path, classifier_run: Path, selected_run: Path, tmp_path: Path,
                                  make_args, fragment: str) -> None:

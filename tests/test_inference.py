@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rankseg_core.config.model import ModelConfig
+from rankseg_core.families.segmenter import SEGMENTER
 from rankseg_core.inference.dense import (
     compact_logits,
     predict_multiscale,
@@ -21,7 +22,7 @@ from rankseg_core.inference.dense import (
     scatter_to_classes,
 )
 from rankseg_core.model.heads import SegOutput
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.model.selection import Selection
 
 K = 10
 
@@ -29,7 +30,7 @@ K = 10
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(img_size=32, num_classes=K, kappa=3)).eval()
+    return SEGMENTER.build(ModelConfig(img_size=32, num_classes=K, kappa=3)).eval()
 
 
 def test_scatter_minus_100() -> None:
@@ -135,7 +136,7 @@ def test_scaled_size_rounds_half_up() -> None:
 
 def test_predict_with_gt_override(model) -> None:
     x = torch.randn(1, 3, 32, 32)
-    logits = predict_slide(model, x, K, crop=32, stride=16, select_override=[torch.tensor([2, 6])])
+    logits = predict_slide(model, x, K, crop=32, stride=16, selection=Selection(override=[torch.tensor([2, 6])]))
     selected = (logits[0, :, 0, 0] != -100).nonzero().flatten().tolist()
     assert selected == [2, 6]
 
@@ -171,7 +172,7 @@ def test_compact_logits_batch_union_fills_other_images_classes() -> None:
 
 def test_compact_maps_stay_near_kappa_channels_at_large_k() -> None:
     torch.manual_seed(0)
-    big_k = build_model(ModelConfig(img_size=32, num_classes=200, kappa=4)).eval()
+    big_k = SEGMENTER.build(ModelConfig(img_size=32, num_classes=200, kappa=4)).eval()
     maps, _ = predict_probs(big_k, torch.randn(2, 3, 32, 32), 200, scales=(1.0, 1.25), flip=True)
     for m in maps:  # 4 passes of kappa 4 per image, never 200 (nor the other image's classes)
         assert 4 <= m.classes.numel() <= 4 * 4

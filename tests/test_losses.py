@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rankseg_core.config.model import ModelConfig
+from rankseg_core.families.segmenter import SEGMENTER
 from rankseg_core.losses.rankseg import (
     PAD_LOGIT,
     RankSegCriterion,
@@ -23,7 +24,7 @@ from rankseg_core.losses.rankseg import (
     selection_stats,
 )
 from rankseg_core.model.heads import SegOutput
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.model.selection import Selection
 
 IGN = 255
 
@@ -160,10 +161,10 @@ def test_criterion_on_fake_output_matches_parts() -> None:
 def test_criterion_end_to_end_gradients(kw: dict) -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(**{"img_size": 32, "num_classes": 8, "kappa": 3, **kw})
-    model = build_model(cfg).train()
+    model = SEGMENTER.build(cfg).train()
     labels = torch.randint(0, 8, (2, 32, 32))
     labels[:, :4] = IGN
-    out = model(torch.randn(2, 3, 32, 32), gt_classes=present_classes(labels, 8, IGN))
+    out = model(torch.randn(2, 3, 32, 32), Selection(gt_classes=present_classes(labels, 8, IGN)))
     res = RankSegCriterion(num_classes=8, ignore_index=IGN, clip_len=cfg.clip_len)(out, labels)
     assert all(torch.isfinite(v) for v in res.values())
     res["loss"].backward()

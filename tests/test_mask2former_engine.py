@@ -31,6 +31,7 @@ from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
 from rankseg_core.engine.train import train
 from rankseg_core.evaluation.metrics import ConfusionMatrix
 from rankseg_core.evaluation.panoptic_quality import PanopticQuality, gt_from_shard
+from rankseg_core.families.mask2former import ml_branch_names, no_weight_decay
 from rankseg_core.shards.read import ShardDataset
 
 runner = CliRunner()
@@ -89,7 +90,7 @@ def test_optimizer_groups_follow_detectron2(pan_data: Path) -> None:
     model = family_of(cfg.model.model).build(cfg.model)
     opt = build_optimizer(model, cfg)
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
-    no_wd, ml = model.no_weight_decay(), model.ml_branch_names()
+    no_wd, ml = no_weight_decay(model), ml_branch_names(model)
     assert ml and no_wd
     for name, p in model.named_parameters():
         g = group_of[id(p)]

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from m2f_tiny import tiny_cfg
 
+from rankseg_core.losses import mask2former as crit_mod
 from rankseg_core.losses.mask2former import Mask2FormerCriterion, column_targets, mask_losses
 from rankseg_core.losses.matcher import hungarian_match, matching_cost
 from rankseg_core.losses.points import pixel_centres, point_sample, uncertain_points
-from rankseg_core.losses.rankseg import mask2former as crit_mod
 from rankseg_core.losses.targets import gt_classes_from, ml_targets_from, targets_from_panoptic, targets_from_semantic
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 

@@ -11,10 +11,12 @@ from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig, from_dict, parse_override, set_key, to_yaml
 from rankseg_core.errors import UserError
+from rankseg_core.families import family_of
+from rankseg_core.families.mask2former import MASK2FORMER, MODELS, ml_branch_names, no_weight_decay, num_queries
 from rankseg_core.model.heads import FILL_LOGIT
 from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights
-from rankseg_core.model.mask2former.model import build_mask2former
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm, selected_logits
+from rankseg_core.model.selection import Selection
 
 K, KAPPA = 10, 4
 FAST = ["mask2former-r50", "mask2former-swint", "mask2former-swins"]
@@ -46,7 +48,7 @@ def test_shapes_every_backbone(name: str, head: str) -> None:
 def test_backbone_pyramid_is_nchw_strides_4_to_32(name: str) -> None:
     import timm
 
-    bb = PyramidBackbone(name, Mask2FormerConfig()).eval()
+    bb = PyramidBackbone(MODELS[name], Mask2FormerConfig()).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         feats = bb(x)
@@ -148,7 +150,7 @@ def test_inference_needs_no_ground_truth_but_oracle_does() -> None:
     with pytest.raises(ValueError, match="gt_classes"):
         oracle(torch.randn(1, 3, 64, 64))
     with torch.no_grad():
-        out = oracle(torch.randn(2, 3, 64, 64), gt_classes=[torch.tensor([7, 2, 255]), torch.tensor([5])])
+        out = oracle(torch.randn(2, 3, 64, 64), Selection(gt_classes=[torch.tensor([7, 2, 255]), torch.tensor([5])]))
     assert out.topk_index.tolist() == [[2, 7], [5, 0]]  # sorted by id, ignore dropped, padded
     assert out.valid.tolist() == [[True, True], [True, False]]
     assert out.pred_logits.shape[-1] == 3
@@ -160,11 +162,11 @@ def test_select_override_dynamic_threshold_and_eval_kappa() -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         base = model(x)
-        over = model(x, select_override=[torch.tensor([1, 8, 1]), torch.tensor([3])])
-        big = model(x, kappa=7)
+        over = model(x, Selection(override=[torch.tensor([1, 8, 1]), torch.tensor([3])]))
+        big = model(x, Selection(kappa=7))
         probs = base.ml_logits.sigmoid()
         thr = float(probs[0].sort(descending=True).values[1])  # image 0 keeps 1 class
-        dyn = model(x, dynamic_threshold=thr)
+        dyn = model(x, Selection(dynamic_threshold=thr))
     scores = base.ml_logits
     assert set(over.topk_index[0].tolist()) == {1, 8}
     assert scores[0, over.topk_index[0, 0]] >= scores[0, over.topk_index[0, 1]]  # ordered by ml score
@@ -176,7 +178,7 @@ def test_select_override_dynamic_threshold_and_eval_kappa() -> None:
 
     baseline = tiny_model(head="segmenter").eval()
     with torch.no_grad():
-        out = baseline(x, select_override=[torch.tensor([0, 4]), torch.tensor([9])])
+        out = baseline(x, Selection(override=[torch.tensor([0, 4]), torch.tensor([9])]))
     assert out.topk_index is None and out.pred_logits.shape[-1] == K + 1
     assert out.valid[0].nonzero().flatten().tolist() == [0, 4]
     assert (out.pred_logits[1, :, :9] == FILL_LOGIT).all() and (out.pred_logits[1, :, 9:] != FILL_LOGIT).all()
@@ -205,7 +207,7 @@ def test_plus_mt_keeps_class_order_with_layernorm() -> None:
 
 def test_no_weight_decay_and_ml_branch_names() -> None:
     model = tiny_model(model="mask2former-swint")
-    nwd, ml = model.no_weight_decay(), model.ml_branch_names()
+    nwd, ml = no_weight_decay(model), ml_branch_names(model)
     assert "decoder.query_feat.weight" in nwd and "ml_head.cls_emb" in nwd and "ml_norm.weight" in nwd
     assert any(n.endswith("relative_position_bias_table") for n in nwd)
     assert "class_embed.weight" not in nwd and "decoder.mask_embed.layers.0.bias" not in nwd  # official: biases decay
@@ -221,21 +223,21 @@ def test_config_errors_are_user_errors() -> None:
            {"m2f": {"importance_sample_ratio": 1.5}}, {"model": "mask2former-swinx"}]
     for kw in bad:
         with pytest.raises(UserError):
-            build_mask2former(tiny_cfg(**kw))
+            MASK2FORMER.build(tiny_cfg(**kw))
 
 
 def test_official_query_count_and_set_overrides() -> None:
-    m = Mask2FormerConfig()
-    assert m.queries("mask2former-swinl") == 100 and m.queries("mask2former-r50") == 100
-    m.task = "panoptic"
-    assert m.queries("mask2former-swinl") == 200 and m.queries("mask2former-r50") == 100
+    swinl, r50 = ModelConfig(model="mask2former-swinl"), ModelConfig(model="mask2former-r50")
+    assert num_queries(swinl) == 100 and num_queries(r50) == 100
+    swinl.mask2former.task = r50.mask2former.task = "panoptic"
+    assert num_queries(swinl) == 200 and num_queries(r50) == 100
     cfg = TrainConfig()
     for text in ("model.model=mask2former-swinl", "model.mask2former.num_queries=50",
                  "model.mask2former.task=panoptic", "model.mask2former.cosine_logits=false"):
         key, value = parse_override(text)
         set_key(cfg, key, value)
     assert cfg.model.mask2former.num_queries == 50 and cfg.model.mask2former.task == "panoptic"
-    assert cfg.model.mask2former.cosine_logits is False and cfg.model.family == "mask2former"
+    assert cfg.model.mask2former.cosine_logits is False and family_of(cfg.model.model) is MASK2FORMER
     set_key(cfg, "model.mask2former.num_queries", "null")
     assert cfg.model.mask2former.num_queries is None
     import yaml
@@ -255,11 +257,11 @@ def test_local_backbone_weights(tmp_path) -> None:
     src = timm.create_model("resnet50", pretrained=False, num_classes=7)
     path = tmp_path / "r50.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    model = build_mask2former(tiny_cfg(backbone_weights=str(path)))
+    model = MASK2FORMER.build(tiny_cfg(backbone_weights=str(path)))
     assert torch.equal(model.backbone.body.conv1.weight, src.conv1.weight)
     assert torch.equal(model.backbone.body.layer4[2].bn3.running_var, src.layer4[2].bn3.running_var)
     with pytest.raises(UserError, match="not found"):
-        build_mask2former(tiny_cfg(backbone_weights=str(tmp_path / "nope.pth")))
+        MASK2FORMER.build(tiny_cfg(backbone_weights=str(tmp_path / "nope.pth")))
     other = tmp_path / "other.pth"
     torch.save({"foo.weight": torch.zeros(2)}, other)
     with pytest.raises(UserError, match="no key"):
@@ -277,7 +279,7 @@ def test_swin_weights_load_through_timm_filter(tmp_path) -> None:
     src = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5)
     path = tmp_path / "swin.pth"
     torch.save({"model": src.state_dict()}, path)
-    model = build_mask2former(tiny_cfg(model="mask2former-swint", backbone_weights=str(path)))
+    model = MASK2FORMER.build(tiny_cfg(model="mask2former-swint", backbone_weights=str(path)))
     body = model.backbone.body
     assert torch.equal(body.layers[2].blocks[1].attn.qkv.weight, src.layers[2].blocks[1].attn.qkv.weight)
     assert torch.equal(body.layers[0].blocks[0].attn.relative_position_bias_table,
@@ -285,6 +287,6 @@ def test_swin_weights_load_through_timm_filter(tmp_path) -> None:
 
 
 def test_model_config_family_and_segmenter_untouched() -> None:
-    assert ModelConfig().family == "segmenter"
-    assert ModelConfig(model="mask2former-r50").family == "mask2former"
+    assert family_of(ModelConfig().model).name == "segmenter"
+    assert family_of(ModelConfig(model="mask2former-r50").model).name == "mask2former"
     ModelConfig(model="mask2former-r50", clip_len=1).validate()

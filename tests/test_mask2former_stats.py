@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.engine.model_stats import count_flops, count_parameters, model_stats
-from rankseg_core.model.mask2former.model import build_mask2former
+from rankseg_core.families.mask2former import MASK2FORMER, num_queries
 
 # Main paper Table 8 (Mask2Former Swin-L, ADE20K, K = 150): (task, head) -> #params as printed,
 # in "M" = 2^20 parameters (docs/mask2former.md, "Cost").
@@ -56,10 +56,10 @@ def swinl_pyramid_params() -> int:
 def test_swinl_counts_equal_the_architecture_and_table8(task: str, head: str) -> None:
     cfg = ModelConfig(model="mask2former-swinl", num_classes=150, kappa=150, head=head, img_size=640,
                       mask2former=Mask2FormerConfig(task=task))
-    model = build_mask2former(cfg)
+    model = MASK2FORMER.build(cfg)
     n = count_parameters(model)
     m = cfg.mask2former
-    expected = swinl_pyramid_params() + head_formula(150, m.queries(cfg.model), 150, head == "rankseg",
+    expected = swinl_pyramid_params() + head_formula(150, num_queries(cfg), 150, head == "rankseg",
                                                      [192, 384, 768, 1536], m)
     assert n == expected
     # Table 8 prints the count in units of 2^20, rounded to 0.01: ours rounds to the same digits.
@@ -72,8 +72,8 @@ def test_swinl_counts_equal_the_architecture_and_table8(task: str, head: str) ->
 def test_rankseg_increment_matches_table8() -> None:
     """Table 8's +3.28 (in 2^20 units) is the whole increment: the ml head (projection, class
     embeddings, one block, LayerNorm, GroupWiseLinear) + LayerNorm(kappa + 1) - the class bias."""
-    base = build_mask2former(ModelConfig(model="mask2former-swinl", num_classes=150, kappa=150, head="segmenter"))
-    rank = build_mask2former(ModelConfig(model="mask2former-swinl", num_classes=150, kappa=150, head="rankseg"))
+    base = MASK2FORMER.build(ModelConfig(model="mask2former-swinl", num_classes=150, kappa=150, head="segmenter"))
+    rank = MASK2FORMER.build(ModelConfig(model="mask2former-swinl", num_classes=150, kappa=150, head="rankseg"))
     delta = count_parameters(rank) - count_parameters(base)
     m = Mask2FormerConfig()
     assert delta == head_formula(150, 100, 150, True, [192, 384, 768, 1536], m) - head_formula(
@@ -87,8 +87,8 @@ def test_panoptic_adds_100_queries_only_for_swin_l() -> None:
     pan = model_stats(ModelConfig(model="mask2former-r50", num_classes=150, head="segmenter",
                                   mask2former=Mask2FormerConfig(task="panoptic")), flops=False)
     assert sem["queries"] == pan["queries"] == 100 and sem["params"] == pan["params"]
-    m = Mask2FormerConfig(task="panoptic")
-    assert m.queries("mask2former-swinl") - Mask2FormerConfig().queries("mask2former-swinl") == 100
+    pan_l = ModelConfig(model="mask2former-swinl", mask2former=Mask2FormerConfig(task="panoptic"))
+    assert num_queries(pan_l) - num_queries(ModelConfig(model="mask2former-swinl")) == 100
     expected = 23_454_912 + head_formula(150, 100, 150, False, [256, 512, 1024, 2048], Mask2FormerConfig())
     assert sem["params"] == expected  # ResNet-50 with frozen BN (buffers) + the head
     assert sem["params_backbone"] + sem["params_head"] == sem["params"] and sem["params_ml_head"] == 0
@@ -97,11 +97,11 @@ def test_panoptic_adds_100_queries_only_for_swin_l() -> None:
 def test_class_head_flops_scale_with_kappa_not_k() -> None:
     """Real pruning: the class logits cost 2*Q*C*D per prediction step, C = kappa + 1 columns."""
     q, d, steps = TINY.num_queries, TINY.hidden_dim, TINY.dec_layers + 1
-    r4 = count_flops(tiny_model(num_classes=40, kappa=4), 64)
-    r8 = count_flops(tiny_model(num_classes=40, kappa=8), 64)
+    r4 = count_flops(m := tiny_model(num_classes=40, kappa=4), m.cfg, 64)
+    r8 = count_flops(m := tiny_model(num_classes=40, kappa=8), m.cfg, 64)
     assert r8["flops"] - r4["flops"] == 2 * q * 4 * d * steps
-    b10 = count_flops(tiny_model(num_classes=10, head="segmenter"), 64)
-    b40 = count_flops(tiny_model(num_classes=40, head="segmenter"), 64)
+    b10 = count_flops(m := tiny_model(num_classes=10, head="segmenter"), m.cfg, 64)
+    b40 = count_flops(m := tiny_model(num_classes=40, head="segmenter"), m.cfg, 64)
     assert b40["flops"] - b10["flops"] == 2 * q * 30 * d * steps
     assert b40["backbone_flops"] == r4["backbone_flops"] > 0
     assert b40["head_flops"] == b40["flops"] - b40["backbone_flops"]

@@ -7,9 +7,11 @@ import torch
 
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.errors import UserError
+from rankseg_core.families import family_of
+from rankseg_core.families.segmenter import SEGMENTER
 from rankseg_core.model.backbone import load_backbone_weights
 from rankseg_core.model.heads import FILL_LOGIT, RankNorm
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.model.selection import Selection
 
 K, KAPPA, IMG = 12, 4, 32
 
@@ -30,7 +32,7 @@ GT = [torch.tensor([1, 3]), torch.tensor([2]), torch.tensor([0, 5, 7]), torch.te
 def make(seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = ModelConfig(**{"img_size": IMG, "num_classes": K, "kappa": KAPPA, **kw})
-    return build_model(cfg)
+    return SEGMENTER.build(cfg)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -39,7 +41,7 @@ def test_output_shapes(name: str) -> None:
     model = make(**kw).eval()
     x = torch.randn(4, 3, 32, 48)
     with torch.no_grad():
-        out = model(x, gt_classes=GT)
+        out = model(x, Selection(gt_classes=GT))
     h, w = 2, 3
     selects = kw.get("head") != "segmenter" and kw.get("select", True)
     c = (3 if name == "oracle" else min(kw.get("kappa", KAPPA), K)) if selects else K
@@ -92,13 +94,13 @@ def test_dynamic_threshold_pads_and_matches_per_image() -> None:
         # a threshold that gives the images different numbers of classes, so padding happens
         thr = next(float(t) for t in probs.flatten().sort().values
                    if len(set((probs > t).sum(1).tolist())) > 1)
-        out = model(x, dynamic_threshold=thr)
+        out = model(x, Selection(dynamic_threshold=thr))
         n = (probs > thr).sum(1).clamp(1, K)
         assert out.mask_logits.shape[1] == int(n.max())
         assert torch.equal(out.valid.sum(1), n)
         assert (out.mask_logits[~out.valid] == FILL_LOGIT).all()
         for i in range(3):
-            one = model(x[i : i + 1], dynamic_threshold=thr)
+            one = model(x[i : i + 1], Selection(dynamic_threshold=thr))
             ni = int(n[i])
             assert one.mask_logits.shape[1] == ni
             torch.testing.assert_close(out.mask_logits[i : i + 1, :ni], one.mask_logits, atol=1e-5, rtol=1e-4)
@@ -108,7 +110,7 @@ def test_eval_kappa_larger_than_trained_repeats_last_gamma() -> None:
     model = make().eval()
     with torch.no_grad():
         model.head.mask_norm.weight.copy_(torch.arange(1.0, KAPPA + 1))
-        out = model(torch.randn(1, 3, IMG, IMG), kappa=KAPPA + 3)
+        out = model(torch.randn(1, 3, IMG, IMG), Selection(kappa=KAPPA + 3))
     assert out.mask_logits.shape[1] == KAPPA + 3
     gamma, _ = model.head.mask_norm.affine(KAPPA + 3)
     assert gamma.tolist() == [1.0, 2.0, 3.0, 4.0, 4.0, 4.0, 4.0]
@@ -118,14 +120,14 @@ def test_select_override_and_oracle() -> None:
     model = make().eval()
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
-        out = model(x, select_override=[torch.tensor([5, 2, 5]), torch.tensor([9])])
+        out = model(x, Selection(override=[torch.tensor([5, 2, 5]), torch.tensor([9])]))
     assert out.mask_logits.shape[1] == 2
     assert set(out.topk_index[0].tolist()) == {2, 5}
     assert out.topk_index[1, 0] == 9 and not out.valid[1, 1]
 
     oracle = make(oracle=True).eval()
     with torch.no_grad():
-        out = oracle(x, gt_classes=[torch.tensor([7, 1, 255]), torch.tensor([3])])
+        out = oracle(x, Selection(gt_classes=[torch.tensor([7, 1, 255]), torch.tensor([3])]))
     assert out.topk_index[0].tolist() == [1, 7]  # sorted by id, ignore dropped
     assert out.valid.tolist() == [[True, True], [True, False]]
     with pytest.raises(ValueError):
@@ -135,7 +137,7 @@ def test_select_override_and_oracle() -> None:
 def test_override_on_class_ordered_model_masks_channels() -> None:
     model = make(head="segmenter").eval()
     with torch.no_grad():
-        out = model(torch.randn(1, 3, IMG, IMG), select_override=[torch.tensor([0, 4])])
+        out = model(torch.randn(1, 3, IMG, IMG), Selection(override=[torch.tensor([0, 4])]))
     assert out.topk_index is None and out.valid.shape == (1, K)
     assert out.valid[0].nonzero().flatten().tolist() == [0, 4]
 
@@ -194,7 +196,8 @@ def test_config_errors_are_user_errors() -> None:
     for bad in (dict(model="resnet"), dict(head="x"), dict(tau="x"), dict(ml_head="x"), dict(img_size=40),
                 dict(kappa=0), dict(clip_len=0)):
         with pytest.raises(UserError):
-            build_model(ModelConfig(**{"img_size": IMG, "num_classes": K, **bad}))
+            cfg = ModelConfig(**{"img_size": IMG, "num_classes": K, **bad})
+            family_of(cfg.model).build(cfg)
 
 
 def test_kappa_clamped_to_num_classes() -> None:
@@ -216,7 +219,7 @@ def test_load_local_weights_resamples_pos_embed(tmp_path, suffix: str) -> None:
         save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     else:
         torch.save({"model": src.state_dict()}, path)
-    model = build_model(ModelConfig(img_size=64, num_classes=K, backbone_weights=str(path)))
+    model = SEGMENTER.build(ModelConfig(img_size=64, num_classes=K, backbone_weights=str(path)))
     vit = model.backbone.vit
     assert torch.equal(vit.patch_embed.proj.weight, src.patch_embed.proj.weight)
     assert vit.pos_embed.shape[1] == 1 + 16  # 4x4 grid after resampling from 2x2
@@ -225,19 +228,9 @@ def test_load_local_weights_resamples_pos_embed(tmp_path, suffix: str) -> None:
 
 def test_missing_or_wrong_weights_raise_user_error(tmp_path) -> None:
     with pytest.raises(UserError, match="not found"):
-        build_model(ModelConfig(img_size=IMG, num_classes=K, backbone_weights=str(tmp_path / "nope.pth")))
+        SEGMENTER.build(ModelConfig(img_size=IMG, num_classes=K, backbone_weights=str(tmp_path / "nope.pth")))
     bad = tmp_path / "other.pth"
     torch.save({"foo.weight": torch.zeros(2)}, bad)
     model = make()
     with pytest.raises(UserError):
         load_backbone_weights(model.backbone, bad)
-
-
-def test_no_weight_decay_and_ml_branch_names() -> None:
-    model = make()
-    nwd = model.no_weight_decay()
-    assert "head.cls_emb" in nwd and "backbone.vit.pos_embed" in nwd and "head.mask_norm.weight" in nwd
-    assert "head.proj_patch" not in nwd
-    ml = model.ml_branch_names()
-    assert "head.ml_fc.W" in ml and any(n.startswith("head.blocks.0.") for n in ml)
-    assert not any(n.startswith("head.blocks.1.") for n in ml)

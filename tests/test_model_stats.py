@@ -7,7 +7,7 @@ import torch
 
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.engine.model_stats import count_flops, count_parameters, model_stats
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.families.segmenter import SEGMENTER
 
 
 def test_count_parameters_small_module() -> None:
@@ -23,10 +23,10 @@ def test_count_flops_linear_by_hand() -> None:
             super().__init__()
             self.lin = torch.nn.Linear(15, 7, bias=False)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, selection: object = None) -> torch.Tensor:
             return self.lin(x.flatten(1))
 
-    res = count_flops(Tiny(), (1, 5))  # without a cfg the input is 1 x 3 x 1 x 5 -> 15 features
+    res = count_flops(Tiny(), ModelConfig(), (1, 5))  # the input is 1 x 3 x 1 x 5 -> 15 features
     assert res["macs"] == 15 * 7 and res["flops"] == 2 * 15 * 7
 
 
@@ -40,8 +40,8 @@ def test_model_stats_tiny(kw: dict) -> None:
 
 
 def test_flops_grow_with_classes_for_baseline_only_in_head() -> None:
-    small = count_flops(build_model(ModelConfig(img_size=32, num_classes=10, head="segmenter")), 32)
-    large = count_flops(build_model(ModelConfig(img_size=32, num_classes=100, head="segmenter")), 32)
+    small = count_flops(m := SEGMENTER.build(ModelConfig(img_size=32, num_classes=10, head="segmenter")), m.cfg, 32)
+    large = count_flops(m := SEGMENTER.build(ModelConfig(img_size=32, num_classes=100, head="segmenter")), m.cfg, 32)
     assert large["backbone_flops"] == small["backbone_flops"] and large["head_flops"] > small["head_flops"]
 
 
@@ -59,7 +59,7 @@ PAPER_PARAMS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("num_classes,kappa,head,paper", PAPER_PARAMS)
 def test_paper_parameter_counts_vit_b(num_classes: int, kappa: int, head: str, paper: float) -> None:
-    model = build_model(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=num_classes, kappa=kappa,
+    model = SEGMENTER.build(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=num_classes, kappa=kappa,
                                     head=head))
     n = count_parameters(model)
     assert abs(n - paper) / paper < 0.01, f"{n / 1e6:.2f}M vs paper {paper / 1e6:.2f}M"
@@ -69,7 +69,7 @@ def test_paper_parameter_counts_vit_b(num_classes: int, kappa: int, head: str, p
 @pytest.mark.parametrize("ml_head,paper", [("trandec", 114.27e6), ("gap", 103.24e6)])
 def test_paper_parameter_counts_ml_heads(ml_head: str, paper: float) -> None:
     # Table 6 (COCO-Stuff, K = 171, kappa = 50)
-    model = build_model(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=171, kappa=50,
+    model = SEGMENTER.build(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=171, kappa=50,
                                     ml_head=ml_head))
     n = count_parameters(model)
     assert abs(n - paper) / paper < 0.01, f"{n / 1e6:.2f}M vs paper {paper / 1e6:.2f}M"
@@ -79,9 +79,9 @@ def test_paper_parameter_counts_ml_heads(ml_head: str, paper: float) -> None:
 def test_flops_vit_b_rankseg_cheaper_than_baseline_at_1284_classes() -> None:
     # Paper: 102.53G (baseline) vs 99.59G (RankSeg). Its mmcv counter differs from
     # FlopCounterMode in absolute value, but selecting 100 of 1284 classes must cut the head.
-    base = count_flops(build_model(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=1284,
-                                               head="segmenter")), 512)
-    rank = count_flops(build_model(ModelConfig(model="segmenter-vitb", img_size=512, num_classes=1284,
-                                               kappa=100)), 512)
+    base_cfg = ModelConfig(model="segmenter-vitb", img_size=512, num_classes=1284, head="segmenter")
+    rank_cfg = ModelConfig(model="segmenter-vitb", img_size=512, num_classes=1284, kappa=100)
+    base = count_flops(SEGMENTER.build(base_cfg), base_cfg)
+    rank = count_flops(SEGMENTER.build(rank_cfg), rank_cfg)
     assert rank["flops"] < base["flops"]
     assert rank["backbone_flops"] == base["backbone_flops"]

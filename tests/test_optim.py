@@ -11,10 +11,10 @@ from torch import nn
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.engine.configure import resolve
-from rankseg_core.engine.optim import build_optimizer, param_multipliers, sorted_custom_keys
+from rankseg_core.engine.optim import build_optimizer
 from rankseg_core.errors import UserError
-from rankseg_core.families.segmenter import official_custom_keys
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.families.base import listed_groups, param_multipliers, sorted_custom_keys
+from rankseg_core.families.segmenter import SEGMENTER, official_custom_keys
 
 BASE_LR, BASE_WD = 0.001, 1e-6
 
@@ -53,7 +53,7 @@ def make(ml_head: str = "tranenc", head: str = "rankseg", oracle: bool = False, 
     for k, v in optim.items():
         setattr(cfg.optim, k, v)
     resolve(cfg)
-    return build_model(cfg.model), cfg
+    return SEGMENTER.build(cfg.model), cfg
 
 
 @pytest.mark.parametrize("variant", [{}, {"ml_head": "trandec"}, {"ml_head": "gap"}, {"head": "segmenter"},
@@ -85,12 +85,14 @@ def test_official_ade20k_keys_by_hand() -> None:
 
 
 def test_ml_keys_select_the_models_ml_branch() -> None:
-    """The config's ml-branch keys (official names, renamed) select exactly the parameters
-    the model reports as its ml branch, apart from decoder_norm2 which "norm" exempts."""
+    """The config's ml-branch keys (official names, renamed) select exactly the parameters of
+    the model's ml branch: block 0 and ml_fc of TranEnc (its decoder_norm2 is exempt through
+    "norm", as in the official configs), the whole ml_branch of TranDec / GAP."""
     for ml_head in ("tranenc", "trandec", "gap"):
         model, cfg = make(ml_head=ml_head)
         hundred = {n for n, m in param_multipliers(model, cfg.optim.custom_keys).items() if m[1] == 100}
-        assert hundred == {n for n in model.ml_branch_names() if "decoder_norm2" not in n}, ml_head
+        branch = ("head.blocks.0.", "head.ml_fc.") if ml_head == "tranenc" else ("head.ml_branch.",)
+        assert hundred == {n for n, _ in model.named_parameters() if n.startswith(branch)}, ml_head
     model, cfg = make(head="segmenter")
     assert all(m[1] != 100 for m in param_multipliers(model, cfg.optim.custom_keys).values())
 
@@ -136,26 +138,17 @@ def test_lr_mult_and_adamw_and_unresolved_config() -> None:
     assert len(build_optimizer(model, raw).param_groups) == 3  # (1, 0), (1, 1), (1, 100)
 
 
-def test_other_families_use_the_models_own_groups() -> None:
-    """No official custom keys outside the Segmenter family: custom_keys stays None and the
-    model's no_weight_decay() / ml_branch_names() decide (the Mask2Former family uses this)."""
+def test_listed_groups_follow_detectron2() -> None:
+    """Families without custom keys (Mask2Former) list their groups: decay 0 for the no-decay
+    list, the ml multipliers for the ml branch, the backbone multiplier on backbone.*."""
     class Other(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body, self.ml_head, self.norm = nn.Linear(2, 2), nn.Linear(2, 2), nn.LayerNorm(2)
-
-        def no_weight_decay(self) -> set[str]:
-            return {"norm.weight", "norm.bias"}
-
-        def ml_branch_names(self) -> set[str]:
-            return {"ml_head.weight", "ml_head.bias"}
+            self.backbone, self.ml_head, self.norm = nn.Linear(2, 2), nn.Linear(2, 2), nn.LayerNorm(2)
 
     cfg = TrainConfig()
-    cfg.model.model = "otherfamily-x"
-    cfg.optim.weight_decay, cfg.optim.ml_lr_mult, cfg.optim.ml_wd_mult = 0.05, 0.1, 1.0
-    assert official_custom_keys(cfg) is None
+    cfg.optim.weight_decay, cfg.optim.ml_lr_mult, cfg.optim.ml_wd_mult, cfg.optim.backbone_lr_mult = 0.05, 0.1, 3.0, 0.5
     model = Other()
-    opt = build_optimizer(model, cfg)
-    by_id = {id(p): (g["lr_mult"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
-    assert by_id[id(model.body.weight)] == (1.0, 0.05) and by_id[id(model.norm.bias)] == (1.0, 0.0)
-    assert by_id[id(model.ml_head.weight)] == (0.1, pytest.approx(0.05))
+    mults = listed_groups(model, cfg.optim, no_decay={"norm.weight", "norm.bias"}, ml={"ml_head.weight", "ml_head.bias"})
+    assert mults["backbone.weight"] == (0.5, 1.0) and mults["norm.bias"] == (1.0, 0.0)
+    assert mults["ml_head.weight"] == (0.1, 3.0)

@@ -9,10 +9,10 @@ import torch
 from m2f_tiny import tiny_model
 
 from rankseg_core.config.model import ModelConfig
-from rankseg_core.engine.evaluate import EvalOptions, random_fill
+from rankseg_core.engine.evaluate import EvalOptions
 from rankseg_core.errors import UserError
-from rankseg_core.model.segmenter import build_model
-from rankseg_core.model.selection import fill_from_ranking
+from rankseg_core.families.segmenter import SEGMENTER
+from rankseg_core.model.selection import Selection, SelectionOptions, fill_from_ranking, random_fill
 
 
 def test_fill_from_ranking_hand_built() -> None:
@@ -51,7 +51,7 @@ def test_ranked_fill_selects_gt_plus_best_others(family: str) -> None:
     kappa = 4
     if family == "segmenter":
         torch.manual_seed(0)
-        model = build_model(ModelConfig(img_size=32, num_classes=12, kappa=kappa)).eval()
+        model = SEGMENTER.build(ModelConfig(img_size=32, num_classes=12, kappa=kappa)).eval()
         x = torch.randn(2, 3, 32, 32)
     else:
         model = tiny_model(kappa=kappa).eval()
@@ -61,22 +61,22 @@ def test_ranked_fill_selects_gt_plus_best_others(family: str) -> None:
         ranking = plain.ml_logits.argsort(dim=1, descending=True).tolist()
         gt = [[ranking[0][6], ranking[0][1]],  # one GT class far outside the top-kappa
               ranking[1][:2]]                   # both inside: the fill gives the plain top-kappa
-        filled = model(x, select_override=[torch.tensor(g) for g in gt], select_fill=kappa)
+        filled = model(x, Selection(override=[torch.tensor(g) for g in gt], fill=kappa))
     for i in range(2):
         assert set(filled.topk_index[i].tolist()) == _expected(ranking[i], gt[i], kappa)
     assert torch.equal(filled.topk_index[1], plain.topk_index[1])
     out_f = filled.mask_logits if family == "segmenter" else filled.pred_logits
     out_p = plain.mask_logits if family == "segmenter" else plain.pred_logits
     assert torch.allclose(out_f[1], out_p[1], atol=1e-6)
-    baseline = (build_model(ModelConfig(img_size=32, num_classes=12, head="segmenter")) if family == "segmenter"
+    baseline = (SEGMENTER.build(ModelConfig(img_size=32, num_classes=12, head="segmenter")) if family == "segmenter"
                 else tiny_model(head="segmenter")).eval()
     with pytest.raises(ValueError, match="ranking"), torch.no_grad():
-        baseline(x, select_override=[torch.tensor(g) for g in gt], select_fill=kappa)
+        baseline(x, Selection(override=[torch.tensor(g) for g in gt], fill=kappa))
 
 
 def test_options_checked() -> None:
     with pytest.raises(UserError, match="add --oracle"):
-        EvalOptions(oracle_fill="ranked").check()
+        EvalOptions(selection=SelectionOptions(oracle_fill="ranked")).check()
     with pytest.raises(UserError, match="ranked or random"):
-        EvalOptions(oracle=True, oracle_fill="hard").check()
-    EvalOptions(oracle=True, oracle_fill="random").check()
+        EvalOptions(selection=SelectionOptions(oracle=True, oracle_fill="hard")).check()
+    EvalOptions(selection=SelectionOptions(oracle=True, oracle_fill="random")).check()

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.engine.configure import resolve
-from rankseg_core.families.segmenter import predict
-from rankseg_core.inference.dense import predict_probs, scale_sizes
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.families.base import InferenceProtocol
+from rankseg_core.families.segmenter import SEGMENTER, predict
+from rankseg_core.inference.dense import mmseg_scale_sizes, predict_probs
+from rankseg_core.model.selection import NO_SELECTION, Selection
 
 K = 12
 PATCH = 16
@@ -35,7 +36,7 @@ def ref_encode_decode(model, img: torch.Tensor, **kw) -> torch.Tensor:
         x = F.pad(x, (0, 0, 0, PATCH - h_img % PATCH))
     if w_img % PATCH != 0:
         x = F.pad(x, (0, PATCH - w_img % PATCH, 0, 0))
-    out = model(x, **kw)
+    out = model(x, Selection(**kw))
     masks = out.mask_logits
     b, _, h, w = masks.shape
     if out.topk_index is None:
@@ -113,8 +114,8 @@ def ref_predict(model, img, ori_shape, scales, flip, mode, crop, stride, **kw) -
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    return {"rankseg": build_model(ModelConfig(img_size=32, num_classes=K, kappa=3)).eval(),
-            "baseline": build_model(ModelConfig(img_size=32, num_classes=K, head="segmenter")).eval()}
+    return {"rankseg": SEGMENTER.build(ModelConfig(img_size=32, num_classes=K, kappa=3)).eval(),
+            "baseline": SEGMENTER.build(ModelConfig(img_size=32, num_classes=K, head="segmenter")).eval()}
 
 
 def assert_same_prediction(ours: torch.Tensor, ref: torch.Tensor, classes: torch.Tensor) -> None:
@@ -156,7 +157,7 @@ def test_reference_selection_options_and_baseline(models, fwd_kw) -> None:
     x = torch.randn(1, 3, 40, 52)
     for model in models.values():
         maps, _ = predict_probs(model, x, K, sizes=[(77, 99)], scales=(0.75, 1.0), flip=True, mode="slide",
-                                crop=32, stride=24, **fwd_kw)
+                                crop=32, stride=24, selection=Selection(**fwd_kw))
         ref = ref_predict(model, x, (77, 99), (0.75, 1.0), True, "slide", 32, 24, **fwd_kw)
         assert_same_prediction(maps[0].to_dense(K, 0.0), ref, maps[0].argmax())
 
@@ -182,16 +183,16 @@ def test_family_predict_uses_the_protocol_and_mmcv_scale_sizes(models) -> None:
     assert (cfg.eval.crop, cfg.eval.stride) == (32, 32)
     # A 45 x 61 original resized for testing: short side 32 -> 32 x 43 (mmcv rescale_size).
     x = torch.randn(1, 3, 32, 43)
-    sizes = scale_sizes(cfg, x, [(45, 61)], [0.5, 0.75, 1.0, 1.75])
+    sizes = mmseg_scale_sizes(cfg.eval, x, [(45, 61)], [0.5, 0.75, 1.0, 1.75])
     # mmseg: img_scale (128 r, 32 r) -> factor min(int(128 r) / 61, int(32 r) / 45) on the original.
     expect = []
     for r in (0.5, 0.75, 1.0, 1.75):
         f = min(int(128 * r) / 61, int(32 * r) / 45)
         expect.append((int(45 * f + 0.5), int(61 * f + 0.5)))
     assert sizes == expect and sizes[2] == (32, 43)
-    assert scale_sizes(cfg, x, [(45, 61), (46, 61)], [1.0]) is None  # mixed originals: input-size rule
-    assert scale_sizes(cfg, torch.randn(1, 3, 30, 43), [(45, 61)], [1.0]) is None  # not test-resized
-    res = predict(models["rankseg"], cfg, x, [(45, 61)], "slide", [1.0], False)
+    assert mmseg_scale_sizes(cfg.eval, x, [(45, 61), (46, 61)], [1.0]) is None  # mixed originals: input-size rule
+    assert mmseg_scale_sizes(cfg.eval, torch.randn(1, 3, 30, 43), [(45, 61)], [1.0]) is None  # not test-resized
+    res = predict(models["rankseg"], cfg, x, [(45, 61)], InferenceProtocol("slide", (1.0,), False), NO_SELECTION)
     ref = ref_predict(models["rankseg"], x, (45, 61), (1.0,), False, "slide", 32, 32)
     top2 = ref.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-5
@@ -212,7 +213,7 @@ def test_ade20k_full_run_evaluates_with_slide_512(shared_fixtures, tmp_path, mon
     from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
     from rankseg_core.engine.train import _evaluate, train
-    from rankseg_core.inference.dense import dense as inference
+    from rankseg_core.inference import dense as inference
 
     root = shared_fixtures / "ade20k_full" / "ADE20K_2021_17_01"
     if not root.is_dir():
@@ -223,9 +224,9 @@ def test_ade20k_full_run_evaluates_with_slide_512(shared_fixtures, tmp_path, mon
     windows: list[tuple] = []
     real_slide = inference._slide
 
-    def spy(model, images, num_classes, crop, stride, **kw):
+    def spy(model, images, num_classes, crop, stride, *args, **kw):
         windows.append((tuple(images.shape[-2:]), crop, stride))
-        return real_slide(model, images, num_classes, crop, stride, **kw)
+        return real_slide(model, images, num_classes, crop, stride, *args, **kw)
 
     monkeypatch.setattr(inference, "_slide", spy)
     # Only runtime / size knobs are set: the protocol comes from the dataset defaults.

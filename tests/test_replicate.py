@@ -182,6 +182,7 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
 
     from rankseg_core.engine.evaluate import EvalOptions, evaluate_model
     from rankseg_core.engine.runs import load_run
+    from rankseg_core.model.selection import SelectionOptions
 
     out = R.main(["--smoke", "--work", str(tmp_path / "work")])
     res = out["results"][0]
@@ -206,11 +207,11 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
     # Table numbers are the runs' own evaluations: re-evaluate seed 1 of RankSeg with GT (eval).
     run = base / "rankseg" / "seed1"
     model, cfg = load_run(run)
-    again = evaluate_model(model, cfg, EvalOptions(oracle=True, progress=False), torch.device("cpu"))
+    again = evaluate_model(model, cfg, EvalOptions(progress=False, selection=SelectionOptions(oracle=True)), torch.device("cpu"))
     ev = json.loads((base / "evals" / "rankseg_seed1_gt_eval.json").read_text())
     assert ev["miou"] == pytest.approx(again["miou"], abs=1e-9)
     assert res["evals"]["rankseg/gt_eval"]["per_seed"]["miou"][1] == ev["miou"]
-    filled = evaluate_model(model, cfg, EvalOptions(oracle=True, oracle_fill="random", kappa=p.kappa, progress=False),
+    filled = evaluate_model(model, cfg, EvalOptions(progress=False, selection=SelectionOptions(kappa=p.kappa, oracle=True, oracle_fill="random")),
                             torch.device("cpu"))
     assert res["evals"]["rankseg/gt_random"]["per_seed"]["miou"][1] == pytest.approx(filled["miou"], abs=1e-9)
     assert {d["b"] for d in res["diagnoses"]} >= {"GT + ranked fill", f"own top-{p.kappa}"}

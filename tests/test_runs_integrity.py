@@ -366,7 +366,7 @@ def test_a_second_writer_is_refused(run: Path, data: Path, tmp_path: Path) -> No
 
 
 def test_the_lock_of_a_killed_train_does_not_block(run: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from rankseg_core import lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from rankseg_core.utils import lock; "
                                "lock.acquire(sys.argv[1], 'train'); print('held', flush=True); time.sleep(120)",
                                str(run)], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
     try:

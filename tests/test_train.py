@@ -144,7 +144,7 @@ def test_splits_checked_up_front_and_eval_optional(data: Path, tmp_path: Path) -
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from rankseg_core.losses.rankseg import rankseg as losses
+    from rankseg_core.losses import rankseg as losses
 
     calls = {"n": 0}
     real_call = losses.RankSegCriterion.__call__

@@ -18,7 +18,7 @@ from rankseg_cli.viz_cmds import viz_app
 from rankseg_core.engine import runs
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.errors import UserError
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.families.segmenter import SEGMENTER
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.viz import false_positives as fpm
 from rankseg_core.viz import predictions, samples, tau
@@ -66,7 +66,7 @@ def data(tmp_path_factory) -> Path:
 def save_run(run_dir: Path, data: Path, *sets: str, seed: int = 0) -> Path:
     cfg = build_train_config(None, ["model.img_size=32", "model.kappa=8", *sets], data)
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
+    model = SEGMENTER.build(cfg.model)
     norm = model.head.mask_norm
     with torch.no_grad():  # a non-trivial "learned" 1/tau and bias
         norm.weight.copy_(torch.rand(norm.weight.shape) + 0.5)

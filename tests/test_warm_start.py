@@ -20,7 +20,7 @@ from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
 from rankseg_core.engine.warm_start import warm_start
 from rankseg_core.errors import UserError
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.families.segmenter import SEGMENTER
 
 K = 40
 TINY = ["model.img_size=32", "model.kappa=8", "schedule.batch_size=2", "data.num_workers=0",
@@ -52,7 +52,7 @@ def classifier_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def fresh_segmenter(num_classes: int = K, img_size: int = 32) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(model="segmenter-vitt", num_classes=num_classes, img_size=img_size, kappa=8))
+    return SEGMENTER.build(ModelConfig(model="segmenter-vitt", num_classes=num_classes, img_size=img_size, kappa=8))
 
 
 def test_loads_exactly_the_matching_tensors(classifier_run: Path) -> None:

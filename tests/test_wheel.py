@@ -87,7 +87,7 @@ def test_sdist_carries_datasets_docs_and_license(built: dict[str, Path]) -> None
 DRIVER = """
 import json, sys
 import rankseg_core
-from rankseg_core import resources
+from rankseg_core.utils import resources
 from rankseg_cli.app import app
 
 jobs = json.loads(sys.argv[1])

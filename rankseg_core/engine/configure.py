@@ -17,7 +17,7 @@ from typing import Any
 from rankseg_core.config.datasets import DATA_DEFAULTS, recipe_dataset
 from rankseg_core.config.train import TrainConfig, parse_override, read_yaml, set_key, validate
 from rankseg_core.errors import UserError
-from rankseg_core.families import family_of
+from rankseg_core.families import FAMILIES, family_of
 from rankseg_core.shards.read import load_index
 
 
@@ -62,8 +62,9 @@ def check_model(cfg: TrainConfig) -> None:
     family = family_of(m.model)
     m.validate()
     if m.has_selector and not family.accepts_selector:
-        raise UserError(f"model.selector.run={m.selector.run}: only a model whose family takes a frozen classifier's "
-                        f"ranking can use one (this is {m.model}, a {family.name} model)")
+        takers = ", ".join(f.name for f in FAMILIES if f.accepts_selector)
+        raise UserError(f"model.selector.run={m.selector.run}: a {family.name} model ({m.model}) cannot take its "
+                        f"classes from a classifier run; use a model of a family that does: {takers}")
     family.validate(m)
 
 

@@ -38,7 +38,7 @@ from rankseg_core.evaluation.accumulators import EvalAccumulators
 from rankseg_core.evaluation.metrics import ConfusionMatrix
 from rankseg_core.evaluation.panoptic_quality import gt_from_shard
 from rankseg_core.families import family_of
-from rankseg_core.families.base import Family, Predictions, TestProtocol
+from rankseg_core.families.base import Family, InferenceProtocol, Predictions
 from rankseg_core.model.selection import SelectionOptions, batch_selection
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.shards.read import ShardDataset
@@ -76,9 +76,9 @@ class EvalOptions:
         if self.max_images < 0:
             raise UserError(f"--max-images {self.max_images}: must be >= 0 (0 = the whole split)")
 
-    def protocol(self, cfg: TrainConfig) -> TestProtocol:
+    def protocol(self, cfg: TrainConfig) -> InferenceProtocol:
         """The test protocol: these options over the run's `eval.*`."""
-        return TestProtocol(self.mode or cfg.eval.mode, tuple(self.scales or cfg.eval.scales),
+        return InferenceProtocol(self.mode or cfg.eval.mode, tuple(self.scales or cfg.eval.scales),
                             cfg.eval.flip if self.flip is None else self.flip)
 
 

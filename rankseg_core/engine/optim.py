@@ -7,41 +7,8 @@ import torch
 from torch import nn
 
 from rankseg_core.config.train import TrainConfig
-from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
-
-
-def sorted_custom_keys(custom_keys: dict[str, dict[str, float]]) -> list[str]:
-    """The order in which mmcv's DefaultOptimizerConstructor tries the keys: longest first,
-    equal lengths alphabetically."""
-    return sorted(sorted(custom_keys), key=len, reverse=True)
-
-
-def param_multipliers(model: nn.Module, custom_keys: dict[str, dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """{parameter name: (lr_mult, decay_mult)} for the trainable parameters.
-
-    mmcv's rule: the first key of `sorted_custom_keys` that is a substring of the name decides
-    (its missing fields are 1); a parameter no key matches gets (1, 1). The official RankSeg
-    configs set no bias / norm rules (norms are exempt only through the "norm" key).
-    UserError for a key that matches no parameter (a typo would otherwise do nothing).
-    """
-    order = sorted_custom_keys(custom_keys)
-    used: set[str] = set()
-    out = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # mmcv matches f"{module prefix}.{name}": a parameter of the root module reads ".name".
-        full = name if "." in name else f".{name}"
-        hits = [k for k in order if k in full]
-        used.update(hits)
-        mults = custom_keys[hits[0]] if hits else {}
-        out[name] = (float(mults.get("lr_mult", 1.0)), float(mults.get("decay_mult", 1.0)))
-    unused = [k for k in order if k not in used]
-    if unused and out:
-        raise UserError(f"optim.custom_keys: '{unused[0]}' matches no trainable parameter (names look like "
-                        f"'{next(iter(out))}'); fix the key or remove it")
-    return out
+from rankseg_core.families.base import param_multipliers
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -15,7 +15,7 @@ from rankseg_core.data.augment import build_test_transform
 from rankseg_core.engine.evaluate import check_selection, write_label_png
 from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
-from rankseg_core.families.base import Family, TestProtocol
+from rankseg_core.families.base import Family, InferenceProtocol
 from rankseg_core.model.selection import Selection, SelectionOptions
 from rankseg_core.shards.codec import decode_image
 from rankseg_core.utils import distributed as D
@@ -203,7 +203,7 @@ def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Pat
     names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
     pal = _palette(cfg)
     kappa_eff = kappa or cfg.model.effective_kappa
-    protocol = TestProtocol(mode or cfg.eval.mode, tuple(cfg.eval.scales), cfg.eval.flip)
+    protocol = InferenceProtocol(mode or cfg.eval.mode, tuple(cfg.eval.scales), cfg.eval.flip)
     selection = Selection(kappa=kappa)
     results = []
     with Progress(len(files), "predict", unit="img", enabled=progress) as bar:

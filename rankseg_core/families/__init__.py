@@ -15,8 +15,9 @@ from rankseg_core.families.segmenter import SEGMENTER
 FAMILIES: tuple[Family, ...] = (SEGMENTER, MASK2FORMER, CLASSIFIER)
 
 
-def family_of(model_name: str, families: tuple[Family, ...] = FAMILIES) -> Family:
+def family_of(model_name: str) -> Family:
     """The family whose `models` name `model_name` (UserError listing every known name)."""
+    families = FAMILIES  # read at call time: a new family is one more entry in FAMILIES
     for family in families:
         if model_name in family.models:
             return family

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import OptimConfig, TrainConfig
+from rankseg_core.errors import UserError
 from rankseg_core.model.selection import NO_SELECTION, Selection
 
 
@@ -51,7 +52,7 @@ class Predictions:
 
 
 @dataclass(frozen=True)
-class TestProtocol:
+class InferenceProtocol:
     """How an image is predicted: mode ("whole" or "slide"), scales (x the test size), flip."""
 
     mode: str = "whole"
@@ -78,6 +79,39 @@ def listed_groups(model: nn.Module, o: OptimConfig, no_decay: set[str], ml: set[
             continue
         lr = (o.ml_lr_mult if name in ml else 1.0) * (o.backbone_lr_mult if name.startswith("backbone.") else 1.0)
         out[name] = (lr, 0.0 if name in no_decay else (o.ml_wd_mult if name in ml else 1.0))
+    return out
+
+
+def sorted_custom_keys(custom_keys: dict[str, dict[str, float]]) -> list[str]:
+    """The order in which mmcv's DefaultOptimizerConstructor tries the keys: longest first,
+    equal lengths alphabetically."""
+    return sorted(sorted(custom_keys), key=len, reverse=True)
+
+
+def param_multipliers(model: nn.Module, custom_keys: dict[str, dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """{parameter name: (lr_mult, decay_mult)} for the trainable parameters.
+
+    mmcv's rule: the first key of `sorted_custom_keys` that is a substring of the name decides
+    (its missing fields are 1); a parameter no key matches gets (1, 1). The official RankSeg
+    configs set no bias / norm rules (norms are exempt only through the "norm" key).
+    UserError for a key that matches no parameter (a typo would otherwise do nothing).
+    """
+    order = sorted_custom_keys(custom_keys)
+    used: set[str] = set()
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # mmcv matches f"{module prefix}.{name}": a parameter of the root module reads ".name".
+        full = name if "." in name else f".{name}"
+        hits = [k for k in order if k in full]
+        used.update(hits)
+        mults = custom_keys[hits[0]] if hits else {}
+        out[name] = (float(mults.get("lr_mult", 1.0)), float(mults.get("decay_mult", 1.0)))
+    unused = [k for k in order if k not in used]
+    if unused and out:
+        raise UserError(f"optim.custom_keys: '{unused[0]}' matches no trainable parameter (names look like "
+                        f"'{next(iter(out))}'); fix the key or remove it")
     return out
 
 
@@ -129,7 +163,7 @@ class Family:
     criterion: TrainConfig -> Criterion.
     stats: the names `criterion` returns, "loss" first (logged to metrics.jsonl).
     predict: (model, cfg, images N x 3 x H x W normalised, sizes [(h, w)] per image,
-        TestProtocol, Selection) -> Predictions at `sizes`.
+        InferenceProtocol, Selection) -> Predictions at `sizes`.
     data_config: model -> {"mean", "std"} on the 0..255 scale (input normalisation).
     recipes: dataset key (config/datasets.py) -> {dotted config key: value}; "*" applies to
         every dataset, the dataset's own entry on top (the paper's / official recipes).
@@ -138,7 +172,8 @@ class Family:
     validate: UserError for a model option this family cannot honour (beyond
         `ModelConfig.validate`, which every family shares).
     param_groups: (model, cfg) -> {parameter: (lr_mult, decay_mult)} when `optim.custom_keys`
-        is None (the mmseg custom-keys rule applies otherwise, for every family).
+        is None (the mmseg custom-keys rule, `param_multipliers`, applies otherwise, for every
+        family).
     segments: the family predicts class maps (a multi-label classifier does not).
     ranks: the model ranks the K classes (multi-label logits or a frozen selector), so that
         --kappa, --dynamic-kappa and --oracle-fill ranked have a meaning.
@@ -158,7 +193,7 @@ class Family:
     build: Callable[[ModelConfig], nn.Module]
     criterion: Callable[[TrainConfig], Criterion]
     stats: tuple[str, ...]
-    predict: Callable[[nn.Module, TrainConfig, Tensor, list[tuple[int, int]], TestProtocol, Selection], Predictions]
+    predict: Callable[[nn.Module, TrainConfig, Tensor, list[tuple[int, int]], InferenceProtocol, Selection], Predictions]
     data_config: Callable[[nn.Module], dict[str, Any]]
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     resolve: Callable[[TrainConfig], None] = _no_resolve
@@ -176,5 +211,8 @@ class Family:
     rank_scale: Callable[[nn.Module], tuple[Tensor, Tensor] | None] = _no_rank_scale
 
     def arch(self, model_name: str) -> str:
-        """The timm architecture of one of this family's model names."""
+        """The timm architecture of one of this family's model names (UserError for others)."""
+        if model_name not in self.models:
+            raise UserError(f"model.model={model_name!r} is not a {self.name} model; use one of "
+                            f"{', '.join(self.models)}")
         return self.models[model_name]

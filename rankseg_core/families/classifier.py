@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
-from rankseg_core.families.base import Family, Predictions, TestProtocol
+from rankseg_core.families.base import Family, InferenceProtocol, Predictions
 from rankseg_core.families.vit import RECIPES as SEGMENTER_RECIPES
 from rankseg_core.families.vit import VIT_SIZES
 from rankseg_core.inference.dense import mmseg_scale_sizes
@@ -55,7 +55,7 @@ def _pad16(images: Tensor, patch: int) -> Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: TestProtocol,
+def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: InferenceProtocol,
             selection: Selection) -> Predictions:
     """Multi-label probabilities N x K (clips x K for video) of whole images: the sigmoid of
     each pass (scale, flip) averaged over passes, as the Segmenter's ml probabilities. A
@@ -97,10 +97,15 @@ def _validate(m: ModelConfig) -> None:
                         "to replace (drop --oracle)")
 
 
+def _build(m: ModelConfig) -> nn.Module:
+    _validate(m)
+    return build_classifier(m, CLASSIFIER.arch(m.model))
+
+
 CLASSIFIER = Family(
     name="classifier",
     models=MODELS,
-    build=lambda m: build_classifier(m, MODELS[m.model]),
+    build=_build,
     criterion=_criterion,
     stats=("loss", "recall", "precision"),
     predict=predict,

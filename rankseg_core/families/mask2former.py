@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
-from rankseg_core.families.base import Family, Multipliers, Predictions, TestProtocol, listed_groups
+from rankseg_core.families.base import Family, InferenceProtocol, Multipliers, Predictions, listed_groups
 from rankseg_core.inference.dense import ClassMaps
 from rankseg_core.inference.mask2former import panoptic_inference, semantic_inference_compact
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
@@ -73,7 +73,7 @@ def _scores(out: Mask2FormerOutput, size: tuple[int, int], flipped: bool) -> Cla
 
 
 @torch.no_grad()
-def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: TestProtocol,
+def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: InferenceProtocol,
             selection: Selection) -> Predictions:
     """Semantic class maps (and panoptic segments for the panoptic task) at `sizes`.
 
@@ -182,6 +182,11 @@ def _validate(m: ModelConfig) -> None:
     m.mask2former.validate()
 
 
+def _build(m: ModelConfig) -> nn.Module:
+    _validate(m)
+    return build_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m))
+
+
 def stats_extra(model: nn.Module, m: ModelConfig) -> dict[str, Any]:
     head = model.ml_head
     return {"task": m.mask2former.task, "queries": model.num_queries,
@@ -199,7 +204,7 @@ def rank_scale(model: nn.Module) -> tuple[Tensor, Tensor] | None:
 MASK2FORMER = Family(
     name="mask2former",
     models=MODELS,
-    build=lambda m: build_mask2former(m, MODELS[m.model], num_queries(m)),
+    build=_build,
     criterion=_criterion,
     stats=("loss", "ce", "mask", "dice", "ml", "kept"),
     predict=predict,

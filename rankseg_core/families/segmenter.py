@@ -16,8 +16,15 @@ from rankseg_core.config.datasets import recipe_dataset
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
-from rankseg_core.families.base import Family, Predictions, TestProtocol, describe_head
-from rankseg_core.families.classifier import MODELS as CLASSIFIER_MODELS
+from rankseg_core.families.base import (
+    Family,
+    InferenceProtocol,
+    Multipliers,
+    Predictions,
+    describe_head,
+    param_multipliers,
+)
+from rankseg_core.families.classifier import CLASSIFIER
 from rankseg_core.families.vit import RECIPES, VIT_SIZES
 from rankseg_core.inference.dense import mmseg_scale_sizes, predict_probs
 from rankseg_core.losses.rankseg import RankSegCriterion
@@ -36,7 +43,7 @@ def _criterion(cfg: TrainConfig) -> Any:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: TestProtocol,
+def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: InferenceProtocol,
             selection: Selection) -> Predictions:
     """Class maps at `sizes` and ml probabilities for a batch of equally sized images."""
     scales = list(protocol.scales)
@@ -83,6 +90,12 @@ def official_custom_keys(cfg: TrainConfig) -> dict[str, dict[str, float]]:
     return keys
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> Multipliers:
+    """The official keys with mmseg's rule (for a config that was not resolved: a resolved one
+    holds them in `optim.custom_keys`, which the engine applies itself)."""
+    return param_multipliers(model, official_custom_keys(cfg))
+
+
 def _resolve(cfg: TrainConfig) -> None:
     """The official per-head defaults: BCE only for the ViT-B COCO-Stuff TranEnc configs, ASL
     gamma- by ml head, the official custom keys."""
@@ -103,8 +116,9 @@ def _validate(m: ModelConfig) -> None:
 
 
 def _build(m: ModelConfig) -> nn.Module:
-    selector = CLASSIFIER_MODELS.get(m.selector.model or "") if m.has_selector else None
-    return build_model(m, MODELS[m.model], selector)
+    _validate(m)
+    selector = CLASSIFIER.arch(m.selector.model or "") if m.has_selector and m.selector.model else None
+    return build_model(m, SEGMENTER.arch(m.model), selector)
 
 
 def describe(m: ModelConfig) -> str:
@@ -138,6 +152,7 @@ SEGMENTER = Family(
     recipes=RECIPES,
     resolve=_resolve,
     validate=_validate,
+    param_groups=param_groups,
     ranks=ranks,
     selects=lambda m: m.head == "rankseg" and m.select or m.oracle,
     accepts_selector=True,

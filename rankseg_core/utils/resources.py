@@ -13,8 +13,8 @@ from pathlib import Path
 
 from rankseg_core.errors import UserError
 
-_HERE = Path(__file__).resolve().parent
-TABLE_DIRS = (_HERE / "_tables", _HERE.parent / "datasets")
+_PACKAGE = Path(__file__).resolve().parents[1]  # rankseg_core/
+TABLE_DIRS = (_PACKAGE / "_tables", _PACKAGE.parent / "datasets")
 
 
 def dataset_file(name: str) -> Path:
@@ -23,7 +23,7 @@ def dataset_file(name: str) -> Path:
         path = root / name
         if path.is_file():
             return path
-    raise UserError(f"class table datasets/{name} is missing from this install ({_HERE}): reinstall "
+    raise UserError(f"class table datasets/{name} is missing from this install ({_PACKAGE}): reinstall "
                     "rankseg (`pip install rankseg-toolkit`, or `pip install -e .` in a clone)")
 
 

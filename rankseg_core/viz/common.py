@@ -249,7 +249,7 @@ def predict_samples(run: VizRun, ds: ShardDataset, indices: Sequence[int],
     from rankseg_core.data.augment import build_test_transform
     from rankseg_core.engine.evaluate import check_selection
     from rankseg_core.families import family_of
-    from rankseg_core.families.base import TestProtocol
+    from rankseg_core.families.base import InferenceProtocol
     from rankseg_core.model.selection import SelectionOptions, batch_selection
 
     cfg, model = run.cfg, run.model
@@ -260,7 +260,7 @@ def predict_samples(run: VizRun, ds: ShardDataset, indices: Sequence[int],
     dc = family.data_config(model)
     tf = build_test_transform(cfg, dc["mean"], dc["std"])
     dev = next(model.parameters()).device  # load_viz_run put the model on the chosen device
-    protocol = TestProtocol(cfg.eval.mode, tuple(cfg.eval.scales), cfg.eval.flip)
+    protocol = InferenceProtocol(cfg.eval.mode, tuple(cfg.eval.scales), cfg.eval.flip)
     out = []
     for i in indices:
         item = ds.load(int(i))
