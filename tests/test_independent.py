@@ -1,5 +1,5 @@
 """The independent scheme: a multi-label classifier run, and a segmenter whose top-kappa come
-from that frozen classifier (paper §3.2, Tables 2-3; METHOD.md sec. 6)."""
+from that frozen classifier (paper §3.2, Tables 2-3; docs/method.md sec. 6)."""
 
 from __future__ import annotations
 

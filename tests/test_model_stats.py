@@ -45,7 +45,7 @@ def test_flops_grow_with_classes_for_baseline_only_in_head() -> None:
     assert large["backbone_flops"] == small["backbone_flops"] and large["head_flops"] > small["head_flops"]
 
 
-# METHOD.md sec. 9 / supplement Table 1 / main Table 3: Segmenter ViT-B/16, 512 x 512.
+# docs/method.md sec. 9 / supplement Table 1 / main Table 3: Segmenter ViT-B/16, 512 x 512.
 PAPER_PARAMS = [
     (150, 50, "segmenter", 102.50e6),
     (150, 50, "rankseg", 109.74e6),

@@ -20,7 +20,7 @@ PATCH_SIZE = 16
 @dataclass
 class SelectorConfig:
     """The frozen classifier run whose top-kappa select a segmenter's classes (independent
-    scheme, METHOD.md sec. 6). The user sets `run`; `rankseg_core.engine.selector.resolve_selector`
+    scheme, docs/method.md sec. 6). The user sets `run`; `rankseg_core.engine.selector.resolve_selector`
     fills the rest from that run when training starts, so config.yaml says exactly which
     weights were used and a changed selector is refused (on resume, eval, predict)."""
 
@@ -34,7 +34,7 @@ class SelectorConfig:
 
 @dataclass
 class ModelConfig:
-    """Segmenter / RankSeg model options (METHOD.md sections 1-3, 7)."""
+    """Segmenter / RankSeg model options (docs/method.md sections 1-3, 7)."""
 
     model: str = "segmenter-vitt"  # segmenter-vit{t,s,b,l}; ViT-B is the paper's main model
     num_classes: int = 150  # K, the complete label set

@@ -68,7 +68,7 @@ class ScheduleConfig:
 @dataclass
 class LossConfig:
     ml_loss: str | None = None  # "asl" or "bce"; None = official: bce for COCO-Stuff TranEnc, else asl
-    ml_weight: float = 10.0  # total = seg + w * ml; per-dataset value from METHOD.md
+    ml_weight: float = 10.0  # total = seg + w * ml; per-dataset value: the family recipe (docs/method.md sec. 4-5)
     seg_loss_norm: str = "official"  # "official": sum / all pixels; "valid": mean over labelled
     asl_gamma_neg: float | None = None  # None = official per ml head: tranenc 2, trandec / gap 0
     asl_gamma_pos: float = 0.0  # 0 in every official config

@@ -1,6 +1,6 @@
 """Training and test transforms (mmseg semantics, numpy + OpenCV).
 
-Training (METHOD.md sec. 5), in mmseg's order:
+Training (docs/method.md sec. 5), in mmseg's order:
     random resize of a (long, short) base scale by a ratio in [0.5, 2.0] (keep aspect)
     -> random crop with cat_max_ratio (up to 10 tries) -> horizontal flip
     -> photometric distortion -> normalise -> pad to the crop (image 0, label ignore).

@@ -1,6 +1,6 @@
 """Evaluation on shards (`rankseg eval`), for every model family.
 
-Test protocol (METHOD.md sec. 5 and 8): resize the image so that its short side is
+Test protocol (docs/method.md sec. 5 and 8): resize the image so that its short side is
 `eval.short_side` (long side <= `eval.max_long`), predict (whole image, sliding window,
 multi-scale / flip), resize the logits back to the ORIGINAL label size, argmax. Metrics: a K x K
 confusion matrix (mIoU = nanmean over classes with union > 0, aAcc, per-class IoU, subsets),

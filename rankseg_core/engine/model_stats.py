@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts (`rankseg stats model`), cf. METHOD.md sec. 9.
+"""Parameter and FLOP counts (`rankseg stats model`), cf. docs/method.md sec. 9.
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which counts every matmul,
 conv and attention product as 2 x MACs. The paper's "FLOPs" are mmcv module-hook MACs that

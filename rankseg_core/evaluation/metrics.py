@@ -1,4 +1,4 @@
-"""Segmentation and multi-label metrics (METHOD.md sec. 8).
+"""Segmentation and multi-label metrics (docs/method.md sec. 8).
 
 IoU policy: a class with union 0 (absent from both prediction and ground truth over the
 whole evaluation) has IoU NaN and is left out of the mean, as in mmseg; torchmetrics'

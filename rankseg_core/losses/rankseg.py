@@ -1,4 +1,4 @@
-"""RankSeg losses (METHOD.md sec. 4): multi-label ASL/BCE, rank-remapped CE, diagnostics."""
+"""RankSeg losses (docs/method.md sec. 4): multi-label ASL/BCE, rank-remapped CE, diagnostics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-label classifier of the independent scheme (METHOD.md sec. 6, paper §3.2), and the
+"""Multi-label classifier of the independent scheme (docs/method.md sec. 6, paper §3.2), and the
 frozen form in which a segmenter uses a trained one as its selector.
 
 Query2Label-style: ViT backbone -> class queries decode the patch map (the "2x TranDec"

@@ -1,4 +1,4 @@
-"""Segmenter mask-transformer head with the RankSeg multi-label branch (METHOD.md sec. 2-3).
+"""Segmenter mask-transformer head with the RankSeg multi-label branch (docs/method.md sec. 2-3).
 
 One head class covers every variant so that parameter names match across them and the
 official code (`cls_emb`, `proj_dec`, `blocks`, `decoder_norm(2)`, `ml_fc`, `mask_norm`):
