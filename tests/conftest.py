@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
+from rankseg_core.config.mask2former import Mask2FormerConfig
+from rankseg_core.config.model import ModelConfig
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.families.mask2former import MASK2FORMER
 
 # Tiny models on a small shared machine: intra-op threads cost more in sync than they gain
 # (measured ~10x slower with the default thread count under load).
@@ -45,10 +49,52 @@ def shared_fixtures() -> Path:
 
 
 def make_synthetic(out: Path, images: int = 24, num_classes: int = 60, size: int = 32,
-                   seed: int = 0, per_shard: int = 8) -> Path:
-    prepare_synthetic(out, num_classes=num_classes, images=images, size=size, seed=seed,
-                      opts=ConvertOptions(samples_per_shard=per_shard))
+                   seed: int = 0, per_shard: int = 8, val_images: int | None = None, panoptic: bool = False) -> Path:
+    """Synthetic shards for a test (`prepare synthetic`; val_images None = a fifth of images)."""
+    prepare_synthetic(out, num_classes=num_classes, images=images, val_images=val_images, size=size, seed=seed,
+                      panoptic=panoptic, opts=ConvertOptions(samples_per_shard=per_shard))
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny runs: seconds on one core
+
+
+def tiny_run(kappa: int = 8, model: str | None = "segmenter-vitt") -> list[str]:
+    """`--set` overrides of a tiny Segmenter-sized run (32 px crops, batch 2, no workers, a
+    log line per step); model None leaves model.model to the caller."""
+    sets = ["model.img_size=32", f"model.kappa={kappa}", "schedule.batch_size=2", "data.num_workers=0",
+            "eval.num_workers=0", "log_every=1", "eval.short_side=32"]
+    return ([f"model.model={model}"] if model else []) + sets
+
+
+# A Mask2Former small enough for seconds on one core (docs/mask2former.md, "A tiny recipe"), as
+# `--set` overrides of a run ...
+TINY_MASK2FORMER_RUN = [
+    "model.model=mask2former-r50", "model.img_size=64", "model.kappa=10", "model.mask2former.hidden_dim=32",
+    "model.mask2former.conv_dim=32", "model.mask2former.mask_dim=32", "model.mask2former.nheads=4",
+    "model.mask2former.num_queries=8", "model.mask2former.dec_layers=3", "model.mask2former.enc_layers=1",
+    "model.mask2former.dim_feedforward=64", "model.mask2former.enc_dim_feedforward=64",
+    "model.mask2former.ml_hidden_dim=32", "model.mask2former.ml_query_layer=2",
+    "model.mask2former.train_num_points=256", "model.mask2former.freeze_bn=false",
+    "schedule.batch_size=2", "optim.lr=1e-3", "data.num_workers=0", "eval.num_workers=0", "log_every=1",
+    "device=cpu", "eval.short_side=64"]
+# ... and as the options of a model built directly.
+TINY_M2F = Mask2FormerConfig(hidden_dim=32, conv_dim=32, mask_dim=32, nheads=4, num_queries=6, dec_layers=3,
+                             enc_layers=1, dim_feedforward=64, enc_dim_feedforward=64, ml_hidden_dim=32,
+                             ml_query_layer=2, train_num_points=256)
+
+
+def tiny_m2f_cfg(model: str = "mask2former-r50", num_classes: int = 10, kappa: int = 4, head: str = "rankseg",
+                 **kw) -> ModelConfig:
+    m2f = dataclasses.replace(TINY_M2F, **kw.pop("m2f", {}))
+    return ModelConfig(model=model, num_classes=num_classes, kappa=kappa, head=head, img_size=64,
+                       mask2former=m2f, **kw)
+
+
+def tiny_m2f_model(seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return MASK2FORMER.build(tiny_m2f_cfg(**kw))
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_synthetic
 
-from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.engine import runs
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
@@ -29,8 +28,7 @@ app()
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    prepare_synthetic(data, num_classes=40, images=16, val_images=4, size=48, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(data, num_classes=40, images=16, val_images=4, size=48, seed=0)
     sets = ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=8", "model.dropout=0",
             "model.drop_path=0", "schedule.iters=3", "schedule.batch_size=4", "optim.lr=0.05",
             "data.num_workers=0", "eval.num_workers=0", "log_every=1", "eval.short_side=32", "device=cpu"]

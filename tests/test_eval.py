@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_synthetic
 from typer.testing import CliRunner
 
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate, predict, stats_model
-from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.engine import runs
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.evaluate import EvalOptions, evaluate_model, read_class_subsets
@@ -36,8 +35,7 @@ K = 40
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("eval")
     data = root / "data"
-    prepare_synthetic(data, num_classes=K, images=8, val_images=5, size=48, seed=2,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(data, num_classes=K, images=8, val_images=5, size=48, seed=2)
     cfg = build_train_config(None, ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=6",
                                     "schedule.iters=2", "schedule.batch_size=2", "data.num_workers=0",
                                     "eval.num_workers=0", "eval.short_side=32", "eval.batch_size=2"], data)

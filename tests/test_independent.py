@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, make_synthetic, tiny_run
 from typer.testing import CliRunner
 
 from rankseg_cli.common import new_app
@@ -28,8 +28,7 @@ from rankseg_core.shards.read import ShardDataset
 
 K = 40
 KAPPA = 8
-TINY = ["model.img_size=32", f"model.kappa={KAPPA}", "schedule.batch_size=2", "data.num_workers=0",
-        "eval.num_workers=0", "log_every=1", "eval.short_side=32"]
+TINY = tiny_run(KAPPA, model=None)
 
 
 def cli_app():
@@ -43,8 +42,7 @@ def cli_app():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("indep") / "data"
-    prepare_synthetic(out, num_classes=K, images=12, val_images=4, size=48, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(out, num_classes=K, images=12, val_images=4, size=48, seed=0)
     return out
 
 
@@ -302,8 +300,7 @@ def test_cli_selector_bad_inputs(data: Path, classifier_run: Path, selected_run:
 
 def test_cli_selector_other_label_set(classifier_run: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
-    prepare_synthetic(other, num_classes=K + 5, images=4, val_images=2, size=32, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(other, num_classes=K + 5, images=4, val_images=2, size=32, seed=0)
     res = CliRunner().invoke(cli_app(), ["train", "--data", str(other), "--out", str(tmp_path / "r"),
                                          "--model", "segmenter-vitt", "--selector", str(classifier_run)])
     assert_one_line_error(res, "must rank the same label set")

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import TINY_MASK2FORMER_RUN, assert_one_line_error, make_synthetic
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
@@ -36,15 +36,7 @@ from rankseg_core.shards.read import ShardDataset
 
 runner = CliRunner()
 
-# A Mask2Former small enough for seconds on one core (docs/mask2former.md, "A tiny recipe").
-TINY = ["model.model=mask2former-r50", "model.img_size=64", "model.kappa=10", "model.mask2former.hidden_dim=32",
-        "model.mask2former.conv_dim=32", "model.mask2former.mask_dim=32", "model.mask2former.nheads=4",
-        "model.mask2former.num_queries=8", "model.mask2former.dec_layers=3", "model.mask2former.enc_layers=1",
-        "model.mask2former.dim_feedforward=64", "model.mask2former.enc_dim_feedforward=64",
-        "model.mask2former.ml_hidden_dim=32", "model.mask2former.ml_query_layer=2",
-        "model.mask2former.train_num_points=256", "model.mask2former.freeze_bn=false",
-        "schedule.batch_size=2", "optim.lr=1e-3", "data.num_workers=0", "eval.num_workers=0", "log_every=1",
-        "device=cpu", "eval.short_side=64"]
+TINY = TINY_MASK2FORMER_RUN
 PANOPTIC = ["model.mask2former.task=panoptic", "model.mask2former.object_mask_threshold=0.0",
             "model.mask2former.overlap_threshold=0.0"]
 
@@ -52,16 +44,14 @@ PANOPTIC = ["model.mask2former.task=panoptic", "model.mask2former.object_mask_th
 @pytest.fixture(scope="module")
 def pan_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("m2f") / "pan"
-    prepare_synthetic(out, num_classes=40, images=12, val_images=4, size=64, seed=0, panoptic=True,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(out, num_classes=40, images=12, val_images=4, size=64, seed=0, panoptic=True)
     return out
 
 
 @pytest.fixture(scope="module")
 def sem_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("m2f") / "sem"
-    prepare_synthetic(out, num_classes=40, images=12, val_images=4, size=64, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(out, num_classes=40, images=12, val_images=4, size=64, seed=0)
     return out
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from m2f_tiny import tiny_cfg
+from conftest import tiny_m2f_cfg as tiny_cfg
 
 from rankseg_core.losses import mask2former as crit_mod
 from rankseg_core.losses.mask2former import Mask2FormerCriterion, column_targets, mask_losses

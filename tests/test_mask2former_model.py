@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from m2f_tiny import TINY, tiny_cfg, tiny_model
+from conftest import TINY_M2F as TINY
+from conftest import tiny_m2f_cfg as tiny_cfg
+from conftest import tiny_m2f_model as tiny_model
 
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.config.model import ModelConfig

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import timm
+from conftest import TINY_M2F as TINY
 from conftest import assert_one_line_error
-from m2f_tiny import TINY, tiny_model
+from conftest import tiny_m2f_model as tiny_model
 from typer.testing import CliRunner
 
 from rankseg_core.config.mask2former import Mask2FormerConfig

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from m2f_tiny import tiny_cfg, tiny_model
+from conftest import tiny_m2f_cfg as tiny_cfg
+from conftest import tiny_m2f_model as tiny_model
 
 from rankseg_core.inference.mask2former import panoptic_inference, semantic_map
 from rankseg_core.losses.mask2former import Mask2FormerCriterion

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from m2f_tiny import tiny_model
+from conftest import tiny_m2f_model as tiny_model
 
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.engine.evaluate import EvalOptions

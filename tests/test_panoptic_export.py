@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_synthetic
 from panoptic_trees import bbox, read_png_ids
 from typer.testing import CliRunner
 
@@ -126,8 +127,7 @@ def test_synthetic_panoptic(tmp_path: Path) -> None:
     assert repeated > 0  # several instances of one class occur
     assert pq.compute()["all"]["pq"] == 1.0
     # same seed, same bytes
-    prepare_synthetic(tmp_path / "b", num_classes=60, images=16, size=48, seed=2, panoptic=True,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(tmp_path / "b", num_classes=60, images=16, size=48, seed=2, panoptic=True)
     for f in sorted(p.name for p in (tmp_path / "a").glob("*.h5")):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, make_synthetic
 from PIL import Image
 from typer.testing import CliRunner
 from video_lvis_trees import lvis_tree, read_samples, write_docs
@@ -138,12 +138,10 @@ def test_coco_lvis_skips_a_bomb_image(tmp_path: Path) -> None:
 
 def test_predict_refuses_a_bomb(tmp_path: Path) -> None:
     from rankseg_cli.app import app
-    from rankseg_core.convert.synthetic import prepare_synthetic
     from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.train import train
 
-    prepare_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=2, size=32, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=2, size=32, seed=0)
     cfg = build_train_config(None, ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=3",
                                     "schedule.iters=1", "schedule.batch_size=2", "data.num_workers=0",
                                     "eval.num_workers=0", "eval.short_side=32", "eval.batch_size=2"],

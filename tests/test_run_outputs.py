@@ -16,20 +16,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, make_synthetic, tiny_run
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.predict import MARKER
 from rankseg_core.engine.train import train
 
 K = 40
-TINY = ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=6", "schedule.iters=2",
-        "schedule.batch_size=2", "data.num_workers=0", "eval.num_workers=0", "log_every=1", "eval.short_side=32",
-        "eval.batch_size=2"]
+TINY = tiny_run(6) + ["schedule.iters=2", "eval.batch_size=2"]
 
 
 def cli(*args: object):
@@ -40,8 +36,7 @@ def cli(*args: object):
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/ (K=40), a RankSeg run rs/ and a baseline run base/ trained on it."""
     root = tmp_path_factory.mktemp("outputs")
-    prepare_synthetic(root / "data", num_classes=K, images=6, val_images=3, size=48, seed=3,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(root / "data", num_classes=K, images=6, val_images=3, size=48, seed=3)
     train(build_train_config(None, TINY, root / "data"), root / "rs", progress=False)
     train(build_train_config(None, TINY + ["model.head=segmenter"], root / "data"), root / "base", progress=False)
     return root
@@ -99,8 +94,7 @@ def test_eval_on_other_shards_keeps_both_results(root: Path, tmp_path: Path) -> 
     results = []
     for i, name in enumerate(("other", "again")):
         other = tmp_path / name
-        prepare_synthetic(other, num_classes=K, images=3, val_images=2, size=48, seed=10 + i,
-                          opts=ConvertOptions(samples_per_shard=8))
+        make_synthetic(other, num_classes=K, images=3, val_images=2, size=48, seed=10 + i)
         res = cli("eval", run, "--data", other, "--device", "cpu")
         assert res.exit_code == 0, res.output
         tag = hashlib.sha256(str(other.resolve()).encode()).hexdigest()[:8]

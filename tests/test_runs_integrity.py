@@ -23,12 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, make_synthetic, tiny_run
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.engine import runs
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
@@ -37,8 +35,7 @@ from rankseg_core.utils import integrity, lock
 
 REPO = Path(__file__).resolve().parents[1]
 K = 40
-TINY = ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=8", "schedule.batch_size=2",
-        "data.num_workers=0", "eval.num_workers=0", "log_every=1", "eval.short_side=32", "eval.batch_size=2"]
+TINY = tiny_run() + ["eval.batch_size=2"]
 FAST = ["schedule.iters=4", "ckpt_every=2", "data.val_split="]  # evaluation is not under test there
 
 
@@ -53,8 +50,7 @@ def config(data: Path, *extra: str):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("integrity") / "data"
-    prepare_synthetic(out, num_classes=K, images=8, val_images=2, size=48, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(out, num_classes=K, images=8, val_images=2, size=48, seed=0)
     return out
 
 

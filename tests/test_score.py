@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, make_synthetic
 from convert_trees import read_shards
 from PIL import Image
 from score_helpers import IGNORE, d2_conf, d2_metrics, make_shards, mmseg_metrics
@@ -331,14 +331,11 @@ def test_agrees_with_rankseg_eval_on_saved_predictions(tmp_path: Path) -> None:
     """A run's own `rankseg eval --save-predictions` files give the same mIoU, aAcc and per-class
     IoU as `rankseg eval` itself."""
     from rankseg_cli.train_cmds import evaluate
-    from rankseg_core.convert.common import ConvertOptions
-    from rankseg_core.convert.synthetic import prepare_synthetic
     from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.train import train
 
     data = tmp_path / "data"
-    prepare_synthetic(data, num_classes=40, images=4, val_images=4, size=48, seed=3,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(data, num_classes=40, images=4, val_images=4, size=48, seed=3)
     cfg = build_train_config(None, ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=6",
                                     "schedule.iters=1", "schedule.batch_size=2", "data.num_workers=0",
                                     "eval.num_workers=0", "eval.short_side=32", "eval.batch_size=2"], data)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_synthetic, tiny_run
 from typer.testing import CliRunner
 
 from rankseg_cli.common import new_app
@@ -26,15 +27,13 @@ from rankseg_core.errors import UserError
 from rankseg_core.shards.write import DatasetHeader
 
 K = 40
-TINY = ["model.model=segmenter-vitt", "model.img_size=32", "model.kappa=8", "schedule.batch_size=2",
-        "data.num_workers=0", "eval.num_workers=0", "log_every=1", "eval.short_side=32"]
+TINY = tiny_run()
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train") / "data"
-    prepare_synthetic(out, num_classes=K, images=12, val_images=3, size=48, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(out, num_classes=K, images=12, val_images=3, size=48, seed=0)
     return out
 
 

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, make_synthetic, tiny_run
 from typer.testing import CliRunner
 
 from rankseg_cli.common import new_app
 from rankseg_cli.train_cmds import evaluate
 from rankseg_cli.train_cmds import train as train_cmd
 from rankseg_core.config.model import ModelConfig
-from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.engine import runs
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
@@ -23,8 +21,7 @@ from rankseg_core.errors import UserError
 from rankseg_core.families.segmenter import SEGMENTER
 
 K = 40
-TINY = ["model.img_size=32", "model.kappa=8", "schedule.batch_size=2", "data.num_workers=0",
-        "eval.num_workers=0", "log_every=1", "eval.short_side=32", "data.val_split="]
+TINY = tiny_run(model=None) + ["data.val_split="]
 
 
 def cli_app():
@@ -37,8 +34,7 @@ def cli_app():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ws") / "data"
-    prepare_synthetic(out, num_classes=K, images=8, val_images=2, size=32, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(out, num_classes=K, images=8, val_images=2, size=32, seed=0)
     return out
 
 
@@ -172,8 +168,7 @@ def test_cli_init_from(data: Path, classifier_run: Path, tmp_path: Path) -> None
     assert res.exit_code == 0, res.output
     assert "init from" in res.output and "shape mismatch (skipped) 0" in res.output
     other = tmp_path / "k48"
-    prepare_synthetic(other, num_classes=48, images=4, val_images=2, size=32, seed=0,
-                      opts=ConvertOptions(samples_per_shard=8))
+    make_synthetic(other, num_classes=48, images=4, val_images=2, size=32, seed=0)
     res = CliRunner().invoke(cli_app(), ["train", "--data", str(other), "--model", "segmenter-vitt", "--iters", "1",
                                          "--set", "model.img_size=32", "--set", "data.num_workers=0",
                                          "--set", "data.val_split=", "--out", str(tmp_path / "b"),
