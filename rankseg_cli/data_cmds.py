@@ -46,8 +46,9 @@ def inspect(
                 sys.stdout.write(json.dumps(rec) + "\n")
         return
     m = idx.meta
-    things = f"  panoptic: {len(idx.thing_classes)} thing / {idx.num_classes - len(idx.thing_classes)} stuff" \
-        if idx.is_panoptic else ""
+    thing_classes = idx.thing_classes  # None unless panoptic
+    things = f"  panoptic: {len(thing_classes)} thing / {idx.num_classes - len(thing_classes)} stuff" \
+        if thing_classes is not None else ""
     out.print(f"[bold]{show(idx.name)}[/]  {show(root)}  K={idx.num_classes}  ignore={m.get('ignore', 65535)}  "
               f"format v{m['version']}{things}  classes from: {m.get('class_source') or '-'}")
     t = Table("split", "samples", "shards", "skipped", "classes/img (mean, max)", "videos")

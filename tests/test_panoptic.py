@@ -250,7 +250,7 @@ def test_against_torchmetrics() -> None:
     assert r["all"]["pq"] == pytest.approx(float(ref_avg.compute()), abs=1e-6)
 
 
-def to_torchmetrics(ids: np.ndarray, info: list[dict], torch) -> "torch.Tensor":
+def to_torchmetrics(ids: np.ndarray, info: list[dict], torch):  # torch: the module, imported lazily by the caller
     """1 x H x W x 2 (category, instance) with void = class K (unknown to torchmetrics)."""
     cat = np.full(ids.shape, K)
     for r in info:

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -289,7 +289,7 @@ def _mapping_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
     out: set[str] = set()
     for name, tp in _hints(cls or TrainConfig).items():
         if dataclasses.is_dataclass(tp):
-            out |= _mapping_keys(tp, f"{prefix}{name}.")
+            out |= _mapping_keys(cast(type, tp), f"{prefix}{name}.")  # a type hint: the class, not an instance
         elif any(typing.get_origin(t) is dict for t in (tp, *typing.get_args(tp))):
             out.add(prefix + name)
     return frozenset(out)

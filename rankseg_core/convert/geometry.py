@@ -25,6 +25,9 @@ costs seconds, not minutes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeGuard
+
 import numpy as np
 
 from rankseg_core.shards.codec import MAX_PIXELS
@@ -38,7 +41,7 @@ class GeometryError(ValueError):
     """A malformed or out-of-bounds segmentation (or image size) in an annotation file."""
 
 
-def _is_int(x: object) -> bool:
+def _is_int(x: object) -> TypeGuard[int]:
     return type(x) is int  # noqa: E721 - bool (a subclass of int) is not a size
 
 
@@ -123,7 +126,7 @@ def check_polygons(seg: list, h: int, w: int) -> list[list]:
 
 # --------------------------------------------------------------------------- RLE
 
-def check_rle_dict(seg: object, h: int, w: int) -> object:
+def check_rle_dict(seg: object, h: int, w: int) -> str | list:
     """The `counts` of an RLE dict after checking its `size` against the image's [h, w]."""
     if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
         raise GeometryError("segmentation is neither polygons (a list) nor RLE {counts, size}")
@@ -198,7 +201,8 @@ def decode_counts(data: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.nd
     return out, gsid, malformed
 
 
-def rle_string_problems(data: np.ndarray, ends: np.ndarray, h: np.ndarray, w: np.ndarray) -> dict[int, str]:
+def rle_string_problems(data: np.ndarray, ends: np.ndarray, h: np.ndarray | Sequence[int],
+                        w: np.ndarray | Sequence[int]) -> dict[int, str]:
     """String index -> reason, for compressed RLE strings that pycocotools must not decode."""
     n = len(ends)
     if n == 0:

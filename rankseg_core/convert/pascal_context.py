@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,7 @@ def read_list(path: Path) -> list[str]:
 
 
 def prepare_pascal_context_mat(root: str | Path, out: str | Path, num_classes: int = 459, *,
-                               mat_dir: str | Path | None = None, lists: dict[str, str | Path] | None = None,
+                               mat_dir: str | Path | None = None, lists: Mapping[str, str | Path] | None = None,
                                opts: ConvertOptions | None = None) -> dict | None:
     """PASCAL-Context-459 / 59 / 60 shards from the release `.mat` label maps.
 
@@ -176,11 +177,11 @@ def prepare_pascal_context_mat(root: str | Path, out: str | Path, num_classes: i
         if cand.is_file():
             check_labels_txt(cand, names)
             break
-    lists = {s: Path(p) for s, p in (lists or {}).items()}
+    list_paths = {s: Path(p) for s, p in (lists or {}).items()}
     splits: dict[str, list[str]] = {}
     listed_in: dict[str, str] = {}
     for split in SPLITS:
-        lst = lists.get(split, root / "ImageSets" / "Main" / f"{split}.txt")
+        lst = list_paths.get(split, root / "ImageSets" / "Main" / f"{split}.txt")
         keys = read_list(lst)
         for k in keys:
             if k in listed_in:
@@ -195,7 +196,7 @@ def prepare_pascal_context_mat(root: str | Path, out: str | Path, num_classes: i
         source = f"{source59}; label ids from {TABLE}"
     header = DatasetHeader(f"pascal-context-{num_classes}", class_names, source=source,
                            options={"classes": num_classes, "labels": "trainval .mat",
-                                    "lists": {s: str(lists.get(s, f"ImageSets/Main/{s}.txt")) for s in SPLITS}})
+                                    "lists": {s: str(list_paths.get(s, f"ImageSets/Main/{s}.txt")) for s in SPLITS}})
     maker = functools.partial(make_mat_sample, root=str(root), mat_dir=str(mat_dir), listed_in=listed_in,
                               lut=lut, num_classes=num_classes)
     return run_conversion(out, header, splits, maker, opts or ConvertOptions())

@@ -110,6 +110,7 @@ def decode_mask(data: bytes, path: str | Path) -> np.ndarray:
     """H x W uint8/uint16 values of a single-channel (greyscale or palette) PNG mask."""
     check_pixels(data, path, "mask")
     arr = np.frombuffer(data, np.uint8)
+    mask: np.ndarray | None  # cv2.imdecode returns None for undecodable data
     # IHDR colour type 3 = palette: OpenCV would expand it to colours, we need the indices.
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[25] == 3:
         from PIL import Image

@@ -15,6 +15,7 @@ Test: resize so that the short side is `short_side` and the long side at most `m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import overload
 
 import cv2
 import numpy as np
@@ -29,6 +30,12 @@ def rescale_size(h: int, w: int, long_side: float, short_side: float) -> tuple[i
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
+@overload
+def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int], nearest: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def resize_pair(image: np.ndarray, label: None, size: tuple[int, int], nearest: bool = False
+                ) -> tuple[np.ndarray, None]: ...
 def resize_pair(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int], nearest: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Bilinear image (nearest with `nearest`, for index maps), nearest label. size = (h, w)."""

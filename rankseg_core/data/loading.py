@@ -98,7 +98,7 @@ class AugmentedClips(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor | list]:
         g, clip = item
         frames = [self.ds.load(int(i)) for i in self.clips[clip]]
         rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
@@ -107,16 +107,17 @@ class AugmentedClips(torch.utils.data.Dataset):
             out = self.transform([f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
         except ValueError as exc:
             raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
-        item = {"image": torch.from_numpy(out[0]), "label": torch.from_numpy(out[1])}
+        sample: dict[str, Tensor | list] = {"image": torch.from_numpy(out[0]), "label": torch.from_numpy(out[1])}
         if self.segments:
-            item.update(segments=torch.from_numpy(out[2]), segments_info=[f["segments_info"] for f in frames])
-        return item
+            sample.update(segments=torch.from_numpy(out[2]), segments_info=[f["segments_info"] for f in frames])
+        return sample
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major);
     segment maps likewise, segment records as one list per frame."""
-    out = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments") if k in items[0]}
+    out: dict[str, Any] = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments")
+                           if k in items[0]}
     if "segments_info" in items[0]:
         out["segments_info"] = [info for i in items for info in i["segments_info"]]
     return out

@@ -222,6 +222,7 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
     metrics = {"miou": m["miou"], "aacc": m["aacc"], "map": m["map"], "recall_at_kappa": m["recall_at_kappa"],
                "num_images": total, "kappa": kappa, "pq": m["pq"], "segmentation": segmented,
                "score": m["pq"]["all"]["pq"] if m["pq"] else (m["miou"] if segmented else m["map"])}
+    assert acc.confusion is not None  # EvalAccumulators.create always makes one
     return EvalResult(metrics, acc.confusion, m["ap"])
 
 
@@ -281,8 +282,8 @@ def _score_frame(acc: EvalAccumulators, writers: _Writers, frames: _Frames, j: i
     if ml is not None and acc.multilabel is not None:
         acc.multilabel.update(ml[j:j + 1], [frames.classes[j]])
     if res.panoptic is not None and acc.panoptic is not None:
-        pan_ids, pan_info = res.panoptic[j]
-        pan_ids = pan_ids.cpu().numpy()
+        pan_tensor, pan_info = res.panoptic[j]
+        pan_ids = pan_tensor.cpu().numpy()
         acc.panoptic.update(pan_ids, pan_info, *gt_from_shard(*frames.segments[j]))
         writers.panoptic(frames.keys[j], pan_ids, pan_info)
 

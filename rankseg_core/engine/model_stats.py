@@ -10,6 +10,7 @@ variants with the same counter (docs/model.md lists both).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ def count_flops(model: nn.Module, m: ModelConfig, img_size: int | tuple[int, int
     return {"flops": int(total), "macs": int(total // 2), "backbone_flops": backbone, "head_flops": head}
 
 
-def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int]:
+def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int | str]:
     """Params (total / backbone / head, in units and millions) and GFLOPs / GMACs at cfg.img_size.
 
     params_mi is the total in units of 2^20: the "M" of the paper's Mask2Former table (main
@@ -72,7 +73,7 @@ def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int]:
     family.validate(cfg)
     model = family.build(replace(cfg, backbone_weights=None))  # counting needs no weights
     total = count_parameters(model)
-    backbone = count_parameters(model.backbone)
+    backbone = count_parameters(cast(nn.Module, model.backbone))  # every family's model has a `backbone`
     stats: dict[str, float | int | str] = {
         "model": cfg.model,
         "head": "oracle" if cfg.oracle else cfg.head,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
@@ -32,7 +34,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
               for (lr, decay), ps in sorted(groups.items())]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum)
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas))
+    betas = cast(tuple[float, float], tuple(o.betas))  # two values (TrainConfig.validate)
+    return torch.optim.AdamW(params, lr=o.lr, betas=betas)
 
 
 def lr_schedule(cfg: TrainConfig) -> np.ndarray:

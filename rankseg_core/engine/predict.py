@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MARKER = ".rankseg-predict.json"
 
 
-def list_images(inputs: list[str | Path]) -> list[Path]:
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given; directories expand to their image files (sorted, not recursive).
 
     Refuses inputs inside a directory `predict` wrote (it holds MARKER): its PNGs are label
@@ -71,7 +72,7 @@ def plan_outputs(files: list[Path], out: Path) -> list[tuple[Path, Path, Path]]:
             n += 1
             stem = f"{path.stem}-{n}"
         taken.update(names)
-        plan.append(tuple(out / name for name in names))
+        plan.append((out / names[0], out / names[1], out / names[2]))
     return plan
 
 
@@ -83,7 +84,8 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def check_no_overwrite(inputs: list[str | Path], files: list[Path], plan: list[tuple[Path, ...]], out: Path) -> None:
+def check_no_overwrite(inputs: Sequence[str | Path], files: list[Path], plan: list[tuple[Path, Path, Path]],
+                       out: Path) -> None:
     """Refuse an --out that is an input directory, and any output that is an input file
     (same file: symlinks and hard links included), before anything is written."""
     out_id = _file_id(out)
@@ -169,7 +171,7 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], out_dir: str | Path,
+def predict_files(model: nn.Module, cfg: TrainConfig, inputs: Sequence[str | Path], out_dir: str | Path,
                   device: torch.device, kappa: int | None = None, mode: str | None = None,
                   progress: bool = True) -> list[Prediction]:
     """Segment user images of any size. Per image `<stem>.png` (16-bit train ids),
@@ -196,7 +198,7 @@ def predict_files(model: nn.Module, cfg: TrainConfig, inputs: list[str | Path], 
         return _predict(model, cfg, family, files, plan, device, kappa, mode, progress)
 
 
-def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Path], plan: list[tuple[Path, ...]],
+def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Path], plan: list[tuple[Path, Path, Path]],
              device: torch.device, kappa: int | None, mode: str | None, progress: bool) -> list[Prediction]:
     dc = family.data_config(model)
     tf = build_test_transform(cfg, dc["mean"], dc["std"])
@@ -234,7 +236,7 @@ def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Pat
     return results
 
 
-def run_prediction(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto",
+def run_prediction(run_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
                    weights: str = "auto", kappa: int | None = None, progress: bool = True) -> list[Prediction]:
     from rankseg_core.engine.runs import load_run
 

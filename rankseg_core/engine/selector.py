@@ -13,6 +13,7 @@ predict), so a run's numbers always come from the selector config.yaml names.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.engine import runs
@@ -21,13 +22,17 @@ from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
 from rankseg_core.utils.integrity import content_digest
 
+if TYPE_CHECKING:
+    from timm.models import PretrainedCfg
+
 
 def normalisation(cfg: TrainConfig) -> tuple[list[float], list[float]]:
     """A run's input mean / std on the 0..255 scale: aug.mean / aug.std, else its backbone's
     timm data config (as augment.py builds the transforms; read without building the model)."""
     from timm.models import get_pretrained_cfg
 
-    dc = get_pretrained_cfg(family_of(cfg.model.model).arch(cfg.model.model))
+    # timm has a pretrained cfg for every architecture of the families (None only for unknown names).
+    dc = cast("PretrainedCfg", get_pretrained_cfg(family_of(cfg.model.model).arch(cfg.model.model)))
     mean = cfg.aug.mean or [float(v) * 255.0 for v in dc.mean]
     std = cfg.aug.std or [float(v) * 255.0 for v in dc.std]
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]

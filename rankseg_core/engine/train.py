@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,8 @@ T = TypeVar("T")
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    # The legacy tuple (name, keys, pos, has_gauss, cached): get_state's default.
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {"torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                        "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
@@ -106,7 +107,7 @@ class Window:
 class TrainResult:
     run_dir: Path
     iterations: int
-    final_eval: dict | None
+    final_eval: EvalResult | None
     best_score: float  # the best validation `score` (evaluate.py: PQ, else mIoU, else mAP)
     already_finished: bool = False  # --resume of a finished run: nothing was done
 
@@ -240,7 +241,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     device = D.resolve_device(cfg.device, D.env_info().local_rank)
     owned = not D.current().enabled
     info = D.init_distributed(device)
-    run_dir, held = Path(run_dir), []
+    run_dir = Path(run_dir)
+    held: list[lock.DirLock] = []
     try:
         resolve_selector(cfg, run_dir)  # config.yaml records the exact selector / init source
         check_init_from(cfg, resume)
@@ -310,7 +312,8 @@ def _resume_state(paths: runs.RunPaths, model: nn.Module, optimizer: torch.optim
     ckpt = runs.load_checkpoint(paths.last, map_location="cpu", fix=fix)
     if "best_score" not in ckpt and "best_miou" in ckpt:  # checkpoints written before PQ / mAP selection
         ckpt["best_score"] = ckpt["best_miou"]
-    need = {"model": dict, "optimizer": dict, "iteration": int, "best_score": (int, float), "rng": list, "window": dict}
+    need: dict[str, type | tuple[type, ...]] = {"model": dict, "optimizer": dict, "iteration": int,
+                                                "best_score": (int, float), "rng": list, "window": dict}
     bad = [k for k, t in need.items() if not isinstance(ckpt.get(k), t)]
     try:
         if bad:
@@ -336,7 +339,8 @@ def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distri
         sel = Selection(gt_classes=present_classes(batch["label"], cfg.model.num_classes, IGNORE)) \
             if cfg.model.oracle else NO_SELECTION
         # Gradients are all-reduced once per step, on the last micro-batch.
-        with st.ddp.no_sync() if distributed and m < accum - 1 else nullcontext():
+        ddp = cast(nn.parallel.DistributedDataParallel, st.ddp)  # the DDP wrapper when distributed
+        with ddp.no_sync() if distributed and m < accum - 1 else nullcontext():
             with st.amp:
                 out = st.ddp(batch["image"], sel)
             losses = st.crit(out, batch)

@@ -60,12 +60,12 @@ class ConfusionMatrix:
                 raise ValueError(f"predictions hold class ids outside [0, {k})")
             counts = torch.bincount(t * k + p, minlength=k * k).cpu().numpy()
         else:
-            t, p = _np(target).reshape(-1).astype(np.int64), _np(pred).reshape(-1).astype(np.int64)
-            ok = (t >= 0) & (t < k) & (t != self.ignore_index)
-            t, p = t[ok], p[ok]
-            if p.size and (p.min() < 0 or p.max() >= k):
+            ta, pa = _np(target).reshape(-1).astype(np.int64), _np(pred).reshape(-1).astype(np.int64)
+            oka = (ta >= 0) & (ta < k) & (ta != self.ignore_index)
+            ta, pa = ta[oka], pa[oka]
+            if pa.size and (pa.min() < 0 or pa.max() >= k):
                 raise ValueError(f"predictions hold class ids outside [0, {k})")
-            counts = np.bincount(t * k + p, minlength=k * k)
+            counts = np.bincount(ta * k + pa, minlength=k * k)
         self.matrix += counts.reshape(k, k)
 
     def state(self) -> np.ndarray:

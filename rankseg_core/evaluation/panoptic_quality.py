@@ -207,7 +207,7 @@ class PanopticQuality:
         per_class = []
         for c in range(self.num_classes):
             denom = tp[c] + 0.5 * fp[c] + 0.5 * fn[c]
-            entry = {"pq": None, "sq": None, "rq": None}
+            entry: dict[str, float | None] = {"pq": None, "sq": None, "rq": None}
             if denom > 0:
                 entry = {"pq": float(iou[c] / denom), "sq": float(iou[c] / tp[c]) if tp[c] else 0.0,
                          "rq": float(tp[c] / denom)}

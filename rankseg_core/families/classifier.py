@@ -9,7 +9,7 @@ recall@kappa of the sigmoid probabilities against each image's stored GT classes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from rankseg_core.families.vit import RECIPES as SEGMENTER_RECIPES
 from rankseg_core.families.vit import VIT_SIZES
 from rankseg_core.inference.dense import mmseg_scale_sizes
 from rankseg_core.losses.rankseg import clip_targets, ml_loss_fn, ml_targets, selection_stats
-from rankseg_core.model.classifier import build_classifier
+from rankseg_core.model.classifier import MultiLabelClassifier, build_classifier
 from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
 
@@ -66,15 +66,17 @@ def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tupl
     scales = list(protocol.scales)
     sized = mmseg_scale_sizes(cfg.eval, images, sizes, scales) or [
         (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))) for s in scales]
-    total, passes = None, 0
+    total: Tensor | None = None
+    passes = 0
     for size in sized:
         x = images if tuple(size) == (h, w) else F.interpolate(images, size=tuple(size), mode="bilinear",
                                                                align_corners=False)
         for flipped in ((False, True) if protocol.flip else (False,)):
-            p = model(_pad16(x.flip(-1) if flipped else x, model.patch_size)).float().sigmoid()
+            patch = cast(MultiLabelClassifier, model).patch_size  # this family's model
+            p = model(_pad16(x.flip(-1) if flipped else x, patch)).float().sigmoid()
             total = p if total is None else total + p
             passes += 1
-    return Predictions(semantic=None, ml=total / passes)
+    return Predictions(semantic=None, ml=cast(Tensor, total) / passes)  # None only without scales
 
 
 MODELS = {f"classifier-{size}": arch for size, arch in VIT_SIZES.items()}
@@ -109,7 +111,7 @@ CLASSIFIER = Family(
     criterion=_criterion,
     stats=("loss", "recall", "precision"),
     predict=predict,
-    data_config=lambda model: model.data_config(),
+    data_config=lambda model: cast(MultiLabelClassifier, model).data_config(),
     recipes=RECIPES,
     validate=_validate,
     segments=False,

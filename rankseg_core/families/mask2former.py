@@ -11,7 +11,7 @@ pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from rankseg_core.inference.mask2former import panoptic_inference, semantic_infe
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
-from rankseg_core.model.mask2former.model import Mask2FormerOutput, build_mask2former
+from rankseg_core.model.mask2former.model import Mask2FormerModel, Mask2FormerOutput, build_mask2former
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm
 from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
@@ -94,7 +94,7 @@ def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tupl
         for flipped in ((False, True) if protocol.flip else (False,)):
             out = model(x.flip(-1) if flipped else x, selection)
             for i in range(n):
-                s = _scores(_one(out, i), tuple(sizes[i]), flipped)
+                s = _scores(_one(out, i), cast(tuple[int, int], tuple(sizes[i])), flipped)
                 t = totals[i]
                 if t is None:
                     totals[i] = s
@@ -104,13 +104,14 @@ def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tupl
             if _panoptic(cfg.model) and size == (h, w) and not flipped:
                 m = cfg.model.mask2former
                 things = cfg.data.thing_classes or []
-                panoptic = [panoptic_inference(_one(out, i), tuple(sizes[i]), things, m.object_mask_threshold,
-                                               m.overlap_threshold)[0] for i in range(n)]
+                panoptic = [panoptic_inference(_one(out, i), cast(tuple[int, int], tuple(sizes[i])), things,
+                                               m.object_mask_threshold, m.overlap_threshold)[0] for i in range(n)]
             if out.ml_logits is not None:
                 p = out.ml_logits.float().sigmoid()
                 ml_sum = p if ml_sum is None else ml_sum + p
             passes += 1
-    semantic = [t.argmax()[0] for t in totals]  # averaging does not change the argmax: no division
+    filled = cast(list[ClassMaps], totals)  # every pass filled every image
+    semantic = [t.argmax()[0] for t in filled]  # averaging does not change the argmax: no division
     return Predictions(semantic, None if ml_sum is None else ml_sum / passes, panoptic)
 
 
@@ -188,16 +189,18 @@ def _build(m: ModelConfig) -> nn.Module:
 
 
 def stats_extra(model: nn.Module, m: ModelConfig) -> dict[str, Any]:
-    head = model.ml_head
-    return {"task": m.mask2former.task, "queries": model.num_queries,
+    m2f = cast(Mask2FormerModel, model)  # this family's model
+    head = m2f.ml_head
+    return {"task": m.mask2former.task, "queries": m2f.num_queries,
             "params_ml_head": sum(p.numel() for p in head.parameters()) if head is not None else 0}
 
 
 def rank_scale(model: nn.Module) -> tuple[Tensor, Tensor] | None:
     """(1/tau, beta) per class rank of the rank LayerNorm (no-object column excluded)."""
-    if model.ml_norm is None or not model.selects:
+    m2f = cast(Mask2FormerModel, model)  # this family's model
+    if m2f.ml_norm is None or not m2f.selects:
         return None
-    scale, bias = model.ml_norm.affine(model.kappa + 1)
+    scale, bias = m2f.ml_norm.affine(m2f.kappa + 1)
     return scale[:-1], bias[:-1]
 
 
@@ -208,7 +211,7 @@ MASK2FORMER = Family(
     criterion=_criterion,
     stats=("loss", "ce", "mask", "dice", "ml", "kept"),
     predict=predict,
-    data_config=lambda model: model.data_config(),
+    data_config=lambda model: cast(Mask2FormerModel, model).data_config(),
     recipes=RECIPES,
     validate=_validate,
     param_groups=param_groups,

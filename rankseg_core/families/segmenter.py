@@ -7,7 +7,7 @@ the softmax) over each image's selected classes only, never over all K channels.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from rankseg_core.families.classifier import CLASSIFIER
 from rankseg_core.families.vit import RECIPES, VIT_SIZES
 from rankseg_core.inference.dense import mmseg_scale_sizes, predict_probs
 from rankseg_core.losses.rankseg import RankSegCriterion
-from rankseg_core.model.segmenter import build_model
+from rankseg_core.model.segmenter import RankSegModel, build_model
 from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
 
@@ -37,8 +37,9 @@ def _criterion(cfg: TrainConfig) -> Any:
     lo = cfg.loss
     # A frozen selector does not learn: its ASL on the crop is logged ("ml"), never added to the loss.
     ml_weight = 0.0 if cfg.model.has_selector else lo.ml_weight
-    crit = RankSegCriterion(cfg.model.num_classes, IGNORE, lo.ml_loss, ml_weight, lo.seg_loss_norm,
-                            cfg.model.clip_len, lo.asl_gamma_neg, lo.asl_gamma_pos, lo.asl_clip)
+    # ml_loss and asl_gamma_neg: set by _resolve (family.resolve) before the criterion is built.
+    crit = RankSegCriterion(cfg.model.num_classes, IGNORE, cast(str, lo.ml_loss), ml_weight, lo.seg_loss_norm,
+                            cfg.model.clip_len, cast(float, lo.asl_gamma_neg), lo.asl_gamma_pos, lo.asl_clip)
     return lambda out, batch: crit(out, batch["label"])
 
 
@@ -49,7 +50,7 @@ def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tupl
     scales = list(protocol.scales)
     probs, ml = predict_probs(model, images, cfg.model.num_classes, sizes, tuple(scales), protocol.flip, protocol.mode,
                               cfg.eval.crop, cfg.eval.stride, mmseg_scale_sizes(cfg.eval, images, sizes, scales), selection,
-                              patch=model.patch_size)
+                              patch=cast(RankSegModel, model).patch_size)  # this family's model
     return Predictions([p.argmax()[0] for p in probs], ml)
 
 
@@ -135,9 +136,10 @@ def ranks(m: ModelConfig) -> bool:
 
 def rank_scale(model: nn.Module) -> tuple[Tensor, Tensor] | None:
     """(1/tau, beta) per rank of a selecting head; None for a class-ordered LayerNorm(K)."""
-    if not model.head.selects:
+    head = cast(RankSegModel, model).head  # this family's model
+    if not head.selects:
         return None
-    norm = model.head.mask_norm
+    norm = head.mask_norm
     return norm.affine(norm.size)
 
 
@@ -148,7 +150,7 @@ SEGMENTER = Family(
     criterion=_criterion,
     stats=("loss", "seg", "ml", "coverage", "recall", "precision"),
     predict=predict,
-    data_config=lambda model: model.data_config(),
+    data_config=lambda model: cast(RankSegModel, model).data_config(),
     recipes=RECIPES,
     resolve=_resolve,
     validate=_validate,

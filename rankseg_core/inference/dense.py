@@ -24,6 +24,7 @@ argmax (tested against a dense K-channel re-implementation, `tests/test_protocol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -212,11 +213,12 @@ def predict_probs(model: nn.Module, images: Tensor, num_classes: int, sizes: lis
     to sizes[i], softmaxes and un-flips.
     """
     n, _, h, w = images.shape
-    sizes = [tuple(s) for s in sizes] if sizes is not None else [(h, w)] * n
+    # tuple(): callers may pass [h, w] lists (e.g. read from JSON).
+    sizes = [cast(tuple[int, int], tuple(s)) for s in sizes] if sizes is not None else [(h, w)] * n
     totals: list[ClassMaps | None] = [None] * n
     ml_sum, passes = None, 0
     for j, scale in enumerate(scales):
-        size = tuple(scale_sizes[j]) if scale_sizes is not None else scaled_size(h, w, scale)
+        size = cast(tuple[int, int], tuple(scale_sizes[j])) if scale_sizes is not None else scaled_size(h, w, scale)
         scaled = _resize(images, size)
         for flipped in ((False, True) if flip else (False,)):
             maps, ml = _logits(model, scaled.flip(-1) if flipped else scaled, num_classes, mode, crop, stride,
@@ -227,7 +229,8 @@ def predict_probs(model: nn.Module, images: Tensor, num_classes: int, sizes: lis
             if ml is not None:
                 ml_sum = ml if ml_sum is None else ml_sum + ml
             passes += 1
-    return [ClassMaps(t.maps / passes, t.classes) for t in totals], (ml_sum / passes if ml_sum is not None else None)
+    filled = cast(list[ClassMaps], totals)  # every pass filled every image
+    return [ClassMaps(t.maps / passes, t.classes) for t in filled], (ml_sum / passes if ml_sum is not None else None)
 
 
 def _dense(maps: list[ClassMaps], num_classes: int, fill: float) -> Tensor:

@@ -141,7 +141,7 @@ class Mask2FormerCriterion:
 
         steps = [(out.pred_logits, out.pred_masks)] + (out.aux[::-1] if m.deep_supervision else [])
         total = out.pred_logits.new_zeros((), dtype=torch.float32)
-        parts = None
+        parts: tuple[Tensor, Tensor, Tensor] | None = None
         for logits, masks in steps:
             ce, loss_mask, loss_dice = self._step(logits, masks, cols, num_masks)
             total = total + m.class_weight * ce + m.mask_weight * loss_mask + m.dice_weight * loss_dice
@@ -152,6 +152,7 @@ class Mask2FormerCriterion:
             y = ml_targets if ml_targets is not None else ml_targets_from(tgts, self.num_classes)
             ml = self.ml_loss(out.ml_logits, y.to(out.ml_logits.device))
             total = total + self.ml_weight * ml
+        assert parts is not None  # steps starts with the final prediction
         ce, loss_mask, loss_dice = parts
         return {"loss": total, "ce": ce.detach(), "mask": loss_mask.detach(), "dice": loss_dice.detach(),
                 "ml": ml.detach(), "kept": torch.tensor(kept, device=total.device)}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from rankseg_core.config.model import PATCH_SIZE, ModelConfig
@@ -24,7 +26,8 @@ class ViTBackbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig, arch: str) -> None:
         super().__init__()
-        self.vit = timm.create_model(
+        # Every architecture of VIT_SIZES (vit_*_patch16_384) is a timm VisionTransformer.
+        self.vit = cast(VisionTransformer, timm.create_model(
             arch,
             pretrained=False,
             img_size=cfg.img_size,
@@ -32,7 +35,7 @@ class ViTBackbone(nn.Module):
             num_classes=0,
             in_chans=cfg.in_chans,
             dynamic_img_size=True,
-        )
+        ))
         self.patch_size = PATCH_SIZE
         self.embed_dim: int = self.vit.embed_dim
 
@@ -104,13 +107,18 @@ def load_backbone_weights(backbone: ViTBackbone, path: str | Path) -> tuple[list
     return load_timm_state(vit, sd, path, "a timm ViT")
 
 
+def _default_cfg(body: nn.Module) -> dict[str, Any]:
+    """The `default_cfg` dict timm sets on every model it builds (a plain attribute)."""
+    return cast(dict[str, Any], body.default_cfg)
+
+
 def load_timm_state(body: nn.Module, sd: dict[str, Tensor], path: Path, what: str) -> tuple[list[str], list[str]]:
     """Load a (filtered) state dict into a timm backbone: UserError on shape mismatches or when
     nothing matches, a warning for missing keys. Returns (missing, unexpected)."""
     own = body.state_dict()
     mismatch = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if mismatch:
-        raise UserError(f"backbone_weights: {path} does not fit {body.default_cfg.get('architecture', '')}: "
+        raise UserError(f"backbone_weights: {path} does not fit {_default_cfg(body).get('architecture', '')}: "
                         f"shape mismatch for {mismatch[:3]}; pick the matching model.model size")
     result = body.load_state_dict(sd, strict=False)
     if len(result.missing_keys) == len(own):

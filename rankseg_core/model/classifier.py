@@ -109,6 +109,7 @@ def _drop_own_keys(module: nn.Module, state: dict, prefix: str, local_metadata: 
 def _forget_own_keys(module: nn.Module, incompatible: object) -> None:
     # The owner's weights never hold the selector's: its keys are not "missing" from them.
     prefix = f"{SELECTOR_ATTR}."
+    # `incompatible` is torch's private _IncompatibleKeys (a namedtuple): no public type to name.
     missing = incompatible.missing_keys  # type: ignore[attr-defined]
     missing[:] = [k for k in missing if not k.startswith(prefix) and f".{prefix}" not in k]
 

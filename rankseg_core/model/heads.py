@@ -137,6 +137,8 @@ class CrossAttnDecoderLayer(nn.Module):
 class TranDecMLHead(nn.Module):
     """"2x TranDec" multi-label head: class embeddings query a 16x16 pooled map (Table 6)."""
 
+    pos: Tensor  # buffer (registered in __init__)
+
     def __init__(self, dim: int, num_classes: int, dropout: float, heads: int = 8, ffn: int = 2048,
                  depth: int = 2) -> None:
         super().__init__()
@@ -211,7 +213,7 @@ class MaskTransformerHead(nn.Module):
             self.pool = nn.AdaptiveAvgPool2d(ML_POOL_TRANENC)
             self.decoder_norm2 = nn.LayerNorm(d)
         elif self.ml_head == "trandec":
-            self.ml_branch = TranDecMLHead(d, k, cfg.dropout)
+            self.ml_branch: TranDecMLHead | GapMLHead = TranDecMLHead(d, k, cfg.dropout)
         elif self.ml_head == "gap":
             self.ml_branch = GapMLHead(d, k)
         self.apply(_init_weights)  # before the GroupWiseLinear / projections get their own init

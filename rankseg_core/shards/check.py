@@ -15,7 +15,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import h5py
 import numpy as np
@@ -35,11 +35,12 @@ class ShardFormatError(UserError):
     """`dataset.json` or a shard is malformed: `verify` reports it (exit 1), readers refuse (exit 2)."""
 
 
-def _int(x: Any) -> bool:
+def _int(x: Any) -> TypeGuard[int | np.integer]:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _ints(xs: Any, n: int | None = None, lo: int = 0, hi: int | None = None) -> bool:
+def _ints(xs: Any, n: int | np.integer | None = None, lo: int = 0,
+          hi: int | np.integer | None = None) -> TypeGuard[list]:
     """A list of ints in lo..hi (inclusive), of length n if given."""
     return (isinstance(xs, list) and (n is None or len(xs) == n)
             and all(_int(x) and x >= lo and (hi is None or x <= hi) for x in xs))
@@ -125,7 +126,7 @@ def index_problem(meta: Any) -> str:
     return ""
 
 
-def _split_problem(split: Any, k: int) -> str:
+def _split_problem(split: Any, k: int | np.integer) -> str:
     if not isinstance(split, dict):
         return "not an object"
     n = split.get("num_samples")

@@ -115,7 +115,8 @@ def _jpeg_size(buf: memoryview) -> tuple[int, int] | None:
 def header_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
     """(height, width) read from a PNG (IHDR) or JPEG (SOF) header without decoding; None for
     other formats or an unreadable header."""
-    buf = memoryview(data).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+    # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it has the buffer protocol on all.
+    buf = memoryview(data).cast("B") if isinstance(data, np.ndarray) else memoryview(data)  # type: ignore[arg-type]
     if bytes(buf[:8]) == _PNG_SIGNATURE and len(buf) >= 24 and bytes(buf[12:16]) == b"IHDR":
         return int.from_bytes(buf[20:24], "big"), int.from_bytes(buf[16:20], "big")
     if bytes(buf[:2]) == b"\xff\xd8":

@@ -169,8 +169,10 @@ class ShardIndex:
 
     def arrays(self, split: str) -> SplitArrays:
         """Every sample's key, size, video / frame and class list, checked for consistency."""
-        keys, video, parts = [], [], {k: [] for k in ("shard", "row", "height", "width", "frame",
-                                                       "classes", "pixels", "offsets")}
+        keys: list[str] = []
+        video: list[str] = []
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "row", "height", "width", "frame",
+                                                                "classes", "pixels", "offsets")}
         base = 0
         for si, p in enumerate(self.shard_paths(split)):
             with self.open_checked(split, si) as f:

@@ -455,7 +455,7 @@ def assemble(out: Path, header: DatasetHeader, splits: Sequence[str]) -> dict:
         "class_source": header.source, "ignore": IGNORE,
         "palette": make_palette(header.num_classes).tolist(), "options": header.options,
     }
-    if header.is_panoptic:
+    if header.thing_classes is not None:  # header.is_panoptic
         index.update(panoptic=True, thing_classes=sorted(header.thing_classes))
     index["splits"] = {}
     skipped_all = []
@@ -463,11 +463,12 @@ def assemble(out: Path, header: DatasetHeader, splits: Sequence[str]) -> dict:
         sides = sorted(out.glob(f"{split}-*-of-*.h5.json"))
         if not sides:
             raise UserError(f"{out}: no finished shards for split '{split}': run the conversion first")
-        recs = [read_sidecar(p, header.num_classes) for p in sides]
-        bad = [p for p, r in zip(sides, recs) if r is None]
+        read = [read_sidecar(p, header.num_classes) for p in sides]
+        bad = [p for p, r in zip(sides, read) if r is None]
         if bad:
             raise UserError(f"{bad[0]} is damaged: delete it and its shard "
                             f"{bad[0].name[:-len('.json')]}, then re-run the same command")
+        recs = [r for r in read if r is not None]  # all of them (none is damaged)
         count = recs[0]["count"]
         have = {r["index"] for r in recs if r["count"] == count
                 and shard_is_complete(out / r["file"])}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import IO, Any, cast
 
 from rich.console import Console, ConsoleDimensions
 
@@ -67,9 +67,14 @@ class _LogConsole(Console):
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
-        Console.size.fset(self, new_size)
+        # mypy sees the property object `Console.size` as its (overloaded) accessor functions.
+        fset = cast(property, Console.size).fset
+        assert fset is not None  # rich's Console.size has a setter
+        fset(self, new_size)
 
 
 def make_console(stderr: bool = False) -> Console:
     """The Console for stdout (results) or stderr (notes, progress, errors)."""
-    return _LogConsole(file=_StdStream("stderr" if stderr else "stdout"), stderr=stderr)
+    # _StdStream is a text stream by delegation (__getattr__), which mypy cannot see.
+    stream = cast(IO[str], _StdStream("stderr" if stderr else "stdout"))
+    return _LogConsole(file=stream, stderr=stderr)

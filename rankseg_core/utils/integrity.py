@@ -47,7 +47,8 @@ def _feed(h: Any, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         _put(h, b"T", f"{t.dtype}{tuple(t.shape)}".encode())
-        _put(h, b"B", memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it has the buffer protocol on all.
+        _put(h, b"B", memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     elif isinstance(obj, dict):
         _put(h, b"D", str(len(obj)).encode())
         for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):

@@ -10,7 +10,7 @@ import sys
 import time
 from types import TracebackType
 
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
 from rankseg_core.utils.console import make_console
@@ -28,7 +28,7 @@ class Progress:
         self.done = 0
         self.postfix = ""
         self._rich: RichProgress | None = None
-        self._task = None
+        self._task: TaskID | None = None  # set together with _rich
         self._start = self._last_log = 0.0
 
     def __enter__(self) -> "Progress":
@@ -50,6 +50,7 @@ class Progress:
         if postfix is not None:
             self.postfix = postfix
         if self._rich is not None:
+            assert self._task is not None  # set together with _rich (__enter__)
             self._rich.update(self._task, advance=n, rate=f"{self.rate():.1f} {self.unit}/s",
                               postfix=self.postfix)
         elif self.enabled and time.monotonic() - self._last_log >= self.log_every:

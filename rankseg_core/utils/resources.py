@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from rankseg_core.errors import UserError
 
@@ -27,5 +28,5 @@ def dataset_file(name: str) -> Path:
                     "rankseg (`pip install rankseg-toolkit`, or `pip install -e .` in a clone)")
 
 
-def load_json(name: str) -> object:
+def load_json(name: str) -> Any:
     return json.loads(dataset_file(name).read_text(encoding="utf-8"))

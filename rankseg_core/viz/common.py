@@ -15,7 +15,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -185,7 +185,7 @@ def ids_by_area(maps: Sequence[np.ndarray], num_classes: int, ignore: int = IGNO
     return ids[np.argsort(-counts[ids], kind="stable")]
 
 
-def legend_handles(ids: Sequence[int], names: Sequence[str], palette: np.ndarray, max_items: int = 24,
+def legend_handles(ids: Sequence[int] | np.ndarray, names: Sequence[str], palette: np.ndarray, max_items: int = 24,
                    extra: Sequence[tuple[str, tuple[int, int, int]]] = ()) -> list:
     """matplotlib Patch handles for `extra` entries then up to `max_items` classes.
 
@@ -193,8 +193,8 @@ def legend_handles(ids: Sequence[int], names: Sequence[str], palette: np.ndarray
     """
     from matplotlib.patches import Patch
 
-    def face(rgb: Sequence[int]) -> tuple[float, ...]:
-        return tuple(float(c) / 255 for c in rgb)
+    def face(rgb: Sequence[int]) -> tuple[float, float, float]:
+        return cast(tuple[float, float, float], tuple(float(c) / 255 for c in rgb))  # an RGB triple
 
     handles = [Patch(facecolor=face(rgb), edgecolor="0.4", linewidth=0.5, label=text) for text, rgb in extra]
     ids = list(ids)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from rankseg_core.viz.common import (
     write_csv,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from rankseg_core.model.segmenter import RankSegModel
 
 TOP_BARS = 20  # classes per image in the bar chart
 TOP_CHART = 15  # classes per panel in the dataset-level chart
@@ -103,9 +106,11 @@ class FPStats:
                "topk_missed_per_image": float(self.topk_missed.sum() / n),
                "gt_classes_per_image": float(self.gt_images.sum() / n)}
         if self.baseline_fp is not None:
+            # removed / added are set together with baseline_fp (false_positive_stats).
+            removed, added = cast(np.ndarray, self.removed), cast(np.ndarray, self.added)
             out.update({"baseline_pred_fp_per_image": float(self.baseline_fp.sum() / n),
-                        "removed_per_image": float(self.removed.sum() / n),
-                        "added_per_image": float(self.added.sum() / n)})
+                        "removed_per_image": float(removed.sum() / n),
+                        "added_per_image": float(added.sum() / n)})
         return out
 
 
@@ -149,7 +154,8 @@ def fp_table(stats: FPStats, names: Sequence[str]) -> tuple[list[str], list[list
     any_fp = (stats.topk_fp > 0) | (stats.pred_fp > 0)
     if stats.baseline_fp is not None:
         header += ["baseline_pred_fp", "removed", "added"]
-        cols += [stats.baseline_fp, stats.removed, stats.added]
+        # removed / added are set together with baseline_fp (false_positive_stats).
+        cols += [stats.baseline_fp, cast(np.ndarray, stats.removed), cast(np.ndarray, stats.added)]
         any_fp |= stats.baseline_fp > 0
     ids = np.nonzero(any_fp)[0]
     order = np.lexsort((ids, -stats.topk_fp[ids], -stats.pred_fp[ids]))
@@ -206,7 +212,7 @@ def plot_image(sample: SamplePrediction, gt_row: np.ndarray, pred_row: np.ndarra
     for yi, (c, p, _) in zip(y, top):
         tags = [t for t, row in (("pred", pred_row), ("base", baseline_row)) if row is not None and row[c]]
         if tags:
-            ax_bar.text(min(p, 1.0) + 0.01, yi, " ".join(tags), va="center", fontsize=7, color="0.25")
+            ax_bar.text(min(p, 1.0) + 0.01, float(yi), " ".join(tags), va="center", fontsize=7, color="0.25")
     if kappa < len(top):
         ax_bar.axhline(kappa - 0.5, color="0.3", ls="--", lw=1)
         ax_bar.text(1.17, kappa - 0.6, f"top-κ={kappa}", ha="right", va="bottom", fontsize=7, color="0.3")
@@ -281,7 +287,8 @@ def run_false_positives(run: VizRun, data: str | Path, out: str | Path, *, split
     Writes into `out`: fp_<key>.png, fp_per_image.json, fp_summary.png, fp_table.csv,
     fp_summary.json. Returns the summary dict.
     """
-    if not run.model.head.uses_ml:
+    # A Segmenter-family run is assumed here (the model's `head`).
+    if not cast("RankSegModel", run.model).head.uses_ml:
         raise UserError(f"{run.path} is a {variant_name(run.cfg)} run without a multi-label branch: pass a RankSeg "
                         "run (and this one as --baseline)")
     ds = open_split(data, split, [run] + ([baseline] if baseline else []))
@@ -296,7 +303,8 @@ def run_false_positives(run: VizRun, data: str | Path, out: str | Path, *, split
 
     samples = predict_samples(run, ds, ids, kappa=kappa if kappa != run.cfg.model.effective_kappa else None)
     gt = gt_presence([s.classes for s in samples], k)
-    probs = np.stack([s.probs for s in samples])
+    # The run has an ml branch (checked above): every sample has probabilities.
+    probs = np.stack([cast(np.ndarray, s.probs) for s in samples])
     pixels = pred_pixels([s.pred for s in samples], [s.label for s in samples], k)
     base_pixels = None
     if baseline is not None:
@@ -311,14 +319,15 @@ def run_false_positives(run: VizRun, data: str | Path, out: str | Path, *, split
     for i in fig_ids:
         j = pos[i]
         s = samples[j]
+        s_probs = cast(np.ndarray, s.probs)  # the run has an ml branch
         pred_row = pixels[j] >= min_pixels
         base_row = base_pixels[j] >= min_pixels if base_pixels is not None else None
         png = plot_image(s, gt[j], pred_row, kappa, names, palette, out / f"fp_{safe_name(s.key)}.png",
                          run.label, base_row)
         rec = {"key": s.key, "figure": png.name, "gt": [names[c] for c in np.nonzero(gt[j])[0]],
                "top": [{"id": c, "name": names[c], "probability": p, "in_gt": tp, "predicted": bool(pred_row[c])}
-                       for c, p, tp in top_classes(s.probs, gt[j])],
-               "topk_fp": [names[c] for c in np.nonzero(topk_mask(s.probs[None], kappa)[0] & ~gt[j])[0]],
+                       for c, p, tp in top_classes(s_probs, gt[j])],
+               "topk_fp": [names[c] for c in np.nonzero(topk_mask(s_probs[None], kappa)[0] & ~gt[j])[0]],
                "pred_fp": [names[c] for c in np.nonzero(pred_row & ~gt[j])[0]]}
         if base_row is not None:
             rec["baseline_pred_fp"] = [names[c] for c in np.nonzero(base_row & ~gt[j])[0]]

@@ -12,6 +12,7 @@ output (norm0..norm3) instead of the final norm; `out_norms` are those.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import timm
 import torch
@@ -25,18 +26,30 @@ from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict, load_
 STRIDES = (4, 8, 16, 32)
 
 
+class _TimmPyramid(Protocol):
+    """The part of timm's feature-pyramid API this module uses (ResNet, Swin, ... share it); an
+    nn.Module attribute lookup cannot know it, so the model is cast to this where it is used."""
+
+    feature_info: list[dict[str, Any]]
+
+    def prune_intermediate_layers(self, indices: int, prune_norm: bool, prune_head: bool) -> list[int]: ...
+
+    def forward_intermediates(self, x: Tensor, indices: list[int], intermediates_only: bool) -> list[Tensor]: ...
+
+
 class PyramidBackbone(nn.Module):
     """B x 3 x H x W (H, W multiples of 32) -> [res2, res3, res4, res5], B x C_i x H/s x W/s."""
 
     def __init__(self, timm_name: str, cfg: Mask2FormerConfig, in_chans: int = 3) -> None:
         super().__init__()
         self.is_swin = timm_name.startswith("swin")
-        kw = {"dynamic_img_size": True, "always_partition": True, "drop_path_rate": cfg.backbone_drop_path} \
-            if self.is_swin else {}
+        kw: dict[str, Any] = ({"dynamic_img_size": True, "always_partition": True,
+                               "drop_path_rate": cfg.backbone_drop_path} if self.is_swin else {})
         self.body = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
         # Drop what the pyramid never uses (classifier, final norm) so parameter counts are honest.
-        self.indices = self.body.prune_intermediate_layers(indices=4, prune_norm=True, prune_head=True)
-        info = self.body.feature_info[-4:]
+        pyramid = cast(_TimmPyramid, self.body)
+        self.indices = pyramid.prune_intermediate_layers(indices=4, prune_norm=True, prune_head=True)
+        info = pyramid.feature_info[-4:]
         self.channels: list[int] = [int(f["num_chs"]) for f in info]
         if [int(f["reduction"]) for f in info] != list(STRIDES):
             raise ValueError(f"{timm_name}: expected strides {STRIDES}, got {[f['reduction'] for f in info]}")
@@ -48,7 +61,8 @@ class PyramidBackbone(nn.Module):
         h, w = images.shape[-2:]
         if h % 32 or w % 32:
             raise ValueError(f"input size {h}x{w} is not a multiple of 32; pad it (Mask2FormerModel does)")
-        feats = self.body.forward_intermediates(images, indices=self.indices, intermediates_only=True)
+        feats = cast(_TimmPyramid, self.body).forward_intermediates(images, indices=self.indices,
+                                                                    intermediates_only=True)
         if self.out_norms is not None:
             feats = [n(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for n, f in zip(self.out_norms, feats)]
         return list(feats)

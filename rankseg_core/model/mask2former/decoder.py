@@ -12,6 +12,7 @@ classes' logits (the selection needs the queries of a middle layer).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -97,10 +98,11 @@ class MaskedTransformerDecoder(nn.Module):
         self.query_feat = nn.Embedding(num_queries, d)
         self.query_embed = nn.Embedding(num_queries, d)
         self.level_embed = nn.Embedding(N_SCALES, d)
+        self.input_proj: nn.ModuleList | None
         if in_channels != d:
             self.input_proj = nn.ModuleList(nn.Conv2d(in_channels, d, kernel_size=1) for _ in range(N_SCALES))
             for conv in self.input_proj:
-                c2_xavier_(conv)
+                c2_xavier_(cast(nn.Conv2d, conv))  # the Conv2d layers just built
         else:
             self.input_proj = None
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)

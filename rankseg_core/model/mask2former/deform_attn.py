@@ -33,8 +33,8 @@ def ms_deform_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Te
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(b * m, lq, n_points, 2)
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # BM x Dh x Lq x P
     stacked = torch.stack(sampled, dim=-2).flatten(-2)  # BM x Dh x Lq x (L*P)
-    w = weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels * n_points)
-    out = (stacked * w).sum(-1)  # BM x Dh x Lq
+    wts = weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels * n_points)
+    out = (stacked * wts).sum(-1)  # BM x Dh x Lq
     return out.reshape(b, m * dh, lq).transpose(1, 2)
 
 

@@ -9,6 +9,8 @@ transformer decoder attends to, round-robin.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,8 +70,10 @@ class PixelDecoder(nn.Module):
         self.input_proj = nn.ModuleList(nn.Sequential(nn.Conv2d(c, d, kernel_size=1), group_norm(d))
                                         for c in in_channels[1:][::-1])
         for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight)
-            nn.init.zeros_(proj[0].bias)
+            conv = cast(nn.Conv2d, cast(nn.Sequential, proj)[0])  # Sequential(Conv2d, GroupNorm), just built
+            assert conv.bias is not None  # Conv2d's default bias=True
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
         self.level_embed = nn.Parameter(torch.empty(N_LEVELS, d))
         self.layers = nn.ModuleList(DeformEncoderLayer(d, cfg.enc_dim_feedforward, cfg.nheads, cfg.enc_n_points,
                                                        cfg.dropout) for _ in range(cfg.enc_layers))
@@ -77,7 +81,7 @@ class PixelDecoder(nn.Module):
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
-            layer.self_attn.reset_parameters()
+            cast(DeformEncoderLayer, layer).self_attn.reset_parameters()
         nn.init.normal_(self.level_embed)
 
         # One FPN level (res2): stride 8 of the encoder's finest level -> the common stride 4.
