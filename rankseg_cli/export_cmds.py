@@ -1,6 +1,6 @@
 """`rankseg export` (shards -> the folders detectron2-based projects read) and `rankseg prepare
 detectron2` (such a folder -> shards). Thin commands over rankseg_core.convert.export and
-rankseg_core.convert.detectron2_layout; registered by `score_cmds.register`.
+rankseg_core.convert.detectron2; registered by `score_cmds.register`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def prepare_detectron2(
       [bold]rankseg prepare detectron2 --root datasets/ --dataset ade20k-full --out shards/ade847_d2[/]\n
       [bold]rankseg prepare detectron2 --root exported/ --out shards/roundtrip[/]
     """
-    from rankseg_core.convert.detectron2_layout import prepare_detectron2_layout
+    from rankseg_core.convert.detectron2 import prepare_detectron2_layout
 
     opts = convert_options(workers, num_shards, shard_index, limit, on_error)
     report(prepare_detectron2_layout(root, out, dataset, opts), out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,3 +187,14 @@ def ade_panoptic_tree(root: Path, n_train: int = 4, n_val: int = 2, size: tuple[
         write_ade_instance(paths["instance"], inst)
         out[key] = AdeImage(key, split, semantic, inst, paths)
     return out
+
+
+def read_coco_panoptic(json_path: str | Path, png_dir: str | Path | None = None) -> Iterator[tuple[dict, np.ndarray]]:
+    """(annotation, H x W int64 segment ids) per annotation of a COCO panoptic JSON (a reader
+    of what `--save-panoptic` writes, for the tests)."""
+    json_path = Path(json_path)
+    png_dir = Path(png_dir) if png_dir else json_path.with_suffix("")
+    doc = json.loads(json_path.read_text())
+    for ann in doc["annotations"]:
+        rgb = np.asarray(Image.open(png_dir / ann["file_name"]).convert("RGB")).astype(np.int64)
+        yield ann, rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from rankseg_cli.app import app
 from rankseg_core.convert.ade20k_full import prepare_ade20k_full
 from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.detectron2_layout import prepare_detectron2_layout
+from rankseg_core.convert.detectron2 import prepare_detectron2_layout
 from rankseg_core.convert.export import export_shards
 from rankseg_core.convert.pascal_context import prepare_pascal_context_mat
 from rankseg_core.convert.png_datasets import prepare_ade20k, prepare_coco_stuff, prepare_pascal_context

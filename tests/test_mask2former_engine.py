@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MASK2FORMER_RUN, assert_one_line_error, make_synthetic
+from panoptic_trees import read_coco_panoptic
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
-from rankseg_core.convert.coco_panoptic_format import read_coco_panoptic
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.synthetic import prepare_synthetic
 from rankseg_core.engine import runs

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankseg_core.evaluation.metrics import ConfusionMatrix, average_precision, ranking_ap_per_image, recall_at_k
+from rankseg_core.evaluation.metrics import ConfusionMatrix, average_precision, recall_at_k
 
 IGN = 255
 
@@ -75,18 +75,6 @@ def test_average_precision_skips_classes_without_positives() -> None:
     targets = torch.tensor([[0, 1], [0, 0]])
     mean_ap, per_class = average_precision(scores, targets)
     assert math.isnan(per_class[0]) and per_class[1] == 1.0 and mean_ap == 1.0
-
-
-def test_ranking_ap_per_image_official_definition() -> None:
-    scores = np.array([[0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]])
-    targets = np.array([[1, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
-    ap = ranking_ap_per_image(scores, targets)
-    # image 0: positives at ranks 0, 2 -> (1/1 + 2/3) / 2; image 1: rank 3 -> 1/4
-    assert ap[0] == pytest.approx((1 + 2 / 3) / 2)
-    assert ap[1] == pytest.approx(0.25)
-    assert math.isnan(ap[2])
-    # with k = 2 the positive at rank 2 is never retrieved
-    assert ranking_ap_per_image(scores, targets, k=2)[0] == pytest.approx(0.5)
 
 
 def test_recall_at_k_by_hand() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_synthetic
-from panoptic_trees import bbox, read_png_ids
+from panoptic_trees import bbox, read_coco_panoptic, read_png_ids
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
@@ -17,7 +17,6 @@ from rankseg_core.convert.coco_panoptic_format import (
     categories_of,
     id2rgb,
     image_id_of,
-    read_coco_panoptic,
     rgb2id,
     write_coco_panoptic,
 )

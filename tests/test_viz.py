@@ -226,7 +226,7 @@ def test_false_positives_command(rs_run: Path, base_run: Path, data: Path, tmp_p
 
 def test_false_positives_errors(rs_run: Path, base_run: Path, data: Path, tmp_path: Path) -> None:
     assert_user_error(invoke("false-positives", base_run, "--data", data, "--out", tmp_path),
-                      "without a multi-label branch")
+                      "without a class ranking")
     assert_user_error(invoke("false-positives", rs_run, "--data", data, "--keys", "val_000001,nope",
                              "--out", tmp_path), "unknown key 'nope'")
     other = make_synthetic(tmp_path / "d80", images=4, num_classes=80, size=32)

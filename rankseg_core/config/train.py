@@ -278,11 +278,6 @@ def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "") -> None:
         raise UserError(f"{where}{exc}") from None
 
 
-def get_key(cfg: TrainConfig, key: str) -> Any:
-    parent, leaf, _ = _locate(cfg, key)
-    return getattr(parent, leaf)
-
-
 @functools.cache
 def _mapping_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
     """Dotted keys whose value is a mapping (e.g. optim.custom_keys): leaves, not sections."""

@@ -9,7 +9,6 @@ folder of the same name), so `write_coco_panoptic` output can be scored by the o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,15 +160,3 @@ def write_coco_panoptic(out_dir: str | Path, predictions: Iterable[tuple[int | s
     for image_id, file_name, segments, info in predictions:
         writer.add(image_id, file_name, segments, info)
     return writer.close()
-
-
-def read_coco_panoptic(json_path: str | Path, png_dir: str | Path | None = None) -> Iterable[tuple[dict, np.ndarray]]:
-    """(annotation, H x W int64 segment ids) per annotation of a COCO panoptic JSON."""
-    json_path = Path(json_path)
-    png_dir = Path(png_dir) if png_dir else json_path.with_suffix("")
-    doc = json.loads(json_path.read_text())
-    for ann in doc["annotations"]:
-        bgr = cv2.imread(str(png_dir / ann["file_name"]), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise UserError(f"{png_dir / ann['file_name']}: missing or unreadable panoptic PNG")
-        yield ann, rgb2id(bgr[..., ::-1])

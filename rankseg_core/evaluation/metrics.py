@@ -195,30 +195,6 @@ def average_precision(scores: ArrayLike, targets: ArrayLike) -> tuple[float, np.
     return (float(ap[valid].mean()) if valid.any() else float("nan")), ap
 
 
-def ranking_ap_per_image(scores: ArrayLike, targets: ArrayLike, k: int | None = None) -> np.ndarray:
-    """The official code's `get_average_precision`: a per-image ranking AP.
-
-    For image i, rank the K classes by score (ties by class id); the positives' ranks
-    r_1 < ... < r_n (0-based) give AP_i = (1/n) sum_j j / (r_j + 1). With `k`, classes outside
-    the top-k count as never retrieved (contribute 0), as in the official top-kappa version.
-    Returns N values, NaN for images without positives (the official mean skips them).
-    """
-    s, t = _np(scores).astype(np.float64), _np(targets) > 0
-    n, num_classes = s.shape
-    order = np.argsort(-s, axis=1, kind="mergesort")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(num_classes)[None].repeat(n, 0), axis=1)
-    r = np.where(t, rank.astype(np.float64), np.inf)
-    if k is not None:
-        r = np.where(r < k, r, np.inf)
-    r = np.sort(r, axis=1)
-    j = np.arange(1, num_classes + 1, dtype=np.float64)[None]
-    terms = np.where(np.isfinite(r), j / (r + 1), 0.0)
-    npos = t.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(npos > 0, terms.sum(1) / np.maximum(npos, 1), np.nan)
-
-
 def recall_at_k(scores: ArrayLike, targets: ArrayLike, k: int) -> float:
     """Mean over images with >= 1 positive of |top-k ∩ positives| / |positives|."""
     s, t = _np(scores).astype(np.float64), _np(targets) > 0

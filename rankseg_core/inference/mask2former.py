@@ -69,15 +69,6 @@ def semantic_inference_compact(out: Mask2FormerOutput, size: tuple[int, int]
     return scores, classes, out.valid
 
 
-def semantic_map(out: Mask2FormerOutput, size: tuple[int, int]) -> Tensor:
-    """Class map B x H x W (long): argmax of the compact scores mapped to class ids."""
-    scores, classes, valid = semantic_inference_compact(out, size)
-    if valid is not None:
-        scores = scores.masked_fill(~valid[:, :, None, None], float("-inf"))
-    best = scores.argmax(1)  # B x H x W column index
-    return classes.gather(1, best.flatten(1)).reshape(best.shape)
-
-
 @torch.no_grad()
 def panoptic_inference(out: Mask2FormerOutput, size: tuple[int, int], thing_classes: Iterable[int],
                        object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8

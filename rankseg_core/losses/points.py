@@ -17,14 +17,6 @@ def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
     return F.grid_sample(maps, 2.0 * coords[:, :, None, :] - 1.0, mode="bilinear", align_corners=False)[..., 0]
 
 
-def pixel_centres(h: int, w: int, device: torch.device | None = None) -> Tensor:
-    """Every pixel centre of an h x w map, row-major: (h*w) x 2 (x, y). Sampling there reads the map exactly."""
-    y = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
-    x = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
-    yy, xx = torch.meshgrid(y, x, indexing="ij")
-    return torch.stack([xx.flatten(), yy.flatten()], -1)
-
-
 def uncertain_points(logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float,
                      generator: torch.Generator | None = None) -> Tensor:
     """Importance sampling of points on mask logits N x 1 x H x W -> N x P x 2.

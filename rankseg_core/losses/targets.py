@@ -53,8 +53,3 @@ def ml_targets_from(targets: list[dict[str, Tensor]], num_classes: int) -> Tenso
         labels = t["labels"].cpu().long()
         y[b, labels[(labels >= 0) & (labels < num_classes)]] = 1.0
     return y.to(targets[0]["labels"].device) if targets else y
-
-
-def gt_classes_from(targets: list[dict[str, Tensor]]) -> list[Tensor]:
-    """Per image the sorted unique classes of its segments (`gt_classes` for the oracle)."""
-    return [torch.unique(t["labels"]) for t in targets]

@@ -123,14 +123,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * current().world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_flag(flag: bool) -> bool:
-    """True on every process if it is True on any (e.g. 'stop: non-finite loss')."""
-    if not current().enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)

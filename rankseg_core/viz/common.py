@@ -166,14 +166,6 @@ def error_map(pred: np.ndarray, label: np.ndarray, palette: np.ndarray, ignore: 
     return out
 
 
-def present_ids(*maps: np.ndarray, num_classes: int, ignore: int = IGNORE) -> np.ndarray:
-    """Sorted class ids occurring in any of the maps (ignore / out of range skipped)."""
-    ids = [np.unique(m) for m in maps]
-    all_ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
-    all_ids = all_ids.astype(np.int64)
-    return all_ids[(all_ids >= 0) & (all_ids < num_classes) & (all_ids != ignore)]
-
-
 def ids_by_area(maps: Sequence[np.ndarray], num_classes: int, ignore: int = IGNORE) -> np.ndarray:
     """Class ids present in the maps, largest total area first (ties by id)."""
     counts = np.zeros(num_classes, np.int64)

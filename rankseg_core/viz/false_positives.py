@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, cast
+from typing import Sequence, cast
 
 import numpy as np
 
 from rankseg_core.errors import UserError
+from rankseg_core.families import family_of
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.utils.plotting import plt, save_figure
 from rankseg_core.viz.common import (
@@ -39,9 +40,6 @@ from rankseg_core.viz.common import (
     write_csv,
     write_json,
 )
-
-if TYPE_CHECKING:
-    from rankseg_core.model.segmenter import RankSegModel
 
 TOP_BARS = 20  # classes per image in the bar chart
 TOP_CHART = 15  # classes per panel in the dataset-level chart
@@ -287,10 +285,10 @@ def run_false_positives(run: VizRun, data: str | Path, out: str | Path, *, split
     Writes into `out`: fp_<key>.png, fp_per_image.json, fp_summary.png, fp_table.csv,
     fp_summary.json. Returns the summary dict.
     """
-    # A Segmenter-family run is assumed here (the model's `head`).
-    if not cast("RankSegModel", run.model).head.uses_ml:
-        raise UserError(f"{run.path} is a {variant_name(run.cfg)} run without a multi-label branch: pass a RankSeg "
-                        "run (and this one as --baseline)")
+    family = family_of(run.cfg.model.model)
+    if not (family.segments and family.ranks(run.cfg.model)):
+        raise UserError(f"{run.path} is a {variant_name(run.cfg)} run ({family.describe(run.cfg.model)}) without a "
+                        "class ranking to find false positives in: pass a RankSeg run (and this one as --baseline)")
     ds = open_split(data, split, [run] + ([baseline] if baseline else []))
     fig_ids = select_indices(ds, keys, num)
     n_stats = len(ds) if stats_num <= 0 else min(stats_num, len(ds))
@@ -319,7 +317,7 @@ def run_false_positives(run: VizRun, data: str | Path, out: str | Path, *, split
     for i in fig_ids:
         j = pos[i]
         s = samples[j]
-        s_probs = cast(np.ndarray, s.probs)  # the run has an ml branch
+        s_probs = cast(np.ndarray, s.probs)  # the run ranks its classes (checked above)
         pred_row = pixels[j] >= min_pixels
         base_row = base_pixels[j] >= min_pixels if base_pixels is not None else None
         png = plot_image(s, gt[j], pred_row, kappa, names, palette, out / f"fp_{safe_name(s.key)}.png",
