@@ -110,3 +110,38 @@ def assert_one_line_error(res, *fragments: str) -> None:
     text = " ".join(res.output.split())
     for f in fragments:
         assert f in text, text
+
+
+def m2f_semantic_map(out, size: tuple[int, int]) -> torch.Tensor:
+    """Class map B x H x W of a Mask2Former output: argmax of its compact semantic scores
+    mapped back to class ids (what the family's prediction does per pass)."""
+    from rankseg_core.inference.mask2former import semantic_inference_compact
+
+    scores, classes, valid = semantic_inference_compact(out, size)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, :, None, None], float("-inf"))
+    best = scores.argmax(1)
+    return classes.gather(1, best.flatten(1)).reshape(best.shape)
+
+
+class Stop(Exception):
+    """Raised by `train_until_checkpoint` right after the checkpoint it waits for."""
+
+
+def train_until_checkpoint(monkeypatch: pytest.MonkeyPatch, iteration: int, run_training) -> None:
+    """Run `run_training()` and stop it right after checkpoints/last.pt of `iteration` is
+    written, as a crash there would (the resume tests' interrupted run)."""
+    from rankseg_core.engine import runs
+
+    real_save = runs.save_checkpoint
+
+    def save_then_stop(path: Path, state: dict) -> Path:
+        out = real_save(path, state)
+        if path.name == "last.pt" and state["iteration"] == iteration:
+            raise Stop
+        return out
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        run_training()
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error, make_synthetic
+from conftest import assert_one_line_error, make_synthetic, train_until_checkpoint
 from PIL import Image
 from torch import Tensor, nn
 from typer.testing import CliRunner
@@ -26,7 +26,6 @@ from rankseg_cli.app import app
 from rankseg_core import families
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
-from rankseg_core.engine import runs
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
 from rankseg_core.families.base import Family, InferenceProtocol, Predictions
@@ -109,9 +108,6 @@ def _train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in rows if r["type"] == "train"]
 
 
-class Stop(Exception):
-    pass
-
 
 def test_a_family_defined_here_trains_resumes_evaluates_and_predicts(with_pixlin: None, data: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,18 +120,7 @@ def test_a_family_defined_here_trains_resumes_evaluates_and_predicts(with_pixlin
 
     # Exact resume: a run stopped right after its step-2 checkpoint and resumed equals 4 steps
     # in one go.
-    real_save = runs.save_checkpoint
-
-    def crash_after_2(path: Path, state: dict) -> Path:
-        out = real_save(path, state)
-        if path.name == "last.pt" and state["iteration"] == 2:
-            raise Stop
-        return out
-
-    monkeypatch.setattr(runs, "save_checkpoint", crash_after_2)
-    with pytest.raises(Stop):
-        train(build_train_config(None, flag_args_to_sets(), data), cut, progress=False)
-    monkeypatch.setattr(runs, "save_checkpoint", real_save)
+    train_until_checkpoint(monkeypatch, 2, lambda: train(build_train_config(None, flag_args_to_sets(), data), cut, progress=False))
     res = _cli("train", "--out", cut, "--resume", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert _train_losses(cut) == _train_losses(full) and len(_train_losses(full)) == 4

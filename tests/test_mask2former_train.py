@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import m2f_semantic_map
 from conftest import tiny_m2f_cfg as tiny_cfg
 from conftest import tiny_m2f_model as tiny_model
 
-from rankseg_core.inference.mask2former import panoptic_inference, semantic_map
+from rankseg_core.inference.mask2former import panoptic_inference
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
 from rankseg_core.losses.targets import targets_from_semantic
 
@@ -49,7 +50,7 @@ def test_overfits_one_image(head: str) -> None:
     model.eval()
     with torch.no_grad():
         out = model(img)  # no ground truth at test time
-    pred = semantic_map(out, (64, 64))[0]
+    pred = m2f_semantic_map(out, (64, 64))[0]
     labelled = lab != 255
     assert (pred[labelled] == lab[labelled]).float().mean() > 0.8
     if head == "rankseg":

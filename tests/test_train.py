@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_synthetic, tiny_run
+from conftest import make_synthetic, tiny_run, train_until_checkpoint
 from typer.testing import CliRunner
 
 from rankseg_cli.common import new_app
@@ -86,27 +86,13 @@ def test_train_writes_run_directory(data: Path, tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last_model.state_dict().values()))
 
 
-class Stop(Exception):
-    pass
-
 
 def test_resume_equals_uninterrupted(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full, cut = tmp_path / "full", tmp_path / "cut"
     fast = ("schedule.iters=4", "ckpt_every=2", "data.val_split=")  # evaluation is not under test here
     train(config(data, *fast), full, progress=False)
 
-    real_save = runs.save_checkpoint
-
-    def crash_after_2(path: Path, state: dict) -> Path:
-        out = real_save(path, state)
-        if path.name == "last.pt" and state["iteration"] == 2:
-            raise Stop
-        return out
-
-    monkeypatch.setattr(runs, "save_checkpoint", crash_after_2)
-    with pytest.raises(Stop):
-        train(config(data, *fast), cut, progress=False)
-    monkeypatch.setattr(runs, "save_checkpoint", real_save)
+    train_until_checkpoint(monkeypatch, 2, lambda: train(config(data, *fast), cut, progress=False))
     # A log line written after the checkpoint (as a crash could leave) is dropped on resume.
     runs.append_metrics(cut, {"type": "train", "iter": 3, "loss": 123.0})
     # Resume with another worker count: the data stream must not depend on it.
