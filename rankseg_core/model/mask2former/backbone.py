@@ -3,10 +3,12 @@
 Built with `pretrained=False` (weights only from a local file) and read through timm's
 `forward_intermediates`, which returns NCHW for Swin too (timm's `features_only` Swin
 returns NHWC) and keeps the parameter names of timm checkpoints, so a timm state dict loads
-as it is. Swin uses `dynamic_img_size` + `always_partition`: every block pads its input to
-whole windows and shifts, as detectron2's D2SwinTransformer does, so any size divisible by
-32 works (the model pads to that multiple). D2SwinTransformer also puts a LayerNorm on each
-output (norm0..norm3) instead of the final norm; `out_norms` are those.
+as it is. Swin uses `dynamic_img_size` + `always_partition`, and its blocks take
+detectron2's D2SwinTransformer order (`swin.py`: pad to whole windows, then shift, mask on
+the padded grid; timm shifts first, which differs wherever a stage is not a multiple of the
+window, e.g. every official 512 / 640 px crop), so any size divisible by 32 works (the model
+pads to that multiple). D2SwinTransformer also puts a LayerNorm on each output
+(norm0..norm3) instead of the final norm; `out_norms` are those.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.errors import UserError
 from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict, load_timm_state
+from rankseg_core.model.mask2former.swin import use_detectron2_window_order
 
 STRIDES = (4, 8, 16, 32)
 
@@ -46,6 +49,8 @@ class PyramidBackbone(nn.Module):
         kw: dict[str, Any] = ({"dynamic_img_size": True, "always_partition": True,
                                "drop_path_rate": cfg.backbone_drop_path} if self.is_swin else {})
         self.body = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)
+        if self.is_swin:
+            use_detectron2_window_order(self.body)
         # Drop what the pyramid never uses (classifier, final norm) so parameter counts are honest.
         pyramid = cast(_TimmPyramid, self.body)
         self.indices = pyramid.prune_intermediate_layers(indices=4, prune_norm=True, prune_head=True)
