@@ -174,7 +174,7 @@ def ade_panoptic_tree(root: Path, n_train: int = 4, n_val: int = 2, size: tuple[
             v = int(rng.choice(thing_values))
             inst[y:y + hh, x:x + ww, 0] = by_ade[v]
             inst[y:y + hh, x:x + ww, 1] = j * 7  # instance numbers need not be consecutive
-        if i == 0:  # a stuff region fully covered by an instance: its record must disappear
+        if i == 0:  # a stuff region fully covered by an instance: the official JSON keeps its record
             semantic[:4, :4] = next(v for v in stuff_values if v not in vals)
             semantic[4:8, :4] = 0
             inst[:4, :4] = (by_ade[thing_values[0]], 250, 0)
@@ -187,6 +187,34 @@ def ade_panoptic_tree(root: Path, n_train: int = 4, n_val: int = 2, size: tuple[
         write_ade_instance(paths["instance"], inst)
         out[key] = AdeImage(key, split, semantic, inst, paths)
     return out
+
+
+def ade_official(semantic: np.ndarray, instance: np.ndarray, things: dict[int, int]) -> tuple[np.ndarray, list[dict]]:
+    """What Mask2Former's `prepare_ade20k_pan_seg.py` writes for one image, re-written here:
+    (H x W segment ids, JSON `segments_info` with "id", "category_id" (= train id), "area",
+    "iscrowd").
+
+    Stuff first (one segment per stuff class of the semantic PNG, ascending), then every
+    instance number of the G channel (ascending), its class from the R channel; later segments
+    are painted over earlier ones, but each record keeps the area of its mask at the time it
+    was painted (so a stuff record fully covered by instances stays, with its old area). Ids
+    are 1..n (the script's random colours carry no meaning).
+    """
+    pan = np.zeros(semantic.shape, np.int64)
+    segments: list[dict] = []
+    thing_values = set(things.values())
+    for v in sorted(set(np.unique(semantic).tolist()) - {0} - thing_values):
+        mask = semantic == v
+        segments.append({"id": len(segments) + 1, "category_id": v - 1, "area": int(mask.sum()), "iscrowd": 0})
+        pan[mask] = len(segments)
+    for num in sorted(set(np.unique(instance[..., 1]).tolist()) - {0}):
+        mask = instance[..., 1] == num
+        cats = np.unique(instance[..., 0][mask])
+        assert len(cats) == 1
+        segments.append({"id": len(segments) + 1, "category_id": things[int(cats[0])] - 1,
+                         "area": int(mask.sum()), "iscrowd": 0})
+        pan[mask] = len(segments)
+    return pan, segments
 
 
 def read_coco_panoptic(json_path: str | Path, png_dir: str | Path | None = None) -> Iterator[tuple[dict, np.ndarray]]:

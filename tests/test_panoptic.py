@@ -153,9 +153,9 @@ def test_bad_inputs() -> None:
         image_stats(z, seg([(1, 0)]), z, gt([(1, 0, 2)]), K)
     with pytest.raises(ValueError, match="integer"):
         image_stats(z, [{"id": 1}], z, gt([(1, 0, 0)]), K)
-    # a record without pixels is ignored (not an FP, not an FN)
+    # a record without pixels: a predicted one is ignored, a ground-truth one is an FN (panopticapi)
     s = image_stats(z, seg([(1, 0), (2, 3)]), z, gt([(1, 0, 0), (5, 2, 0)]), K)
-    assert s["tp"][0] == 1 and s["fp"].sum() == 0 and s["fn"].sum() == 0
+    assert s["tp"][0] == 1 and s["fp"].sum() == 0 and s["fn"].tolist() == [0, 0, 1, 0, 0]
 
 
 def test_gt_from_shard() -> None:

@@ -12,7 +12,10 @@ Per image, in the script's order: one stuff segment per stuff class present in t
 PNG (ascending class), then one thing segment per instance number (ascending), its class the
 ADE20K-150 class its instance category stands for (`datasets/ade20k_panoptic/things.json`).
 Things are painted over stuff (the two annotations overlap). Pixels of a thing class without
-an instance, and unlabelled pixels, are void. See docs/datasets.md#ade20k-panoptic for what
+an instance, and unlabelled pixels, are void. Every record the script's JSON holds is kept with
+the area it declares there (a stuff segment's area from before the instances were painted, so
+a fully covered stuff segment keeps a record without pixels): panopticapi scores the official
+ground truth with those (docs/panoptic.md). See docs/datasets.md#ade20k-panoptic for what
 differs from the script's output.
 """
 
@@ -61,22 +64,24 @@ def decode_instance_png(data: bytes, path: str | Path) -> tuple[np.ndarray, np.n
 
 def panoptic_ids(semantic: np.ndarray, inst_cat: np.ndarray, inst_num: np.ndarray,
                  instance_to_ade: dict[int, int], thing_values: set[int],
-                 where: str) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """H x W segment ids (0 = void) and (id, train id, iscrowd=0) records of one image.
+                 semantic_where: str, instance_where: str) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """H x W segment ids (0 = void) and (id, train id, iscrowd=0, JSON area) records of one image.
 
     `semantic` holds ADE20K-150 values (0 = unlabelled); `inst_cat` / `inst_num` the R and G
-    channels of the instance PNG. Segment ids are 1..n in record order.
+    channels of the instance PNG. Segment ids are 1..n in record order. The area is the one the
+    script writes: the segment's mask before later segments are painted over it. Messages name
+    the PNG at fault (`semantic_where`, `instance_where`).
     """
     ids = np.zeros(semantic.shape, np.int64)
-    records: list[tuple[int, int, int]] = []
-    values = np.unique(semantic)
+    records: list[tuple[int, int, int, int]] = []
+    values, counts = np.unique(semantic, return_counts=True)
     if values.size and values[-1] > 150:
-        raise SampleError(f"{where}: semantic value(s) {values[values > 150].tolist()} are not ADE20K-150 "
-                          "classes (1..150): wrong or damaged annotation")
-    for v in values.tolist():
+        raise SampleError(f"{semantic_where}: semantic value(s) {values[values > 150].tolist()} are not "
+                          "ADE20K-150 classes (1..150): wrong or damaged annotation")
+    for v, c in zip(values.tolist(), counts.tolist()):
         if v == 0 or v in thing_values:
             continue
-        records.append((len(records) + 1, v - 1, 0))
+        records.append((len(records) + 1, v - 1, 0, c))
         ids[semantic == v] = len(records)
     has = inst_num > 0
     # one (instance number, category) pair per instance: a number with two categories is broken
@@ -84,13 +89,15 @@ def panoptic_ids(semantic: np.ndarray, inst_cat: np.ndarray, inst_num: np.ndarra
     nums, cats = pairs // 256, pairs % 256
     if np.unique(nums).size != nums.size:
         bad = int(nums[np.flatnonzero(np.diff(nums) == 0)[0]])
-        raise SampleError(f"{where}: instance {bad} has pixels of several categories (R values)")
+        raise SampleError(f"{instance_where}: instance {bad} has pixels of several categories (R values)")
     for num, cat in zip(nums.tolist(), cats.tolist()):
         if cat not in instance_to_ade:
-            raise SampleError(f"{where}: instance {num} has category R={cat}, not one of the 100 instance "
-                              "categories (1..100)")
-        records.append((len(records) + 1, instance_to_ade[cat] - 1, 0))
-        ids[inst_num == num] = len(records)  # painted over stuff, as the official script does
+            raise SampleError(f"{instance_where}: instance {num} has category R={cat}, not one of the 100 "
+                              "instance categories (1..100)")
+        mask = inst_num == num
+        # instance numbers are disjoint, so an instance's area is also its final pixel count
+        records.append((len(records) + 1, instance_to_ade[cat] - 1, 0, int(mask.sum())))
+        ids[mask] = len(records)  # painted over stuff, as the official script does
     return ids, records
 
 
@@ -112,11 +119,11 @@ class Ade20kPanopticMaker:
         inst_cat, inst_num = decode_instance_png(read_bytes(inst_path, "instance annotation"), inst_path)
         check_same_size(image.shape, inst_cat.shape, inst_path)
         ids, records = panoptic_ids(semantic, inst_cat, inst_num, self.instance_to_ade,
-                                    set(self.instance_to_ade.values()), inst_path)
-        # A stuff segment fully covered by instances has no pixel left: dropped (the script
-        # keeps its record with the area it had before the instances were painted).
+                                    set(self.instance_to_ade.values()), sem_path, inst_path)
+        # Kept as the official JSON has them: a stuff record fully covered by instances (no
+        # pixel left) and pre-painting stuff areas, which panopticapi scores with.
         return panoptic_sample(key, stored_image_bytes(data, image), ids, records, self.num_classes,
-                               f"{sem_path} + {inst_path}", drop_empty=True)
+                               f"{sem_path} + {inst_path}", json_areas=True)
 
 
 def prepare_ade20k_panoptic(root: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> dict | None:

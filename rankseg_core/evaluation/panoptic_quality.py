@@ -2,9 +2,12 @@
 
 Per image, a predicted and a ground-truth segment of the same category match when their IoU
 exceeds 0.5 (so a match is unique), where the union leaves out the prediction's pixels on
-unlabelled ground truth. Unmatched non-crowd ground truth is a false negative; an unmatched
-prediction is a false positive unless more than half of it lies on unlabelled ground truth or
-on the crowd region of its category. Per category PQ = sum IoU / (TP + FP/2 + FN/2),
+unlabelled ground truth and takes a ground-truth record's declared `area` where it has one
+(the JSON area panopticapi uses: ADE20K panoptic's official stuff areas exceed the pixel
+counts). Unmatched non-crowd ground truth, a record without pixels included, is a false
+negative; an unmatched prediction is a false positive unless more than half of it lies on
+unlabelled ground truth or on the crowd region of its category. Per category
+PQ = sum IoU / (TP + FP/2 + FN/2),
 SQ = sum IoU / TP (0 without TP), RQ = TP / (TP + FP/2 + FN/2); averages run over the
 categories with TP + FP + FN > 0.
 
@@ -70,14 +73,35 @@ def _compact(seg: np.ndarray, info: Sequence[Mapping], num_classes: int, what: s
     return lut[inverse].reshape(seg.shape), cats, iscrowd.astype(bool)
 
 
+def _declared_areas(info: Sequence[Mapping], pixels: np.ndarray) -> np.ndarray:
+    """Each ground-truth record's area for the union: its "area" if it has one, else its pixels."""
+    out = pixels.astype(np.int64, copy=True)
+    for i, r in enumerate(info):
+        if "area" not in r:
+            continue
+        try:
+            a = _int(r["area"])
+        except TypeError:
+            raise ValueError(f"ground-truth segment {r['id']}: area must be an integer") from None
+        # panopticapi would take a smaller area too, but then IoU can exceed 1: a broken record
+        if a < pixels[i]:
+            raise ValueError(f"ground-truth segment {r['id']}: area {a} is less than its {int(pixels[i])} "
+                             "pixels in the map")
+        out[i] = a
+    return out
+
+
 def image_stats(pred_segments: object, pred_info: Sequence[Mapping], gt_segments: object,
                 gt_info: Sequence[Mapping], num_classes: int) -> dict[str, np.ndarray]:
     """Per-category TP, FP, FN counts and matched-IoU sums (each (K,)) for one image.
 
     pred_segments, gt_segments: H x W segment ids (0 = void). pred_info: [{"id", "category"}];
-    gt_info: [{"id", "category", "iscrowd"}]; categories are train ids 0..K-1. Records
-    without pixels are ignored (panopticapi would reject them); an id in a map without a
-    record is a ValueError.
+    gt_info: [{"id", "category", "iscrowd"}, optionally "area"]; categories are train ids
+    0..K-1. A GT record's "area" (the official JSON's, at least its pixel count) replaces its
+    pixel count in the union, as panopticapi reads areas from the GT JSON; without it the
+    pixel count is used. A non-crowd GT record without pixels is a false negative (as in
+    panopticapi); a predicted record without pixels is ignored (panopticapi would reject it).
+    An id in a map without a record is a ValueError.
     """
     pred, gt = _as_map(pred_segments, "pred_segments"), _as_map(gt_segments, "gt_segments")
     if pred.shape != gt.shape:
@@ -88,6 +112,7 @@ def image_stats(pred_segments: object, pred_info: Sequence[Mapping], gt_segments
     # inter[g, p] = pixels of ground-truth index g predicted as index p (row/column 0 = void)
     inter = np.bincount((g_idx * (n + 1) + p_idx).ravel(), minlength=(m + 1) * (n + 1)).reshape(m + 1, n + 1)
     p_area, g_area = inter.sum(0), inter.sum(1)
+    g_area[1:] = _declared_areas(gt_info, g_area[1:])
 
     k = num_classes
     tp, fp, fn = np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64)
@@ -106,7 +131,7 @@ def image_stats(pred_segments: object, pred_info: Sequence[Mapping], gt_segments
     g_matched[gs[hit]] = True
     p_matched[ps[hit]] = True
 
-    missed = ~g_matched[1:] & ~g_crowd & (g_area[1:] > 0)
+    missed = ~g_matched[1:] & ~g_crowd
     np.add.at(fn, g_cat[missed], 1)
 
     # As pq_compute: the crowd region of a category is its last crowd record in info order.
@@ -221,6 +246,16 @@ class PanopticQuality:
 
 def gt_from_shard(segments: np.ndarray, segments_info: Sequence[Mapping]) -> tuple[np.ndarray, list[dict]]:
     """A shard sample's ground truth as `update` takes it: the H x W index map is the id map
-    (index i = record i), so the records get ids 1..n."""
-    return segments, [{"id": i, "category": int(r["category"]), "iscrowd": int(r["iscrowd"])}
-                      for i, r in enumerate(segments_info, 1)]
+    (index i = record i), so the records get ids 1..n.
+
+    A record's `json_area` (the official JSON's area where it differs from the pixel count:
+    ADE20K panoptic's stuff painted over by things) becomes its "area", so PQ is panopticapi's
+    on the official ground truth; other datasets' records score with their pixel counts.
+    """
+    out = []
+    for i, r in enumerate(segments_info, 1):
+        rec = {"id": i, "category": int(r["category"]), "iscrowd": int(r["iscrowd"])}
+        if "json_area" in r:
+            rec["area"] = int(r["json_area"])
+        out.append(rec)
+    return segments, out

@@ -40,6 +40,7 @@ from rankseg_core.utils.fsio import (
     fsync_dir,
     os_error,
     remove_quietly,
+    write_synced,
 )  # noqa: F401
 from rankseg_core.utils.palette import make_palette
 from rankseg_core.utils.parallel import Skipped
@@ -106,13 +107,17 @@ def encode_sample(key: str, image: bytes, label: np.ndarray, num_classes: int, *
 
 
 _SEGMENT_KEYS = ("id", "category", "iscrowd", "area")
+# Kept where a converter gives it: the area the official JSON declares when it differs from the
+# pixel count (ADE20K panoptic stuff painted over by instances; panopticapi scores with it).
+_OPTIONAL_SEGMENT_KEYS = ("json_area",)
 
 
 def normalise_segments_info(records: object, where: str) -> list[dict]:
-    """Segment records as plain `{"id", "category", "iscrowd", "area"}` dicts of Python ints.
+    """Segment records as plain `{"id", "category", "iscrowd", "area"}` dicts of Python ints,
+    plus `json_area` where a record has it (docs/shards.md).
 
-    Other keys are dropped (the stored record is exactly these four). Raises SampleError naming
-    `where` when a record lacks a key or holds a non-integer.
+    Other keys are dropped. Raises SampleError naming `where` when a record lacks a key or holds
+    a non-integer.
     """
     if not isinstance(records, list):
         raise SampleError(f"{where}: segments_info must be a list of records")
@@ -123,6 +128,7 @@ def normalise_segments_info(records: object, where: str) -> list[dict]:
         if not isinstance(r, dict) or any(k not in r for k in _SEGMENT_KEYS):
             raise SampleError(f"{where}: segment record {i + 1} must have keys {', '.join(_SEGMENT_KEYS)}")
         vals = {k: r[k] for k in _SEGMENT_KEYS}
+        vals.update({k: r[k] for k in _OPTIONAL_SEGMENT_KEYS if k in r})
         if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in vals.values()):
             raise SampleError(f"{where}: segment record {i + 1} has a non-integer field: {vals}")
         out.append({k: int(v) for k, v in vals.items()})
@@ -158,6 +164,8 @@ def check_segments(segments: np.ndarray, records: list[dict], label: np.ndarray,
             return f"segment {i} (id {r['id']}): category {r['category']} is not a train id < K={num_classes}"
         if r["area"] != counts[i]:
             return f"segment {i} (id {r['id']}): area {r['area']} but {int(counts[i])} pixels in the map"
+        if "json_area" in r and r["json_area"] < r["area"]:
+            return f"segment {i} (id {r['id']}): json_area {r['json_area']} is less than its area {r['area']}"
     cats = np.array([IGNORE] + [r["category"] for r in records], np.int64)
     inside = segments > 0
     if not np.array_equal(label[inside], cats[segments[inside]]):
@@ -267,7 +275,12 @@ def _write_shard(path: Path, tmp: Path, samples: list[EncodedSample], skipped: l
         if panoptic != bool(s.segments):
             raise ValueError(f"sample {s.key}: a {'panoptic' if panoptic else 'semantic'} dataset "
                              f"needs samples {'with' if panoptic else 'without'} segments")
-    with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f:
+    # The HDF5 file is built in memory and written with plain OS calls: HDF5 writing to a disk
+    # that fills up fails again when the file is closed (RuntimeError "Can't decrement id ref
+    # count") and leaves the library in a state that crashes the interpreter at exit. In memory
+    # nothing can fail but memory; the bytes are those the file driver would have written.
+    with h5py.File(tmp.name, "w", libver=("earliest", "v110"), track_order=False, driver="core",
+                   backing_store=False) as f:
         f.attrs.update(format=FORMAT, version=header.version, dataset=header.name, split=split,
                        index=index, count=count, num_classes=header.num_classes, num_samples=n)
 
@@ -295,8 +308,8 @@ def _write_shard(path: Path, tmp: Path, samples: list[EncodedSample], skipped: l
             put_vlen("segments", [np.frombuffer(s.segments, np.uint8) for s in samples], _VLEN_BYTES)
             put_vlen("segments_info", [s.segments_info for s in samples], _VLEN_STR)
         f.flush()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+        image = f.id.get_file_image()
+    write_synced(tmp, image)
 
     k = header.num_classes
     class_images = np.zeros(k, np.int64)
@@ -306,7 +319,7 @@ def _write_shard(path: Path, tmp: Path, samples: list[EncodedSample], skipped: l
         class_pixels[s.classes] += s.pixels
     record = {
         "file": path.name, "split": split, "index": index, "count": count, "num_samples": n,
-        "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp),
+        "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest(),
         "class_images": class_images.tolist(), "class_pixels": class_pixels.tolist(),
         "skipped": [asdict(s) for s in skipped],
     }
