@@ -10,12 +10,14 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 
 from rankseg_core.errors import SampleError, UserError
-from rankseg_core.shards.codec import IGNORE, check_pixel_limit
+from rankseg_core.shards.codec import IGNORE, MAX_FILE_BYTES, check_pixel_limit, header_size
+from rankseg_core.utils.fsio import open_regular, read_regular
 
 BAD = IGNORE - 1  # LUT marker for values outside the release's label domain (never a train id here)
 JPEG_QUALITY = 95  # re-encoding only happens when a protocol resizes (or EXIF would rotate)
@@ -24,9 +26,10 @@ JPEG_QUALITY = 95  # re-encoding only happens when a protocol resizes (or EXIF w
 # --- reading and checking one sample -------------------------------------------------------
 
 def read_bytes(path: str | Path, what: str) -> bytes:
-    """The file's bytes; a SampleError naming it when it is missing or empty."""
+    """The file's bytes; a SampleError naming it when it is missing, empty, not a regular file
+    (a FIFO or a link to a device would block or never end) or over codec.MAX_FILE_BYTES."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path, what, MAX_FILE_BYTES, SampleError)
     except FileNotFoundError:
         raise SampleError(f"{path}: {what} is missing") from None
     except OSError as exc:
@@ -143,20 +146,40 @@ def decode_rgb_mask(data: bytes, path: str | Path, what: str) -> np.ndarray:
     return img[..., 2::-1]  # OpenCV decodes as BGR(A)
 
 
+def check_header_sizes(image: bytes, mask: bytes, mask_path: str | Path) -> None:
+    """SampleError when the PNG / JPEG headers of an image and its mask give different sizes.
+
+    Called before decoding either: a small mask file that would decode to a huge grid is
+    refused from its 24-byte header, not after its pixels were allocated. Formats without a
+    header read here are left to `check_same_size` after decoding.
+    """
+    a, b = header_size(image), header_size(mask)
+    if a is not None and b is not None:
+        check_same_size(a, b, mask_path)
+
+
 def check_same_size(image_shape: tuple[int, ...], mask_shape: tuple[int, ...], mask_path: str | Path) -> None:
     if tuple(image_shape[:2]) != tuple(mask_shape[:2]):
         raise SampleError(f"{mask_path}: mask is {mask_shape[1]}x{mask_shape[0]} but its image is "
                           f"{image_shape[1]}x{image_shape[0]} (W x H): the pair does not belong together")
 
 
+def _open_source(path: Path, what: str) -> BinaryIO:
+    """An annotation file opened for reading: UserError when it is missing or not a regular file."""
+    try:
+        return open_regular(path, what)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what} file: check the path") from None
+
+
 def load_json(path: str | Path, what: str) -> dict:
     """Parse an annotation JSON; a missing or invalid file is a UserError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such {what} file: check the path")
     try:
-        with open(path, "rb") as f:
+        with _open_source(path, what) as f:
             doc = json.load(f)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}): re-download or re-extract it") from None
     if not isinstance(doc, dict):
@@ -176,11 +199,11 @@ def stream_items(path: str | Path, prefix: str, what: str) -> Iterator:
     import ijson
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such {what} file: check the path")
     try:
-        with open(path, "rb") as f:
+        with _open_source(path, what) as f:
             yield from ijson.items(f, prefix, use_float=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     except ijson.JSONError as exc:
         # yajl's message spans lines (it draws the position): keep its first line
         reason = (str(exc).strip().splitlines() or ["parse error"])[0]

@@ -28,9 +28,13 @@ from rankseg_core.config.train import TrainConfig
 from rankseg_core.engine import runs
 from rankseg_core.errors import UserError
 from rankseg_core.utils import integrity
-from rankseg_core.utils.fsio import os_error
+from rankseg_core.utils.fsio import open_regular, os_error, read_regular
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Largest weights file read (whole, into memory): 64 GiB, well above any ViT checkpoint; a
+# bound on memory should the file not be what it seems.
+MAX_WEIGHTS_BYTES = 1 << 36
+_NOT_A_FILE = "; give a run directory or a weights file (.safetensors / .pt / .pth)"
 SHOWN = 3  # names listed per kind in the report
 
 
@@ -69,7 +73,7 @@ def _plain_state(path: Path) -> dict[str, Tensor]:
     """A .pt / .pth / .bin file: a sealed rankseg checkpoint (verified by runs.model_state) or
     a plain state dict, possibly wrapped in "model" / "state_dict" / "module"."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, "--init-from weights file", MAX_WEIGHTS_BYTES, _init_from_error)
     except OSError as exc:
         raise os_error(path, exc, "cannot read") from None
     try:
@@ -89,6 +93,10 @@ def _plain_state(path: Path) -> dict[str, Tensor]:
     return obj
 
 
+def _init_from_error(message: str) -> UserError:
+    return UserError(f"--init-from {message}")
+
+
 def read_source(source: str | Path) -> tuple[Path, dict[str, Tensor]]:
     """(the weights file read, its tensors) for a run directory or a weights file."""
     path = Path(source).expanduser()
@@ -102,6 +110,10 @@ def read_source(source: str | Path) -> tuple[Path, dict[str, Tensor]]:
     if path.suffix not in WEIGHT_SUFFIXES:
         raise UserError(f"--init-from {path}: unknown weights format {path.suffix!r}; use a run directory or one of "
                         f"{', '.join(WEIGHT_SUFFIXES)}")
+    try:  # a FIFO or a link to a device would block or never end: refused before any read
+        open_regular(path, "--init-from weights file", _init_from_error).close()
+    except OSError as exc:
+        raise os_error(path, exc, "cannot read") from None
     state = runs.load_weights(path) if path.suffix == ".safetensors" else _plain_state(path)
     return path, state
 

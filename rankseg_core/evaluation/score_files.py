@@ -27,15 +27,25 @@ import numpy as np
 from rankseg_core.convert.detectron2_format import file_stem
 from rankseg_core.errors import UserError
 from rankseg_core.evaluation.metrics import PROTOCOLS, ConfusionMatrix
-from rankseg_core.shards.codec import IGNORE, check_pixel_limit, check_size, decode_label
+from rankseg_core.shards.codec import IGNORE, MAX_FILE_BYTES, check_pixel_limit, check_size, decode_label
 from rankseg_core.shards.read import ShardDataset, ShardIndex
-from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
+from rankseg_core.utils import jsonio
+from rankseg_core.utils.fsio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable_target,
+    open_regular,
+    os_error,
+    read_regular,
+)
 from rankseg_core.utils.progress import Progress
 from rankseg_core.utils.resources import load_json
 
 SUFFIXES = (".png", ".tif", ".tiff")
 RARE_MAX, COMMON_MAX = 10, 100  # LVIS: rare 1-10 training images, common 11-100, frequent > 100
 SHOWN = 3  # names listed in a "missing / extra files" error
+MAX_REPORT_BYTES = 1 << 28  # an earlier report read to recognise it (K = 65535 classes: ~30 MB)
+MAX_OFFSET = IGNORE  # a file value is at most 16 bits: a larger --pred-offset leaves no class id
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,18 +120,33 @@ def match_predictions(keys: list[str], files: dict[str, Path], pred_dir: Path, s
 # Reading one prediction
 
 
-def _decode(path: Path) -> np.ndarray:
-    """Pixel values of a PNG / TIFF as stored (palette PNGs: the indices)."""
+def _check_shape(path: Path, size: tuple[int, int], expect: tuple[int, int] | None, label_of: str) -> None:
+    """UserError when a prediction's (height, width) is not its label's."""
+    if expect is not None and tuple(size) != tuple(expect):
+        raise UserError(f"{path}: prediction is {size[1]}x{size[0]} but the label{label_of} is "
+                        f"{expect[1]}x{expect[0]} (W x H): predict at the stored label's size "
+                        "(`rankseg inspect --jsonl` lists them)")
+
+
+def _decode(path: Path, expect: tuple[int, int] | None = None, label_of: str = "") -> np.ndarray:
+    """Pixel values of a PNG / TIFF as stored (palette PNGs: the indices).
+
+    The size is checked (limit, and `expect` when given) on the header, before decoding: a small
+    file of the wrong size must not be decoded to a huge array first.
+    """
     try:
-        data = path.read_bytes()
+        # Not a FIFO or a device, and bounded: either would block or grow memory without end.
+        data = read_regular(path, "prediction", MAX_FILE_BYTES)
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not data:
         raise UserError(f"{path}: empty file (0 bytes): write the prediction again")
     try:
-        check_pixel_limit(data, "prediction")
+        size = check_pixel_limit(data, "prediction")
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None
+    if size is not None:
+        _check_shape(path, size, expect, label_of)
     is_png = data[:8] == b"\x89PNG\r\n\x1a\n"
     if is_png and not (len(data) > 25 and data[25] == 3):  # not a palette PNG: OpenCV keeps 16 bits
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -134,7 +159,10 @@ def _decode(path: Path) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             check_size(im.size[1], im.size[0], "prediction")  # from the header, before decoding
+            _check_shape(path, (im.size[1], im.size[0]), expect, label_of)
             return np.asarray(im)
+    except UserError:
+        raise
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
@@ -142,17 +170,30 @@ def _decode(path: Path) -> np.ndarray:
                         "PNG or TIFF label images") from None
 
 
-def read_prediction(path: Path, num_classes: int, offset: int = 0) -> np.ndarray:
+def check_pred_offset(offset: int) -> None:
+    """UserError unless 0 <= `offset` <= MAX_OFFSET (a file value v means class v - offset)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise UserError(f"--pred-offset {offset}: must be 0..{MAX_OFFSET} (prediction files hold 8- or 16-bit "
+                        "values; mmseg's format_results writes id + 1: --pred-offset 1)")
+
+
+def read_prediction(path: Path, num_classes: int, offset: int = 0, shape: tuple[int, int] | None = None,
+                    label_of: str = "") -> np.ndarray:
     """H x W int64 train ids of a prediction file; UserError on anything that is not one.
 
     `offset`: a file value v means class v - offset (mmseg's `format_results` writes id + 1).
+    `shape`: the (height, width) the prediction must have (its label's), checked before decoding;
+    `label_of` names that label in the message (" of <key>").
     """
-    arr = _decode(path)
+    check_pred_offset(offset)
+    arr = _decode(path, shape, label_of)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise UserError(f"{path}: {arr.shape[2] if arr.ndim == 3 else arr.ndim}-channel image: write class ids "
                         "as a single-channel 8- or 16-bit PNG/TIFF, not a colour visualisation")
+    if shape is not None:  # formats without a header read before decoding
+        _check_shape(path, (arr.shape[0], arr.shape[1]), shape, label_of)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
         raise UserError(f"{path}: {arr.dtype} pixel values: write integer class ids (uint8 or uint16)")
     if arr.dtype.itemsize == 1 and num_classes + offset > 256:
@@ -268,8 +309,7 @@ def score_predictions(pred_dir: str | Path, data: str | Path, split: str = "val"
     """Confusion matrix of the predictions in `pred_dir` against split `split` of shards `data`."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
-    if pred_offset < 0:
-        raise UserError(f"--pred-offset {pred_offset}: must be >= 0")
+    check_pred_offset(pred_offset)
     pred_dir = Path(pred_dir)
     ds = ShardDataset(data, split)
     rule, group_ids = class_groups(ds.index, groups, Path(train_data) if train_data else None, train_split)
@@ -286,11 +326,7 @@ def score_predictions(pred_dir: str | Path, data: str | Path, split: str = "val"
             except ValueError as exc:
                 raise UserError(f"{ds.paths[ds.arrays.shard[i]]}: the label of {key} does not decode ({exc}); "
                                 "run `rankseg verify`") from None
-            pred = read_prediction(path, k, pred_offset)
-            if pred.shape != label.shape:
-                raise UserError(f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]} but the label of {key} is "
-                                f"{label.shape[1]}x{label.shape[0]} (W x H): predict at the stored label's size "
-                                "(`rankseg inspect --jsonl` lists them)")
+            pred = read_prediction(path, k, pred_offset, (label.shape[0], label.shape[1]), f" of {key}")
             cm.update(pred, label)
             bar.advance(1)
     info = {"predictions": str(pred_dir), "data": str(data), "split": split, "dataset": ds.index.name,
@@ -370,17 +406,65 @@ def _cell(x: float | None) -> str:
     return "" if x is None else f"{x:.6f}"
 
 
-def write_reports(json_path: str | Path, rep: dict[str, Any]) -> tuple[Path, Path, Path]:
-    """`<json>`, `<stem>.csv` (detectron2's keys: metric,value) and `<stem>_per_class.csv`."""
+_D2_HEADER = "metric,value\n"
+_TABLE_HEADER = "id,name,group,IoU,ACC,gt_pixels,pred_pixels,intersection\n"
+_REPORT_KEYS = ("protocol", "sem_seg", "per_class", "predictions")
+
+
+def report_paths(json_path: str | Path) -> tuple[Path, Path, Path]:
+    """The three files `write_reports` writes for `json_path`."""
     json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    return json_path, json_path.with_suffix(".csv"), json_path.with_name(json_path.stem + "_per_class.csv")
+
+
+def _is_report(path: Path, is_json: bool, header: str) -> bool:
+    """True when `path` holds a report `write_reports` wrote (JSON keys or the CSV header line)."""
+    try:
+        with open_regular(path, "report") as f:
+            if not is_json:
+                return f.readline(len(header) + 1) == header.encode()
+            data = f.read(MAX_REPORT_BYTES + 1)
+    except UserError:
+        return False
+    except OSError as exc:
+        raise os_error(path, exc, "cannot read") from None
+    try:
+        doc = jsonio.loads(data) if len(data) <= MAX_REPORT_BYTES else None
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and all(k in doc for k in _REPORT_KEYS)
+
+
+def check_report_targets(json_path: str | Path) -> None:
+    """Before scoring: refuse report files that would replace anything but an earlier report.
+
+    Whatever sits at one of the three names and is not a report this command wrote (the ground
+    truth's dataset.json, a shard, a prediction, a file of the user's) is left alone: one line
+    naming it. Devices and directories are refused as for every write.
+    """
+    for path, header in zip(report_paths(json_path), ("", _D2_HEADER, _TABLE_HEADER)):
+        check_writable_target(path)
+        if os.path.lexists(path) and not _is_report(path, not header, header):
+            raise UserError(f"{path} exists and is not an `eval-predictions` report: it would be overwritten; "
+                            "choose another --json")
+
+
+def write_reports(json_path: str | Path, rep: dict[str, Any]) -> tuple[Path, Path, Path]:
+    """`<json>`, `<stem>.csv` (detectron2's keys: metric,value) and `<stem>_per_class.csv`.
+
+    Only over earlier reports (`check_report_targets`), never over an input or another file."""
+    json_path, d2_csv, table_csv = report_paths(json_path)
+    check_report_targets(json_path)
+    try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(json_path.parent, exc, "cannot create the report's directory") from None
     atomic_write_json(json_path, rep)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["metric", "value"])
     for key, v in rep["sem_seg"].items():
         w.writerow([key, _cell(v)])
-    d2_csv = json_path.with_suffix(".csv")
     atomic_write_bytes(d2_csv, buf.getvalue().encode())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -388,6 +472,5 @@ def write_reports(json_path: str | Path, rep: dict[str, Any]) -> tuple[Path, Pat
     for c in rep["per_class"]:
         w.writerow([c["id"], c["name"], c["group"], _cell(c["iou"]), _cell(c["acc"]), c["gt_pixels"],
                     c["pred_pixels"], c["intersection"]])
-    table_csv = json_path.with_name(json_path.stem + "_per_class.csv")
     atomic_write_bytes(table_csv, buf.getvalue().encode())
     return json_path, d2_csv, table_csv

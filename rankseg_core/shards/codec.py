@@ -21,6 +21,9 @@ IGNORE = 65535  # stored ignore value; never 255 (a valid class id for K > 255)
 # read from the PNG / JPEG header before decoding, so a decompression bomb never allocates.
 # (OpenCV's own limit, CV_IO_MAX_IMAGE_PIXELS = 2^30, only warns and returns None.)
 MAX_PIXELS = 1 << 28
+# Largest image, mask or prediction file read whole (1 GiB): far above any encoded image at
+# MAX_PIXELS that occurs in practice, and a bound on memory where a file is not what it seems.
+MAX_FILE_BYTES = 1 << 30
 
 # PNG compression 1 is ~3x faster to encode than the default 3 and only a few % larger on
 # label maps, which are dominated by long runs.
