@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -255,7 +256,7 @@ def run_tasks(tasks: list[Task], workers: int) -> dict[tuple, dict]:
             done[t.key] = t.fn(*t.args)
         return done
     pending, running = list(tasks), {}
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_leave_sigint_to_parent)
     try:
         while pending or running:
             for t in [t for t in pending if all(d in done for d in t.deps)][:workers - len(running)]:
@@ -266,11 +267,27 @@ def run_tasks(tasks: list[Task], workers: int) -> dict[tuple, dict]:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
                 done[running.pop(f).key] = f.result()
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            # Running jobs would otherwise train on to their end, and the interpreter waits for
+            # them at exit. Their files are written atomically; a re-run resumes them.
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
     return done
+
+
+def _on_sigint_in_worker(signum: int, frame: Any) -> None:
+    """Ctrl-C reaches every process of the terminal's group: a worker leaves it to the parent,
+    which stops the workers (`run_tasks`), instead of printing a traceback of its own."""
+
+
+def _leave_sigint_to_parent() -> None:
+    # A Python handler rather than SIG_IGN: an ignored SIGINT is inherited through exec, and
+    # the torchrun a job starts must still stop on Ctrl-C.
+    signal.signal(signal.SIGINT, _on_sigint_in_worker)
 
 
 # ---------------------------------------------------------------------------------------
@@ -496,10 +513,25 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     return {"protocol": p, "results": results, "total_seconds": total, "report": body}
 
 
-if __name__ == "__main__":
+INTERRUPTED = ("interrupted: re-run the same command to go on (finished runs and evaluations are reused, "
+               "an interrupted run resumes from its last checkpoint)")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: exit status 0; 2 with one `error:` line for a user mistake (bad
+    --data, ...); 130 with one line on Ctrl-C, as `rankseg` commands do."""
     from rankseg_core.errors import UserError
 
     try:
-        main()
-    except UserError as exc:  # a user mistake (bad --data, ...): one line, no traceback
-        sys.exit(f"error: {exc}")
+        main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

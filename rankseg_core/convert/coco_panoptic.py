@@ -24,10 +24,13 @@ from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.convert.segments import panoptic_sample
 from rankseg_core.convert.source_io import decode_jpeg, decode_rgb_mask, load_json, read_bytes, stored_image_bytes
 from rankseg_core.errors import SampleError, UserError
+from rankseg_core.shards.check import check_name
 from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils import jsonio
 from rankseg_core.utils.resources import load_json as load_dataset_json
 
 SPLITS = ("train", "val")
+MAX_AREA = 1 << 53  # above any image's pixel count, and exact as a float
 LAYOUT = ("COCO root with annotations/panoptic_{train,val}2017.json, panoptic_{train,val}2017/*.png "
           "(or annotations/panoptic_{train,val}2017/) and {train,val}2017/*.jpg")
 
@@ -62,6 +65,8 @@ def pack_records(segments: object, category_to_train: dict[int, int], where: str
         except (KeyError, TypeError, AttributeError):
             raise SampleError(f"{where}: segment record {str(s)[:80]} needs integer id (1..{MAX_SEGMENT_ID}), "
                               "category_id and iscrowd") from None
+        if not area <= MAX_AREA:  # also NaN and infinity, which `json` parses
+            raise SampleError(f"{where}: segment {sid} has area {str(area)[:40]}, more pixels than any image")
         if cat not in category_to_train:
             raise SampleError(f"{where}: segment {sid} has category_id {cat}, not one of the 133 COCO "
                               "panoptic categories")
@@ -105,7 +110,7 @@ def _check_categories(doc: dict, path: Path, table: list[dict]) -> None:
         return
     try:
         theirs = sorted((int(c["id"]), int(c["isthing"])) for c in cats)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int() of an infinite float
         raise UserError(f"{path}: 'categories' entries need integer 'id' and 'isthing'") from None
     if theirs != sorted((c["id"], c["isthing"]) for c in table):
         raise UserError(f"{path}: its categories are not the 133 COCO panoptic 2017 categories (ids and "
@@ -120,6 +125,35 @@ def _find_png_dir(root: Path, split: str) -> Path:
                     f"unzip annotations/panoptic_{split}2017.zip ({LAYOUT})")
 
 
+def _load_json(path: Path) -> dict:
+    """`source_io.load_json`, bounded: Python's `json` raises ValueError for an integer of more
+    than 4300 digits and RecursionError past ~1000 levels, and what it parses must nest no
+    deeper than jsonio.MAX_DEPTH (records are printed and walked later). NaN and infinite
+    numbers it lets through are refused field by field (`_size`, `pack_records`)."""
+    try:
+        doc = load_json(path, "COCO panoptic JSON")
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{path} is not valid JSON ({str(exc)[:120]}): re-download or re-extract it") from None
+    if jsonio.depth(doc) > jsonio.MAX_DEPTH:
+        raise UserError(f"{path} is not a COCO panoptic JSON (nested deeper than {jsonio.MAX_DEPTH} levels): "
+                        "re-download or re-extract it")
+    return doc
+
+
+def _is_id(value: object) -> bool:
+    """An image id must be hashable and JSON-plain: COCO's are integers, other releases' strings."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _size(value: object) -> int:
+    """A height / width of the JSON: a positive integer (an integral float such as 480.0 too)."""
+    if isinstance(value, float) and value.is_integer():  # is_integer() is False for inf and NaN
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"not a positive integer: {str(value)[:40]}")
+    return value
+
+
 def index_split(root: Path, split: str, table: list[dict], images: dict, packed: list[np.ndarray],
                 seen: dict[str, str], hint: str = "") -> list[str]:
     """Read one split's JSON; add its samples to `images` and their records to `packed`."""
@@ -130,17 +164,22 @@ def index_split(root: Path, split: str, table: list[dict], images: dict, packed:
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: no such directory: {root} does not have the expected layout ({LAYOUT})")
     png_dir = _find_png_dir(root, split)
-    doc = load_json(json_path, "COCO panoptic JSON")
+    doc = _load_json(json_path)
     if not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
         raise UserError(f"{json_path}: not a COCO panoptic annotation file (needs 'images' and 'annotations' lists)")
     _check_categories(doc, json_path, table)
     to_train = {c["id"]: c["train_id"] for c in table}
-    by_id: dict[object, tuple[str, int, int]] = {}
+    by_id: dict[int | str, tuple[str, int, int]] = {}
+    fix = "pass the official panoptic JSON (file names are plain names inside their folder)"
     for img in doc["images"]:
         try:
-            iid, name, h, w = img["id"], str(img["file_name"]), int(img["height"]), int(img["width"])
+            iid, name, h, w = img["id"], img["file_name"], _size(img["height"]), _size(img["width"])
+            if not _is_id(iid):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{json_path}: image entry {str(img)[:80]} lacks id/file_name/height/width") from None
+            raise UserError(f"{json_path}: image entry {str(img)[:80]} lacks id (integer or string), file_name, "
+                            "or height / width (positive integers)") from None
+        check_name(name, "image file_name", json_path, fix)
         if iid in by_id:
             raise UserError(f"{json_path}: image id {iid} is listed twice in 'images'")
         by_id[iid] = (name, h, w)
@@ -148,10 +187,14 @@ def index_split(root: Path, split: str, table: list[dict], images: dict, packed:
     offset = sum(len(r) for r in packed)  # where this split's records start in the packed array
     for ann in doc["annotations"]:
         try:
-            iid, png = ann["image_id"], str(ann["file_name"])
+            iid, png = ann["image_id"], ann["file_name"]
             segments = ann["segments_info"]
+            if not _is_id(iid):
+                raise TypeError
         except (KeyError, TypeError):
-            raise UserError(f"{json_path}: annotation {str(ann)[:80]} lacks image_id/file_name/segments_info") from None
+            raise UserError(f"{json_path}: annotation {str(ann)[:80]} lacks image_id (integer or string), "
+                            "file_name or segments_info") from None
+        check_name(png, "annotation file_name", json_path, fix)
         if iid not in by_id:
             raise UserError(f"{json_path}: annotation {png} refers to image {iid}, which is not in its 'images'")
         name, h, w = by_id[iid]

@@ -73,6 +73,10 @@ def categories_of(index: Mapping) -> list[Category]:
     names = list(index["class_names"])
     things = set(index.get("thing_classes") or [])
     ids = (index.get("options") or {}).get("category_ids") or list(range(len(names)))
+    # `options` is free-form in dataset.json (readers check only that it is an object).
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError("dataset.json: options.category_ids must be a list of integers: re-create the "
+                        "directory with `rankseg prepare`")
     if len(ids) != len(names):
         raise UserError(f"dataset.json: options.category_ids has {len(ids)} entries for {len(names)} classes")
     return [Category(int(i), str(n), t in things) for t, (i, n) in enumerate(zip(ids, names))]
@@ -80,7 +84,9 @@ def categories_of(index: Mapping) -> list[Category]:
 
 def image_id_of(key: str) -> int | str:
     """The official image id of a shard key: COCO's file stems are the zero-padded ids."""
-    return int(key) if key.isdigit() else key
+    # ASCII only: str.isdigit() is also true of '²', which int() refuses; and int() refuses
+    # more than 4300 digits, far beyond any real id.
+    return int(key) if key.isascii() and key.isdigit() and len(key) <= 30 else key
 
 
 class CocoPanopticWriter:

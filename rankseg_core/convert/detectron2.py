@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from rankseg_core.convert.source_io import BAD, check_same_size, decode_jpeg, re
 from rankseg_core.errors import SampleError, UserError
 from rankseg_core.shards.codec import check_size
 from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils import jsonio
 from rankseg_core.utils.resources import load_json
 
 SUMMARY = "rankseg_export.json"
@@ -71,9 +71,11 @@ def _class_names(root: Path, dataset: str | None) -> tuple[str, list[str], str]:
     summary = root / SUMMARY
     if summary.is_file():
         try:
-            doc = json.loads(summary.read_text())
-            name, names = str(doc["dataset"]), [str(n) for n in doc["class_names"]]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            doc = jsonio.loads(summary.read_bytes())
+            name, names = doc["dataset"], doc["class_names"]
+            if not isinstance(name, str) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise TypeError("dataset must be a string and class_names a list of strings")
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise UserError(f"{summary} is damaged ({exc!r}): export again, or remove it and pass --dataset") from None
         if dataset and dataset != name:
             raise UserError(f"{summary}: this export holds {name}, not {dataset}: drop --dataset or fix it")
@@ -96,7 +98,8 @@ def find_pairs(root: Path, lay: Layout) -> tuple[dict[str, list[str]], dict[str,
     files: dict[str, tuple[str, str]] = {}
     splits: dict[str, list[str]] = {}
     lab = lay.labels[0]
-    for fsplit in sorted(e.name for e in os.scandir(images_parent) if e.is_dir()):
+    # Hidden folders (.ipynb_checkpoints, ...) are no splits; the others become split names.
+    for fsplit in sorted(e.name for e in os.scandir(images_parent) if e.is_dir() and not e.name.startswith(".")):
         img_dir, lab_dir = root / lay.images.format(split=fsplit), root / lab.folder.format(split=fsplit)
         if not lab_dir.is_dir():
             raise UserError(f"{lab_dir}: no such directory: every image folder needs its label folder")
@@ -126,7 +129,7 @@ def prepare_detectron2_layout(root: str | Path, out: str | Path, dataset: str | 
         raise UserError(f"{root}: no such directory")
     name, names, source = _class_names(root, dataset)
     k = len(names)
-    lay = layout_for(name, k)
+    lay = layout_for(name, k, root / SUMMARY)
     splits, files = find_pairs(root, lay)
     lut = read_table(lay.labels[0], k, BAD)
     header = DatasetHeader(name, names, source=source, options={"source": "detectron2 layout"})

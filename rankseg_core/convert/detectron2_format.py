@@ -10,10 +10,12 @@ the image stem, as detectron2's `load_sem_seg` pairs image and label files.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from rankseg_core.errors import UserError
+from rankseg_core.shards.check import check_name
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.utils.resources import load_json
 
@@ -118,8 +120,14 @@ def generic_layout(name: str, num_classes: int) -> Layout:
                   "generic: detectron2's load_sem_seg(gt_ext='png', image_ext='jpg')")
 
 
-def layout_for(name: str, num_classes: int) -> Layout:
-    return LAYOUTS.get(name) or generic_layout(name, num_classes)
+def layout_for(name: str, num_classes: int, source: str | Path = "dataset name") -> Layout:
+    """The layout of dataset `name`, read from `source` (named in the error): a name without a
+    layout of its own becomes the generic layout's top folder, so it must be a plain name."""
+    if name in LAYOUTS:
+        return LAYOUTS[name]
+    check_name(name, "dataset name", source, "a dataset name without a layout of its own becomes a folder "
+               "name: fix the name in that file (or re-create it)")
+    return generic_layout(name, num_classes)
 
 
 def value_table(files: LabelFiles, num_classes: int, dataset: str) -> np.ndarray:

@@ -12,14 +12,16 @@ label, so that both files are byte for byte what that script writes.
 Safety: every file is written atomically (temp, fsync, rename), so a file with its final name
 is complete and a re-run skips it (resume). `OUT/.rankseg-export.json` claims the directory
 and records the source; a non-empty directory without it, or made from other shards, is
-refused; `OUT` may not be inside the shard directory or hold it. `OUT/rankseg_export.json`
-is written last and says what the export holds.
+refused; `OUT` may not be inside the shard directory or hold it, and two exports into one
+`OUT` at once are refused (`utils.lock`). Names from the shards become paths only after
+`shards.check.check_name`: the dataset name (a generic layout's top folder), split names
+(checked with `dataset.json`) and every sample's file name. `OUT/rankseg_export.json` is
+written last and says what the export holds.
 """
 
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +29,12 @@ import numpy as np
 
 from rankseg_core.convert.detectron2_format import LabelFiles, Layout, file_stem, layout_for, value_table
 from rankseg_core.errors import UserError
+from rankseg_core.shards.check import check_name
 from rankseg_core.shards.codec import decode_label
 from rankseg_core.shards.read import ShardDataset, ShardIndex
+from rankseg_core.utils import jsonio
 from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
+from rankseg_core.utils.lock import DirLock, acquire, is_lock_file
 from rankseg_core.utils.progress import Progress
 
 MARKER = ".rankseg-export.json"
@@ -97,9 +102,14 @@ def maskformer_image(img_b: bytes, label: np.ndarray) -> tuple[bytes, np.ndarray
     return buf.getvalue(), label
 
 
-def claim_export_dir(out: Path, shards: Path, dataset: str, layout: str, images: str = "copy") -> None:
-    """Create or reuse `out`; refuse a foreign non-empty directory, another source, or a place
-    where writing could touch the shards."""
+def _has_content(out: Path) -> bool:
+    return out.is_dir() and any(not is_lock_file(e.name) for e in out.iterdir())
+
+
+def claim_export_dir(out: Path, shards: Path, dataset: str, layout: str, images: str = "copy") -> DirLock:
+    """Create or reuse `out` and lock it for this export (release the returned lock when done);
+    refuse a foreign non-empty directory, another source, a place where writing could touch
+    the shards, or a directory another export is writing."""
     src, dst = shards.resolve(), out.resolve()
     if _inside(dst, src) or _inside(src, dst):
         raise UserError(f"{out}: --out must be outside the shard directory {shards} and not contain it")
@@ -107,19 +117,32 @@ def claim_export_dir(out: Path, shards: Path, dataset: str, layout: str, images:
     marker = out / MARKER
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a directory: choose another --out")
-    if out.exists() and any(out.iterdir()):
+    foreign = f"{out} is not empty and was not made by `rankseg export`: choose an empty or new --out"
+    # Checked before the lock file is created: nothing is written into a foreign directory.
+    if _has_content(out) and not marker.is_file():
+        raise UserError(foreign)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = acquire(out, "export")
+    try:
+        # Again under the lock: another export may have claimed `out` since the check above.
+        if not _has_content(out):
+            atomic_write_json(marker, want)
+            return lock
         if not marker.is_file():
-            raise UserError(f"{out} is not empty and was not made by `rankseg export`: choose an empty or new --out")
+            raise UserError(foreign)
         try:
-            have = json.loads(marker.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{marker} is damaged: choose a new --out") from None
+            have = jsonio.loads(marker.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            have = None
+        if not isinstance(have, dict):
+            raise UserError(f"{marker} is damaged: choose a new --out")
         if have != want:
             raise UserError(f"{out} holds an export of {have.get('source')} ({have.get('dataset')}, "
                             f"{have.get('layout')}): use the same shards and layout to resume, or another --out")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, want)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def export_shards(shards: str | Path, out: str | Path, layout: str = "detectron2", splits: list[str] | None = None,
@@ -137,24 +160,47 @@ def export_shards(shards: str | Path, out: str | Path, layout: str = "detectron2
         raise UserError(f"--images maskformer reproduces MaskFormer's ADE20K-Full script from the original pixels: "
                         f"it needs ADE20K-Full shards prepared with --max-short-side 0 ({shards} holds "
                         f"{index.name}, max_short_side={index.meta['options'].get('max_short_side')})")
-    lay = layout_for(index.name, k)
+    lay = layout_for(index.name, k, shards / "dataset.json")
     splits = list(splits or index.splits)
     for s in splits:
         index.split_meta(s)  # UserError for an unknown split
     tables = [value_table(f, k, index.name) for f in lay.labels]
-    claim_export_dir(out, shards, index.name, layout, images)
+    lock = claim_export_dir(out, shards, index.name, layout, images)
+    try:
+        written, skipped, counts = _export_splits(shards, out, lay, splits, tables, k, images, progress)
+        summary = {
+            "format": "rankseg-export", "source": str(shards.resolve()), "dataset": index.name, "layout": layout,
+            "images_from": "MaskFormer's script (PIL JPEG quality 75)" if images == "maskformer" else "stored bytes",
+            "follows": lay.follows, "num_classes": k, "class_names": index.class_names,
+            "images": lay.images, "labels": [{"folder": f.folder, "suffix": f.suffix, "values": f.kind,
+                                              "ignore": f.ignore, "bits": f.bits} for f in lay.labels],
+            "splits": {lay.folder_split(s): {"shard_split": s, "samples": n} for s, n in counts.items()},
+        }
+        atomic_write_json(out / SUMMARY, summary)
+    finally:
+        lock.release()
+    return ExportSummary(out, lay, written, skipped, counts)
+
+
+def _export_splits(shards: Path, out: Path, lay: Layout, splits: list[str], tables: list[np.ndarray], k: int,
+                   images: str, progress: bool) -> tuple[int, int, dict[str, int]]:
+    """Write every sample of `splits` (`out` claimed); (files written, skipped, samples per split)."""
     written = skipped = 0
     counts = {}
     for split in splits:
         ds = ShardDataset(shards, split)
         fsplit = lay.folder_split(split)
         dirs = [out / lay.images.format(split=fsplit)] + [out / f.folder.format(split=fsplit) for f in lay.labels]
-        for d in dirs:
-            d.mkdir(parents=True, exist_ok=True)
         names = [file_stem(key) for key in ds.arrays.keys]
+        for key, name in zip(ds.arrays.keys, names):
+            # The longest name written is the stem plus a 4-character suffix (.jpg .png .tif).
+            check_name(f"{name}.png", f"sample {key[:60]!r} -> file name", shards, "a sample key becomes a file "
+                       "name; rename the sample (or re-create the shards with `rankseg prepare`)")
         if len(set(names)) != len(names):
             raise UserError(f"{shards}: two samples of '{split}' get the same file name ('/' -> '__'): "
                             "rename them before exporting")
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
         counts[split] = len(names)
         with Progress(len(names), f"export {split}", unit="img", enabled=progress) as bar:
             for i, name in enumerate(names):
@@ -189,14 +235,4 @@ def export_shards(shards: str | Path, out: str | Path, layout: str = "detectron2
                     else:
                         skipped += 1
                 bar.advance(1)
-    summary = {
-        "format": "rankseg-export", "source": str(shards.resolve()), "dataset": index.name, "layout": layout,
-        "images_from": "MaskFormer's script (PIL JPEG quality 75)" if images == "maskformer" else "stored bytes",
-        "follows": lay.follows, "num_classes": k, "class_names": index.class_names,
-        "images": lay.images, "labels": [{"folder": f.folder, "suffix": f.suffix, "values": f.kind,
-                                          "ignore": f.ignore, "bits": f.bits} for f in lay.labels],
-        "splits": {lay.folder_split(s): {"shard_split": s, "samples": n} for s, n in counts.items()},
-    }
-    atomic_write_json(out / SUMMARY, summary)
-    return ExportSummary(out, lay, written, skipped, counts)
-
+    return written, skipped, counts

@@ -315,6 +315,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     path = find_weights(run_dir, weights)
     model = family_of(cfg.model.model).build(replace(cfg.model, backbone_weights=None))
     state = model_state(path)
+    # load_state_dict raises a RuntimeError (a traceback) for a tensor of another shape, even
+    # with strict=False: a config.yaml edited after training (K, img_size, ...) is found here.
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise UserError(f"{path}: weights do not match {run_dir}/config.yaml ({len(wrong)} tensors of another "
+                        f"shape, e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} in the weights, "
+                        f"{tuple(own[wrong[0]].shape)} for config.yaml); was config.yaml edited?")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match {run_dir}/config.yaml (missing {len(missing)}, "

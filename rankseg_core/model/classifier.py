@@ -151,6 +151,15 @@ def load_selector(sel: SelectorConfig, num_classes: int, clip_len: int, arch: st
                       clip_len=clip_len, dropout=0.0, drop_path=0.0)
     cfg.validate()
     classifier = MultiLabelClassifier(cfg, arch)
+    # load_state_dict raises a RuntimeError (a traceback) for a tensor of another shape, even
+    # with strict=False: e.g. the classifier's config.yaml edited after training.
+    own = classifier.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise UserError(f"model.selector.weights: {path} does not fit {sel.model} with K={num_classes} and "
+                        f"img_size={sel.img_size} ({len(wrong)} tensors of another shape, e.g. {wrong[0]}: "
+                        f"{tuple(state[wrong[0]].shape)} in the weights, {tuple(own[wrong[0]].shape)} here); "
+                        "was the classifier's config.yaml edited?")
     missing, unexpected = classifier.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"model.selector.weights: {path} does not fit {sel.model} with K={num_classes} "

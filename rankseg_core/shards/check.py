@@ -120,6 +120,9 @@ def index_problem(meta: Any) -> str:
     if not isinstance(splits, dict):
         return "splits must be an object"
     for name, split in splits.items():
+        problem = name_problem(name)
+        if problem:
+            return f"split name {name[:80]!r} {problem}"
         problem = _split_problem(split, k)
         if problem:
             return f"split '{name}': {problem}"
@@ -160,17 +163,45 @@ def _split_problem(split: Any, k: int | np.integer) -> str:
     return ""
 
 
-def plain_name_problem(name: str) -> str:
-    """'' if `name` is a plain `.h5` file name (no directory part, no traversal); else why not."""
+MAX_NAME_BYTES = 255  # NAME_MAX of every common file system
+
+
+def name_problem(name: object, suffix: str = "") -> str:
+    """'' if `name` may become one component of a path: a non-empty string with no path
+    separator, not absolute, not '.', '..' or hidden, no NUL, at most MAX_NAME_BYTES bytes,
+    ending in `suffix` if given; else why not.
+
+    The one check for every name read from a file (shard files, dataset and split names,
+    sample keys made file names, file names in annotation JSON) before it is joined to a
+    directory: a crafted name must not reach outside it.
+    """
+    if not isinstance(name, str):
+        return "must be a string"
     if not name or "\0" in name:
-        return "empty or holds a NUL byte"
+        return "is empty or holds a NUL byte"
     if "/" in name or "\\" in name or os.path.isabs(name):
-        return "must be a plain file name inside the directory (no path separators)"
+        return "must be a plain name inside its directory (no path separators)"
     if name in (".", "..") or name.startswith("."):
         return "must not be '.', '..' or a hidden name"
-    if not name.endswith(".h5"):
-        return "must end in .h5"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    if suffix and not name.endswith(suffix):
+        return f"must end in {suffix}"
     return ""
+
+
+def check_name(name: object, what: str, where: str | Path, fix: str, suffix: str = "") -> str:
+    """`name` if `name_problem` finds nothing; else UserError "WHERE: WHAT 'NAME' PROBLEM: FIX"."""
+    problem = name_problem(name, suffix)
+    if problem:
+        raise UserError(f"{where}: {what} {str(name)[:80]!r} {problem}: {fix}")
+    assert isinstance(name, str)  # name_problem refuses anything else
+    return name
+
+
+def plain_name_problem(name: str) -> str:
+    """'' if `name` is a plain `.h5` file name (no directory part, no traversal); else why not."""
+    return name_problem(name, ".h5")
 
 
 def _files_problem(root: Path, meta: dict) -> str:

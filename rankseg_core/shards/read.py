@@ -9,7 +9,6 @@ keeps the handles open for the life of the worker.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from rankseg_core.errors import UserError
+from rankseg_core.errors import SampleError, UserError
 from rankseg_core.shards.check import (
     FIX_SHARD,
     check_regular_file,
@@ -28,6 +27,8 @@ from rankseg_core.shards.check import (
     read_index,
 )
 from rankseg_core.shards.codec import IGNORE, decode_image, decode_label
+from rankseg_core.shards.write import normalise_segments_info
+from rankseg_core.utils import jsonio
 
 # Read-only shards on NFS/Lustre: HDF5's file locking fails or serialises there.
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
@@ -159,8 +160,8 @@ class ShardIndex:
                 infos = _read(f, "segments_info", p, asstr=True)
             for x in infos:
                 try:
-                    records = json.loads(x)
-                except ValueError as exc:  # JSONDecodeError is a ValueError
+                    records = jsonio.loads(x)
+                except ValueError as exc:  # syntax, NaN, too deep: all ValueError
                     raise UserError(f"{p}: shard is damaged (segments_info: {exc}); {FIX_SHARD}") from None
                 if not isinstance(records, list):
                     raise UserError(f"{p}: shard is damaged (segments_info is not a list); {FIX_SHARD}")
@@ -197,6 +198,20 @@ class ShardIndex:
                            cat(parts["width"]), video, cat(parts["frame"]),
                            np.concatenate([[0], cat(parts["offsets"])]).astype(np.int64),
                            cat(parts["classes"]), cat(parts["pixels"]))
+
+
+def _records_problem(segments: np.ndarray, records: list[dict], k: int) -> str:
+    """'' if the normalised `records` of an index map can be used to index with; else the problem."""
+    if segments.size and int(segments.max()) > len(records):
+        return f"segment index {int(segments.max())} in the map, only {len(records)} records"
+    if len({rec["id"] for rec in records}) != len(records):
+        return "segment ids are not unique"
+    for n, rec in enumerate(records, 1):
+        if not 0 <= rec["category"] < k:
+            return f"segment {n} (id {rec['id']}): category {rec['category']} is not a train id < K={k}"
+        if rec["iscrowd"] not in (0, 1):
+            return f"segment {n} (id {rec['id']}): iscrowd must be 0 or 1, not {rec['iscrowd']}"
+    return ""
 
 
 def _read(f: h5py.File, name: str, path: Path, asstr: bool = False) -> Any:
@@ -272,18 +287,26 @@ class ShardDataset:
         return item
 
     def segments(self, i: int) -> tuple[np.ndarray, list[dict]]:
-        """Sample i's H x W uint16 segment-index map and its records (panoptic datasets only)."""
+        """Sample i's H x W uint16 segment-index map and its records (panoptic datasets only).
+
+        The records are checked as far as training and evaluation index with them (keys and
+        integer fields, unique ids, categories < K, iscrowd 0 / 1, no index in the map beyond
+        the last record); areas and agreement with the label are `verify`'s deeper checks.
+        """
         a = self.arrays
         f = self._file(int(a.shard[i]))
         r = int(a.row[i])
         where = f"{self.paths[a.shard[i]]}: sample {a.keys[i]}"
         try:
             seg_b, info = f["segments"][r].tobytes(), f["segments_info"].asstr()[r]
-            segments, records = decode_label(seg_b), json.loads(info)
-        except (KeyError, OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            segments, records = decode_label(seg_b), normalise_segments_info(jsonio.loads(info), where)
+        except (KeyError, OSError, ValueError) as exc:  # a JSONDecodeError is a ValueError
             raise UserError(f"{where}: segments do not read ({exc}); run `rankseg verify`") from None
-        if not isinstance(records, list):
-            raise UserError(f"{where}: segments_info is not a list; run `rankseg verify`")
+        except SampleError as exc:
+            raise UserError(f"{exc}; run `rankseg verify`") from None
+        problem = _records_problem(segments, records, self.num_classes)
+        if problem:
+            raise UserError(f"{where}: {problem}; run `rankseg verify`")
         return segments, records
 
     def __getitem__(self, i: int) -> Any:

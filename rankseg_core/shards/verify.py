@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from rankseg_core.shards.check import ShardFormatError, check_shard_layout, chec
 from rankseg_core.shards.codec import class_counts, decode_image, decode_label
 from rankseg_core.shards.read import ShardIndex
 from rankseg_core.shards.write import check_segments, normalise_segments_info, sha256_file
+from rankseg_core.utils import jsonio
 
 
 def verify_shards(root: str | Path, decode_images: bool = False) -> Iterator[str]:
@@ -31,6 +31,9 @@ def verify_shards(root: str | Path, decode_images: bool = False) -> Iterator[str
         yield str(exc)
         return
     for split in idx.splits:
+        # key -> where it was first seen: a key names one sample of its split (predictions are
+        # saved, scored and looked up by it), so a second sample of the same key is a problem.
+        seen: dict[str, str] = {}
         for position, sh in enumerate(idx.split_meta(split)["shards"]):
             path = idx.root / sh["file"]
             try:
@@ -44,11 +47,21 @@ def verify_shards(root: str | Path, decode_images: bool = False) -> Iterator[str
             try:
                 with h5py.File(path, "r") as f:
                     check_shard_layout(f, path, idx.meta, split, position)
+                    yield from _duplicate_keys(f, path, split, seen)
                     yield from _check_samples(f, path, idx.num_classes, decode_images, idx.is_panoptic)
             except ShardFormatError as exc:
                 yield str(exc)
             except (OSError, KeyError, ValueError) as exc:
                 yield f"{path}: unreadable shard ({exc})"
+
+
+def _duplicate_keys(f: h5py.File, path: Path, split: str, seen: dict[str, str]) -> Iterator[str]:
+    for i, key in enumerate(f["key"].asstr()[:]):
+        where = f"{path} sample {i}"
+        if key in seen:
+            yield f"{where}: key {key!r} is also {seen[key]} of split '{split}' (sample keys must be unique)"
+        else:
+            seen[key] = where
 
 
 def _check_samples(f: h5py.File, path: Path, k: int, decode_images: bool,
@@ -89,8 +102,8 @@ def _check_samples(f: h5py.File, path: Path, k: int, decode_images: bool,
 def _check_segments(f: h5py.File, i: int, label: np.ndarray, k: int, where: str) -> Iterator[str]:
     try:
         segments = decode_label(f["segments"][i].tobytes())
-        records = normalise_segments_info(json.loads(f["segments_info"].asstr()[i]), where)
-    except ValueError as exc:  # a PNG that does not decode, or JSON that does not parse
+        records = normalise_segments_info(jsonio.loads(f["segments_info"].asstr()[i]), where)
+    except ValueError as exc:  # a PNG that does not decode, or JSON that does not parse (or nests too deep)
         yield f"{where}: segments do not decode ({exc})"
         return
     except SampleError as exc:

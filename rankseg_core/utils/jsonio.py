@@ -4,6 +4,11 @@ Python's `json` writes `NaN` / `Infinity` by default, which most other JSON pars
 Go, Rust's serde) refuse. Every file rankseg writes goes through `dumps`, which turns a
 non-finite float into `null` (a metric that could not be computed, e.g. IoU of a class that
 never appears) and then refuses anything else that is not plain JSON.
+
+`loads` is the reader for files that may have been tampered with: besides NaN / Infinity it
+refuses numbers beyond a double's range (`1e400`, which `json` turns into inf) and nesting
+deeper than MAX_DEPTH, so that a crafted record is a ValueError at parse time rather than a
+RecursionError in whatever walks it later (`json` itself recurses once per level).
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import math
 from typing import Any
 
 import numpy as np
+
+# rankseg's own files nest 6 levels at most (dataset.json, COCO / LVIS annotations); far below
+# the interpreter's recursion limit, so code that walks a parsed document never hits it.
+MAX_DEPTH = 64
 
 
 def strict(obj: Any) -> Any:
@@ -41,6 +50,35 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON (strict JSON has no NaN or Infinity)")
 
 
-def loads(text: str | bytes) -> Any:
-    """Parse strict JSON: `NaN`, `Infinity` and `-Infinity` raise ValueError like any syntax error."""
-    return json.loads(text, parse_constant=_refuse_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is beyond the range of a double")
+    return value
+
+
+def depth(obj: Any) -> int:
+    """Nesting depth of a parsed document (a scalar: 0, `[]`: 1), without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in node if isinstance(child, (dict, list)))
+    return deepest
+
+
+def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse strict JSON; ValueError (like any syntax error) for `NaN`, `Infinity`, `-Infinity`,
+    a number beyond a double's range, an integer of more than 4300 digits, or nesting deeper
+    than `max_depth`."""
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+    if depth(obj) > max_depth:
+        raise ValueError(f"nested deeper than {max_depth} levels")
+    return obj
