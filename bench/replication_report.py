@@ -210,6 +210,10 @@ def _stats(s: dict) -> dict:
 # Figures
 
 
+FIGSIZE = (8.0, 4.8)  # inches: read at full width in docs/replication.md
+FIG_DPI = 130
+
+
 def _bars(ax, bars: list[tuple[str, dict]], ylabel: str, colours: list[str]) -> None:
     """Mean bars with the sample std, and each seed as a dot."""
     x = np.arange(len(bars))
@@ -217,13 +221,14 @@ def _bars(ax, bars: list[tuple[str, dict]], ylabel: str, colours: list[str]) -> 
     stds = [100 * (b["std"] or 0) for _, b in bars]
     ax.bar(x, means, yerr=stds, capsize=3, color=colours[:len(bars)])
     tops = [100 * (b["max"] or 0) for _, b in bars] + [m + s for m, s in zip(means, stds)]
-    ax.set_ylim(0, 1.18 * max(tops + [1e-3]))
-    for xi, (_, b), m in zip(x, bars, means):
+    ax.set_ylim(0, 1.25 * max(tops + [1e-3]))
+    for xi, (_, b), m, s_ in zip(x, bars, means, stds):
         seeds = [100 * v for v in b.get("seeds", []) if v is not None]
         ax.plot([xi] * len(seeds), seeds, "k.", ms=4)
-        ax.text(xi + 0.12, m, f"{m:.1f}", ha="left", va="bottom", fontsize=8)
+        # Above the error bar's cap, centred: beside the bar it met the seed dots.
+        ax.text(xi, m + s_ + 0.02 * ax.get_ylim()[1], f"{m:.1f}", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(x)
-    ax.set_xticklabels([n for n, _ in bars], fontsize=8, rotation=12)
+    ax.set_xticklabels([n for n, _ in bars], fontsize=9)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
 
@@ -232,48 +237,77 @@ def _miou(block: dict) -> dict:
     return {**block["miou"], "seeds": block["per_seed"]["miou"]}
 
 
-def draw(res: dict, p: Protocol, name: str, runs: dict, fig_dir: Path, prefix: str) -> dict:
-    from rankseg_core.utils.plotting import plt, save_figure
-    from rankseg_core.viz.common import load_viz_run
-    from rankseg_core.viz.tau import TauCurve, plot_tau, tau_curve
+def draw_bar_figures(res: dict, seeds: int, kappa: int, name: str) -> dict[str, Any]:
+    """The replication's bar and line figures (matplotlib Figures): Table 1 with the
+    independent scheme, the oracle selections, mIoU against kappa."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    figs = {}
+    from rankseg_core.utils.plotting import plt
+
+    figs: dict[str, Any] = {}
     k = res["num_classes"]
     r, e = res["runs"], res["evals"]
-    title = f"(mean ± std and each seed, {p.seeds} seeds)"
+    title = f"(mean ± std and each seed, {seeds} seeds)"
     # Table 1 and the independent scheme.
     bars = [("Baseline", _miou(r["baseline"])), ("+MT", _miou(r["mt"])), ("+MT+LS", _miou(r["mt_ls"])),
             ("+MT+LS+RA", _miou(r["rankseg"])), ("independent", _miou(r["indep"]))]
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     _bars(ax, bars, "mIoU (%)", ["0.6", "0.75", "tab:cyan", "tab:blue", "tab:orange"])
-    ax.set_title(f"{name}, K={k}: Table 1 and the independent scheme {title}", fontsize=9)
-    figs["table1"] = save_figure(fig, fig_dir / f"{prefix}table1.png", dpi=90).name
+    ax.set_title(f"{name}, K={k}: Table 1 and the independent scheme\n{title}", fontsize=11)
+    fig.tight_layout()
+    figs["table1"] = fig
     # Fig. 3 analogue: baseline, RankSeg, the two GT oracles.
-    bars = [("Baseline", _miou(r["baseline"])), ("Baseline + GT (eval)", _miou(e["baseline/gt_eval"])),
-            ("RankSeg", _miou(r["rankseg"])), ("RankSeg + GT (eval)", _miou(e["rankseg/gt_eval"])),
-            ("GT (train + eval)", _miou(r["oracle"]))]
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    bars = [("Baseline", _miou(r["baseline"])), ("Baseline\n+ GT (eval)", _miou(e["baseline/gt_eval"])),
+            ("RankSeg", _miou(r["rankseg"])), ("RankSeg\n+ GT (eval)", _miou(e["rankseg/gt_eval"])),
+            ("GT (train\n+ eval)", _miou(r["oracle"]))]
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     _bars(ax, bars, "mIoU (%)", ["0.6", "0.75", "tab:blue", "tab:cyan", "tab:green"])
-    ax.set_title(f"{name}, K={k}: oracle selections {title}", fontsize=9)
-    figs["oracles"] = save_figure(fig, fig_dir / f"{prefix}oracles.png", dpi=90).name
+    ax.set_title(f"{name}, K={k}: oracle selections\n{title}", fontsize=11)
+    fig.tight_layout()
+    figs["oracles"] = fig
 
     # Table 4 analogue: mIoU against training kappa, and against evaluation kappa.
-    kap0 = min(p.kappa, k)
-    train_k = sorted([(kap0, "rankseg")] + [(int(v.split("_k")[1]), v) for v in r if v.startswith("rankseg_k")])
+    kap0 = min(kappa, k)
+    train_k = training_kappas(r, kap0)
     eval_k = sorted([(kap0, r["rankseg"]["miou"])] +
                     [(int(n.split("kappa")[1]), x["miou"]) for n, x in e.items() if n.startswith("rankseg/kappa")])
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     for pts, label, style in (([(kap, r[v]["miou"]) for kap, v in train_k], "trained and evaluated with κ", "o-"),
                               (eval_k, f"trained with κ={kap0}, evaluated with κ", "s--")):
         ax.errorbar([a for a, _ in pts], [100 * b["mean"] for _, b in pts], yerr=[100 * b["std"] for _, b in pts],
                     fmt=style, capsize=3, label=label)
     ax.axhline(100 * r["baseline"]["miou"]["mean"], color="0.5", ls=":", label="baseline (all K classes)")
     ax.set_xscale("log")
-    ax.set(xlabel=f"κ (K = {k})", ylabel="mIoU (%)")
-    ax.set_title(f"{name}: number of selected classes", fontsize=10)
+    # Plain numbers at 1, 2, 5 x 10^n: a log axis spanning one or two decades otherwise reads
+    # only "10^1, 10^2".
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel=f"κ, classes kept per image (K = {k})", ylabel="mIoU (%)")
+    ax.set_title(f"{name}: number of selected classes", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    figs["kappa"] = save_figure(fig, fig_dir / f"{prefix}kappa.png", dpi=90).name
+    # Below the axes: inside, it hid error bars wherever the curves ran.
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    fig.tight_layout()
+    figs["kappa"] = fig
+    return figs
+
+
+def training_kappas(runs: dict, kap0: int) -> list[tuple[int, str]]:
+    """(kappa, variant) of the RankSeg runs trained with different kappas, by kappa."""
+    return sorted([(kap0, "rankseg")] + [(int(v.split("_k")[1]), v) for v in runs if v.startswith("rankseg_k")])
+
+
+def draw(res: dict, p: Protocol, name: str, runs: dict, fig_dir: Path, prefix: str) -> dict:
+    from rankseg_core.utils.plotting import save_figure
+    from rankseg_core.viz.common import load_viz_run
+    from rankseg_core.viz.tau import TauCurve, plot_tau, tau_curve
+
+    k = res["num_classes"]
+    r = res["runs"]
+    figs = {key: save_figure(fig, fig_dir / f"{prefix}{key}.png", dpi=FIG_DPI).name
+            for key, fig in draw_bar_figures(res, p.seeds, p.kappa, name).items()}
+    train_k = training_kappas(r, min(p.kappa, k))
 
     # Fig. 7: learned 1/tau by rank, mean over seeds with the seed range, per training kappa.
     curves, spread, res["tau"] = [], {}, {}

@@ -18,18 +18,19 @@ from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
 from rankseg_core.families.base import Family, InferenceProtocol
 from rankseg_core.model.selection import Selection, SelectionOptions
-from rankseg_core.shards.codec import decode_image
+from rankseg_core.shards.codec import MAX_FILE_BYTES, decode_image
 from rankseg_core.utils import distributed as D
-from rankseg_core.utils import lock
-from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
+from rankseg_core.utils import fsio, lock
+from rankseg_core.utils.fsio import OUTPUTS_MARKER, atomic_write_bytes, atomic_write_json, read_regular
+from rankseg_core.utils.palette import distinct_palette, short_name
 from rankseg_core.utils.progress import Progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # Written first into every --out directory: marks its PNGs as predictions (never inputs) and
-# lets a later `predict` write there again.
-MARKER = ".rankseg-predict.json"
+# lets a later `predict` write there again (`eval --save-predictions` writes it too).
+MARKER = OUTPUTS_MARKER
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -49,7 +50,7 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
             if not files:
                 raise UserError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
             out += files
-        elif p.is_file():
+        elif p.exists():  # not a regular file (a FIFO, a device): `read_image` says so in one line
             out.append(p)
         else:
             raise UserError(f"{p}: no such file or directory")
@@ -104,19 +105,14 @@ def check_no_overwrite(inputs: Sequence[str | Path], files: list[Path], plan: li
 def claim_out_dir(out: Path) -> None:
     """Make --out ours: refuse a directory holding other files (they could be overwritten),
     unless an earlier `predict` wrote it (MARKER); then write MARKER. Call with out locked."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
-        other = next((f.name for f in sorted(out.iterdir()) if not lock.is_lock_file(f.name)), None)
-        if other is not None:
-            raise UserError(f"--out {out} already holds files that `rankseg predict` did not write (e.g. {other}), "
-                            "which predictions could overwrite; choose a new or empty --out")
-    atomic_write_json(out / MARKER, {"written_by": "rankseg predict"})
+    fsio.claim_out_dir(out, "rankseg predict", "--out", lock.is_lock_file)
 
 
 def read_image(path: Path) -> np.ndarray:
     """Any image file -> H x W x 3 uint8 RGB (grey / alpha / 16-bit converted); UserError if unreadable."""
     try:
-        data = path.read_bytes()
+        # Not a FIFO or a device, and bounded: either would block or grow memory without end.
+        data = read_regular(path, "image", MAX_FILE_BYTES)
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
@@ -125,28 +121,56 @@ def read_image(path: Path) -> np.ndarray:
         raise UserError(f"{path}: cannot decode image ({exc}); supported: JPEG, PNG, BMP, WebP, TIFF") from None
 
 
+# The legend's text is this fraction of the image height (~28 px on a 1650 px photo), never
+# smaller than cv2's smallest readable size: a fixed size is a speck on a large photo.
+LEGEND_TEXT_FRACTION = 0.017
+LEGEND_MIN_TEXT_PX = 9
+
+
+def legend_metrics(height: int, lines: int) -> tuple[float, int, int]:
+    """(cv2 font scale, text height px, row height px) of an overlay legend of `lines`
+    entries beside an image `height` pixels tall: the text scales with the image, shrinking
+    (to the minimum) only where the rows would not fit the image height."""
+    text_px = max(LEGEND_MIN_TEXT_PX, round(height * LEGEND_TEXT_FRACTION))
+    fit = int((height - 8) / max(lines, 1) / 1.6)
+    text_px = max(LEGEND_MIN_TEXT_PX, min(text_px, fit))
+    (_, unit), _ = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+    return text_px / unit, text_px, round(text_px * 1.6)
+
+
 def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: list[str],
             alpha: float = 0.5, max_legend: int = 20) -> np.ndarray:
     """Blend the coloured prediction over the image and add a legend panel on the right
-    (classes by area, at most `max_legend`). H x W x 3 RGB uint8 -> H x (W + legend) x 3."""
-    colour = palette[pred]
-    blended = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
+    (classes by area, at most `max_legend`, names shortened, text scaled with the image,
+    colours made distinct among the classes shown). H x W x 3 RGB uint8 -> H x (W + legend) x 3."""
     ids, counts = np.unique(pred, return_counts=True)
     order = ids[np.argsort(-counts, kind="stable")]
+    palette = distinct_palette(palette, order, reserved=())
+    colour = palette[pred]
+    blended = (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
     shown = order[:max_legend]
-    h = blended.shape[0]
-    row = 18
-    lines = len(shown) + (1 if len(order) > len(shown) else 0)
-    panel_h = max(h, row * lines + 8)
-    width = 12 + 20 + max((len(names[i]) for i in shown), default=4) * 8 + 10
-    panel = np.full((panel_h, width, 3), 255, np.uint8)
-    for r, cid in enumerate(shown):
-        y = 4 + r * row
-        panel[y:y + 14, 8:22] = palette[cid]
-        cv2.putText(panel, names[cid], (28, y + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    labels = [short_name(names[i]) for i in shown]
     if len(order) > len(shown):
-        cv2.putText(panel, f"... {len(order) - len(shown)} more", (8, 4 + len(shown) * row + 12),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+        labels.append(f"... {len(order) - len(shown)} more")
+    h = blended.shape[0]
+    scale, text_px, row = legend_metrics(h, len(labels))
+    thick = max(1, round(text_px / 14))
+    margin = max(4, row // 3)
+    widths = [cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] for t in labels]
+    panel_h = max(h, row * len(labels) + 2 * margin)
+    width = margin + row + margin + max(widths, default=0) + 2 * margin
+    panel = np.full((panel_h, width, 3), 255, np.uint8)
+    for r, text in enumerate(labels):
+        y = margin + r * row
+        swatch = row - max(2, row // 5)
+        if r < len(shown):
+            panel[y:y + swatch, margin:margin + swatch] = palette[shown[r]]
+            ink = (0, 0, 0)
+        else:
+            ink = (80, 80, 80)
+        baseline = y + (swatch + text_px) // 2
+        cv2.putText(panel, text, (margin + row + margin, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, ink, thick,
+                    cv2.LINE_AA)
     canvas = np.full((panel_h, blended.shape[1] + width, 3), 255, np.uint8)
     canvas[:h, :blended.shape[1]] = blended
     canvas[:, blended.shape[1]:] = panel

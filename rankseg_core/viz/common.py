@@ -2,7 +2,10 @@
 
 Colour conventions used by every figure:
 - class colours come from the dataset palette (`dataset.json`, copied into the run's
-  config), so a class has the same colour in every figure and in `rankseg predict` overlays;
+  config), so a class has the same colour across figures and `rankseg predict` overlays,
+  except where two classes shown in one figure would look alike: then the less prominent one
+  takes a distinct colour for that figure (`figure_palette`);
+- class names are shortened to their leading synonyms (`short_name`) in legends and ticks;
 - ground-truth ignore pixels are black;
 - in error maps, correctly predicted pixels are white and wrong ones take the colour of the
   class that was (wrongly) predicted;
@@ -25,7 +28,7 @@ from rankseg_core.errors import UserError
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.shards.read import ShardDataset
 from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
-from rankseg_core.utils.palette import make_palette
+from rankseg_core.utils.palette import distinct_palette, make_palette, short_name
 
 IGNORE_RGB = (0, 0, 0)
 CORRECT_RGB = (255, 255, 255)
@@ -55,7 +58,11 @@ class VizRun:
 
 def variant_name(cfg: TrainConfig) -> str:
     """The paper's name of a run's variant: baseline, +MT, +MT+LS, RankSeg, oracle."""
+    from rankseg_core.families import family_of
+
     m = cfg.model
+    if not family_of(m.model).segments:
+        return f"multi-label classifier κ={m.effective_kappa}"
     if m.oracle:
         return "GT oracle"
     if m.head == "segmenter":
@@ -166,6 +173,15 @@ def error_map(pred: np.ndarray, label: np.ndarray, palette: np.ndarray, ignore: 
     return out
 
 
+def figure_palette(palette: np.ndarray, maps: Sequence[np.ndarray] = (),
+                   first: Sequence[int] | np.ndarray = ()) -> np.ndarray:
+    """The palette for one figure: the classes in `first` (in that order), then those of
+    `maps` by area, get colours distinct from each other and from white / black
+    (`palette.distinct_palette`)."""
+    ids = list(dict.fromkeys([int(c) for c in first] + [int(c) for c in ids_by_area(maps, len(palette))]))
+    return distinct_palette(palette, ids)
+
+
 def ids_by_area(maps: Sequence[np.ndarray], num_classes: int, ignore: int = IGNORE) -> np.ndarray:
     """Class ids present in the maps, largest total area first (ties by id)."""
     counts = np.zeros(num_classes, np.int64)
@@ -178,8 +194,9 @@ def ids_by_area(maps: Sequence[np.ndarray], num_classes: int, ignore: int = IGNO
 
 
 def legend_handles(ids: Sequence[int] | np.ndarray, names: Sequence[str], palette: np.ndarray, max_items: int = 24,
-                   extra: Sequence[tuple[str, tuple[int, int, int]]] = ()) -> list:
-    """matplotlib Patch handles for `extra` entries then up to `max_items` classes.
+                   extra: Sequence[tuple[str, tuple[int, int, int]]] = (), shorten: bool = True) -> list:
+    """matplotlib Patch handles for `extra` entries then up to `max_items` classes (names
+    shortened by `short_name` unless `shorten` is False: the caller did it).
 
     When more classes are present than fit, the last entry says how many were left out.
     """
@@ -191,7 +208,7 @@ def legend_handles(ids: Sequence[int] | np.ndarray, names: Sequence[str], palett
     handles = [Patch(facecolor=face(rgb), edgecolor="0.4", linewidth=0.5, label=text) for text, rgb in extra]
     ids = list(ids)
     for i in ids[:max_items]:
-        handles.append(Patch(facecolor=face(palette[i]), edgecolor="0.4", linewidth=0.5, label=names[i]))
+        handles.append(Patch(facecolor=face(palette[i]), edgecolor="0.4", linewidth=0.5, label=short_name(names[i]) if shorten else names[i]))
     if len(ids) > max_items:
         handles.append(Patch(facecolor="none", edgecolor="none", label=f"... {len(ids) - max_items} more"))
     return handles

@@ -17,16 +17,19 @@ from pathlib import Path
 from typing import Sequence, cast
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
 from rankseg_core.shards.codec import IGNORE
+from rankseg_core.utils.palette import short_name
 from rankseg_core.utils.plotting import plt, save_figure
 from rankseg_core.viz.common import (
     FP_RED,
     SamplePrediction,
     VizRun,
     colorize,
+    figure_palette,
     ids_by_area,
     legend_handles,
     open_split,
@@ -174,6 +177,13 @@ def top_classes(probs: np.ndarray, gt: np.ndarray, n: int = TOP_BARS) -> list[tu
 def plot_image(sample: SamplePrediction, gt_row: np.ndarray, pred_row: np.ndarray, kappa: int,
                names: Sequence[str], palette: np.ndarray, out: Path, title: str,
                baseline_row: np.ndarray | None = None) -> Path:
+    """`draw_image` written to `out`."""
+    return save_figure(draw_image(sample, gt_row, pred_row, kappa, names, palette, title, baseline_row), out)
+
+
+def draw_image(sample: SamplePrediction, gt_row: np.ndarray, pred_row: np.ndarray, kappa: int,
+               names: Sequence[str], palette: np.ndarray, title: str,
+               baseline_row: np.ndarray | None = None) -> Figure:
     """Image | ground truth | the top-20 classes by existence probability as bars.
 
     Names of GT classes are black, false positives red; a dashed line marks the top-kappa cut;
@@ -182,18 +192,22 @@ def plot_image(sample: SamplePrediction, gt_row: np.ndarray, pred_row: np.ndarra
     probs = sample.probs
     assert probs is not None
     top = top_classes(probs, gt_row)
+    gt_ids = ids_by_area([sample.label], len(names))
+    palette = figure_palette(palette, [sample.label], first=[c for c, _, _ in top])
     fig = plt.figure(figsize=IMAGE_FIGSIZE)
-    # The empty third column leaves room for the class names of the bar chart.
-    grid = fig.add_gridspec(1, 4, width_ratios=[1, 1, 0.62, 1.6], wspace=0.06)
-    ax_img, ax_gt, ax_bar = (fig.add_subplot(grid[0, i]) for i in (0, 1, 3))
+    # Row 2 holds the GT legend under both image panels; the empty third column leaves room
+    # for the (shortened) class names of the bar chart.
+    grid = fig.add_gridspec(2, 4, width_ratios=[1, 1, 0.62, 1.6], height_ratios=[1, 0.42], wspace=0.06,
+                            hspace=0.08)
+    ax_img, ax_gt = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    ax_bar, ax_leg = fig.add_subplot(grid[:, 3]), fig.add_subplot(grid[1, :2])
     ax_img.imshow(sample.image)
     ax_img.set_title(sample.key, fontsize=9)
     ax_gt.imshow(colorize(sample.label, palette))
     ax_gt.set_title("ground truth", fontsize=9)
-    gt_ids = ids_by_area([sample.label], len(names))
-    ax_img.legend(handles=legend_handles(gt_ids, names, palette, max_items=12), loc="upper left",
-                  bbox_to_anchor=(0.0, -0.02), fontsize=7, ncol=2, frameon=False, title="GT classes",
-                  title_fontsize=7, alignment="left")
+    ax_leg.axis("off")
+    ax_leg.legend(handles=legend_handles(gt_ids, names, palette, max_items=12), loc="upper left",
+                  fontsize=7, ncol=3, frameon=False, title="GT classes", title_fontsize=7, alignment="left")
     for ax in (ax_img, ax_gt):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -201,7 +215,7 @@ def plot_image(sample: SamplePrediction, gt_row: np.ndarray, pred_row: np.ndarra
     y = np.arange(len(top))
     ax_bar.barh(y, [p for _, p, _ in top], color=[rgb01(palette[c]) for c, _, _ in top], edgecolor="0.3", lw=0.5)
     ax_bar.set_yticks(y)
-    ax_bar.set_yticklabels([names[c] for c, _, _ in top], fontsize=8)
+    ax_bar.set_yticklabels([short_name(names[c]) for c, _, _ in top], fontsize=8)
     for tick, (_, _, tp) in zip(ax_bar.get_yticklabels(), top):
         tick.set_color("black" if tp else FP_RED)
     ax_bar.invert_yaxis()
@@ -219,7 +233,7 @@ def plot_image(sample: SamplePrediction, gt_row: np.ndarray, pred_row: np.ndarra
     fp20 = sum(1 for _, _, tp in top if not tp)
     ax_bar.set_title(f"{title}\nGT classes in top-κ: {in_top}/{n_gt}   false positives in top-{len(top)}: {fp20}",
                      fontsize=9)
-    return save_figure(fig, out)
+    return fig
 
 
 def _panel(ax, ids: np.ndarray, values: np.ndarray, names: Sequence[str], palette: np.ndarray, title: str,
@@ -231,7 +245,7 @@ def _panel(ax, ids: np.ndarray, values: np.ndarray, names: Sequence[str], palett
         ax.barh(y, stacked[ids], left=values[ids], color=colours, edgecolor="0.3", lw=0.5, hatch="///",
                 alpha=0.45, label=stacked_label)
     ax.set_yticks(y)
-    ax.set_yticklabels([names[c] for c in ids], fontsize=8)
+    ax.set_yticklabels([short_name(names[c]) for c in ids], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("images")
     ax.set_title(title, fontsize=9)
@@ -247,9 +261,19 @@ def _top_ids(values: np.ndarray, n: int = TOP_CHART) -> np.ndarray:
 
 def plot_summary(stats: FPStats, names: Sequence[str], palette: np.ndarray, out: Path, run_label: str,
                  baseline_label: str | None = None) -> Path:
+    """`draw_summary` written to `out`."""
+    return save_figure(draw_summary(stats, names, palette, run_label, baseline_label), out)
+
+
+def draw_summary(stats: FPStats, names: Sequence[str], palette: np.ndarray, run_label: str,
+                 baseline_label: str | None = None) -> Figure:
     """Most frequent false-positive classes: in the top-kappa, in the prediction, and (with a
     baseline) the baseline's prediction FPs split into removed by the run (hatched) / kept."""
     t = stats.totals()
+    shown = [_top_ids(stats.topk_fp), _top_ids(stats.pred_fp)]
+    if stats.baseline_fp is not None:
+        shown.append(_top_ids(stats.baseline_fp))
+    palette = figure_palette(palette, first=np.concatenate(shown))
     panels = 3 if stats.baseline_fp is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(SUMMARY_PANEL[0] * panels, SUMMARY_PANEL[1]))
     _panel(axes[0], _top_ids(stats.topk_fp), stats.topk_fp, names, palette,
@@ -266,10 +290,10 @@ def plot_summary(stats: FPStats, names: Sequence[str], palette: np.ndarray, out:
 
         axes[2].legend(handles=[Patch(facecolor="0.55", edgecolor="0.3", label="kept (still predicted by the run)"),
                                 Patch(facecolor="0.85", edgecolor="0.3", hatch="///", label="removed by the run")],
-                       fontsize=8, loc="lower right")
+                       fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.suptitle(f"Most frequent false-positive classes: {run_label}, {stats.num_images} images", fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, out)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------

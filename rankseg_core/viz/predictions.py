@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from rankseg_core.errors import UserError
 from rankseg_core.evaluation.metrics import ConfusionMatrix
@@ -24,6 +25,7 @@ from rankseg_core.viz.common import (
     colorize,
     draw_panels,
     error_map,
+    figure_palette,
     ids_by_area,
     legend_handles,
     open_split,
@@ -37,7 +39,7 @@ from rankseg_core.viz.common import (
 
 ROW_HEIGHT = 2.6  # inches per image row
 PANEL_WIDTH = 2.6
-LEGEND_WIDTH = 2.4
+LEGEND_WIDTH = 3.4  # two columns of 24-character names (palette.short_name) at 7 pt
 MAX_LEGEND = 16
 
 
@@ -59,13 +61,20 @@ def figure_size(n_models: int, n_images: int) -> tuple[float, float]:
 
 def plot_rows(samples: Sequence[Sequence[SamplePrediction]], model_labels: Sequence[str], names: Sequence[str],
               palette: np.ndarray, out: str | Path) -> Path:
+    """`draw_rows` written to `out`."""
+    return save_figure(draw_rows(samples, model_labels, names, palette), out)
+
+
+def draw_rows(samples: Sequence[Sequence[SamplePrediction]], model_labels: Sequence[str], names: Sequence[str],
+              palette: np.ndarray) -> Figure:
     """samples[m][i]: model m's prediction of image i (all models on the same images).
 
-    One row per image; writes `out` (PNG).
+    One row per image.
     """
     n_models, n_images = len(samples), len(samples[0])
     k = len(names)
     cols = 2 + n_models
+    palette = figure_palette(palette, [s.label for s in samples[0]] + [s.pred for row in samples for s in row])
     fig = plt.figure(figsize=figure_size(n_models, n_images))
     grid = fig.add_gridspec(n_images, cols + 1, width_ratios=[1] * cols + [LEGEND_WIDTH / PANEL_WIDTH],
                             wspace=0.05, hspace=0.25)
@@ -84,7 +93,7 @@ def plot_rows(samples: Sequence[Sequence[SamplePrediction]], model_labels: Seque
         ax.legend(handles=legend_handles(ids, names, palette, MAX_LEGEND,
                                          extra=[("correct", CORRECT_RGB), ("ignore", IGNORE_RGB)]),
                   loc="center left", fontsize=7, frameon=False, ncol=1 if len(ids) <= 10 else 2)
-    return save_figure(fig, out)
+    return fig
 
 
 def run_predictions(runs: Sequence[VizRun], data: str | Path, out: str | Path, *, split: str = "val",

@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from rankseg_core.errors import UserError
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.shards.read import ShardDataset
+from rankseg_core.utils.palette import short_name
 from rankseg_core.utils.plotting import plt, save_figure
 from rankseg_core.viz.common import (
     colorize,
     dataset_palette,
     draw_panels,
+    figure_palette,
     legend_handles,
     overlay,
     select_indices,
@@ -30,7 +33,7 @@ from rankseg_core.viz.common import (
 
 ROW_HEIGHT = 2.6
 PANEL_WIDTH = 2.6
-LEGEND_WIDTH = 3.0
+LEGEND_WIDTH = 3.8  # two columns of 'short name (12%)' at 7 pt
 MAX_LEGEND = 16
 
 
@@ -52,8 +55,14 @@ def figure_size(n_images: int, show_label: bool = True) -> tuple[float, float]:
 
 def plot_samples(items: Sequence[dict], names: Sequence[str], palette: np.ndarray, out: str | Path,
                  show_label: bool = True) -> Path:
+    """`draw_samples` written to `out`."""
+    return save_figure(draw_samples(items, names, palette, show_label), out)
+
+
+def draw_samples(items: Sequence[dict], names: Sequence[str], palette: np.ndarray, show_label: bool = True) -> Figure:
     """items: ShardDataset.load() dicts. Rows of image | overlay | [label] | class legend."""
     k = len(names)
+    palette = figure_palette(palette, [item["label"] for item in items])
     cols = 3 if show_label else 2
     n = len(items)
     fig = plt.figure(figsize=figure_size(n, show_label))
@@ -67,19 +76,19 @@ def plot_samples(items: Sequence[dict], names: Sequence[str], palette: np.ndarra
             panels.append((colorize(lab, palette), "label (ignore black)"))
         draw_panels(fig, grid, i, panels)
         ids, share, _ = label_summary(lab, k)
-        handles = legend_handles(ids, _named(ids, share, names), palette, MAX_LEGEND)
+        handles = legend_handles(ids, _named(ids, share, names), palette, MAX_LEGEND, shorten=False)
         ax = fig.add_subplot(grid[i, cols])
         ax.axis("off")
         ax.legend(handles=handles, loc="center left", fontsize=7, frameon=False, ncol=1 if len(ids) <= 10 else 2,
                   title=f"{len(ids)} classes", title_fontsize=7)
-    return save_figure(fig, out)
+    return fig
 
 
 def _named(ids: np.ndarray, share: np.ndarray, names: Sequence[str]) -> list[str]:
-    """Legend texts indexed by class id: 'name (12%)' for present classes."""
+    """Legend texts indexed by class id: 'short name (12%)' for present classes."""
     texts = list(names)
     for c, s in zip(ids, share):
-        texts[c] = f"{names[c]} ({100 * s:.0f}%)"
+        texts[c] = f"{short_name(names[c])} ({100 * s:.0f}%)"
     return texts
 
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
@@ -88,7 +89,12 @@ def tau_curve(run: VizRun) -> TauCurve:
 
 
 def plot_tau(curves: Sequence[TauCurve], out: str | Path, spread: dict[str, np.ndarray] | None = None) -> Path:
-    """Two panels (1/tau and beta against rank), one line per curve; writes `out` (PNG).
+    """`draw_tau` written to `out` (.png, .pdf or .svg)."""
+    return save_figure(draw_tau(curves, spread), out)
+
+
+def draw_tau(curves: Sequence[TauCurve], spread: dict[str, np.ndarray] | None = None) -> Figure:
+    """Two panels (1/tau and beta against rank), one line per curve, the legend below.
 
     spread: optional {label: (lo_scale, hi_scale)} 2 x kappa bands drawn around the line
     (used by the replication to show the seed range).
@@ -114,10 +120,11 @@ def plot_tau(curves: Sequence[TauCurve], out: str | Path, spread: dict[str, np.n
     for ax in axes:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(2, len(curves)), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02 - 0.045 * ((len(curves) + 1) // 2)))
     fig.tight_layout()
-    return save_figure(fig, out)
+    # Below the panels, clear of the rank axis label: its top edge at the figure's bottom.
+    fig.legend(handles, labels, loc="upper center", ncol=min(2, len(curves)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    return fig
 
 
 def tau_rows(curves: Sequence[TauCurve]) -> list[list]:
