@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from rankseg_core.errors import UserError
 from rankseg_core.utils.console import make_console, printable
@@ -117,7 +120,79 @@ def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: Interrupte
     return wrapper
 
 
+def val_split(data: Path, split: str | None) -> str:
+    """`split` if given, else the validation split of the shards in `data` (shards/splits.py)."""
+    from rankseg_core.shards.read import ShardIndex
+    from rankseg_core.shards.splits import default_split
+
+    return split if split else default_split(data, ShardIndex(data).splits, "val", "--split NAME")
+
+
+def reflow(text: str | None) -> str | None:
+    """Help text as Rich's panels should get it. Rich keeps a docstring's hard line breaks, so
+    the lines of a paragraph are joined (Rich wraps them to the terminal); an indented line (an
+    example command) and the line after one ending in a backslash (a continued command) stay
+    lines of their own."""
+    if text is None:
+        return None
+    lines: list[str] = []
+    for line in inspect.cleandoc(text).splitlines():
+        line = line.rstrip()
+        prev = lines[-1] if lines else ""
+        if line and not line[0].isspace() and prev and not prev[0].isspace() and not prev.endswith("\\"):
+            lines[-1] = f"{prev} {line}"
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+_LIST_TYPE = re.compile(r"<list\[(\w+)\]>")
+
+
+def _tidy_params(params: list[Any], ctx: Any) -> list[Any]:
+    """Metavars that read as values: none for a flag (Typer shows <bool>), the element type for
+    a repeatable option or argument (Typer shows <list[str]>; the help says it repeats)."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+            continue
+        display = getattr(param, "display_type", None)
+        found = _LIST_TYPE.fullmatch(display(ctx) or "") if display is not None else None
+        if found:
+            label = f"<{found.group(1).lower()}>"
+            setattr(param, "display_type_rich", lambda ctx, label=label: label)
+    return params
+
+
+class _Command(TyperCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["help"] = reflow(kwargs.get("help"))
+        kwargs["short_help"] = reflow(kwargs.get("short_help"))
+        super().__init__(*args, **kwargs)
+
+    def get_params(self, ctx: Any) -> Any:
+        return _tidy_params(super().get_params(ctx), ctx)
+
+
+class _Group(TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["help"] = reflow(kwargs.get("help"))
+        kwargs["short_help"] = reflow(kwargs.get("short_help"))
+        super().__init__(*args, **kwargs)
+
+    def get_params(self, ctx: Any) -> Any:
+        return _tidy_params(super().get_params(ctx), ctx)
+
+
+class _App(typer.Typer):
+    """A Typer app whose commands get `reflow`ed help and `_tidy_params` metavars."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
 def new_app(help: str) -> typer.Typer:
-    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
-                       context_settings={"help_option_names": ["-h", "--help"]},
-                       pretty_exceptions_enable=False)
+    return _App(help=help, cls=_Group, no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
+                context_settings={"help_option_names": ["-h", "--help"]},
+                pretty_exceptions_enable=False)

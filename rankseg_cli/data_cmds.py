@@ -24,9 +24,9 @@ def inspect(
 ) -> None:
     """Show what a shard directory holds.
 
-    Examples:\n
-      [bold]rankseg inspect data/synth[/]\n
-      [bold]rankseg inspect data/synth --jsonl --limit 5 | jq .classes[/]
+    Examples:
+      rankseg inspect data/synth
+      rankseg inspect data/synth --jsonl --limit 5 | jq .classes
     """
     from rankseg_core.shards.read import ShardIndex
 
@@ -61,15 +61,17 @@ def inspect(
     names = idx.class_names
     for s in splits:
         imgs = idx.split_meta(s)["class_images"]
-        top = sorted(range(len(imgs)), key=lambda c: -imgs[c])[:10]
-        out.print(f"{s}: most frequent classes: " + ", ".join(f"{names[c]} ({imgs[c]})" for c in top))
+        # Only classes that occur: a split with fewer than ten would otherwise list absent ones.
+        top = [c for c in sorted(range(len(imgs)), key=lambda c: -imgs[c])[:10] if imgs[c] > 0]
+        listed = "; ".join(f"{show(names[c])} ({imgs[c]})" for c in top)  # ADE class names hold commas
+        out.print(f"{s}: most frequent classes: {listed or 'none'}")
         absent = sum(1 for c in imgs if c == 0)
         out.print(f"{s}: {absent} of {idx.num_classes} classes never appear")
     if limit:
         a = idx.arrays(splits[0])
         for i in range(min(limit, len(a.keys))):
-            out.print(f"  {a.keys[i]} {a.height[i]}x{a.width[i]}: "
-                      + ", ".join(names[c] for c in a.classes_of(i)))
+            out.print(f"  {show(a.keys[i])} {a.height[i]}x{a.width[i]}: "
+                      + "; ".join(show(names[c]) for c in a.classes_of(i)))
 
 
 @user_errors
@@ -81,7 +83,8 @@ def verify(
 
     Exit 0 when all is well, 1 naming the shard and sample of each problem.
 
-    Example: [bold]rankseg verify data/synth[/]
+    Example:
+      rankseg verify data/synth
     """
     from rankseg_core.shards.verify import verify_shards
 
@@ -108,7 +111,9 @@ def class_cdf(
 
     Reads only the stored class lists, never decodes images.
 
-    Example: [bold]rankseg stats class-cdf data/ade847 data/cocolvis --plot cdf.png --json cdf.json[/]
+    Example:
+      rankseg stats class-cdf data/ade847 data/cocolvis --plot cdf.png \\
+        --json cdf.json
     """
     from rankseg_core.shards.stats import dataset_class_cdf, plot_class_cdf
     from rankseg_core.utils.fsio import atomic_write_json

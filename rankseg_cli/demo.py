@@ -35,7 +35,8 @@ def demo(
 
     Re-running resumes: finished steps are kept.
 
-    Example: [bold]rankseg demo --out rankseg-demo[/]
+    Example:
+      rankseg demo --out rankseg-demo
     """
     import os
 

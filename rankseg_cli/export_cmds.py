@@ -32,10 +32,11 @@ def export(
     ADE20K-150 -> ADEChallengeData2016; COCO-Stuff -> coco/stuffthingmaps_detectron2; COCO+LVIS ->
     coco_lvis/annotations_detectron2 and the official RankSeg code's lvis_mask.
 
-    Examples:\n
-      [bold]rankseg export shards/ade847 --out datasets/[/]  (then DETECTRON2_DATASETS=datasets)\n
-      [bold]rankseg export shards/pc459 --out datasets/ --split val[/]\n
-      [bold]rankseg export shards/ade847_fullres --out datasets/ --images maskformer[/]  (byte-identical to MaskFormer's files)
+    Examples (then DETECTRON2_DATASETS=datasets; --images maskformer writes files
+    byte-identical to MaskFormer's):
+      rankseg export shards/ade847 --out datasets/
+      rankseg export shards/pc459 --out datasets/ --split val
+      rankseg export shards/ade847_fullres --out datasets/ --images maskformer
     """
     from rankseg_core.convert.export import export_shards
 
@@ -60,9 +61,10 @@ def prepare_detectron2(
     """Shards from a detectron2-style folder: images plus train-id label files (what
     `rankseg export` and MaskFormer's / ODISE's preparation scripts write).
 
-    Examples:\n
-      [bold]rankseg prepare detectron2 --root datasets/ --dataset ade20k-full --out shards/ade847_d2[/]\n
-      [bold]rankseg prepare detectron2 --root exported/ --out shards/roundtrip[/]
+    Examples:
+      rankseg prepare detectron2 --root datasets/ --dataset ade20k-full \\
+        --out shards/ade847_d2
+      rankseg prepare detectron2 --root exported/ --out shards/roundtrip
     """
     from rankseg_core.convert.detectron2 import prepare_detectron2_layout
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from rankseg_cli.common import RERUN_RESUMES, err, new_app, show, user_errors
-from rankseg_core.convert.common import ConvertOptions
+from rankseg_core.convert.common import ConvertOptions, default_workers
 from rankseg_core.errors import UserError
 from rankseg_core.shards.write import MAX_CLASSES
 
@@ -18,7 +18,7 @@ prepare_app = new_app(
 
 # The options every converter shares, declared once.
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output shard directory (new or empty, or a previous run of the same command to resume).")]
-# Converters default to one worker per core (`default_workers()`); synthetic runs in-process.
+# Every converter defaults to one worker per core (`default_workers()`).
 Workers = Annotated[int, typer.Option("--workers", "-j", help="Worker processes (spawn); 0 = in-process.")]
 NumShards = Annotated[int, typer.Option("--num-shards", help="Split the work into N parts (one per machine / SLURM array task).")]
 ShardIndex = Annotated[Optional[int], typer.Option("--shard-index", help="Convert only part I of --num-shards; a final run without it assembles dataset.json.")]
@@ -56,7 +56,7 @@ def synthetic(
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same dataset (byte for byte).")] = 0,
     panoptic: Annotated[bool, typer.Option("--panoptic", help="Panoptic shards: objects are things (one instance each, a class may repeat), backgrounds stuff.")] = False,
     pretrain_images: Annotated[int, typer.Option("--pretrain-images", help="Also write a 'pretrain' split of N more images of the same classes and looks, disjoint from train / val (to pre-train a backbone on); train / val stay byte-identical.")] = 0,
-    workers: Workers = 0,
+    workers: Workers = default_workers(),
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file (>= 1).")] = 500,
 ) -> None:
     """The built-in synthetic large-vocabulary dataset (no download needed).
@@ -64,9 +64,11 @@ def synthetic(
     Each image shows one scene with a background and up to 9 objects; an object's look is
     shared by ~K/32 classes of other scenes, so context decides its class.
 
-    Example: [bold]rankseg prepare synthetic --out data/synth --num-classes 1000 --images 2000[/]\n
-    Panoptic (instances): [bold]rankseg prepare synthetic --out data/synth_pan --num-classes 100 --panoptic[/]\n
-    With a pre-training split: [bold]rankseg prepare synthetic --out data/synth --num-classes 200 --pretrain-images 20000[/]
+    Examples (panoptic, with instances; with a pre-training split):
+      rankseg prepare synthetic --out data/synth --num-classes 1000 --images 2000
+      rankseg prepare synthetic --out data/pan --num-classes 100 --panoptic
+      rankseg prepare synthetic --out data/synth --num-classes 200 \\
+        --pretrain-images 20000
     """
     from rankseg_core.convert.synthetic import prepare_synthetic
 

@@ -45,8 +45,11 @@ def ade20k_full(
 
     Layout: ROOT/images/ADE/{training,validation}/<scene>/.../ADE_*.jpg, each with its ADE_*_seg.png next to it (index_ade20k.pkl is not needed).
 
-    Example: [bold]rankseg prepare ade20k-full --root data/ADE20K_2021_17_01 --out shards/ade847[/]\n
-    ADE20K-200 (ProtoSeg): [bold]... --out shards/ade200 --top-classes 200[/]
+    Examples (the second: ADE20K-200 of ProtoSeg):
+      rankseg prepare ade20k-full --root data/ADE20K_2021_17_01 \\
+        --out shards/ade847
+      rankseg prepare ade20k-full --root data/ADE20K_2021_17_01 \\
+        --out shards/ade200 --top-classes 200
     """
     from rankseg_core.convert.ade20k_full import prepare_ade20k_full
 
@@ -72,7 +75,8 @@ def ade20k(
 
     Layout: ROOT/images/{training,validation}/*.jpg and ROOT/annotations/{training,validation}/*.png.
 
-    Example: [bold]rankseg prepare ade20k --root data/ADEChallengeData2016 --out shards/ade150[/]
+    Example:
+      rankseg prepare ade20k --root data/ADEChallengeData2016 --out shards/ade150
     """
     from rankseg_core.convert.png_datasets import prepare_ade20k
 
@@ -96,7 +100,8 @@ def coco_stuff(
 
     Layout: ROOT/{train2017,val2017}/*.jpg and ROOT/stuffthingmaps_trainval2017/{train2017,val2017}/*.png.
 
-    Example: [bold]rankseg prepare coco-stuff --root data/coco --out shards/coco_stuff[/]
+    Example:
+      rankseg prepare coco-stuff --root data/coco --out shards/coco_stuff
     """
     from rankseg_core.convert.png_datasets import prepare_coco_stuff
 
@@ -127,10 +132,14 @@ def pascal_context(
     Layout: ROOT = VOCdevkit/VOC2010 with JPEGImages/*.jpg, SegmentationClassContext/*.png and ImageSets/SegmentationContext/{train,val}.txt;
     with --from-mat: JPEGImages/*.jpg, ImageSets/Main/{train,val}.txt and trainval/*.mat (+ labels.txt) from trainval.tar.gz.
 
-    Examples:\n
-      [bold]rankseg prepare pascal-context --root data/VOCdevkit/VOC2010 --out shards/pc59[/]\n
-      [bold]rankseg prepare pascal-context --from-mat --classes 459 --root data/VOCdevkit/VOC2010 --out shards/pc459[/]\n
-      [bold]... --from-mat --val-list data/VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt[/] (the 5,104 images of the Detail-API pipelines)
+    Examples (the last: the 5,104 validation images of the Detail-API pipelines):
+      rankseg prepare pascal-context --root data/VOCdevkit/VOC2010 \\
+        --out shards/pc59
+      rankseg prepare pascal-context --from-mat --classes 459 \\
+        --root data/VOCdevkit/VOC2010 --out shards/pc459
+      rankseg prepare pascal-context --from-mat --classes 459 \\
+        --root data/VOCdevkit/VOC2010 --out shards/pc459_5104 \\
+        --val-list data/VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt
     """
     opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
     if from_mat:

@@ -39,8 +39,10 @@ def coco_panoptic(
 
     Layout: ROOT/annotations/panoptic_{train,val}2017.json, ROOT/panoptic_{train,val}2017/*.png (or under annotations/) and ROOT/{train,val}2017/*.jpg.
 
-    Example: [bold]rankseg prepare coco-panoptic --root data/coco --out shards/coco_panoptic[/]\n
-    Validation only: [bold]... --out shards/coco_panoptic_val --split val[/]
+    Examples (the second: validation only):
+      rankseg prepare coco-panoptic --root data/coco --out shards/coco_panoptic
+      rankseg prepare coco-panoptic --root data/coco --out shards/coco_pan_val \\
+        --split val
     """
     from rankseg_core.convert.coco_panoptic import prepare_coco_panoptic
 
@@ -64,7 +66,9 @@ def ade20k_panoptic(
 
     Layout: ROOT = ADEChallengeData2016 with images/{training,validation}/*.jpg, annotations/{training,validation}/*.png and annotations_instance/{training,validation}/*.png (R = instance category, G = instance number).
 
-    Example: [bold]rankseg prepare ade20k-panoptic --root data/ADEChallengeData2016 --out shards/ade_panoptic[/]
+    Example:
+      rankseg prepare ade20k-panoptic --root data/ADEChallengeData2016 \\
+        --out shards/ade_panoptic
     """
     from rankseg_core.convert.ade20k_panoptic import prepare_ade20k_panoptic
 

@@ -20,6 +20,7 @@ from rankseg_cli.prepare import (
     report,
 )
 from rankseg_core.convert.common import default_workers
+from rankseg_core.errors import UserError
 
 
 def _note(msg: str) -> None:
@@ -29,7 +30,6 @@ def _note(msg: str) -> None:
 @prepare_app.command("coco-lvis")
 @user_errors(interrupted=RERUN_RESUMES)
 def coco_lvis(
-    coco_root: Annotated[Path, typer.Option("--coco-root", help="COCO 2017 folder holding train2017/ and val2017/.")],
     lvis_json: Annotated[list[Path], typer.Option("--lvis-json", help="LVIS annotations (repeat: one per split; split from the file name). LVIS v1, or v0.5 (its own 1,230 categories).")],
     stuff_json: Annotated[list[Path], typer.Option("--stuff-json", help="COCO-Stuff stuff_{train,val}2017.json (repeat; LVIS v1 val needs both).")],
     out: Out,
@@ -40,18 +40,27 @@ def coco_lvis(
     shard_index: ShardIndex = None,
     limit: Limit = None,
     on_error: OnError = "fail",
+    root: Annotated[Optional[Path], typer.Option("--root", "-r", help="COCO 2017 folder holding train2017/ and val2017/.")] = None,
+    coco_root: Annotated[Optional[Path], typer.Option("--coco-root", hidden=True)] = None,  # its old name
 ) -> None:
     """COCO+LVIS (1,284 classes, ESSNet): LVIS instances + COCO-Stuff stuff on COCO 2017 images.
 
     LVIS annotations are painted first (first wins), then COCO-Stuff stuff fills the pixels LVIS
     left empty; ten stuff classes merge into same-named LVIS classes. See docs/datasets.md.
 
-    Example: [bold]rankseg prepare coco-lvis --coco-root coco --lvis-json lvis/lvis_v1_train.json --lvis-json lvis/lvis_v1_val.json --stuff-json coco/annotations/stuff_train2017.json --stuff-json coco/annotations/stuff_val2017.json --out data/coco_lvis[/]
+    Example:
+      rankseg prepare coco-lvis --root coco --out data/coco_lvis \\
+        --lvis-json lvis/lvis_v1_train.json --lvis-json lvis/lvis_v1_val.json \\
+        --stuff-json coco/annotations/stuff_train2017.json \\
+        --stuff-json coco/annotations/stuff_val2017.json
     """
     from rankseg_core.convert.coco_lvis import prepare_coco_lvis
 
+    root = root or coco_root
+    if root is None:
+        raise UserError("missing option --root: the COCO 2017 folder holding train2017/ and val2017/")
     opts = convert_options(workers, num_shards, shard_index, limit, on_error)
-    index = prepare_coco_lvis(coco_root, lvis_json, stuff_json, out, essnet_compat=essnet_compat,
+    index = prepare_coco_lvis(root, lvis_json, stuff_json, out, essnet_compat=essnet_compat,
                               split=split, opts=opts, note=_note)
     report(index, out)
 
@@ -73,7 +82,8 @@ def vspw(
     Frames without a mask and damaged / 0-byte frames (a known state of the release) are always
     skipped and listed in skipped.jsonl, even with --on-error fail.
 
-    Example: [bold]rankseg prepare vspw --root VSPW_480p --split train --split val --out data/vspw[/]
+    Example:
+      rankseg prepare vspw --root VSPW_480p --out data/vspw
     """
     from rankseg_core.convert.vspw import prepare_vspw
 
@@ -97,7 +107,8 @@ def youtube_vis(
 ) -> None:
     """YouTube-VIS 2019 (40 classes): frames with semantic labels, instance RLEs and per-video targets.
 
-    Example: [bold]rankseg prepare youtube-vis --root ytvis_2019 --split train --out data/ytvis19[/]
+    Example:
+      rankseg prepare youtube-vis --root ytvis_2019 --split train --out data/ytvis19
     """
     from rankseg_core.convert.youtube_vis import prepare_youtube_vis
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rankseg_cli.common import err, out, show, user_errors
+from rankseg_cli.common import err, out, show, user_errors, val_split
 
 
 def _fmt(x: float | None) -> str:
@@ -22,7 +22,7 @@ def _fmt(x: float | None) -> str:
 def eval_predictions(
     pred_dir: Annotated[Path, typer.Argument(help="Directory of prediction label files (PNG/TIFF, 8 or 16 bit, train ids), one per image.")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Shard directory holding the ground truth.")],
-    split: Annotated[str, typer.Option("--split", help="Split the predictions are for.")] = "val",
+    split: Annotated[str | None, typer.Option("--split", help="Split the predictions are for (default: the shards' val / validation / valid).")] = None,
     protocol: Annotated[str, typer.Option("--protocol", help="mIoU average: mmseg (classes with union > 0), d2-old (detectron2 <= v0.6), d2 (detectron2 >= July 2022: classes in the GT).")] = "mmseg",
     json_out: Annotated[Path | None, typer.Option("--json", help="Report JSON (default PRED_DIR/../<PRED_DIR name>_scores.json); CSVs go next to it.")] = None,
     groups: Annotated[str, typer.Option("--groups", help="Split results by class frequency: auto, lvis, train-frequency or none.")] = "auto",
@@ -38,14 +38,16 @@ def eval_predictions(
     writes it ('/' -> '__'), the key as a relative path, or the plain image stem; anything
     ambiguous, missing or extra is refused with one line.
 
-    Examples:\n
-      [bold]rankseg eval --save-predictions preds/ runs/adefull && rankseg eval-predictions preds/ --data shards/ade847[/]\n
-      [bold]rankseg eval-predictions catseg_a847/ --data shards/ade847 --split validation --protocol d2[/]\n
-      [bold]rankseg eval-predictions rankseg_lvis/ --data shards/coco_lvis --pred-offset 1 --json lvis.json[/]
+    Examples:
+      rankseg eval runs/ade --save-predictions preds/
+      rankseg eval-predictions preds/ --data shards/ade847
+      rankseg eval-predictions catseg_a847/ --data shards/ade847 --protocol d2
+      rankseg eval-predictions rankseg_lvis/ --data shards/coco_lvis \\
+        --pred-offset 1 --json lvis.json
     """
     from rankseg_core.evaluation.score_files import report, score_predictions, write_reports
 
-    res = score_predictions(pred_dir, data, split, protocol=protocol, groups=groups, train_data=train_data,
+    res = score_predictions(pred_dir, data, val_split(data, split), protocol=protocol, groups=groups, train_data=train_data,
                             train_split=train_split, pred_offset=pred_offset, allow_extra=allow_extra)
     rep = report(res)
     path = json_out or pred_dir.resolve().parent / f"{pred_dir.resolve().name}_scores.json"

@@ -46,7 +46,7 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (config.yaml, metrics.jsonl, checkpoints/, model.safetensors).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory from `rankseg prepare`.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="segmenter-vitt / -vits / -vitb / -vitl, classifier-vit{t,s,b,l} (multi-label classifier of the independent scheme), mask2former-*.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (sections model:, optim:, schedule:, ...).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections model:, optim:, schedule:, ...) or a preset name, e.g. segmenter-vitb-ade20k-full or m2f-swinl-ade20k-panoptic (docs/training.md, Presets).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=1e-3 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue RUN from checkpoints/last.pt exactly (same data order and losses).")] = False,
     device: Device = None,
@@ -71,17 +71,24 @@ def train(
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="DataLoader workers per process.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
 ) -> None:
-    """Train a Segmenter / RankSeg model on shards (iteration-based, SGD + poly, mmseg augmentation).
+    """Train a model of any family on shards: Segmenter / RankSeg, Mask2Former or the
+    multi-label classifier (iteration-based, the family's official recipe, mmseg augmentation).
 
-    Under [bold]torchrun --nproc_per_node N -m rankseg_cli train ...[/] it trains with DDP.
+    Under torchrun it trains with DDP:
+      torchrun --nproc_per_node N -m rankseg_cli train ...
 
-    Examples:\n
-      [bold]rankseg train --model segmenter-vitb --data data/ade20k-full --out runs/adefull[/]\n
-      [bold]rankseg train --data data/synth --out runs/tiny --model segmenter-vitt --img-size 64 --iters 300 --set optim.lr=0.01[/]\n
-      [bold]rankseg train --out runs/adefull --resume[/]\n
-      [bold]rankseg train --model classifier-vitb --data data/coco-stuff --out runs/q2l[/]\n
-      [bold]rankseg train --model segmenter-vitb --data data/coco-stuff --selector runs/q2l --out runs/indep[/]\n
-      [bold]rankseg train --model segmenter-vitb --data data/coco-stuff --init-from runs/q2l --out runs/ft[/]
+    Examples:
+      rankseg train -m segmenter-vitb --data data/ade20k-full --out runs/ade
+      rankseg train -m segmenter-vitt --data data/synth --out runs/tiny \\
+        --img-size 64 --iters 300 --set optim.lr=0.01
+      rankseg train --config m2f-r50-synthetic-tiny --data data/synth \\
+        --out runs/m2f-tiny
+      rankseg train --out runs/ade --resume
+      rankseg train -m classifier-vitb --data data/coco-stuff --out runs/q2l
+      rankseg train -m segmenter-vitb --data data/coco-stuff --out runs/indep \\
+        --selector runs/q2l
+      rankseg train -m segmenter-vitb --data data/coco-stuff --out runs/ft \\
+        --init-from runs/q2l
     """
     from rankseg_core.engine.configure import flag_overrides
     from rankseg_core.engine.train import config_for_run, describe
@@ -134,8 +141,8 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory (from `rankseg train`).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory (default: the run's).")] = None,
-    split: Annotated[str, typer.Option("--split", help="Split to evaluate.")] = "val",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON (default RUN/eval/<split>.json, with --data other shards RUN/eval/<dataset>-<split>-<hash>.json); the per-class CSV goes next to it.")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: the run's validation split, or with --data the shards' val / validation / valid).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON (default: RUN/eval/SPLIT.json; with --data other shards: RUN/eval/DATASET-SPLIT-HASH.json); the per-class CSV goes next to it.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="whole or slide (default: the run's eval.mode).")] = None,
     scales: Annotated[Optional[str], typer.Option("--scales", help="Multi-scale test, e.g. 0.75,1.0,1.25.")] = None,
     flip: Annotated[bool, typer.Option("--flip", help="Add horizontally flipped passes.")] = False,
@@ -153,12 +160,13 @@ def evaluate(
     """Evaluate a run: mIoU / aAcc / per-class IoU (confusion matrix), multi-label mAP and recall@kappa,
     and PQ / SQ / RQ (all, things, stuff) for panoptic runs on panoptic shards.
 
-    Examples:\n
-      [bold]rankseg eval runs/adefull[/]\n
-      [bold]rankseg eval runs/adefull --mode slide --scales 0.75,1.0,1.25 --flip --json adefull_ms.json[/]\n
-      [bold]rankseg eval runs/adefull --kappa 50 --oracle[/]\n
-      [bold]rankseg eval runs/adefull --oracle --oracle-fill ranked --json adefull_gt_ranked.json[/]\n
-      [bold]rankseg eval runs/m2f-pan --save-panoptic preds/pan[/]
+    Examples:
+      rankseg eval runs/ade
+      rankseg eval runs/ade --mode slide --scales 0.75,1.0,1.25 --flip \\
+        --json ade_ms.json
+      rankseg eval runs/ade --kappa 50 --oracle
+      rankseg eval runs/ade --oracle --oracle-fill ranked --json ade_gt.json
+      rankseg eval runs/m2f-pan --save-panoptic preds/pan
     """
     from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
     from rankseg_core.model.selection import SelectionOptions
@@ -167,10 +175,10 @@ def evaluate(
         scale_list = [float(s) for s in scales.split(",")] if scales else None
     except ValueError:
         raise UserError(f"--scales {scales!r}: expected numbers separated by commas, e.g. 0.75,1.0,1.25") from None
-    opts = EvalOptions(split=split, data_root=str(data) if data else None, mode=mode, scales=scale_list,
-                       flip=True if flip else None,
-                       selection=SelectionOptions(kappa, dynamic_kappa, oracle, oracle_fill), max_images=max_images, save_predictions=save_predictions,
-                       save_panoptic=save_panoptic)
+    opts = EvalOptions(split=split or None,  # None: the run's validation split
+                       data_root=str(data) if data else None, mode=mode, scales=scale_list,
+                       flip=True if flip else None, selection=SelectionOptions(kappa, dynamic_kappa, oracle, oracle_fill),
+                       max_images=max_images, save_predictions=save_predictions, save_panoptic=save_panoptic)
     rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights)
     t = Table("metric", "value")
     if _segmented(rep):
@@ -201,13 +209,14 @@ def predict(
     """Segment your own images (any size): per image a 16-bit label PNG of train ids, an overlay
     with a legend, and a JSON of the classes found and the top-kappa class probabilities.
 
-    Example: [bold]rankseg predict runs/adefull photos/ --out preds/[/]
+    Example:
+      rankseg predict runs/ade photos/ --out preds/
     """
     from rankseg_core.engine.predict import run_prediction
 
     results = run_prediction(run, inputs, out_dir, device or "auto", weights, kappa)
     for r in results[:10]:
-        names = ", ".join(c["name"] for c in r.classes[:5])
+        names = "; ".join(c["name"] for c in r.classes[:5])  # ADE class names hold commas
         err.print(f"{show(r.image.name)}: {show(names)}{' ...' if len(r.classes) > 5 else ''}")
     err.print(f"[green]done[/]: {len(results)} image(s) -> {show(out_dir)}")
 
@@ -228,9 +237,10 @@ def stats_model(
     paper's mmcv counting). params_m is in units of 10^6, params_mi in units of 2^20 (the unit
     of the paper's Mask2Former Table 8).
 
-    Examples:\n
-      [bold]rankseg stats model --model segmenter-vitb --num-classes 1284 --kappa 100[/]\n
-      [bold]rankseg stats model --model mask2former-swinl --num-classes 150 --kappa 150 --img-size 640 --task panoptic[/]
+    Examples:
+      rankseg stats model --model segmenter-vitb --num-classes 1284 --kappa 100
+      rankseg stats model --model mask2former-swinl --num-classes 150 \\
+        --kappa 150 --img-size 640 --task panoptic
     """
     from rankseg_core.config.mask2former import Mask2FormerConfig
     from rankseg_core.config.model import ModelConfig

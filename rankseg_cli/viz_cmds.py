@@ -7,16 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from rankseg_cli.common import err, new_app, show, user_errors
+from rankseg_cli.common import err, new_app, show, user_errors, val_split
 
 viz_app = new_app(
     "Figures of what a model learned: learned 1/tau per rank, false positives, predictions, and a "
     "dataset browser. Every PNG is written with its numbers (CSV / JSON) next to it.")
 
 Data = Annotated[Path, typer.Option("--data", "-d", help="Shard directory the run was trained on (`rankseg prepare ... --out DIR`).")]
-Split = Annotated[str, typer.Option("--split", help="Split to draw samples from.")]
+Split = Annotated[Optional[str], typer.Option("--split", help="Split to draw samples from (default: the shards' val / validation / valid).")]
 Keys = Annotated[Optional[str], typer.Option("--keys", help="Comma-separated sample keys (see `rankseg inspect DIR --jsonl`); default: the first --num samples.")]
-Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda if available).")]
 Weights = Annotated[str, typer.Option("--weights", help="auto | final | best | last | a file.")]
 
 
@@ -37,7 +37,8 @@ def tau(
     One line per run, labelled with its dataset and kappa. The numbers go to tau.csv (one row per
     run and rank) and tau.json (with a trend summary: Spearman rho of 1/tau vs rank).
 
-    Example: [bold]rankseg viz tau runs/ade-rankseg runs/lvis-rankseg --out tau.png[/]
+    Example:
+      rankseg viz tau runs/ade-rankseg runs/lvis-rankseg --out tau.png
     """
     from rankseg_core.utils.plotting import figure_format
     from rankseg_core.viz.common import load_viz_run
@@ -65,8 +66,8 @@ def false_positives(
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A baseline run: show which of its false positives RankSeg removes.")] = None,
     kappa: Annotated[Optional[int], typer.Option("--kappa", help="Top-kappa at evaluation (default: the run's).")] = None,
     min_pixels: Annotated[int, typer.Option("--min-pixels", help="A class counts as predicted on an image from this many labelled pixels.")] = 1,
-    split: Split = "val",
-    device: Device = "cpu",
+    split: Split = None,
+    device: Device = "auto",
     weights: Weights = "auto",
 ) -> None:
     """False positives of the top-kappa ranking and of the final prediction.
@@ -75,14 +76,18 @@ def false_positives(
     dataset palette, GT class names black, false positives red. Dataset level: the most frequent
     false-positive classes in the top-kappa and in the prediction (fp_summary.png, fp_table.csv).
 
-    Example: [bold]rankseg viz false-positives runs/rs --data data/synth --baseline runs/base --num 4 --out viz/fp[/]
+    Example:
+      rankseg viz false-positives runs/rs --data data/synth \\
+        --baseline runs/base --num 4 --out viz/fp
     """
+    from rankseg_core.utils.distributed import resolve_device
     from rankseg_core.viz.common import load_viz_run, parse_keys
     from rankseg_core.viz.false_positives import run_false_positives
 
-    r = load_viz_run(run, device, weights)
-    b = load_viz_run(baseline, device, weights) if baseline is not None else None
-    summary = run_false_positives(r, data, out, split=split, keys=parse_keys(keys), num=num, stats_num=stats_num,
+    dev = resolve_device(device)
+    r = load_viz_run(run, dev, weights)
+    b = load_viz_run(baseline, dev, weights) if baseline is not None else None
+    summary = run_false_positives(r, data, out, split=val_split(data, split), keys=parse_keys(keys), num=num, stats_num=stats_num,
                                   baseline=b, kappa=kappa, min_pixels=min_pixels)
     line = (f"{summary['images']} images: {summary['topk_fp_per_image']:.2f} false positives per image in the "
             f"top-{summary['kappa']}, {summary['pred_fp_per_image']:.2f} in the prediction")
@@ -103,8 +108,8 @@ def predictions(
     keys: Keys = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Show the first N samples (without --keys).")] = 6,
     per_figure: Annotated[int, typer.Option("--per-figure", help="Rows per PNG.")] = 6,
-    split: Split = "val",
-    device: Device = "cpu",
+    split: Split = None,
+    device: Device = "auto",
     weights: Weights = "auto",
 ) -> None:
     """Image, ground truth and each model's errors, one row per image.
@@ -113,13 +118,17 @@ def predictions(
     black; each row's legend lists only the classes present in it. Per-image accuracy / mIoU go
     to predictions.csv.
 
-    Example: [bold]rankseg viz predictions runs/rs --baseline runs/base --data data/synth --num 4 --out viz/pred[/]
+    Example:
+      rankseg viz predictions runs/rs --baseline runs/base --data data/synth \\
+        --num 4 --out viz/pred
     """
+    from rankseg_core.utils.distributed import resolve_device
     from rankseg_core.viz.common import load_viz_run, parse_keys
     from rankseg_core.viz.predictions import run_predictions
 
-    runs = ([load_viz_run(baseline, device, weights)] if baseline is not None else []) + [load_viz_run(run, device, weights)]
-    res = run_predictions(runs, data, out, split=split, keys=parse_keys(keys), num=num, per_figure=per_figure)
+    dev = resolve_device(device)
+    runs = ([load_viz_run(baseline, dev, weights)] if baseline is not None else []) + [load_viz_run(run, dev, weights)]
+    res = run_predictions(runs, data, out, split=val_split(data, split), keys=parse_keys(keys), num=num, per_figure=per_figure)
     _outputs([out / f for f in res["figures"]] + [out / "predictions.csv", out / "predictions.json"])
 
 
@@ -131,18 +140,24 @@ def samples(
     keys: Keys = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Show the first N samples (without --keys).")] = 8,
     per_figure: Annotated[int, typer.Option("--per-figure", help="Rows per PNG.")] = 8,
-    split: Annotated[Optional[str], typer.Option("--split", help="Split (default: val if present).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split (default: the shards' val / validation / valid, else their first).")] = None,
 ) -> None:
     """Browse a shard directory: images, label overlays and the classes present.
 
     Checks a conversion by eye; samples.csv also flags samples whose stored class list does not
     match their label (index_ok = 0).
 
-    Example: [bold]rankseg viz samples data/ade20k-full --keys ADE_val_00000001 --out viz/samples[/]
+    Example:
+      rankseg viz samples data/ade20k-full --keys ADE_val_00000001 \\
+        --out viz/samples
     """
+    from rankseg_core.shards.read import ShardIndex
+    from rankseg_core.shards.splits import find_split
     from rankseg_core.viz.common import parse_keys
     from rankseg_core.viz.samples import run_samples
 
+    if split is None:
+        split = find_split(ShardIndex(data).splits, "val")
     res = run_samples(data, out, split=split, keys=parse_keys(keys), num=num, per_figure=per_figure)
     if res["index_mismatches"]:
         err.print(f"[yellow]warning[/]: stored class lists differ from the labels for "

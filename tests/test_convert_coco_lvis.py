@@ -253,7 +253,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
         prepare_coco_lvis(coco, [tmp_path / "broken.json"], [sj], tmp_path / "o3", opts=OPTS)
     with pytest.raises(UserError, match="no such LVIS JSON"):
         prepare_coco_lvis(coco, [tmp_path / "nope.json"], [sj], tmp_path / "o4", opts=OPTS)
-    with pytest.raises(UserError, match="--coco-root"):
+    with pytest.raises(UserError, match="--root"):
         prepare_coco_lvis(tmp_path / "nothing", [lj], [sj], tmp_path / "o5", opts=OPTS)
     # an LVIS image that no stuff JSON lists
     sdoc = json.loads(sj.read_text())
@@ -397,7 +397,7 @@ def test_cli(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "val: 2 samples" in res.output and list(verify_shards(out)) == []
     assert_one_line_error(cli("--coco-root", tmp_path / "x", "--lvis-json", lj, "--stuff-json", sj,
-                              "--out", tmp_path / "o"), "--coco-root")
+                              "--out", tmp_path / "o"), "--root")
     assert_one_line_error(cli("--coco-root", coco, "--lvis-json", tmp_path / "none.json", "--stuff-json",
                               sj, "--out", tmp_path / "o"), "none.json", "no such LVIS JSON")
     (tmp_path / "bad.json").write_text("{not json")

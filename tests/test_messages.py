@@ -133,8 +133,7 @@ def test_converter_defaults_are_what_help_says(tmp_path: Path, monkeypatch: pyte
 
     seen = capture(monkeypatch, synthetic, "prepare_synthetic")
     run("prepare", "synthetic", "--out", tmp_path / "o")
-    assert seen["opts"].workers == 0  # synthetic runs in-process unless --workers is given
-    assert "all cores" not in run("prepare", "synthetic", "--help", env=WIDE).output
+    assert seen["opts"].workers == os.cpu_count()  # like every converter: a worker per core
 
     seen = capture(monkeypatch, vspw, "prepare_vspw")
     run("prepare", "vspw", "--root", tmp_path, "--out", tmp_path / "o")

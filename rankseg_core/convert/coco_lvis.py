@@ -571,7 +571,7 @@ def prepare_coco_lvis(coco_root: str | Path, lvis_jsons: Sequence[str | Path],
     opts.validate()
     coco_root = Path(coco_root)
     if not coco_root.is_dir():
-        raise UserError(f"{coco_root}: no such directory: --coco-root must hold train2017/ and val2017/")
+        raise UserError(f"{coco_root}: no such directory: --root must hold train2017/ and val2017/")
     if not lvis_jsons:
         raise UserError("pass at least one --lvis-json (lvis_v1_train.json, lvis_v1_val.json)")
     if not stuff_jsons:
@@ -624,4 +624,10 @@ def prepare_coco_lvis(coco_root: str | Path, lvis_jsons: Sequence[str | Path],
             name="coco_lvis", class_names=vocab.names, source=vocab.source,
             options={"vocabulary": vocab.version, "essnet_compat": essnet_compat,
                      "splits": sorted(splits)})
-        return run_conversion(out, header, splits, maker, opts)
+        result = run_conversion(out, header, splits, maker, opts)
+    if result is not None and not any(s["num_samples"] for s in result["splits"].values()):
+        # Every image skipped (--on-error skip): shards without samples are no result.
+        skipped = sum(s.get("num_skipped", 0) for s in result["splits"].values())
+        raise UserError(f"{out}: no image converted ({skipped} skipped, see {Path(out) / 'skipped.jsonl'}): "
+                        f"check that --root {coco_root} holds the images the LVIS JSONs list (train2017/, val2017/)")
+    return result

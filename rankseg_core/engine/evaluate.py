@@ -19,7 +19,7 @@ import json
 import math
 import re
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ from rankseg_core.families import family_of
 from rankseg_core.families.base import Family, InferenceProtocol, Predictions
 from rankseg_core.model.selection import SelectionOptions, batch_selection
 from rankseg_core.shards.codec import IGNORE
-from rankseg_core.shards.read import ShardDataset
+from rankseg_core.shards.read import ShardDataset, ShardIndex
+from rankseg_core.shards.splits import default_split
 from rankseg_core.utils import distributed as D
 from rankseg_core.utils import lock
 from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json, check_writable_target
@@ -52,7 +53,9 @@ from rankseg_core.utils.progress import Progress
 class EvalOptions:
     """What `rankseg eval` can change; None = the run's config (`cfg.eval`)."""
 
-    split: str = "val"
+    # None: the run's validation split (`data.val_split`); on other shards (`run_evaluation`
+    # with data_root) their validation split by name (shards/splits.py).
+    split: str | None = None
     data_root: str | None = None  # None = the run's data.root
     mode: str | None = None  # whole | slide
     scales: list[float] | None = None
@@ -180,7 +183,22 @@ def _collate(items: list[dict]) -> list[dict]:
 
 
 def _safe_name(key: str) -> str:
-    return key.replace("/", "__").replace("\\", "__")
+    """The file stem a sample's saved prediction gets (what `eval-predictions` matches)."""
+    from rankseg_core.convert.detectron2_format import file_stem  # the one '/' -> '__' rule
+
+    return file_stem(key)
+
+
+def _check_unique_names(keys: list[str], option: str) -> None:
+    """UserError when two sample keys give one file name ('a/b' and 'a__b'): one prediction
+    would overwrite the other (--save-predictions) or be refused half-way (--save-panoptic)."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        name = _safe_name(key)
+        if name in seen:
+            raise UserError(f"{option}: samples {seen[name]!r} and {key!r} would both be saved as {name}.png "
+                            "(keys are saved with '/' -> '__'); rename one of them in the shards")
+        seen[name] = key
 
 
 def write_label_png(path: Path, label: np.ndarray) -> None:
@@ -196,6 +214,8 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
     """Evaluate `model` on a shard split; under DDP each process takes every W-th item and
     the accumulators are reduced (every process gets the result)."""
     info, family = D.current(), family_of(cfg.model.model)
+    if opts.split is None:
+        opts = replace(opts, split=cfg.data.val_split or "val")
     ds = _open_split(cfg, opts)
     opts.check()
     check_selection(family, cfg.model, opts.selection)
@@ -228,6 +248,7 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
 
 def _open_split(cfg: TrainConfig, opts: EvalOptions) -> ShardDataset:
     root = opts.data_root or cfg.data.root
+    assert opts.split is not None  # evaluate_model names it first
     ds = ShardDataset(root, opts.split)
     if ds.num_classes != cfg.model.num_classes:
         raise UserError(f"{root}: K={ds.num_classes} but the model was trained with K={cfg.model.num_classes}; "
@@ -292,9 +313,18 @@ class _Writers:
     """The optional outputs of an evaluation: --save-predictions and --save-panoptic."""
 
     def __init__(self, opts: EvalOptions, ds: ShardDataset, info: D.DistInfo) -> None:
+        from rankseg_core.utils import fsio
+
         self.pred_dir = Path(opts.save_predictions) if opts.save_predictions is not None else None
+        saving = [option for out, option in ((self.pred_dir, "--save-predictions"),
+                                             (opts.save_panoptic, "--save-panoptic")) if out is not None]
+        if saving:
+            _check_unique_names(list(ds.arrays.keys), saving[0])
         if self.pred_dir is not None:
-            self.pred_dir.mkdir(parents=True, exist_ok=True)
+            # The rule `predict --out` follows: never over files this command did not write.
+            fsio.claim_out_dir(self.pred_dir, "rankseg eval --save-predictions", "--save-predictions",
+                               lock.is_lock_file)
+            D.barrier()  # every process has checked the directory before any writes a prediction
         self.pan = _panoptic_writer(opts, ds, info)
 
     def label_map(self, key: str, pred: torch.Tensor) -> None:
@@ -418,7 +448,6 @@ def default_json(run_dir: str | Path, cfg: TrainConfig, data_root: Path, split: 
     <hash> is 8 hex digits of the SHA-256 of their absolute path. So evaluating on other shards
     never replaces an earlier result, even of other shards with the same dataset name."""
     from rankseg_core.engine.runs import run_paths
-    from rankseg_core.shards.read import ShardIndex
 
     eval_dir = run_paths(run_dir).eval_dir
     if data_root == Path(cfg.data.root).resolve():
@@ -450,7 +479,15 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
     subsets = read_class_subsets(classes_json, cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]) \
         if classes_json else None
     data_root = Path(opts.data_root or cfg.data.root).resolve()
-    path = Path(json_path) if json_path else default_json(run_dir, cfg, data_root, opts.split)
+    split = opts.split
+    if split is None:
+        # The run's own shards: the split it validated on; other shards (or a run trained
+        # without evaluation): their validation split by name.
+        own = data_root == Path(cfg.data.root).resolve() and cfg.data.val_split
+        split = cfg.data.val_split if own else default_split(data_root, ShardIndex(data_root).splits, "val",
+                                                               "--split NAME")
+        opts = replace(opts, split=split)
+    path = Path(json_path) if json_path else default_json(run_dir, cfg, data_root, split)
     check_writable_target(path)  # /dev/full, a directory: refused before hours of evaluation
     path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as held:
