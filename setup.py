@@ -12,5 +12,6 @@ setup(
     packages=find_packages(include=["rankseg_cli", "rankseg_cli.*", "rankseg_core", "rankseg_core.*"])
     + ["rankseg_core._tables"],
     package_dir={"rankseg_core._tables": "datasets"},
-    package_data={"rankseg_core._tables": ["*/*"]},
+    # The named presets of `rankseg train --config NAME` (YAML data, not a package).
+    package_data={"rankseg_core._tables": ["*/*"], "rankseg_core.config": ["presets/*.yaml"]},
 )

@@ -64,6 +64,8 @@ def test_wheel_carries_the_class_tables_and_metadata(built: dict[str, Path]) -> 
     tables = table_files(built["src"])
     assert tables and {f"rankseg_core/_tables/{t}" for t in tables} <= names
     assert not any(n.startswith("datasets/") for n in names)  # no top-level `datasets` package
+    presets = sorted((built["src"] / "rankseg_core" / "config" / "presets").glob("*.yaml"))
+    assert presets and {f"rankseg_core/config/presets/{p.name}" for p in presets} <= names  # --config NAME
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(built["wheel"]).read(meta).decode()
     assert "\nName: rankseg-toolkit\n" in text

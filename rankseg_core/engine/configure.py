@@ -11,14 +11,17 @@ in, by the engine and then by the family) is what `runs.save_config` writes next
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import rankseg_core.config
 from rankseg_core.config.datasets import DATA_DEFAULTS, recipe_dataset
-from rankseg_core.config.train import TrainConfig, parse_override, read_yaml, set_key, validate
+from rankseg_core.config.train import DataConfig, TrainConfig, parse_override, read_yaml, set_key, validate
 from rankseg_core.errors import UserError
 from rankseg_core.families import FAMILIES, family_of
 from rankseg_core.shards.read import load_index
+from rankseg_core.shards.splits import find_split
 
 
 def dataset_defaults(model_name: str, dataset_name: str) -> dict[str, Any]:
@@ -29,9 +32,22 @@ def dataset_defaults(model_name: str, dataset_name: str) -> dict[str, Any]:
     return {**DATA_DEFAULTS.get(dataset or "", {}), **recipes.get("*", {}), **recipes.get(dataset or "", {})}
 
 
-def resolve(cfg: TrainConfig, meta: dict | None = None) -> TrainConfig:
-    """Fill derived values (None = derived) and validate. `meta` is the shards' dataset.json."""
+def resolve(cfg: TrainConfig, meta: dict | None = None, explicit: Collection[str] = ()) -> TrainConfig:
+    """Fill derived values (None = derived) and validate. `meta` is the shards' dataset.json.
+
+    With `meta`, a train / val split the user did not set (not in `explicit`, and still the
+    dataclass default) becomes the shards' own (`shards/splits.py`: ADE20K's training /
+    validation). A resumed run passes no `meta`, so its config.yaml keeps its split names.
+    """
     if meta is not None:
+        defaults = DataConfig()
+        for key, role in (("train_split", "train"), ("val_split", "val")):
+            value = getattr(cfg.data, key)
+            if f"data.{key}" in explicit or value != getattr(defaults, key) or value in meta["splits"]:
+                continue
+            found = find_split(meta["splits"], role)
+            if found is not None:  # else check_splits names the splits and the key to set
+                setattr(cfg.data, key, found)
         cfg.data.name = str(meta.get("name", ""))
         cfg.data.class_names = [str(n) for n in meta["class_names"]]
         cfg.data.palette = [[int(c) for c in row] for row in meta["palette"]]
@@ -68,6 +84,28 @@ def check_model(cfg: TrainConfig) -> None:
     family.validate(m)
 
 
+# Named presets (`--config NAME`): the paper's recipes and our tiny CPU ones, as YAML files in the
+# `--config` format shipped with the package (docs/training.md "Configuration").
+PRESETS_DIR = Path(rankseg_core.config.__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    """The names `--config` accepts besides a file path, sorted."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def config_path(config: str | Path) -> Path:
+    """The YAML file `--config` names: an existing file wins over a preset of the same name;
+    anything that is neither is a UserError listing the presets."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    if str(config) in preset_names():
+        return PRESETS_DIR / f"{config}.yaml"
+    raise UserError(f"{config}: config file not found, and no preset has that name; pass a YAML file or one "
+                    f"of the presets: {', '.join(preset_names())}")
+
+
 def build_train_config(config_file: str | Path | None = None, overrides: list[str] | None = None,
                        data_root: str | Path | None = None) -> TrainConfig:
     """Defaults < dataset defaults < YAML < overrides, resolved against the shards.
@@ -76,7 +114,9 @@ def build_train_config(config_file: str | Path | None = None, overrides: list[st
     """
     layers: list[tuple[str, dict[str, Any]]] = []
     if config_file is not None:
-        layers.append((f"{config_file}: ", read_yaml(config_file)))
+        path = config_path(config_file)
+        where = f"{config_file}: " if path == Path(config_file) else f"preset {config_file}: "
+        layers.append((where, read_yaml(path)))
     sets = dict(parse_override(text) for text in overrides or [])
     if data_root is not None:
         sets["data.root"] = str(data_root)
@@ -98,7 +138,7 @@ def build_train_config(config_file: str | Path | None = None, overrides: list[st
     if "model.num_classes" in user and cfg.model.num_classes != k:
         raise UserError(f"model.num_classes={cfg.model.num_classes} but the shards in {root} have K={k}: "
                         "drop the override (K always comes from the shards)")
-    return resolve(cfg, meta)
+    return resolve(cfg, meta, explicit=user)
 
 
 # CLI flags of `rankseg train` and the config keys they set (the flags are `--set` shorthands).

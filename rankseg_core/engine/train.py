@@ -191,13 +191,13 @@ def config_for_run(run_dir: str | Path, config_file: str | Path | None, override
     then refuses any change outside the runtime keys (device, workers, ...).
     """
     from rankseg_core.config.train import parse_override, read_yaml, set_key
-    from rankseg_core.engine.configure import build_train_config, resolve
+    from rankseg_core.engine.configure import build_train_config, config_path, resolve
     from rankseg_core.shards.read import load_index
 
     if not resume:
         return build_train_config(config_file, overrides, data_root)
     cfg = runs.load_config(run_dir)
-    layers = [(f"{config_file}: ", read_yaml(config_file))] if config_file else []
+    layers = [(f"{config_file}: ", read_yaml(config_path(config_file)))] if config_file else []
     layers.append(("--set: ", dict(parse_override(o) for o in overrides)))
     for where, layer in layers:
         for key, value in layer.items():
