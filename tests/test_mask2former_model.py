@@ -14,10 +14,19 @@ from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig, from_dict, parse_override, set_key, to_yaml
 from rankseg_core.errors import UserError
 from rankseg_core.families import family_of
-from rankseg_core.families.mask2former import MASK2FORMER, MODELS, ml_branch_names, no_weight_decay, num_queries
+from rankseg_core.families.mask2former import (
+    MASK2FORMER,
+    MODELS,
+    ml_branch_names,
+    no_weight_decay,
+    num_queries,
+    official_exempt,
+    param_groups,
+)
 from rankseg_core.model.heads import FILL_LOGIT
 from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm, selected_logits
+from rankseg_core.model.mask2former.swin import use_detectron2_window_order
 from rankseg_core.model.selection import Selection
 
 K, KAPPA = 10, 4
@@ -59,9 +68,10 @@ def test_backbone_pyramid_is_nchw_strides_4_to_32(name: str) -> None:
     with pytest.raises(ValueError):
         bb(torch.randn(1, 3, 48, 64))
     if bb.is_swin:
-        # Against timm's own features_only model (NHWC) holding the same weights.
+        # Against timm's own features_only model (NHWC), same weights, same (detectron2) window order.
         ref = timm.create_model(bb.body.default_cfg["architecture"], pretrained=False, features_only=True,
                                 dynamic_img_size=True, always_partition=True)
+        use_detectron2_window_order(ref)
         own = {k: v for k, v in bb.body.state_dict().items()}
         ref_sd = ref.state_dict()
         mapped = {k: own[k.replace("layers_", "layers.", 1)] for k in ref_sd if k.replace("layers_", "layers.", 1) in own}
@@ -210,13 +220,45 @@ def test_plus_mt_keeps_class_order_with_layernorm() -> None:
 def test_no_weight_decay_and_ml_branch_names() -> None:
     model = tiny_model(model="mask2former-swint")
     nwd, ml = no_weight_decay(model), ml_branch_names(model)
-    assert "decoder.query_feat.weight" in nwd and "ml_head.cls_emb" in nwd and "ml_norm.weight" in nwd
+    assert "decoder.query_feat.weight" in nwd and "ml_norm.weight" in nwd and "ml_head.norm.weight" in nwd
     assert any(n.endswith("relative_position_bias_table") for n in nwd)
     assert "class_embed.weight" not in nwd and "decoder.mask_embed.layers.0.bias" not in nwd  # official: biases decay
+    # The official fork's `"cls_emb" in module_name` never matches the ml head's class
+    # embeddings (a parameter of the module "ml_head"): they decay at 0.05 there, and here.
+    assert "ml_head.cls_emb" not in nwd
+    cfg = TrainConfig()
+    cfg.optim.ml_lr_mult, cfg.optim.ml_wd_mult = 0.1, 1.0  # the family's recipe
+    groups = param_groups(model, cfg)
+    assert groups["ml_head.cls_emb"] == (pytest.approx(0.1), 1.0) and groups["ml_norm.weight"][1] == 0.0
     assert ml and all(n.startswith("ml_head.") for n in ml) and "ml_head.fc.W" in ml
     assert "ml_norm.weight" not in ml
     dc = model.data_config()
     assert dc["mean"] == pytest.approx([123.675, 116.28, 103.53]) and dc["std"] == pytest.approx([58.395, 57.12, 57.375])
+
+
+def test_official_exempt_states_the_forks_rule() -> None:
+    """mask2former/train_net.py build_optimizer, on a hand-built (module name, module,
+    parameter name) list: position tables by parameter name, norms / embeddings by module
+    type, and `"cls_emb" in module_name` -- the MODULE name, so a parameter called cls_emb
+    (the ml head's) is not exempt, while any parameter of a module named *cls_emb* would be."""
+    lin, ln, emb = torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), torch.nn.Embedding(3, 2)
+    cases = [
+        (("sem_seg_head.predictor.ml_head", lin, "cls_emb"), False),  # the official ml head's
+        (("ml_head", lin, "cls_emb"), False),
+        (("ml_head.cls_emb", lin, "weight"), True),  # what the name test does match
+        (("backbone.layers.0.blocks.0.attn", lin, "relative_position_bias_table"), True),
+        (("backbone", lin, "absolute_pos_embed"), True),
+        (("sem_seg_head.predictor.class_embed", lin, "bias"), False),  # biases decay
+        (("sem_seg_head.predictor.class_embed", lin, "weight"), False),
+        (("ml_head.norm", ln, "weight"), True),
+        (("ml_norm", ln, "bias"), True),
+        (("backbone.bn1", torch.nn.SyncBatchNorm(2), "weight"), True),
+        (("pixel_decoder.gn", torch.nn.GroupNorm(1, 2), "weight"), True),
+        (("sem_seg_head.predictor.query_feat", emb, "weight"), True),
+        (("ml_norm", QueryRankNorm(3), "weight"), True),  # our stand-in for the official LayerNorm
+    ]
+    for (module_name, module, param_name), exempt in cases:
+        assert official_exempt(module_name, module, param_name) is exempt, (module_name, param_name)
 
 
 def test_config_errors_are_user_errors() -> None:

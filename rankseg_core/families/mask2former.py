@@ -153,16 +153,34 @@ def num_queries(m: ModelConfig) -> int:
     return 200 if m.model == "mask2former-swinl" and _panoptic(m) else 100
 
 
+# The official build_optimizer's norm_module_types (mask2former/train_net.py), plus the rank
+# LayerNorm, which the official model builds as an nn.LayerNorm(TOPK + 1) and ours as a RankNorm.
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+               QueryRankNorm)
+
+
+def official_exempt(module_name: str, module: nn.Module, param_name: str) -> bool:
+    """The official RankSeg fork's weight-decay test for one parameter (`param_name`, owned
+    directly by `module`, which is named `module_name`), line for line from its
+    build_optimizer: Swin's position tables by parameter name, norm layers and embeddings by
+    module type, and `"cls_emb" in module_name`. That last test reads the MODULE name, and the
+    ml head's class embeddings are a parameter `cls_emb` of the module `ml_head`: it never
+    matches them, so the official runs decay `ml_head.cls_emb` at 0.05 (docs/mask2former.md)."""
+    if "relative_position_bias_table" in param_name or "absolute_pos_embed" in param_name:
+        return True
+    return isinstance(module, (*_NORM_TYPES, nn.Embedding)) or "cls_emb" in module_name
+
+
 def no_weight_decay(model: nn.Module) -> set[str]:
-    """Official exemptions: parameters of norm layers and embeddings, class embeddings of
-    the ml head, Swin's relative position bias tables (biases of linears DO decay there)."""
-    norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding, QueryRankNorm)
+    """Official exemptions (`official_exempt`): parameters of norm layers and embeddings,
+    Swin's relative position bias tables; biases of linears and the ml head's `cls_emb` DO
+    decay, as in the official code."""
     names = set()
     for mod_name, mod in model.named_modules():
         for p_name, _ in mod.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(mod, norms) or p_name in ("cls_emb", "relative_position_bias_table", "absolute_pos_embed"):
-                names.add(full)
+            if official_exempt(mod_name, mod, p_name):
+                names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
     return names
 
 
