@@ -45,12 +45,14 @@ def eval_predictions(
       rankseg eval-predictions rankseg_lvis/ --data shards/coco_lvis \\
         --pred-offset 1 --json lvis.json
     """
-    from rankseg_core.evaluation.score_files import report, score_predictions, write_reports
+    from rankseg_core.evaluation.score_files import check_report_targets, report, score_predictions, write_reports
 
-    res = score_predictions(pred_dir, data, val_split(data, split), protocol=protocol, groups=groups, train_data=train_data,
-                            train_split=train_split, pred_offset=pred_offset, allow_extra=allow_extra)
-    rep = report(res)
     path = json_out or pred_dir.resolve().parent / f"{pred_dir.resolve().name}_scores.json"
+    check_report_targets(path)  # refused before scoring, not after minutes of it
+    res = score_predictions(pred_dir, data, val_split(data, split), protocol=protocol, groups=groups,
+                            train_data=train_data, train_split=train_split, pred_offset=pred_offset,
+                            allow_extra=allow_extra)
+    rep = report(res)
     paths = write_reports(path, rep)
     t = Table("metric", "value")
     t.add_row(f"mIoU ({protocol})", _fmt(rep["miou"]))

@@ -87,3 +87,15 @@ def test_coco_lvis_takes_root_and_refuses_an_empty_result(tmp_path: Path) -> Non
     res = run("prepare", "coco-lvis", "--root", coco, "--lvis-json", lj, "--stuff-json", sj,
               "--out", tmp_path / "out", "--workers", 0, "--on-error", "skip")
     assert_one_line_error(res, "no image converted")
+
+
+def test_ade20k_full_without_validation_images_hints_the_training_split(tmp_path: Path) -> None:
+    from convert_trees import ade_full_tree
+
+    root = tmp_path / "ADE20K_2021_17_01"
+    ade_full_tree(root, n_train=2, n_val=0)
+    res = run("prepare", "ade20k-full", "--root", root, "--out", tmp_path / "out", "--workers", "0")
+    assert_one_line_error(res, "no validation images found", "pass --split training")
+    res = run("prepare", "ade20k-full", "--root", root, "--out", tmp_path / "out", "--workers", "0",
+              "--split", "training")
+    assert res.exit_code == 0, res.output

@@ -45,7 +45,7 @@ from rankseg_core.convert.source_io import (
 from rankseg_core.errors import SampleError, UserError
 from rankseg_core.shards.codec import IGNORE, check_size
 from rankseg_core.shards.write import DatasetHeader, EncodedSample
-from rankseg_core.utils.fsio import atomic_write_json
+from rankseg_core.utils.fsio import atomic_write_json, open_regular
 from rankseg_core.utils.parallel import Skipped, ordered_map
 from rankseg_core.utils.progress import Progress
 from rankseg_core.utils.resources import load_json
@@ -164,7 +164,8 @@ def present_classes(key: str, *, root: str, files: Mapping[str, str], lut: np.nd
     try:
         with warnings.catch_warnings():  # the pixel limit below is rankseg's, not PIL's
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(img_path) as im:
+            # A FIFO or device in place of the image is refused before PIL would block on it.
+            with open_regular(img_path, "image", SampleError) as f, Image.open(f) as im:
                 w, h = im.size
     except FileNotFoundError:
         raise SampleError(f"{img_path}: image is missing") from None
@@ -290,7 +291,10 @@ def prepare_ade20k_full(root: str | Path, out: str | Path, *, split: str = "all"
     wanted = list(SPLITS) if split == "all" else [split]
     for s in wanted:
         if not all_splits[s]:
-            raise UserError(f"{Path(root) / 'images' / 'ADE' / s}: no {s} images found ({LAYOUT})")
+            present = [o for o in SPLITS if all_splits[o]]
+            hint = f"; to convert the {present[0]} images alone pass --split {present[0]}" if split == "all" and present \
+                else ""
+            raise UserError(f"{Path(root) / 'images' / 'ADE' / s}: no {s} images found ({LAYOUT}){hint}")
     splits = {s: sorted(all_splits[s]) for s in wanted}
     out = Path(out)
     options = {"split": split, "max_short_side": max_short_side, "top_classes": top_classes,

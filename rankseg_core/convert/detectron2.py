@@ -20,7 +20,14 @@ import numpy as np
 from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.convert.detectron2_format import CLASS_TABLES, LabelFiles, Layout, layout_for, read_table
 from rankseg_core.convert.png_datasets import make_encoded, remap
-from rankseg_core.convert.source_io import BAD, check_same_size, decode_jpeg, read_bytes, stored_image_bytes
+from rankseg_core.convert.source_io import (
+    BAD,
+    check_header_sizes,
+    check_same_size,
+    decode_jpeg,
+    read_bytes,
+    stored_image_bytes,
+)
 from rankseg_core.errors import SampleError, UserError
 from rankseg_core.shards.codec import check_size
 from rankseg_core.shards.write import DatasetHeader, EncodedSample
@@ -58,9 +65,10 @@ def read_label_file(data: bytes, path: str, files: LabelFiles) -> np.ndarray:
 def make_layout_sample(key: str, *, files: dict[str, tuple[str, str]], label_files: LabelFiles, lut: np.ndarray,
                        num_classes: int) -> EncodedSample:
     img_path, lab_path = files[key]
-    data = read_bytes(img_path, "image")
+    data, lab_bytes = read_bytes(img_path, "image"), read_bytes(lab_path, "label")
+    check_header_sizes(data, lab_bytes, lab_path)  # before decoding either
     image = decode_jpeg(data, img_path)
-    values = read_label_file(read_bytes(lab_path, "label"), lab_path, label_files)
+    values = read_label_file(lab_bytes, lab_path, label_files)
     check_same_size(image.shape, values.shape, lab_path)
     label, classes, pixels = remap(values, lut, num_classes, lab_path)
     return make_encoded(key, stored_image_bytes(data, image), label, classes, pixels, values.shape)

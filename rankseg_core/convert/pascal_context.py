@@ -33,8 +33,9 @@ from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.convert.png_datasets import _class_table, make_encoded, remap
 from rankseg_core.convert.source_io import BAD, check_same_size, decode_jpeg, read_bytes, stored_image_bytes
 from rankseg_core.errors import SampleError, UserError
-from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.codec import IGNORE, MAX_FILE_BYTES
 from rankseg_core.shards.write import DatasetHeader, EncodedSample
+from rankseg_core.utils.fsio import read_regular
 from rankseg_core.utils.resources import load_json
 
 TABLE = "pascal_context/classes_459.json"
@@ -82,7 +83,7 @@ def read_label_map(path: str, listed_in: str) -> np.ndarray:
     import scipy.io
 
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path, "label map", MAX_FILE_BYTES, SampleError)
     except FileNotFoundError:
         raise SampleError(f"{path}: label map is missing ({listed_in} lists it; the release has one .mat per "
                           "VOC2010 train/val image: re-extract trainval.tar.gz, or fix the list)") from None

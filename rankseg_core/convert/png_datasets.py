@@ -21,10 +21,12 @@ import numpy as np
 from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.convert.source_io import (
     BAD,
+    check_header_sizes,
     check_same_size,
     decode_jpeg,
     decode_mask,
     read_bytes,
+    read_list,
     stored_image_bytes,
 )
 from rankseg_core.errors import SampleError, UserError
@@ -69,9 +71,10 @@ def make_png_sample(key: str, *, root: str, files: Mapping[str, tuple[str, str]]
     """Sample `key`: `files[key]` = (image, mask) paths relative to `root`; labels via `lut`."""
     img_rel, mask_rel = files[key]
     img_path, mask_path = os.path.join(root, img_rel), os.path.join(root, mask_rel)
-    data = read_bytes(img_path, "image")
+    data, mask_bytes = read_bytes(img_path, "image"), read_bytes(mask_path, "mask")
+    check_header_sizes(data, mask_bytes, mask_path)  # before decoding either
     image = decode_jpeg(data, img_path)
-    mask = decode_mask(read_bytes(mask_path, "mask"), mask_path)
+    mask = decode_mask(mask_bytes, mask_path)
     check_same_size(image.shape, mask.shape, mask_path)
     label, classes, pixels = remap(mask, lut, num_classes, mask_path)
     return make_encoded(key, stored_image_bytes(data, image), label, classes, pixels, mask.shape)
@@ -209,7 +212,7 @@ def prepare_pascal_context(root: str | Path, out: str | Path, num_classes: int =
         if not lst.is_file():
             raise UserError(f"{lst}: missing list file: {root} does not have the expected layout "
                             f"({PASCAL_CONTEXT_LAYOUT})")
-        keys = [x.strip() for x in lst.read_text().split() if x.strip()]
+        keys = [x.strip() for x in read_list(lst).split() if x.strip()]
         if not keys:
             raise UserError(f"{lst}: the list is empty")
         for k in keys:

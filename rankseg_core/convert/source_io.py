@@ -172,6 +172,21 @@ def _open_source(path: Path, what: str) -> BinaryIO:
         raise UserError(f"{path}: no such {what} file: check the path") from None
 
 
+# A split list (one key per line) of the largest release is a few MB; far more is not a list.
+MAX_LIST_BYTES = 1 << 28
+
+
+def read_list(path: str | Path) -> str:
+    """The text of a release's list file (split lists); UserError naming it when it is not a
+    regular file (a FIFO would block), over MAX_LIST_BYTES, unreadable or not UTF-8."""
+    try:
+        return read_regular(path, "list file", MAX_LIST_BYTES, UserError).decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the list file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the list file is not UTF-8 text: re-extract it from the release") from None
+
+
 def load_json(path: str | Path, what: str) -> dict:
     """Parse an annotation JSON; a missing or invalid file is a UserError naming it."""
     path = Path(path)

@@ -22,10 +22,11 @@ import numpy as np
 from PIL import Image
 
 from rankseg_core.convert.common import ConvertOptions, run_conversion
-from rankseg_core.convert.source_io import check_pixels, decode_jpeg, stored_image_bytes
+from rankseg_core.convert.source_io import check_pixels, decode_jpeg, read_list, stored_image_bytes
 from rankseg_core.errors import SampleError, UserError
-from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.codec import IGNORE, MAX_FILE_BYTES
 from rankseg_core.shards.write import DatasetHeader, EncodedSample, encode_sample
+from rankseg_core.utils.fsio import read_regular
 from rankseg_core.utils.resources import load_json as load_dataset_json
 
 NUM_CLASSES = 124
@@ -53,7 +54,7 @@ def plan_split(root: Path, split: str) -> dict[str, tuple[str, int, str, bool, b
     if not listing.is_file():
         raise UserError(f"{listing} is missing: --root must be the VSPW_480p folder (with "
                         "train.txt, val.txt and data/)")
-    videos = [v.strip() for v in listing.read_text().splitlines() if v.strip()]
+    videos = [v.strip() for v in read_list(listing).splitlines() if v.strip()]
     if not videos:
         raise UserError(f"{listing} lists no videos")
     frames: dict[str, tuple[str, int, str, bool, bool]] = {}
@@ -120,7 +121,7 @@ class VspwMaker:
 
 def _read(path: Path, what: str) -> bytes:
     try:
-        data = path.read_bytes()
+        data = read_regular(path, what, MAX_FILE_BYTES, SampleError)
     except OSError as exc:
         raise SampleError(f"{path}: unreadable {what} ({exc.strerror or exc})") from None
     if not data:

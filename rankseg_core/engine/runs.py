@@ -31,7 +31,7 @@ from rankseg_core.config.train import TrainConfig, from_dict, to_yaml
 from rankseg_core.errors import UserError
 from rankseg_core.utils import integrity, jsonio
 from rankseg_core.utils.distributed import is_main, resolve_device
-from rankseg_core.utils.fsio import atomic_write_bytes, os_error
+from rankseg_core.utils.fsio import atomic_write_bytes, os_error, read_regular
 from rankseg_core.utils.progress import console
 
 CONFIG = "config.yaml"
@@ -180,11 +180,17 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+# Weights of the largest model here (Swin-L Mask2Former + optimizer state) are a few GB.
+MAX_WEIGHTS_BYTES = 1 << 36
+
+
 def _read(path: Path, what: str) -> bytes:
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
+    """A run file's bytes; one line for a missing file, a FIFO or device in its place (which
+    would block or never end), or one over MAX_WEIGHTS_BYTES."""
     try:
-        return path.read_bytes()
+        return read_regular(path, what, MAX_WEIGHTS_BYTES)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
     except OSError as exc:
         raise os_error(path, exc, "cannot read") from None
 
