@@ -164,24 +164,24 @@ def _tidy_params(params: list[Any], ctx: Any) -> list[Any]:
     return params
 
 
-class _Command(TyperCommand):
+class _Tidy:
+    """Reflowed help and tidy metavars for a Typer command or group (mixed in before it)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["help"] = reflow(kwargs.get("help"))
         kwargs["short_help"] = reflow(kwargs.get("short_help"))
         super().__init__(*args, **kwargs)
 
     def get_params(self, ctx: Any) -> Any:
-        return _tidy_params(super().get_params(ctx), ctx)
+        return _tidy_params(super().get_params(ctx), ctx)  # type: ignore[misc]  # the Typer class mixed in after
 
 
-class _Group(TyperGroup):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["help"] = reflow(kwargs.get("help"))
-        kwargs["short_help"] = reflow(kwargs.get("short_help"))
-        super().__init__(*args, **kwargs)
+class _Command(_Tidy, TyperCommand):
+    pass
 
-    def get_params(self, ctx: Any) -> Any:
-        return _tidy_params(super().get_params(ctx), ctx)
+
+class _Group(_Tidy, TyperGroup):
+    pass
 
 
 class _App(typer.Typer):
