@@ -50,32 +50,52 @@ def report(index: dict | None, out: Path) -> None:
 def synthetic(
     out: Out,
     num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K (40..65535).")] = 1000,
-    images: Annotated[int, typer.Option("--images", "-n", help="Training images (val gets a fifth as many).")] = 1000,
-    val_images: Annotated[Optional[int], typer.Option("--val-images", help="Validation images (default: images / 5).")] = None,
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels (multiple of 16).")] = 128,
+    images: Annotated[Optional[int], typer.Option("--images", "-n", help="Training images (default 1000), or videos with --video (default 200); val gets a fifth as many.")] = None,
+    val_images: Annotated[Optional[int], typer.Option("--val-images", help="Validation images, or videos with --video (default: a fifth of --images).")] = None,
+    size: Annotated[Optional[int], typer.Option("--size", help="Image side in pixels, a multiple of 16 (default 128, 64 with --video).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same dataset (byte for byte).")] = 0,
     panoptic: Annotated[bool, typer.Option("--panoptic", help="Panoptic shards: objects are things (one instance each, a class may repeat), backgrounds stuff.")] = False,
     pretrain_images: Annotated[int, typer.Option("--pretrain-images", help="Also write a 'pretrain' split of N more images of the same classes and looks, disjoint from train / val (to pre-train a backbone on); train / val stay byte-identical.")] = 0,
+    video: Annotated[bool, typer.Option("--video", help="Videos of the same world: moving objects that appear and disappear, with per-frame labels and instance tracks (VSPW- and YouTube-VIS-like).")] = False,
+    frames: Annotated[Optional[int], typer.Option("--frames", help="Frames per video with --video (default 8).")] = None,
     workers: Workers = default_workers(),
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file (>= 1).")] = 500,
 ) -> None:
     """The built-in synthetic large-vocabulary dataset (no download needed).
 
     Each image shows one scene with a background and up to 9 objects; an object's look is
-    shared by ~K/32 classes of other scenes, so context decides its class.
+    shared by ~K/32 classes of other scenes, so context decides its class. With --video,
+    each video shows one scene whose objects move, appear and disappear (docs/video.md).
 
-    Examples (panoptic, with instances; with a pre-training split):
+    Examples (panoptic, with instances; with a pre-training split; videos):
       rankseg prepare synthetic --out data/synth --num-classes 1000 --images 2000
       rankseg prepare synthetic --out data/pan --num-classes 100 --panoptic
       rankseg prepare synthetic --out data/synth --num-classes 200 \\
         --pretrain-images 20000
+      rankseg prepare synthetic --out data/vid --video --frames 8
     """
     from rankseg_core.convert.synthetic import prepare_synthetic
+    from rankseg_core.convert.synthetic_video import DEFAULT_FRAMES, DEFAULT_SIZE, prepare_synthetic_video
 
     if num_classes > MAX_CLASSES:  # before generating a world of K classes
         raise UserError(f"--num-classes must be at most {MAX_CLASSES} (train ids are stored as "
                         f"uint16 and 65535 means ignore), not {num_classes}")
     opts = convert_options(workers, 1, None, None, "fail", samples_per_shard)
-    index = prepare_synthetic(out, num_classes=num_classes, images=images, val_images=val_images,
-                              size=size, seed=seed, panoptic=panoptic, pretrain_images=pretrain_images, opts=opts)
+    if video:
+        # Video shards are v1 with per-frame instance tracks, and hold no image pretrain split.
+        if panoptic:
+            raise UserError("--panoptic is for images: --video shards already hold every frame's "
+                            "instance tracks; drop --panoptic")
+        if pretrain_images:
+            raise UserError("--pretrain-images is for images, not --video: write the pretrain "
+                            "images into a directory of their own")
+        index = prepare_synthetic_video(out, num_classes=num_classes, videos=200 if images is None else images,
+                                        val_videos=val_images, frames=DEFAULT_FRAMES if frames is None else frames,
+                                        size=DEFAULT_SIZE if size is None else size, seed=seed, opts=opts)
+    else:
+        if frames is not None:
+            raise UserError("--frames is the number of frames per video: add --video")
+        index = prepare_synthetic(out, num_classes=num_classes, images=1000 if images is None else images,
+                                  val_images=val_images, size=128 if size is None else size, seed=seed,
+                                  panoptic=panoptic, pretrain_images=pretrain_images, opts=opts)
     report(index, out)
