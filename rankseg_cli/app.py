@@ -14,6 +14,7 @@ from rankseg_cli.demo import demo
 from rankseg_cli.prepare import prepare_app
 from rankseg_cli.score_cmds import register as register_scoring
 from rankseg_cli.train_cmds import evaluate, predict, stats_model, train
+from rankseg_cli.video_cmds import register as register_video
 from rankseg_cli.viz_cmds import viz_app
 from rankseg_core import __version__
 
@@ -45,3 +46,4 @@ app.command("eval")(evaluate)
 app.command("predict")(predict)
 stats_app.command("model")(stats_model)
 register_scoring(app)  # eval-predictions, export, prepare detectron2
+register_video(app)  # eval-vis
