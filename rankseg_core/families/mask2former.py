@@ -24,10 +24,12 @@ from rankseg_core.families.base import Family, InferenceProtocol, Multipliers, P
 from rankseg_core.inference.dense import ClassMaps
 from rankseg_core.inference.mask2former import panoptic_inference, semantic_inference_compact
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
+from rankseg_core.losses.mask2former_video import VideoMask2FormerCriterion, clip_targets_from_semantic
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
 from rankseg_core.model.mask2former.model import Mask2FormerModel, Mask2FormerOutput, build_mask2former
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm
+from rankseg_core.model.mask2former.video import VideoMask2FormerOutput, build_video_mask2former, frame_output
 from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
 
@@ -45,9 +47,21 @@ def batch_targets(batch: dict[str, Any], num_classes: int, panoptic: bool) -> li
     return [targets_from_semantic(lab, num_classes, IGNORE) for lab in batch["label"]]
 
 
+def clip_batch_targets(batch: dict[str, Any], num_classes: int, clip_len: int) -> list[dict[str, Tensor]]:
+    """Per clip {"labels": n, "masks": n x T x c x c} from a collated batch of (B*T) frames: one
+    target per class present in any of the clip's frames (the fork's VSPW mapper)."""
+    labels = batch["label"]
+    clips = labels.reshape(-1, clip_len, *labels.shape[-2:])
+    return [clip_targets_from_semantic(clip, num_classes, IGNORE) for clip in clips]
+
+
 def _criterion(cfg: TrainConfig) -> Any:
+    k, t = cfg.model.num_classes, cfg.model.clip_len
+    if t > 1:  # clips: video Mask2Former on the T-frame masks (semantic task; _validate)
+        vcrit = VideoMask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
+        return lambda out, batch: vcrit(out, clip_batch_targets(batch, k, t))
     crit = Mask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
-    k, panoptic = cfg.model.num_classes, _panoptic(cfg.model)
+    panoptic = _panoptic(cfg.model)
     return lambda out, batch: crit(out, batch_targets(batch, k, panoptic))
 
 
@@ -92,7 +106,9 @@ def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tupl
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         for flipped in ((False, True) if protocol.flip else (False,)):
-            out = model(x.flip(-1) if flipped else x, selection)
+            clip_out = model(x.flip(-1) if flipped else x, selection)
+            # A clip model predicts B x Q x T masks: per frame, they are the image inference's input.
+            out = frame_output(clip_out) if isinstance(clip_out, VideoMask2FormerOutput) else clip_out
             for i in range(n):
                 s = _scores(_one(out, i), cast(tuple[int, int], tuple(sizes[i])), flipped)
                 t = totals[i]
@@ -106,8 +122,8 @@ def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tupl
                 things = cfg.data.thing_classes or []
                 panoptic = [panoptic_inference(_one(out, i), cast(tuple[int, int], tuple(sizes[i])), things,
                                                m.object_mask_threshold, m.overlap_threshold)[0] for i in range(n)]
-            if out.ml_logits is not None:
-                p = out.ml_logits.float().sigmoid()
+            if clip_out.ml_logits is not None:  # one ranking per clip (per image for T = 1)
+                p = clip_out.ml_logits.float().sigmoid()
                 ml_sum = p if ml_sum is None else ml_sum + p
             passes += 1
     filled = cast(list[ClassMaps], totals)  # every pass filled every image
@@ -196,13 +212,16 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> Multipliers:
 
 
 def _validate(m: ModelConfig) -> None:
-    if m.clip_len != 1:
-        raise UserError(f"model.clip_len={m.clip_len}: the Mask2Former family is image-only for now; use clip_len=1")
+    if m.clip_len != 1 and _panoptic(m):
+        raise UserError(f"model.clip_len={m.clip_len}: clips of the Mask2Former family segment semantically (VSPW); "
+                        "use model.mask2former.task=semantic, or clip_len=1 for panoptic")
     m.mask2former.validate()
 
 
 def _build(m: ModelConfig) -> nn.Module:
     _validate(m)
+    if m.clip_len > 1:  # Mask2Former-VIS-style clip queries (docs/video.md)
+        return build_video_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m))
     return build_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m))
 
 
