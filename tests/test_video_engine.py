@@ -85,3 +85,19 @@ def test_clip_panoptic_and_cli(videos: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["eval", str(run), "--device", "cpu", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "e.json").read_text())["num_images"] == 8
+
+
+# Table 8 (video rows, in units of 2^20 as the image rows): Swin-L Mask2Former at T = 2,
+# baseline / + RankSeg; VSPW K = 124 with 100 queries, YouTube-VIS K = 40 with the 200 queries
+# of the official Swin-L VIS config.
+@pytest.mark.slow
+@pytest.mark.parametrize("k, queries, head, printed", [
+    (124, 100, "segmenter", 205.50), (124, 100, "rankseg", 208.75), (40, 200, "rankseg", 208.70)])
+def test_video_parameter_counts_equal_table8(k: int, queries: int, head: str, printed: float) -> None:
+    from rankseg_core.config.mask2former import Mask2FormerConfig
+    from rankseg_core.config.model import ModelConfig
+    from rankseg_core.engine.model_stats import model_stats
+
+    cfg = ModelConfig(model="mask2former-swinl", num_classes=k, kappa=k, head=head, img_size=640, clip_len=2,
+                      mask2former=Mask2FormerConfig(num_queries=queries))
+    assert round(model_stats(cfg, flops=False)["params"] / 2**20, 2) == printed
