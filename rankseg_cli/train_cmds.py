@@ -184,6 +184,8 @@ def evaluate(
     if _segmented(rep):
         t.add_row("mIoU", _fmt(rep["miou"]))
         t.add_row("aAcc", _fmt(rep["aacc"]))
+        if "vc8" in rep:  # video shards
+            t.add_row("VC8 / VC16 (video consistency)", f"{_fmt(rep['vc8'])} / {_fmt(rep['vc16'])}")
     t.add_row("mAP (multi-label)", _fmt(rep["map"]))
     t.add_row(f"recall@{rep['config']['kappa']}", _fmt(rep["recall_at_kappa"]))
     for name, sub in (rep["subsets"] if _segmented(rep) else {}).items():

@@ -6,8 +6,10 @@ multi-scale / flip), resize the logits back to the ORIGINAL label size, argmax. 
 confusion matrix (mIoU = nanmean over classes with union > 0, aAcc, per-class IoU, subsets),
 and from the multi-label probabilities vs the image's GT classes: per-class AP averaged over
 classes with positives ("mAP") and recall@kappa. Panoptic shards and a family that predicts
-segments: PQ / SQ / RQ as panopticapi's pq_compute (panoptic.py). `score` is what picks a
-run's best checkpoint: PQ when measured, else mIoU, else (a classifier) mAP.
+segments: PQ / SQ / RQ as panopticapi's pq_compute (panoptic.py). Video shards (VSPW) and a
+family that segments: VSPW's video consistency VC_8 / VC_16 as well
+(evaluation/video_consistency.py; docs/video.md). `score` is what picks a run's best
+checkpoint: PQ when measured, else mIoU, else (a classifier) mAP.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from rankseg_core.convert.coco_panoptic_format import CocoPanopticWriter, catego
 from rankseg_core.data.augment import TestTransform, build_test_transform
 from rankseg_core.data.loading import worker_init
 from rankseg_core.errors import UserError
-from rankseg_core.evaluation.accumulators import EvalAccumulators
+from rankseg_core.evaluation.accumulators import EvalAccumulators, reduce_across_processes
 from rankseg_core.evaluation.metrics import ConfusionMatrix
 from rankseg_core.evaluation.panoptic_quality import gt_from_shard
+from rankseg_core.evaluation.video_consistency import VSPW_WINDOWS, VideoConsistency
 from rankseg_core.families import family_of
 from rankseg_core.families.base import Family, InferenceProtocol, Predictions
 from rankseg_core.model.selection import SelectionOptions, batch_selection
@@ -115,7 +118,7 @@ def check_selection(family: Family, m: ModelConfig, opts: SelectionOptions) -> N
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, Any]  # miou, aacc, map, recall_at_kappa, num_images, kappa
+    metrics: dict[str, Any]  # miou, aacc, map, recall_at_kappa, num_images, kappa, vc ({n: VC_n} or None)
     confusion: ConfusionMatrix
     ap: np.ndarray  # K, per-class AP (NaN without positives)
 
@@ -127,14 +130,22 @@ class EvalResult:
 # Data
 
 
+def is_video(ds: ShardDataset) -> bool:
+    """Whether every sample is a frame of a named video (VSPW-like shards)."""
+    videos = np.asarray(ds.arrays.video)
+    return bool(len(videos)) and bool(np.all(videos != ""))
+
+
 def eval_clips(ds: ShardDataset, clip_len: int, max_images: int = 0) -> list[tuple[list[int], list[bool]]]:
     """Frames grouped as the model consumes them: ([sample ids], [is real frame]) per item.
 
-    Images: one frame per item. Video models: consecutive non-overlapping chunks of T frames
-    per video; the last chunk repeats its final frame (padding frames are not scored).
+    Images: one frame per item, in shard order. Video models: consecutive non-overlapping
+    chunks of T frames per video; the last chunk repeats its final frame (padding frames are
+    not scored). Video shards are walked video by video in frame order for T = 1 as well, so
+    video consistency sees every video's frames in temporal order.
     """
     n = len(ds) if not max_images else min(max_images, len(ds))
-    if clip_len == 1:
+    if clip_len == 1 and not is_video(ds):
         return [([i], [True]) for i in range(n)]
     a = ds.arrays
     order = np.lexsort((a.frame[:n], np.asarray(a.video[:n])))
@@ -152,8 +163,23 @@ def eval_clips(ds: ShardDataset, clip_len: int, max_images: int = 0) -> list[tup
     return items
 
 
+def rank_items(ds: ShardDataset, items: list[tuple[list[int], list[bool]]], rank: int,
+               world: int) -> list[tuple[list[int], list[bool]]]:
+    """The items process `rank` of `world` evaluates: every W-th item; on video shards every
+    W-th video, whole and in order instead, because a video's consistency windows cannot be
+    split between processes (VideoConsistency refuses a video fed to two processes)."""
+    if world == 1 or not is_video(ds):
+        return items[rank::world]
+    video = ds.arrays.video
+    names: dict[str, int] = {}  # video -> its order of first appearance (eval_clips groups videos)
+    for ids, _ in items:
+        names.setdefault(video[ids[0]], len(names))
+    return [item for item in items if names[video[item[0][0]]] % world == rank]
+
+
 class EvalData(torch.utils.data.Dataset):
-    """Item -> {image T x 3 x H' x W', labels [T x (H x W)], classes, keys, real}."""
+    """Item -> {image T x 3 x H' x W', labels [T x (H x W)], classes, keys, real, videos,
+    frames}."""
 
     def __init__(self, ds: ShardDataset, items: list[tuple[list[int], list[bool]]], transform: TestTransform) -> None:
         self.ds, self.items, self.transform = ds, items, transform
@@ -168,7 +194,8 @@ class EvalData(torch.utils.data.Dataset):
         if len({im.shape for im in images}) > 1:
             raise UserError(f"{self.ds.index.root}: frames of one video differ in size ({frames[0]['key']})")
         item = {"image": torch.from_numpy(np.stack(images)), "labels": [f["label"] for f in frames],
-                "classes": [f["classes"] for f in frames], "keys": [f["key"] for f in frames], "real": real}
+                "classes": [f["classes"] for f in frames], "keys": [f["key"] for f in frames], "real": real,
+                "videos": [f["video"] for f in frames], "frames": [int(f["frame"]) for f in frames]}
         if "segments" in frames[0]:  # panoptic shards: the GT segments for PQ
             item["segments"] = [(f["segments"], f["segments_info"]) for f in frames]
         return item
@@ -222,28 +249,62 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
     protocol = opts.protocol(cfg)
     kappa = opts.selection.kappa or cfg.model.effective_kappa
     items = eval_clips(ds, cfg.model.clip_len, opts.max_images)
-    loader = _loader(ds, items[info.rank::info.world_size], cfg, family.data_config(model))
+    loader = _loader(ds, rank_items(ds, items, info.rank, info.world_size), cfg, family.data_config(model))
     acc = EvalAccumulators.create(cfg.model.num_classes, ignore_index=IGNORE, kappa=kappa,
                                   thing_classes=ds.index.thing_classes if ds.index.is_panoptic else None)
+    segmented = family.segments
+    vc = VideoConsistency(VSPW_WINDOWS) if segmented and is_video(ds) else None
     writers = _Writers(opts, ds, info)
     total = sum(sum(real) for _, real in items)
+    clip_len = cfg.model.clip_len
     with Progress(total, f"eval {opts.split}", unit="img", enabled=opts.progress and info.is_main) as bar:
         for batch in loader:
+            preds: dict[str, np.ndarray] = {}  # key -> predicted label map, for video consistency
             for frames in _same_size_groups(batch):
-                sel = batch_selection(opts.selection, cfg.model, frames.classes, device, frames.keys)
+                # One class list (and fill seed) per clip: the T frames share one selection, and
+                # a random oracle fill drawn per frame would give a clip up to T x kappa classes.
+                classes, keys = clip_classes(frames.classes, frames.keys, clip_len)
+                sel = batch_selection(opts.selection, cfg.model, classes, device, keys)
                 res = family.predict(model, cfg, frames.images.to(device), frames.sizes, protocol, sel)
-                ml = res.ml.repeat_interleave(cfg.model.clip_len, dim=0) if res.ml is not None else None
+                ml = res.ml.repeat_interleave(clip_len, dim=0) if res.ml is not None else None
                 for j in (j for j, real in enumerate(frames.real) if real):
                     _score_frame(acc, writers, frames, j, res, ml)
+                    if vc is not None and res.semantic is not None:
+                        preds[frames.keys[j]] = res.semantic[j].cpu().numpy()
                 bar.advance(sum(frames.real))
+            if vc is not None:
+                _feed_videos(vc, batch, preds)
     writers.close()
     m = acc.reduce(device).compute()
-    segmented = family.segments
+    vc_scores = reduce_across_processes(vc, device).compute() if vc is not None else None
     metrics = {"miou": m["miou"], "aacc": m["aacc"], "map": m["map"], "recall_at_kappa": m["recall_at_kappa"],
                "num_images": total, "kappa": kappa, "pq": m["pq"], "segmentation": segmented,
+               "vc": vc_scores,
                "score": m["pq"]["all"]["pq"] if m["pq"] else (m["miou"] if segmented else m["map"])}
     assert acc.confusion is not None  # EvalAccumulators.create always makes one
     return EvalResult(metrics, acc.confusion, m["ap"])
+
+
+def clip_classes(classes: list[np.ndarray], keys: list[str], clip_len: int) -> tuple[list[np.ndarray], list[str]]:
+    """Per-frame GT class lists and keys -> one per clip of `clip_len` frames: the union of the
+    clip's classes and its first frame's key (what seeds a random oracle fill)."""
+    if clip_len == 1:
+        return classes, keys
+    if len(classes) % clip_len or len(keys) != len(classes):
+        raise ValueError(f"{len(classes)} frames do not make clips of {clip_len}")
+    merged = [np.unique(np.concatenate([np.asarray(c, np.int64).reshape(-1) for c in classes[i:i + clip_len]]))
+              for i in range(0, len(classes), clip_len)]
+    return merged, keys[::clip_len]
+
+
+def _feed_videos(vc: VideoConsistency, batch: list[dict], preds: dict[str, np.ndarray]) -> None:
+    """Feed a batch's real frames to video consistency in item order (size groups may reorder
+    items; items are in video and frame order, `eval_clips`), each with its GT label map."""
+    for item in batch:
+        for key, label, video, frame, real in zip(item["keys"], item["labels"], item["videos"], item["frames"],
+                                                  item["real"]):
+            if real and key in preds:
+                vc.update(video, preds[key], label, frame)
 
 
 def _open_split(cfg: TrainConfig, opts: EvalOptions) -> ShardDataset:
@@ -393,7 +454,8 @@ def read_class_subsets(path: str | Path, class_names: list[str]) -> dict[str, li
 def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | None = None,
            extra_config: dict | None = None) -> dict[str, Any]:
     """The JSON `rankseg eval` writes (no segmentation keys for a family that does not segment,
-    no "pq" where PQ was not measured)."""
+    no "pq" where PQ was not measured; "vc8" / "vc16" on video shards, null when no window of
+    that many frames had GT-consistent pixels)."""
     names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
     iou = res.confusion.iou()
     seg = {
@@ -405,6 +467,7 @@ def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | No
     return {
         **seg, "map": _num(res["map"]), "recall_at_kappa": _num(res["recall_at_kappa"]),
         "score": _num(res["score"]), **({"pq": res["pq"]} if res["pq"] else {}),
+        **{f"vc{n}": _num(v) for n, v in (res.metrics.get("vc") or {}).items()},
         "num_images": res["num_images"],
         "config": {"model": cfg.model.model, "head": "oracle" if cfg.model.oracle else cfg.model.head,
                    "num_classes": cfg.model.num_classes, "kappa": res["kappa"], "dataset": cfg.data.name,

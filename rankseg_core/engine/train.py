@@ -441,6 +441,7 @@ def _summary(res: Any) -> dict:
     """What metrics.jsonl keeps of an evaluation (PQ parts only when measured)."""
     keys = ("miou", "aacc") if res["segmentation"] else ()  # a classifier has no class maps
     out = {k: res[k] for k in (*keys, "map", "recall_at_kappa", "num_images", "score")}
+    out.update({f"vc{n}": v for n, v in (res.metrics.get("vc") or {}).items()})  # video shards (VSPW)
     pq = res["pq"]
     if pq:
         out.update(pq=pq["all"]["pq"], sq=pq["all"]["sq"], rq=pq["all"]["rq"], pq_things=pq["things"]["pq"],
