@@ -25,6 +25,15 @@ from rankseg_core.viz.common import SamplePrediction, colorize, error_map
 DPI = 120  # plotting.save_figure's default
 
 
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """The figures drawn here are inspected, not saved: close them after each test."""
+    yield
+    from rankseg_core.utils.plotting import plt
+
+    plt.close("all")
+
 def real_names(dataset: str) -> list[str]:
     return [c["name"] for c in load_json(f"{dataset}/classes.json")["classes"]]
 
