@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import tiny_m2f_cfg as tiny_cfg
 
 from rankseg_core.families.mask2former import MASK2FORMER, num_queries
-from rankseg_core.losses import mask2former_video as lv
+from rankseg_core.losses import mask2former as image_losses
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
 from rankseg_core.losses.mask2former_video import (
     VideoMask2FormerCriterion,
@@ -323,7 +323,7 @@ def test_criterion_on_a_hand_built_clip(monkeypatch: pytest.MonkeyPatch) -> None
     def centres(maps: torch.Tensor, num_points: int, *_: object, **__: object) -> torch.Tensor:
         return pixel_centres(h, w)[None].expand(maps.shape[0], -1, -1)
 
-    monkeypatch.setattr(lv, "uncertain_points", centres)
+    monkeypatch.setattr(image_losses, "uncertain_points", centres)  # the shared per-step code samples there
     res = crit(out, [{"labels": torch.tensor([3]), "masks": big}])
     # independent: nearest-resampled target at the pred pixel centres = tgt_small
     x, y = masks[0, 0], tgt_small[0].float()

@@ -82,9 +82,11 @@ def make_world(num_classes: int, seed: int) -> World:
     return World(num_classes, appearance, bg_colour, backgrounds, scene_obj, weights, tuple(names))
 
 
-def _texture(kind: int, h: int, w: int, period: int) -> np.ndarray:
-    """H x W multiplicative pattern in [0.55, 1] for a texture id."""
+def _texture(kind: int, h: int, w: int, period: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """H x W multiplicative pattern in [0.55, 1] for a texture id, anchored at `offset` (a
+    moving object of the synthetic videos carries its texture along)."""
     yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = yy - offset[0], xx - offset[1]
     if kind == 0:
         return np.ones((h, w))
     if kind == 1:

@@ -44,6 +44,7 @@ from rankseg_core.convert.synthetic import (
     World,
     _edges,
     _scene_objects,
+    _texture,
     make_world,
 )
 from rankseg_core.errors import UserError
@@ -140,21 +141,6 @@ def plan_video(world: World, seed: int, split: str, video: int, frames: int, siz
     return VideoPlan(int(scene), int(world.scenes_bg[scene]), tuple(tracks))
 
 
-def _pattern(kind: int, size: int, offset: tuple[int, int], period: int) -> np.ndarray:
-    """H x W multiplicative texture in [0.55, 1], anchored at `offset` (as synthetic._texture)."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    yy, xx = yy - offset[0], xx - offset[1]
-    if kind == 0:
-        return np.ones((size, size))
-    if kind == 1:
-        band = (yy // period) % 2
-    elif kind == 2:
-        band = (xx // period) % 2
-    else:
-        band = ((yy // period) + (xx // period)) % 2
-    return 1.0 - 0.45 * band
-
-
 def render_frame(world: World, plan: VideoPlan, t: int, size: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Frame t: (H x W x 3 uint8 RGB, H x W uint16 label, H x W track map: 0 = none, i = track i).
@@ -173,7 +159,7 @@ def render_frame(world: World, plan: VideoPlan, t: int, size: int,
         if not m.any():
             continue
         a = world.appearance[tr.category]
-        pattern = _pattern(a // len(colours), size, tr.offset(t), period)
+        pattern = _texture(a // len(colours), size, size, period, tr.offset(t))
         image[m] = np.asarray(colours[a % len(colours)], np.float32) * (pattern[m, None] * tr.shade)
     image += rng.normal(0, 8, image.shape)
     cats = np.array([plan.background] + [tr.category for tr in plan.tracks], np.int64)

@@ -95,11 +95,22 @@ class Mask2FormerCriterion:
             n = n / dist.get_world_size()
         return max(float(n.item()), 1.0)
 
+    def _match(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """(query indices, target indices) per image (the video criterion matches clips)."""
+        m = self.m
+        return hungarian_match(logits, masks, targets, m.train_num_points, m.class_weight, m.mask_weight,
+                               m.dice_weight)
+
+    @staticmethod
+    def _frame_masks(src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+        """Matched predicted / target masks as the point-sampled mask losses take them: N x h x w
+        and N x H x W (the video criterion flattens each pair's T frames into T masks)."""
+        return src, tgt
+
     def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_masks: float
               ) -> tuple[Tensor, Tensor, Tensor]:
         m = self.m
-        indices = hungarian_match(logits, masks, targets, m.train_num_points, m.class_weight, m.mask_weight,
-                                  m.dice_weight)
+        indices = self._match(logits, masks, targets)
         c = logits.shape[-1]
         target_cols = torch.full(logits.shape[:2], c - 1, dtype=torch.long, device=logits.device)
         for b, (q, j) in enumerate(indices):
@@ -113,6 +124,7 @@ class Mask2FormerCriterion:
             zero = masks.sum() * 0.0
             return ce, zero, zero
         tgt = torch.cat([targets[b]["masks"][j] for b, (_, j) in enumerate(indices)])
+        src, tgt = self._frame_masks(src, tgt)
         with torch.no_grad():
             coords = uncertain_points(src[:, None].detach().float(), m.train_num_points, m.oversample_ratio,
                                       m.importance_sample_ratio)

@@ -18,15 +18,12 @@ target is the union of the clip's classes (`ml_targets_from` over clip targets).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from rankseg_core.losses.mask2former import Mask2FormerCriterion, mask_losses
-from rankseg_core.losses.matcher import pairwise_dice, pairwise_sigmoid_ce
-from rankseg_core.losses.points import point_sample, uncertain_points
+from rankseg_core.losses.mask2former import Mask2FormerCriterion
+from rankseg_core.losses.matcher import assign_pairs, pairwise_dice, pairwise_sigmoid_ce
+from rankseg_core.losses.points import point_sample
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 
 
@@ -95,20 +92,9 @@ def video_hungarian_match(logits: Tensor, masks: Tensor, targets: list[dict[str,
     "masks": n x T x H x W}. coords: fixed P x 2 points (tests); default fresh uniform points
     per clip, shared by its T frames.
     """
-    out = []
-    for b, tgt in enumerate(targets):
-        labels = tgt["labels"]
-        if labels.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=logits.device)
-            out.append((empty, empty))
-            continue
-        pts = coords if coords is not None else torch.rand(num_points, 2, device=logits.device)
-        cost = video_matching_cost(logits[b], masks[b], labels, tgt["masks"], pts, w_class, w_mask, w_dice)
-        cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)  # as the image matcher
-        rows, cols = linear_sum_assignment(np.asarray(cost.cpu().numpy()))
-        out.append((torch.as_tensor(rows, dtype=torch.long, device=logits.device),
-                    torch.as_tensor(cols, dtype=torch.long, device=logits.device)))
-    return out
+    return assign_pairs(targets, num_points, coords, logits.device,
+                        lambda b, pts: video_matching_cost(logits[b], masks[b], targets[b]["labels"],
+                                                           targets[b]["masks"], pts, w_class, w_mask, w_dice))
 
 
 class VideoMask2FormerCriterion(Mask2FormerCriterion):
@@ -122,30 +108,17 @@ class VideoMask2FormerCriterion(Mask2FormerCriterion):
     criterion's.
     """
 
-    def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_masks: float
-              ) -> tuple[Tensor, Tensor, Tensor]:
+    def _match(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Clips matched on their T-frame masks at points shared by the T frames."""
         m = self.m
-        indices = video_hungarian_match(logits, masks, targets, m.train_num_points, m.class_weight,
-                                        m.mask_weight, m.dice_weight)
-        c = logits.shape[-1]
-        target_cols = torch.full(logits.shape[:2], c - 1, dtype=torch.long, device=logits.device)
-        for b, (q, j) in enumerate(indices):
-            target_cols[b, q] = targets[b]["labels"][j]
-        weight = torch.ones(c, device=logits.device)
-        weight[-1] = m.no_object_weight
-        ce = F.cross_entropy(logits.float().transpose(1, 2), target_cols, weight)
+        return video_hungarian_match(logits, masks, targets, m.train_num_points, m.class_weight,
+                                     m.mask_weight, m.dice_weight)
 
-        src = torch.cat([masks[b, q] for b, (q, _) in enumerate(indices)])  # N x T x h x w
-        if src.shape[0] == 0:
-            zero = masks.sum() * 0.0
-            return ce, zero, zero
-        tgt = torch.cat([targets[b]["masks"][j] for b, (_, j) in enumerate(indices)])  # N x T x H x W
-        src, tgt = src.flatten(0, 1), tgt.flatten(0, 1)  # N*T frame masks, each with its own points
-        with torch.no_grad():
-            coords = uncertain_points(src[:, None].detach().float(), m.train_num_points, m.oversample_ratio,
-                                      m.importance_sample_ratio)
-        loss_mask, loss_dice = mask_losses(src.float(), tgt, coords, num_masks)
-        return ce, loss_mask, loss_dice
+    @staticmethod
+    def _frame_masks(src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+        # N x T x h x w -> N*T frame masks, each with its own importance-sampled points (the
+        # official flattening); the normaliser stays the number of tracks.
+        return src.flatten(0, 1), tgt.flatten(0, 1)
 
     def __call__(self, out: Mask2FormerOutput, targets: list[dict[str, Tensor]],
                  ml_targets: Tensor | None = None) -> dict[str, Tensor]:

@@ -6,6 +6,8 @@ CE + w_dice * dice loss, the mask costs over the SAME points for prediction and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -44,6 +46,27 @@ def matching_cost(logits: Tensor, masks: Tensor, labels: Tensor, tgt_masks: Tens
     return w_mask * pairwise_sigmoid_ce(pred, tgt) + w_class * cost_class + w_dice * pairwise_dice(pred, tgt)
 
 
+def assign_pairs(targets: list[dict[str, Tensor]], num_points: int, coords: Tensor | None, device: torch.device,
+                 cost_of: Callable[[int, Tensor], Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """The Hungarian assignment per item (image or clip): `cost_of(b, points)` -> Q x n costs
+    at P x 2 points (fixed `coords`, else fresh uniform points per item, drawn in item order).
+    An item without targets gets no pairs."""
+    out = []
+    for b, tgt in enumerate(targets):
+        if tgt["labels"].numel() == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            out.append((empty, empty))
+            continue
+        pts = coords if coords is not None else torch.rand(num_points, 2, device=device)
+        # scipy rejects NaN / inf; the loss of such a step is non-finite anyway and the
+        # training loop skips it, so any assignment will do here.
+        cost = torch.nan_to_num(cost_of(b, pts), nan=1e8, posinf=1e8, neginf=-1e8)
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        out.append((torch.as_tensor(rows, dtype=torch.long, device=device),
+                    torch.as_tensor(cols, dtype=torch.long, device=device)))
+    return out
+
+
 @torch.no_grad()
 def hungarian_match(logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_points: int,
                     w_class: float, w_mask: float, w_dice: float,
@@ -54,19 +77,6 @@ def hungarian_match(logits: Tensor, masks: Tensor, targets: list[dict[str, Tenso
     with labels already in column space. coords: fixed P x 2 points (tests); default fresh
     uniform points per image.
     """
-    out = []
-    for b, tgt in enumerate(targets):
-        labels = tgt["labels"]
-        if labels.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=logits.device)
-            out.append((empty, empty))
-            continue
-        pts = coords if coords is not None else torch.rand(num_points, 2, device=logits.device)
-        cost = matching_cost(logits[b], masks[b], labels, tgt["masks"], pts, w_class, w_mask, w_dice)
-        # scipy rejects NaN / inf; the loss of such a step is non-finite anyway and the
-        # training loop skips it, so any assignment will do here.
-        cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        out.append((torch.as_tensor(rows, dtype=torch.long, device=logits.device),
-                    torch.as_tensor(cols, dtype=torch.long, device=logits.device)))
-    return out
+    return assign_pairs(targets, num_points, coords, logits.device,
+                        lambda b, pts: matching_cost(logits[b], masks[b], targets[b]["labels"], targets[b]["masks"],
+                                                     pts, w_class, w_mask, w_dice))
