@@ -1,5 +1,7 @@
 """`rankseg eval-vis`: score a YouTube-VIS submission (`results.json`) against converted
-shards (thin command over rankseg_core.evaluation.video_instances). `register(app)` adds it.
+shards (thin command over rankseg_core.evaluation.video_instances); `rankseg predict-vis`:
+write one from a trained video Mask2Former (rankseg_core.engine.video_results).
+`register(app)` adds both.
 """
 
 from __future__ import annotations
@@ -82,6 +84,37 @@ def eval_vis(
     err.print(f"wrote {show(path)}")
 
 
+@user_errors
+def predict_vis(
+    run: Annotated[Path, typer.Argument(help="Run directory of a video Mask2Former (rankseg train with model.clip_len > 1).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Shard directory of the videos (rankseg prepare youtube-vis).")],
+    out_json: Annotated[Path, typer.Option("--out", "-o", help="The results.json to write (never an input; an earlier results file may be replaced).")],
+    split: Annotated[str | None, typer.Option("--split", help="Split to predict (default: the shards' val / validation / valid).")] = None,
+    videos_json: Annotated[Path | None, typer.Option("--videos-json", help="The release JSON whose video ids to write (default: ids 1..N in video-name order).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Tracks kept per video: the top (query, class) pairs (official: 10).")] = 10,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available).")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="auto (model.safetensors, else best.pt, else last.pt), final, best, last or a file.")] = "auto",
+) -> None:
+    """Predict YouTube-VIS tracks of every video of a split and write them in
+    the challenge's submission format: one entry per track with video_id,
+    category_id, score and one RLE or null per frame (docs/video.md).
+
+    Each video is fed whole as one clip, as the official Mask2Former-VIS
+    inference does; the top-k (query, class) pairs are kept.
+
+    Examples:
+      rankseg predict-vis runs/vis --data shards/ytvis19 --out results.json
+      rankseg predict-vis runs/vis --data shards/ytvis19 --split valid \\
+        --videos-json data/ytvis_2019/valid.json --out results.json
+    """
+    from rankseg_core.engine.video_results import write_run_results
+
+    split = val_split(data, split)
+    n = write_run_results(run, data, split, out_json, videos_json, device or "auto", weights, top_k)
+    err.print(f"wrote {show(out_json)}: {n} track(s)")
+
+
 def register(app: typer.Typer) -> None:
-    """eval-vis."""
+    """eval-vis, predict-vis."""
     app.command("eval-vis")(eval_vis)
+    app.command("predict-vis")(predict_vis)
