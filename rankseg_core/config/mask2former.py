@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 from rankseg_core.errors import UserError
 
-TASKS = ("semantic", "panoptic")
+TASKS = ("semantic", "panoptic", "instance")
 
 
 @dataclass
 class Mask2FormerConfig:
     """Mask2Former + RankSeg options (`model.mask2former.*`); see docs/mask2former.md."""
 
-    task: str = "semantic"  # "semantic" or "panoptic": picks the official query count and inference
+    # "semantic", "panoptic" or "instance" (video tracks, clips only): the official query count,
+    # targets and inference
+    task: str = "semantic"
     # Transformer decoder (MultiScaleMaskedTransformerDecoder)
     hidden_dim: int = 256
     num_queries: int | None = None  # None = official (the family: 200 for Swin-L panoptic, else 100)

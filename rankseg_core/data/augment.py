@@ -131,6 +131,10 @@ def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
+# (resized (h, w), crop box (y1, y2, x1, x2), flipped): where a clip's pixels went.
+Geometry = tuple[tuple[int, int], tuple[int, int, int, int], bool]
+
+
 @dataclass
 class TrainTransform:
     """Clip-consistent training augmentation.
@@ -140,7 +144,7 @@ class TrainTransform:
     `ignore` kept). All frames must have the same size. Panoptic data: T segment-index maps
     (H x W uint16, 0 = no segment) go through the same geometry as the labels (nearest
     resize, crop, flip; padding 0) and come back as a third array T x crop x crop int64; the
-    random draws are the same with or without them.
+    random draws are the same with or without them. Instance masks: `with_instances`.
     """
 
     crop: int
@@ -158,21 +162,36 @@ class TrainTransform:
         self.mean = np.asarray(self.mean, np.float32)
         self.std = np.asarray(self.std, np.float32)
 
+    def _draw(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator
+              ) -> tuple[tuple[int, int], tuple[int, int, int, int], bool, PhotoParams | None,
+                         list[tuple[np.ndarray, np.ndarray]]]:
+        """The clip's random geometry and photometric draw, in mmseg's order: (resized size,
+        crop box, flip, photometric params, the resized (image, label) pairs)."""
+        h, w = labels[0].shape
+        ratio = rng.uniform(*self.ratio_range)
+        size = rescale_size(h, w, self.scale[0] * ratio, self.scale[1] * ratio)
+        resized = [resize_pair(i, lab, size) for i, lab in zip(images, labels)]
+        # The crop is chosen on the first frame's label; the clip shares it.
+        box = random_crop_box(resized[0][1], self.crop, rng, self.cat_max_ratio, self.ignore)
+        flip = bool(rng.random() < self.flip_prob)
+        photo = draw_photometric(rng, **self.photo_kw) if self.photometric else None
+        return size, box, flip, photo, resized
+
     def __call__(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
                  segments: list[np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
+        out_img, out_lab, out_seg, _ = self._apply(images, labels, rng, segments)
+        return (out_img, out_lab) if out_seg is None else (out_img, out_lab, out_seg)
+
+    def _apply(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
+               segments: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Geometry]:
+        """Image, label, segment maps (or None) and the geometry (size, box, flip) used."""
         h, w = labels[0].shape
         if any(lab.shape != (h, w) or img.shape[:2] != (h, w) for img, lab in zip(images, labels)):
             raise ValueError("all frames of a clip (and each image and its label) must have the same size")
         if segments is not None and any(s.shape != (h, w) for s in segments):
             raise ValueError("a segment map differs in size from its label")
-        ratio = rng.uniform(*self.ratio_range)
-        size = rescale_size(h, w, self.scale[0] * ratio, self.scale[1] * ratio)
-        resized = [resize_pair(i, lab, size) for i, lab in zip(images, labels)]
+        size, (y1, y2, x1, x2), flip, photo, resized = self._draw(images, labels, rng)
         segs = None if segments is None else [resize_pair(s, None, size, nearest=True)[0] for s in segments]
-        # The crop is chosen on the first frame's label; the clip shares it.
-        y1, y2, x1, x2 = random_crop_box(resized[0][1], self.crop, rng, self.cat_max_ratio, self.ignore)
-        flip = rng.random() < self.flip_prob
-        photo = draw_photometric(rng, **self.photo_kw) if self.photometric else None
 
         t, c = len(images), self.crop
         out_img = np.zeros((t, 3, c, c), np.float32)  # pad value 0 after normalisation, as mmseg
@@ -186,13 +205,38 @@ class TrainTransform:
             ch, cw = lab.shape
             out_img[f, :, :ch, :cw] = normalize(img, self.mean, self.std)
             out_lab[f, :ch, :cw] = lab
+        geometry = (size, (y1, y2, x1, x2), flip)
         if segs is None:
-            return out_img, out_lab
+            return out_img, out_lab, None, geometry
         out_seg = np.zeros((t, c, c), np.int64)
         for f, s in enumerate(segs):
             s = s[y1:y2, x1:x2]
             out_seg[f, :s.shape[0], :s.shape[1]] = s[:, ::-1] if flip else s
-        return out_img, out_lab, out_seg
+        return out_img, out_lab, out_seg, geometry
+
+    def with_instances(self, images: list[np.ndarray], labels: list[np.ndarray], instances: list[np.ndarray],
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """As `__call__`, plus per frame an n_t x H x W stack of instance masks (uint8 / bool,
+        possibly overlapping) -> n_t x crop x crop bool, moved exactly as the label: nearest
+        resize to the label's size, the same crop and flip, padding False. The random draws
+        are `__call__`'s (the crop is still chosen on the first frame's LABEL), so adding the
+        masks changes nothing else. Masks are resized one at a time and cropped at once, so
+        only one full-size resized mask is held at any time (bounded memory for many
+        instances). An instance whose pixels all fall outside the crop comes back empty (the
+        caller drops it: absent from that frame)."""
+        h, w = labels[0].shape
+        if len(instances) != len(labels) or any(m.ndim != 3 or m.shape[1:] != (h, w) for m in instances):
+            raise ValueError("instance masks must be one n x H x W stack per frame, of the label's size")
+        out_img, out_lab, _, (size, (y1, y2, x1, x2), flip) = self._apply(images, labels, rng, None)
+        c = self.crop
+        out_masks = []
+        for stack in instances:
+            out = np.zeros((stack.shape[0], c, c), bool)
+            for j, m in enumerate(stack):
+                r = resize_pair(np.ascontiguousarray(m, np.uint8), None, size, nearest=True)[0][y1:y2, x1:x2]
+                out[j, :r.shape[0], :r.shape[1]] = (r[:, ::-1] if flip else r) != 0
+            out_masks.append(out)
+        return out_img, out_lab, out_masks
 
 
 @dataclass

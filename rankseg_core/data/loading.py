@@ -16,13 +16,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from rankseg_core.config.train import TrainConfig
+from rankseg_core.convert.geometry import GeometryError, compressed_rle
 from rankseg_core.data.augment import TrainTransform, build_train_transform
 from rankseg_core.errors import UserError
 from rankseg_core.shards.read import ShardDataset
 from rankseg_core.utils import distributed as D
+from rankseg_core.utils import jsonio
 
 
 def clip_table(ds: ShardDataset, clip_len: int) -> np.ndarray:
@@ -87,13 +90,42 @@ class BatchStream:
             step += 1
 
 
+def frame_instances(ds: ShardDataset, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample i's non-crowd instances: (n x H x W uint8 masks, n category train ids, n track
+    ids), from the shard's per-frame `instances` JSON (YouTube-VIS shard form, docs/datasets.md).
+    Crowd instances are left out, as the official YouTube-VIS training mapper does."""
+    a = ds.arrays
+    h, w = int(a.height[i]), int(a.width[i])
+    where = f"{ds.paths[int(a.shard[i])]}: sample {a.keys[i]}"
+    masks, cats, ids = [], [], []
+    try:
+        for inst in jsonio.loads(ds.instances_json(i) or "[]"):
+            if int(inst["iscrowd"]):
+                continue
+            cat, tid = int(inst["category"]), int(inst["track_id"])
+            if not 0 <= cat < ds.num_classes:
+                raise ValueError(f"category {cat} outside 0..{ds.num_classes - 1}")
+            masks.append(mask_utils.decode(compressed_rle(inst["rle"], h, w)))
+            cats.append(cat)
+            ids.append(tid)
+    except (KeyError, TypeError, ValueError, OSError, GeometryError) as exc:
+        raise UserError(f"{where}: instances do not read ({exc}); run `rankseg verify`") from None
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{where}: a track id occurs twice in one frame; run `rankseg verify`")
+    stack = np.stack(masks) if masks else np.zeros((0, h, w), np.uint8)
+    return stack, np.asarray(cats, np.int64), np.asarray(ids, np.int64)
+
+
 class AugmentedClips(torch.utils.data.Dataset):
     """(global position, clip id) -> augmented clip {image T x 3 x c x c, label T x c x c}
-    (+ with `segments`: segments T x c x c segment indices and segments_info, T record lists)."""
+    (+ with `segments`: segments T x c x c segment indices and segments_info, T record lists;
+    + with `instances`: instances, T dicts {"labels": n_t, "masks": n_t x c x c bool, "ids":
+    n_t}, the frame's non-crowd instances that keep a pixel after the crop)."""
 
     def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int,
-                 segments: bool = False) -> None:
+                 segments: bool = False, instances: bool = False) -> None:
         self.ds, self.clips, self.transform, self.seed, self.segments = ds, clips, transform, seed, segments
+        self.instances = instances
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -102,6 +134,8 @@ class AugmentedClips(torch.utils.data.Dataset):
         g, clip = item
         frames = [self.ds.load(int(i)) for i in self.clips[clip]]
         rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
+        if self.instances:
+            return self._with_instances(frames, rng)
         segs = [f["segments"] for f in frames] if self.segments else None
         try:
             out = self.transform([f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
@@ -112,14 +146,32 @@ class AugmentedClips(torch.utils.data.Dataset):
             sample.update(segments=torch.from_numpy(out[2]), segments_info=[f["segments_info"] for f in frames])
         return sample
 
+    def _with_instances(self, frames: list[dict], rng: np.random.Generator) -> dict[str, Tensor | list]:
+        insts = [frame_instances(self.ds, int(f["index"])) for f in frames]
+        try:
+            img, lab, masks = self.transform.with_instances([f["image"] for f in frames], [f["label"] for f in frames],
+                                                            [m for m, _, _ in insts], rng)
+        except ValueError as exc:
+            raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
+        per_frame = []
+        for m, (_, cats, ids) in zip(masks, insts):
+            # An instance cropped out of a frame is absent there (a "null" frame of its track).
+            keep = m.reshape(m.shape[0], -1).any(1)
+            per_frame.append({"labels": torch.from_numpy(cats[keep]), "masks": torch.from_numpy(m[keep]),
+                              "ids": torch.from_numpy(ids[keep])})
+        return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab), "instances": per_frame}
+
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major);
-    segment maps likewise, segment records as one list per frame."""
+    segment maps likewise, segment records and instances as one list entry per frame (their
+    counts vary from frame to frame; instance masks stay bool at the crop size)."""
     out: dict[str, Any] = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments")
                            if k in items[0]}
     if "segments_info" in items[0]:
         out["segments_info"] = [info for i in items for info in i["segments_info"]]
+    if "instances" in items[0]:
+        out["instances"] = [inst for i in items for inst in i["instances"]]
     return out
 
 
@@ -135,9 +187,11 @@ def worker_init(worker_id: int) -> None:
 
 
 def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.DistInfo,
-                start_step: int, segments: bool = False) -> torch.utils.data.DataLoader:
+                start_step: int, segments: bool = False, instances: bool = False) -> torch.utils.data.DataLoader:
     """This rank's training batches from `start_step` on; with `segments` they carry the
-    panoptic segment maps and records (the shards must be panoptic)."""
+    panoptic segment maps and records (the shards must be panoptic); with `instances` (a family
+    that trains on tracks: `Family.instances`) each frame's instance masks and track ids (the
+    shards must have tracks)."""
     ds = ShardDataset(cfg.data.root, cfg.data.train_split)
     if ds.num_classes != cfg.model.num_classes:
         raise UserError(f"{cfg.data.root}: K={ds.num_classes} but the run was configured for "
@@ -146,13 +200,20 @@ def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.D
         raise UserError(f"{cfg.data.root}: {ds.index.name} has no panoptic segments, which this model needs "
                         "(panoptic shards come from `rankseg prepare coco-panoptic | ade20k-panoptic | synthetic "
                         "--panoptic`); or train the semantic task (--set model.mask2former.task=semantic)")
+    if instances and cfg.model.clip_len < 2:
+        raise UserError(f"model.mask2former.task=instance trains clips of video tracks: model.clip_len="
+                        f"{cfg.model.clip_len} must be >= 2 (e.g. --set model.clip_len=2)")
     clips = clip_table(ds, cfg.model.clip_len)
+    if instances and not ds.has_instances():
+        raise UserError(f"{cfg.data.root}: split {cfg.data.train_split!r} has no instances (per-frame tracks), which "
+                        "model.mask2former.task=instance needs (YouTube-VIS shards: `rankseg prepare youtube-vis`, or "
+                        "`rankseg prepare synthetic --video`); or train the semantic task")
     s = cfg.schedule
     if s.batch_size % (info.world_size * s.accum_steps):
         raise UserError(f"schedule.batch_size={s.batch_size} is not divisible by processes x accum_steps "
                         f"= {info.world_size} x {s.accum_steps}")
     stream = BatchStream(len(clips), s.batch_size, s.accum_steps, info.world_size, info.rank, cfg.seed, start_step)
-    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed, segments)
+    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed, segments, instances)
     workers = cfg.data.num_workers
     return torch.utils.data.DataLoader(
         data, batch_sampler=stream, num_workers=workers, collate_fn=collate_clips,

@@ -301,7 +301,8 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=family.find_unused_parameters(cfg.model))
     dc = family.data_config(model)
-    loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start, family.panoptic(cfg.model)))
+    loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start, family.panoptic(cfg.model),
+                              family.instances(cfg.model)))
     return _State(family, model, ddp, optimizer, scaler, amp, family.criterion(cfg), loader, start, best, window)
 
 

@@ -180,6 +180,7 @@ class Family:
     selects: the model classifies pixels over a selection that GT classes can replace
         (--oracle; a class-ordered baseline restricts its K channels instead).
     panoptic: the model predicts segments (and trains on the shards' segment maps).
+    instances: the model trains on per-frame instance tracks (video instance segmentation).
     accepts_selector: a frozen classifier run may rank its classes (--selector).
     find_unused_parameters: whether DDP must look for parameters a step does not use.
     describe: the model variant in a few words (what `rankseg train` says it trains).
@@ -203,6 +204,7 @@ class Family:
     ranks: Callable[[ModelConfig], bool] = _never
     selects: Callable[[ModelConfig], bool] = _never
     panoptic: Callable[[ModelConfig], bool] = _never
+    instances: Callable[[ModelConfig], bool] = _never
     accepts_selector: bool = False
     find_unused_parameters: Callable[[ModelConfig], bool] = _never
     describe: Callable[[ModelConfig], str] = describe_head

@@ -2,7 +2,8 @@
 
 Training targets come from the batch: one segment per class present in the crop's label
 (semantic task, as Mask2Former's semantic mapper) or one per non-crowd segment of the crop's
-segment map (panoptic task, shard format v2). Prediction is whole-image at the test size, as
+segment map (panoptic task, shard format v2); clips take one target per class of the clip
+(semantic) or per track (instance task: the frames' instances, `clip_track_targets`). Prediction is whole-image at the test size, as
 every official Mask2Former config; multi-scale / flip average the per-class scores over the
 selected classes only (never K channels) and the panoptic output comes from the single-scale
 pass.
@@ -24,7 +25,11 @@ from rankseg_core.families.base import Family, InferenceProtocol, Multipliers, P
 from rankseg_core.inference.dense import ClassMaps
 from rankseg_core.inference.mask2former import panoptic_inference, semantic_inference_compact
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
-from rankseg_core.losses.mask2former_video import VideoMask2FormerCriterion, clip_targets_from_semantic
+from rankseg_core.losses.mask2former_video import (
+    VideoMask2FormerCriterion,
+    clip_targets_from_semantic,
+    clip_targets_from_tracks,
+)
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
 from rankseg_core.model.mask2former.model import Mask2FormerModel, Mask2FormerOutput, build_mask2former
@@ -36,6 +41,10 @@ from rankseg_core.shards.codec import IGNORE
 
 def _panoptic(m: ModelConfig) -> bool:
     return m.mask2former.task == "panoptic"
+
+
+def _instance(m: ModelConfig) -> bool:
+    return m.mask2former.task == "instance"
 
 
 def batch_targets(batch: dict[str, Any], num_classes: int, panoptic: bool) -> list[dict[str, Tensor]]:
@@ -55,9 +64,27 @@ def clip_batch_targets(batch: dict[str, Any], num_classes: int, clip_len: int) -
     return [clip_targets_from_semantic(clip, num_classes, IGNORE) for clip in clips]
 
 
+def clip_track_targets(batch: dict[str, Any], clip_len: int) -> list[dict[str, Tensor]]:
+    """Per clip {"labels": n, "masks": n x T x c x c} from a collated batch whose `instances`
+    hold one {"labels", "masks", "ids"} per frame (clip-major): one target per track of the
+    clip, all-False in the frames where it is absent (cropped out or not annotated: the null
+    frames of YouTube-VIS); a track with no pixel left in any frame is no target."""
+    frames = batch["instances"]
+    if len(frames) % clip_len:
+        raise ValueError(f"{len(frames)} frames of instances do not make clips of {clip_len}")
+    out = []
+    for c in range(0, len(frames), clip_len):
+        tg = clip_targets_from_tracks(frames[c:c + clip_len])
+        out.append({"labels": tg["labels"], "masks": tg["masks"]})
+    return out
+
+
 def _criterion(cfg: TrainConfig) -> Any:
     k, t = cfg.model.num_classes, cfg.model.clip_len
-    if t > 1:  # clips: video Mask2Former on the T-frame masks (semantic task; _validate)
+    if t > 1 and _instance(cfg.model):  # clips of tracks (YouTube-VIS): one target per track
+        icrit = VideoMask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
+        return lambda out, batch: icrit(out, clip_track_targets(batch, t))
+    if t > 1:  # clips: video Mask2Former on the T-frame masks (semantic task)
         vcrit = VideoMask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
         return lambda out, batch: vcrit(out, clip_batch_targets(batch, k, t))
     crit = Mask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
@@ -163,10 +190,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def num_queries(m: ModelConfig) -> int:
     """Number of object queries: the explicit value, else the official one (200 for the
-    Swin-L panoptic configs, 100 for every other)."""
+    Swin-L panoptic and YouTube-VIS configs, 100 for every other)."""
     if m.mask2former.num_queries is not None:
         return m.mask2former.num_queries
-    return 200 if m.model == "mask2former-swinl" and _panoptic(m) else 100
+    return 200 if m.model == "mask2former-swinl" and (_panoptic(m) or _instance(m)) else 100
 
 
 # The official build_optimizer's norm_module_types (mask2former/train_net.py), plus the rank
@@ -213,8 +240,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> Multipliers:
 
 def _validate(m: ModelConfig) -> None:
     if m.clip_len != 1 and _panoptic(m):
-        raise UserError(f"model.clip_len={m.clip_len}: clips of the Mask2Former family segment semantically (VSPW); "
-                        "use model.mask2former.task=semantic, or clip_len=1 for panoptic")
+        raise UserError(f"model.clip_len={m.clip_len}: clips of the Mask2Former family segment semantically (VSPW) "
+                        "or track instances (YouTube-VIS); use model.mask2former.task=semantic / instance, or "
+                        "clip_len=1 for panoptic")
+    if m.clip_len == 1 and _instance(m):
+        raise UserError("model.mask2former.task=instance trains video tracks on clips: set model.clip_len >= 2 "
+                        "(e.g. --set model.clip_len=2), or use task=semantic / panoptic for images")
     m.mask2former.validate()
 
 
@@ -255,6 +286,7 @@ MASK2FORMER = Family(
     ranks=lambda m: m.head == "rankseg" and not m.oracle,
     selects=lambda m: m.head == "rankseg" and m.select or m.oracle,
     panoptic=_panoptic,
+    instances=lambda m: m.mask2former.task == "instance",
     # The GT (train + eval) oracle has no ml head in the graph.
     find_unused_parameters=lambda m: m.oracle,
     stats_extra=stats_extra,

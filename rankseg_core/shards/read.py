@@ -271,6 +271,26 @@ class ShardDataset:
             raise UserError(f"{self.paths[a.shard[i]]}: cannot read sample {a.keys[i]} ({exc}); "
                             "run `rankseg verify`") from None
 
+    def instances_json(self, i: int) -> str:
+        """Sample i's raw `instances` JSON (per-frame instance RLEs of video instance datasets;
+        "" where the dataset has none, docs/shards.md)."""
+        a = self.arrays
+        try:
+            f = self._file(int(a.shard[i]))
+            return f["instances"].asstr()[int(a.row[i])] if "instances" in f else ""
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.paths[a.shard[i]]}: cannot read the instances of sample {a.keys[i]} ({exc}); "
+                            "run `rankseg verify`") from None
+
+    def has_instances(self) -> bool:
+        """Whether any sample of the split has a non-empty `instances` list (read shard by shard,
+        stopping at the first one found)."""
+        for shard in np.unique(np.asarray(self.arrays.shard)):
+            f = self._file(int(shard))
+            if "instances" in f and any(x and x != "[]" for x in f["instances"].asstr()[:]):
+                return True
+        return False
+
     def load(self, i: int) -> dict:
         img_b, lab_b = self.raw(i)
         a = self.arrays
