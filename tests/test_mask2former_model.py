@@ -262,8 +262,10 @@ def test_official_exempt_states_the_forks_rule() -> None:
 
 
 def test_config_errors_are_user_errors() -> None:
-    bad = [{"m2f": {"task": "instance"}}, {"m2f": {"num_queries": 0}}, {"m2f": {"ml_query_layer": 4}},
-           {"m2f": {"hidden_dim": 30}}, {"m2f": {"size_divisibility": 48}}, {"clip_len": 2},
+    bad = [{"m2f": {"task": "instance"}},  # instances are video tracks: clips only
+           {"m2f": {"task": "video"}}, {"m2f": {"num_queries": 0}}, {"m2f": {"ml_query_layer": 4}},
+           {"m2f": {"hidden_dim": 30}}, {"m2f": {"size_divisibility": 48}},
+           {"clip_len": 2, "m2f": {"task": "panoptic"}},  # clips segment semantically or track instances
            {"m2f": {"importance_sample_ratio": 1.5}}, {"model": "mask2former-swinx"}]
     for kw in bad:
         with pytest.raises(UserError):
