@@ -145,3 +145,16 @@ def train_until_checkpoint(monkeypatch: pytest.MonkeyPatch, iteration: int, run_
     with pytest.raises(Stop):
         run_training()
     monkeypatch.setattr(runs, "save_checkpoint", real_save)
+
+
+def overfit(model: torch.nn.Module, crit, images: torch.Tensor, targets: list, steps: int = 30) -> list[float]:
+    """The losses of `steps` AdamW (lr 1e-3) steps of `model` on one fixed batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        res = crit(model(images), targets)
+        opt.zero_grad()
+        res["loss"].backward()
+        opt.step()
+        losses.append(float(res["loss"].detach()))
+    return losses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import m2f_semantic_map
+from conftest import m2f_semantic_map, overfit
 from conftest import tiny_m2f_cfg as tiny_cfg
 from conftest import tiny_m2f_model as tiny_model
 
@@ -37,14 +37,7 @@ def test_overfits_one_image(head: str) -> None:
     crit = Mask2FormerCriterion(tiny_cfg(head=head, kappa=4))
     img, lab = synthetic_image()
     targets = [targets_from_semantic(lab, K, 255)]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        res = crit(model(img), targets)
-        opt.zero_grad()
-        res["loss"].backward()
-        opt.step()
-        losses.append(float(res["loss"].detach()))
+    losses = overfit(model, crit, img, targets)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     model.eval()

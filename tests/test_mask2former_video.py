@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import overfit
 from conftest import tiny_m2f_cfg as tiny_cfg
 
 from rankseg_core.families.mask2former import MASK2FORMER, num_queries
@@ -397,14 +398,7 @@ def test_overfits_one_tiny_clip() -> None:
         for t in range(2):
             img[t, :, lab[t] == c] = torch.tensor(rgb)[:, None]
     targets = [clip_targets_from_semantic(lab, K, 255)]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        res = crit(model(img), targets)
-        opt.zero_grad()
-        res["loss"].backward()
-        opt.step()
-        losses.append(float(res["loss"].detach()))
+    losses = overfit(model, crit, img, targets)
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     model.eval()

@@ -11,6 +11,7 @@ classes' logits (the selection needs the queries of a middle layer).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -131,18 +132,26 @@ class MaskedTransformerDecoder(nn.Module):
             pos.append(sine_position_embedding(h, w, d, x.device).flatten(1).t()[None].expand(b, -1, -1))
             x = self.input_proj[i](x) if self.input_proj is not None else x
             srcs.append(x.flatten(2).transpose(1, 2) + self.level_embed.weight[i])
+        return self._layers(srcs, pos, sizes, mask_features, self._predict)
+
+    def _layers(self, srcs: list[Tensor], pos: list[Tensor], sizes: list[tuple[int, int]], mask_features: Tensor,
+                predict: Callable[[Tensor, Tensor, tuple[int, int]], tuple[Tensor, Tensor, Tensor]]) -> DecoderOutput:
+        """The queries through the layers, round-robin over the scales' keys `srcs` (B x N x D,
+        positions `pos`); `predict(queries, mask_features, size)` gives each prediction and the
+        next attention mask (per image, or per clip for the video decoder)."""
+        b = srcs[0].shape[0]
         # repeat, not expand: a view of a parameter made under no_grad trips torch's module
         # tracker (FlopCounterMode) when it enters a module.
         query_pos = self.query_embed.weight[None].repeat(b, 1, 1)
         output = self.query_feat.weight[None].repeat(b, 1, 1)
 
-        emb, masks, attn = self._predict(output, mask_features, sizes[0])
+        emb, masks, attn = predict(output, mask_features, sizes[0])
         out = DecoderOutput([emb], [masks], [])
         for i, (cross, self_attn, ffn) in enumerate(zip(self.cross_layers, self.self_layers, self.ffn_layers)):
             level = i % N_SCALES
             output = cross(output, srcs[level], attn, pos[level], query_pos)
             output = ffn(self_attn(output, query_pos))
-            emb, masks, attn = self._predict(output, mask_features, sizes[(i + 1) % N_SCALES])
+            emb, masks, attn = predict(output, mask_features, sizes[(i + 1) % N_SCALES])
             out.embeds.append(emb)
             out.masks.append(masks)
             out.queries.append(output)

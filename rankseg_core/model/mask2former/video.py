@@ -29,7 +29,7 @@ from torch import Tensor
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.heads import FILL_LOGIT
 from rankseg_core.model.mask2former.backbone import load_pyramid_weights
-from rankseg_core.model.mask2former.decoder import N_SCALES, DecoderOutput, MaskedTransformerDecoder
+from rankseg_core.model.mask2former.decoder import DecoderOutput, MaskedTransformerDecoder
 from rankseg_core.model.mask2former.model import Features, Mask2FormerModel, Mask2FormerOutput
 from rankseg_core.model.mask2former.multilabel import mask_invalid, selected_logits, with_no_object
 from rankseg_core.model.position import sine_position_embedding_3d
@@ -109,20 +109,7 @@ class VideoMaskedTransformerDecoder(MaskedTransformerDecoder):
             src = x.flatten(2).transpose(1, 2) + self.level_embed.weight[i]  # (B*T) x hw x D
             srcs.append(src.reshape(b, t * h * w, d))  # frames of a clip consecutive -> t-major keys
         mf = mask_features.reshape(b, t, *mask_features.shape[1:])
-        query_pos = self.query_embed.weight[None].repeat(b, 1, 1)
-        output = self.query_feat.weight[None].repeat(b, 1, 1)
-
-        emb, masks, attn = self._predict_clip(output, mf, sizes[0])
-        out = DecoderOutput([emb], [masks], [])
-        for i, (cross, self_attn, ffn) in enumerate(zip(self.cross_layers, self.self_layers, self.ffn_layers)):
-            level = i % N_SCALES
-            output = cross(output, srcs[level], attn, pos[level], query_pos)
-            output = ffn(self_attn(output, query_pos))
-            emb, masks, attn = self._predict_clip(output, mf, sizes[(i + 1) % N_SCALES])
-            out.embeds.append(emb)
-            out.masks.append(masks)
-            out.queries.append(output)
-        return out
+        return self._layers(srcs, pos, sizes, mf, self._predict_clip)
 
 
 class VideoMask2FormerModel(Mask2FormerModel):
