@@ -133,6 +133,8 @@ def train(
     elif main and res.final_eval is not None:
         r = res.final_eval
         seg = f"val mIoU {_fmt(r['miou'])}, " if r["miou"] is not None and r["miou"] == r["miou"] else "val "
+        if r.metrics.get("vis"):  # a video instance run is scored by its tracks' AP
+            seg = f"val AP {_fmt(r.metrics['vis']['ap'])}, {seg[4:]}"
         err.print(f"[green]done[/]: {seg}mAP {_fmt(r['map'])}, recall@{r['kappa']} {_fmt(r['recall_at_kappa'])}; "
                   f"weights {show(out_dir / 'model.safetensors')}")
 
@@ -152,13 +154,16 @@ def evaluate(
     oracle_fill: Annotated[Optional[str], typer.Option("--oracle-fill", help="With --oracle: fill each image's GT classes up to kappa with the model's highest-ranked other classes (ranked: recall 100 %, the ranking's own false positives) or with random ones (random, seeded by the image).")] = None,
     save_predictions: Annotated[Optional[Path], typer.Option("--save-predictions", help="Write 16-bit PNG predictions (train ids) here.")] = None,
     save_panoptic: Annotated[Optional[Path], typer.Option("--save-panoptic", help="Panoptic runs on panoptic shards: write the predicted segments here in the COCO panoptic format (PNGs + predictions.json), for panopticapi.")] = None,
+    save_results: Annotated[Optional[Path], typer.Option("--save-results", help="Video instance runs: the YouTube-VIS results.json to write (default: next to the metrics JSON, STEM_results.json).")] = None,
     classes_json: Annotated[Optional[Path], typer.Option("--classes-json", help='Class subsets {"base": [...], "novel": [...]} (ids or names) for subset mIoU.')] = None,
     max_images: Annotated[int, typer.Option("--max-images", help="Evaluate only the first N images (0 = all).")] = 0,
     device: Device = None,
     weights: Weights = "auto",
 ) -> None:
     """Evaluate a run: mIoU / aAcc / per-class IoU (confusion matrix), multi-label mAP and recall@kappa,
-    and PQ / SQ / RQ (all, things, stuff) for panoptic runs on panoptic shards.
+    PQ / SQ / RQ (all, things, stuff) for panoptic runs on panoptic shards, VC8 / VC16 on video
+    shards, and for video instance runs the YouTube-VIS AP of whole-video tracks (with their
+    results.json).
 
     Examples:
       rankseg eval runs/ade
@@ -167,6 +172,7 @@ def evaluate(
       rankseg eval runs/ade --kappa 50 --oracle
       rankseg eval runs/ade --oracle --oracle-fill ranked --json ade_gt.json
       rankseg eval runs/m2f-pan --save-panoptic preds/pan
+      rankseg eval runs/vis --split held_out --save-results held_out.json
     """
     from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
     from rankseg_core.model.selection import SelectionOptions
@@ -178,7 +184,8 @@ def evaluate(
     opts = EvalOptions(split=split or None,  # None: the run's validation split
                        data_root=str(data) if data else None, mode=mode, scales=scale_list,
                        flip=True if flip else None, selection=SelectionOptions(kappa, dynamic_kappa, oracle, oracle_fill),
-                       max_images=max_images, save_predictions=save_predictions, save_panoptic=save_panoptic)
+                       max_images=max_images, save_predictions=save_predictions, save_panoptic=save_panoptic,
+                       save_results=save_results)
     rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights)
     t = Table("metric", "value")
     if _segmented(rep):
@@ -194,9 +201,15 @@ def evaluate(
         what = "" if part == "all" else f" {part}"
         t.add_row(f"PQ / SQ / RQ{what} ({values['n']} classes)",
                   " / ".join(_fmt(values[m]) for m in ("pq", "sq", "rq")))
+    if "vis" in rep:  # a video instance run: the benchmark's own metric
+        v = rep["vis"]
+        t.add_row("AP / AP50 / AP75 (tracks)", " / ".join(_fmt(v[k]) for k in ("ap", "ap50", "ap75")))
+        t.add_row("AR1 / AR10", f"{_fmt(v['ar1'])} / {_fmt(v['ar10'])}")
+        t.add_row("videos", str(v["num_videos"]))
     t.add_row("images", str(rep["num_images"]))
     out.print(t)
-    err.print(f"wrote {show(json_path)} and {show(csv_path)}")
+    results = rep["config"].get("results")
+    err.print(f"wrote {show(json_path)} and {show(csv_path)}" + (f" and {show(Path(results))}" if results else ""))
 
 
 @user_errors

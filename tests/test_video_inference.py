@@ -143,7 +143,8 @@ def test_bad_frames_are_refused() -> None:
 # --- end to end: tiny clip run -> predict-vis -> eval-vis -------------------------------------
 
 K = 40
-CLIP = TINY_MASK2FORMER_RUN + ["model.clip_len=2", "eval.batch_size=2", "schedule.iters=2", "data.val_split="]
+CLIP = TINY_MASK2FORMER_RUN + ["model.clip_len=2", "model.mask2former.task=instance", "eval.batch_size=2",
+                               "schedule.iters=2", "data.val_split="]
 
 
 def test_predict_vis_then_eval_vis(tmp_path: Path) -> None:

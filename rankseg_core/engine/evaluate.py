@@ -8,8 +8,10 @@ and from the multi-label probabilities vs the image's GT classes: per-class AP a
 classes with positives ("mAP") and recall@kappa. Panoptic shards and a family that predicts
 segments: PQ / SQ / RQ as panopticapi's pq_compute (panoptic.py). Video shards (VSPW) and a
 family that segments: VSPW's video consistency VC_8 / VC_16 as well
-(evaluation/video_consistency.py; docs/video.md). `score` is what picks a run's best
-checkpoint: PQ when measured, else mIoU, else (a classifier) mAP.
+(evaluation/video_consistency.py; docs/video.md). A video instance model (YouTube-VIS) is also
+scored by the track AP of whole-video inference (engine/video_results.py `evaluate_tracks`).
+`score` is what picks a run's best checkpoint: track AP for a video instance model, else PQ
+when measured, else mIoU, else (a classifier) mAP.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from rankseg_core.config.train import TrainConfig
 from rankseg_core.convert.coco_panoptic_format import CocoPanopticWriter, categories_of, image_id_of
 from rankseg_core.data.augment import TestTransform, build_test_transform
 from rankseg_core.data.loading import worker_init
+from rankseg_core.engine.video_results import check_results_target, evaluate_tracks, write_results
 from rankseg_core.errors import UserError
 from rankseg_core.evaluation.accumulators import EvalAccumulators, reduce_across_processes
 from rankseg_core.evaluation.metrics import ConfusionMatrix
 from rankseg_core.evaluation.panoptic_quality import gt_from_shard
 from rankseg_core.evaluation.video_consistency import VSPW_WINDOWS, VideoConsistency
+from rankseg_core.evaluation.video_instances import VisScores
 from rankseg_core.families import family_of
 from rankseg_core.families.base import Family, InferenceProtocol, Predictions
 from rankseg_core.model.selection import SelectionOptions, batch_selection
@@ -67,6 +71,8 @@ class EvalOptions:
     max_images: int = 0  # 0 = the whole split
     save_predictions: Path | None = None  # 16-bit PNG of train ids per image
     save_panoptic: Path | None = None  # panoptic predictions in the COCO panoptic format (PNG + JSON)
+    # Video instance runs: where results.json goes (None: `run_evaluation` puts it next to the report)
+    save_results: Path | None = None
     progress: bool = True
 
     def check(self) -> None:
@@ -118,9 +124,13 @@ def check_selection(family: Family, m: ModelConfig, opts: SelectionOptions) -> N
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, Any]  # miou, aacc, map, recall_at_kappa, num_images, kappa, vc ({n: VC_n} or None)
+    # miou, aacc, map, recall_at_kappa, num_images, kappa, vc ({n: VC_n} or None), vis (YouTube-VIS
+    # AP summary or None), score
+    metrics: dict[str, Any]
     confusion: ConfusionMatrix
     ap: np.ndarray  # K, per-class AP (NaN without positives)
+    vis: VisScores | None = None  # video instance runs: the track scores
+    results: list[dict[str, Any]] | None = None  # their submission entries (EvalOptions.want_results)
 
     def __getitem__(self, key: str) -> Any:
         return self.metrics[key]
@@ -237,9 +247,11 @@ def write_label_png(path: Path, label: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device: torch.device) -> EvalResult:
+def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device: torch.device,
+                   want_results: bool = False) -> EvalResult:
     """Evaluate `model` on a shard split; under DDP each process takes every W-th item and
-    the accumulators are reduced (every process gets the result)."""
+    the accumulators are reduced (every process gets the result). want_results: a video
+    instance model also returns its results.json entries (`EvalResult.results`)."""
     info, family = D.current(), family_of(cfg.model.model)
     if opts.split is None:
         opts = replace(opts, split=cfg.data.val_split or "val")
@@ -277,12 +289,16 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
     writers.close()
     m = acc.reduce(device).compute()
     vc_scores = reduce_across_processes(vc, device).compute() if vc is not None else None
+    # A video instance model is also scored as its benchmark scores it: tracks of whole videos, AP.
+    vis, results = evaluate_tracks(model, cfg, ds, opts.max_images, want_results, opts.progress, device) \
+        if family.instances(cfg.model) else (None, None)
+    score = (vis.ap if vis is not None else m["pq"]["all"]["pq"] if m["pq"] else m["miou"] if segmented
+             else m["map"])
     metrics = {"miou": m["miou"], "aacc": m["aacc"], "map": m["map"], "recall_at_kappa": m["recall_at_kappa"],
                "num_images": total, "kappa": kappa, "pq": m["pq"], "segmentation": segmented,
-               "vc": vc_scores,
-               "score": m["pq"]["all"]["pq"] if m["pq"] else (m["miou"] if segmented else m["map"])}
+               "vc": vc_scores, "vis": vis.summary() if vis is not None else None, "score": score}
     assert acc.confusion is not None  # EvalAccumulators.create always makes one
-    return EvalResult(metrics, acc.confusion, m["ap"])
+    return EvalResult(metrics, acc.confusion, m["ap"], vis, results)
 
 
 def clip_classes(classes: list[np.ndarray], keys: list[str], clip_len: int) -> tuple[list[np.ndarray], list[str]]:
@@ -455,7 +471,8 @@ def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | No
            extra_config: dict | None = None) -> dict[str, Any]:
     """The JSON `rankseg eval` writes (no segmentation keys for a family that does not segment,
     no "pq" where PQ was not measured; "vc8" / "vc16" on video shards, null when no window of
-    that many frames had GT-consistent pixels)."""
+    that many frames had GT-consistent pixels; "vis" for a video instance model: YouTube-VIS AP,
+    AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l, per-class AP, `score` = its AP)."""
     names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
     iou = res.confusion.iou()
     seg = {
@@ -468,6 +485,9 @@ def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | No
         **seg, "map": _num(res["map"]), "recall_at_kappa": _num(res["recall_at_kappa"]),
         "score": _num(res["score"]), **({"pq": res["pq"]} if res["pq"] else {}),
         **{f"vc{n}": _num(v) for n, v in (res.metrics.get("vc") or {}).items()},
+        **({"vis": {**{k: _num(v) for k, v in res.vis.summary().items()}, "num_videos": res.vis.num_videos,
+                    "per_class_ap": {n: _num(v) for n, v in zip(names, res.vis.per_class_ap.tolist())}}}
+           if res.vis is not None else {}),
         "num_images": res["num_images"],
         "config": {"model": cfg.model.model, "head": "oracle" if cfg.model.oracle else cfg.model.head,
                    "num_classes": cfg.model.num_classes, "kappa": res["kappa"], "dataset": cfg.data.name,
@@ -525,6 +545,28 @@ def _plain(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:80] or "_"
 
 
+def _results_path(run_dir: str | Path, cfg: TrainConfig, opts: EvalOptions, report_path: Path,
+                  data_root: Path) -> Path | None:
+    """Where a video instance run's results.json goes (`--save-results`, else next to the report
+    as `<report stem>_results.json`), checked before the evaluation; None for other runs."""
+    from rankseg_core.engine.runs import run_paths
+
+    family = family_of(cfg.model.model)
+    if not family.instances(cfg.model):
+        if opts.save_results is not None:
+            raise UserError(f"--save-results: this run ({cfg.model.model}: {family.describe(cfg.model)}) predicts no "
+                            "video instance tracks; YouTube-VIS results need an instance run "
+                            "(model.mask2former.task=instance)")
+        return None
+    target = Path(opts.save_results) if opts.save_results else report_path.with_name(report_path.stem + "_results.json")
+    run = run_paths(run_dir)
+    index = ShardIndex(data_root)
+    inputs = [data_root / "dataset.json", *index.shard_paths(opts.split or ""), report_path, run.config, run.metrics,
+              run.last, run.best, run.weights]
+    check_results_target(target, inputs)
+    return target
+
+
 def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path | None = None,
                    classes_json: str | Path | None = None, device: str = "auto",
                    weights: str = "auto") -> tuple[dict[str, Any], Path, Path]:
@@ -532,7 +574,8 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
     CSV next to it. Returns (report, json path, csv path).
 
     Holds a lock on that JSON file name (not on RUN: evaluating while the run trains is fine),
-    and on `opts.save_predictions`, so two evaluations never write the same files at once.
+    and on `opts.save_predictions`, so two evaluations never write the same files at once. A
+    video instance run also writes its results.json (`_results_path`; lock: the report's).
     """
     from rankseg_core.engine.runs import find_weights, load_run
 
@@ -552,6 +595,7 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
         opts = replace(opts, split=split)
     path = Path(json_path) if json_path else default_json(run_dir, cfg, data_root, split)
     check_writable_target(path)  # /dev/full, a directory: refused before hours of evaluation
+    results = _results_path(run_dir, cfg, opts, path, data_root)
     path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as held:
         held.enter_context(lock.dir_lock(path.parent, "eval", name=f"{lock.LOCK_NAME}.{path.name}"))
@@ -559,7 +603,9 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
             if out_dir is not None:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
                 held.enter_context(lock.dir_lock(out_dir, f"eval {what}"))
-        res = evaluate_model(model, cfg, opts, dev)
+        res = evaluate_model(model, cfg, opts, dev, want_results=results is not None)
+        if results is not None and res.results is not None:
+            write_results(results, res.results)
         protocol = opts.protocol(cfg)
         extra = {"split": opts.split, "data": str(data_root),
                  "weights": str(find_weights(run_dir, weights)), "mode": protocol.mode,
@@ -567,6 +613,7 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
                  "short_side": cfg.eval.short_side, "max_long": cfg.eval.max_long,
                  "crop": cfg.eval.crop, "stride": cfg.eval.stride,
                  "dynamic_kappa": opts.selection.dynamic_kappa,
-                 "oracle": bool(opts.selection.oracle or cfg.model.oracle), "oracle_fill": opts.selection.oracle_fill}
+                 "oracle": bool(opts.selection.oracle or cfg.model.oracle), "oracle_fill": opts.selection.oracle_fill,
+                 **({"results": str(results)} if results is not None else {})}
         json_out, csv_out = write_report(path, res, cfg, subsets, extra)
     return report(res, cfg, subsets, extra), json_out, csv_out

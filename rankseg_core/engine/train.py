@@ -108,19 +108,25 @@ class TrainResult:
     run_dir: Path
     iterations: int
     final_eval: EvalResult | None
-    best_score: float  # the best validation `score` (evaluate.py: PQ, else mIoU, else mAP)
+    best_score: float  # the best validation `score` (evaluate.py: AP of tracks, else PQ, else mIoU, else mAP)
     already_finished: bool = False  # --resume of a finished run: nothing was done
 
 
 def check_splits(cfg: TrainConfig) -> None:
     """The train / val splits exist, so a typo does not surface after hours of training."""
-    from rankseg_core.shards.read import ShardIndex
+    from rankseg_core.shards.read import ShardDataset, ShardIndex
 
     splits = ShardIndex(cfg.data.root).splits
     for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
         if split and split not in splits:
             raise UserError(f"{cfg.data.root}: no split '{split}' for {key} (available: {', '.join(splits)}); "
                             f"set --set {key}=<split>" + (" or '' to skip evaluation" if key == "data.val_split" else ""))
+    if cfg.data.val_split and family_of(cfg.model.model).instances(cfg.model) and \
+            not ShardDataset(cfg.data.root, cfg.data.val_split).has_instances():
+        # Its evaluation is AP over the split's tracks: found out now, not at the first evaluation.
+        raise UserError(f"{cfg.data.root}: val split {cfg.data.val_split!r} has no annotated tracks to score the "
+                        "instance model by AP (YouTube-VIS valid labels are only on the evaluation server); set "
+                        "--set data.val_split=<a split with tracks> or '' to skip evaluation")
 
 
 def prepare_run(cfg: TrainConfig, run_dir: Path, resume: bool) -> bool:
@@ -443,6 +449,9 @@ def _summary(res: Any) -> dict:
     keys = ("miou", "aacc") if res["segmentation"] else ()  # a classifier has no class maps
     out = {k: res[k] for k in (*keys, "map", "recall_at_kappa", "num_images", "score")}
     out.update({f"vc{n}": v for n, v in (res.metrics.get("vc") or {}).items()})  # video shards (VSPW)
+    vis = res.metrics.get("vis")  # a video instance model: YouTube-VIS AP (its score)
+    if vis:
+        out.update({k: vis[k] for k in ("ap", "ap50", "ap75", "ar1", "ar10")})
     pq = res["pq"]
     if pq:
         out.update(pq=pq["all"]["pq"], sq=pq["all"]["sq"], rq=pq["all"]["rq"], pq_things=pq["things"]["pq"],

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import OptimConfig, TrainConfig
 from rankseg_core.errors import UserError
+from rankseg_core.evaluation.video_instances import PredictedTrack
 from rankseg_core.model.selection import NO_SELECTION, Selection
 
 
@@ -61,6 +62,10 @@ class InferenceProtocol:
 
 
 Multipliers = dict[str, tuple[float, float]]  # parameter name -> (lr_mult, decay_mult)
+
+# (model, cfg, frames T x 3 x H' x W' of ONE whole video at the test size, the original frame
+# size (H, W), tracks to keep) -> the video's tracks, highest score first (one RLE or None per frame).
+TrackPredictor = Callable[[nn.Module, TrainConfig, Tensor, tuple[int, int], int], list[PredictedTrack]]
 
 
 def uniform_groups(model: nn.Module, cfg: TrainConfig) -> Multipliers:
@@ -180,7 +185,10 @@ class Family:
     selects: the model classifies pixels over a selection that GT classes can replace
         (--oracle; a class-ordered baseline restricts its K channels instead).
     panoptic: the model predicts segments (and trains on the shards' segment maps).
-    instances: the model trains on per-frame instance tracks (video instance segmentation).
+    instances: the model trains on per-frame instance tracks and predicts tracks of whole
+        videos (video instance segmentation: scored by AP, written as results.json).
+    predict_tracks: how such a model predicts the tracks of one video (required where
+        `instances` can be true).
     accepts_selector: a frozen classifier run may rank its classes (--selector).
     find_unused_parameters: whether DDP must look for parameters a step does not use.
     describe: the model variant in a few words (what `rankseg train` says it trains).
@@ -205,12 +213,21 @@ class Family:
     selects: Callable[[ModelConfig], bool] = _never
     panoptic: Callable[[ModelConfig], bool] = _never
     instances: Callable[[ModelConfig], bool] = _never
+    predict_tracks: TrackPredictor | None = None
     accepts_selector: bool = False
     find_unused_parameters: Callable[[ModelConfig], bool] = _never
     describe: Callable[[ModelConfig], str] = describe_head
     stats_extra: Callable[[nn.Module, ModelConfig], dict[str, Any]] = _no_extra_stats
     stats_selection: Callable[[ModelConfig], Selection] = oracle_selection
     rank_scale: Callable[[nn.Module], tuple[Tensor, Tensor] | None] = _no_rank_scale
+
+    def track_predictor(self, m: ModelConfig) -> TrackPredictor:
+        """`predict_tracks` of a model that predicts tracks (UserError for one that does not)."""
+        if not self.instances(m) or self.predict_tracks is None:
+            raise UserError(f"this run ({m.model}: {self.describe(m)}) predicts no video instance tracks: YouTube-VIS "
+                            "results need a video instance model (e.g. a Mask2Former with model.clip_len > 1 and "
+                            "model.mask2former.task=instance)")
+        return self.predict_tracks
 
     def arch(self, model_name: str) -> str:
         """The timm architecture of one of this family's model names (UserError for others)."""

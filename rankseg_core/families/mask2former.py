@@ -24,6 +24,7 @@ from rankseg_core.errors import UserError
 from rankseg_core.families.base import Family, InferenceProtocol, Multipliers, Predictions, listed_groups
 from rankseg_core.inference.dense import ClassMaps
 from rankseg_core.inference.mask2former import panoptic_inference, semantic_inference_compact
+from rankseg_core.inference.video_instances import video_instance_predictions
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
 from rankseg_core.losses.mask2former_video import (
     VideoMask2FormerCriterion,
@@ -287,6 +288,7 @@ MASK2FORMER = Family(
     selects=lambda m: m.head == "rankseg" and m.select or m.oracle,
     panoptic=_panoptic,
     instances=lambda m: m.mask2former.task == "instance",
+    predict_tracks=lambda model, cfg, frames, size, top_k: video_instance_predictions(model, frames, size, top_k),
     # The GT (train + eval) oracle has no ml head in the graph.
     find_unused_parameters=lambda m: m.oracle,
     stats_extra=stats_extra,
