@@ -218,22 +218,33 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files or directories of images.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory: new, empty or from an earlier predict; never an input directory.")],
     kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected / listed per image, at least 1 (default: as trained).")] = None,
+    videos_json: Annotated[Optional[Path], typer.Option("--videos-json", help="Video instance runs: the release JSON whose video ids to write (default: 1..N in input order).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Video instance runs: tracks kept per video (official: 10).")] = 10,
     device: Device = None,
     weights: Weights = "auto",
 ) -> None:
     """Segment your own images (any size): per image a 16-bit label PNG of train ids, an overlay
     with a legend, and a JSON of the classes found and the top-kappa class probabilities.
+    A video instance run takes one directory of frames per video instead and writes
+    OUT/results.json (YouTube-VIS submission format) and OUT/videos.json.
 
-    Example:
+    Examples:
       rankseg predict runs/ade photos/ --out preds/
+      rankseg predict runs/vis valid/JPEGImages/* --out sub/ \\
+        --videos-json data/ytvis_2019/valid.json
     """
-    from rankseg_core.engine.predict import run_prediction
+    from rankseg_core.engine.predict import Prediction, run_prediction
 
-    results = run_prediction(run, inputs, out_dir, device or "auto", weights, kappa)
+    results = run_prediction(run, inputs, out_dir, device or "auto", weights, kappa, videos_json=videos_json,
+                             top_k=top_k)
     for r in results[:10]:
-        names = "; ".join(c["name"] for c in r.classes[:5])  # ADE class names hold commas
-        err.print(f"{show(r.image.name)}: {show(names)}{' ...' if len(r.classes) > 5 else ''}")
-    err.print(f"[green]done[/]: {len(results)} image(s) -> {show(out_dir)}")
+        if isinstance(r, Prediction):
+            names = "; ".join(c["name"] for c in r.classes[:5])  # ADE class names hold commas
+            err.print(f"{show(r.image.name)}: {show(names)}{' ...' if len(r.classes) > 5 else ''}")
+        else:
+            err.print(f"{show(r.folder.name)}: video {r.video_id}, {r.frames} frame(s), {r.tracks} track(s)")
+    what = "image" if all(isinstance(r, Prediction) for r in results) else "video"
+    err.print(f"[green]done[/]: {len(results)} {what}(s) -> {show(out_dir)}")
 
 
 @user_errors

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_MASK2FORMER_RUN, assert_one_line_error
@@ -161,3 +162,71 @@ def test_save_results_on_a_semantic_run_is_refused(videos: Path, tmp_path: Path)
     res = CliRunner().invoke(app, ["predict-vis", str(sem), "--data", str(videos), "--split", "val", "--out",
                                    str(tmp_path / "r.json"), "--device", "cpu"])
     assert_one_line_error(res, "predicts no video instance tracks")
+
+
+def _frame_folders(videos: Path, root: Path) -> list[Path]:
+    """The val videos' frames as folders of PNGs (as the release's JPEGImages/<video>/)."""
+    import cv2
+
+    ds = ShardDataset(videos, "val")
+    out: dict[str, Path] = {}
+    for i in range(len(ds)):
+        s = ds.load(i)
+        folder = root / s["video"]
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{int(s['frame']):05d}.png"), cv2.cvtColor(s["image"], cv2.COLOR_RGB2BGR))
+        out[s["video"]] = folder
+    return [out[k] for k in sorted(out)]
+
+
+def test_predict_on_folders_of_frames_writes_the_same_results_as_predict_vis(
+        run: Path, videos: Path, tmp_path: Path) -> None:
+    folders = _frame_folders(videos, tmp_path / "JPEGImages")
+    out = tmp_path / "sub"
+    res = CliRunner().invoke(app, ["predict", str(run), *map(str, folders), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "3 video(s)" in res.output
+    res = CliRunner().invoke(app, ["predict-vis", str(run), "--data", str(videos), "--split", "val", "--out",
+                                   str(tmp_path / "pv.json"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    # PNG frames are lossless and ids are 1..N in input order = the shards' name order.
+    assert json.loads((out / "results.json").read_text()) == json.loads((tmp_path / "pv.json").read_text())
+    listed = json.loads((out / "videos.json").read_text())
+    assert [(v["id"], v["name"], v["frames"]) for v in listed] == [(i + 1, f.name, 3) for i, f in enumerate(folders)]
+    # Ids from a release JSON, by folder name.
+    release = tmp_path / "valid.json"
+    release.write_text(json.dumps({"videos": [{"id": 10 + i, "file_names": [f"{f.name}/00000.jpg"]}
+                                              for i, f in enumerate(folders)]}))
+    out2 = tmp_path / "sub2"
+    res = CliRunner().invoke(app, ["predict", str(run), *map(str, folders[::-1]), "--out", str(out2),
+                                   "--videos-json", str(release), "--device", "cpu", "--top-k", "2"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out2 / "results.json").read_text())
+    assert sorted({e["video_id"] for e in doc}) == [10, 11, 12] and len(doc) == 3 * 2
+
+
+def test_predict_on_folders_refuses_bad_inputs(run: Path, videos: Path, tmp_path: Path) -> None:
+    folders = _frame_folders(videos, tmp_path / "J")
+    frame = next(folders[0].iterdir())
+    res = CliRunner().invoke(app, ["predict", str(run), str(frame), "--out", str(tmp_path / "o1"), "--device", "cpu"])
+    assert_one_line_error(res, frame.name, "one directory of frames per video")
+    res = CliRunner().invoke(app, ["predict", str(run), str(folders[0]), "--out", str(tmp_path / "o2"), "--kappa", "3",
+                                   "--device", "cpu"])
+    assert_one_line_error(res, "--kappa", "--top-k")
+    release = tmp_path / "valid.json"
+    release.write_text(json.dumps({"videos": [{"id": 1, "file_names": ["other/00000.jpg"]}]}))
+    res = CliRunner().invoke(app, ["predict", str(run), str(folders[0]), "--out", str(tmp_path / "o3"),
+                                   "--videos-json", str(release), "--device", "cpu"])
+    assert_one_line_error(res, "valid.json", folders[0].name)
+    import cv2
+
+    cv2.imwrite(str(folders[1] / "99999.png"), np.zeros((40, 48, 3), np.uint8))  # a frame of another size
+    res = CliRunner().invoke(app, ["predict", str(run), str(folders[1]), "--out", str(tmp_path / "o4"),
+                                   "--device", "cpu"])
+    assert_one_line_error(res, folders[1].name, "differ in size")
+    assert not (tmp_path / "o4" / "results.json").exists()
+    # The output directory is an input video: refused, nothing written among the frames.
+    before = sorted(p.name for p in folders[2].iterdir())
+    res = CliRunner().invoke(app, ["predict", str(run), str(folders[2]), "--out", str(folders[2]), "--device", "cpu"])
+    assert_one_line_error(res, "choose another --out")
+    assert sorted(p.name for p in folders[2].iterdir()) == before

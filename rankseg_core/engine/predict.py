@@ -1,10 +1,13 @@
-"""Prediction on the user's own images (`rankseg predict`): label PNGs, overlays, class lists."""
+"""Prediction on the user's own images (`rankseg predict`): label PNGs, overlays, class lists;
+for a video instance run, the tracks of folders of frames as YouTube-VIS results.json."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -15,8 +18,10 @@ from rankseg_core.config.train import TrainConfig
 from rankseg_core.data.augment import build_test_transform
 from rankseg_core.engine.evaluate import check_selection, write_label_png
 from rankseg_core.errors import UserError
+from rankseg_core.evaluation.video_instances import release_video_ids, results_entries, write_results
 from rankseg_core.families import family_of
 from rankseg_core.families.base import Family, InferenceProtocol
+from rankseg_core.inference.video_instances import TOP_K
 from rankseg_core.model.selection import Selection, SelectionOptions
 from rankseg_core.shards.codec import MAX_FILE_BYTES, decode_image
 from rankseg_core.utils import distributed as D
@@ -260,11 +265,98 @@ def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Pat
     return results
 
 
+@dataclass
+class VideoPrediction:
+    """One predicted video of `rankseg predict` on folders of frames."""
+
+    folder: Path
+    video_id: int
+    frames: int
+    tracks: int
+
+
+@torch.no_grad()
+def predict_video_folders(model: nn.Module, cfg: TrainConfig, inputs: Sequence[str | Path], out_dir: str | Path,
+                          videos_json: str | Path | None = None, top_k: int = TOP_K,
+                          progress: bool = True) -> list[VideoPrediction]:
+    """`rankseg predict` of a video instance run: each input is a directory holding ONE video's
+    frames (image files in name order, as the YouTube-VIS release's JPEGImages/<video>/); writes
+    OUT/results.json (submission format) and OUT/videos.json ({id, name, folder, frames} per
+    video, so ids can be traced). Video ids: the release JSON's (`videos_json`, by folder name),
+    else 1..N in the order given. Frames of one video must share one size. Nothing is written
+    over an input, and --out is claimed as `rankseg predict` claims it.
+    """
+    family = family_of(cfg.model.model)
+    predict_tracks = family.track_predictor(cfg.model)
+    if top_k < 1:
+        raise UserError(f"--top-k {top_k}: keep at least 1 track per video")
+    folders = [Path(p) for p in inputs]
+    for f in folders:
+        if not f.is_dir():
+            raise UserError(f"{f}: a video instance run predicts videos: give one directory of frames per video "
+                            "(e.g. valid/JPEGImages/<video>/)")
+    names = [f.resolve().name for f in folders]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise UserError(f"two inputs are videos named {dup!r}: give each video once")
+    ids = release_video_ids(videos_json, names, "the inputs") if videos_json else \
+        {n: i + 1 for i, n in enumerate(names)}
+    frame_lists = [list_images([f]) for f in folders]
+    out = Path(out_dir)
+    targets = [out / "results.json", out / "videos.json"]
+    for f, files in zip(folders, frame_lists):
+        if out.exists() and os.path.samefile(out, f):
+            raise UserError(f"--out {out} is also an input directory; choose another --out")
+        for t in targets:
+            if any(t.exists() and os.path.samefile(t, x) for x in files):
+                raise UserError(f"{t} would overwrite the input frame {t}; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    dc = family.data_config(model)
+    tf = build_test_transform(cfg, dc["mean"], dc["std"])
+    device = next(model.parameters()).device
+    entries: list[dict[str, Any]] = []
+    done: list[VideoPrediction] = []
+    with lock.dir_lock(out, "predict"):
+        claim_out_dir(out)
+        with Progress(len(folders), "predict", unit="video", enabled=progress) as bar:
+            for folder, name, files in zip(folders, names, frame_lists):
+                frames = [read_image(p) for p in files]
+                sizes = {f.shape[:2] for f in frames}
+                if len(sizes) > 1:
+                    raise UserError(f"{folder}: the frames of one video differ in size {sorted(sizes)}; resize them "
+                                    "to one size")
+                size = (int(frames[0].shape[0]), int(frames[0].shape[1]))
+                images = torch.from_numpy(np.stack([tf(f) for f in frames])).to(device)
+                del frames
+                tracks = predict_tracks(model, cfg, images, size, top_k)
+                entries.extend(results_entries(ids[name], tracks))
+                done.append(VideoPrediction(folder, ids[name], len(files), len(tracks)))
+                bar.advance()
+        # Written only once every video is predicted: a half-written results.json is never left.
+        write_results(targets[0], entries)
+        atomic_write_json(targets[1], [{"id": v.video_id, "name": n, "folder": str(v.folder), "frames": v.frames}
+                                       for v, n in zip(done, names)])
+    return done
+
+
 def run_prediction(run_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
-                   weights: str = "auto", kappa: int | None = None, progress: bool = True) -> list[Prediction]:
+                   weights: str = "auto", kappa: int | None = None, progress: bool = True,
+                   videos_json: str | Path | None = None,
+                   top_k: int = TOP_K) -> list[Prediction] | list[VideoPrediction]:
+    """`rankseg predict`: images -> label maps (`predict_files`); for a video instance run,
+    folders of frames -> results.json (`predict_video_folders`; kappa does not apply there,
+    videos_json / top_k only there)."""
     from rankseg_core.engine.runs import load_run
 
     SelectionOptions(kappa=kappa).check()  # before loading the model
     dev = D.resolve_device(device)
     model, cfg = load_run(run_dir, dev, weights)
+    if family_of(cfg.model.model).instances(cfg.model):
+        if kappa is not None:
+            raise UserError("--kappa: a video instance run keeps its trained selection; use --top-k for the number "
+                            "of tracks per video")
+        return predict_video_folders(model, cfg, inputs, out_dir, videos_json, top_k, progress)
+    if videos_json is not None:
+        raise UserError("--videos-json: only a video instance run writes YouTube-VIS results (this run segments "
+                        "images)")
     return predict_files(model, cfg, inputs, out_dir, dev, kappa=kappa, progress=progress)

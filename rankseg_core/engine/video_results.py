@@ -184,3 +184,4 @@ def write_run_results(run_dir: str | Path, data: str | Path, split: str, out_jso
     check_results_target(Path(out_json), protect)  # before loading the model
     model, cfg = runs.load_run(run_dir, device, weights)
     return write_video_results(model, cfg, data, split, out_json, videos_json, top_k, protect)
+

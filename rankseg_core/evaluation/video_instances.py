@@ -328,6 +328,13 @@ def video_ids(data: str | Path, split: str, videos_json: str | Path | None = Non
                         "video dataset (rankseg prepare youtube-vis)")
     if videos_json is None:
         return {n: i + 1 for i, n in enumerate(names)}
+    return release_video_ids(videos_json, names, f"the shards' split {split!r}")
+
+
+def release_video_ids(videos_json: str | Path, names: Sequence[str], what: str) -> dict[str, int]:
+    """Video name -> id from a YouTube-VIS release JSON (`videos` [{id, file_names}], the name
+    being the folder of a video's first file name) for each of `names` (UserError naming the
+    first one the JSON lacks; `what` says where the names come from)."""
     path = Path(videos_json)
     try:
         doc = jsonio.loads(read_regular(path, "YouTube-VIS JSON", MAX_RESULTS_BYTES))
@@ -338,8 +345,8 @@ def video_ids(data: str | Path, split: str, videos_json: str | Path | None = Non
         raise UserError(f"{path}: not a YouTube-VIS JSON with 'videos' [{{id, file_names}}] ({exc})") from None
     missing = [n for n in names if n not in ids]
     if missing:
-        raise UserError(f"{path}: has no video {missing[0]} of the shards' split {split!r} ({len(missing)} "
-                        "missing): give the JSON the shards were converted from")
+        raise UserError(f"{path}: has no video {missing[0]} of {what} ({len(missing)} missing): give the JSON "
+                        "the videos come from")
     return {n: ids[n] for n in names}
 
 
