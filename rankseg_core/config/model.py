@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rankseg_core.config.convseg import ConvSegConfig
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.errors import UserError
 
-HEADS = ("segmenter", "rankseg")
+# Every head any family builds; which family builds which is the family's `heads`
+# ("encnet" / "essnet": the supplement's Table 1 comparisons, on the Segmenter decoder only).
+HEADS = ("segmenter", "rankseg", "encnet", "essnet")
+ESS_LOGITS = ("distance", "layernorm")
+ESS_CANDIDATES = ("distinct", "official")
 TAUS = ("rank", "shared")
 ML_HEADS = ("tranenc", "trandec", "gap")
 PATCH_SIZE = 16
@@ -30,6 +35,47 @@ class SelectorConfig:
     model: str | None = None  # the classifier's model.model, e.g. classifier-vitb
     img_size: int | None = None  # its training crop (the size of its stored position embeddings)
     in_chans: int | None = None
+
+
+@dataclass
+class EncNetConfig:
+    """EncNet on Segmenter (`model.head=encnet`, supplement Table 1; docs/architectures.md)."""
+
+    codewords: int = 64  # visual code-words; the supplement tuned 64 (mmseg's EncHead default is 32)
+    se_weight: float = 0.2  # SE-loss weight, mmseg's loss_se_decode (image-level presence BCE)
+
+    def validate(self) -> None:
+        if self.codewords < 1:
+            raise UserError(f"model.encnet.codewords={self.codewords} must be >= 1 (the supplement uses 64)")
+        if self.se_weight < 0:
+            raise UserError(f"model.encnet.se_weight={self.se_weight} must be >= 0 (mmseg uses 0.2)")
+
+
+@dataclass
+class EssNetConfig:
+    """ESSNet on Segmenter (`model.head=essnet`, supplement Table 1, 3, 4; docs/architectures.md)."""
+
+    dim: int = 64  # semantic-space dimension d (Table 4 sweeps 16..128)
+    k: int | None = None  # nearest class embeddings per pixel in the loss; None = model.kappa (k = kappa)
+    temperature: float = 20.0  # T in the logits -T * distance (ESSNet's --temp)
+    margin: float = 0.2  # hinge on each class's nearest other class embedding; 0 = no regulariser
+    logits: str = "distance"  # distance: -T * ||p - c|| (ESSNet); layernorm: LayerNorm(K) of cosines (RankSeg fork)
+    candidates: str = "distinct"  # distinct: target + k nearest others; official: a neighbour equal to the target -> target - 1
+
+    def validate(self) -> None:
+        if self.dim < 1:
+            raise UserError(f"model.essnet.dim={self.dim} must be >= 1 (the supplement uses 64)")
+        if self.k is not None and self.k < 1:
+            raise UserError(f"model.essnet.k={self.k} must be >= 1, or null to use model.kappa")
+        if not self.temperature > 0:
+            raise UserError(f"model.essnet.temperature={self.temperature} must be > 0 (ESSNet uses 20)")
+        if self.margin < 0:
+            raise UserError(f"model.essnet.margin={self.margin} must be >= 0 (ESSNet uses 0.2; 0 = off)")
+        if self.logits not in ESS_LOGITS:
+            raise UserError(f"model.essnet.logits={self.logits!r} is unknown; use one of {', '.join(ESS_LOGITS)}")
+        if self.candidates not in ESS_CANDIDATES:
+            raise UserError(f"model.essnet.candidates={self.candidates!r} is unknown; use one of "
+                            f"{', '.join(ESS_CANDIDATES)}")
 
 
 @dataclass
@@ -53,8 +99,13 @@ class ModelConfig:
     in_chans: int = 3
     # Mask2Former family only (head / kappa / select / tau / oracle keep their meaning there).
     mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
+    # DeepLabv3 / UperNet families only (families/convseg.py).
+    convseg: ConvSegConfig = field(default_factory=ConvSegConfig)
     # Segmenter family: selection by a frozen classifier run instead of an own ml branch.
     selector: SelectorConfig = field(default_factory=SelectorConfig)
+    # Segmenter family, the supplement's comparison heads (head=encnet / essnet).
+    encnet: EncNetConfig = field(default_factory=EncNetConfig)
+    essnet: EssNetConfig = field(default_factory=EssNetConfig)
 
     @property
     def has_selector(self) -> bool:
@@ -92,3 +143,5 @@ class ModelConfig:
                 self.selector.img_size < PATCH_SIZE or self.selector.img_size % PATCH_SIZE):
             raise UserError(f"model.selector.img_size={self.selector.img_size} must be a positive multiple of "
                             f"{PATCH_SIZE}")
+        self.encnet.validate()
+        self.essnet.validate()

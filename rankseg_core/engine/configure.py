@@ -19,7 +19,7 @@ import rankseg_core.config
 from rankseg_core.config.datasets import DATA_DEFAULTS, recipe_dataset
 from rankseg_core.config.train import DataConfig, TrainConfig, parse_override, read_yaml, set_key, validate
 from rankseg_core.errors import UserError
-from rankseg_core.families import FAMILIES, family_of
+from rankseg_core.families import FAMILIES, check_head, family_of
 from rankseg_core.shards.read import load_index
 from rankseg_core.shards.splits import find_split
 
@@ -81,6 +81,7 @@ def check_model(cfg: TrainConfig) -> None:
         takers = ", ".join(f.name for f in FAMILIES if f.accepts_selector)
         raise UserError(f"model.selector.run={m.selector.run}: a {family.name} model ({m.model}) cannot take its "
                         f"classes from a classifier run; use a model of a family that does: {takers}")
+    check_head(m)
     family.validate(m)
 
 

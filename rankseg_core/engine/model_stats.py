@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rankseg_core.config.model import ModelConfig
-from rankseg_core.families import family_of
+from rankseg_core.families import check_head, family_of
 from rankseg_core.model.selection import NO_SELECTION, Selection
 
 
@@ -70,6 +70,7 @@ def model_stats(cfg: ModelConfig, flops: bool = True) -> dict[str, float | int |
     paper Table 8 equals our counts divided by 1,048,576 to the printed 0.01), while its
     Segmenter numbers are in units of 10^6 (docs/mask2former.md, "Cost")."""
     family = family_of(cfg.model)
+    check_head(cfg)
     family.validate(cfg)
     model = family.build(replace(cfg, backbone_weights=None))  # counting needs no weights
     total = count_parameters(model)

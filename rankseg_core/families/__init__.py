@@ -6,13 +6,15 @@ families: model names, recipes, parameter groups, capabilities, training loss an
 
 from __future__ import annotations
 
+from rankseg_core.config.model import ModelConfig
 from rankseg_core.errors import UserError
 from rankseg_core.families.base import Family
 from rankseg_core.families.classifier import CLASSIFIER
+from rankseg_core.families.convseg import CONVSEG
 from rankseg_core.families.mask2former import MASK2FORMER
 from rankseg_core.families.segmenter import SEGMENTER
 
-FAMILIES: tuple[Family, ...] = (SEGMENTER, MASK2FORMER, CLASSIFIER)
+FAMILIES: tuple[Family, ...] = (SEGMENTER, MASK2FORMER, CLASSIFIER, *CONVSEG)
 
 
 def family_of(model_name: str) -> Family:
@@ -23,3 +25,13 @@ def family_of(model_name: str) -> Family:
             return family
     names = ", ".join(name for family in families for name in family.models)
     raise UserError(f"model.model={model_name!r} is unknown; use one of {names}")
+
+
+def check_head(m: ModelConfig) -> None:
+    """UserError for a `model.head` the model's family does not build (`Family.heads`), naming
+    the families that do."""
+    family = family_of(m.model)
+    if m.head not in family.heads:
+        takers = ", ".join(f.name for f in FAMILIES if m.head in f.heads) or "none"
+        raise UserError(f"model.head={m.head}: a {family.name} model ({m.model}) takes --head "
+                        f"{' / '.join(family.heads)}; {m.head} is a head of: {takers}")

@@ -190,6 +190,8 @@ class Family:
     predict_tracks: how such a model predicts the tracks of one video (required where
         `instances` can be true).
     accepts_selector: a frozen classifier run may rank its classes (--selector).
+    heads: the values of `model.head` this family builds ("segmenter" = its baseline,
+        "rankseg" = with RankSeg, plus any comparison heads of its own).
     find_unused_parameters: whether DDP must look for parameters a step does not use.
     describe: the model variant in a few words (what `rankseg train` says it trains).
     stats_extra: (model, ModelConfig) -> extra rows of `rankseg stats model`.
@@ -215,6 +217,7 @@ class Family:
     instances: Callable[[ModelConfig], bool] = _never
     predict_tracks: TrackPredictor | None = None
     accepts_selector: bool = False
+    heads: tuple[str, ...] = ("segmenter", "rankseg")
     find_unused_parameters: Callable[[ModelConfig], bool] = _never
     describe: Callable[[ModelConfig], str] = describe_head
     stats_extra: Callable[[nn.Module, ModelConfig], dict[str, Any]] = _no_extra_stats

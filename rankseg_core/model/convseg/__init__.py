@@ -1,0 +1,1 @@
+"""Convolutional segmentation models (DeepLabv3, UperNet) and their backbones."""
