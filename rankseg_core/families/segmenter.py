@@ -1,4 +1,5 @@
-"""The Segmenter family: Segmenter baseline, RankSeg and their ablations (model/, losses/rankseg.py).
+"""The Segmenter family: Segmenter baseline, RankSeg and their ablations (model/, losses/rankseg.py),
+and the supplement's EncNet / ESSNet comparison heads (model/encnet.py, model/essnet.py).
 
 Prediction follows the official mmseg protocol (`inference.predict_probs`: whole or sliding
 window, logits resized to the original size before the softmax, multi-scale / flip averaging
@@ -27,6 +28,8 @@ from rankseg_core.families.base import (
 from rankseg_core.families.classifier import CLASSIFIER
 from rankseg_core.families.vit import RECIPES, VIT_SIZES
 from rankseg_core.inference.dense import mmseg_scale_sizes, predict_probs
+from rankseg_core.losses.encnet import EncNetCriterion
+from rankseg_core.losses.essnet import EssNetCriterion, neighbours
 from rankseg_core.losses.rankseg import RankSegCriterion
 from rankseg_core.model.segmenter import RankSegModel, build_model
 from rankseg_core.model.selection import Selection
@@ -34,7 +37,14 @@ from rankseg_core.shards.codec import IGNORE
 
 
 def _criterion(cfg: TrainConfig) -> Any:
-    lo = cfg.loss
+    lo, m = cfg.loss, cfg.model
+    if m.head == "encnet":  # the supplement's comparisons: their own losses (docs/architectures.md)
+        enc = EncNetCriterion(m.num_classes, IGNORE, m.encnet.se_weight, lo.seg_loss_norm)
+        return lambda out, batch: enc(out, batch["label"])
+    if m.head == "essnet":
+        ess = EssNetCriterion(m.num_classes, IGNORE, neighbours(m), m.essnet.margin, m.essnet.candidates,
+                              lo.seg_loss_norm)
+        return lambda out, batch: ess(out, batch["label"])
     # A frozen selector does not learn: its ASL on the crop is logged ("ml"), never added to the loss.
     ml_weight = 0.0 if cfg.model.has_selector else lo.ml_weight
     # ml_loss and asl_gamma_neg: set by _resolve (family.resolve) before the criterion is built.
@@ -110,10 +120,23 @@ def _resolve(cfg: TrainConfig) -> None:
         cfg.optim.custom_keys = official_custom_keys(cfg)
 
 
+COMPARISON_HEADS = ("encnet", "essnet")
+
+
 def _validate(m: ModelConfig) -> None:
     if m.has_selector and (m.head != "rankseg" or not m.select or m.oracle):
         raise UserError(f"model.selector.run={m.selector.run}: the selector replaces the RankSeg selection; use "
                         "--head rankseg without --no-select / --oracle")
+    if m.head in COMPARISON_HEADS:  # the supplement's Table 1 comparisons
+        if m.oracle:
+            raise UserError(f"--oracle (model.oracle): --head {m.head} classifies every pixel over all K classes and "
+                            "has no selection to replace; use --head rankseg or segmenter for the oracle")
+        if not m.select:
+            raise UserError(f"--no-select (model.select=false) is the +MT ablation of --head rankseg; --head {m.head} "
+                            "selects nothing: drop it")
+        if m.clip_len != 1:
+            raise UserError(f"model.clip_len={m.clip_len}: --head {m.head} segments single images; use 1, or "
+                            "--head segmenter / rankseg for clips")
 
 
 def _build(m: ModelConfig) -> nn.Module:
@@ -126,11 +149,18 @@ def describe(m: ModelConfig) -> str:
     """The model variant in words, for the line `rankseg train` starts with."""
     if m.has_selector:
         return f"rankseg kappa={m.effective_kappa} selected by the frozen classifier {m.selector.run}"
+    if m.head == "encnet":
+        return f"encnet codewords={m.encnet.codewords} se_weight={m.encnet.se_weight:g}"
+    if m.head == "essnet":
+        e = m.essnet
+        return f"essnet dim={e.dim} k={neighbours(m)} logits={e.logits} T={e.temperature:g} margin={e.margin:g}"
     return describe_head(m)
 
 
 def ranks(m: ModelConfig) -> bool:
-    """An ml branch of its own or a frozen selector ranks the classes (the oracle does not)."""
+    """An ml branch of its own or a frozen selector ranks the classes (the oracle does not; nor
+    do encnet, whose SE logits select nothing, and essnet, whose kNN is per pixel and only in
+    its loss: its k is model.kappa at training, `rankseg train --kappa`)."""
     return m.head == "rankseg" and not m.oracle
 
 
@@ -158,6 +188,7 @@ SEGMENTER = Family(
     ranks=ranks,
     selects=lambda m: m.head == "rankseg" and m.select or m.oracle,
     accepts_selector=True,
+    heads=("segmenter", "rankseg", *COMPARISON_HEADS),
     # The GT (train+eval) oracle has no ml branch in the graph of some steps.
     find_unused_parameters=lambda m: m.oracle,
     describe=describe,

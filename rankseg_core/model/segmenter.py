@@ -7,6 +7,8 @@ from torch import Tensor, nn
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.backbone import ViTBackbone, load_backbone_weights
 from rankseg_core.model.classifier import SELECTOR_ATTR, load_selector
+from rankseg_core.model.encnet import EncNetHead
+from rankseg_core.model.essnet import EssNetHead
 from rankseg_core.model.heads import MaskTransformerHead, SegOutput
 from rankseg_core.model.selection import NO_SELECTION, Selection
 
@@ -22,7 +24,9 @@ class RankSegModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = ViTBackbone(cfg, arch)
-        self.head = MaskTransformerHead(cfg, self.backbone.embed_dim)
+        # The supplement's comparison heads (Table 1) reuse the Segmenter decoder's names.
+        head = {"encnet": EncNetHead, "essnet": EssNetHead}.get(cfg.head, MaskTransformerHead)
+        self.head = head(cfg, self.backbone.embed_dim)
         # Independent scheme: a frozen classifier run ranks the classes (not in the state dict).
         if cfg.has_selector:
             if selector_arch is None:
