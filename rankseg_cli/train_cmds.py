@@ -45,12 +45,12 @@ def _segmented(rep: dict) -> bool:
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (config.yaml, metrics.jsonl, checkpoints/, model.safetensors).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory from `rankseg prepare`.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="segmenter-vitt / -vits / -vitb / -vitl, classifier-vit{t,s,b,l} (multi-label classifier of the independent scheme), mask2former-*.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, classifier-vit{t,s,b,l} (multi-label classifier of the independent scheme), mask2former-*, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections model:, optim:, schedule:, ...) or a preset name, e.g. segmenter-vitb-ade20k-full or m2f-swinl-ade20k-panoptic (docs/training.md, Presets).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=1e-3 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue RUN from checkpoints/last.pt exactly (same data order and losses).")] = False,
     device: Device = None,
-    head: Annotated[Optional[str], typer.Option("--head", help="segmenter (baseline over all K) or rankseg.")] = None,
+    head: Annotated[Optional[str], typer.Option("--head", help="segmenter (the architecture's own classifier over all K, the baseline) or rankseg; Segmenter models also encnet / essnet (supplement Table 1).")] = None,
     kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected per image (clamped to K).")] = None,
     no_select: Annotated[bool, typer.Option("--no-select", help="+MT ablation: ml branch and loss, pixels over all K.")] = False,
     tau: Annotated[Optional[str], typer.Option("--tau", help="rank (per-rank 1/tau, the paper) or shared.")] = None,
@@ -249,9 +249,9 @@ def predict(
 
 @user_errors
 def stats_model(
-    model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vitt / -vits / -vitb / -vitl, mask2former-r50 / -swint / -swins / -swinb / -swinl.")] = "segmenter-vitb",
+    model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, mask2former-r50 / -swin{t,s,b,l}, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = "segmenter-vitb",
     num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K.")] = 150,
-    head: Annotated[str, typer.Option("--head", help="segmenter or rankseg.")] = "rankseg",
+    head: Annotated[str, typer.Option("--head", help="segmenter (baseline) or rankseg; Segmenter models also encnet / essnet.")] = "rankseg",
     kappa: Annotated[int, typer.Option("--kappa", help="Selected classes (rankseg).")] = 100,
     img_size: Annotated[int, typer.Option("--img-size", help="Input side in pixels.")] = 512,
     ml_head: Annotated[str, typer.Option("--ml-head", help="tranenc, trandec or gap.")] = "tranenc",
@@ -267,6 +267,8 @@ def stats_model(
       rankseg stats model --model segmenter-vitb --num-classes 1284 --kappa 100
       rankseg stats model --model mask2former-swinl --num-classes 150 \\
         --kappa 150 --img-size 640 --task panoptic
+      rankseg stats model --model deeplabv3-r101 --num-classes 150 \\
+        --kappa 50 --head segmenter --no-flops
     """
     from rankseg_core.config.mask2former import Mask2FormerConfig
     from rankseg_core.config.model import ModelConfig

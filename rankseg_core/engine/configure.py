@@ -26,10 +26,12 @@ from rankseg_core.shards.splits import find_split
 
 def dataset_defaults(model_name: str, dataset_name: str) -> dict[str, Any]:
     """The default config keys for a model on a dataset: the data's own defaults, then the
-    family's "*" recipe, then its recipe for the dataset."""
+    family's "*" recipe, then its recipe for the model (an architecture's own optimizer or
+    crop, e.g. MaskFormer's inside the Mask2Former family), then its recipe for the dataset."""
     dataset = recipe_dataset(dataset_name)
     recipes = family_of(model_name).recipes
-    return {**DATA_DEFAULTS.get(dataset or "", {}), **recipes.get("*", {}), **recipes.get(dataset or "", {})}
+    return {**DATA_DEFAULTS.get(dataset or "", {}), **recipes.get("*", {}), **recipes.get(model_name, {}),
+            **recipes.get(dataset or "", {})}
 
 
 def resolve(cfg: TrainConfig, meta: dict | None = None, explicit: Collection[str] = ()) -> TrainConfig:

@@ -170,8 +170,9 @@ class Family:
     predict: (model, cfg, images N x 3 x H x W normalised, sizes [(h, w)] per image,
         InferenceProtocol, Selection) -> Predictions at `sizes`.
     data_config: model -> {"mean", "std"} on the 0..255 scale (input normalisation).
-    recipes: dataset key (config/datasets.py) -> {dotted config key: value}; "*" applies to
-        every dataset, the dataset's own entry on top (the paper's / official recipes).
+    recipes: dataset key (config/datasets.py) or model name -> {dotted config key: value};
+        "*" applies to every dataset, a model's entry on top, the dataset's own entry on top of
+        that (the paper's / official recipes; `engine.configure.dataset_defaults`).
     resolve: fill the defaults of a resolved TrainConfig that depend on this family (None =
         the family's official value), after the recipes and the user's keys.
     validate: UserError for a model option this family cannot honour (beyond
