@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import assert_one_line_error, make_synthetic, train_until_checkpoint
+from conftest import assert_one_line_error, make_synthetic, miou_of_saved_maps, train_until_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
 
 from rankseg_cli.app import app
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
-from rankseg_core.shards.codec import IGNORE
 from rankseg_core.shards.read import ShardDataset
 
 K = 40
@@ -47,24 +46,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_losses(run: Path) -> list[float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["type"] == "train"]
-
-
-def miou_of_saved_maps(data: Path, preds: Path) -> float:
-    """mIoU over classes with a non-empty union, from the saved label maps (independent of the
-    engine's confusion matrix)."""
-    ds = ShardDataset(data, "val")
-    inter, union = np.zeros(K), np.zeros(K)
-    for i in range(len(ds)):
-        item = ds.load(i)
-        pred = np.asarray(Image.open(preds / f"{item['key'].replace('/', '__')}.png")).astype(np.int64)
-        gt = item["label"].astype(np.int64)
-        ok = gt != IGNORE
-        for c in range(K):
-            p, g = (pred == c) & ok, (gt == c) & ok
-            inter[c] += (p & g).sum()
-            union[c] += (p | g).sum()
-    present = union > 0
-    return float((inter[present] / union[present]).mean())
 
 
 @pytest.mark.slow
@@ -95,7 +76,7 @@ def test_deeplab_rankseg_trains_resumes_evaluates_and_predicts(data: Path, tmp_p
     res = cli("eval", full, "--json", out_json, "--save-predictions", preds, "--device", "cpu")
     assert res.exit_code == 0, res.output
     rep = json.loads(out_json.read_text())
-    assert rep["miou"] == pytest.approx(miou_of_saved_maps(data, preds), abs=1e-12)
+    assert rep["miou"] == pytest.approx(miou_of_saved_maps(data, preds, K), abs=1e-12)
     assert rep["map"] is not None  # the ml branch ranks the classes
 
     res = cli("eval", full, "--device", "cpu", "--json", tmp_path / "k.json", "--kappa", 3, "--oracle",

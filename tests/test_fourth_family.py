@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error, make_synthetic, train_until_checkpoint
+from conftest import assert_one_line_error, make_synthetic, miou_of_saved_maps, train_until_checkpoint
 from PIL import Image
 from torch import Tensor, nn
 from typer.testing import CliRunner
@@ -131,18 +130,7 @@ def test_a_family_defined_here_trains_resumes_evaluates_and_predicts(with_pixlin
     assert res.exit_code == 0, res.output
     rep = json.loads(out_json.read_text())
     ds = ShardDataset(data, "val")
-    inter, union = np.zeros(K), np.zeros(K)
-    for i in range(len(ds)):
-        item = ds.load(i)
-        pred = np.asarray(Image.open(preds / f"{item['key'].replace('/', '__')}.png")).astype(np.int64)
-        gt = item["label"].astype(np.int64)
-        ok = gt != IGNORE
-        for c in range(K):
-            p, g = (pred == c) & ok, (gt == c) & ok
-            inter[c] += (p & g).sum()
-            union[c] += (p | g).sum()
-    present = union > 0
-    assert rep["miou"] == pytest.approx(float((inter[present] / union[present]).mean()), abs=1e-12)
+    assert rep["miou"] == pytest.approx(miou_of_saved_maps(data, preds, K), abs=1e-12)
 
     # Prediction on a user image, and the model's cost.
     img = tmp_path / "in" / "a.png"
