@@ -76,6 +76,22 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return sd
 
 
+def read_weights(path: str | Path, what: str) -> tuple[Path, dict[str, Tensor]]:
+    """(the expanded path, its state dict without DataParallel's "module." prefix) of a local
+    torch (.pth / .pt / .bin, read with weights_only) or .safetensors checkpoint of `what`
+    (e.g. "timm / mmseg Swin"). UserError naming the fix for a missing file, another suffix
+    (.npz: only ViTs load Google's layout) or a file that holds no state dict."""
+    path = Path(path).expanduser()
+    loadable = [s for s in WEIGHT_SUFFIXES if s != ".npz"]
+    if not path.is_file():
+        raise UserError(f"backbone_weights: file {path} not found; give a local {what} checkpoint "
+                        f"({'/'.join(loadable)}), weights are never downloaded")
+    if path.suffix not in loadable:
+        raise UserError(f"backbone_weights: {path} has suffix {path.suffix!r}; {what} backbones load "
+                        f"{', '.join(loadable)}")
+    return path, {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
+
+
 def load_backbone_weights(backbone: ViTBackbone, path: str | Path) -> tuple[list[str], list[str]]:
     """Load a local timm-ViT checkpoint into `backbone`, resampling the pos-embed to its grid.
 

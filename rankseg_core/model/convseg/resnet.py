@@ -24,8 +24,7 @@ import timm
 from timm.models.resnet import BasicBlock
 from torch import Tensor, nn
 
-from rankseg_core.errors import UserError
-from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict, load_timm_state
+from rankseg_core.model.backbone import load_timm_state, read_weights
 
 OUTPUT_STRIDE = 8
 # mmseg ResNetV1c stem (nn.Sequential conv, bn, relu, conv, bn, relu, conv, bn, relu) -> timm's
@@ -101,14 +100,7 @@ def load_resnet_weights(backbone: ResNetPyramid, path: str | Path) -> tuple[list
     Returns (missing, unexpected) keys; UserError for a missing file, a wrong suffix, a shape
     mismatch (another depth) or a file none of whose keys is a ResNet parameter.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"backbone_weights: file {path} not found; give a local timm or mmseg ResNet checkpoint "
-                        f"({'/'.join(s for s in WEIGHT_SUFFIXES if s != '.npz')}), weights are never downloaded")
-    if path.suffix not in WEIGHT_SUFFIXES or path.suffix == ".npz":
-        raise UserError(f"backbone_weights: {path} has suffix {path.suffix!r}; ResNet backbones load "
-                        f"{', '.join(s for s in WEIGHT_SUFFIXES if s != '.npz')}")
-    sd = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
+    path, sd = read_weights(path, "timm / mmseg ResNet")
     if is_mmseg_layout(sd):
         sd = mmseg_to_timm(sd)
     else:

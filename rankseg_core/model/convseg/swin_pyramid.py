@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.errors import UserError
-from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict, load_timm_state
+from rankseg_core.model.backbone import load_timm_state, read_weights
 from rankseg_core.model.mask2former.backbone import STRIDES, PyramidBackbone, _TimmPyramid
 
 SWIN_B = "swin_base_patch4_window12_384"  # mmseg's UperNet Swin-B: embed 128, depths 2-2-18-2, window 12
@@ -114,15 +114,7 @@ def load_swin_pyramid_weights(backbone: SwinPyramid, path: str | Path) -> tuple[
     file's names. Raises `UserError` for a missing file, a wrong suffix, a file that is not a
     Swin checkpoint of this size, or one where nothing matches.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"backbone_weights: file {path} not found; give a local timm / mmseg Swin checkpoint "
-                        f"({'/'.join(s for s in WEIGHT_SUFFIXES if s != '.npz')}), weights are never downloaded")
-    if path.suffix not in WEIGHT_SUFFIXES or path.suffix == ".npz":
-        raise UserError(f"backbone_weights: {path} has suffix {path.suffix!r}; Swin backbones load "
-                        f"{', '.join(s for s in WEIGHT_SUFFIXES if s != '.npz')}")
-    sd = _read_state_dict(path)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    path, sd = read_weights(path, "timm / mmseg Swin")
     if any(k.startswith("backbone.") for k in sd):  # a whole segmentor: its backbone part
         sd = {(k.removeprefix("backbone.") if k.startswith("backbone.") else k): v for k, v in sd.items()}
     sd = {k.removeprefix("body."): v for k, v in sd.items()}  # a SwinPyramid's own state dict

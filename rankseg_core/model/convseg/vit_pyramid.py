@@ -34,7 +34,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from rankseg_core.errors import UserError
-from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict, load_timm_state
+from rankseg_core.model.backbone import load_timm_state, read_weights
 
 BEIT_L = "beit_large_patch16_224"
 PATCH = 16
@@ -223,15 +223,7 @@ def load_beit_pyramid_weights(backbone: BeitPyramid, path: str | Path) -> tuple[
     the file's. Raises `UserError` for a missing file, a wrong suffix, a shape mismatch or a
     file with no BEiT key.
     """
-    path = Path(path).expanduser()
-    loadable = [s for s in WEIGHT_SUFFIXES if s != ".npz"]
-    if not path.is_file():
-        raise UserError(f"backbone_weights: file {path} not found; give a local timm / mmseg BEiT checkpoint "
-                        f"({'/'.join(loadable)}), weights are never downloaded")
-    if path.suffix not in loadable:
-        raise UserError(f"backbone_weights: {path} has suffix {path.suffix!r}; BEiT backbones load {', '.join(loadable)}")
-    sd = _read_state_dict(path)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    path, sd = read_weights(path, "timm / mmseg BEiT")
     if any(k.startswith("backbone.") for k in sd):  # a whole segmentor: its backbone (+ neck)
         sd = {(k.removeprefix("backbone.") if k.startswith("backbone.") else k): v for k, v in sd.items()}
     sd = {k.removeprefix("body."): v for k, v in sd.items()}  # a BeitPyramid's own state dict

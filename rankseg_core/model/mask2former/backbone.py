@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.errors import UserError
-from rankseg_core.model.backbone import WEIGHT_SUFFIXES, _read_state_dict, load_timm_state
+from rankseg_core.model.backbone import load_timm_state, read_weights
 from rankseg_core.model.mask2former.swin import use_detectron2_window_order
 
 STRIDES = (4, 8, 16, 32)
@@ -89,16 +89,9 @@ def load_pyramid_weights(backbone: PyramidBackbone, path: str | Path) -> tuple[l
     timm's own `checkpoint_filter_fn`. Returns (missing, unexpected) keys; raises `UserError`
     for a missing file, a wrong suffix, a shape mismatch or a file with no matching key.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"backbone_weights: file {path} not found; give a local timm checkpoint "
-                        f"({'/'.join(WEIGHT_SUFFIXES)}), weights are never downloaded")
-    if path.suffix not in WEIGHT_SUFFIXES or path.suffix == ".npz":
-        raise UserError(f"backbone_weights: {path} has suffix {path.suffix!r}; Mask2Former backbones load "
-                        f"{', '.join(s for s in WEIGHT_SUFFIXES if s != '.npz')}")
+    path, sd = read_weights(path, "timm")
     body = backbone.body
-    sd = _read_state_dict(path)
-    sd = {k.removeprefix("module.").removeprefix("backbone.body.").removeprefix("backbone."): v for k, v in sd.items()}
+    sd = {k.removeprefix("backbone.body.").removeprefix("backbone."): v for k, v in sd.items()}
     if backbone.is_swin:
         from timm.models.swin_transformer import checkpoint_filter_fn
 
