@@ -9,11 +9,54 @@ It imports nothing of rankseg but errors (config/model.py nests it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rankseg_core.errors import UserError
 
 TASKS = ("semantic", "panoptic", "instance")
+MASKFORMER_PIXEL_DECODERS = ("fpn", "transformer_fpn")
+# Mask2Former options a MaskFormer (model.model=maskformer-*) does not read: its own values are
+# `maskformer.*`; the family refuses these when changed (they would be ignored silently).
+MASK2FORMER_ONLY = ("dec_layers", "dropout", "enc_dim_feedforward", "enc_n_points", "class_weight", "mask_weight",
+                    "dice_weight", "train_num_points", "oversample_ratio", "importance_sample_ratio",
+                    "object_mask_threshold")
+
+
+@dataclass
+class MaskFormerConfig:
+    """MaskFormer's own options (`model.mask2former.maskformer.*`, maskformer-* models only):
+    those whose official values differ from Mask2Former's. Defaults: facebookresearch/MaskFormer's
+    ADE20K configs (`maskformer_R50_bs16_160k.yaml`, the Swin and panoptic configs on top); every
+    other option (widths, heads, FFN 2048, 100 queries, no-object 0.1, the RankSeg ones) is
+    shared with Mask2Former and has the same official value (docs/mask2former.md, "MaskFormer").
+    """
+
+    # "fpn" (BasePixelDecoder) | "transformer_fpn" (TransformerEncoderPixelDecoder, enc_layers
+    # encoder layers on res5); None = official: transformer_fpn for the panoptic task, else fpn
+    pixel_decoder: str | None = None
+    dec_layers: int = 6  # DEC_LAYERS: 6 layers, 6 predictions (no prediction on the learnable queries)
+    dropout: float = 0.1  # DROPOUT of the decoder and of the pixel decoder's encoder
+    # Loss weights (also the matching costs): CE 1 (hard-coded), sigmoid focal 20, dice 1.
+    class_weight: float = 1.0
+    mask_weight: float = 20.0
+    dice_weight: float = 1.0
+    object_mask_threshold: float = 0.7  # TEST.OBJECT_MASK_THRESHOLD of the ADE20K panoptic config
+
+    def validate(self) -> None:
+        """Raise `UserError` naming the first bad option and how to fix it."""
+        p = "model.mask2former.maskformer."
+        if self.pixel_decoder is not None and self.pixel_decoder not in MASKFORMER_PIXEL_DECODERS:
+            raise UserError(f"{p}pixel_decoder={self.pixel_decoder!r} is unknown; use one of "
+                            f"{', '.join(MASKFORMER_PIXEL_DECODERS)} (or null for the official one)")
+        if self.dec_layers < 1:
+            raise UserError(f"{p}dec_layers={self.dec_layers} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"{p}dropout={self.dropout} must be in [0, 1)")
+        for name in ("class_weight", "mask_weight", "dice_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{p}{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.object_mask_threshold <= 1.0:
+            raise UserError(f"{p}object_mask_threshold={self.object_mask_threshold} must be in [0, 1]")
 
 
 @dataclass
@@ -57,11 +100,15 @@ class Mask2FormerConfig:
     ml_dropout: float = 0.1
     ml_query_layer: int = 3  # the ml head reads the object queries after this decoder layer
     cosine_logits: bool = True  # SEM_SEG_HEAD.USE_LAYERNORM of the rankseg configs: cosine class logits
+    # MaskFormer (model.model=maskformer-*): the options whose official values differ
+    maskformer: MaskFormerConfig = field(default_factory=MaskFormerConfig)
     # The ml loss (weight 10, ASL gamma- 2 / gamma+ 0) and the ml head's lr multiplier (0.1) are
     # the engine's loss.* / optim.ml_lr_mult, set by the family's recipe (config.py).
 
-    def validate(self) -> None:
-        """Raise `UserError` naming the first bad option and how to fix it."""
+    def validate(self, maskformer: bool = False) -> None:
+        """Raise `UserError` naming the first bad option and how to fix it. maskformer: the
+        model is a MaskFormer (its family says so by name), which reads `maskformer.*` instead
+        of the MASK2FORMER_ONLY options."""
         p = "model.mask2former."
         if self.task not in TASKS:
             raise UserError(f"{p}task={self.task!r} is unknown; use one of {', '.join(TASKS)}")
@@ -78,8 +125,10 @@ class Mask2FormerConfig:
                             f"nheads={self.nheads}")
         if self.ml_hidden_dim % 64 and self.ml_hidden_dim >= 64:
             raise UserError(f"{p}ml_hidden_dim={self.ml_hidden_dim} must be a multiple of 64 (heads = dim / 64)")
-        if not 1 <= self.ml_query_layer <= self.dec_layers:
-            raise UserError(f"{p}ml_query_layer={self.ml_query_layer} must be in [1, dec_layers={self.dec_layers}]")
+        layers, which = (self.maskformer.dec_layers, "maskformer.dec_layers") if maskformer else (self.dec_layers,
+                                                                                                 "dec_layers")
+        if not 1 <= self.ml_query_layer <= layers:
+            raise UserError(f"{p}ml_query_layer={self.ml_query_layer} must be in [1, {which}={layers}]")
         if self.size_divisibility % 32:
             raise UserError(f"{p}size_divisibility={self.size_divisibility} must be a multiple of 32 (stride of res5)")
         if self.oversample_ratio < 1 or not 0 <= self.importance_sample_ratio <= 1:
@@ -93,3 +142,15 @@ class Mask2FormerConfig:
         for name in ("object_mask_threshold", "overlap_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{p}{name}={getattr(self, name)} must be in [0, 1]")
+        self.maskformer.validate()
+        # Options the chosen architecture would ignore are refused rather than dropped silently.
+        official = Mask2FormerConfig()
+        if maskformer:
+            for name in MASK2FORMER_ONLY:
+                if getattr(self, name) != getattr(official, name):
+                    own = f"; set {p}maskformer.{name}" if hasattr(self.maskformer, name) else ""
+                    raise UserError(f"{p}{name}={getattr(self, name)} is a Mask2Former option a MaskFormer does not "
+                                    f"read{own} (or use a mask2former-* model)")
+        elif self.maskformer != official.maskformer:
+            raise UserError(f"{p}maskformer.* is read by maskformer-* models only; use one (e.g. model.model="
+                            "maskformer-r50) or leave model.mask2former.maskformer at its defaults")

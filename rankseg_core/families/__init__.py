@@ -1,4 +1,5 @@
-"""Model families (Segmenter, Mask2Former, the multi-label classifier) behind one engine.
+"""Model families (Segmenter, Mask2Former / MaskFormer / ViT-Adapter, the multi-label classifier,
+DeepLabv3 / UperNet) behind one engine.
 
 Each family is a `Family` (base.py) in its own module, holding everything that differs between
 families: model names, recipes, parameter groups, capabilities, training loss and inference.
@@ -11,10 +12,10 @@ from rankseg_core.errors import UserError
 from rankseg_core.families.base import Family
 from rankseg_core.families.classifier import CLASSIFIER
 from rankseg_core.families.convseg import CONVSEG
-from rankseg_core.families.mask2former import MASK2FORMER
+from rankseg_core.families.mask2former import MASK2FORMER, MASK2FORMER_VITADAPTER
 from rankseg_core.families.segmenter import SEGMENTER
 
-FAMILIES: tuple[Family, ...] = (SEGMENTER, MASK2FORMER, CLASSIFIER, *CONVSEG)
+FAMILIES: tuple[Family, ...] = (SEGMENTER, MASK2FORMER, CLASSIFIER, *CONVSEG, MASK2FORMER_VITADAPTER)
 
 
 def family_of(model_name: str) -> Family:

@@ -1,4 +1,6 @@
-"""The Mask2Former family: Mask2Former baseline and Mask2Former + RankSeg (model/mask2former/).
+"""The Mask2Former family: Mask2Former baseline and Mask2Former + RankSeg (model/mask2former/),
+and MaskFormer (+ RankSeg) as its configuration with the standard transformer decoder
+(`maskformer-*` model names: model/mask2former/maskformer.py, losses/maskformer.py).
 
 Training targets come from the batch: one segment per class present in the crop's label
 (semantic task, as Mask2Former's semantic mapper) or one per non-crowd segment of the crop's
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
@@ -31,11 +34,15 @@ from rankseg_core.losses.mask2former_video import (
     clip_targets_from_semantic,
     clip_targets_from_tracks,
 )
+from rankseg_core.losses.maskformer import MaskFormerCriterion
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
+from rankseg_core.model.convseg.layers import sync_batch_norm
+from rankseg_core.model.convseg.vit_pyramid import layer_decay_multipliers
 from rankseg_core.model.mask2former.model import Mask2FormerModel, Mask2FormerOutput, build_mask2former
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm
 from rankseg_core.model.mask2former.video import VideoMask2FormerOutput, build_video_mask2former, frame_output
+from rankseg_core.model.mask2former.vit_adapter import ViTAdapter
 from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
 
@@ -46,6 +53,11 @@ def _panoptic(m: ModelConfig) -> bool:
 
 def _instance(m: ModelConfig) -> bool:
     return m.mask2former.task == "instance"
+
+
+def is_maskformer(m: ModelConfig) -> bool:
+    """A MaskFormer (standard decoder, FPN pixel decoder, full-mask focal loss): its name says so."""
+    return m.model.startswith("maskformer-")
 
 
 def batch_targets(batch: dict[str, Any], num_classes: int, panoptic: bool) -> list[dict[str, Tensor]]:
@@ -88,7 +100,8 @@ def _criterion(cfg: TrainConfig) -> Any:
     if t > 1:  # clips: video Mask2Former on the T-frame masks (semantic task)
         vcrit = VideoMask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
         return lambda out, batch: vcrit(out, clip_batch_targets(batch, k, t))
-    crit = Mask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
+    criterion = MaskFormerCriterion if is_maskformer(cfg.model) else Mask2FormerCriterion
+    crit = criterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
     panoptic = _panoptic(cfg.model)
     return lambda out, batch: crit(out, batch_targets(batch, k, panoptic))
 
@@ -148,8 +161,9 @@ def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tupl
             if _panoptic(cfg.model) and size == (h, w) and not flipped:
                 m = cfg.model.mask2former
                 things = cfg.data.thing_classes or []
+                keep = m.maskformer.object_mask_threshold if is_maskformer(cfg.model) else m.object_mask_threshold
                 panoptic = [panoptic_inference(_one(out, i), cast(tuple[int, int], tuple(sizes[i])), things,
-                                               m.object_mask_threshold, m.overlap_threshold)[0] for i in range(n)]
+                                               keep, m.overlap_threshold)[0] for i in range(n)]
             if clip_out.ml_logits is not None:  # one ranking per clip (per image for T = 1)
                 p = clip_out.ml_logits.float().sigmoid()
                 ml_sum = p if ml_sum is None else ml_sum + p
@@ -170,6 +184,12 @@ MODELS = {
     "mask2former-swins": "swin_small_patch4_window7_224",
     "mask2former-swinb": "swin_base_patch4_window12_384",
     "mask2former-swinl": "swin_large_patch4_window12_384",
+    # MaskFormer (facebookresearch/MaskFormer's ADE20K configs load the same backbones)
+    "maskformer-r50": "resnet50",
+    "maskformer-swint": "swin_tiny_patch4_window7_224",
+    "maskformer-swins": "swin_small_patch4_window7_224",
+    "maskformer-swinb": "swin_base_patch4_window12_384",
+    "maskformer-swinl": "swin_large_patch4_window12_384",
 }
 
 # The official Mask2Former recipe (configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k
@@ -184,6 +204,14 @@ RECIPES: dict[str, dict[str, Any]] = {
           "optim.ml_lr_mult": 0.1, "optim.ml_wd_mult": 1.0, "optim.grad_clip": 0.01, "schedule.min_lr": 0.0,
           "schedule.batch_size": 16, "schedule.iters": 160000, "model.img_size": 512, "aug.cat_max_ratio": 1.0,
           "loss.ml_weight": 10.0, "eval.mode": "whole"},
+    # MaskFormer's own optimizers (facebookresearch/MaskFormer configs/ade20k-150: R50 weight
+    # decay 1e-4; Swin AdamW 6e-5, decay 0.01, backbone lr x 1, 1500 warm-up iterations, crop
+    # 640 for Swin-B/L). Its panoptic R50 config (crop 640, 720k iterations) depends on the task,
+    # not the model: docs/architectures.md gives the keys.
+    "maskformer-r50": {"optim.weight_decay": 1e-4},
+    **{f"maskformer-swin{s}": {"optim.lr": 6e-5, "optim.weight_decay": 0.01, "optim.backbone_lr_mult": 1.0,
+                               "schedule.warmup_iters": 1500, **({"model.img_size": 640} if s in "bl" else {})}
+       for s in ("t", "s", "b", "l")},
     # Our own cheap CPU protocol on the built-in data (as the Segmenter's synthetic recipe).
     "synthetic": {"model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
 }
@@ -247,20 +275,25 @@ def _validate(m: ModelConfig) -> None:
     if m.clip_len == 1 and _instance(m):
         raise UserError("model.mask2former.task=instance trains video tracks on clips: set model.clip_len >= 2 "
                         "(e.g. --set model.clip_len=2), or use task=semantic / panoptic for images")
-    m.mask2former.validate()
+    if is_maskformer(m) and m.clip_len != 1:
+        raise UserError(f"model.clip_len={m.clip_len}: {m.model} segments images; use clip_len=1, or a "
+                        "mask2former-* model for clips")
+    m.mask2former.validate(maskformer=is_maskformer(m))
 
 
 def _build(m: ModelConfig) -> nn.Module:
     _validate(m)
     if m.clip_len > 1:  # Mask2Former-VIS-style clip queries (docs/video.md)
         return build_video_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m))
-    return build_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m))
+    return build_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m),
+                             decoder="standard" if is_maskformer(m) else "masked")
 
 
 def stats_extra(model: nn.Module, m: ModelConfig) -> dict[str, Any]:
     m2f = cast(Mask2FormerModel, model)  # this family's model
     head = m2f.ml_head
-    return {"task": m.mask2former.task, "queries": m2f.num_queries,
+    return {"task": m.mask2former.task, "decoder": type(m2f.decoder).__name__,
+            "pixel_decoder": type(m2f.pixel_decoder).__name__, "queries": m2f.num_queries,
             "params_ml_head": sum(p.numel() for p in head.parameters()) if head is not None else 0}
 
 
@@ -293,4 +326,133 @@ MASK2FORMER = Family(
     find_unused_parameters=lambda m: m.oracle,
     stats_extra=stats_extra,
     rank_scale=rank_scale,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# ViT-Adapter backbones (model/mask2former/vit_adapter.py). The official ViT-Adapter runs are
+# mmseg's, with their own recipe (layer-wise lr decay, warm-up, crop 896, no gradient clipping),
+# hence a family of their own that shares everything else with MASK2FORMER.
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """A ViT-Adapter Mask2Former: the timm BEiT, its size overrides and the adapter's widths
+    (ViTAdapter arguments), and the official values of the head options (`head`, Mask2FormerConfig
+    names) and query count."""
+
+    timm_name: str
+    beit: dict[str, Any]
+    adapter: dict[str, Any]
+    head: dict[str, Any]
+    queries: int
+
+
+VIT_ADAPTER_SPECS: dict[str, AdapterSpec] = {
+    # czczup/ViT-Adapter segmentation/configs/ade20k/mask2former_beit_adapter_large_896_80k_ade20k_ss.py:
+    # BEiT-L, SPM width 64, 16 deformable heads (n_points 4, cffn 0.25, deform ratio 0.5: the
+    # ViTAdapter defaults), with_cp (activations recomputed in the backward pass); mmdet's
+    # Mask2FormerHead at width 1024 with 32 heads, FFNs of 4096 in the pixel decoder and the
+    # decoder, 200 queries. The ml head at width 1024 (the head's): the paper's +13.97M for
+    # RankSeg (Table 7) is what that width adds (docs/architectures.md).
+    "mask2former-vitadapterl": AdapterSpec(
+        "beit_large_patch16_224", {}, {"conv_inplane": 64, "deform_num_heads": 16, "with_cp": True},
+        {"hidden_dim": 1024, "conv_dim": 1024, "mask_dim": 1024, "nheads": 32, "dim_feedforward": 4096,
+         "enc_dim_feedforward": 4096, "ml_hidden_dim": 1024}, 200),
+    # Ours, for CPU runs and tests: the same structure at ViT width 32 (4 blocks, one per group).
+    "mask2former-vitadaptert": AdapterSpec(
+        "beit_base_patch16_224", {"embed_dim": 32, "depth": 4, "num_heads": 2},
+        {"conv_inplane": 16, "deform_num_heads": 2},
+        {"hidden_dim": 32, "conv_dim": 32, "mask_dim": 32, "nheads": 4, "dim_feedforward": 64,
+         "enc_dim_feedforward": 64, "ml_hidden_dim": 32}, 16),
+}
+
+# The official ViT-Adapter recipe (mask2former_beit_adapter_large_896_80k_ade20k_ss.py, the
+# 60.5 multi-scale mIoU of Table 7 / supplement Table 6): AdamW lr 2e-5, betas (0.9, 0.999),
+# weight decay 0.05 (0 on 1-D parameters and biases), layer-wise lr decay 0.9 over the 24 blocks
+# (`vit_adapter_groups`), no gradient clipping (mmseg's optimizer_config = {}), poly power 1.0 to
+# 0 after a 1500-iteration linear warm-up from 1e-6 x, batch 16 (16 GPUs x 1), 80k iterations
+# (after 80k on COCO-Stuff: its load_from), crop 896 from (3584, 896) x [0.5, 2] with
+# cat_max_ratio 0.75, test at short side 896 (long <= 3584). RankSeg's values for Mask2Former
+# (supplement Table 2, "the same for ViT-Adapter"): kappa = K, ml loss weight 10.
+VIT_ADAPTER_RECIPES: dict[str, dict[str, Any]] = {
+    "*": {"optim.name": "adamw", "optim.lr": 2e-5, "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.05,
+          "optim.ml_lr_mult": 1.0, "optim.ml_wd_mult": 1.0, "optim.grad_clip": 0.0, "schedule.power": 1.0,
+          "schedule.min_lr": 0.0, "schedule.warmup_iters": 1500, "schedule.batch_size": 16, "schedule.iters": 80000,
+          "model.img_size": 896, "aug.cat_max_ratio": 0.75, "loss.ml_weight": 10.0, "eval.mode": "whole"},
+    "ade20k": {"model.kappa": 150},
+    # Our own cheap CPU protocol on the built-in data (as the Mask2Former synthetic recipe).
+    "synthetic": {"model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8,
+                  "schedule.warmup_iters": 100, "eval.every": 500},
+}
+
+VIT_ADAPTER_LAYER_DECAY = 0.9  # paramwise_cfg layer_decay_rate of every official ViT-Adapter-L config
+# Head parameters the official LayerDecayOptimizerConstructor puts in layer 0 with the patch
+# embedding (lr x 0.9^25): its decode_head.{mask_embed, cls_embed, level_embed, query_embed,
+# query_feat}, in our names.
+_LAYER0_HEAD = ("decoder.mask_embed.", "class_embed.", "decoder.level_embed.", "decoder.query_embed.",
+                "decoder.query_feat.")
+
+
+def with_official_head(m: ModelConfig) -> ModelConfig:
+    """`m` (a copy) with each head option of `AdapterSpec.head` that is still at its
+    Mask2FormerConfig default (the detectron2 value) set to the ViT-Adapter model's official one."""
+    spec, default = VIT_ADAPTER_SPECS[m.model], Mask2FormerConfig()
+    values = {k: v for k, v in spec.head.items() if getattr(m.mask2former, k) == getattr(default, k)}
+    return dataclasses.replace(m, mask2former=dataclasses.replace(m.mask2former, **values))
+
+
+def _validate_vit_adapter(m: ModelConfig) -> None:
+    if m.clip_len != 1:
+        raise UserError(f"model.clip_len={m.clip_len}: {m.model} segments images (clip models use the timm "
+                        "pyramid backbones); use clip_len=1, or a mask2former-r50 / -swin* model for clips")
+    if m.img_size % 32:
+        raise UserError(f"model.img_size={m.img_size}: ViT-Adapter needs a multiple of 32 (its stride-32 level is "
+                        "half the ViT grid); use e.g. 896 (the official crop) or 64")
+    _validate(with_official_head(m))
+
+
+def _build_vit_adapter(m: ModelConfig) -> nn.Module:
+    _validate_vit_adapter(m)
+    m = with_official_head(m)
+    spec = VIT_ADAPTER_SPECS[m.model]
+    backbone = ViTAdapter(spec.timm_name, img_size=m.img_size, in_chans=m.in_chans,
+                          drop_path=m.mask2former.backbone_drop_path, **spec.beit, **spec.adapter)
+    queries = spec.queries if m.mask2former.num_queries is None else m.mask2former.num_queries
+    # SyncBN as the official SPM / output norms when training on several GPUs (1 image each there).
+    return sync_batch_norm(build_mask2former(m, spec.timm_name, queries, backbone=backbone))
+
+
+def _resolve_vit_adapter(cfg: TrainConfig) -> None:
+    """Record the official head widths in the run's config (config.yaml says what was built)."""
+    cfg.model = with_official_head(cfg.model)
+
+
+def vit_adapter_groups(model: nn.Module, cfg: TrainConfig) -> Multipliers:
+    """The official LayerDecayOptimizerConstructor (ViT-Adapter's mmcv_custom): mmseg's BEiT
+    layer decay (`layer_decay_multipliers`: patch embedding and cls token at layer 0, block i at
+    i + 1, the rest, the adapter included, at the base lr; no decay on 1-D parameters and
+    biases) with the head's query / level embeddings, class and mask embeddings at layer 0. The
+    ml branch's lr and decay are then scaled by optim.ml_lr_mult / ml_wd_mult."""
+    backbone = cast(ViTAdapter, cast(Mask2FormerModel, model).backbone)  # this family's model
+    rate, depth = VIT_ADAPTER_LAYER_DECAY, backbone.num_layers
+    mults = layer_decay_multipliers(model, rate, depth)
+    ml, o = ml_branch_names(model), cfg.optim
+    for name, (lr, decay) in mults.items():
+        if name.startswith(_LAYER0_HEAD):
+            mults[name] = (rate ** (depth + 1), decay)
+        elif name in ml:
+            mults[name] = (lr * o.ml_lr_mult, decay * o.ml_wd_mult)
+    return mults
+
+
+MASK2FORMER_VITADAPTER = dataclasses.replace(
+    MASK2FORMER,
+    name="mask2former-vitadapter",
+    models={name: spec.timm_name for name, spec in VIT_ADAPTER_SPECS.items()},
+    build=_build_vit_adapter,
+    recipes=VIT_ADAPTER_RECIPES,
+    resolve=_resolve_vit_adapter,
+    validate=_validate_vit_adapter,
+    param_groups=vit_adapter_groups,
 )

@@ -10,6 +10,10 @@ Variants, as for Segmenter (`ModelConfig.head`, `select`, `tau`, `oracle`):
 - oracle     (GT train+eval, the fork's USE_GT): the image's GT classes (by id) + no-object,
   linear class head, no ml head, no LayerNorm; needs `gt_classes` at every forward.
 
+MaskFormer (decoder="standard", the family's maskformer-* models): the same model with
+MaskFormer's FPN pixel decoder and standard (DETR) transformer decoder (maskformer.py); the
+heads and every variant above are unchanged, the ml head reading the decoder's queries.
+
 Video (later): frames stay the batch dimension everywhere below; a clip model would pool the
 ml head over a clip's frames and share its selection, as the Segmenter family does.
 """
@@ -17,6 +21,7 @@ ml head over a clip's frames and share its selection, as the Segmenter family do
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +30,11 @@ from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.heads import FILL_LOGIT
 from rankseg_core.model.mask2former.backbone import PyramidBackbone, load_pyramid_weights, pad_to_multiple
 from rankseg_core.model.mask2former.decoder import MaskedTransformerDecoder
+from rankseg_core.model.mask2former.maskformer import (
+    FPNPixelDecoder,
+    StandardTransformerDecoder,
+    build_maskformer_heads,
+)
 from rankseg_core.model.mask2former.multilabel import (
     MultiLabelHead,
     QueryRankNorm,
@@ -33,6 +43,7 @@ from rankseg_core.model.mask2former.multilabel import (
     with_no_object,
 )
 from rankseg_core.model.mask2former.pixel_decoder import PixelDecoder
+from rankseg_core.model.mask2former.vit_adapter import ViTAdapter, load_vit_adapter_weights
 from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
 
 
@@ -72,10 +83,15 @@ class Mask2FormerOutput:
     num_classes: int
 
 
-class Mask2FormerModel(nn.Module):
+# The backbone a model runs: the timm pyramid, or one its family built (ViT-Adapter).
+BackboneT = TypeVar("BackboneT", PyramidBackbone, ViTAdapter)
+
+
+class Mask2FormerModel(nn.Module, Generic[BackboneT]):
     """`forward_features` -> `forward_head`, as in timm (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, arch: str, num_queries: int) -> None:
+    def __init__(self, cfg: ModelConfig, arch: str, num_queries: int, decoder: str = "masked",
+                 backbone: BackboneT | None = None) -> None:
         super().__init__()
         m = cfg.mask2former
         self.cfg = cfg
@@ -89,9 +105,18 @@ class Mask2FormerModel(nn.Module):
         self.kappa = cfg.effective_kappa if self.selects else k
         self.ml_query_layer = m.ml_query_layer
 
-        self.backbone = PyramidBackbone(arch, m, cfg.in_chans)
-        self.pixel_decoder = PixelDecoder(self.backbone.channels, m)
-        self.decoder = MaskedTransformerDecoder(m.conv_dim, m, self.num_queries)
+        # `backbone`: one the family built (ViT-Adapter); else the timm pyramid `arch`.
+        self.backbone: BackboneT = (cast(BackboneT, PyramidBackbone(arch, m, cfg.in_chans)) if backbone is None
+                                    else backbone)
+        self.pixel_decoder: PixelDecoder | FPNPixelDecoder
+        self.decoder: MaskedTransformerDecoder | StandardTransformerDecoder
+        if decoder == "standard":  # MaskFormer
+            self.pixel_decoder, self.decoder = build_maskformer_heads(self.backbone.channels, m, self.num_queries)
+        elif decoder == "masked":
+            self.pixel_decoder = PixelDecoder(self.backbone.channels, m)
+            self.decoder = MaskedTransformerDecoder(m.conv_dim, m, self.num_queries)
+        else:
+            raise ValueError(f"decoder={decoder!r}: use 'masked' (Mask2Former) or 'standard' (MaskFormer)")
         self.class_embed = nn.Linear(m.hidden_dim, k + 1, bias=not self.cosine)
         self.ml_head = MultiLabelHead(k, m.hidden_dim, m.ml_hidden_dim, m.ml_dropout) if self.uses_ml else None
         # +MT: LayerNorm over all K + 1 columns in class order ("rank" = class index there).
@@ -153,11 +178,16 @@ class Mask2FormerModel(nn.Module):
         return self.backbone.data_config()
 
 
-def build_mask2former(cfg: ModelConfig, arch: str, num_queries: int) -> Mask2FormerModel:
-    """Validate `cfg`, build the model on the timm backbone `arch` and load local backbone
-    weights if given."""
+def build_mask2former(cfg: ModelConfig, arch: str, num_queries: int, decoder: str = "masked",
+                      backbone: ViTAdapter | None = None) -> Mask2FormerModel:
+    """Validate `cfg`, build the model on the timm backbone `arch` (decoder "masked" =
+    Mask2Former, "standard" = MaskFormer), or on `backbone` when the family built one, and
+    load local backbone weights if given."""
     cfg.validate()
-    model = Mask2FormerModel(cfg, arch, num_queries)
+    model: Mask2FormerModel = Mask2FormerModel(cfg, arch, num_queries, decoder, backbone)
     if cfg.backbone_weights:
-        load_pyramid_weights(model.backbone, cfg.backbone_weights)
+        if isinstance(model.backbone, ViTAdapter):
+            load_vit_adapter_weights(model.backbone, cfg.backbone_weights)
+        else:
+            load_pyramid_weights(model.backbone, cfg.backbone_weights)
     return model
