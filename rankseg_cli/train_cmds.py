@@ -45,7 +45,7 @@ def _segmented(rep: dict) -> bool:
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (config.yaml, metrics.jsonl, checkpoints/, model.safetensors).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory from `rankseg prepare`.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, classifier-vit{t,s,b,l} (multi-label classifier of the independent scheme), mask2former-*, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, classifier-vit{t,s,b,l} (multi-label classifier of the independent scheme), mask2former-* (incl. -vitadapterl), maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections model:, optim:, schedule:, ...) or a preset name, e.g. segmenter-vitb-ade20k-full or m2f-swinl-ade20k-panoptic (docs/training.md, Presets).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=1e-3 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue RUN from checkpoints/last.pt exactly (same data order and losses).")] = False,
@@ -249,7 +249,7 @@ def predict(
 
 @user_errors
 def stats_model(
-    model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, mask2former-r50 / -swin{t,s,b,l}, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = "segmenter-vitb",
+    model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, mask2former-r50 / -swin{t,s,b,l} / -vitadapterl, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = "segmenter-vitb",
     num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K.")] = 150,
     head: Annotated[str, typer.Option("--head", help="segmenter (baseline) or rankseg; Segmenter models also encnet / essnet.")] = "rankseg",
     kappa: Annotated[int, typer.Option("--kappa", help="Selected classes (rankseg).")] = 100,
