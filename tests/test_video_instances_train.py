@@ -183,3 +183,30 @@ def test_bad_combinations_are_one_line_errors(videos: Path, tmp_path: Path) -> N
     res = CliRunner().invoke(app, ["train", "--data", str(bare), "--out", str(tmp_path / "run"),
                                    *[f"--set={s}" for s in INST + ["schedule.iters=1"]]])
     assert_one_line_error(res, "has no instances")
+
+
+def test_loader_takes_frames_without_any_instance(videos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame where every track is absent (common in YouTube-VIS) is a frame with no target,
+    not a crash: its instance list is empty and the other frame of the clip keeps its own."""
+    import rankseg_core.data.loading as loading
+    from rankseg_core.data.augment import build_train_transform
+
+    ds = ShardDataset(videos, "train")
+    cfg = build_train_config(None, INST + ["schedule.iters=1"], videos)
+    clips = clip_table(ds, 2)
+    first = int(clips[0][0])
+    real = loading.frame_instances
+
+    def emptied(ds_: ShardDataset, i: int):
+        masks, cats, ids = real(ds_, i)
+        return (masks[:0], cats[:0], ids[:0]) if i == first else (masks, cats, ids)
+
+    monkeypatch.setattr(loading, "frame_instances", emptied)
+    data = AugmentedClips(ds, clips, build_train_transform(cfg, [0.0] * 3, [1.0] * 3), seed=0, instances=True)
+    item = data[(0, 0)]
+    empty, other = item["instances"]
+    assert empty["labels"].shape == (0,) and empty["masks"].shape[0] == 0 and empty["ids"].shape == (0,)
+    assert other["masks"].shape[1:] == (64, 64)
+    targets = clip_track_targets(collate_clips([item]), 2)
+    assert len(targets) == 1 and targets[0]["masks"].shape[1] == 2  # tracks x T frames, the first all-False
+    assert not targets[0]["masks"][:, 0].any()

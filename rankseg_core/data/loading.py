@@ -156,7 +156,7 @@ class AugmentedClips(torch.utils.data.Dataset):
         per_frame = []
         for m, (_, cats, ids) in zip(masks, insts):
             # An instance cropped out of a frame is absent there (a "null" frame of its track).
-            keep = m.reshape(m.shape[0], -1).any(1)
+            keep = m.any(axis=(1, 2))  # (reshape(n, -1) fails for a frame without instances)
             per_frame.append({"labels": torch.from_numpy(cats[keep]), "masks": torch.from_numpy(m[keep]),
                               "ids": torch.from_numpy(ids[keep])})
         return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab), "instances": per_frame}
