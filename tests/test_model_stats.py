@@ -85,3 +85,24 @@ def test_flops_vit_b_rankseg_cheaper_than_baseline_at_1284_classes() -> None:
     rank = count_flops(SEGMENTER.build(rank_cfg), rank_cfg)
     assert rank["flops"] < base["flops"]
     assert rank["backbone_flops"] == base["backbone_flops"]
+
+
+def test_fused_attention_is_not_counted_on_any_device() -> None:
+    """The CUDA attention kernels PyTorch can count are mapped to 0, as the CPU kernel (which
+    it cannot count) is, so `rankseg stats model` gives one number whatever the device; a
+    meta tensor runs the CUDA kernel's counting rule here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rankseg_core.engine.model_stats import _FUSED_ATTENTION
+
+    q = torch.randn(1, 2, 16, 8, device="meta")
+    counts = []
+    for mapping in ({}, _FUSED_ATTENTION):
+        with FlopCounterMode(display=False, custom_mapping=mapping) as c:
+            torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, None, False)
+        counts.append(c.get_total_flops())
+    assert counts == [2 * 2 * (2 * 16 * 16 * 8), 0]  # QK^T and AV: 2 x (B H L L D) MACs each
+    with FlopCounterMode(display=False, custom_mapping=_FUSED_ATTENTION) as c:
+        x = torch.randn(1, 2, 16, 8)
+        torch.nn.functional.scaled_dot_product_attention(x, x, x)
+    assert c.get_total_flops() == 0

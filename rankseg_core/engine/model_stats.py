@@ -1,10 +1,13 @@
 """Parameter and FLOP counts (`rankseg stats model`), cf. docs/method.md sec. 9.
 
-FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which counts every matmul,
-conv and attention product as 2 x MACs. The paper's "FLOPs" are mmcv module-hook MACs that
-skip functional matmuls (attention scores, nn.MultiheadAttention projections), so absolute
-numbers differ (ViT-B/16 at 512: paper 78.8G vs our 105.7 GMACs for the baseline); compare
-variants with the same counter (docs/model.md lists both).
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which counts every matmul and
+conv as 2 x MACs. The score products inside fused scaled-dot-product attention kernels are
+NOT counted, on any device: PyTorch has a formula for the CUDA kernels but none for the CPU
+one, so counting them would make the numbers depend on the device (`_FUSED_ATTENTION`).
+Attention written as explicit matmuls is counted. The paper's "FLOPs" are mmcv / fvcore
+module-hook MACs that also skip functional matmuls (attention scores, nn.MultiheadAttention
+projections), so absolute numbers differ (ViT-B/16 at 512: paper 78.8G vs our 105.7 GMACs for
+the baseline); compare variants with the same counter (docs/model.md lists both).
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.families import check_head, family_of
 from rankseg_core.model.selection import NO_SELECTION, Selection
+
+
+def _not_counted(*args: object, **kwargs: object) -> int:
+    return 0
+
+
+# The fused attention kernels PyTorch can count (CUDA): counted as 0, as the CPU kernel is.
+_FUSED_ATTENTION = {getattr(torch.ops.aten, name): _not_counted for name in (
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
+    if hasattr(torch.ops.aten, name)}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -39,7 +53,7 @@ def count_flops(model: nn.Module, m: ModelConfig, img_size: int | tuple[int, int
     """FLOPs / MACs of one eval forward on a clip_len x in_chans x H x W input (default size
     m.img_size) under `selection`.
 
-    Returns flops (= 2 x macs, all matmuls incl. attention), macs, backbone / head flops (the
+    Returns flops (= 2 x macs: matmuls and convs; fused attention kernels not counted), macs, backbone / head flops (the
     head: a `head` submodule where the model has one, else everything after the backbone).
     """
     size = m.img_size if img_size is None else img_size
@@ -48,7 +62,7 @@ def count_flops(model: nn.Module, m: ModelConfig, img_size: int | tuple[int, int
     x = torch.zeros(m.clip_len, m.in_chans, h, w, dtype=param.dtype, device=param.device)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_FUSED_ATTENTION)
     try:
         with counter:
             model(x, selection)
