@@ -255,7 +255,8 @@ def stats_model(
     kappa: Annotated[int, typer.Option("--kappa", help="Selected classes (rankseg).")] = 100,
     img_size: Annotated[int, typer.Option("--img-size", help="Input side in pixels.")] = 512,
     ml_head: Annotated[str, typer.Option("--ml-head", help="tranenc, trandec or gap.")] = "tranenc",
-    task: Annotated[str, typer.Option("--task", help="Mask2Former: semantic or panoptic (official query count: 200 for Swin-L panoptic).")] = "semantic",
+    task: Annotated[str, typer.Option("--task", help="Mask2Former: semantic, panoptic or instance (official query count: 200 for Swin-L panoptic / instance).")] = "semantic",
+    clip_len: Annotated[int, typer.Option("--clip-len", help="Frames per clip T: video models are counted on one clip of T frames.")] = 1,
     no_flops: Annotated[bool, typer.Option("--no-flops", help="Parameters only (fast).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -269,13 +270,15 @@ def stats_model(
         --kappa 150 --img-size 640 --task panoptic
       rankseg stats model --model deeplabv3-r101 --num-classes 150 \\
         --kappa 50 --head segmenter --no-flops
+      rankseg stats model --model mask2former-swinl --num-classes 40 \\
+        --kappa 40 --task instance --clip-len 2 --img-size 480
     """
     from rankseg_core.config.mask2former import Mask2FormerConfig
     from rankseg_core.config.model import ModelConfig
     from rankseg_core.engine.model_stats import model_stats
 
     cfg = ModelConfig(model=model, num_classes=num_classes, head=head, kappa=kappa, img_size=img_size, ml_head=ml_head,
-                      mask2former=Mask2FormerConfig(task=task))
+                      clip_len=clip_len, mask2former=Mask2FormerConfig(task=task))
     stats = model_stats(cfg, flops=not no_flops)
     if as_json:
         print(json.dumps(stats, indent=1))

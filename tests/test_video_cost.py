@@ -119,3 +119,23 @@ def test_table8_video_rankseg_flops_increments() -> None:
             assert 0.90 < printed_base / (base["macs"] / 1e9) < 0.97, base["macs"]
             assert measured[name] / (base["macs"] / 1e9) < 0.0015  # printed: 0.10 %
     assert measured["ytvis"] > measured["vspw"]  # printed: +0.80 > +0.76
+
+
+def test_stats_model_counts_a_clip_of_clip_len_frames() -> None:
+    """`rankseg stats model --clip-len T` counts one clip of T frames: the backbone twice at
+    T = 2, the parameters unchanged (they do not depend on T)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rankseg_cli.app import app
+
+    def stats(*extra: str) -> dict:
+        res = CliRunner().invoke(app, ["stats", "model", "--model", "mask2former-r50", "--num-classes", "10",
+                                       "--kappa", "5", "--img-size", "64", "--json", *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)
+
+    one, two = stats(), stats("--clip-len", "2")
+    assert two["params"] == one["params"]
+    assert two["backbone_gflops"] == pytest.approx(2 * one["backbone_gflops"], rel=1e-12)
