@@ -36,11 +36,13 @@ from rankseg_core.losses.mask2former_video import (
 )
 from rankseg_core.losses.maskformer import MaskFormerCriterion
 from rankseg_core.losses.rankseg import ml_loss_fn
+from rankseg_core.losses.semask import SemanticPriorCriterion
 from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
 from rankseg_core.model.convseg.layers import sync_batch_norm
 from rankseg_core.model.convseg.vit_pyramid import layer_decay_multipliers
 from rankseg_core.model.mask2former.model import Mask2FormerModel, Mask2FormerOutput, build_mask2former
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm
+from rankseg_core.model.mask2former.semask import SeMaskSwin
 from rankseg_core.model.mask2former.video import VideoMask2FormerOutput, build_video_mask2former, frame_output
 from rankseg_core.model.mask2former.vit_adapter import ViTAdapter
 from rankseg_core.model.selection import Selection
@@ -58,6 +60,11 @@ def _instance(m: ModelConfig) -> bool:
 def is_maskformer(m: ModelConfig) -> bool:
     """A MaskFormer (standard decoder, FPN pixel decoder, full-mask focal loss): its name says so."""
     return m.model.startswith("maskformer-")
+
+
+def is_semask(m: ModelConfig) -> bool:
+    """A Mask2Former on a SeMask Swin backbone (model/mask2former/semask.py)."""
+    return m.model in SEMASK_SIZES
 
 
 def batch_targets(batch: dict[str, Any], num_classes: int, panoptic: bool) -> list[dict[str, Tensor]]:
@@ -103,7 +110,11 @@ def _criterion(cfg: TrainConfig) -> Any:
     criterion = MaskFormerCriterion if is_maskformer(cfg.model) else Mask2FormerCriterion
     crit = criterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
     panoptic = _panoptic(cfg.model)
-    return lambda out, batch: crit(out, batch_targets(batch, k, panoptic))
+
+    def image_loss(out: Mask2FormerOutput, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return crit(out, batch_targets(batch, k, panoptic))
+    # SeMask: + CATE_WEIGHT (0.4) x the CE of its semantic prior (losses/semask.py).
+    return SemanticPriorCriterion(image_loss, IGNORE) if is_semask(cfg.model) else image_loss
 
 
 def _one(out: Mask2FormerOutput, i: int) -> Mask2FormerOutput:
@@ -190,6 +201,18 @@ MODELS = {
     "maskformer-swins": "swin_small_patch4_window7_224",
     "maskformer-swinb": "swin_base_patch4_window12_384",
     "maskformer-swinl": "swin_large_patch4_window12_384",
+    # SeMask Swin (model/mask2former/semask.py): the official SeMask-L, and ours for CPU runs
+    "mask2former-semaskl": "swin_large_patch4_window12_384",
+    "mask2former-semaskt": "swin_tiny_patch4_window7_224",
+}
+
+# SeMask models -> their Swin's size overrides (SeMaskSwin `swin_kwargs`). SeMask-L as the official
+# config (Picsart-AI-Research/SeMask-Segmentation maskformer2_semask_swin_large_IN21k_384_bs16_160k
+# _res640.yaml): Swin-L, window 12 and semantic window 12, pretrained at 384, one semantic
+# attention per stage. semaskt: width 16, 2 blocks per stage, window 4.
+SEMASK_SIZES: dict[str, dict[str, Any]] = {
+    "mask2former-semaskl": {},
+    "mask2former-semaskt": {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8), "window_size": 4},
 }
 
 # The official Mask2Former recipe (configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k
@@ -212,6 +235,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     **{f"maskformer-swin{s}": {"optim.lr": 6e-5, "optim.weight_decay": 0.01, "optim.backbone_lr_mult": 1.0,
                                "schedule.warmup_iters": 1500, **({"model.img_size": 640} if s in "bl" else {})}
        for s in ("t", "s", "b", "l")},
+    # SeMask-L: the official config is Mask2Former's Swin-L ADE20K recipe above at crop 640 (test
+    # short side 640, long <= 2560), + the semantic-prior loss (weight 0.4, losses/semask.py).
+    "mask2former-semaskl": {"model.img_size": 640},
     # Our own cheap CPU protocol on the built-in data (as the Segmenter's synthetic recipe).
     "synthetic": {"model.img_size": 128, "schedule.iters": 2000, "schedule.batch_size": 8, "eval.every": 500},
 }
@@ -268,6 +294,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> Multipliers:
 
 
 def _validate(m: ModelConfig) -> None:
+    if is_semask(m) and (m.clip_len != 1 or m.mask2former.task != "semantic"):
+        raise UserError(f"model.mask2former.task={m.mask2former.task}, model.clip_len={m.clip_len}: {m.model} segments "
+                        "images semantically (its semantic-prior loss reads the semantic label, as the official "
+                        "SeMask configs); use task=semantic and clip_len=1, or a mask2former-swin* model")
     if m.clip_len != 1 and _panoptic(m):
         raise UserError(f"model.clip_len={m.clip_len}: clips of the Mask2Former family segment semantically (VSPW) "
                         "or track instances (YouTube-VIS); use model.mask2former.task=semantic / instance, or "
@@ -283,6 +313,10 @@ def _validate(m: ModelConfig) -> None:
 
 def _build(m: ModelConfig) -> nn.Module:
     _validate(m)
+    if is_semask(m):
+        arch = MASK2FORMER.arch(m.model)
+        semask = SeMaskSwin(arch, m.num_classes, m.mask2former, m.in_chans, **SEMASK_SIZES[m.model])
+        return build_mask2former(m, arch, num_queries(m), backbone=semask)
     if m.clip_len > 1:  # Mask2Former-VIS-style clip queries (docs/video.md)
         return build_video_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m))
     return build_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m),

@@ -14,6 +14,10 @@ MaskFormer (decoder="standard", the family's maskformer-* models): the same mode
 MaskFormer's FPN pixel decoder and standard (DETR) transformer decoder (maskformer.py); the
 heads and every variant above are unchanged, the ml head reading the decoder's queries.
 
+SeMask (the family's mask2former-semask* models): a `SeMaskSwin` backbone (semask.py); its
+stages' class logits ride along to the output (`sem_logits`) for the semantic-prior loss
+(losses/semask.py); heads, variants and inference are unchanged.
+
 Video (later): frames stay the batch dimension everywhere below; a clip model would pool the
 ml head over a clip's frames and share its selection, as the Segmenter family does.
 """
@@ -43,6 +47,7 @@ from rankseg_core.model.mask2former.multilabel import (
     with_no_object,
 )
 from rankseg_core.model.mask2former.pixel_decoder import PixelDecoder
+from rankseg_core.model.mask2former.semask import SeMaskSwin, load_semask_weights
 from rankseg_core.model.mask2former.vit_adapter import ViTAdapter, load_vit_adapter_weights
 from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
 
@@ -50,10 +55,12 @@ from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classe
 @dataclass
 class Features:
     """Backbone output: [res2, res3, res4, res5] (B x C_i x H'/s x W'/s, H' W' padded to the
-    size divisibility) and the (H, W) of the images before padding."""
+    size divisibility) and the (H, W) of the images before padding; a SeMask backbone adds
+    its stages' class logits (B x K x H'/s x W'/s)."""
 
     maps: list[Tensor]
     image_size: tuple[int, int]
+    sem_logits: list[Tensor] | None = None
 
 
 @dataclass
@@ -71,6 +78,9 @@ class Mask2FormerOutput:
         None = all valid.
     image_size: (H, W) of the input before padding; pred_masks cover the padded (4h, 4w).
     num_classes: K.
+    sem_logits: a SeMask backbone's class logits per stage, [B x K x h x w, ... / 2, / 4, / 8]
+        at strides 4 .. 32 of the padded input (the semantic prior's loss reads them,
+        losses/semask.py); None for other backbones.
     """
 
     pred_logits: Tensor
@@ -81,10 +91,11 @@ class Mask2FormerOutput:
     valid: Tensor | None
     image_size: tuple[int, int]
     num_classes: int
+    sem_logits: list[Tensor] | None = None
 
 
-# The backbone a model runs: the timm pyramid, or one its family built (ViT-Adapter).
-BackboneT = TypeVar("BackboneT", PyramidBackbone, ViTAdapter)
+# The backbone a model runs: the timm pyramid, or one its family built (ViT-Adapter, SeMask).
+BackboneT = TypeVar("BackboneT", PyramidBackbone, ViTAdapter, SeMaskSwin)
 
 
 class Mask2FormerModel(nn.Module, Generic[BackboneT]):
@@ -125,7 +136,11 @@ class Mask2FormerModel(nn.Module, Generic[BackboneT]):
     def forward_features(self, images: Tensor) -> Features:
         """B x 3 x H x W normalised images (any size) -> backbone pyramid of the padded images."""
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        return Features(self.backbone(pad_to_multiple(images, self.size_divisibility)), size)
+        padded = pad_to_multiple(images, self.size_divisibility)
+        if isinstance(self.backbone, SeMaskSwin):  # its class maps feed the semantic-prior loss
+            maps, sem_logits = self.backbone(padded)
+            return Features(maps, size, sem_logits)
+        return Features(self.backbone(padded), size)
 
     def forward_head(self, feats: Features, selection: Selection = NO_SELECTION) -> Mask2FormerOutput:
         """Features -> Mask2FormerOutput. Nothing here needs ground truth except the oracle.
@@ -162,7 +177,7 @@ class Mask2FormerModel(nn.Module, Generic[BackboneT]):
         aux = list(zip(logits[:-1], dec.masks[:-1]))
         return Mask2FormerOutput(pred_logits=logits[-1], pred_masks=dec.masks[-1], aux=aux, ml_logits=ml_logits,
                                  topk_index=index, valid=valid, image_size=feats.image_size,
-                                 num_classes=self.num_classes)
+                                 num_classes=self.num_classes, sem_logits=feats.sem_logits)
 
     def forward(self, images: Tensor, selection: Selection = NO_SELECTION) -> Mask2FormerOutput:
         return self.forward_head(self.forward_features(images), selection)
@@ -179,7 +194,7 @@ class Mask2FormerModel(nn.Module, Generic[BackboneT]):
 
 
 def build_mask2former(cfg: ModelConfig, arch: str, num_queries: int, decoder: str = "masked",
-                      backbone: ViTAdapter | None = None) -> Mask2FormerModel:
+                      backbone: ViTAdapter | SeMaskSwin | None = None) -> Mask2FormerModel:
     """Validate `cfg`, build the model on the timm backbone `arch` (decoder "masked" =
     Mask2Former, "standard" = MaskFormer), or on `backbone` when the family built one, and
     load local backbone weights if given."""
@@ -188,6 +203,8 @@ def build_mask2former(cfg: ModelConfig, arch: str, num_queries: int, decoder: st
     if cfg.backbone_weights:
         if isinstance(model.backbone, ViTAdapter):
             load_vit_adapter_weights(model.backbone, cfg.backbone_weights)
+        elif isinstance(model.backbone, SeMaskSwin):
+            load_semask_weights(model.backbone, cfg.backbone_weights)
         else:
             load_pyramid_weights(model.backbone, cfg.backbone_weights)
     return model
