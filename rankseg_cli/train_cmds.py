@@ -249,7 +249,7 @@ def predict(
 
 @user_errors
 def stats_model(
-    model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, mask2former-r50 / -swin{t,s,b,l} / -vitadapterl, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = "segmenter-vitb",
+    model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, mask2former-r50 / -swin{t,s,b,l} / -vitadapterl / -semaskl, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = "segmenter-vitb",
     num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K.")] = 150,
     head: Annotated[str, typer.Option("--head", help="segmenter (baseline) or rankseg; Segmenter models also encnet / essnet.")] = "rankseg",
     kappa: Annotated[int, typer.Option("--kappa", help="Selected classes (rankseg).")] = 100,

@@ -8,6 +8,7 @@ Modules, one concern each (data flows top to bottom):
     decoder.py        masked-attention transformer decoder, per-layer mask predictions
     multilabel.py     RankSeg multi-label head and the rank LayerNorm
     maskformer.py     MaskFormer's FPN / transformer-encoder pixel decoders and DETR decoder
+    semask.py         SeMask Swin: semantic layers after each stage, the semantic prior
     model.py          Mask2FormerModel / Mask2FormerOutput / build_mask2former
     video.py          the video (clip) model of Mask2Former-VIS
 
