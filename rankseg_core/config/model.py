@@ -95,7 +95,7 @@ class ModelConfig:
     drop_path: float = 0.1  # backbone stochastic depth (the decoder uses none, as in mmseg)
     dropout: float = 0.1  # decoder attention / MLP dropout
     decoder_depth: int = 2  # Segmenter decoder blocks; the tranenc ml block comes on top
-    backbone_weights: str | None = None  # local .pth/.bin/.npz/.safetensors; never downloaded
+    backbone_weights: str | None = None  # local .pth/.bin/.npz/.safetensors (detectron2: .pkl); never downloaded
     in_chans: int = 3
     # Mask2Former family only (head / kappa / select / tau / oracle keep their meaning there).
     mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)

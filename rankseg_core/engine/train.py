@@ -290,7 +290,8 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
     family = family_of(cfg.model.model)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = family.build(cfg.model).to(device)
-    init_model(model, cfg, resume, info.is_main)  # --init-from: fresh runs only (a resume loads last.pt)
+    # --init-from: fresh runs only (a resume loads last.pt); the family reads foreign layouts.
+    init_model(model, cfg, resume, info.is_main, family.foreign_weights)
     optimizer = build_optimizer(model, cfg)
     amp, scaler = _autocast(device, cfg.amp)
     start, best, window = 0, float("-inf"), Window(family.stats)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.engine import runs
 from rankseg_core.errors import UserError
+from rankseg_core.families.base import ForeignReader
 from rankseg_core.utils import integrity
 from rankseg_core.utils.fsio import open_regular, os_error, read_regular
 
@@ -139,13 +140,20 @@ def _resample_pos_embed(model: nn.Module, name: str, src: Tensor, dst: Tensor) -
 
 
 @torch.no_grad()
-def warm_start(model: nn.Module, source: str | Path) -> WarmStartReport:
+def warm_start(model: nn.Module, source: str | Path, foreign: ForeignReader | None = None) -> WarmStartReport:
     """Copy every tensor of `source` whose name (after a DDP "module." prefix) and shape match
-    `model`'s state dict into the model, in place. UserError when nothing matches."""
-    path, state = read_source(source)
+    `model`'s state dict into the model, in place. UserError when nothing matches. `foreign`:
+    the family's reader of foreign layouts, asked first (its renamed tensors then go through
+    the same shape checks and report)."""
+    converted = foreign(model, Path(source).expanduser()) if foreign is not None else None
+    if converted is None:
+        path, state = read_source(source)
+        unread: list[str] = []
+    else:
+        path, (state, unread) = Path(source).expanduser(), converted
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
-    rep = WarmStartReport(path)
+    rep = WarmStartReport(path, unexpected=list(unread))
     take: dict[str, Tensor] = {}
     for name, value in state.items():
         if name not in own:
@@ -182,12 +190,14 @@ def check_init_from(cfg: TrainConfig, resume: bool) -> None:
     cfg.init_from = str(path.resolve())
 
 
-def init_model(model: nn.Module, cfg: TrainConfig, resume: bool, report: bool = True) -> WarmStartReport | None:
+def init_model(model: nn.Module, cfg: TrainConfig, resume: bool, report: bool = True,
+               foreign: ForeignReader | None = None) -> WarmStartReport | None:
     """`train`'s hook: apply `cfg.init_from` to a fresh run's model and print the report
-    (report=False on the other DDP ranks); nothing on a resume or without init_from."""
+    (report=False on the other DDP ranks); nothing on a resume or without init_from.
+    `foreign`: the family's reader of foreign checkpoint layouts (`warm_start`)."""
     if resume or not cfg.init_from:
         return None
-    rep = warm_start(model, cfg.init_from)
+    rep = warm_start(model, cfg.init_from, foreign)
     if report:
         from rankseg_core.utils.progress import console
 

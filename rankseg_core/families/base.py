@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -65,6 +66,10 @@ Multipliers = dict[str, tuple[float, float]]  # parameter name -> (lr_mult, deca
 
 # (model, cfg, frames T x 3 x H' x W' of ONE whole video at the test size, the original frame
 # size (H, W), tracks to keep) -> the video's tracks, highest score first (one RLE or None per frame).
+# (model, a weights file) -> (its tensors under the model's names, the file's names that fit
+# nothing), or None for a file the family does not read itself (the engine reads it).
+ForeignReader = Callable[[nn.Module, Path], tuple[dict[str, Tensor], list[str]] | None]
+
 TrackPredictor = Callable[[nn.Module, TrainConfig, Tensor, tuple[int, int], int], list[PredictedTrack]]
 
 
@@ -190,6 +195,8 @@ class Family:
         videos (video instance segmentation: scored by AP, written as results.json).
     predict_tracks: how such a model predicts the tracks of one video (required where
         `instances` can be true).
+    foreign_weights: the family's reader of checkpoints in another code base's layout
+        (`rankseg train --init-from` of a detectron2 .pkl), asked before the engine's own reader.
     accepts_selector: a frozen classifier run may rank its classes (--selector).
     heads: the values of `model.head` this family builds ("segmenter" = its baseline,
         "rankseg" = with RankSeg, plus any comparison heads of its own).
@@ -217,6 +224,7 @@ class Family:
     panoptic: Callable[[ModelConfig], bool] = _never
     instances: Callable[[ModelConfig], bool] = _never
     predict_tracks: TrackPredictor | None = None
+    foreign_weights: ForeignReader | None = None
     accepts_selector: bool = False
     heads: tuple[str, ...] = ("segmenter", "rankseg")
     find_unused_parameters: Callable[[ModelConfig], bool] = _never

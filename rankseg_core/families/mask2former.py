@@ -40,6 +40,7 @@ from rankseg_core.losses.semask import SemanticPriorCriterion
 from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
 from rankseg_core.model.convseg.layers import sync_batch_norm
 from rankseg_core.model.convseg.vit_pyramid import layer_decay_multipliers
+from rankseg_core.model.mask2former.detectron2_weights import detectron2_warm_start
 from rankseg_core.model.mask2former.model import Mask2FormerModel, Mask2FormerOutput, build_mask2former
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm
 from rankseg_core.model.mask2former.semask import SeMaskSwin
@@ -356,6 +357,7 @@ MASK2FORMER = Family(
     panoptic=_panoptic,
     instances=lambda m: m.mask2former.task == "instance",
     predict_tracks=lambda model, cfg, frames, size, top_k: video_instance_predictions(model, frames, size, top_k),
+    foreign_weights=detectron2_warm_start,  # official Mask2Former / MaskFormer model_final .pkl files
     # The GT (train + eval) oracle has no ml head in the graph.
     find_unused_parameters=lambda m: m.oracle,
     stats_extra=stats_extra,

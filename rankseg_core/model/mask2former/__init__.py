@@ -2,6 +2,7 @@
 
 Modules, one concern each (data flows top to bottom):
     backbone.py       timm ResNet-50 / Swin as a stride 4/8/16/32 NCHW feature pyramid
+    detectron2_weights.py  detectron2 checkpoints -> our names: backbones and whole official models
     vit_adapter.py    ViT-Adapter (BEiT + spatial prior, injectors, extractors): the same pyramid
     deform_attn.py    multi-scale deformable attention in plain PyTorch (grid_sample)
     pixel_decoder.py  6-layer deformable encoder + FPN level -> mask features, 3 scales

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.errors import UserError
 from rankseg_core.model.backbone import load_timm_state, read_weights
+from rankseg_core.model.mask2former.detectron2_weights import load_detectron2_backbone, looks_detectron2
 from rankseg_core.model.mask2former.swin import use_detectron2_window_order
 
 STRIDES = (4, 8, 16, 32)
@@ -86,10 +87,16 @@ def load_pyramid_weights(backbone: PyramidBackbone, path: str | Path) -> tuple[l
     """Load a local timm checkpoint of the backbone's architecture (classifier dropped).
 
     Original Swin releases (`model` key, `relative_position_index` buffers, ...) go through
-    timm's own `checkpoint_filter_fn`. Returns (missing, unexpected) keys; raises `UserError`
-    for a missing file, a wrong suffix, a shape mismatch or a file with no matching key.
+    timm's own `checkpoint_filter_fn`. detectron2 files (`.pkl`, or detectron2's names in a
+    torch file) go to `detectron2_weights.load_detectron2_backbone`, whose names are relative
+    to the backbone (`body.*`, `out_norms.*`). Returns (missing, unexpected) keys; raises
+    `UserError` for a missing file, a wrong suffix, a shape mismatch or a file with no matching key.
     """
+    if Path(path).suffix == ".pkl":
+        return load_detectron2_backbone(backbone, path)
     path, sd = read_weights(path, "timm")
+    if looks_detectron2(list(sd)):
+        return load_detectron2_backbone(backbone, path, sd)
     body = backbone.body
     sd = {k.removeprefix("backbone.body.").removeprefix("backbone."): v for k, v in sd.items()}
     if backbone.is_swin:
