@@ -109,6 +109,8 @@ class Mask2FormerCriterion:
 
     def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_masks: float
               ) -> tuple[Tensor, Tensor, Tensor]:
+        """(class CE, mask loss, dice loss) of one prediction step: Hungarian matching
+        (`_match`), CE over all queries with the no-object weight, mask terms of the pairs."""
         m = self.m
         indices = self._match(logits, masks, targets)
         c = logits.shape[-1]
@@ -124,12 +126,17 @@ class Mask2FormerCriterion:
             zero = masks.sum() * 0.0
             return ce, zero, zero
         tgt = torch.cat([targets[b]["masks"][j] for b, (_, j) in enumerate(indices)])
+        return (ce, *self._mask_losses(src, tgt, num_masks))
+
+    def _mask_losses(self, src: Tensor, tgt: Tensor, num_masks: float) -> tuple[Tensor, Tensor]:
+        """(mask, dice) losses of the matched predicted mask logits N x h x w against their
+        targets N x H x W: sigmoid CE and dice at importance-sampled points (Mask2Former)."""
+        m = self.m
         src, tgt = self._frame_masks(src, tgt)
         with torch.no_grad():
             coords = uncertain_points(src[:, None].detach().float(), m.train_num_points, m.oversample_ratio,
                                       m.importance_sample_ratio)
-        loss_mask, loss_dice = mask_losses(src.float(), tgt, coords, num_masks)
-        return ce, loss_mask, loss_dice
+        return mask_losses(src.float(), tgt, coords, num_masks)
 
     def __call__(self, out: Mask2FormerOutput, targets: list[dict[str, Tensor]],
                  ml_targets: Tensor | None = None) -> dict[str, Tensor]:

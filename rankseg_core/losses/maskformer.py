@@ -97,22 +97,9 @@ class MaskFormerCriterion(Mask2FormerCriterion):
         m = self.m
         return maskformer_match(logits, masks, targets, m.class_weight, m.mask_weight, m.dice_weight)
 
-    def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_masks: float
-              ) -> tuple[Tensor, Tensor, Tensor]:
-        indices = self._match(logits, masks, targets)
-        c = logits.shape[-1]
-        target_cols = torch.full(logits.shape[:2], c - 1, dtype=torch.long, device=logits.device)
-        for b, (q, j) in enumerate(indices):
-            target_cols[b, q] = targets[b]["labels"][j]
-        weight = torch.ones(c, device=logits.device)
-        weight[-1] = self.m.no_object_weight
-        ce = F.cross_entropy(logits.float().transpose(1, 2), target_cols, weight)
-
-        src = torch.cat([masks[b, q] for b, (q, _) in enumerate(indices)])
-        if src.shape[0] == 0:  # nothing to match: keep the graph, zero mask losses
-            zero = masks.sum() * 0.0
-            return ce, zero, zero
-        tgt = torch.cat([targets[b]["masks"][j] for b, (_, j) in enumerate(indices)])
+    def _mask_losses(self, src: Tensor, tgt: Tensor, num_masks: float) -> tuple[Tensor, Tensor]:
+        """MaskFormer's mask terms: focal and dice over every pixel of the predicted masks
+        upsampled (bilinear) to the target size, no point sampling."""
         up = F.interpolate(src[:, None].float(), size=tgt.shape[-2:], mode="bilinear", align_corners=False)
         pred, gt = up.flatten(1), tgt.flatten(1).to(up.dtype)
-        return ce, sigmoid_focal_loss(pred, gt, num_masks), dice_loss(pred, gt, num_masks)
+        return sigmoid_focal_loss(pred, gt, num_masks), dice_loss(pred, gt, num_masks)
