@@ -163,12 +163,15 @@ def test_a_killed_worker_stops_prepare_in_one_line_and_a_rerun_resumes(tmp_path:
     assert code == 2, err
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if "worker process died" in ln]
-    assert len(lines) == 1 and lines[0].startswith("error: worker process died (killed by signal 9, SIGKILL) "
-                                                   "while converting train_"), err
-    key = lines[0].split("while converting ")[1].split(":")[0]
-    # The shard that was waiting for that sample is not written; finished ones are intact.
-    shard = int(key.split("_")[1]) // PER_SHARD
-    assert not (out / f"train-{shard:05d}-of-{IMAGES // PER_SHARD:05d}.h5").exists()
+    assert len(lines) == 1 and lines[0].startswith("error: worker process died (killed by signal 9, SIGKILL) "), err
+    # A worker seen running may finish its sample before the kill lands (a race on a loaded
+    # machine): the line then says "between samples" and names no sample.
+    assert "while converting train_" in lines[0] or "between samples" in lines[0], err
+    if "while converting train_" in lines[0]:
+        key = lines[0].split("while converting ")[1].split(":")[0]
+        # The shard that was waiting for that sample is not written; finished ones are intact.
+        shard = int(key.split("_")[1]) // PER_SHARD
+        assert not (out / f"train-{shard:05d}-of-{IMAGES // PER_SHARD:05d}.h5").exists()
     assert 1 <= len(_finished_shards(out)) < IMAGES // PER_SHARD
     _check_left_clean(out, tmp, workers)
     _rerun_and_verify(out, tmp)
