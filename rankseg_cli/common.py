@@ -8,13 +8,16 @@ Anything else that escapes is a bug in rankseg and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -79,6 +82,30 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
+@contextlib.contextmanager
+def _remember_ctrl_c() -> Iterator[list[int]]:
+    """Record every SIGINT while a command runs, still raising KeyboardInterrupt as Python's own
+    handler does. Python drops an exception raised inside a weakref callback or `__del__`
+    ("Exception ignored in ..."), so a Ctrl-C landing there would otherwise be lost and the
+    command end as if never interrupted. Left alone where another handler is installed or
+    off the main thread."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield seen
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: Interrupted = "") -> Any:
     """Run a command body, turning what is not a bug into one `error: ...` line.
 
@@ -90,17 +117,23 @@ def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: Interrupte
     if fn is None:
         return functools.partial(user_errors, interrupted=interrupted)
 
+    def stop(kwargs: dict[str, Any]) -> NoReturn:
+        hint = interrupted(kwargs) if callable(interrupted) else interrupted
+        err.print("[yellow]interrupted[/]" + (f": {show(hint)}" if hint else ""), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _remember_ctrl_c() as seen:
+                result = fn(*args, **kwargs)
+            if seen:  # a Ctrl-C whose KeyboardInterrupt Python swallowed (see _remember_ctrl_c)
+                stop(kwargs)
+            return result
         except UserError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            hint = interrupted(kwargs) if callable(interrupted) else interrupted
-            err.print("[yellow]interrupted[/]" + (f": {show(hint)}" if hint else ""), highlight=False,
-                      soft_wrap=True)
-            raise typer.Exit(130) from None
+            stop(kwargs)
         except BrokenPipeError:  # `rankseg inspect --jsonl | head`
             sys.stderr.close()
             raise typer.Exit(0) from None

@@ -257,3 +257,32 @@ def test_weights_have_the_permissions_of_the_other_run_files(tmp_path: Path, syn
         return ((tmp_path / p).stat().st_mode & 0o777)
     assert mode("config.yaml") == 0o666 & ~0o027
     assert mode("model.safetensors") == mode("config.yaml") == mode("checkpoints/last.pt")
+
+
+def test_a_ctrl_c_that_python_swallows_still_ends_the_command_with_130(capsys: pytest.CaptureFixture) -> None:
+    """A KeyboardInterrupt raised while a weakref callback runs is dropped by Python ("Exception
+    ignored in ..."), and the command would go on as if never interrupted (seen once in the
+    prepare Ctrl-C test). The wrapper remembers the signal and ends with 130 all the same."""
+    import signal
+    import weakref
+
+    import typer
+
+    from rankseg_cli.common import user_errors
+
+    class Thing:
+        pass
+
+    @user_errors
+    def command() -> str:
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))
+        del thing  # the callback runs here; its KeyboardInterrupt is swallowed
+        assert ref() is None
+        return "finished"
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(typer.Exit) as exc:
+        command()
+    assert exc.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
