@@ -130,7 +130,7 @@ class EvalResult:
     confusion: ConfusionMatrix
     ap: np.ndarray  # K, per-class AP (NaN without positives)
     vis: VisScores | None = None  # video instance runs: the track scores
-    results: list[dict[str, Any]] | None = None  # their submission entries (EvalOptions.want_results)
+    results: list[dict[str, Any]] | None = None  # their submission entries (evaluate_model want_results)
 
     def __getitem__(self, key: str) -> Any:
         return self.metrics[key]

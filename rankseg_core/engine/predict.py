@@ -308,8 +308,9 @@ def predict_video_folders(model: nn.Module, cfg: TrainConfig, inputs: Sequence[s
         if out.exists() and os.path.samefile(out, f):
             raise UserError(f"--out {out} is also an input directory; choose another --out")
         for t in targets:
-            if any(t.exists() and os.path.samefile(t, x) for x in files):
-                raise UserError(f"{t} would overwrite the input frame {t}; choose another --out")
+            frame = next((x for x in files if t.exists() and os.path.samefile(t, x)), None)
+            if frame is not None:
+                raise UserError(f"{t} would overwrite the input frame {frame}; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     dc = family.data_config(model)
     tf = build_test_transform(cfg, dc["mean"], dc["std"])

@@ -1,9 +1,11 @@
-"""YouTube-VIS `results.json` of a trained video Mask2Former over a shard split.
+"""YouTube-VIS tracks of a trained video instance model over a shard split: `results.json`
+(`rankseg predict-vis`) and their AP (`rankseg eval`, the periodic evaluation).
 
 Walks the split video by video (frames in `frame` order), feeds each whole video to the
-family's `predict_tracks` at the run's test size (the test transform of the evaluation), writes the tracks at the frames' original size in the
-challenge's submission format (`evaluation.video_instances.write_results`), video ids from
-`video_ids` (the release JSON's with `videos_json`, else 1..N in name order).
+family's `predict_tracks` at the run's test size (the test transform of the evaluation),
+writes the tracks at the frames' original size in the challenge's submission format
+(`evaluation.video_instances.write_results`), video ids from `video_ids` (the release JSON's
+with `videos_json`, else 1..N in name order).
 """
 
 from __future__ import annotations
