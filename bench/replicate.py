@@ -446,13 +446,19 @@ def main(argv: list[str] | None = None) -> dict:
         ap.add_argument(f"--{name}", type=kind)
     args = ap.parse_args(argv)
 
+    return keeping_threads(_main, args, argv)
+
+
+def keeping_threads(fn: Callable[..., dict], *args: Any) -> dict:
+    """`fn(*args)` with torch's intra-op thread count restored afterwards: a replication's
+    main() also runs in-process (tests), and its jobs set their own thread count."""
     import torch
 
     threads_before = torch.get_num_threads()
     try:
-        return _main(args, argv)
+        return fn(*args)
     finally:
-        torch.set_num_threads(threads_before)  # main() also runs in-process (tests)
+        torch.set_num_threads(threads_before)
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:

@@ -38,6 +38,7 @@ from replicate import (  # noqa: E402
     Task,
     _threads,
     cpu_seconds,
+    keeping_threads,
     log_invocation,
     run_tasks,
     synthetic_root,
@@ -348,13 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.add_argument(f"--{name}", type=int)
     args = ap.parse_args(argv)
 
-    import torch
-
-    threads_before = torch.get_num_threads()
-    try:
-        return _main(args, argv)
-    finally:
-        torch.set_num_threads(threads_before)  # main() also runs in-process (tests)
+    return keeping_threads(_main, args, argv)
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
