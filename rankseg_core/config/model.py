@@ -14,7 +14,8 @@ from rankseg_core.errors import UserError
 
 # Every head any family builds; which family builds which is the family's `heads`
 # ("encnet" / "essnet": the supplement's Table 1 comparisons, on the Segmenter decoder only).
-HEADS = ("segmenter", "rankseg", "encnet", "essnet")
+HEADS = ("segmenter", "rankseg", "encnet", "essnet", "protoseg")
+PROTO_UPDATES = ("argmax", "gumbel")
 ESS_LOGITS = ("distance", "layernorm")
 ESS_CANDIDATES = ("distinct", "official")
 TAUS = ("rank", "shared")
@@ -79,6 +80,33 @@ class EssNetConfig:
 
 
 @dataclass
+class ProtoSegConfig:
+    """ProtoSeg's prototype head on Segmenter (`model.head=protoseg`, issue 20; model/protoseg.py)."""
+
+    prototypes: int = 10  # M non-learnable prototypes per class (ProtoSeg's num_prototype)
+    sinkhorn_eps: float = 0.05  # kappa of Algorithm 1: the entropy weight, exp(cos / kappa)
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations of Algorithm 1
+    momentum: float = 0.999  # gamma: prototype <- gamma * prototype + (1 - gamma) * new mean
+    ppc_weight: float = 0.01  # lambda1, pixel-prototype contrast (paper and released config)
+    ppd_weight: float = 0.01  # lambda2, pixel-prototype distance (paper 0.01; released config 0.001)
+    update: str = "argmax"  # argmax: the loss's assignment; gumbel: the released code's hard Gumbel draw
+
+    def validate(self) -> None:
+        if self.prototypes < 1:
+            raise UserError(f"model.protoseg.prototypes={self.prototypes} must be >= 1 (ProtoSeg uses 10)")
+        if not self.sinkhorn_eps > 0:
+            raise UserError(f"model.protoseg.sinkhorn_eps={self.sinkhorn_eps} must be > 0 (ProtoSeg uses 0.05)")
+        if self.sinkhorn_iters < 1:
+            raise UserError(f"model.protoseg.sinkhorn_iters={self.sinkhorn_iters} must be >= 1 (ProtoSeg uses 3)")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise UserError(f"model.protoseg.momentum={self.momentum} must be in [0, 1] (ProtoSeg uses 0.999)")
+        if self.ppc_weight < 0 or self.ppd_weight < 0:
+            raise UserError("model.protoseg.ppc_weight and model.protoseg.ppd_weight must be >= 0 (ProtoSeg: 0.01)")
+        if self.update not in PROTO_UPDATES:
+            raise UserError(f"model.protoseg.update={self.update!r} is unknown; use one of {', '.join(PROTO_UPDATES)}")
+
+
+@dataclass
 class ModelConfig:
     """Segmenter / RankSeg model options (docs/method.md sections 1-3, 7)."""
 
@@ -106,6 +134,7 @@ class ModelConfig:
     # Segmenter family, the supplement's comparison heads (head=encnet / essnet).
     encnet: EncNetConfig = field(default_factory=EncNetConfig)
     essnet: EssNetConfig = field(default_factory=EssNetConfig)
+    protoseg: ProtoSegConfig = field(default_factory=ProtoSegConfig)  # head=protoseg (issue 20)
 
     @property
     def has_selector(self) -> bool:
@@ -145,3 +174,4 @@ class ModelConfig:
                             f"{PATCH_SIZE}")
         self.encnet.validate()
         self.essnet.validate()
+        self.protoseg.validate()

@@ -30,6 +30,7 @@ from rankseg_core.families.vit import RECIPES, VIT_SIZES
 from rankseg_core.inference.dense import mmseg_scale_sizes, predict_probs
 from rankseg_core.losses.encnet import EncNetCriterion
 from rankseg_core.losses.essnet import EssNetCriterion, neighbours
+from rankseg_core.losses.protoseg import ProtoSegCriterion
 from rankseg_core.losses.rankseg import RankSegCriterion
 from rankseg_core.model.segmenter import RankSegModel, build_model
 from rankseg_core.model.selection import Selection
@@ -45,6 +46,11 @@ def _criterion(cfg: TrainConfig) -> Any:
         ess = EssNetCriterion(m.num_classes, IGNORE, neighbours(m), m.essnet.margin, m.essnet.candidates,
                               lo.seg_loss_norm)
         return lambda out, batch: ess(out, batch["label"])
+    if m.head == "protoseg":  # issue 20: the prototype update happens inside this loss
+        p = m.protoseg
+        proto = ProtoSegCriterion(m.num_classes, IGNORE, p.ppc_weight, p.ppd_weight, p.sinkhorn_eps, p.sinkhorn_iters,
+                                  p.momentum, p.update, lo.seg_loss_norm)
+        return lambda out, batch: proto(out, batch["label"])
     # A frozen selector does not learn: its ASL on the crop is logged ("ml"), never added to the loss.
     ml_weight = 0.0 if cfg.model.has_selector else lo.ml_weight
     # ml_loss and asl_gamma_neg: set by _resolve (family.resolve) before the criterion is built.
@@ -120,7 +126,7 @@ def _resolve(cfg: TrainConfig) -> None:
         cfg.optim.custom_keys = official_custom_keys(cfg)
 
 
-COMPARISON_HEADS = ("encnet", "essnet")
+COMPARISON_HEADS = ("encnet", "essnet", "protoseg")  # protoseg: ProtoSeg (issue 20), not in Table 1
 
 
 def _validate(m: ModelConfig) -> None:
@@ -154,6 +160,10 @@ def describe(m: ModelConfig) -> str:
     if m.head == "essnet":
         e = m.essnet
         return f"essnet dim={e.dim} k={neighbours(m)} logits={e.logits} T={e.temperature:g} margin={e.margin:g}"
+    if m.head == "protoseg":
+        p = m.protoseg
+        return (f"protoseg M={p.prototypes} sinkhorn_eps={p.sinkhorn_eps:g} iters={p.sinkhorn_iters} "
+                f"momentum={p.momentum:g} ppc={p.ppc_weight:g} ppd={p.ppd_weight:g} update={p.update}")
     return describe_head(m)
 
 

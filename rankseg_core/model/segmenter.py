@@ -10,6 +10,7 @@ from rankseg_core.model.classifier import SELECTOR_ATTR, load_selector
 from rankseg_core.model.encnet import EncNetHead
 from rankseg_core.model.essnet import EssNetHead
 from rankseg_core.model.heads import MaskTransformerHead, SegOutput
+from rankseg_core.model.protoseg import ProtoSegHead
 from rankseg_core.model.selection import NO_SELECTION, Selection
 
 
@@ -25,7 +26,8 @@ class RankSegModel(nn.Module):
         self.cfg = cfg
         self.backbone = ViTBackbone(cfg, arch)
         # The supplement's comparison heads (Table 1) reuse the Segmenter decoder's names.
-        head = {"encnet": EncNetHead, "essnet": EssNetHead}.get(cfg.head, MaskTransformerHead)
+        head = {"encnet": EncNetHead, "essnet": EssNetHead, "protoseg": ProtoSegHead}.get(cfg.head,
+                                                                                   MaskTransformerHead)
         self.head = head(cfg, self.backbone.embed_dim)
         # Independent scheme: a frozen classifier run ranks the classes (not in the state dict).
         if cfg.has_selector:
