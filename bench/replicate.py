@@ -271,8 +271,13 @@ def run_tasks(tasks: list[Task], workers: int) -> dict[tuple, dict]:
         if isinstance(exc, KeyboardInterrupt):
             # Running jobs would otherwise train on to their end, and the interpreter waits for
             # them at exit. Their files are written atomically; a re-run resumes them.
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            for proc in procs:
                 proc.terminate()
+            for proc in procs:  # one that does not stop on SIGTERM (seen once under load) is killed
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
