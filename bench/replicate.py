@@ -271,13 +271,8 @@ def run_tasks(tasks: list[Task], workers: int) -> dict[tuple, dict]:
         if isinstance(exc, KeyboardInterrupt):
             # Running jobs would otherwise train on to their end, and the interpreter waits for
             # them at exit. Their files are written atomically; a re-run resumes them.
-            procs = list((getattr(pool, "_processes", None) or {}).values())
-            for proc in procs:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()
-            for proc in procs:  # one that does not stop on SIGTERM (seen once under load) is killed
-                proc.join(10)
-                if proc.is_alive():
-                    proc.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -528,13 +523,14 @@ INTERRUPTED = ("interrupted: re-run the same command to go on (finished runs and
                "an interrupted run resumes from its last checkpoint)")
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """The command line: exit status 0; 2 with one `error:` line for a user mistake (bad
-    --data, ...); 130 with one line on Ctrl-C, as `rankseg` commands do."""
+def cli(argv: list[str] | None = None, run: Callable[[list[str] | None], Any] | None = None) -> int:
+    """The command line of `run` (default: this replication's `main`): exit status 0; 2 with
+    one `error:` line for a user mistake (bad --data, ...); 130 with one line on Ctrl-C, as
+    `rankseg` commands do."""
     from rankseg_core.errors import UserError
 
     try:
-        main(argv)
+        (run or main)(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -398,19 +398,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     """Exit status 0; 2 with one `error:` line for a user mistake; 130 on Ctrl-C (as replicate.py)."""
-    from replicate import INTERRUPTED
+    import replicate
 
-    from rankseg_core.errors import UserError
-
-    try:
-        main(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
-    return 0
+    return replicate.cli(argv, main)
 
 
 if __name__ == "__main__":

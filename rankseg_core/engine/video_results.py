@@ -133,7 +133,7 @@ def evaluate_tracks(model: nn.Module, cfg: TrainConfig, ds: ShardDataset, max_im
     ev = VideoInstanceEval(cfg.model.num_classes)
     entries: list[tuple[int, list[dict[str, Any]]]] = []
     mine = {name: idx for n, (name, idx) in enumerate(videos.items()) if n % info.world_size == info.rank}
-    gts = (gt for gt in ground_truth_videos(root, split, ids) if gt.name in mine)
+    gts = ground_truth_videos(root, split, ids, only=mine)  # this process's videos only
     with Progress(len(mine), f"tracks {split}", unit="video", enabled=progress and info.is_main) as bar:
         for (name, tracks), gt in zip(video_tracks(model, cfg, ds, mine), gts, strict=True):
             if gt.name != name:  # pragma: no cover - both walk the split's videos in name order

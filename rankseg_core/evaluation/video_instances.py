@@ -31,7 +31,7 @@ frame]} with compressed RLE {"size": [h, w], "counts": str}. `category_id` = tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -350,10 +350,12 @@ def release_video_ids(videos_json: str | Path, names: Sequence[str], what: str) 
     return {n: ids[n] for n in names}
 
 
-def ground_truth_videos(data: str | Path, split: str, ids: Mapping[str, int]) -> Iterator[GtVideo]:
+def ground_truth_videos(data: str | Path, split: str, ids: Mapping[str, int],
+                        only: Container[str] | None = None) -> Iterator[GtVideo]:
     """The split's videos in name order, each with its tracks rebuilt from the per-frame
     `instances` JSON (one RLE or None per frame). Frames must be 0..n-1 (a converted video
-    with skipped frames cannot be scored: which frame a submission's mask is for is unknown)."""
+    with skipped frames cannot be scored: which frame a submission's mask is for is unknown).
+    only: the names of the videos to read (one process's share); None = all."""
     index = ShardIndex(data)
     arrays = index.arrays(split)
     paths = index.shard_paths(split)
@@ -364,6 +366,8 @@ def ground_truth_videos(data: str | Path, split: str, ids: Mapping[str, int]) ->
     files: dict[int, Any] = {}
     try:
         for name in sorted(rows):
+            if only is not None and name not in only:
+                continue
             idx = sorted(rows[name], key=lambda i: int(arrays.frame[i]))
             frames = [int(arrays.frame[i]) for i in idx]
             if frames != list(range(len(frames))):

@@ -72,14 +72,9 @@ class EssNetHead(MaskTransformerHead):
 
     def embed(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """feats B x D x h x w -> (pixel embeddings B x p x d, class embeddings B x K x d), unit rows."""
-        b = feats.shape[0]
         patches = self.proj_dec(feats.flatten(2).transpose(1, 2))  # B x p x D
-        p = patches.shape[1]
-        x = torch.cat([patches, self.cls_emb.expand(b, -1, -1)], dim=1)
-        for blk in self.seg_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
-        return F.normalize(x[:, :p] @ self.proj_patch, dim=-1), F.normalize(x[:, p:] @ self.proj_classes, dim=-1)
+        x_pix, x_cls = self.decoder_tokens(patches, self.cls_emb.expand(feats.shape[0], -1, -1))
+        return F.normalize(x_pix @ self.proj_patch, dim=-1), F.normalize(x_cls @ self.proj_classes, dim=-1)
 
     def forward(self, feats: Tensor, selection: Selection = NO_SELECTION, *, clip_len: int = 1,
                 selector_logits: Tensor | None = None) -> EssNetOutput:

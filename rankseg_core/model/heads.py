@@ -293,14 +293,21 @@ class MaskTransformerHead(nn.Module):
         mask_logits = masks.transpose(1, 2).reshape(bt, masks.shape[-1], h, w)
         return SegOutput(mask_logits=mask_logits, topk_index=index, ml_logits=ml_logits, valid=valid)
 
-    def _decode(self, patches: Tensor, emb: Tensor, valid: Tensor | None) -> Tensor:
-        """Segmenter decoder: patches BT x p x D, class tokens BT x C x D -> cosine BT x p x C."""
+    def decoder_tokens(self, patches: Tensor, emb: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The Segmenter decoder blocks over [patches; class tokens], then `decoder_norm`:
+        patches BT x p x D (after `proj_dec`), class tokens BT x C x D -> (BT x p x D, BT x C x D).
+        valid: BT x C, False for padding class tokens (hidden as keys)."""
         p = patches.shape[1]
         x = torch.cat([patches, emb], dim=1)
         mask = _key_mask(valid, p, x.dtype) if valid is not None else None
         for blk in self.seg_blocks:
             x = blk(x, attn_mask=mask)
         x = self.decoder_norm(x)
-        pix = F.normalize(x[:, :p] @ self.proj_patch, dim=-1)
-        cls = F.normalize(x[:, p:] @ self.proj_classes, dim=-1)
+        return x[:, :p], x[:, p:]
+
+    def _decode(self, patches: Tensor, emb: Tensor, valid: Tensor | None) -> Tensor:
+        """Segmenter decoder: patches BT x p x D, class tokens BT x C x D -> cosine BT x p x C."""
+        x_pix, x_cls = self.decoder_tokens(patches, emb, valid)
+        pix = F.normalize(x_pix @ self.proj_patch, dim=-1)
+        cls = F.normalize(x_cls @ self.proj_classes, dim=-1)
         return pix @ cls.transpose(1, 2)

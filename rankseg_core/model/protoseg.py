@@ -65,11 +65,7 @@ class ProtoSegHead(MaskTransformerHead):
         """feats B x D x h x w -> unit pixel embeddings B x p x D."""
         b, _, h, w = feats.shape
         patches = self.proj_dec(feats.flatten(2).transpose(1, 2))  # B x p x D
-        p = patches.shape[1]
-        x = torch.cat([patches, self.cls_emb.expand(b, -1, -1)], dim=1)
-        for blk in self.seg_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)[:, :p]
+        x, _ = self.decoder_tokens(patches, self.cls_emb.expand(b, -1, -1))
         x = self.proj_head(x.transpose(1, 2).reshape(b, -1, h, w)).flatten(2).transpose(1, 2)
         return F.normalize(self.feat_norm(F.normalize(x, dim=-1)), dim=-1)
 
