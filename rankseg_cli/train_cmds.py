@@ -50,7 +50,7 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=1e-3 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue RUN from checkpoints/last.pt exactly (same data order and losses).")] = False,
     device: Device = None,
-    head: Annotated[Optional[str], typer.Option("--head", help="segmenter (the architecture's own classifier over all K, the baseline) or rankseg; Segmenter models also encnet / essnet (supplement Table 1) and protoseg (prototypes, docs/protoseg.md).")] = None,
+    head: Annotated[Optional[str], typer.Option("--head", help="segmenter (the architecture's own classifier over all K, the baseline) or rankseg; Segmenter models also encnet / essnet (supplement Table 1), protoseg (ProtoSeg's prototypes) and rankproto (RankSeg's top-kappa + prototypes; docs/protoseg.md).")] = None,
     kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected per image (clamped to K).")] = None,
     no_select: Annotated[bool, typer.Option("--no-select", help="+MT ablation: ml branch and loss, pixels over all K.")] = False,
     tau: Annotated[Optional[str], typer.Option("--tau", help="rank (per-rank 1/tau, the paper) or shared.")] = None,
@@ -251,7 +251,7 @@ def predict(
 def stats_model(
     model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, mask2former-r50 / -swin{t,s,b,l} / -vitadapterl / -semaskl, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = "segmenter-vitb",
     num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K.")] = 150,
-    head: Annotated[str, typer.Option("--head", help="segmenter (baseline) or rankseg; Segmenter models also encnet / essnet / protoseg.")] = "rankseg",
+    head: Annotated[str, typer.Option("--head", help="segmenter (baseline) or rankseg; Segmenter models also encnet / essnet / protoseg / rankproto.")] = "rankseg",
     kappa: Annotated[int, typer.Option("--kappa", help="Selected classes (rankseg).")] = 100,
     img_size: Annotated[int, typer.Option("--img-size", help="Input side in pixels.")] = 512,
     ml_head: Annotated[str, typer.Option("--ml-head", help="tranenc, trandec or gap.")] = "tranenc",

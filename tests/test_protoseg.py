@@ -12,8 +12,25 @@ from conftest import make_synthetic, tiny_run, train_resume_eval_predict
 from rankseg_core.config.model import ModelConfig, ProtoSegConfig
 from rankseg_core.errors import UserError
 from rankseg_core.families.segmenter import SEGMENTER
-from rankseg_core.losses.protoseg import ProtoSegCriterion, assign_and_update, momentum_update, sinkhorn
-from rankseg_core.model.protoseg import ProtoSegHead, ProtoSegOutput
+from rankseg_core.losses import protoseg as losses_protoseg
+from rankseg_core.losses.protoseg import (
+    ProtoSegCriterion,
+    assign_and_update,
+    momentum_update,
+    ppc_loss,
+    ppd_loss,
+    sinkhorn,
+)
+from rankseg_core.losses.rankseg import RankSegCriterion
+from rankseg_core.model import protoseg as model_protoseg
+from rankseg_core.model.protoseg import (
+    ProtoSegHead,
+    ProtoSegOutput,
+    chunk_pixels,
+    max_cosine,
+    prototype_assignment,
+)
+from rankseg_core.model.selection import Selection
 
 IGN = 65535
 K_DATA = 40  # the synthetic data's smallest vocabulary
@@ -68,9 +85,8 @@ def test_momentum_update_limits_and_correct_pixels_only() -> None:
 def _output(emb: torch.Tensor, protos: torch.Tensor, pred: torch.Tensor) -> ProtoSegOutput:
     """A 1 x p ProtoSegOutput on a 1 x p grid whose argmax is `pred` (p,)."""
     k = protos.shape[0]
-    cos = torch.einsum("pd,kmd->pkm", emb, protos)[None]
     logits = F.one_hot(pred, k).float().t().reshape(1, k, 1, -1)
-    return ProtoSegOutput(mask_logits=logits, embeddings=emb[None], proto_cos=cos, prototypes=protos)
+    return ProtoSegOutput(mask_logits=logits, embeddings=emb[None], bank=protos[None].clone(), prototypes=protos)
 
 
 def test_assign_and_update_targets_and_that_wrong_or_ignored_pixels_never_move_a_prototype() -> None:
@@ -83,14 +99,14 @@ def test_assign_and_update_targets_and_that_wrong_or_ignored_pixels_never_move_a
     pred = torch.tensor([2, 2, 1, 1])  # class 0's pixel is wrong
     before = protos.clone()
     out = _output(emb, protos, pred)
-    ppc_target = assign_and_update(out, targets, IGN, 0.05, 3, 0.0)
-    assert ppc_target.tolist() == [2 * 2 + 1, 2 * 2 + 0, 0 * 2 + 0, IGN]  # k * M + m
+    assigned = assign_and_update(out, targets, IGN, 0.05, 3, 0.0)
+    assert assigned.tolist() == [1, 0, 0, IGN]  # the prototype m of its class
     torch.testing.assert_close(protos[2], before[2])  # gamma 0: the mean of one pixel equal to each
     torch.testing.assert_close(protos[:2], before[:2])  # wrong (class 0) and ignored (class 1): unmoved
     # gamma 0 moves class 2's prototype 1 onto the (correct) pixel assigned to it.
     new_pix = F.normalize(protos[2, 1] + 0.3 * protos[0, 1], dim=0)
     out = _output(torch.stack([new_pix, protos[2, 0]]), protos, torch.tensor([2, 2]))
-    assert assign_and_update(out, torch.tensor([2, 2]), IGN, 0.05, 3, 0.0).tolist() == [5, 4]
+    assert assign_and_update(out, torch.tensor([2, 2]), IGN, 0.05, 3, 0.0).tolist() == [1, 0]
     torch.testing.assert_close(protos[2, 1], new_pix)
     torch.testing.assert_close(protos[:2], before[:2])
     torch.testing.assert_close(protos.norm(dim=-1), torch.ones(3, 2))
@@ -131,9 +147,9 @@ def test_criterion_is_ce_plus_weighted_ppc_ppd_and_the_optimizer_never_touches_p
     crit = ProtoSegCriterion(4, IGN, ppc_weight=0.3, ppd_weight=0.2, momentum=1.0)
     res = crit(out, labels)
     grid = F.interpolate(labels[:, None].float(), size=(2, 2), mode="nearest").long().flatten()
-    target = assign_and_update(out, grid, IGN, 0.05, 3, 1.0)
-    cos = out.proto_cos.detach().reshape(8, 12)
-    keep = target != IGN
+    keep = grid != IGN
+    target = grid * 3 + assign_and_update(out, grid, IGN, 0.05, 3, 1.0)  # k * M + m
+    cos = torch.einsum("pd,kmd->pkm", out.embeddings.detach().reshape(8, -1), before).reshape(8, 12)
     ppc = F.cross_entropy(cos[keep], target[keep])
     ppd = ((1 - cos[keep, target[keep]]) ** 2).mean()
     torch.testing.assert_close(res["ml"], 0.3 * ppc + 0.2 * ppd)
@@ -162,16 +178,26 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           size=32)
 
 
-def test_protoseg_trains_resumes_evaluates_and_predicts(data: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("head, words", [
+    ("protoseg", "protoseg M=2 sinkhorn_eps=0.05 iters=3 momentum=0.5 ppc=0.01 ppd=0.01 update=argmax"),
+    ("rankproto", "rankproto kappa=20 M=2 sinkhorn_eps=0.05 iters=3 momentum=0.5 ppc=0.01 ppd=0.01 update=argmax"),
+])
+def test_prototype_heads_train_resume_evaluate_and_predict(head: str, words: str, data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # momentum 0.5: the prototypes move visibly each step, so an unsaved buffer would break the resume.
-    sets = tiny_run(kappa=3) + ["model.head=protoseg", "model.protoseg.prototypes=2", "model.protoseg.momentum=0.5",
+    # kappa 20 of 40: the crops' classes are mostly selected, so the selected-class terms are not empty.
+    sets = tiny_run(kappa=20) + [f"model.head={head}", "model.protoseg.prototypes=2", "model.protoseg.momentum=0.5",
                                 "data.val_split="]
     rows, rep, output = train_resume_eval_predict(data, tmp_path, monkeypatch, sets)
-    assert "protoseg M=2 sinkhorn_eps=0.05 iters=3 momentum=0.5 ppc=0.01 ppd=0.01 update=argmax" in output
-    for r in rows:
-        assert r["loss"] == pytest.approx(r["seg"] + r["ml"], rel=1e-5)
-    assert rep["map"] is None  # no image-level scores
+    assert words in output
+    if head == "protoseg":
+        for r in rows:
+            assert r["loss"] == pytest.approx(r["seg"] + r["ml"], rel=1e-5)
+        assert rep["map"] is None  # no image-level scores
+    else:  # the prototype terms are in the loss on top of RankSeg's seg + 10 * ml (ppc ~ log(K*M) > 0)
+        for r in rows:
+            assert r["loss"] > r["seg"] + 10 * r["ml"]
+        assert rep["map"] is not None  # the ml branch's image-level scores
 
 
 def test_gumbel_update_keeps_the_argmax_targets_and_unit_prototypes() -> None:
@@ -185,3 +211,136 @@ def test_gumbel_update_keeps_the_argmax_targets_and_unit_prototypes() -> None:
     assert torch.equal(assign_and_update(out, targets, IGN, 0.05, 3, 0.9, "gumbel"), ref)  # the loss's targets
     assert out.prototypes is not None
     torch.testing.assert_close(out.prototypes.norm(dim=-1), torch.ones(2, 3))
+
+
+# ---- bounded memory: chunked cosines ------------------------------------------------------
+
+def _unit(*shape: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunked_max_cosine_and_ppc_equal_the_full_computation(shared: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    emb = _unit(2, 7, 5, seed=4).requires_grad_()
+    bank = _unit(1 if shared else 2, 3, 4, 5, seed=5)  # C = 3 classes, M = 4
+    target = torch.tensor([[0, 5, -1, 11, 2, 7, 3], [-1, -1, 1, 4, 8, 9, 10]])
+    full = torch.einsum("bpd,bkmd->bpkm", emb, bank.expand(2, -1, -1, -1))
+    ref_max = full.amax(-1)
+    keep = target >= 0
+    ref_ppc = F.cross_entropy(full.flatten(2)[keep], target[keep])
+    (g_ref,) = torch.autograd.grad(ref_max.square().sum() + ref_ppc, emb)
+    monkeypatch.setattr(model_protoseg, "CHUNK_COSINES", 2 * 3 * 4 * 2)  # 2 pixels per chunk: 4 chunks
+    assert chunk_pixels(2, 3, 4) == 2
+    got_max, got_ppc = max_cosine(emb, bank), ppc_loss(emb, bank, target)
+    torch.testing.assert_close(got_max, ref_max)
+    torch.testing.assert_close(got_ppc, ref_ppc)
+    (g,) = torch.autograd.grad(got_max.square().sum() + got_ppc, emb)
+    torch.testing.assert_close(g, g_ref)
+    ppd = ((1 - full.flatten(2)[keep].gather(1, target[keep][:, None])) ** 2).mean()
+    torch.testing.assert_close(ppd_loss(emb, bank, target), ppd)
+
+
+def test_memory_at_847_classes_stays_within_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    # K = 847, M = 10 on a 32 x 32 patch grid: the full cosines would be 2 x 1024 x 8470 = 17.3M
+    # floats; no computed or saved tensor may hold more than one chunk of them.
+    monkeypatch.setattr(model_protoseg, "CHUNK_COSINES", 1 << 21)
+    k, m, d, p = 847, 10, 8, 1024
+    emb = _unit(2, p, d, seed=6).requires_grad_()
+    bank = _unit(1, k, m, d, seed=7)
+    target = torch.randint(0, k * m, (2, p), generator=torch.Generator().manual_seed(8))
+    biggest = {"computed": 0, "saved": 0}
+    real = model_protoseg.cosines
+
+    def watched(e: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = real(e, b)
+        biggest["computed"] = max(biggest["computed"], out.numel())
+        return out
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        biggest["saved"] = max(biggest["saved"], t.numel())
+        return t
+
+    monkeypatch.setattr(model_protoseg, "cosines", watched)
+    monkeypatch.setattr(losses_protoseg, "cosines", watched)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = max_cosine(emb, bank).sum() + ppc_loss(emb, bank, target)
+    loss.backward()
+    assert 0 < biggest["computed"] <= 1 << 21 < 2 * p * k * m
+    assert biggest["saved"] <= max(2 * p * k, k * m * d)  # the B x p x K scores / the bank, never B x p x K x M
+
+
+# ---- RankSeg + prototypes (head rankproto) ----------------------------------------------------
+
+def _rankproto(kappa: int = 2, **model: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_classes=5, img_size=32, head="rankproto", kappa=kappa, protoseg=ProtoSegConfig(prototypes=3),
+                      **model)  # type: ignore[arg-type]
+    return SEGMENTER.build(cfg)
+
+
+def test_rankproto_classifies_among_the_top_kappa_classes_prototypes_with_per_rank_scale() -> None:
+    model = _rankproto(kappa=2)
+    head = model.head
+    assert head.uses_ml and head.selects and head.mask_norm.weight.shape == (2,)
+    with torch.no_grad():
+        head.mask_norm.weight.copy_(torch.tensor([2.0, 0.5]))  # distinct 1/tau per rank
+        head.prototypes.copy_(_unit(5, 3, head.prototypes.shape[-1], seed=9))
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    out = model(images)
+    assert out.ml_logits is not None and out.topk_index is not None
+    top = out.ml_logits.argsort(1, descending=True)[:, :2]
+    assert torch.equal(out.topk_index, top)
+    assert out.mask_logits.shape == (2, 2, 2, 2)
+    best = torch.einsum("bpd,bkmd->bpkm", out.embeddings, head.prototypes[top]).amax(-1)  # B x p x kappa
+    ref = F.layer_norm(best, (2,), head.mask_norm.weight, head.mask_norm.bias, 1e-5)
+    torch.testing.assert_close(out.mask_logits.flatten(2).transpose(1, 2), ref, rtol=1e-4, atol=1e-5)
+    # --kappa at evaluation: more classes, the last rank's scale repeated (as RankSeg).
+    wide = model(images, Selection(kappa=4))
+    assert wide.mask_logits.shape[1] == 4 and torch.equal(wide.topk_index[:, :2], top)
+
+
+def test_rankproto_loss_is_rankseg_plus_prototype_terms_over_the_selected_classes_only() -> None:
+    model = _rankproto(kappa=2)
+    model.train()
+    labels = torch.randint(0, 5, (2, 32, 32), generator=torch.Generator().manual_seed(10))
+    out = model(torch.randn(2, 3, 32, 32))
+    before = model.head.prototypes.clone()
+    ranking = RankSegCriterion(5, IGN, "asl", 10.0)
+    res = ProtoSegCriterion(5, IGN, ppc_weight=0.3, ppd_weight=0.2, momentum=1.0, ranking=ranking)(out, labels)
+    base = ranking(out, labels)
+    grid = F.interpolate(labels[:, None].float(), size=(2, 2), mode="nearest").long().reshape(2, 4)
+    assigned = assign_and_update(out, grid.flatten(), IGN, 0.05, 3, 1.0).reshape(2, 4)
+    # Independently: the rank of each patch's class in its image's selection (-1 = not selected).
+    rank = torch.tensor([[row.tolist().index(c) if c in row.tolist() else -1 for c in g.tolist()]
+                         for row, g in zip(out.topk_index, grid, strict=True)])
+    target = torch.where(rank >= 0, rank * 3 + assigned, -1)
+    cos = torch.einsum("bpd,bkmd->bpkm", out.embeddings.detach(), before[out.topk_index]).flatten(2)  # B x p x 6
+    keep = target >= 0
+    assert keep.any() and not keep.all()  # the case tests both kinds of pixel
+    ppc = F.cross_entropy(cos[keep], target[keep])
+    ppd = ((1 - cos[keep].gather(1, target[keep][:, None])) ** 2).mean()
+    torch.testing.assert_close(res["loss"].detach(), base["loss"].detach() + 0.3 * ppc + 0.2 * ppd)
+    assert res["seg"] == base["seg"] and res["ml"] == base["ml"]
+
+
+def test_prototype_assignment_is_the_nearest_prototype_of_the_predicted_class() -> None:
+    protos = _unit(3, 2, 6, seed=11)
+    # Pixel 0 predicted class 1 and nearest to its prototype 1; pixel 1 predicted class 2, nearest to 0.
+    emb = torch.stack([protos[1, 1], F.normalize(protos[2, 0] + 0.1 * protos[2, 1], dim=0)])
+    logits = torch.tensor([[[[0.0, 0.0]], [[5.0, 0.0]], [[0.0, 5.0]]]])  # 1 x K x 1 x 2
+    out = ProtoSegOutput(mask_logits=logits, embeddings=emb[None], bank=protos[None], prototypes=protos)
+    cls, proto = prototype_assignment(out)
+    assert cls.tolist() == [[[1, 2]]] and proto.tolist() == [[[1, 0]]]
+    # Rank order: channel r is class topk_index[r].
+    ranked = ProtoSegOutput(mask_logits=logits[:, [2, 1]], topk_index=torch.tensor([[2, 1]]), embeddings=emb[None],
+                            bank=protos[[2, 1]][None], prototypes=protos)
+    cls, proto = prototype_assignment(ranked)
+    assert cls.tolist() == [[[1, 2]]] and proto.tolist() == [[[1, 0]]]
+
+
+def test_rankproto_refuses_the_oracle_and_clips_in_one_line() -> None:
+    for extra in ({"oracle": True}, {"clip_len": 2}):
+        with pytest.raises(UserError, match="--head rankproto") as err:
+            _rankproto(**extra)
+        assert "\n" not in str(err.value)

@@ -14,7 +14,9 @@ from rankseg_core.errors import UserError
 
 # Every head any family builds; which family builds which is the family's `heads`
 # ("encnet" / "essnet": the supplement's Table 1 comparisons, on the Segmenter decoder only).
-HEADS = ("segmenter", "rankseg", "encnet", "essnet", "protoseg")
+HEADS = ("segmenter", "rankseg", "encnet", "essnet", "protoseg", "rankproto")
+# Heads with RankSeg's multi-label branch and top-kappa selection ("rankproto": RankSeg + ProtoSeg's prototypes).
+RANKING_HEADS = ("rankseg", "rankproto")
 PROTO_UPDATES = ("argmax", "gumbel")
 ESS_LOGITS = ("distance", "layernorm")
 ESS_CANDIDATES = ("distinct", "official")
@@ -81,7 +83,7 @@ class EssNetConfig:
 
 @dataclass
 class ProtoSegConfig:
-    """ProtoSeg's prototype head on Segmenter (`model.head=protoseg`, issue 20; model/protoseg.py)."""
+    """ProtoSeg's prototypes on Segmenter (`model.head=protoseg` / `rankproto`, issue 20; model/protoseg.py)."""
 
     prototypes: int = 10  # M non-learnable prototypes per class (ProtoSeg's num_prototype)
     sinkhorn_eps: float = 0.05  # kappa of Algorithm 1: the entropy weight, exp(cos / kappa)
@@ -134,7 +136,7 @@ class ModelConfig:
     # Segmenter family, the supplement's comparison heads (head=encnet / essnet).
     encnet: EncNetConfig = field(default_factory=EncNetConfig)
     essnet: EssNetConfig = field(default_factory=EssNetConfig)
-    protoseg: ProtoSegConfig = field(default_factory=ProtoSegConfig)  # head=protoseg (issue 20)
+    protoseg: ProtoSegConfig = field(default_factory=ProtoSegConfig)  # head=protoseg / rankproto (issue 20)
 
     @property
     def has_selector(self) -> bool:

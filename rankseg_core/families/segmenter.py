@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from rankseg_core.config.datasets import recipe_dataset
-from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.model import RANKING_HEADS, ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
 from rankseg_core.families.base import (
@@ -46,18 +46,17 @@ def _criterion(cfg: TrainConfig) -> Any:
         ess = EssNetCriterion(m.num_classes, IGNORE, neighbours(m), m.essnet.margin, m.essnet.candidates,
                               lo.seg_loss_norm)
         return lambda out, batch: ess(out, batch["label"])
-    if m.head == "protoseg":  # issue 20: the prototype update happens inside this loss
-        p = m.protoseg
-        proto = ProtoSegCriterion(m.num_classes, IGNORE, p.ppc_weight, p.ppd_weight, p.sinkhorn_eps, p.sinkhorn_iters,
-                                  p.momentum, p.update, lo.seg_loss_norm)
-        return lambda out, batch: proto(out, batch["label"])
     # A frozen selector does not learn: its ASL on the crop is logged ("ml"), never added to the loss.
     ml_weight = 0.0 if cfg.model.has_selector else lo.ml_weight
     # ml_loss and asl_gamma_neg: set by _resolve (family.resolve) before the criterion is built.
     crit = RankSegCriterion(cfg.model.num_classes, IGNORE, cast(str, lo.ml_loss), ml_weight, lo.seg_loss_norm,
                             cfg.model.clip_len, cast(float, lo.asl_gamma_neg), lo.asl_gamma_pos, lo.asl_clip)
+    if m.head in PROTOTYPE_HEADS:  # issue 20: the prototype update happens inside this loss
+        p = m.protoseg
+        proto = ProtoSegCriterion(m.num_classes, IGNORE, p.ppc_weight, p.ppd_weight, p.sinkhorn_eps, p.sinkhorn_iters,
+                                  p.momentum, p.update, lo.seg_loss_norm, crit if m.head == "rankproto" else None)
+        return lambda out, batch: proto(out, batch["label"])
     return lambda out, batch: crit(out, batch["label"])
-
 
 @torch.no_grad()
 def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: InferenceProtocol,
@@ -87,7 +86,7 @@ def ml_prefixes(m: ModelConfig) -> list[str]:
 
     TranEnc's `head.decoder_norm2` is not in it, as in the official configs: the longer
     "norm" key gives it decay 0 there (mmcv matches the longest key first)."""
-    if m.head != "rankseg" or m.oracle or m.has_selector:  # no ml branch of its own
+    if m.head not in RANKING_HEADS or m.oracle or m.has_selector:  # no ml branch of its own
         return []
     return ["head.blocks.0.", "head.ml_fc"] if m.ml_head == "tranenc" else ["head.ml_branch."]
 
@@ -126,10 +125,15 @@ def _resolve(cfg: TrainConfig) -> None:
         cfg.optim.custom_keys = official_custom_keys(cfg)
 
 
-COMPARISON_HEADS = ("encnet", "essnet", "protoseg")  # protoseg: ProtoSeg (issue 20), not in Table 1
+# protoseg: ProtoSeg (issue 20), not in Table 1; rankproto: RankSeg + ProtoSeg's prototypes (in neither paper).
+COMPARISON_HEADS = ("encnet", "essnet", "protoseg")
+PROTOTYPE_HEADS = ("protoseg", "rankproto")
 
 
 def _validate(m: ModelConfig) -> None:
+    if m.head == "rankproto" and (m.oracle or m.clip_len != 1):
+        raise UserError("--head rankproto classifies single images among its own top-kappa classes' prototypes: drop "
+                        "--oracle / model.clip_len, or use --head rankseg for the oracle and clips")
     if m.has_selector and (m.head != "rankseg" or not m.select or m.oracle):
         raise UserError(f"model.selector.run={m.selector.run}: the selector replaces the RankSeg selection; use "
                         "--head rankseg without --no-select / --oracle")
@@ -160,9 +164,10 @@ def describe(m: ModelConfig) -> str:
     if m.head == "essnet":
         e = m.essnet
         return f"essnet dim={e.dim} k={neighbours(m)} logits={e.logits} T={e.temperature:g} margin={e.margin:g}"
-    if m.head == "protoseg":
+    if m.head in PROTOTYPE_HEADS:
         p = m.protoseg
-        return (f"protoseg M={p.prototypes} sinkhorn_eps={p.sinkhorn_eps:g} iters={p.sinkhorn_iters} "
+        ranked = (f" kappa={m.effective_kappa}" if m.select else " +MT") if m.head == "rankproto" else ""
+        return (f"{m.head}{ranked} M={p.prototypes} sinkhorn_eps={p.sinkhorn_eps:g} iters={p.sinkhorn_iters} "
                 f"momentum={p.momentum:g} ppc={p.ppc_weight:g} ppd={p.ppd_weight:g} update={p.update}")
     return describe_head(m)
 
@@ -171,7 +176,7 @@ def ranks(m: ModelConfig) -> bool:
     """An ml branch of its own or a frozen selector ranks the classes (the oracle does not; nor
     do encnet, whose SE logits select nothing, and essnet, whose kNN is per pixel and only in
     its loss: its k is model.kappa at training, `rankseg train --kappa`)."""
-    return m.head == "rankseg" and not m.oracle
+    return m.head in RANKING_HEADS and not m.oracle
 
 
 def rank_scale(model: nn.Module) -> tuple[Tensor, Tensor] | None:
@@ -196,9 +201,9 @@ SEGMENTER = Family(
     validate=_validate,
     param_groups=param_groups,
     ranks=ranks,
-    selects=lambda m: m.head == "rankseg" and m.select or m.oracle,
+    selects=lambda m: m.head in RANKING_HEADS and m.select or m.oracle,
     accepts_selector=True,
-    heads=("segmenter", "rankseg", *COMPARISON_HEADS),
+    heads=("segmenter", "rankseg", *COMPARISON_HEADS, "rankproto"),
     # The GT (train+eval) oracle has no ml branch in the graph of some steps.
     find_unused_parameters=lambda m: m.oracle,
     describe=describe,

@@ -5,7 +5,11 @@ Per crop (ProtoSeg supplement Algorithm 1; released `HRNet_W48_Proto.prototype_l
 - for each class k present, Sinkhorn-Knopp (kappa = 0.05, 3 iterations) over the cosines of
   k's pixels to k's M prototypes gives every pixel of k one prototype m (argmax of the final Q);
 - PPC = cross-entropy over all K*M raw cosines (unscaled, as the released code) with target
-  k*M + m; PPD = mean over labelled pixels of (1 - cosine to the assigned prototype)^2;
+  k*M + m; PPD = mean over labelled pixels of (1 - cosine to the assigned prototype)^2; both
+  computed in checkpointed chunks of pixels, so the B*p x K*M cosines never exist at once;
+- RankSeg + prototypes (head rankproto): the bank is each image's top-kappa classes, PPC's target
+  is rank(k)*M + m and pixels of unselected classes are left out of PPC / PPD; every present
+  class is still clustered, and moves only from correctly predicted pixels;
 - each prototype of k with at least one CORRECTLY predicted pixel of k assigned to it moves to
   gamma * old + (1 - gamma) * normalise(sum of those pixels' embeddings), then is re-normalised;
   under DDP the prototypes are then averaged over processes (and re-normalised).
@@ -19,11 +23,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from rankseg_core.config.model import PROTO_UPDATES
 from rankseg_core.errors import UserError
-from rankseg_core.losses.rankseg import SEG_NORMS, class_targets, seg_loss, selection_stats
-from rankseg_core.model.protoseg import ProtoSegOutput
+from rankseg_core.losses.rankseg import (
+    SEG_NORMS,
+    RankSegCriterion,
+    class_targets,
+    rank_targets,
+    seg_loss,
+    selection_stats,
+)
+from rankseg_core.model.protoseg import ProtoSegOutput, bank_rows, chunk_pixels, cosines
 from rankseg_core.utils.distributed import all_reduce_mean
 
 # The released code's hard Gumbel draw (F.gumbel_softmax tau) for update="gumbel".
@@ -63,35 +75,92 @@ def assign_and_update(out: ProtoSegOutput, targets: Tensor, ignore_index: int, e
     """Cluster each present class's pixels to its prototypes and update the prototype buffer in place.
 
     targets: B*p patch labels in [0, K) or ignore_index (row-major as the embeddings)
-    -> PPC targets B*p long: k*M + m, ignore_index where unlabelled.
+    -> B*p long: the prototype m in [0, M) each labelled pixel is assigned to, ignore_index elsewhere.
+    A pixel is correct when the head's prediction (its class for a selecting head) is its label.
     """
-    assert out.embeddings is not None and out.proto_cos is not None and out.prototypes is not None
+    assert out.embeddings is not None and out.prototypes is not None
     protos = out.prototypes
     num, m, d = protos.shape
     emb = out.embeddings.detach().reshape(-1, d)
-    cos = out.proto_cos.detach().reshape(emb.shape[0], num, m)
-    pred = out.mask_logits.detach().argmax(1).flatten()
-    ppc_target = torch.full_like(targets, ignore_index)
+    pred = out.mask_logits.detach().argmax(1).flatten(1)  # B x p channels
+    if out.topk_index is not None:
+        pred = out.topk_index.gather(1, pred)
+    pred = pred.flatten()
+    assigned = torch.full_like(targets, ignore_index)
     new = protos.clone()
     for k in torch.unique(targets[targets != ignore_index]).tolist():
         sel = targets == k
-        q = sinkhorn(cos[sel, k], eps, iters)
+        # Only class k's cosines: one N_k x M product per class, never the B*p x K*M matrix.
+        q = sinkhorn(emb[sel] @ protos[k].t().to(emb.dtype), eps, iters)
         index = q.argmax(1)
-        ppc_target[sel] = index + k * m
+        assigned[sel] = index
         # The released code moves prototypes by a hard Gumbel draw from Q, which may disagree with
         # the argmax that the loss uses; "argmax" (our default) keeps loss and update consistent.
         onehot = F.one_hot(index, m).to(q.dtype) if update == "argmax" else F.gumbel_softmax(q, GUMBEL_TAU, hard=True)
         new[k] = momentum_update(protos[k], emb[sel], onehot, pred[sel] == k, gamma)
     # Under DDP every process updated from its own crops: the mean keeps the replicas identical.
     protos.copy_(F.normalize(all_reduce_mean(new), dim=-1))
-    return ppc_target
+    return assigned
+
+
+def _ppc_sum(emb: Tensor, bank: Tensor, target: Tensor) -> Tensor:
+    logits = cosines(emb, bank).float()  # B x n x C*M, unscaled (the released PPC)
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1, reduction="sum")
+
+
+def ppc_loss(emb: Tensor, bank: Tensor, target: Tensor) -> Tensor:
+    """Pixel-prototype contrast: emb B x p x D, bank 1|B x C x M x D, target B x p in [0, C*M) or -1
+    -> mean cross-entropy over the labelled pixels of their C*M raw cosines. Chunked and
+    checkpointed like `max_cosine`: memory stays at one chunk's cosines."""
+    labelled = int((target >= 0).sum())
+    if labelled == 0:
+        return emb.sum() * 0.0  # still in the graph
+    n = chunk_pixels(emb.shape[0], bank.shape[1], bank.shape[2])
+    total = emb.new_zeros((), dtype=torch.float32)
+    for e, t in zip(emb.split(n, dim=1), target.split(n, dim=1), strict=True):
+        if bool((t >= 0).any()):
+            total = total + (checkpoint(_ppc_sum, e, bank, t, use_reentrant=False) if e.requires_grad
+                             else _ppc_sum(e, bank, t))
+    return total / labelled
+
+
+def ppd_loss(emb: Tensor, bank: Tensor, target: Tensor) -> Tensor:
+    """Pixel-prototype distance: mean over labelled pixels of (1 - cos to the assigned prototype)^2.
+    emb B x p x D, bank 1|B x C x M x D, target B x p in [0, C*M) or -1."""
+    b, p, d = emb.shape
+    flat = bank_rows(bank).expand(b, -1, -1)
+    labelled = target >= 0
+    if not bool(labelled.any()):
+        return emb.sum() * 0.0
+    bi, pi = labelled.nonzero(as_tuple=True)
+    cos = (emb[bi, pi] * flat[bi, target[bi, pi]].to(emb.dtype)).sum(-1).float()
+    return (1.0 - cos).pow(2).mean()
+
+
+def prototype_targets(out: ProtoSegOutput, labels: Tensor, num_classes: int, ignore_index: int, eps: float,
+                      iters: int, gamma: float, update: str) -> Tensor:
+    """The prototype each patch must score highest (B x p, in the output bank's C*M columns, -1 =
+    none), after clustering and updating the prototypes. Labels (B x H x W) are resized to the
+    patch grid by nearest neighbour, as the released code. A selecting head's pixels of classes
+    outside the image's selection get -1: PPC contrasts only the selected classes' prototypes."""
+    b, _, h, w = out.mask_logits.shape
+    targets = class_targets(labels, num_classes, ignore_index)
+    grid = F.interpolate(targets[:, None].float(), size=(h, w), mode="nearest").long().reshape(b, h * w)
+    assigned = assign_and_update(out, grid.flatten(), ignore_index, eps, iters, gamma, update).reshape(b, h * w)
+    m = out.prototypes.shape[1] if out.prototypes is not None else 1
+    column = grid if out.topk_index is None else rank_targets(grid, out.topk_index, num_classes, ignore_index,
+                                                              out.valid)
+    ok = (column != ignore_index) & (assigned != ignore_index)
+    return torch.where(ok, column * m + assigned, torch.full_like(column, -1))
 
 
 @dataclass
 class ProtoSegCriterion:
     """CE + ppc_weight * PPC + ppd_weight * PPD, logged as "seg" and "ml" (the prototype terms).
 
-    Calling it in training mode updates the head's prototypes (the output's buffer) in place.
+    With `ranking` (head rankproto), the CE and the multi-label loss are RankSeg's (`RankSegCriterion`
+    over the selected classes in rank order; logged "seg" and "ml") and the prototype terms are
+    added to "loss" only. Calling it updates the head's prototypes (the output's buffer) in place.
     """
 
     num_classes: int
@@ -103,6 +172,7 @@ class ProtoSegCriterion:
     momentum: float = 0.999
     update: str = "argmax"
     seg_loss_norm: str = "official"
+    ranking: RankSegCriterion | None = None
 
     def __post_init__(self) -> None:
         if self.seg_loss_norm not in SEG_NORMS:
@@ -110,25 +180,26 @@ class ProtoSegCriterion:
         if self.update not in PROTO_UPDATES:
             raise UserError(f"model.protoseg.update={self.update!r} is unknown; use one of {', '.join(PROTO_UPDATES)}")
 
+    def prototype_loss(self, out: ProtoSegOutput, labels: Tensor) -> Tensor:
+        """ppc_weight * PPC + ppd_weight * PPD (clusters and updates the prototypes first)."""
+        if out.embeddings is None or out.bank is None:
+            raise ValueError("ProtoSegCriterion needs the prototype head's output (embeddings and prototype bank)")
+        target = prototype_targets(out, labels, self.num_classes, self.ignore_index, self.sinkhorn_eps,
+                                   self.sinkhorn_iters, self.momentum, self.update)
+        ppc = ppc_loss(out.embeddings, out.bank, target)
+        ppd = ppd_loss(out.embeddings, out.bank, target)
+        return self.ppc_weight * ppc + self.ppd_weight * ppd
+
     def __call__(self, out: ProtoSegOutput, labels: Tensor) -> dict[str, Tensor]:
-        """out: the ProtoSeg head's output (all K classes, class order); labels B x H x W."""
-        if out.proto_cos is None or out.topk_index is not None:
-            raise ValueError("ProtoSegCriterion needs the protoseg head's class-ordered output with prototype cosines")
+        """out: the prototype head's output; labels B x H x W."""
+        proto = self.prototype_loss(out, labels)
+        if self.ranking is not None:
+            losses = self.ranking(out, labels)
+            return {**losses, "loss": losses["loss"] + proto}
+        if out.topk_index is not None:
+            raise ValueError("a selecting prototype head needs ProtoSegCriterion(ranking=RankSegCriterion(...))")
         targets = class_targets(labels, self.num_classes, self.ignore_index)
         logits = F.interpolate(out.mask_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         seg = seg_loss(logits, targets, self.ignore_index, self.seg_loss_norm, out.valid)
-        # The released code resizes the labels to the feature grid by nearest neighbour.
-        grid = F.interpolate(targets[:, None].float(), size=out.mask_logits.shape[-2:], mode="nearest")
-        patch_targets = grid.long().flatten()
-        ppc_target = assign_and_update(out, patch_targets, self.ignore_index, self.sinkhorn_eps, self.sinkhorn_iters,
-                                       self.momentum, self.update)
-        cos = out.proto_cos.reshape(patch_targets.shape[0], -1).float()  # B*p x K*M
-        labelled = ppc_target != self.ignore_index
-        if labelled.any():
-            ppc = F.cross_entropy(cos[labelled], ppc_target[labelled])
-            ppd = (1.0 - cos[labelled].gather(1, ppc_target[labelled, None])).pow(2).mean()
-        else:  # no labelled patch: zero, still in the graph
-            ppc = ppd = cos.sum() * 0.0
-        proto = self.ppc_weight * ppc + self.ppd_weight * ppd
         stats = selection_stats(labels, None, self.num_classes, self.ignore_index)
         return {"loss": seg + proto, "seg": seg.detach(), "ml": proto.detach(), **stats}

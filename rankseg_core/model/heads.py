@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
-from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.model import RANKING_HEADS, ModelConfig
 from rankseg_core.model.position import sine_position_embedding
 from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
 
@@ -195,7 +195,7 @@ class MaskTransformerHead(nn.Module):
         # A segmenter with a selector (independent scheme) ranks by the frozen classifier's
         # logits, passed to `forward` as `selector_logits`, instead of an ml branch of its own.
         self.external = cfg.has_selector
-        self.uses_ml = cfg.head == "rankseg" and not cfg.oracle and not self.external
+        self.uses_ml = cfg.head in RANKING_HEADS and not cfg.oracle and not self.external
         self.selects = cfg.oracle or self.external or (self.uses_ml and cfg.select)
         self.ml_head = cfg.ml_head if self.uses_ml else None
         self.kappa = cfg.effective_kappa if self.selects else k

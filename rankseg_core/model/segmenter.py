@@ -26,8 +26,8 @@ class RankSegModel(nn.Module):
         self.cfg = cfg
         self.backbone = ViTBackbone(cfg, arch)
         # The supplement's comparison heads (Table 1) reuse the Segmenter decoder's names.
-        head = {"encnet": EncNetHead, "essnet": EssNetHead, "protoseg": ProtoSegHead}.get(cfg.head,
-                                                                                   MaskTransformerHead)
+        heads = {"encnet": EncNetHead, "essnet": EssNetHead, "protoseg": ProtoSegHead, "rankproto": ProtoSegHead}
+        head = heads.get(cfg.head, MaskTransformerHead)
         self.head = head(cfg, self.backbone.embed_dim)
         # Independent scheme: a frozen classifier run ranks the classes (not in the state dict).
         if cfg.has_selector:
