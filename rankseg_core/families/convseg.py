@@ -3,7 +3,9 @@
 A model classifies the pixel embeddings of a conv decode head with mmseg's 1x1 `conv_seg`
 (`--head segmenter`, the baseline) or with RankSeg's pixel classifier (`--head rankseg`:
 multi-label branch on the backbone's last map, top-kappa selection of the ORIGINAL class
-embeddings, rank-adaptive LayerNorm(kappa); docs/architectures.md). Training adds mmseg's
+embeddings, rank-adaptive LayerNorm(kappa); docs/architectures.md), or by ProtoSeg's nearest
+prototypes (`--head protoseg`; `--head rankproto` with RankSeg's ml branch and top-kappa selection
+of the classes' prototypes; model/convseg/prototypes.py, loss losses/protoseg.py). Training adds mmseg's
 auxiliary FCNHead cross-entropy (weight `model.convseg.aux_weight`, logged as "aux"). Prediction
 is the Segmenter family's: `inference.predict_probs` over each image's selected classes.
 
@@ -21,16 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankseg_core.config.model import ModelConfig
+from rankseg_core.config.model import RANKING_HEADS, ModelConfig
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.errors import UserError
-from rankseg_core.families.base import Family, InferenceProtocol, Multipliers, Predictions, listed_groups
+from rankseg_core.families.base import Family, InferenceProtocol, Multipliers, Predictions, describe_head, listed_groups
+from rankseg_core.families.segmenter import describe as describe_segmenter
 from rankseg_core.inference.dense import mmseg_scale_sizes, predict_probs
+from rankseg_core.losses.protoseg import ProtoSegCriterion
 from rankseg_core.losses.rankseg import RankSegCriterion, class_targets, seg_loss
 from rankseg_core.model.convseg.classifier import RankSegClassifier
 from rankseg_core.model.convseg.layers import sync_batch_norm
 from rankseg_core.model.convseg.model import ConvSegModel, ConvSegOutput, ConvSegSpec, build_convseg
+from rankseg_core.model.convseg.prototypes import PrototypeClassifier
 from rankseg_core.model.convseg.vit_pyramid import BeitPyramid, layer_decay_multipliers
+from rankseg_core.model.protoseg import PROTOTYPE_HEADS
 from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
 
@@ -81,6 +87,8 @@ def with_official(m: ModelConfig) -> ModelConfig:
     official = OFFICIAL[m.model]
     c = m.convseg
     values = {k: v if getattr(c, k) is None else getattr(c, k) for k, v in official.items()}
+    if m.head == "rankproto" and c.ml_own_embedding is None:  # prototypes are no class embeddings to share
+        values["ml_own_embedding"] = True
     own = values["ml_own_embedding"]
     if c.ml_dim is None and not own and c.channels is not None:
         values["ml_dim"] = c.channels
@@ -91,9 +99,31 @@ def with_official(m: ModelConfig) -> ModelConfig:
 # Checks, build, loss, prediction
 
 
+HEADS = ("segmenter", "rankseg", *PROTOTYPE_HEADS)
+
+
+def _validate_prototypes(m: ModelConfig) -> None:
+    """What the prototype heads (model/convseg/prototypes.py) cannot honour, in one line each."""
+    if m.oracle:
+        raise UserError(f"--oracle (model.oracle): --head {m.head} classifies pixels among its own prototypes and has "
+                        "no oracle variant; use --head rankseg or segmenter for the oracle")
+    if m.head == "protoseg" and not m.select:
+        raise UserError("--no-select (model.select=false) is the +MT ablation of --head rankseg / rankproto; "
+                        "--head protoseg selects nothing: drop it")
+    if m.head == "rankproto" and m.convseg.ml_own_embedding is False:
+        raise UserError("model.convseg.ml_own_embedding=false: --head rankproto's ml branch has no class embeddings "
+                        "to share (prototypes are not class embeddings); leave it null or set it true")
+    if m.convseg.cosine:
+        raise UserError(f"model.convseg.cosine=true is an option of --head rankseg's classifier; --head {m.head} "
+                        "always scores unit embeddings by cosine: drop it")
+
+
 def _validate(m: ModelConfig) -> None:
-    if m.head not in ("segmenter", "rankseg"):  # also for models built directly (the CLI checks Family.heads)
-        raise UserError(f"model.head={m.head!r}: a {m.model} model takes --head segmenter (baseline) or rankseg")
+    if m.head not in HEADS:  # also for models built directly (the CLI checks Family.heads)
+        raise UserError(f"model.head={m.head!r}: a {m.model} model takes --head segmenter (baseline) or rankseg, or "
+                        "ProtoSeg's protoseg / rankproto")
+    if m.head in PROTOTYPE_HEADS:
+        _validate_prototypes(m)
     if m.ml_head != "tranenc":
         raise UserError(f"model.ml_head={m.ml_head!r}: the conv decoders' ml branch is the fork's one TranEnc layer; "
                         "use --ml-head tranenc")
@@ -133,10 +163,15 @@ def _criterion(cfg: TrainConfig) -> Any:
     crit = RankSegCriterion(k, IGNORE, cast(str, lo.ml_loss), lo.ml_weight, lo.seg_loss_norm, 1,
                             cast(float, lo.asl_gamma_neg), lo.asl_gamma_pos, lo.asl_clip)
     weight = cfg.model.convseg.aux_weight
+    main: Any = crit
+    if cfg.model.head in PROTOTYPE_HEADS:  # the prototype update happens inside this loss
+        p = cfg.model.protoseg
+        main = ProtoSegCriterion(k, IGNORE, p.ppc_weight, p.ppd_weight, p.sinkhorn_eps, p.sinkhorn_iters, p.momentum,
+                                 p.update, lo.seg_loss_norm, crit if cfg.model.head == "rankproto" else None)
 
     def criterion(out: ConvSegOutput, batch: dict[str, Any]) -> dict[str, Tensor]:
         labels = batch["label"]
-        parts = crit(out, labels)
+        parts = main(out, labels)
         aux = aux_loss(out.aux_logits, labels, k, lo.seg_loss_norm) if out.aux_logits is not None \
             else parts["loss"].new_zeros(())
         return {**parts, "loss": parts["loss"] + weight * aux, "aux": aux.detach()}
@@ -213,7 +248,7 @@ def stats_extra(model: nn.Module, m: ModelConfig) -> dict[str, Any]:
 
     def count(mod: nn.Module | None) -> int:
         return sum(p.numel() for p in mod.parameters()) if mod is not None else 0
-    head = cm.classifier.ml_head if isinstance(cm.classifier, RankSegClassifier) else None
+    head = cm.classifier.ml_head if isinstance(cm.classifier, (RankSegClassifier, PrototypeClassifier)) else None
     return {"params_decode_head": count(cm.decode_head), "params_classifier": count(cm.classifier),
             "params_ml_head": count(head), "params_aux_head": count(cm.auxiliary_head)}
 
@@ -221,9 +256,14 @@ def stats_extra(model: nn.Module, m: ModelConfig) -> dict[str, Any]:
 def rank_scale(model: nn.Module) -> tuple[Tensor, Tensor] | None:
     """(1/tau, beta) per rank of a selecting classifier; None for the baseline / +MT."""
     clf = cast(ConvSegModel, model).classifier  # this family's model
-    if not isinstance(clf, RankSegClassifier) or not clf.selects:
+    if not isinstance(clf, (RankSegClassifier, PrototypeClassifier)) or not clf.selects:
         return None
     return clf.norm.affine(clf.norm.size)
+
+
+def describe(m: ModelConfig) -> str:
+    """The model variant in words; the prototype heads' line is the Segmenter family's."""
+    return describe_segmenter(m) if m.head in PROTOTYPE_HEADS else describe_head(m)
 
 
 def _family(name: str, models: list[str], recipes: dict[str, dict[str, Any]],
@@ -240,10 +280,12 @@ def _family(name: str, models: list[str], recipes: dict[str, dict[str, Any]],
         resolve=_resolve,
         validate=_validate,
         param_groups=param_groups,
-        ranks=lambda m: m.head == "rankseg" and not m.oracle,
-        selects=lambda m: m.head == "rankseg" and m.select or m.oracle,
+        ranks=lambda m: m.head in RANKING_HEADS and not m.oracle,
+        selects=lambda m: m.head in RANKING_HEADS and m.select or m.oracle,
         stats_extra=stats_extra,
         rank_scale=rank_scale,
+        heads=HEADS,
+        describe=describe,
     )
 
 

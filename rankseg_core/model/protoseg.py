@@ -19,6 +19,9 @@ The K x M cosines of a pixel are never all kept: `max_cosine` works through chun
 under autograd, recomputes each chunk in the backward (activation checkpointing), so the peak is
 one chunk's cosines (`CHUNK_COSINES`) whatever K, M and the image size. The prototypes change only
 through the training loss's online clustering and momentum update (losses/protoseg.py).
+
+The conv decoders' prototype classifier (model/convseg/prototypes.py: DeepLabv3, UperNet) calls the
+same pieces: `projection_head`, `unit_embedding`, `init_prototypes`, `scoring_bank`, `prototype_logits`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,60 @@ def max_cosine(emb: Tensor, bank: Tensor) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
+# ---- the pieces every prototype head shares (this Segmenter head, model/convseg/prototypes.py) ----
+
+# The values of `model.head` that classify pixels by prototypes.
+PROTOTYPE_HEADS = ("protoseg", "rankproto")
+
+
+def projection_head(dim_in: int, proj_dim: int) -> nn.Sequential:
+    """ProtoSeg's `ProjectionHead` ("convmlp") on a map: 1x1 conv, BN, ReLU, 1x1 conv,
+    B x dim_in x h x w -> B x proj_dim x h x w. The first conv has no bias: the BN after it
+    would remove it (mmcv's ConvModule rule)."""
+    return nn.Sequential(ConvBNReLU(dim_in, dim_in, 1), nn.Conv2d(dim_in, proj_dim, 1))
+
+
+def unit_embedding(x: Tensor, feat_norm: nn.Module) -> Tensor:
+    """Projected pixels B x p x D -> L2-normalise -> feat_norm LayerNorm(D) -> L2-normalise
+    (the released `HRNet_W48_Proto` order) = unit embeddings B x p x D."""
+    return F.normalize(feat_norm(F.normalize(x, dim=-1)), dim=-1)
+
+
+def init_prototypes(classes: int, prototypes: int, dim: int) -> Tensor:
+    """A classes x prototypes x dim buffer of unit rows: the released trunc-normal(0.02) init,
+    normalised (only the direction matters)."""
+    protos = torch.empty(classes, prototypes, dim)
+    trunc_normal_(protos, std=0.02)
+    return F.normalize(protos, dim=-1)
+
+
+def scoring_bank(prototypes: Tensor, index: Tensor | None) -> Tensor:
+    """The bank a forward scores against: prototypes K x M x D -> 1 x K x M x D (index None) or
+    B x C x M x D, the rows of `index` (B x C class ids). A copy under grad: the loss updates
+    the buffer in place after the forward, and the backward (and the checkpointed
+    recomputation) needs the prototypes this forward used."""
+    protos = prototypes.clone() if torch.is_grad_enabled() else prototypes
+    return protos[None] if index is None else protos[index]
+
+
+def prototype_logits(emb: Tensor, bank: Tensor, norm: nn.Module, selects: bool, valid: Tensor | None,
+                     override: list[Tensor] | None, num_classes: int) -> tuple[Tensor, Tensor | None]:
+    """emb B x p x D (unit), bank 1|B x C x M x D -> (logits B x p x C, valid B x C | None).
+
+    Each class's best prototype cosine, then `norm` over the C classes: with `selects` the
+    rank-adaptive RankNorm over the selected classes (padding columns from `valid`); else the
+    LayerNorm over the K classes in class order, and under a GT (eval) `override` the classes
+    outside each image's list get FILL_LOGIT (valid = the allowed classes), as the baselines."""
+    scores = max_cosine(emb, bank)  # B x p x C
+    if selects:
+        return norm(scores, valid), valid
+    logits = norm(scores)
+    if override is not None:
+        valid = allowed_classes(override, num_classes, emb.device)
+        logits = logits.masked_fill(~valid[:, None, :], FILL_LOGIT)
+    return logits, valid
+
+
 @dataclass
 class ProtoSegOutput(SegOutput):
     """`SegOutput` (mask_logits B x C x h x w; C = K in class order, or kappa in rank order with
@@ -109,11 +166,9 @@ class ProtoSegHead(MaskTransformerHead):
         del self.proj_patch, self.proj_classes
         self.num_prototypes = m
         # ProtoSeg's ProjectionHead ("convmlp"): proj_dim = D, as the released config's 720 = HRNet-W48's width.
-        self.proj_head = nn.Sequential(ConvBNReLU(d, d, 1), nn.Conv2d(d, d, 1))
+        self.proj_head = projection_head(d, d)
         self.feat_norm = nn.LayerNorm(d)
-        protos = torch.empty(k, m, d)
-        trunc_normal_(protos, std=0.02)  # the released init; only the direction matters after normalising
-        self.register_buffer("prototypes", F.normalize(protos, dim=-1))
+        self.register_buffer("prototypes", init_prototypes(k, m, d))
 
     def embed(self, feats: Tensor, cls: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
         """feats B x D x h x w -> unit pixel embeddings B x p x D. cls: the B x C x D class tokens
@@ -122,7 +177,7 @@ class ProtoSegHead(MaskTransformerHead):
         patches = self.proj_dec(feats.flatten(2).transpose(1, 2))  # B x p x D
         x, _ = self.decoder_tokens(patches, self.cls_emb.expand(b, -1, -1) if cls is None else cls, valid)
         x = self.proj_head(x.transpose(1, 2).reshape(b, -1, h, w)).flatten(2).transpose(1, 2)
-        return F.normalize(self.feat_norm(F.normalize(x, dim=-1)), dim=-1)
+        return unit_embedding(x, self.feat_norm)
 
     def forward(self, feats: Tensor, selection: Selection = NO_SELECTION, *, clip_len: int = 1,
                 selector_logits: Tensor | None = None) -> ProtoSegOutput:
@@ -137,9 +192,6 @@ class ProtoSegHead(MaskTransformerHead):
         b, d, h, w = feats.shape
         ml_logits, cls = self._multilabel(feats, 1) if self.uses_ml else (None, None)
         override = resolve_override(selection, False, ml_logits, b)
-        # A copy under grad: the loss updates the buffer in place after this forward, and the
-        # backward (and the checkpointed recomputation) needs the prototypes this forward used.
-        protos = self.prototypes.clone() if torch.is_grad_enabled() else self.prototypes
         index = valid = None
         if self.selects:
             kappa = selection.kappa if selection.kappa is not None else self.kappa
@@ -147,18 +199,9 @@ class ProtoSegHead(MaskTransformerHead):
                                   dynamic_threshold=selection.dynamic_threshold, override=override)
             assert cls is not None
             cls = cls.gather(1, index[:, :, None].expand(-1, -1, d))
-            bank = protos[index]  # B x C x M x D: only the selected classes' prototypes
-        else:
-            bank = protos[None]
+        bank = scoring_bank(self.prototypes, index)  # selecting: only the selected classes' prototypes
         emb = self.embed(feats, cls, valid)
-        scores = max_cosine(emb, bank)  # B x p x C
-        if self.selects:
-            logits = self.mask_norm(scores, valid)
-        else:
-            logits = self.mask_norm(scores)
-            if override is not None:  # GT (eval): restrict the argmax, as the class-ordered baseline does
-                valid = allowed_classes(override, self.num_classes, feats.device)
-                logits = logits.masked_fill(~valid[:, None, :], FILL_LOGIT)
+        logits, valid = prototype_logits(emb, bank, self.mask_norm, self.selects, valid, override, self.num_classes)
         mask_logits = logits.transpose(1, 2).reshape(b, logits.shape[-1], h, w)
         return ProtoSegOutput(mask_logits=mask_logits, topk_index=index, ml_logits=ml_logits, valid=valid,
                               embeddings=emb, bank=bank, prototypes=self.prototypes)

@@ -2,8 +2,9 @@
 
 DeepLabv3 (dilated ResNetV1c + ASPP) and UperNet (Swin / BEiT pyramid + UperHead), each with
 mmseg's baseline classifier (Dropout2d + 1x1 conv over K) or RankSeg's (classifier.py), and
-mmseg's auxiliary FCNHead on the stage-3 map for training. `forward(images, selection)` returns
-a `ConvSegOutput`: the classifier's logits at the decoder's resolution (1/8 for DeepLabv3,
+mmseg's auxiliary FCNHead on the stage-3 map for training; or ProtoSeg's prototype classifier
+(`protoseg`, `rankproto`: prototypes.py). `forward(images, selection)` returns a
+`ConvSegOutput` (`ConvProtoSegOutput` for the prototype heads): the classifier's logits at the decoder's resolution (1/8 for DeepLabv3,
 1/4 for UperNet), which the RankSeg criterion and `inference.predict_probs` read like any
 `SegOutput`, plus the auxiliary logits in training mode.
 """
@@ -21,11 +22,13 @@ from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.convseg.aspp import ASPPHead
 from rankseg_core.model.convseg.classifier import LinearClassifier, MultiLabelEncoder, RankSegClassifier
 from rankseg_core.model.convseg.fcn_aux import FCNHead
+from rankseg_core.model.convseg.prototypes import PrototypeClassifier
 from rankseg_core.model.convseg.resnet import ResNetPyramid, load_resnet_weights
 from rankseg_core.model.convseg.swin_pyramid import SwinPyramid, load_swin_pyramid_weights
 from rankseg_core.model.convseg.upernet import UperHead
 from rankseg_core.model.convseg.vit_pyramid import BeitPyramid, load_beit_pyramid_weights
 from rankseg_core.model.heads import SegOutput
+from rankseg_core.model.protoseg import PROTOTYPE_HEADS, ProtoSegOutput
 from rankseg_core.model.selection import NO_SELECTION, Selection
 
 DECODERS = ("aspp", "upernet")
@@ -39,6 +42,12 @@ class ConvSegOutput(SegOutput):
     resolution (1/8 in the dilated ResNet, 1/16 in Swin / BEiT; training only)."""
 
     aux_logits: Tensor | None = None
+
+
+@dataclass
+class ConvProtoSegOutput(ConvSegOutput, ProtoSegOutput):
+    """The prototype heads' output (model/convseg/prototypes.py): a `ProtoSegOutput` (embeddings
+    B x hw x C at the decoder's resolution, bank, prototypes) with the auxiliary logits."""
 
 
 class Pyramid(Protocol):
@@ -124,8 +133,16 @@ class ConvSegModel(nn.Module):
         chans = cast(Pyramid, self.backbone).channels
         self.decode_head = build_decoder(spec, c, chans)
         k = cfg.num_classes
+        self.classifier: LinearClassifier | RankSegClassifier | PrototypeClassifier
         if cfg.head == "segmenter":
-            self.classifier: LinearClassifier | RankSegClassifier = LinearClassifier(r["channels"], k, c.dropout)
+            self.classifier = LinearClassifier(r["channels"], k, c.dropout)
+        elif cfg.head in PROTOTYPE_HEADS:
+            # rankproto's ml branch has class tokens of its own: prototypes are no class embeddings to share.
+            ml = MultiLabelEncoder(chans[-1], r["ml_dim"], k, cfg.dropout, pool=r["ml_pool"], own_embedding=True,
+                                   cls_proj=c.ml_cls_proj) if cfg.head == "rankproto" else None
+            self.classifier = PrototypeClassifier(r["channels"], k, cfg.protoseg.prototypes, cfg.effective_kappa,
+                                                  c.dropout, ml, ml is not None and cfg.select,
+                                                  tau_shared=cfg.tau == "shared")
         else:
             ml = None if cfg.oracle else MultiLabelEncoder(
                 chans[-1], r["ml_dim"], k, cfg.dropout, pool=r["ml_pool"], own_embedding=r["ml_own_embedding"],
@@ -161,13 +178,20 @@ class ConvSegModel(nn.Module):
         pixels = self.decode_head(feats)
         out = self.classifier(pixels, feats[-1], selection)
         logits = out.mask_logits
+        emb = out.embeddings if isinstance(out, ProtoSegOutput) else None
         aux = self.auxiliary_head(feats[AUX_INDEX]) if self.training and self.auxiliary_head is not None else None
         if image_size is not None and self.padded_size(*image_size) != image_size:
             padded = self.padded_size(*image_size)
+            h, w = logits.shape[-2:]
             logits = _crop(logits, image_size, padded)
             aux = _crop(aux, image_size, padded) if aux is not None else None
-        return ConvSegOutput(mask_logits=logits, topk_index=out.topk_index, ml_logits=out.ml_logits, valid=out.valid,
-                             aux_logits=aux)
+            if emb is not None:  # the same cells of the row-major pixel embeddings
+                emb = emb.unflatten(1, (h, w))[:, :logits.shape[-2], :logits.shape[-1]].flatten(1, 2)
+        fields = {"mask_logits": logits, "topk_index": out.topk_index, "ml_logits": out.ml_logits, "valid": out.valid,
+                  "aux_logits": aux}
+        if isinstance(out, ProtoSegOutput):
+            return ConvProtoSegOutput(**fields, embeddings=emb, bank=out.bank, prototypes=out.prototypes)
+        return ConvSegOutput(**fields)
 
     def forward(self, images: Tensor, selection: Selection = NO_SELECTION) -> ConvSegOutput:
         h, w = images.shape[-2:]
