@@ -1,4 +1,4 @@
-"""`rankseg prepare ade20k-full | ade20k | coco-stuff | pascal-context`: image datasets with PNG masks."""
+"""`rankseg prepare ade20k-full | ade20k | coco-stuff | coco-stuff-10k | pascal-context`: image datasets with PNG or .mat masks."""
 
 from __future__ import annotations
 
@@ -107,6 +107,34 @@ def coco_stuff(
 
     opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
     report(prepare_coco_stuff(root, out, opts), out)
+
+
+@prepare_app.command("coco-stuff-10k")
+@user_errors(interrupted=RERUN_RESUMES)
+def coco_stuff_10k(
+    root: Root,
+    out: Out,
+    release: Annotated[str, typer.Option("--release", help="1.1 (cocostuff-10k-v1.1.zip: S = COCO-Stuff id, 0 unlabelled; mmsegmentation) or 1.0 (cocostuff-10k-v1.0.zip: S = 2 + train id, 1 unlabelled; MaskFormer, SimFormer). Same 171 classes.")] = "1.1",
+    workers: Workers = default_workers(),
+    num_shards: NumShards = 1,
+    shard_index: ShardIndex = None,
+    limit: Limit = None,
+    on_error: OnError = "fail",
+    samples_per_shard: PerShard = 1000,
+) -> None:
+    """COCO-Stuff-10K, 171 classes: the 9K / 1K release split (shard splits train / test) from the
+    release's annotations/*.mat.
+
+    Layout: ROOT/images/*.jpg, ROOT/annotations/*.mat, ROOT/imageLists/{train,test}.txt.
+
+    Example:
+      rankseg prepare coco-stuff-10k --root data/cocostuff-10k \\
+        --out shards/coco_stuff_10k
+    """
+    from rankseg_core.convert.coco_stuff_10k import prepare_coco_stuff_10k
+
+    opts = convert_options(workers, num_shards, shard_index, limit, on_error, samples_per_shard)
+    report(prepare_coco_stuff_10k(root, out, release, opts), out)
 
 
 @prepare_app.command("pascal-context")

@@ -30,6 +30,7 @@ def eval_predictions(
     train_split: Annotated[str | None, typer.Option("--train-split", help="Name of the training split (default: training or train).")] = None,
     pred_offset: Annotated[int, typer.Option("--pred-offset", help="Files store class id + N (mmseg's format_results writes id + 1).")] = 0,
     allow_extra: Annotated[bool, typer.Option("--allow-extra", help="Ignore prediction files that match no image of the split.")] = False,
+    novel_classes: Annotated[str | None, typer.Option("--novel-classes", help="Weak-shot split (built-in name, e.g. coco-stuff-10k/split1, or JSON file; docs/weak-shot.md): add BaseIoU / NovelIoU and base / novel accuracy.")] = None,
 ) -> None:
     """Score a directory of predicted label maps against shards: mIoU (three averaging rules),
     aAcc, mAcc, fwIoU, per-class IoU / accuracy, and mIoU by class-frequency group.
@@ -45,13 +46,16 @@ def eval_predictions(
       rankseg eval-predictions rankseg_lvis/ --data shards/coco_lvis \\
         --pred-offset 1 --json lvis.json
     """
+    from rankseg_core.data.weak_shot import load_split_for_shards
     from rankseg_core.evaluation.score_files import check_report_targets, report, score_predictions, write_reports
 
     path = json_out or pred_dir.resolve().parent / f"{pred_dir.resolve().name}_scores.json"
     check_report_targets(path)  # refused before scoring, not after minutes of it
+    ws = load_split_for_shards(novel_classes, data) if novel_classes else None
     res = score_predictions(pred_dir, data, val_split(data, split), protocol=protocol, groups=groups,
                             train_data=train_data, train_split=train_split, pred_offset=pred_offset,
-                            allow_extra=allow_extra)
+                            allow_extra=allow_extra, novel=list(ws.novel) if ws else None,
+                            novel_source={"novel_classes": ws.spec, "novel_classes_sha256": ws.sha256} if ws else None)
     rep = report(res)
     paths = write_reports(path, rep)
     t = Table("metric", "value")
@@ -62,6 +66,9 @@ def eval_predictions(
     t.add_row("aAcc (pACC)", _fmt(rep["aacc"]))
     t.add_row("mAcc", _fmt(rep["macc"]))
     t.add_row("fwIoU", _fmt(rep["fwiou"]))
+    if "novel_iou" in rep:  # --novel-classes: the official weak-shot means
+        t.add_row("BaseIoU / NovelIoU", f"{_fmt(rep['base_iou'])} / {_fmt(rep['novel_iou'])}")
+        t.add_row("BaseACC / NovelACC", f"{_fmt(rep['base_acc'])} / {_fmt(rep['novel_acc'])}")
     for name, g in rep["groups"].items():
         t.add_row(f"mIoU {name} ({g['classes_averaged']}/{g['num_classes']} classes)", _fmt(g["miou"]))
     t.add_row("images", str(rep["num_images"]))

@@ -50,7 +50,7 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=1e-3 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue RUN from checkpoints/last.pt exactly (same data order and losses).")] = False,
     device: Device = None,
-    head: Annotated[Optional[str], typer.Option("--head", help="segmenter (the architecture's own classifier over all K, the baseline) or rankseg; Segmenter models also encnet / essnet (supplement Table 1), protoseg (ProtoSeg's prototypes) and rankproto (RankSeg's top-kappa + prototypes; docs/protoseg.md).")] = None,
+    head: Annotated[Optional[str], typer.Option("--head", help="segmenter (the architecture's own classifier over all K, the baseline) or rankseg; protoseg (ProtoSeg's prototypes) and rankproto (RankSeg's top-kappa + prototypes; docs/protoseg.md) on Segmenter, DeepLabv3 and UperNet; Segmenter models also encnet / essnet (supplement Table 1).")] = None,
     kappa: Annotated[Optional[int], typer.Option("--kappa", help="Classes selected per image (clamped to K).")] = None,
     no_select: Annotated[bool, typer.Option("--no-select", help="+MT ablation: ml branch and loss, pixels over all K.")] = False,
     tau: Annotated[Optional[str], typer.Option("--tau", help="rank (per-rank 1/tau, the paper) or shared.")] = None,
@@ -63,6 +63,7 @@ def train(
     img_size: Annotated[Optional[int], typer.Option("--img-size", help="Training crop in pixels (multiple of 16).")] = None,
     backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="Local backbone weights (.pth/.safetensors; ViT .npz; timm, mmseg or detectron2 .pkl layouts, docs/architectures.md); never downloaded.")] = None,
     selector: Annotated[Optional[Path], typer.Option("--selector", help="Independent scheme: a trained classifier run whose top-kappa select this segmenter's classes (frozen; no ml branch of its own).")] = None,
+    weak_shot: Annotated[Optional[str], typer.Option("--weak-shot", help="Weak-shot training (docs/weak-shot.md): a split whose novel classes keep only image-level labels (their pixels are ignored), a built-in name (coco-stuff-10k/split1..9, ade20k/split1..4) or a JSON file.")] = None,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start from a run's or a file's weights (.safetensors, rankseg .pt, state dict; an official detectron2 .pkl for Mask2Former / MaskFormer models): tensors matching by name and shape; not re-applied by --resume.")] = None,
     iters: Annotated[Optional[int], typer.Option("--iters", help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Global batch (images or clips) per step, over all processes.")] = None,
@@ -109,6 +110,8 @@ def train(
         overrides.append(f"model.selector.run={selector}")
     if init_from is not None:
         overrides.append(f"init_from={init_from}")
+    if weak_shot is not None:
+        overrides.append(f"data.weak_shot={weak_shot}")
     cfg = config_for_run(out_dir, config, overrides, data, resume)
     if dry_run:
         from rankseg_core.engine.selector import resolve_selector
@@ -135,6 +138,9 @@ def train(
         seg = f"val mIoU {_fmt(r['miou'])}, " if r["miou"] is not None and r["miou"] == r["miou"] else "val "
         if r.metrics.get("vis"):  # a video instance run is scored by its tracks' AP
             seg = f"val AP {_fmt(r.metrics['vis']['ap'])}, {seg[4:]}"
+        ws = r.metrics.get("weak_shot")
+        if ws:  # a weak-shot run: the headline NovelIoU next to mIoU
+            seg += f"BaseIoU {_fmt(ws['base_iou'])}, NovelIoU {_fmt(ws['novel_iou'])}, "
         err.print(f"[green]done[/]: {seg}mAP {_fmt(r['map'])}, recall@{r['kappa']} {_fmt(r['recall_at_kappa'])}; "
                   f"weights {show(out_dir / 'model.safetensors')}")
 
@@ -157,6 +163,7 @@ def evaluate(
     save_results: Annotated[Optional[Path], typer.Option("--save-results", help="Video instance runs: the YouTube-VIS results.json to write (default: next to the metrics JSON, STEM_results.json).")] = None,
     classes_json: Annotated[Optional[Path], typer.Option("--classes-json", help='Class subsets {"base": [...], "novel": [...]} (ids or names) for subset mIoU.')] = None,
     max_images: Annotated[int, typer.Option("--max-images", help="Evaluate only the first N images (0 = all).")] = 0,
+    novel_classes: Annotated[Optional[str], typer.Option("--novel-classes", help="Weak-shot split (built-in name or JSON file, docs/weak-shot.md) whose BaseIoU / NovelIoU / base and novel accuracy to add (default: a weak-shot run's own split).")] = None,
     device: Device = None,
     weights: Weights = "auto",
 ) -> None:
@@ -186,7 +193,8 @@ def evaluate(
                        flip=True if flip else None, selection=SelectionOptions(kappa, dynamic_kappa, oracle, oracle_fill),
                        max_images=max_images, save_predictions=save_predictions, save_panoptic=save_panoptic,
                        save_results=save_results)
-    rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights)
+    rep, json_path, csv_path = run_evaluation(run, opts, json_out, classes_json, device or "auto", weights,
+                                              novel_classes)
     t = Table("metric", "value")
     if _segmented(rep):
         t.add_row("mIoU", _fmt(rep["miou"]))
@@ -195,6 +203,11 @@ def evaluate(
             t.add_row("VC8 / VC16 (video consistency)", f"{_fmt(rep['vc8'])} / {_fmt(rep['vc16'])}")
     t.add_row("mAP (multi-label)", _fmt(rep["map"]))
     t.add_row(f"recall@{rep['config']['kappa']}", _fmt(rep["recall_at_kappa"]))
+    if "novel_iou" in rep:  # weak-shot: the official base / novel means
+        ws = rep["weak_shot"]
+        t.add_row(f"BaseIoU / NovelIoU ({ws['base_averaged']} / {ws['novel_averaged']} classes)",
+                  f"{_fmt(rep['base_iou'])} / {_fmt(rep['novel_iou'])}")
+        t.add_row("BaseACC / NovelACC", f"{_fmt(rep['base_acc'])} / {_fmt(rep['novel_acc'])}")
     for name, sub in (rep["subsets"] if _segmented(rep) else {}).items():
         t.add_row(f"mIoU {name} ({sub['num_classes']} classes)", _fmt(sub["miou"]))
     for part, values in ((p, rep["pq"][p]) for p in ("all", "things", "stuff") if "pq" in rep):
@@ -251,7 +264,7 @@ def predict(
 def stats_model(
     model: Annotated[str, typer.Option("--model", "-m", help="segmenter-vit{t,s,b,l}, mask2former-r50 / -swin{t,s,b,l} / -vitadapterl / -semaskl, maskformer-*, deeplabv3-r{18,50,101}, upernet-swin{t,b} / -beit{t,l} (docs/architectures.md).")] = "segmenter-vitb",
     num_classes: Annotated[int, typer.Option("--num-classes", "-k", help="Vocabulary size K.")] = 150,
-    head: Annotated[str, typer.Option("--head", help="segmenter (baseline) or rankseg; Segmenter models also encnet / essnet / protoseg / rankproto.")] = "rankseg",
+    head: Annotated[str, typer.Option("--head", help="segmenter (baseline) or rankseg; also protoseg / rankproto (Segmenter, DeepLabv3, UperNet) and encnet / essnet (Segmenter).")] = "rankseg",
     kappa: Annotated[int, typer.Option("--kappa", help="Selected classes (rankseg).")] = 100,
     img_size: Annotated[int, typer.Option("--img-size", help="Input side in pixels.")] = 512,
     ml_head: Annotated[str, typer.Option("--ml-head", help="tranenc, trandec or gap.")] = "tranenc",

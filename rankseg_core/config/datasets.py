@@ -26,6 +26,16 @@ DATA_DEFAULTS: dict[str, dict[str, object]] = {
     "synthetic": {"aug.photometric": False},
 }
 
+# SimFormer's complementary-loss weight (`LOSS.CompSupNovel` of every official `s*_seg.yaml`):
+# 0.15 COCO-Stuff-10K, 0.2 ADE20K. Filled only in weak-shot runs (engine/configure.py
+# `resolve`); a dataset without an official value gets ADE20K's.
+WEAK_SHOT_COMP_WEIGHT = {"coco-stuff": 0.15, "ade20k": 0.2}
+
+
+def weak_shot_comp_weight(name: str) -> float:
+    """The official complementary-loss weight for a dataset name from dataset.json."""
+    return WEAK_SHOT_COMP_WEIGHT.get(recipe_dataset(name) or "", WEAK_SHOT_COMP_WEIGHT["ade20k"])
+
 
 def recipe_dataset(name: str) -> str | None:
     """The recipe key of a dataset name from dataset.json (None if unknown)."""

@@ -34,6 +34,15 @@ class DataConfig:
     class_names: list[str] = field(default_factory=list)
     palette: list[list[int]] = field(default_factory=list)
     thing_classes: list[int] | None = None  # panoptic shards (format v2): train ids of thing classes
+    # Weak-shot segmentation (docs/weak-shot.md): novel classes keep only image-level labels in
+    # training (their pixels become ignore after augmentation). `weak_shot` names the split
+    # (`--weak-shot`: a built-in name such as coco-stuff-10k/split1, or a JSON file); resolving
+    # it fills `novel_classes` (train ids; None = not weak-shot) and the split file's SHA-256,
+    # so config.yaml records exactly which classes were hidden and a changed file is refused
+    # on --resume.
+    weak_shot: str | None = None
+    novel_classes: list[int] | None = None
+    weak_shot_sha256: str = ""
 
 
 @dataclass
@@ -73,6 +82,12 @@ class LossConfig:
     asl_gamma_neg: float | None = None  # None = official per ml head: tranenc 2, trandec / gap 0
     asl_gamma_pos: float = 0.0  # 0 in every official config
     asl_clip: float = 0.05  # probability margin on negatives (the ASL default of every config)
+    # Weak-shot runs only (losses/weak_shot.py): novel classes' MIL over pixels + SimFormer's
+    # complementary loss. comp None = official per dataset (0.15 COCO-Stuff, 0.2 ADE20K / others).
+    weak_shot_comp_weight: float | None = None
+    weak_shot_mil_weight: float = 1.0  # SimFormer's class-loss weight (LOSS.AssignCls 1 in every split config)
+    weak_shot_mil_pool: str = "max"  # "max" (presence = some pixel) or "topk" (mean of the top fraction)
+    weak_shot_mil_topk: float = 0.1  # "topk" fraction of the pooled region (the official top-R rate)
 
 
 @dataclass
@@ -382,6 +397,10 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= lo.asl_clip < 1, f"loss.asl_clip={lo.asl_clip} must be in [0, 1)"),
         (lo.seg_loss_norm in ("official", "valid"), f"loss.seg_loss_norm={lo.seg_loss_norm!r}: use official or valid"),
         (lo.ml_weight >= 0, "loss.ml_weight must be >= 0"),
+        ((lo.weak_shot_comp_weight or 0) >= 0 and lo.weak_shot_mil_weight >= 0,
+         "loss.weak_shot_comp_weight / weak_shot_mil_weight must be >= 0"),
+        (lo.weak_shot_mil_pool in ("max", "topk"), f"loss.weak_shot_mil_pool={lo.weak_shot_mil_pool!r}: use max or topk"),
+        (0 < lo.weak_shot_mil_topk <= 1, f"loss.weak_shot_mil_topk={lo.weak_shot_mil_topk}: use a fraction in (0, 1]"),
         (a.scale is None or (len(a.scale) == 2 and min(a.scale) > 0), "aug.scale needs two positive sides (long, short)"),
         (len(a.ratio_range) == 2 and 0 < a.ratio_range[0] <= a.ratio_range[1], "aug.ratio_range needs 0 < lo <= hi"),
         (0 < a.cat_max_ratio <= 1, "aug.cat_max_ratio must be in (0, 1]"),
@@ -405,6 +424,27 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.model.num_classes:
         raise UserError(f"data.class_names has {len(cfg.data.class_names)} names but model.num_classes="
                         f"{cfg.model.num_classes}")
+    _validate_novel(cfg.data.novel_classes, cfg.model.num_classes)
+    if cfg.data.novel_classes is not None and cfg.model.clip_len > 1:
+        raise UserError(f"--weak-shot trains on single images: model.clip_len={cfg.model.clip_len} must be 1 "
+                        "(video clips have no weak-shot protocol here)")
+
+
+def _validate_novel(novel: list[int] | None, k: int) -> None:
+    """A weak-shot run's novel train ids: some, not all, each once, each a class of the run."""
+    if novel is None:
+        return
+    fix = "fix the split (--weak-shot) or data.novel_classes"
+    if not novel:
+        raise UserError(f"data.novel_classes is empty: a weak-shot run needs at least one novel class; {fix}")
+    bad = sorted({c for c in novel if not 0 <= c < k})
+    if bad:
+        raise UserError(f"data.novel_classes holds {bad[0]}, outside the run's train ids 0..{k - 1}; {fix}")
+    if len(set(novel)) != len(novel):
+        twice = sorted({c for c in novel if novel.count(c) > 1})
+        raise UserError(f"data.novel_classes lists class {twice[0]} twice; {fix}")
+    if len(novel) >= k:
+        raise UserError(f"data.novel_classes makes all {k} classes novel: no base class keeps its masks; {fix}")
 
 
 def _validate_custom_keys(keys: dict[str, dict[str, float]] | None) -> None:

@@ -22,6 +22,7 @@ from torch import Tensor
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.convert.geometry import GeometryError, compressed_rle
 from rankseg_core.data.augment import TrainTransform, build_train_transform
+from rankseg_core.data.weak_shot import hide_novel, novel_table
 from rankseg_core.errors import UserError
 from rankseg_core.shards.read import ShardDataset
 from rankseg_core.utils import distributed as D
@@ -120,12 +121,14 @@ class AugmentedClips(torch.utils.data.Dataset):
     """(global position, clip id) -> augmented clip {image T x 3 x c x c, label T x c x c}
     (+ with `segments`: segments T x c x c segment indices and segments_info, T record lists;
     + with `instances`: instances, T dicts {"labels": n_t, "masks": n_t x c x c bool, "ids":
-    n_t}, the frame's non-crowd instances that keep a pixel after the crop)."""
+    n_t}, the frame's non-crowd instances that keep a pixel after the crop;
+    + with `novel` (K booleans, a weak-shot run): image_labels T x K float, the classes present
+    in the augmented crop, and the label with every novel pixel set to ignore: data/weak_shot.py)."""
 
     def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int,
-                 segments: bool = False, instances: bool = False) -> None:
+                 segments: bool = False, instances: bool = False, novel: np.ndarray | None = None) -> None:
         self.ds, self.clips, self.transform, self.seed, self.segments = ds, clips, transform, seed, segments
-        self.instances = instances
+        self.instances, self.novel = instances, novel
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -142,6 +145,9 @@ class AugmentedClips(torch.utils.data.Dataset):
         except ValueError as exc:
             raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
         sample: dict[str, Tensor | list] = {"image": torch.from_numpy(out[0]), "label": torch.from_numpy(out[1])}
+        if self.novel is not None:  # after augmentation: the image-level labels are the crop's
+            label, present = hide_novel(out[1], self.novel)
+            sample.update(label=torch.from_numpy(label), image_labels=torch.from_numpy(present))
         if self.segments:
             sample.update(segments=torch.from_numpy(out[2]), segments_info=[f["segments_info"] for f in frames])
         return sample
@@ -164,9 +170,10 @@ class AugmentedClips(torch.utils.data.Dataset):
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major);
-    segment maps likewise, segment records and instances as one list entry per frame (their
-    counts vary from frame to frame; instance masks stay bool at the crop size)."""
-    out: dict[str, Any] = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments")
+    segment maps likewise, weak-shot image labels (b*T) x K, segment records and instances as
+    one list entry per frame (their counts vary from frame to frame; instance masks stay bool
+    at the crop size)."""
+    out: dict[str, Any] = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments", "image_labels")
                            if k in items[0]}
     if "segments_info" in items[0]:
         out["segments_info"] = [info for i in items for info in i["segments_info"]]
@@ -203,6 +210,11 @@ def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.D
     if instances and cfg.model.clip_len < 2:
         raise UserError(f"model.mask2former.task=instance trains clips of video tracks: model.clip_len="
                         f"{cfg.model.clip_len} must be >= 2 (e.g. --set model.clip_len=2)")
+    novel = cfg.data.novel_classes
+    if novel is not None and (cfg.model.clip_len > 1 or segments or instances):
+        what = f"model.clip_len={cfg.model.clip_len}" if cfg.model.clip_len > 1 else "a panoptic / instance task"
+        raise UserError(f"--weak-shot trains the semantic task on single images, not {what}: use --clip-len 1 and "
+                        "the semantic task, or train without --weak-shot")
     clips = clip_table(ds, cfg.model.clip_len)
     if instances and not ds.has_instances():
         raise UserError(f"{cfg.data.root}: split {cfg.data.train_split!r} has no instances (per-frame tracks), which "
@@ -213,7 +225,8 @@ def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.D
         raise UserError(f"schedule.batch_size={s.batch_size} is not divisible by processes x accum_steps "
                         f"= {info.world_size} x {s.accum_steps}")
     stream = BatchStream(len(clips), s.batch_size, s.accum_steps, info.world_size, info.rank, cfg.seed, start_step)
-    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed, segments, instances)
+    data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed, segments, instances,
+                          None if novel is None else novel_table(novel, ds.num_classes))
     workers = cfg.data.num_workers
     return torch.utils.data.DataLoader(
         data, batch_sampler=stream, num_workers=workers, collate_fn=collate_clips,

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import rankseg_core.config
-from rankseg_core.config.datasets import DATA_DEFAULTS, recipe_dataset
+from rankseg_core.config.datasets import DATA_DEFAULTS, recipe_dataset, weak_shot_comp_weight
 from rankseg_core.config.train import DataConfig, TrainConfig, parse_override, read_yaml, set_key, validate
+from rankseg_core.data.weak_shot import resolve_config as resolve_weak_shot
 from rankseg_core.errors import UserError
 from rankseg_core.families import FAMILIES, check_head, family_of
 from rankseg_core.shards.read import load_index
@@ -56,6 +57,8 @@ def resolve(cfg: TrainConfig, meta: dict | None = None, explicit: Collection[str
         things = meta.get("thing_classes")
         cfg.data.thing_classes = [int(c) for c in things] if meta.get("panoptic") and things is not None else None
         cfg.model.num_classes = int(meta["num_classes"])
+    # The split's novel train ids and file digest, recorded in config.yaml (checked on resume).
+    resolve_weak_shot(cfg.data, cfg.model.num_classes)
     family = family_of(cfg.model.model)
     crop = cfg.model.img_size
     if cfg.aug.scale is None:
@@ -69,6 +72,8 @@ def resolve(cfg: TrainConfig, meta: dict | None = None, explicit: Collection[str
     lo = cfg.loss  # what is still None has no family-specific official value: ASL(2, 0)
     lo.ml_loss = "asl" if lo.ml_loss is None else lo.ml_loss
     lo.asl_gamma_neg = 2.0 if lo.asl_gamma_neg is None else lo.asl_gamma_neg
+    if cfg.data.novel_classes is not None and lo.weak_shot_comp_weight is None:  # weak-shot runs only
+        lo.weak_shot_comp_weight = weak_shot_comp_weight(cfg.data.name)
     validate(cfg)
     check_model(cfg)
     return cfg

@@ -37,6 +37,7 @@ from rankseg_core.config.train import TrainConfig
 from rankseg_core.convert.coco_panoptic_format import CocoPanopticWriter, categories_of, image_id_of
 from rankseg_core.data.augment import TestTransform, build_test_transform
 from rankseg_core.data.loading import worker_init
+from rankseg_core.data.weak_shot import WeakShotSplit, load_split
 from rankseg_core.engine.video_results import check_results_target, evaluate_tracks, write_results
 from rankseg_core.errors import UserError
 from rankseg_core.evaluation.accumulators import EvalAccumulators, reduce_across_processes
@@ -44,6 +45,7 @@ from rankseg_core.evaluation.metrics import ConfusionMatrix
 from rankseg_core.evaluation.panoptic_quality import gt_from_shard
 from rankseg_core.evaluation.video_consistency import VSPW_WINDOWS, VideoConsistency
 from rankseg_core.evaluation.video_instances import VisScores
+from rankseg_core.evaluation.weak_shot import base_novel_scores
 from rankseg_core.families import family_of
 from rankseg_core.families.base import Family, InferenceProtocol, Predictions
 from rankseg_core.model.selection import SelectionOptions, batch_selection
@@ -74,6 +76,9 @@ class EvalOptions:
     # Video instance runs: where results.json goes (None: `run_evaluation` puts it next to the report)
     save_results: Path | None = None
     progress: bool = True
+    # Weak-shot metrics (BaseIoU / NovelIoU, evaluation/weak_shot.py) over these novel train ids;
+    # None: the run's own split (data.novel_classes), if it is a weak-shot run.
+    novel_classes: list[int] | None = None
 
     def check(self) -> None:
         """UserError naming the option for a value no evaluation can use."""
@@ -298,6 +303,9 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
                "num_images": total, "kappa": kappa, "pq": m["pq"], "segmentation": segmented,
                "vc": vc_scores, "vis": vis.summary() if vis is not None else None, "score": score}
     assert acc.confusion is not None  # EvalAccumulators.create always makes one
+    novel = cfg.data.novel_classes if opts.novel_classes is None else opts.novel_classes
+    if segmented and novel is not None:  # the selection score stays mIoU, as the official runs
+        metrics["weak_shot"] = base_novel_scores(acc.confusion, novel)
     return EvalResult(metrics, acc.confusion, m["ap"], vis, results)
 
 
@@ -480,6 +488,7 @@ def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | No
         "per_class": {n: _num(v) for n, v in zip(names, iou.tolist())},
         "subsets": {name: {"miou": _num(res.confusion.miou(ids)), "num_classes": len(ids)}
                     for name, ids in (subsets or {}).items()},
+        **_weak_shot_keys(res.metrics.get("weak_shot")),
     } if res["segmentation"] else {}
     return {
         **seg, "map": _num(res["map"]), "recall_at_kappa": _num(res["recall_at_kappa"]),
@@ -493,6 +502,26 @@ def report(res: EvalResult, cfg: TrainConfig, subsets: dict[str, list[int]] | No
                    "num_classes": cfg.model.num_classes, "kappa": res["kappa"], "dataset": cfg.data.name,
                    **(extra_config or {})},
     }
+
+
+def _split_record(cfg: TrainConfig, split: WeakShotSplit | None) -> dict[str, Any]:
+    """Which weak-shot split a report's base / novel means are over (the run's own, or
+    `--novel-classes`): its name or file and SHA-256; nothing for other evaluations."""
+    if split is not None:
+        return {"novel_classes": split.spec, "novel_classes_sha256": split.sha256}
+    if cfg.data.novel_classes is not None:
+        return {"novel_classes": cfg.data.weak_shot or "data.novel_classes",
+                "novel_classes_sha256": cfg.data.weak_shot_sha256 or None}
+    return {}
+
+
+def _weak_shot_keys(ws: dict[str, Any] | None) -> dict[str, Any]:
+    """A weak-shot evaluation's report keys: base_iou, novel_iou, base_acc, novel_acc (the
+    official means) and "weak_shot" {num_base, num_novel, base_averaged, novel_averaged}."""
+    if ws is None:
+        return {}
+    means = ("base_iou", "novel_iou", "base_acc", "novel_acc")
+    return {**{k: _num(ws[k]) for k in means}, "weak_shot": {k: v for k, v in ws.items() if k not in means}}
 
 
 def per_class_csv(res: EvalResult, cfg: TrainConfig) -> str:
@@ -569,13 +598,15 @@ def _results_path(run_dir: str | Path, cfg: TrainConfig, opts: EvalOptions, repo
 
 def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path | None = None,
                    classes_json: str | Path | None = None, device: str = "auto",
-                   weights: str = "auto") -> tuple[dict[str, Any], Path, Path]:
+                   weights: str = "auto", novel_classes: str | None = None) -> tuple[dict[str, Any], Path, Path]:
     """Load a run, evaluate it, write the JSON (default: see `default_json`) and the per-class
     CSV next to it. Returns (report, json path, csv path).
 
     Holds a lock on that JSON file name (not on RUN: evaluating while the run trains is fine),
     and on `opts.save_predictions`, so two evaluations never write the same files at once. A
     video instance run also writes its results.json (`_results_path`; lock: the report's).
+    `novel_classes`: a weak-shot split (built-in name or JSON file) whose BaseIoU / NovelIoU to
+    report, for any run (default: a weak-shot run's own split).
     """
     from rankseg_core.engine.runs import find_weights, load_run
 
@@ -584,6 +615,10 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
     model, cfg = load_run(run_dir, dev, weights)
     subsets = read_class_subsets(classes_json, cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]) \
         if classes_json else None
+    ws_split = load_split(novel_classes, cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)],
+                          cfg.data.name, "--novel-classes") if novel_classes else None
+    if ws_split is not None:
+        opts = replace(opts, novel_classes=list(ws_split.novel))
     data_root = Path(opts.data_root or cfg.data.root).resolve()
     split = opts.split
     if split is None:
@@ -614,6 +649,7 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
                  "crop": cfg.eval.crop, "stride": cfg.eval.stride,
                  "dynamic_kappa": opts.selection.dynamic_kappa,
                  "oracle": bool(opts.selection.oracle or cfg.model.oracle), "oracle_fill": opts.selection.oracle_fill,
+                 **_split_record(cfg, ws_split),
                  **({"results": str(results)} if results is not None else {})}
         json_out, csv_out = write_report(path, res, cfg, subsets, extra)
     return report(res, cfg, subsets, extra), json_out, csv_out

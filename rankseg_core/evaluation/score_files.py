@@ -27,6 +27,7 @@ import numpy as np
 from rankseg_core.convert.detectron2_format import file_stem
 from rankseg_core.errors import UserError
 from rankseg_core.evaluation.metrics import PROTOCOLS, ConfusionMatrix
+from rankseg_core.evaluation.weak_shot import base_novel_scores
 from rankseg_core.shards.codec import IGNORE, MAX_FILE_BYTES, check_pixel_limit, check_size, decode_label
 from rankseg_core.shards.read import ShardDataset, ShardIndex
 from rankseg_core.utils import jsonio
@@ -301,12 +302,16 @@ class ScoreResult:
     groups: dict[str, list[int]] = field(default_factory=dict)
     group_rule: str = "none"
     info: dict[str, Any] = field(default_factory=dict)
+    novel: list[int] | None = None  # a weak-shot split's novel train ids: BaseIoU / NovelIoU (weak_shot.py)
 
 
 def score_predictions(pred_dir: str | Path, data: str | Path, split: str = "val", *, protocol: str = "mmseg",
                       groups: str = "auto", train_data: str | Path | None = None, train_split: str | None = None,
-                      pred_offset: int = 0, allow_extra: bool = False, progress: bool = True) -> ScoreResult:
-    """Confusion matrix of the predictions in `pred_dir` against split `split` of shards `data`."""
+                      pred_offset: int = 0, allow_extra: bool = False, progress: bool = True,
+                      novel: list[int] | None = None, novel_source: dict[str, Any] | None = None) -> ScoreResult:
+    """Confusion matrix of the predictions in `pred_dir` against split `split` of shards `data`;
+    with `novel` (train ids of a weak-shot split, `novel_source` saying which) the report adds
+    the official base / novel means."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     check_pred_offset(pred_offset)
@@ -330,8 +335,8 @@ def score_predictions(pred_dir: str | Path, data: str | Path, split: str = "val"
             cm.update(pred, label)
             bar.advance(1)
     info = {"predictions": str(pred_dir), "data": str(data), "split": split, "dataset": ds.index.name,
-            "num_classes": k, "pred_offset": pred_offset}
-    return ScoreResult(cm, ds.index.class_names, len(keys), protocol, group_ids, rule, info)
+            "num_classes": k, "pred_offset": pred_offset, **(novel_source or {})}
+    return ScoreResult(cm, ds.index.class_names, len(keys), protocol, group_ids, rule, info, novel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,11 +388,16 @@ def report(res: ScoreResult) -> dict[str, Any]:
     tp, gt, pred = cm.counts()
     iou, acc = cm.iou(p), cm.acc()
     group = _group_of(res.groups, cm.num_classes)
+    ws = base_novel_scores(cm, res.novel) if res.novel is not None else None
+    means = ("base_iou", "novel_iou", "base_acc", "novel_acc")
     return {
         "protocol": p,
         "miou": _num(cm.miou(protocol=p)), "aacc": _num(cm.aacc()), "macc": _num(cm.macc()),
         "fwiou": _num(cm.fwiou()),
         "miou_by_protocol": {q: _num(cm.miou(protocol=q)) for q in PROTOCOLS},
+        # The official weak-shot means (whatever --protocol: they follow SimFormer's evaluator).
+        **({k: _num(ws[k]) for k in means} if ws else {}),
+        **({"weak_shot": {k: v for k, v in ws.items() if k not in means}} if ws else {}),
         "classes_averaged": {q: int(cm.averaged(q).sum()) for q in PROTOCOLS},
         "group_rule": res.group_rule,
         "groups": {name: {"miou": _num(cm.miou(ids, protocol=p)), "num_classes": len(ids),

@@ -32,6 +32,7 @@ from rankseg_core.losses.encnet import EncNetCriterion
 from rankseg_core.losses.essnet import EssNetCriterion, neighbours
 from rankseg_core.losses.protoseg import ProtoSegCriterion
 from rankseg_core.losses.rankseg import RankSegCriterion
+from rankseg_core.losses.weak_shot import WeakShotCriterion
 from rankseg_core.model.segmenter import RankSegModel, build_model
 from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
@@ -39,6 +40,7 @@ from rankseg_core.shards.codec import IGNORE
 
 def _criterion(cfg: TrainConfig) -> Any:
     lo, m = cfg.loss, cfg.model
+    _check_weak_shot(cfg)
     if m.head == "encnet":  # the supplement's comparisons: their own losses (docs/architectures.md)
         enc = EncNetCriterion(m.num_classes, IGNORE, m.encnet.se_weight, lo.seg_loss_norm)
         return lambda out, batch: enc(out, batch["label"])
@@ -56,7 +58,37 @@ def _criterion(cfg: TrainConfig) -> Any:
         proto = ProtoSegCriterion(m.num_classes, IGNORE, p.ppc_weight, p.ppd_weight, p.sinkhorn_eps, p.sinkhorn_iters,
                                   p.momentum, p.update, lo.seg_loss_norm, crit if m.head == "rankproto" else None)
         return lambda out, batch: proto(out, batch["label"])
+    if cfg.data.novel_classes is not None:  # a weak-shot run (issue 21): novel classes by image labels only
+        if lo.weak_shot_comp_weight is None:  # engine/configure.py `resolve` fills the official value
+            raise UserError("loss.weak_shot_comp_weight is unset in a weak-shot run: set it, e.g. "
+                            "--set loss.weak_shot_comp_weight=0.2")
+        ws = WeakShotCriterion(crit, cfg.data.novel_classes, lo.weak_shot_mil_weight, lo.weak_shot_comp_weight,
+                               lo.weak_shot_mil_pool, lo.weak_shot_mil_topk)
+        return lambda out, batch: ws(out, batch["label"], _image_labels(batch), batch.get("pad"))
     return lambda out, batch: crit(out, batch["label"])
+
+
+WEAK_SHOT_HEADS = ("segmenter", "rankseg")
+
+
+def _check_weak_shot(cfg: TrainConfig) -> None:
+    """The heads a weak-shot run trains: the per-pixel baseline and RankSeg (+MT included)."""
+    m = cfg.model
+    if cfg.data.novel_classes is None:
+        return
+    if m.head not in WEAK_SHOT_HEADS:
+        raise UserError(f"--head {m.head} has no weak-shot loss (novel classes from image labels): use --head "
+                        "segmenter or rankseg with --weak-shot / data.novel_classes")
+    if m.oracle:
+        raise UserError("--oracle selects the crop's labelled classes, which a weak-shot run hides for novel "
+                        "classes: drop --oracle or --weak-shot")
+
+
+def _image_labels(batch: dict[str, Any]) -> Tensor:
+    labels = batch.get("image_labels")
+    if labels is None:  # the loader's contract for weak-shot runs (data/loading.py)
+        raise ValueError("a weak-shot training batch must carry image_labels (B x K class presence)")
+    return cast(Tensor, labels)
 
 @torch.no_grad()
 def predict(model: nn.Module, cfg: TrainConfig, images: Tensor, sizes: list[tuple[int, int]], protocol: InferenceProtocol,
@@ -123,6 +155,7 @@ def _resolve(cfg: TrainConfig) -> None:
         lo.asl_gamma_neg = ASL_GAMMA_NEG.get(cfg.model.ml_head, 2.0)
     if cfg.optim.custom_keys is None:
         cfg.optim.custom_keys = official_custom_keys(cfg)
+    _check_weak_shot(cfg)
 
 
 # protoseg: ProtoSeg (issue 20), not in Table 1; rankproto: RankSeg + ProtoSeg's prototypes (in neither paper).

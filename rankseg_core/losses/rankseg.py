@@ -187,9 +187,15 @@ class RankSegCriterion:
         if self.seg_loss_norm not in SEG_NORMS:
             raise UserError(f"loss.seg_loss_norm={self.seg_loss_norm!r} is unknown; use one of {', '.join(SEG_NORMS)}")
 
-    def __call__(self, out: SegOutput, labels: Tensor) -> dict[str, Tensor]:
-        """out: model output for (B*T) images; labels: (B*T) x H x W class ids / ignore."""
-        logits = F.interpolate(out.mask_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    def __call__(self, out: SegOutput, labels: Tensor, image_labels: Tensor | None = None) -> dict[str, Tensor]:
+        """out: model output for (B*T) images; labels: (B*T) x H x W class ids / ignore.
+
+        image_labels: (B*T) x K presence of every class in the crop (a weak-shot batch, whose
+        label map hides the novel classes): the ml targets then come from it, not from labels.
+        """
+        logits = out.mask_logits  # already at label size (the weak-shot criterion resizes once for both)
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         if out.topk_index is None:
             targets = class_targets(labels, self.num_classes, self.ignore_index)
         else:
@@ -197,7 +203,8 @@ class RankSegCriterion:
         seg = seg_loss(logits, targets, self.ignore_index, self.seg_loss_norm, out.valid)
 
         if out.ml_logits is not None:
-            y = ml_targets(labels, self.num_classes, self.ignore_index)
+            y = ml_targets(labels, self.num_classes, self.ignore_index) if image_labels is None \
+                else image_labels.float()
             if self.clip_len > 1:
                 y = clip_targets(y, self.clip_len)
             ml = self._ml_fn(out.ml_logits, y)
