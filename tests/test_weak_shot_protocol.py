@@ -220,7 +220,8 @@ def test_hiding_after_crop_and_flip_through_the_loader(tmp_path: Path) -> None:
     crops_without = set()
     for _ in range(12):
         b = next(batches)
-        assert set(b) == {"image", "label", "image_labels"}
+        assert set(b) == {"image", "label", "image_labels", "pad"}
+        assert not b["pad"].any()  # the 8 x 8 crop lies inside the 8 x 16 image
         image, got, present = b["image"][0].numpy(), b["label"][0].numpy(), b["image_labels"][0].numpy()
         cols, rows = np.rint(image[0] / 10).astype(int), np.rint(image[1] / 10).astype(int)
         assert np.all(cols[:, 1:] < cols[:, :-1])  # flipped: columns run right to left
@@ -233,6 +234,12 @@ def test_hiding_after_crop_and_flip_through_the_loader(tmp_path: Path) -> None:
         crops_without |= {c for c in (5, 7) if not present[c]}
     # Some crops lose a novel class of the full image: the image-level labels are the crop's.
     assert crops_without == {5, 7}
+    # A 16 x 16 crop of the 8 x 16 image: rows 8-15 are padding, marked for the complementary loss.
+    cfg.model.img_size = 16
+    b = next(iter(make_loader(cfg, [0.0] * 3, [1.0] * 3, D.DistInfo(), 0)))
+    pad = b["pad"][0].numpy()
+    assert pad[8:].all() and not pad[:8].any()
+    assert (b["label"][0].numpy()[8:] == IGNORE).all()
 
 
 def test_hide_novel_on_a_hand_built_map() -> None:
@@ -413,6 +420,8 @@ def test_train_resume_and_evaluate_a_weak_shot_run(tmp_path: Path, monkeypatch: 
     want = _official_means(tmp_path / "a_per_class.csv", [1, 3, 5, 7, 9, 11])
     for key, value in want.items():
         assert rep[key] == pytest.approx(value, nan_ok=True), key
+    final = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and final["novel_iou"] == pytest.approx(want["novel_iou"], nan_ok=True)
     assert rep["config"]["novel_classes"] == str(split.resolve())
     # Another split for the same run: --novel-classes.
     other = tmp_path / "other.json"

@@ -179,10 +179,10 @@ class TrainTransform:
 
     def __call__(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
                  segments: list[np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
-        out_img, out_lab, out_seg, _ = self._apply(images, labels, rng, segments)
+        out_img, out_lab, out_seg, _ = self.apply_geometry(images, labels, rng, segments)
         return (out_img, out_lab) if out_seg is None else (out_img, out_lab, out_seg)
 
-    def _apply(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
+    def apply_geometry(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
                segments: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Geometry]:
         """Image, label, segment maps (or None) and the geometry (size, box, flip) used."""
         h, w = labels[0].shape
@@ -227,7 +227,7 @@ class TrainTransform:
         h, w = labels[0].shape
         if len(instances) != len(labels) or any(m.ndim != 3 or m.shape[1:] != (h, w) for m in instances):
             raise ValueError("instance masks must be one n x H x W stack per frame, of the label's size")
-        out_img, out_lab, _, (size, (y1, y2, x1, x2), flip) = self._apply(images, labels, rng, None)
+        out_img, out_lab, _, (size, (y1, y2, x1, x2), flip) = self.apply_geometry(images, labels, rng, None)
         c = self.crop
         out_masks = []
         for stack in instances:

@@ -123,7 +123,8 @@ class AugmentedClips(torch.utils.data.Dataset):
     + with `instances`: instances, T dicts {"labels": n_t, "masks": n_t x c x c bool, "ids":
     n_t}, the frame's non-crowd instances that keep a pixel after the crop;
     + with `novel` (K booleans, a weak-shot run): image_labels T x K float, the classes present
-    in the augmented crop, and the label with every novel pixel set to ignore: data/weak_shot.py)."""
+    in the augmented crop, the label with every novel pixel set to ignore (data/weak_shot.py),
+    and pad T x c x c bool, the crop's padding)."""
 
     def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int,
                  segments: bool = False, instances: bool = False, novel: np.ndarray | None = None) -> None:
@@ -141,13 +142,19 @@ class AugmentedClips(torch.utils.data.Dataset):
             return self._with_instances(frames, rng)
         segs = [f["segments"] for f in frames] if self.segments else None
         try:
-            out = self.transform([f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
+            img, lab, seg, (_, (y1, y2, x1, x2), _) = self.transform.apply_geometry(
+                [f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
         except ValueError as exc:
             raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
+        out = (img, lab, seg)
         sample: dict[str, Tensor | list] = {"image": torch.from_numpy(out[0]), "label": torch.from_numpy(out[1])}
         if self.novel is not None:  # after augmentation: the image-level labels are the crop's
             label, present = hide_novel(out[1], self.novel)
-            sample.update(label=torch.from_numpy(label), image_labels=torch.from_numpy(present))
+            # The complementary loss must not read the crop's padding as "not base" (the official
+            # mapper's pad_region): padding is where the crop box did not reach.
+            pad = torch.ones(label.shape, dtype=torch.bool)
+            pad[:, : y2 - y1, : x2 - x1] = False
+            sample.update(label=torch.from_numpy(label), image_labels=torch.from_numpy(present), pad=pad)
         if self.segments:
             sample.update(segments=torch.from_numpy(out[2]), segments_info=[f["segments_info"] for f in frames])
         return sample
@@ -173,7 +180,7 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     segment maps likewise, weak-shot image labels (b*T) x K, segment records and instances as
     one list entry per frame (their counts vary from frame to frame; instance masks stay bool
     at the crop size)."""
-    out: dict[str, Any] = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments", "image_labels")
+    out: dict[str, Any] = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments", "image_labels", "pad")
                            if k in items[0]}
     if "segments_info" in items[0]:
         out["segments_info"] = [info for i in items for info in i["segments_info"]]

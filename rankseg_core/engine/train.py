@@ -450,6 +450,10 @@ def _summary(res: Any) -> dict:
     keys = ("miou", "aacc") if res["segmentation"] else ()  # a classifier has no class maps
     out = {k: res[k] for k in (*keys, "map", "recall_at_kappa", "num_images", "score")}
     out.update({f"vc{n}": v for n, v in (res.metrics.get("vc") or {}).items()})  # video shards (VSPW)
+    # A weak-shot run: the official BaseIoU / NovelIoU (NovelIoU is the headline).
+    ws = res.metrics.get("weak_shot")
+    if ws:  # strict JSON: an undefined mean (no GT pixel of the group) is null
+        out.update({k: ws[k] if math.isfinite(ws[k]) else None for k in ("base_iou", "novel_iou")})
     vis = res.metrics.get("vis")  # a video instance model: YouTube-VIS AP (its score)
     if vis:
         out.update({k: vis[k] for k in ("ap", "ap50", "ap75", "ar1", "ar10")})
