@@ -22,7 +22,7 @@ def _fmt(x: float | None) -> str:
 def eval_predictions(
     pred_dir: Annotated[Path, typer.Argument(help="Directory of prediction label files (PNG/TIFF, 8 or 16 bit, train ids), one per image.")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Shard directory holding the ground truth.")],
-    split: Annotated[str | None, typer.Option("--split", help="Split the predictions are for (default: the shards' val / validation / valid).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split the predictions are for (default: the shards' val / validation / valid / test).")] = None,
     protocol: Annotated[str, typer.Option("--protocol", help="mIoU average: mmseg (classes with union > 0), d2-old (detectron2 <= v0.6), d2 (detectron2 >= July 2022: classes in the GT).")] = "mmseg",
     json_out: Annotated[Path | None, typer.Option("--json", help="Report JSON (default PRED_DIR/../<PRED_DIR name>_scores.json); CSVs go next to it.")] = None,
     groups: Annotated[str, typer.Option("--groups", help="Split results by class frequency: auto, lvis, train-frequency or none.")] = "auto",

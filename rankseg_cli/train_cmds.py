@@ -149,7 +149,7 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory (from `rankseg train`).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory (default: the run's).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: the run's validation split, or with --data the shards' val / validation / valid).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: the run's validation split, or with --data the shards' val / validation / valid / test).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON (default: RUN/eval/SPLIT.json; with --data other shards: RUN/eval/DATASET-SPLIT-HASH.json); the per-class CSV goes next to it.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="whole or slide (default: the run's eval.mode).")] = None,
     scales: Annotated[Optional[str], typer.Option("--scales", help="Multi-scale test, e.g. 0.75,1.0,1.25.")] = None,

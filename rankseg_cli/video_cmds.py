@@ -48,7 +48,7 @@ def _check_report_target(path: Path, inputs: list[Path]) -> None:
 def eval_vis(
     results: Annotated[Path, typer.Argument(help="The submission: a JSON list of {video_id, category_id, score, segmentations}.")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Shard directory holding the ground truth (rankseg prepare youtube-vis).")],
-    split: Annotated[str | None, typer.Option("--split", help="Split the results are for, with annotated tracks (default: the shards' val / validation / valid).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split the results are for, with annotated tracks (default: the shards' val / validation / valid / test).")] = None,
     videos_json: Annotated[Path | None, typer.Option("--videos-json", help="The release JSON whose video ids the results use (default: ids 1..N in video-name order).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Report JSON (default: <RESULTS stem>_vis_scores.json next to RESULTS).")] = None,
 ) -> None:
@@ -89,7 +89,7 @@ def predict_vis(
     run: Annotated[Path, typer.Argument(help="Run directory of a video Mask2Former (rankseg train with model.clip_len > 1).")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Shard directory of the videos (rankseg prepare youtube-vis).")],
     out_json: Annotated[Path, typer.Option("--out", "-o", help="The results.json to write (never an input; an earlier results file may be replaced).")],
-    split: Annotated[str | None, typer.Option("--split", help="Split to predict (default: the shards' val / validation / valid).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split to predict (default: the shards' val / validation / valid / test).")] = None,
     videos_json: Annotated[Path | None, typer.Option("--videos-json", help="The release JSON whose video ids to write (default: ids 1..N in video-name order).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Tracks kept per video: the top (query, class) pairs (official: 10).")] = 10,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available).")] = None,

@@ -36,6 +36,8 @@ def test_split_rule() -> None:
     assert find_split(["training", "validation"], "val") == "validation"
     assert find_split(["train", "valid"], "val") == "valid"
     assert find_split(["train", "val", "validation"], "val") == "val"
+    assert find_split(["train", "test"], "val") == "test"  # COCO-Stuff-10K's release split
+    assert find_split(["train", "val", "test"], "val") == "val"
     with pytest.raises(UserError, match=r"shards/x: no validation split .* \(train; pretrain\): pass --split NAME"):
         default_split("shards/x", ["train", "pretrain"], "val", "--split NAME")
 

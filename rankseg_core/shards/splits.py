@@ -18,7 +18,9 @@ from rankseg_core.errors import UserError
 
 # In order of preference; matched exactly (split names are case-sensitive in dataset.json).
 TRAIN_NAMES = ("train", "training")
-VAL_NAMES = ("val", "validation", "valid")
+# "test" last: releases with only train / test (COCO-Stuff-10K) evaluate on test; a release with
+# a val split keeps it.
+VAL_NAMES = ("val", "validation", "valid", "test")
 ROLE_NAMES = {"train": TRAIN_NAMES, "val": VAL_NAMES}
 
 
