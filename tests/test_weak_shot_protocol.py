@@ -420,7 +420,9 @@ def test_train_resume_and_evaluate_a_weak_shot_run(tmp_path: Path, monkeypatch: 
     want = _official_means(tmp_path / "a_per_class.csv", [1, 3, 5, 7, 9, 11])
     for key, value in want.items():
         assert rep[key] == pytest.approx(value, nan_ok=True), key
-    final = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all("mil" in r and "comp" in r for r in records if r["type"] == "train")  # the novel terms are logged
+    final = records[-1]
     assert final["final"] and final["novel_iou"] == pytest.approx(want["novel_iou"], nan_ok=True)
     assert rep["config"]["novel_classes"] == str(split.resolve())
     # Another split for the same run: --novel-classes.

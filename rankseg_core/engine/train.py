@@ -294,10 +294,10 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
     init_model(model, cfg, resume, info.is_main, family.foreign_weights)
     optimizer = build_optimizer(model, cfg)
     amp, scaler = _autocast(device, cfg.amp)
-    start, best, window = 0, float("-inf"), Window(family.stats)
+    start, best, window = 0, float("-inf"), Window(family.logged_stats(cfg))
     if resume:
         ckpt = _resume_state(paths, model, optimizer, scaler)
-        start, best, window = int(ckpt["iteration"]), float(ckpt["best_score"]), Window(family.stats, ckpt["window"])
+        start, best, window = int(ckpt["iteration"]), float(ckpt["best_score"]), Window(family.logged_stats(cfg), ckpt["window"])
         set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if info.is_main:
             runs.truncate_metrics(paths.root, start)
@@ -339,7 +339,7 @@ def _resume_state(paths: runs.RunPaths, model: nn.Module, optimizer: torch.optim
 def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distributed: bool) -> Tensor:
     """All micro-batches of one step: backward into .grad; returns the family's stats
     (len(stats),) averaged over micro-batches and processes (an all-reduce: a sync point)."""
-    accum, keys = cfg.schedule.accum_steps, st.family.stats
+    accum, keys = cfg.schedule.accum_steps, st.family.logged_stats(cfg)
     stats = torch.zeros(len(keys))
     for m in range(accum):
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in next(st.loader).items()}
@@ -422,7 +422,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
                        "samples_per_s": st.window.samples / max(time.perf_counter() - t_log, 1e-9)}
                 if info.is_main:
                     runs.append_metrics(run_dir, rec)
-                st.window, t_log = Window(st.family.stats), time.perf_counter()
+                st.window, t_log = Window(st.family.logged_stats(cfg)), time.perf_counter()
             if cfg.data.val_split and cfg.eval.every and done % cfg.eval.every == 0 and done < iters:
                 res = _evaluate(st.model, cfg, device, cfg.eval.max_images)
                 if info.is_main:

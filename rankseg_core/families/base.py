@@ -148,6 +148,10 @@ def oracle_selection(m: ModelConfig) -> Selection:
     return Selection(gt_classes=[torch.arange(m.effective_kappa)] * m.clip_len) if m.oracle else NO_SELECTION
 
 
+def _no_more_stats(cfg: TrainConfig) -> tuple[str, ...]:
+    return ()
+
+
 def _no_extra_stats(model: nn.Module, m: ModelConfig) -> dict[str, Any]:
     return {}
 
@@ -172,6 +176,8 @@ class Family:
         `model(images, selection)` (training and inference; `selection` may be ignored).
     criterion: TrainConfig -> Criterion.
     stats: the names `criterion` returns, "loss" first (logged to metrics.jsonl).
+    more_stats: TrainConfig -> further names its criterion returns in that run (e.g. the
+        weak-shot terms); `logged_stats` is what a run logs.
     predict: (model, cfg, images N x 3 x H x W normalised, sizes [(h, w)] per image,
         InferenceProtocol, Selection) -> Predictions at `sizes`.
     data_config: model -> {"mean", "std"} on the 0..255 scale (input normalisation).
@@ -232,6 +238,11 @@ class Family:
     stats_extra: Callable[[nn.Module, ModelConfig], dict[str, Any]] = _no_extra_stats
     stats_selection: Callable[[ModelConfig], Selection] = oracle_selection
     rank_scale: Callable[[nn.Module], tuple[Tensor, Tensor] | None] = _no_rank_scale
+    more_stats: Callable[[TrainConfig], tuple[str, ...]] = _no_more_stats
+
+    def logged_stats(self, cfg: TrainConfig) -> tuple[str, ...]:
+        """The statistics a run of this config logs to metrics.jsonl, "loss" first."""
+        return self.stats + self.more_stats(cfg)
 
     def track_predictor(self, m: ModelConfig) -> TrackPredictor:
         """`predict_tracks` of a model that predicts tracks (UserError for one that does not)."""

@@ -241,4 +241,6 @@ SEGMENTER = Family(
     find_unused_parameters=lambda m: m.oracle,
     describe=describe,
     rank_scale=rank_scale,
+    # A weak-shot run also logs the novel classes' terms (losses/weak_shot.py).
+    more_stats=lambda cfg: ("mil", "comp") if cfg.data.novel_classes else (),
 )
