@@ -10,11 +10,11 @@ import typer
 from rankseg_cli.common import err, new_app, show, user_errors, val_split
 
 viz_app = new_app(
-    "Figures of what a model learned: learned 1/tau per rank, false positives, predictions, and a "
-    "dataset browser. Every PNG is written with its numbers (CSV / JSON) next to it.")
+    "Figures of what a model learned: learned 1/tau per rank, false positives, predictions, "
+    "prototypes, and a dataset browser. Every PNG is written with its numbers (CSV / JSON) next to it.")
 
 Data = Annotated[Path, typer.Option("--data", "-d", help="Shard directory the run was trained on (`rankseg prepare ... --out DIR`).")]
-Split = Annotated[Optional[str], typer.Option("--split", help="Split to draw samples from (default: the shards' val / validation / valid).")]
+Split = Annotated[Optional[str], typer.Option("--split", help="Split to draw samples from (default: the shards' val / validation / valid / test).")]
 Keys = Annotated[Optional[str], typer.Option("--keys", help="Comma-separated sample keys (see `rankseg inspect DIR --jsonl`); default: the first --num samples.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda if available).")]
 Weights = Annotated[str, typer.Option("--weights", help="auto | final | best | last | a file.")]
@@ -132,6 +132,37 @@ def predictions(
     _outputs([out / f for f in res["figures"]] + [out / "predictions.csv", out / "predictions.json"])
 
 
+@viz_app.command("prototypes")
+@user_errors
+def prototypes(
+    run: Annotated[Path, typer.Argument(help="A run trained with --head protoseg or rankproto.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or directories of images (one row each, at most 16).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Figure to write (.png, .pdf or .svg, by extension); .csv and .json go next to it.")] = Path("prototypes.png"),
+    device: Device = "auto",
+    weights: Weights = "auto",
+) -> None:
+    """Which of its class's M prototypes each pixel took (ProtoSeg heads).
+
+    Per image: the image, the predicted classes and the prototype index m of each pixel's
+    predicted class (one hue per m, class outlines in black), from one whole-image pass at the
+    run's test size; the assignment is on the patch grid, upsampled by nearest neighbour.
+    The patch counts per class and prototype are written to the .csv and .json.
+
+    Example:
+      rankseg viz prototypes runs/protoseg photo1.jpg photo2.jpg \\
+        --out viz/prototypes.png
+    """
+    from rankseg_core.utils.distributed import resolve_device
+    from rankseg_core.viz.common import load_viz_run
+    from rankseg_core.viz.prototypes import check_inputs, run_prototypes
+
+    files = check_inputs(images, out)  # the format, the images and --out before loading a model
+    res = run_prototypes(load_viz_run(run, resolve_device(device), weights), files, out)
+    err.print(f"{res['images']} images: {res['mean_used']:.1f} of M={res['prototypes']} prototypes used per "
+              f"predicted class on average ({res['classes']} image classes)")
+    _outputs([res["figure"], res["csv"], res["json"]])
+
+
 @viz_app.command("samples")
 @user_errors
 def samples(
@@ -140,7 +171,7 @@ def samples(
     keys: Keys = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Show the first N samples (without --keys).")] = 8,
     per_figure: Annotated[int, typer.Option("--per-figure", help="Rows per PNG.")] = 8,
-    split: Annotated[Optional[str], typer.Option("--split", help="Split (default: the shards' val / validation / valid, else their first).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split (default: the shards' val / validation / valid / test, else their first).")] = None,
 ) -> None:
     """Browse a shard directory: images, label overlays and the classes present.
 

@@ -213,9 +213,13 @@ def prototype_assignment(out: ProtoSegOutput) -> tuple[Tensor, Tensor]:
     predicted class and the nearest of that class's M prototypes (what `rankseg viz prototypes` draws)."""
     assert out.embeddings is not None and out.bank is not None
     b, _, h, w = out.mask_logits.shape
+    c, m = out.bank.shape[1], out.bank.shape[2]
     channel = out.mask_logits.argmax(1).flatten(1)  # B x p
-    bank = out.bank.expand(b, -1, -1, -1)
-    chosen = bank[torch.arange(b, device=channel.device)[:, None], channel]  # B x p x M x D
-    proto = torch.einsum("bpd,bpmd->bpm", out.embeddings, chosen.to(out.embeddings.dtype)).argmax(-1)
+    n = chunk_pixels(b, c, m)  # as max_cosine: never more than one chunk of B x n x C x M cosines
+    parts = []
+    for e, ch in zip(out.embeddings.split(n, dim=1), channel.split(n, dim=1), strict=True):
+        cos = cosines(e, out.bank).unflatten(-1, (c, m))  # B x n x C x M
+        parts.append(cos.gather(2, ch[:, :, None, None].expand(-1, -1, 1, m))[:, :, 0].argmax(-1))
+    proto = torch.cat(parts, dim=1)
     cls = channel if out.topk_index is None else out.topk_index.gather(1, channel)
     return cls.reshape(b, h, w), proto.reshape(b, h, w)
