@@ -440,3 +440,13 @@ def test_train_resume_and_evaluate_a_weak_shot_run(tmp_path: Path, monkeypatch: 
     before = (tmp_path / "c" / "config.yaml").read_text()
     assert_one_line_error(run("train", "--out", tmp_path / "c", "--resume"), "the split file changed")
     assert (tmp_path / "c" / "config.yaml").read_text() == before
+
+
+def test_weak_shot_needs_a_family_with_weak_shot_losses(tmp_path: Path) -> None:
+    from rankseg_core.engine.configure import build_train_config
+
+    data = make_synthetic(tmp_path / "data", images=2, num_classes=40, val_images=1)
+    with pytest.raises(UserError, match=r"deeplabv3-r18\) has no weak-shot losses; use a model of a family that "
+                                        r"has: segmenter, mask2former") as err:
+        build_train_config(None, ["model.model=deeplabv3-r18", "data.novel_classes=[1,2]"], data)
+    assert "\n" not in str(err.value)

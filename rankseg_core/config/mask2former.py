@@ -59,6 +59,46 @@ class MaskFormerConfig:
             raise UserError(f"{p}object_mask_threshold={self.object_mask_threshold} must be in [0, 1]")
 
 
+PIXEL_PAIRS = ("cross", "self", "none")
+DISTILL_FUNCS = ("cce", "ce")
+STUDENT_PAIRS = ("cross", "within")
+
+
+@dataclass
+class SimFormerConfig:
+    """SimFormer's pixel-pixel similarity transfer (`model.mask2former.simformer.*`), read in
+    weak-shot runs only (data.novel_classes set; docs/weak-shot.md). Values: the official
+    CROSS_IMG_SIM options of bcmi/SimFormer-Weak-Shot-Semantic-Segmentation `_1Prop_Cfgs`."""
+
+    # "cross" (pairs across two images of the batch), "self" (an image with itself: supplement
+    # Table 2), "none" (proposal-pixel transfer only: the "basic model"); None = cross in a
+    # weak-shot run of a model that can hold the pair net (timm-backbone MaskFormer /
+    # Mask2Former), else none
+    pixel_pairs: str | None = None
+    pair_weight: float = 1.0  # BASE_LOSS, 1.0 in every *_crosim config
+    # DISTILL_LOSS; None = official per dataset: ADE20K 0.5, COCO-Stuff 0.1 (splits 2-9; split 1: 0)
+    distill_weight: float | None = None
+    distill_func: str | None = None  # DISTILL_FUNC "cce" | "ce"; None = cce (every config but COCO split 3)
+    points: int = 100  # J: BASE_POINT_NUM = NOVEL_POINT_NUM, points per image (supplement Table 1)
+    sim_layers: int = 3  # LayerNum: residual blocks of the pair net (width = mask_dim, 256 officially)
+    # "cross": the student pairs are the teacher's cross-image pairs (supplement A5); "within":
+    # the official code's student, which pairs the input image's J points with themselves
+    student_pairs: str = "cross"
+
+    def validate(self) -> None:
+        """Raise `UserError` naming the first bad option and how to fix it."""
+        p = "model.mask2former.simformer."
+        for name, value, allowed in (("pixel_pairs", self.pixel_pairs, PIXEL_PAIRS),
+                                     ("distill_func", self.distill_func, DISTILL_FUNCS),
+                                     ("student_pairs", self.student_pairs, STUDENT_PAIRS)):
+            if value is not None and value not in allowed:
+                raise UserError(f"{p}{name}={value!r} is unknown; use one of {', '.join(allowed)}")
+        if self.pair_weight < 0 or (self.distill_weight or 0.0) < 0:
+            raise UserError(f"{p}pair_weight / distill_weight must be >= 0")
+        if self.points < 5 or self.sim_layers < 1:
+            raise UserError(f"{p}points={self.points} must be >= 5 and sim_layers={self.sim_layers} >= 1")
+
+
 @dataclass
 class Mask2FormerConfig:
     """Mask2Former + RankSeg options (`model.mask2former.*`); see docs/mask2former.md."""
@@ -102,6 +142,8 @@ class Mask2FormerConfig:
     cosine_logits: bool = True  # SEM_SEG_HEAD.USE_LAYERNORM of the rankseg configs: cosine class logits
     # MaskFormer (model.model=maskformer-*): the options whose official values differ
     maskformer: MaskFormerConfig = field(default_factory=MaskFormerConfig)
+    # SimFormer's pixel-pixel transfer in weak-shot runs (both architectures)
+    simformer: SimFormerConfig = field(default_factory=SimFormerConfig)
     # The ml loss (weight 10, ASL gamma- 2 / gamma+ 0) and the ml head's lr multiplier (0.1) are
     # the engine's loss.* / optim.ml_lr_mult, set by the family's recipe (config.py).
 
@@ -143,6 +185,7 @@ class Mask2FormerConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{p}{name}={getattr(self, name)} must be in [0, 1]")
         self.maskformer.validate()
+        self.simformer.validate()
         # Options the chosen architecture would ignore are refused rather than dropped silently.
         official = Mask2FormerConfig()
         if maskformer:

@@ -89,6 +89,10 @@ def check_model(cfg: TrainConfig) -> None:
         raise UserError(f"model.selector.run={m.selector.run}: a {family.name} model ({m.model}) cannot take its "
                         f"classes from a classifier run; use a model of a family that does: {takers}")
     check_head(m)
+    if cfg.data.novel_classes is not None and not family.weak_shot:
+        takers = ", ".join(f.name for f in FAMILIES if f.weak_shot)
+        raise UserError(f"--weak-shot {cfg.data.weak_shot or cfg.data.novel_classes}: a {family.name} model ({m.model}) "
+                        f"has no weak-shot losses; use a model of a family that has: {takers}")
     family.validate(m)
 
 

@@ -176,6 +176,7 @@ class Family:
         `model(images, selection)` (training and inference; `selection` may be ignored).
     criterion: TrainConfig -> Criterion.
     stats: the names `criterion` returns, "loss" first (logged to metrics.jsonl).
+    weak_shot: its criterion trains novel classes from image-level labels (`--weak-shot`).
     more_stats: TrainConfig -> further names its criterion returns in that run (e.g. the
         weak-shot terms); `logged_stats` is what a run logs.
     predict: (model, cfg, images N x 3 x H x W normalised, sizes [(h, w)] per image,
@@ -239,6 +240,7 @@ class Family:
     stats_selection: Callable[[ModelConfig], Selection] = oracle_selection
     rank_scale: Callable[[nn.Module], tuple[Tensor, Tensor] | None] = _no_rank_scale
     more_stats: Callable[[TrainConfig], tuple[str, ...]] = _no_more_stats
+    weak_shot: bool = False
 
     def logged_stats(self, cfg: TrainConfig) -> tuple[str, ...]:
         """The statistics a run of this config logs to metrics.jsonl, "loss" first."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rankseg_core.config.datasets import recipe_dataset
 from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.config.train import TrainConfig
@@ -37,6 +38,7 @@ from rankseg_core.losses.mask2former_video import (
 from rankseg_core.losses.maskformer import MaskFormerCriterion
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.semask import SemanticPriorCriterion
+from rankseg_core.losses.simformer import SimFormerCriterion
 from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
 from rankseg_core.model.convseg.layers import sync_batch_norm
 from rankseg_core.model.convseg.vit_pyramid import layer_decay_multipliers
@@ -44,6 +46,7 @@ from rankseg_core.model.mask2former.detectron2_weights import detectron2_warm_st
 from rankseg_core.model.mask2former.model import Mask2FormerModel, Mask2FormerOutput, build_mask2former
 from rankseg_core.model.mask2former.multilabel import QueryRankNorm
 from rankseg_core.model.mask2former.semask import SeMaskSwin
+from rankseg_core.model.mask2former.simformer import build_simformer
 from rankseg_core.model.mask2former.video import VideoMask2FormerOutput, build_video_mask2former, frame_output
 from rankseg_core.model.mask2former.vit_adapter import ViTAdapter
 from rankseg_core.model.selection import Selection
@@ -114,8 +117,61 @@ def _criterion(cfg: TrainConfig) -> Any:
 
     def image_loss(out: Mask2FormerOutput, batch: dict[str, Any]) -> dict[str, Tensor]:
         return crit(out, batch_targets(batch, k, panoptic))
+    loss = _simformer_criterion(cfg, crit) if cfg.data.novel_classes is not None else image_loss
     # SeMask: + CATE_WEIGHT (0.4) x the CE of its semantic prior (losses/semask.py).
-    return SemanticPriorCriterion(image_loss, IGNORE) if is_semask(cfg.model) else image_loss
+    return SemanticPriorCriterion(loss, IGNORE) if is_semask(cfg.model) else loss
+
+
+# ---------------------------------------------------------------------------------------
+# Weak-shot runs (issue 21, docs/weak-shot.md): SimFormer's criterion (losses/simformer.py)
+
+# CROSS_IMG_SIM.DISTILL_LOSS of the official *_crosim configs: ADE20K 0.5 (every split), COCO-Stuff
+# 0.1 (splits 2-9; split 1 has 0). Other datasets get ADE20K's, as the complementary weight does.
+SIMFORMER_DISTILL_WEIGHT = {"coco-stuff": 0.1, "ade20k": 0.5}
+
+
+def holds_pair_net(m: ModelConfig) -> bool:
+    """The model can carry SimFormer's pair net: a single-image timm-backbone MaskFormer /
+    Mask2Former (model/mask2former/simformer.py; not SeMask, ViT-Adapter or clip models)."""
+    return m.model in MODELS and not is_semask(m) and m.clip_len == 1
+
+
+def _check_weak_shot(cfg: TrainConfig) -> None:
+    if cfg.model.mask2former.task != "semantic":
+        raise UserError(f"model.mask2former.task={cfg.model.mask2former.task}: weak-shot runs (--weak-shot) train "
+                        "semantic segmentation; use task=semantic")
+
+
+def _simformer_criterion(cfg: TrainConfig, crit: Mask2FormerCriterion) -> SimFormerCriterion:
+    _check_weak_shot(cfg)
+    comp = cfg.loss.weak_shot_comp_weight
+    if comp is None or cfg.data.novel_classes is None:  # engine/configure.py `resolve` fills the official value
+        raise UserError("loss.weak_shot_comp_weight is unset in a weak-shot run: set it, e.g. "
+                        "--set loss.weak_shot_comp_weight=0.2")
+    return SimFormerCriterion(crit, cfg.data.novel_classes, comp, cfg.model.mask2former.simformer)
+
+
+def _resolve(cfg: TrainConfig) -> None:
+    """SimFormer's official values in weak-shot runs (model.mask2former.simformer.*; None =
+    official): cross-image pixel pairs where the model can hold the pair net, the distillation
+    weight of the dataset's configs, the "cce" distillation. Other runs must leave them unset."""
+    s = cfg.model.mask2former.simformer
+    if cfg.data.novel_classes is None:
+        if s.pixel_pairs not in (None, "none"):
+            raise UserError(f"model.mask2former.simformer.pixel_pairs={s.pixel_pairs}: SimFormer's pixel pairs train "
+                            "weak-shot runs only; add --weak-shot SPLIT or leave it unset")
+        return
+    _check_weak_shot(cfg)
+    if s.pixel_pairs is None:
+        s.pixel_pairs = "cross" if holds_pair_net(cfg.model) else "none"
+    if s.distill_weight is None:
+        s.distill_weight = SIMFORMER_DISTILL_WEIGHT.get(recipe_dataset(cfg.data.name) or "",
+                                                        SIMFORMER_DISTILL_WEIGHT["ade20k"])
+    s.distill_func = s.distill_func or "cce"
+    micro = cfg.schedule.batch_size // max(1, cfg.schedule.accum_steps)
+    if s.pixel_pairs == "cross" and micro % 2:
+        raise UserError(f"model.mask2former.simformer.pixel_pairs=cross pairs the images of a micro-batch, which has "
+                        f"{micro} (schedule.batch_size / accum_steps); use an even number, or pixel_pairs=self / none")
 
 
 def _one(out: Mask2FormerOutput, i: int) -> Mask2FormerOutput:
@@ -310,6 +366,10 @@ def _validate(m: ModelConfig) -> None:
         raise UserError(f"model.clip_len={m.clip_len}: {m.model} segments images; use clip_len=1, or a "
                         "mask2former-* model for clips")
     m.mask2former.validate(maskformer=is_maskformer(m))
+    if m.mask2former.simformer.pixel_pairs in ("cross", "self") and not holds_pair_net(m):
+        raise UserError(f"model.mask2former.simformer.pixel_pairs={m.mask2former.simformer.pixel_pairs}: {m.model} "
+                        "cannot hold SimFormer's pair net (timm-backbone mask2former-* / maskformer-* image models "
+                        "only); use pixel_pairs=none")
 
 
 def _build(m: ModelConfig) -> nn.Module:
@@ -320,6 +380,9 @@ def _build(m: ModelConfig) -> nn.Module:
         return build_mask2former(m, arch, num_queries(m), backbone=semask)
     if m.clip_len > 1:  # Mask2Former-VIS-style clip queries (docs/video.md)
         return build_video_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m))
+    if m.mask2former.simformer.pixel_pairs in ("cross", "self"):  # + SimFormer's pair net (weak-shot runs)
+        return build_simformer(m, MASK2FORMER.arch(m.model), num_queries(m),
+                               decoder="standard" if is_maskformer(m) else "masked")
     return build_mask2former(m, MASK2FORMER.arch(m.model), num_queries(m),
                              decoder="standard" if is_maskformer(m) else "masked")
 
@@ -346,7 +409,11 @@ MASK2FORMER = Family(
     models=MODELS,
     build=_build,
     criterion=_criterion,
+    resolve=_resolve,
     stats=("loss", "ce", "mask", "dice", "ml", "kept"),
+    # A weak-shot run (SimFormer, losses/simformer.py) also logs its similarity-transfer terms.
+    more_stats=lambda cfg: ("comp", "pair", "distill") if cfg.data.novel_classes else (),
+    weak_shot=True,
     predict=predict,
     data_config=lambda model: cast(Mask2FormerModel, model).data_config(),
     recipes=RECIPES,

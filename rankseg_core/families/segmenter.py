@@ -243,4 +243,5 @@ SEGMENTER = Family(
     rank_scale=rank_scale,
     # A weak-shot run also logs the novel classes' terms (losses/weak_shot.py).
     more_stats=lambda cfg: ("mil", "comp") if cfg.data.novel_classes else (),
+    weak_shot=True,
 )
