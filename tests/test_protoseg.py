@@ -230,7 +230,8 @@ def test_chunked_max_cosine_and_ppc_equal_the_full_computation(shared: bool, mon
     ref_ppc = F.cross_entropy(full.flatten(2)[keep], target[keep])
     (g_ref,) = torch.autograd.grad(ref_max.square().sum() + ref_ppc, emb)
     monkeypatch.setattr(model_protoseg, "CHUNK_COSINES", 2 * 3 * 4 * 2)  # 2 pixels per chunk: 4 chunks
-    assert chunk_pixels(2, 3, 4) == 2
+    assert chunk_pixels(2, 3, 4) == 2 and chunk_pixels(2, 3, 4, 7) == 2  # 7 pixels: 2 + 2 + 2 + 1
+    assert chunk_pixels(2, 3, 4, 5) == 2 and chunk_pixels(2, 3, 5, 7) == 1
     got_max, got_ppc = max_cosine(emb, bank), ppc_loss(emb, bank, target)
     torch.testing.assert_close(got_max, ref_max)
     torch.testing.assert_close(got_ppc, ref_ppc)

@@ -115,7 +115,7 @@ def ppc_loss(emb: Tensor, bank: Tensor, target: Tensor) -> Tensor:
     labelled = int((target >= 0).sum())
     if labelled == 0:
         return emb.sum() * 0.0  # still in the graph
-    n = chunk_pixels(emb.shape[0], bank.shape[1], bank.shape[2])
+    n = chunk_pixels(emb.shape[0], bank.shape[1], bank.shape[2], emb.shape[1])
     total = emb.new_zeros((), dtype=torch.float32)
     for e, t in zip(emb.split(n, dim=1), target.split(n, dim=1), strict=True):
         if bool((t >= 0).any()):

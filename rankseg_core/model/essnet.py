@@ -95,5 +95,5 @@ class EssNetHead(MaskTransformerHead):
         if override is not None:  # GT (eval): restrict the argmax, as the class-ordered baseline does
             valid = allowed_classes(override, self.num_classes, feats.device)
             logits = logits.masked_fill(~valid[:, None, :], FILL_LOGIT)
-        mask_logits = logits.transpose(1, 2).reshape(b, self.num_classes, h, w)
+        mask_logits = logits.transpose(1, 2).reshape(b, self.num_classes, h, w).contiguous()
         return EssNetOutput(mask_logits=mask_logits, valid=valid, class_emb=cls)

@@ -39,8 +39,9 @@ from rankseg_core.model.encnet import ConvBNReLU
 from rankseg_core.model.heads import FILL_LOGIT, MaskTransformerHead, SegOutput
 from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
 
-# Pixel-prototype cosines computed at once (64 MiB in float32): K = 847, M = 10 -> 1,980 pixels.
-CHUNK_COSINES = 1 << 24
+# Pixel-prototype cosines computed at once (16 MiB in float32): K = 847, M = 10 -> 495 pixels.
+# bench/bench_protoseg.py: 2^22 peaks 2.3x lower than 2^24 on this CPU at the same time.
+CHUNK_COSINES = 1 << 22
 
 
 def bank_rows(bank: Tensor) -> Tensor:
@@ -62,9 +63,15 @@ def _max_cos(emb: Tensor, bank: Tensor) -> Tensor:
     return cosines(emb, bank).unflatten(-1, (c, m)).amax(-1)
 
 
-def chunk_pixels(batch: int, classes: int, prototypes: int) -> int:
-    """Pixels per chunk so that batch x chunk x classes x prototypes cosines fit `CHUNK_COSINES`."""
-    return max(1, CHUNK_COSINES // max(1, batch * classes * prototypes))
+def chunk_pixels(batch: int, classes: int, prototypes: int, pixels: int | None = None) -> int:
+    """Pixels per chunk so that batch x chunk x classes x prototypes cosines fit `CHUNK_COSINES`;
+    given the `pixels` to split, the fewest chunks of (nearly) equal size (no small remainder
+    chunk paying a whole matrix-product call)."""
+    most = max(1, CHUNK_COSINES // max(1, batch * classes * prototypes))
+    if pixels is None or pixels <= 0:
+        return most
+    count = -(-pixels // most)
+    return -(-pixels // count)
 
 
 def max_cosine(emb: Tensor, bank: Tensor) -> Tensor:
@@ -72,7 +79,7 @@ def max_cosine(emb: Tensor, bank: Tensor) -> Tensor:
 
     Chunked over pixels; with grad each chunk is checkpointed (its B x n x C x M cosines are
     recomputed in the backward instead of kept), so memory is bounded by `CHUNK_COSINES`."""
-    n = chunk_pixels(emb.shape[0], bank.shape[1], bank.shape[2])
+    n = chunk_pixels(emb.shape[0], bank.shape[1], bank.shape[2], emb.shape[1])
     if emb.shape[1] <= n and not torch.is_grad_enabled():
         return _max_cos(emb, bank)
     parts = []
@@ -202,7 +209,7 @@ class ProtoSegHead(MaskTransformerHead):
         bank = scoring_bank(self.prototypes, index)  # selecting: only the selected classes' prototypes
         emb = self.embed(feats, cls, valid)
         logits, valid = prototype_logits(emb, bank, self.mask_norm, self.selects, valid, override, self.num_classes)
-        mask_logits = logits.transpose(1, 2).reshape(b, logits.shape[-1], h, w)
+        mask_logits = logits.transpose(1, 2).reshape(b, logits.shape[-1], h, w).contiguous()
         return ProtoSegOutput(mask_logits=mask_logits, topk_index=index, ml_logits=ml_logits, valid=valid,
                               embeddings=emb, bank=bank, prototypes=self.prototypes)
 
@@ -215,7 +222,7 @@ def prototype_assignment(out: ProtoSegOutput) -> tuple[Tensor, Tensor]:
     b, _, h, w = out.mask_logits.shape
     c, m = out.bank.shape[1], out.bank.shape[2]
     channel = out.mask_logits.argmax(1).flatten(1)  # B x p
-    n = chunk_pixels(b, c, m)  # as max_cosine: never more than one chunk of B x n x C x M cosines
+    n = chunk_pixels(b, c, m, channel.shape[1])  # as max_cosine: never more than one chunk of B x n x C x M cosines
     parts = []
     for e, ch in zip(out.embeddings.split(n, dim=1), channel.split(n, dim=1), strict=True):
         cos = cosines(e, out.bank).unflatten(-1, (c, m))  # B x n x C x M

@@ -146,7 +146,7 @@ class RankSegClassifier(nn.Module):
             scores = self.norm(scores, valid)
         else:
             scores = self.norm(scores)
-        logits = scores.transpose(1, 2).reshape(b, -1, h, w)
+        logits = scores.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.selects:
             logits, valid = _restrict(logits, override, self.num_classes)
         return SegOutput(mask_logits=logits, topk_index=index, ml_logits=ml_logits, valid=valid)

@@ -83,6 +83,6 @@ class PrototypeClassifier(nn.Module):
         bank = scoring_bank(self.prototypes, index)
         emb = self.embed(pixels)
         logits, valid = prototype_logits(emb, bank, self.norm, self.selects, valid, override, self.num_classes)
-        mask_logits = logits.transpose(1, 2).reshape(b, logits.shape[-1], h, w)
+        mask_logits = logits.transpose(1, 2).reshape(b, logits.shape[-1], h, w).contiguous()
         return ProtoSegOutput(mask_logits=mask_logits, topk_index=index, ml_logits=ml_logits, valid=valid,
                               embeddings=emb, bank=bank, prototypes=self.prototypes)
