@@ -54,6 +54,7 @@ from rankseg_core.shards.read import ShardDataset, ShardIndex
 from rankseg_core.shards.splits import default_split
 from rankseg_core.utils import distributed as D
 from rankseg_core.utils import lock
+from rankseg_core.utils.environment import sibling_record, write_record_file
 from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json, check_writable_target
 from rankseg_core.utils.progress import Progress
 
@@ -277,7 +278,7 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, opts: EvalOptions, device
     with Progress(total, f"eval {opts.split}", unit="img", enabled=opts.progress and info.is_main) as bar:
         for batch in loader:
             preds: dict[str, np.ndarray] = {}  # key -> predicted label map, for video consistency
-            for frames in _same_size_groups(batch):
+            for frames in same_size_groups(batch):
                 # One class list (and fill seed) per clip: the T frames share one selection, and
                 # a random oracle fill drawn per frame would give a clip up to T x kappa classes.
                 classes, keys = clip_classes(frames.classes, frames.keys, clip_len)
@@ -366,7 +367,7 @@ class _Frames:
         return [(int(lab.shape[0]), int(lab.shape[1])) for lab in self.labels]
 
 
-def _same_size_groups(batch: list[dict]) -> list[_Frames]:
+def same_size_groups(batch: list[dict]) -> list[_Frames]:
     """A batch's items grouped by image size (equal sizes are stacked; others go one by one)."""
     groups: dict[tuple[int, ...], list[dict]] = {}
     for item in batch:
@@ -600,7 +601,8 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
                    classes_json: str | Path | None = None, device: str = "auto",
                    weights: str = "auto", novel_classes: str | None = None) -> tuple[dict[str, Any], Path, Path]:
     """Load a run, evaluate it, write the JSON (default: see `default_json`) and the per-class
-    CSV next to it. Returns (report, json path, csv path).
+    CSV and the environment record (`<stem>_env.json`) next to it. Returns (report, json
+    path, csv path).
 
     Holds a lock on that JSON file name (not on RUN: evaluating while the run trains is fine),
     and on `opts.save_predictions`, so two evaluations never write the same files at once. A
@@ -630,6 +632,7 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
         opts = replace(opts, split=split)
     path = Path(json_path) if json_path else default_json(run_dir, cfg, data_root, split)
     check_writable_target(path)  # /dev/full, a directory: refused before hours of evaluation
+    check_writable_target(sibling_record(path))  # <stem>_env.json: what produced the report
     results = _results_path(run_dir, cfg, opts, path, data_root)
     path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as held:
@@ -652,4 +655,5 @@ def run_evaluation(run_dir: str | Path, opts: EvalOptions, json_path: str | Path
                  **_split_record(cfg, ws_split),
                  **({"results": str(results)} if results is not None else {})}
         json_out, csv_out = write_report(path, res, cfg, subsets, extra)
+        write_record_file(sibling_record(path), what="eval")
     return report(res, cfg, subsets, extra), json_out, csv_out
