@@ -225,7 +225,9 @@ class _App(typer.Typer):
         return super().command(*args, **kwargs)
 
 
-def new_app(help: str) -> typer.Typer:
-    return _App(help=help, cls=_Group, no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
+def new_app(help: str, completion: bool = False) -> typer.Typer:
+    """A command group; `completion` adds Typer's --install-completion / --show-completion
+    (the root app only: Typer offers them on the root command)."""
+    return _App(help=help, cls=_Group, no_args_is_help=True, rich_markup_mode="rich", add_completion=completion,
                 context_settings={"help_option_names": ["-h", "--help"]},
                 pretty_exceptions_enable=False)

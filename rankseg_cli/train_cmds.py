@@ -17,6 +17,7 @@ from rich.table import Table
 
 from rankseg_cli.common import err, out, show, user_errors
 from rankseg_core.errors import UserError
+from rankseg_core.utils.textlog import captured
 
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available).")]
 Weights = Annotated[str, typer.Option("--weights", help="auto (model.safetensors, else best.pt, else last.pt), final, best, last or a file.")]
@@ -42,6 +43,7 @@ def _segmented(rep: dict) -> bool:
 
 
 @user_errors(interrupted=_train_interrupted)
+@captured  # RUN/train.log holds this command's lines too (the first and the last)
 def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (config.yaml, metrics.jsonl, checkpoints/, model.safetensors).")],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Shard directory from `rankseg prepare`.")] = None,
@@ -70,6 +72,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of weights, data order and augmentation.")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on the val split every N steps (0 = only at the end).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="DataLoader workers per process.")] = None,
+    no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="No TensorBoard events in RUN/tensorboard/ (default: written when the tensorboard package is installed; --set tensorboard=true requires it).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
 ) -> None:
     """Train a model of any family on shards: Segmenter / RankSeg, Mask2Former or the
@@ -112,6 +115,8 @@ def train(
         overrides.append(f"init_from={init_from}")
     if weak_shot is not None:
         overrides.append(f"data.weak_shot={weak_shot}")
+    if no_tensorboard:
+        overrides.append("tensorboard=false")
     cfg = config_for_run(out_dir, config, overrides, data, resume)
     if dry_run:
         from rankseg_core.engine.selector import resolve_selector

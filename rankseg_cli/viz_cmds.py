@@ -11,7 +11,7 @@ from rankseg_cli.common import err, new_app, show, user_errors, val_split
 
 viz_app = new_app(
     "Figures of what a model learned: learned 1/tau per rank, false positives, predictions, "
-    "prototypes, and a dataset browser. Every PNG is written with its numbers (CSV / JSON) next to it.")
+    "prototypes, training curves, and a dataset browser. Every PNG is written with its numbers (CSV / JSON) next to it.")
 
 Data = Annotated[Path, typer.Option("--data", "-d", help="Shard directory the run was trained on (`rankseg prepare ... --out DIR`).")]
 Split = Annotated[Optional[str], typer.Option("--split", help="Split to draw samples from (default: the shards' val / validation / valid / test).")]
@@ -52,6 +52,31 @@ def tau(
         err.print(f"{show(c.label)}: 1/tau rank 1 = {c.scale[0]:.3f}, rank {c.kappa} = {c.scale[-1]:.3f}, "
                   f"Spearman rho vs rank = {t['spearman']:.2f}")
     _outputs(list(paths.values()))
+
+
+@viz_app.command("curves")
+@user_errors
+def curves(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run directories (or metrics.jsonl files).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Figure to write (.png, .pdf or .svg, by extension); the plotted numbers go to a .csv next to it.")] = Path("curves.png"),
+    metrics: Annotated[Optional[str], typer.Option("--metrics", "-m", help="Comma-separated metrics, one panel each, e.g. loss,lr,miou (train/NAME or eval/NAME to pick one; default: every logged loss, statistic, lr and eval metric).")] = None,
+    smooth: Annotated[float, typer.Option("--smooth", help="TensorBoard's moving-average weight for train curves of over 30 points, in [0, 1) (0 = as logged); the logged values are drawn faintly behind.")] = 0.9,
+) -> None:
+    """Training curves from metrics.jsonl: losses, lr and eval metrics against iteration.
+
+    A panel per metric, a line per run (legend: the run directories' names, without the prefix
+    they share). A resumed run's log reads as one run. The numbers drawn go to curves.csv.
+
+    Examples:
+      rankseg viz curves runs/ade-rankseg --out viz/curves.png
+      rankseg viz curves runs/ade-rankseg runs/ade-baseline \\
+        --metrics loss,lr,miou --out viz/curves.pdf
+    """
+    from rankseg_core.viz.common import parse_keys
+    from rankseg_core.viz.curves import write_curves
+
+    paths = write_curves(runs, out, parse_keys(metrics), smooth)
+    _outputs([paths["figure"], paths["csv"]])
 
 
 @viz_app.command("false-positives")

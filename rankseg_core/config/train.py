@@ -135,7 +135,11 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
     log_every: int = 20  # iterations between metrics.jsonl records
     ckpt_every: int = 1000  # iterations between checkpoints/last.pt writes
+    keep_last: int = 3  # periodic checkpoints/iter_<N>.pt kept (runs.keep_checkpoints); 0 = all
     log_seconds: float = 10.0  # plain progress line period when stderr is not a terminal
+    # TensorBoard events of metrics.jsonl's records in RUN/tensorboard/ (engine/scalars.py):
+    # None = when the tensorboard package is importable, true = required, false = off.
+    tensorboard: bool | None = None
     # Initial weights of a fresh run (mmseg's load_from): a run directory or a weights file
     # (.safetensors / .pt / .pth); tensors matching by name and shape (warm_start.py). A resume
     # never re-applies it: the checkpoint wins.
@@ -147,7 +151,8 @@ class TrainConfig:
 
 # Keys that may differ when resuming: they change how, not what, is computed.
 RUNTIME_KEYS = frozenset({"device", "data.num_workers", "eval.num_workers", "eval.batch_size",
-                          "log_seconds", "data.root", "eval.every", "eval.max_images", "ckpt_every"})
+                          "log_seconds", "data.root", "eval.every", "eval.max_images", "ckpt_every",
+                          "tensorboard", "keep_last"})
 
 # ---------------------------------------------------------------------------------------
 # Dotted access and type coercion
@@ -415,6 +420,7 @@ def validate(cfg: TrainConfig) -> None:
         (len(e.scales) >= 1 and min(e.scales) > 0, "eval.scales must be positive, e.g. 0.75,1.0,1.25"),
         (e.every >= 0 and e.max_images >= 0 and e.batch_size >= 1, "eval.every/max_images >= 0, eval.batch_size >= 1"),
         (cfg.log_every >= 1 and cfg.ckpt_every >= 1, "log_every and ckpt_every must be >= 1"),
+        (cfg.keep_last >= 0, f"keep_last={cfg.keep_last} must be >= 0 (the periodic checkpoints to keep; 0 keeps all)"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
     ]
     for ok, message in checks:

@@ -18,6 +18,7 @@ from rankseg_core.shards.write import (
     shard_count,
     write_pending,
 )
+from rankseg_core.utils.environment import write_record
 from rankseg_core.utils.parallel import ordered_map
 from rankseg_core.utils.progress import console
 
@@ -79,6 +80,8 @@ def run_conversion(out: str | Path, header: DatasetHeader, splits: Mapping[str, 
     """
     out = claim(out, header, opts)
     try:
+        # env.json; a re-run (resume) or another --shard-index part adds env-<n>.json
+        write_record(out, what="prepare")
         todo, counts = {}, {}
         for split, keys in splits.items():
             keys = sorted(keys)[:opts.limit] if opts.limit else list(keys)

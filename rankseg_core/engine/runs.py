@@ -3,8 +3,12 @@
 Layout of a run directory RUN (see docs/training.md):
 
     RUN/config.yaml             resolved TrainConfig (K, class names, palette included)
+    RUN/env.json                the environment that started the run (utils/environment.py);
+                                each resume adds env-<n>.json
     RUN/metrics.jsonl           one JSON per logged step / evaluation
+    RUN/train.log               what the console printed, one UTC-stamped line each (textlog.py)
     RUN/checkpoints/last.pt     model + optimizer + iteration + RNG + data-order state
+    RUN/checkpoints/iter_<N>.pt the last `keep_last` periodic checkpoints (last.pt is the newest)
     RUN/checkpoints/best.pt     model + iteration + mIoU at the best validation mIoU (no resume state)
     RUN/model.safetensors       final weights (written when training finishes)
     RUN/eval/                   `rankseg eval` outputs (default location)
@@ -21,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,11 +36,13 @@ from rankseg_core.config.train import TrainConfig, from_dict, to_yaml
 from rankseg_core.errors import UserError
 from rankseg_core.utils import integrity, jsonio
 from rankseg_core.utils.distributed import is_main, resolve_device
-from rankseg_core.utils.fsio import atomic_write_bytes, os_error, read_regular
+from rankseg_core.utils.fsio import atomic_write_bytes, fsync_dir, os_error, read_regular, remove_quietly
 from rankseg_core.utils.progress import console
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+LOG = "train.log"
+ENV = "env.json"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -57,6 +64,14 @@ class RunPaths:
         return self.root / METRICS
 
     @property
+    def log(self) -> Path:
+        return self.root / LOG
+
+    @property
+    def env(self) -> Path:
+        return self.root / ENV
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
 
@@ -67,6 +82,10 @@ class RunPaths:
     @property
     def best(self) -> Path:
         return self.root / CHECKPOINTS / BEST
+
+    def periodic(self, iteration: int) -> Path:
+        """The periodic checkpoint of `iteration` (kept by `keep_checkpoints`)."""
+        return self.root / CHECKPOINTS / f"iter_{iteration}.pt"
 
     @property
     def weights(self) -> Path:
@@ -178,6 +197,104 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     torch.save(integrity.seal(state), buf)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Periodic checkpoints: the last `keep_last` of them (config `keep_last`)
+
+
+_PERIODIC = re.compile(r"iter_(\d+)\.pt")
+
+
+def periodic_checkpoints(paths: RunPaths) -> dict[int, Path]:
+    """{iteration: checkpoints/iter_<iteration>.pt} of a run."""
+    if not paths.checkpoints.is_dir():
+        return {}
+    found = {}
+    for p in paths.checkpoints.iterdir():
+        m = _PERIODIC.fullmatch(p.name)
+        if m and p.is_file():
+            found[int(m.group(1))] = p
+    return found
+
+
+def checkpoint_is_valid(path: Path) -> bool:
+    """Whether `path` is a readable checkpoint whose checksum matches its content (one
+    without a checksum cannot be vouched for: False). Memory-mapped, so verifying a
+    multi-GB checkpoint does not hold a second copy of it in memory."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        _, sealed = integrity.unseal(state)
+    except Exception:  # truncated / foreign / unsafe / tampered: all "not valid"
+        return False
+    return bool(sealed)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` becomes the same content as `src`, atomically: a hard link (no second copy on
+    disk; safe because rankseg only ever replaces files by rename, never writes into one),
+    else a copy (file systems without hard links)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    remove_quietly(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            atomic_write_bytes(dst, _read(src, "checkpoint"))
+            return
+        os.replace(tmp, dst)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise os_error(dst, exc) from None
+    try:
+        fsync_dir(dst.parent)  # the new name survives a power loss
+    except OSError:
+        pass
+
+
+def keep_checkpoints(paths: RunPaths, iteration: int, keep_last: int) -> list[Path]:
+    """After last.pt of `iteration` is in place: keep it as checkpoints/iter_<iteration>.pt
+    and delete the periodic checkpoints beyond the `keep_last` newest (0 = keep all).
+    Returns the deleted paths.
+
+    Crash-safe: nothing is deleted before the new checkpoint is renamed into place, and never
+    the newest checkpoint whose checksum verifies: when the newest is corrupt (a disk that
+    damaged it), the newest valid older one is kept besides the `keep_last`. Files of later
+    iterations (left by an abandoned attempt before a resume) are not this run's past and are
+    left alone; the resumed run replaces them as it reaches them. best.pt is never touched.
+    """
+    _link_or_copy(paths.last, paths.periodic(iteration))
+    if keep_last <= 0:
+        return []
+    found = periodic_checkpoints(paths)
+    order = sorted((k for k in found if k <= iteration), reverse=True)
+    if len(order) <= keep_last:
+        return []
+    keep = set(order[:keep_last])
+    valid = next((k for k in order if checkpoint_is_valid(found[k])), None)
+    if valid is None:
+        return []  # none verifies: deleting could only lose the least damaged state
+    keep.add(valid)
+    deleted = []
+    for k in order:
+        if k not in keep:
+            try:
+                found[k].unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise os_error(found[k], exc, "cannot delete") from None
+            deleted.append(found[k])
+    return deleted
+
+
+def newest_valid_periodic(paths: RunPaths) -> tuple[int, Path] | None:
+    """(iteration, path) of the newest periodic checkpoint whose checksum verifies."""
+    found = periodic_checkpoints(paths)
+    for k in sorted(found, reverse=True):
+        if checkpoint_is_valid(found[k]):
+            return k, found[k]
+    return None
 
 
 # Weights of the largest model here (Swin-L Mask2Former + optimizer state) are a few GB.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -25,6 +27,7 @@ from rankseg_core.data.loading import make_loader
 from rankseg_core.engine import runs
 from rankseg_core.engine.evaluate import EvalOptions, EvalResult, evaluate_model
 from rankseg_core.engine.optim import build_optimizer, lr_schedule
+from rankseg_core.engine.scalars import ScalarLog, open_scalars, resolve_tensorboard
 from rankseg_core.engine.selector import resolve_selector
 from rankseg_core.engine.warm_start import check_init_from, init_model
 from rankseg_core.errors import UserError
@@ -34,7 +37,8 @@ from rankseg_core.losses.rankseg import present_classes
 from rankseg_core.model.selection import NO_SELECTION, Selection
 from rankseg_core.shards.codec import IGNORE
 from rankseg_core.utils import distributed as D
-from rankseg_core.utils import lock
+from rankseg_core.utils import environment, lock, textlog
+from rankseg_core.utils.console import printable
 from rankseg_core.utils.fsio import os_error
 from rankseg_core.utils.progress import Progress
 
@@ -167,6 +171,18 @@ def _claim(cfg: TrainConfig, run_dir: Path, resume: bool, held: list[lock.DirLoc
     return prepare_run(cfg, run_dir, resume)
 
 
+def _record_session(run_dir: Path, resume: bool) -> None:
+    """RUN/env.json (env-<n>.json for a resume: the original stays) and RUN/train.log, which
+    from here on gets what this command prints (appended: a resume continues the log).
+    Rank 0, after a resume's checkpoint is verified: a refused resume writes nothing."""
+    from rankseg_core import __version__
+
+    what = "resume" if resume else "train"
+    environment.write_record(run_dir, replace=not resume, what=what)
+    textlog.attach(runs.run_paths(run_dir).log,
+                   f"rankseg {__version__} {what}: {printable(shlex.join(sys.argv))}")
+
+
 def _on_rank0(fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 and hand its result to every rank. A refusal there (run locked,
     already a run, bad split) is raised on every rank, so the others never wait forever in a
@@ -241,6 +257,7 @@ def _autocast(device: torch.device, enabled: bool) -> tuple[Any, Any]:
 # The loop
 
 
+@textlog.captured  # RUN/train.log: attached by _record_session once the run is set up
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) a run in `run_dir`; see docs/training.md. Call under torchrun for DDP
     (a process group the caller already set up is used and left open)."""
@@ -252,6 +269,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     try:
         resolve_selector(cfg, run_dir)  # config.yaml records the exact selector / init source
         check_init_from(cfg, resume)
+        resolve_tensorboard(cfg.tensorboard)  # --tensorboard without the package: refused before RUN is touched
         if _on_rank0(lambda: _claim(cfg, run_dir, resume, held)):
             return _finished(cfg, run_dir)
         return _train(cfg, run_dir, resume, progress, device, info)
@@ -303,6 +321,7 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
             runs.truncate_metrics(paths.root, start)
     else:
         torch.manual_seed(cfg.seed + info.rank)  # dropout / drop-path differ across ranks
+    _on_rank0(lambda: _record_session(paths.root, resume))
     ddp = model
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -317,7 +336,10 @@ def _resume_state(paths: runs.RunPaths, model: nn.Module, optimizer: torch.optim
     """Load checkpoints/last.pt into model / optimizer / scaler; the checkpoint (for the rest).
     A corrupt or foreign last.pt is refused before anything of the run is written."""
     fix = f"cannot resume from it (nothing was changed): {runs.other_weights(paths.last)}, or train a new --out"
-    ckpt = runs.load_checkpoint(paths.last, map_location="cpu", fix=fix)
+    try:
+        ckpt = runs.load_checkpoint(paths.last, map_location="cpu", fix=fix)
+    except UserError as exc:
+        raise UserError(str(exc).replace(fix, _resume_fix(paths))) from None
     if "best_score" not in ckpt and "best_miou" in ckpt:  # checkpoints written before PQ / mAP selection
         ckpt["best_score"] = ckpt["best_miou"]
     need: dict[str, type | tuple[type, ...]] = {"model": dict, "optimizer": dict, "iteration": int,
@@ -332,8 +354,18 @@ def _resume_state(paths: runs.RunPaths, model: nn.Module, optimizer: torch.optim
             scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise UserError(f"{paths.last} is not a resumable checkpoint of this run "
-                        f"({str(exc).splitlines()[0][:200]}); {fix}") from None
+                        f"({str(exc).splitlines()[0][:200]}); {_resume_fix(paths)}") from None
     return ckpt
+
+
+def _resume_fix(paths: runs.RunPaths) -> str:
+    """What to do when last.pt cannot be resumed: the newest periodic checkpoint that
+    verifies, if any (resuming never picks an older state by itself: a damaged last.pt is
+    said, not silently skipped), else the run's other weights."""
+    older = runs.newest_valid_periodic(paths)
+    hint = f"the newest valid checkpoint is {older[1]} (iteration {older[0]}): copy it over last.pt to resume " \
+        "from there; or " if older else ""
+    return f"cannot resume from it (nothing was changed): {hint}{runs.other_weights(paths.last)}, or train a new --out"
 
 
 def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distributed: bool) -> Tensor:
@@ -396,12 +428,29 @@ def _checkpoint(st: _State, cfg: TrainConfig, paths: runs.RunPaths, path: Path, 
             if st.scaler is not None:
                 state["scaler"] = st.scaler.state_dict()
         runs.save_checkpoint(path, state)
+        if resumable:  # checkpoints/iter_<it>.pt, and the older ones beyond keep_last deleted
+            runs.keep_checkpoints(paths, it, cfg.keep_last)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device,
            info: D.DistInfo) -> TrainResult:
     paths = runs.run_paths(run_dir)
     st = _setup(cfg, paths, resume, device, info)
+    # TensorBoard mirrors metrics.jsonl from here (a resume is checked and the log truncated to
+    # its checkpoint by now); the writer is closed however the loop ends.
+    with open_scalars(run_dir, cfg.tensorboard, st.start, info.is_main) as scalars:
+        return _loop(cfg, run_dir, paths, st, scalars, progress, device, info)
+
+
+def _log(run_dir: Path, record: dict[str, Any], scalars: ScalarLog) -> None:
+    """One record to metrics.jsonl and, when enabled, to TensorBoard (main process only)."""
+    runs.append_metrics(run_dir, record)
+    scalars.write(record)
+
+
+def _loop(cfg: TrainConfig, run_dir: Path, paths: runs.RunPaths, st: _State, scalars: ScalarLog, progress: bool,
+          device: torch.device, info: D.DistInfo) -> TrainResult:
+    """The steps from st.start on, the final evaluation and the final weights."""
     lrs, iters = lr_schedule(cfg), cfg.schedule.iters
     st.model.train()
     t_log = time.perf_counter()
@@ -421,12 +470,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
                 rec = {"type": "train", "iter": done, **st.window.means(), "lr": float(lrs[it]),
                        "samples_per_s": st.window.samples / max(time.perf_counter() - t_log, 1e-9)}
                 if info.is_main:
-                    runs.append_metrics(run_dir, rec)
+                    _log(run_dir, rec, scalars)
                 st.window, t_log = Window(st.family.logged_stats(cfg)), time.perf_counter()
             if cfg.data.val_split and cfg.eval.every and done % cfg.eval.every == 0 and done < iters:
                 res = _evaluate(st.model, cfg, device, cfg.eval.max_images)
                 if info.is_main:
-                    runs.append_metrics(run_dir, {"type": "eval", "iter": done, **_summary(res)})
+                    _log(run_dir, {"type": "eval", "iter": done, **_summary(res)}, scalars)
                 if _score(res.metrics) > st.best:
                     st.best = _score(res.metrics)
                     _checkpoint(st, cfg, paths, paths.best, done, info)
@@ -435,7 +484,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device
     st.loader = iter(())  # drop the DataLoader iterator: its workers shut down before evaluating
     final = _evaluate(st.model, cfg, device, 0) if cfg.data.val_split else None
     if final is not None and info.is_main:
-        runs.append_metrics(run_dir, {"type": "eval", "iter": iters, "final": True, **_summary(final)})
+        _log(run_dir, {"type": "eval", "iter": iters, "final": True, **_summary(final)}, scalars)
     if final is not None and (_score(final.metrics) > st.best or st.best == float("-inf")):
         st.best = max(st.best, _score(final.metrics))
         _checkpoint(st, cfg, paths, paths.best, iters, info)
