@@ -23,7 +23,7 @@ from torch.nn.init import trunc_normal_
 
 from rankseg_core.config.model import RANKING_HEADS, ModelConfig
 from rankseg_core.model.position import sine_position_embedding
-from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
+from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select_for
 
 # Logit given to padding / unselected channels; the official scatter uses the same value.
 FILL_LOGIT = -100.0
@@ -273,9 +273,7 @@ class MaskTransformerHead(nn.Module):
 
         index = valid = None
         if self.selects:
-            kappa = selection.kappa if selection.kappa is not None else self.kappa
-            index, valid = select(ml_logits, self.num_classes, kappa, feats.device,
-                                  dynamic_threshold=selection.dynamic_threshold, override=override, by_id=self.oracle)
+            index, valid = select_for(selection, ml_logits, self.num_classes, self.kappa, feats.device, override, by_id=self.oracle)
             emb = emb.gather(1, index[:, :, None].expand(-1, -1, d))  # B x C x D, any batch size
         if clip_len > 1:  # the T frames of a clip share its class tokens and selection
             emb = emb.repeat_interleave(clip_len, dim=0)

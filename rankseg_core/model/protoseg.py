@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.model.encnet import ConvBNReLU
 from rankseg_core.model.heads import FILL_LOGIT, MaskTransformerHead, SegOutput
-from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
+from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select_for
 
 # Pixel-prototype cosines computed at once (16 MiB in float32): K = 847, M = 10 -> 495 pixels.
 # bench/bench_protoseg.py: 2^22 peaks 2.3x lower than 2^24 on this CPU at the same time.
@@ -201,9 +201,7 @@ class ProtoSegHead(MaskTransformerHead):
         override = resolve_override(selection, False, ml_logits, b)
         index = valid = None
         if self.selects:
-            kappa = selection.kappa if selection.kappa is not None else self.kappa
-            index, valid = select(ml_logits, self.num_classes, kappa, feats.device,
-                                  dynamic_threshold=selection.dynamic_threshold, override=override)
+            index, valid = select_for(selection, ml_logits, self.num_classes, self.kappa, feats.device, override)
             assert cls is not None
             cls = cls.gather(1, index[:, :, None].expand(-1, -1, d))
         bank = scoring_bank(self.prototypes, index)  # selecting: only the selected classes' prototypes

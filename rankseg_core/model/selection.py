@@ -183,6 +183,15 @@ def select(ml_logits: Tensor | None, num_classes: int, kappa: int, device: torch
     return ranking[:, : max(1, min(kappa, num_classes))], None
 
 
+def select_for(sel: Selection, ml_logits: Tensor | None, num_classes: int, trained_kappa: int, device: torch.device,
+               override: list[Tensor] | None, by_id: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`select` with one forward's options: its kappa (else the trained one) and dynamic threshold;
+    `override` is what `resolve_override` returned for that forward. -> index B x C, valid B x C | None."""
+    kappa = sel.kappa if sel.kappa is not None else trained_kappa
+    return select(ml_logits, num_classes, kappa, device, dynamic_threshold=sel.dynamic_threshold, override=override,
+                  by_id=by_id)
+
+
 def allowed_classes(lists: list[Tensor], num_classes: int, device: torch.device) -> Tensor:
     """B x K bool: the classes of each list (a class-ordered model restricted to a GT (eval) selection)."""
     idx, ok = pad_class_lists(lists, None, device)

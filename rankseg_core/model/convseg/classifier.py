@@ -27,7 +27,7 @@ from torch.nn.init import trunc_normal_
 
 from rankseg_core.model.convseg.fcn_aux import conv_seg
 from rankseg_core.model.heads import FILL_LOGIT, GroupWiseLinear, RankNorm, SegOutput
-from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
+from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select_for
 
 
 def _restrict(logits: Tensor, override: list[Tensor] | None, num_classes: int) -> tuple[Tensor, Tensor | None]:
@@ -133,9 +133,7 @@ class RankSegClassifier(nn.Module):
         index = valid = None
         emb, bias = self.cls_emb.expand(b, -1, -1), self.cls_bias.expand(b, -1)
         if self.selects:
-            kappa = selection.kappa if selection.kappa is not None else self.kappa
-            index, valid = select(ml_logits, self.num_classes, kappa, pixels.device,
-                                  dynamic_threshold=selection.dynamic_threshold, override=override, by_id=self.oracle)
+            index, valid = select_for(selection, ml_logits, self.num_classes, self.kappa, pixels.device, override, by_id=self.oracle)
             emb = emb.gather(1, index[:, :, None].expand(-1, -1, c))  # B x C' x D, any batch size
             bias = bias.gather(1, index)
         x = self.dropout(pixels)

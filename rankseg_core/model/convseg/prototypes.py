@@ -36,7 +36,7 @@ from rankseg_core.model.protoseg import (
     scoring_bank,
     unit_embedding,
 )
-from rankseg_core.model.selection import NO_SELECTION, Selection, resolve_override, select
+from rankseg_core.model.selection import NO_SELECTION, Selection, resolve_override, select_for
 
 
 class PrototypeClassifier(nn.Module):
@@ -77,9 +77,7 @@ class PrototypeClassifier(nn.Module):
         override = resolve_override(selection, False, ml_logits, b)
         index = valid = None
         if self.selects:
-            kappa = selection.kappa if selection.kappa is not None else self.kappa
-            index, valid = select(ml_logits, self.num_classes, kappa, pixels.device,
-                                  dynamic_threshold=selection.dynamic_threshold, override=override)
+            index, valid = select_for(selection, ml_logits, self.num_classes, self.kappa, pixels.device, override)
         bank = scoring_bank(self.prototypes, index)
         emb = self.embed(pixels)
         logits, valid = prototype_logits(emb, bank, self.norm, self.selects, valid, override, self.num_classes)

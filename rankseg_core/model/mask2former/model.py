@@ -49,7 +49,7 @@ from rankseg_core.model.mask2former.multilabel import (
 from rankseg_core.model.mask2former.pixel_decoder import PixelDecoder
 from rankseg_core.model.mask2former.semask import SeMaskSwin, load_semask_weights
 from rankseg_core.model.mask2former.vit_adapter import ViTAdapter, load_vit_adapter_weights
-from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select
+from rankseg_core.model.selection import NO_SELECTION, Selection, allowed_classes, resolve_override, select_for
 
 
 @dataclass
@@ -157,8 +157,7 @@ class Mask2FormerModel(nn.Module, Generic[BackboneT]):
         index = valid = None
         w, b = self.class_embed.weight, self.class_embed.bias
         if self.selects:
-            index, valid = select(ml_logits, self.num_classes, selection.kappa or self.kappa, device,
-                                  dynamic_threshold=selection.dynamic_threshold, override=override, by_id=self.oracle)
+            index, valid = select_for(selection, ml_logits, self.num_classes, self.kappa, device, override, self.oracle)
             cols, ok = with_no_object(index, valid, self.num_classes)
             logits = [selected_logits(e, w, b, cols, self.cosine) for e in dec.embeds]
             if self.ml_norm is not None:
