@@ -71,15 +71,6 @@ def encode_label_file(values: np.ndarray, files: LabelFiles) -> bytes:
     return buf.getvalue()
 
 
-def _inside(a: Path, b: Path) -> bool:
-    """True when `a` is `b` or lies under it."""
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
-
-
 def maskformer_image(img_b: bytes, label: np.ndarray) -> tuple[bytes, np.ndarray]:
     """MaskFormer's ADE20K-Full treatment of one full-resolution sample: (JPEG bytes, label)."""
     import cv2
@@ -111,7 +102,7 @@ def claim_export_dir(out: Path, shards: Path, dataset: str, layout: str, images:
     refuse a foreign non-empty directory, another source, a place where writing could touch
     the shards, or a directory another export is writing."""
     src, dst = shards.resolve(), out.resolve()
-    if _inside(dst, src) or _inside(src, dst):
+    if dst.is_relative_to(src) or src.is_relative_to(dst):
         raise UserError(f"{out}: --out must be outside the shard directory {shards} and not contain it")
     want = {"format": "rankseg-export", "source": str(src), "dataset": dataset, "layout": layout, "images": images}
     marker = out / MARKER

@@ -230,20 +230,11 @@ def _check_source(index: ShardIndex, cfg: TrainConfig) -> None:
                         "new labels; give semantic shards of the dataset (rankseg prepare without panoptic)")
 
 
-def _inside(a: Path, b: Path) -> bool:
-    """True when `a` is `b` or lies under it."""
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
-
-
 def _check_out(out: Path, source: Path) -> None:
     """--out must be a new place: not the source shards, not inside them, not holding them, and
     not a non-empty directory that another command made."""
     dst, src = out.resolve(), source.resolve()
-    if _inside(dst, src) or _inside(src, dst):
+    if dst.is_relative_to(src) or src.is_relative_to(dst):
         raise UserError(f"--out {out}: must be outside the source shards --data {source} and not contain them; "
                         "choose a new directory")
     if out.exists() and not out.is_dir():
