@@ -107,19 +107,24 @@ class Mask2FormerCriterion:
         and N x H x W (the video criterion flattens each pair's T frames into T masks)."""
         return src, tgt
 
-    def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_masks: float
-              ) -> tuple[Tensor, Tensor, Tensor]:
-        """(class CE, mask loss, dice loss) of one prediction step: Hungarian matching
-        (`_match`), CE over all queries with the no-object weight, mask terms of the pairs."""
-        m = self.m
-        indices = self._match(logits, masks, targets)
+    def class_loss(self, logits: Tensor, indices: list[tuple[Tensor, Tensor]], targets: list[dict[str, Tensor]]
+                   ) -> Tensor:
+        """CE over all queries (logits B x Q x (C + 1)): a matched query's target is its target's
+        class, every other query's the no-object column, weighted by `no_object_weight`."""
         c = logits.shape[-1]
         target_cols = torch.full(logits.shape[:2], c - 1, dtype=torch.long, device=logits.device)
         for b, (q, j) in enumerate(indices):
             target_cols[b, q] = targets[b]["labels"][j]
         weight = torch.ones(c, device=logits.device)
-        weight[-1] = m.no_object_weight
-        ce = F.cross_entropy(logits.float().transpose(1, 2), target_cols, weight)
+        weight[-1] = self.m.no_object_weight
+        return F.cross_entropy(logits.float().transpose(1, 2), target_cols, weight)
+
+    def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_masks: float
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """(class CE, mask loss, dice loss) of one prediction step: Hungarian matching
+        (`_match`), CE over all queries with the no-object weight, mask terms of the pairs."""
+        indices = self._match(logits, masks, targets)
+        ce = self.class_loss(logits, indices, targets)
 
         src = torch.cat([masks[b, q] for b, (q, _) in enumerate(indices)])
         if src.shape[0] == 0:  # nothing to match: keep the graph, zero mask losses

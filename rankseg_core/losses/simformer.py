@@ -360,15 +360,8 @@ class SimFormerCriterion:
     def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], has: list[Tensor],
               num_masks: float, notbase: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(class CE, mask, dice, comp) of one prediction step."""
-        m = self.crit.m
         indices = weak_shot_match(self.crit, logits, masks, targets, has)
-        c = logits.shape[-1]
-        target_cols = torch.full(logits.shape[:2], c - 1, dtype=torch.long, device=logits.device)
-        for b, (q, j) in enumerate(indices):
-            target_cols[b, q] = targets[b]["labels"][j]
-        weight = torch.ones(c, device=logits.device)
-        weight[-1] = m.no_object_weight
-        ce = F.cross_entropy(logits.float().transpose(1, 2), target_cols, weight)
+        ce = self.crit.class_loss(logits, indices, targets)
         comp = self._comp(masks, indices, has, notbase)
         # Mask terms on the base pairs only: a novel target has no mask to learn from.
         base = [(b, q[has[b][j]], j[has[b][j]]) for b, (q, j) in enumerate(indices)]
