@@ -12,6 +12,8 @@ setup(
     packages=find_packages(include=["rankseg_cli", "rankseg_cli.*", "rankseg_core", "rankseg_core.*"])
     + ["rankseg_core._tables"],
     package_dir={"rankseg_core._tables": "datasets"},
-    # The named presets of `rankseg train --config NAME` (YAML data, not a package).
-    package_data={"rankseg_core._tables": ["*/*"], "rankseg_core.config": ["presets/*.yaml"]},
+    # The named presets of `rankseg train --config NAME` (YAML data, not a package); py.typed
+    # (PEP 561): type checkers read rankseg_core's annotations (the API, docs/api.md).
+    package_data={"rankseg_core._tables": ["*/*"], "rankseg_core.config": ["presets/*.yaml"],
+                  "rankseg_core": ["py.typed"]},
 )

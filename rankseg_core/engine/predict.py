@@ -20,7 +20,7 @@ from rankseg_core.engine.evaluate import check_selection, write_label_png
 from rankseg_core.errors import UserError
 from rankseg_core.evaluation.video_instances import release_video_ids, results_entries, write_results
 from rankseg_core.families import family_of
-from rankseg_core.families.base import Family, InferenceProtocol
+from rankseg_core.families.base import InferenceProtocol
 from rankseg_core.inference.video_instances import TOP_K
 from rankseg_core.model.selection import Selection, SelectionOptions
 from rankseg_core.shards.codec import MAX_FILE_BYTES, decode_image
@@ -182,7 +182,13 @@ def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray, names: lis
     return canvas
 
 
-def _palette(cfg: TrainConfig) -> np.ndarray:
+def class_names_of(cfg: TrainConfig) -> list[str]:
+    """The run's K class names (its shards'), else "0" .. "K-1"."""
+    return cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+
+
+def palette_of(cfg: TrainConfig) -> np.ndarray:
+    """K x 3 uint8: the run's shard palette, else a generated one."""
     if len(cfg.data.palette) == cfg.model.num_classes:
         return np.asarray(cfg.data.palette, np.uint8)
     from rankseg_core.utils.palette import make_palette
@@ -209,14 +215,7 @@ def predict_files(model: nn.Module, cfg: TrainConfig, inputs: Sequence[str | Pat
 
     Never overwrites an input or a file it did not write (`check_no_overwrite`,
     `claim_out_dir`), and holds a lock on `out_dir` while it writes."""
-    if cfg.model.oracle:
-        raise UserError("this run is a GT (train + eval) oracle model: it needs ground-truth classes and cannot "
-                        "predict on unlabelled images")
-    family = family_of(cfg.model.model)
-    check_selection(family, cfg.model, SelectionOptions(kappa=kappa))
-    if not family.segments:
-        raise UserError(f"{cfg.model.model} is a multi-label classifier: it lists classes but does not segment; "
-                        "predict with a segmentation run")
+    predictor = ImagePredictor(model, cfg, device, kappa, mode)
     files = list_images(inputs)
     out = Path(out_dir)
     plan = plan_outputs(files, out)
@@ -224,29 +223,65 @@ def predict_files(model: nn.Module, cfg: TrainConfig, inputs: Sequence[str | Pat
     out.mkdir(parents=True, exist_ok=True)
     with lock.dir_lock(out, "predict"):
         claim_out_dir(out)
-        return _predict(model, cfg, family, files, plan, device, kappa, mode, progress)
+        return _predict(predictor, cfg, files, plan, progress)
 
 
-def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Path], plan: list[tuple[Path, Path, Path]],
-             device: torch.device, kappa: int | None, mode: str | None, progress: bool) -> list[Prediction]:
-    dc = family.data_config(model)
-    tf = build_test_transform(cfg, dc["mean"], dc["std"])
-    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
-    pal = _palette(cfg)
-    kappa_eff = kappa or cfg.model.effective_kappa
-    protocol = InferenceProtocol(mode or cfg.eval.mode, tuple(cfg.eval.scales), cfg.eval.flip)
-    selection = Selection(kappa=kappa)
+class ImagePredictor:
+    """One run's in-memory prediction of single images, exactly as `rankseg predict` makes it
+    (the API's `Run.predict` and `predict_files` both call it): the run's test transform, its
+    eval protocol (mode, scales, flip; `mode` overrides the mode) and `kappa` selected classes
+    (None: as trained). Refuses, in one line and before any image, a run that cannot segment
+    unlabelled images (a GT oracle, a classifier) and selection options it cannot honour."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, kappa: int | None = None,
+                 mode: str | None = None) -> None:
+        if cfg.model.oracle:
+            raise UserError("this run is a GT (train + eval) oracle model: it needs ground-truth classes and cannot "
+                            "predict on unlabelled images")
+        family = family_of(cfg.model.model)
+        check_selection(family, cfg.model, SelectionOptions(kappa=kappa))
+        if not family.segments:
+            raise UserError(f"{cfg.model.model} is a multi-label classifier: it lists classes but does not segment; "
+                            "predict with a segmentation run")
+        if mode is not None and mode not in ("whole", "slide"):
+            raise UserError(f"mode {mode!r}: use whole or slide (None: the run's eval.mode)")
+        dc = family.data_config(model)
+        self.model, self.cfg, self.family, self.device = model, cfg, family, device
+        self.transform = build_test_transform(cfg, dc["mean"], dc["std"])
+        self.protocol = InferenceProtocol(mode or cfg.eval.mode, tuple(cfg.eval.scales), cfg.eval.flip)
+        self.selection = Selection(kappa=kappa)
+        self.kappa = kappa or cfg.model.effective_kappa
+
+    @torch.no_grad()
+    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """H x W x 3 uint8 RGB -> (H x W int64 train ids, K multi-label probabilities or None
+        where the model ranks no classes)."""
+        cfg = self.cfg
+        x = torch.from_numpy(self.transform(rgb))[None].to(self.device)
+        if cfg.model.clip_len > 1:  # a video model on a still image: the image is a clip of T copies
+            x = x.repeat(cfg.model.clip_len, 1, 1, 1)
+        res = self.family.predict(self.model, cfg, x, [rgb.shape[:2]] * len(x), self.protocol, self.selection)
+        assert res.semantic is not None  # a segmenting family (checked in __init__)
+        ml = None if res.ml is None else res.ml[0].float().cpu().numpy()
+        return res.semantic[0].cpu().numpy().astype(np.int64), ml
+
+    def top_kappa(self, ml: np.ndarray) -> np.ndarray:
+        """K probabilities -> the ids of the `kappa` most probable classes, most probable first
+        (ties in id order)."""
+        return np.argsort(-ml, kind="stable")[:self.kappa]
+
+
+def _predict(predictor: ImagePredictor, cfg: TrainConfig, files: list[Path], plan: list[tuple[Path, Path, Path]],
+             progress: bool) -> list[Prediction]:
+    names = class_names_of(cfg)
+    pal = palette_of(cfg)
+    kappa_eff = predictor.kappa
     results = []
     with Progress(len(files), "predict", unit="img", enabled=progress) as bar:
         for path, (label_png, overlay_png, json_path) in zip(files, plan):
             rgb = read_image(path)
-            x = torch.from_numpy(tf(rgb))[None].to(device)
-            frames = cfg.model.clip_len
-            if frames > 1:  # a video model on a still image: the image is a clip of T copies
-                x = x.repeat(frames, 1, 1, 1)
-            res = family.predict(model, cfg, x, [rgb.shape[:2]] * len(x), protocol, selection)
-            assert res.semantic is not None  # a segmenting family (checked above)
-            pred, ml = res.semantic[0].cpu().numpy().astype(np.uint16), res.ml
+            label, p = predictor(rgb)
+            pred = label.astype(np.uint16)
             write_label_png(label_png, pred)
             ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay(rgb, pred, pal, names), cv2.COLOR_RGB2BGR))
             atomic_write_bytes(overlay_png, buf.tobytes())
@@ -254,9 +289,8 @@ def _predict(model: nn.Module, cfg: TrainConfig, family: Family, files: list[Pat
             found = [{"id": int(i), "name": names[i], "fraction": float(c / pred.size)}
                      for i, c in sorted(zip(ids, counts), key=lambda t: -t[1])]
             top = []
-            if ml is not None:
-                p = ml[0].cpu().numpy()
-                for i in np.argsort(-p, kind="stable")[:kappa_eff]:
+            if p is not None:
+                for i in predictor.top_kappa(p):
                     top.append({"id": int(i), "name": names[i], "probability": float(p[i])})
             atomic_write_json(json_path, {"image": str(path), "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
                                           "kappa": kappa_eff, "classes": found, "top_kappa": top})
