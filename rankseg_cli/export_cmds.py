@@ -1,5 +1,5 @@
-"""`rankseg export` (shards -> the folders detectron2-based projects read) and `rankseg prepare
-detectron2` (such a folder -> shards). Thin commands over rankseg_core.convert.export and
+"""`rankseg export` (shards -> the folders detectron2-based projects read), `rankseg prepare
+detectron2` (such a folder -> shards) and `rankseg export-model` (a run -> TorchScript / ONNX). Thin commands over rankseg_core.convert.export and
 rankseg_core.convert.detectron2; registered by `score_cmds.register`.
 """
 
@@ -72,7 +72,38 @@ def prepare_detectron2(
     report(prepare_detectron2_layout(root, out, dataset, opts), out)
 
 
+@user_errors(interrupted="nothing was written (the file is written only after the parity check)")
+def export_model(
+    run: Annotated[Path, typer.Argument(help="Run directory (from `rankseg train`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write (must not exist; not inside the run directory).")],
+    fmt: Annotated[str, typer.Option("--format", help="torchscript or onnx (onnx needs onnxruntime for the parity check).")] = "torchscript",
+    size: Annotated[str | None, typer.Option("--size", help="Input size N or HxW, multiples of 32 (default: model.img_size); fixed in the file.")] = None,
+    kappa: Annotated[int | None, typer.Option("--kappa", help="Classes selected per image, fixed in the file (default: as trained).")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="An image of yours to add to the parity check (resized to --size).")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="auto (model.safetensors, else best.pt, else last.pt), final, best, last or a file.")] = "auto",
+) -> None:
+    """Export a run's inference path (normalisation, forward, top-kappa selection, logits at the
+    input size, label map) as one TorchScript or ONNX file for one input size, after checking
+    it against the PyTorch model on test images (docs/training.md, "Exporting a trained model").
+
+    Input: uint8 RGB B x 3 x H x W (TorchScript: any B; ONNX: B = 1). Outputs: labels B x H x W,
+    classes B x kappa (rank order), logits B x kappa x H x W, ml_probs B x K (ranking models).
+
+    Examples:
+      rankseg export-model runs/ade --out ade_rankseg.pt
+      rankseg export-model runs/ade --out ade.onnx --format onnx
+    """
+    from rankseg_core.engine.export_model import export_run
+
+    res = export_run(run, out, fmt, size, kappa, weights, image)
+    h, w = res.size
+    err.print(f"[green]done[/]: {show(res.out)} ({res.format}, input uint8 B x 3 x {h} x {w}, outputs "
+              f"{', '.join(res.outputs)}; kappa={res.kappa}); parity: max |logit| difference "
+              f"{res.max_logit_diff:.2g}, labels as `rankseg predict` on {res.label_agreement:.2%} of the test pixels")
+
+
 def register(app: typer.Typer, prepare_app: typer.Typer) -> None:
     app.command("export")(export)
+    app.command("export-model")(export_model)
     if not any(c.name == "detectron2" for c in prepare_app.registered_commands):
         prepare_app.command("detectron2")(prepare_detectron2)
