@@ -161,7 +161,7 @@ def test_full_disk_during_a_shard_leaves_nothing_complete(tmp_path: Path, monkey
     with pytest.raises(UserError, match="train-00000-of-00001.h5.*no space left on device"):
         run_conversion(tmp_path / "d", header(), keys, maker, ConvertOptions())
     left = sorted(p.name for p in (tmp_path / "d").iterdir())
-    assert left == [".rankseg-shards.json"], left
+    assert left == [".rankseg-shards.json", "env.json"], left  # the claim and the environment record only
     monkeypatch.setattr(shards.os, "fsync", real_fsync)
     index = run_conversion(tmp_path / "d", header(), keys, maker, ConvertOptions())
     assert index["splits"]["train"]["num_samples"] == 4
