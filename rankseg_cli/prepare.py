@@ -57,6 +57,7 @@ def synthetic(
     panoptic: Annotated[bool, typer.Option("--panoptic", help="Panoptic shards: objects are things (one instance each, a class may repeat), backgrounds stuff.")] = False,
     pretrain_images: Annotated[int, typer.Option("--pretrain-images", help="Also write a 'pretrain' split of N more images of the same classes and looks, disjoint from train / val (to pre-train a backbone on); train / val stay byte-identical.")] = 0,
     video: Annotated[bool, typer.Option("--video", help="Videos of the same world: moving objects that appear and disappear, with per-frame labels and instance tracks (VSPW- and YouTube-VIS-like).")] = False,
+    look_alike: Annotated[float, typer.Option("--look-alike", help="Also write weak_shot_look_alike.json: a weak-shot split (docs/weak-shot.md) whose novel classes, this fraction of those the world shows, share their looks with base classes.")] = 0.0,
     frames: Annotated[Optional[int], typer.Option("--frames", help="Frames per video with --video (default 8).")] = None,
     workers: Workers = default_workers(),
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file (>= 1).")] = 500,
@@ -86,6 +87,9 @@ def synthetic(
         if panoptic:
             raise UserError("--panoptic is for images: --video shards already hold every frame's "
                             "instance tracks; drop --panoptic")
+        if look_alike:
+            raise UserError("--look-alike writes a weak-shot split, and weak-shot training takes single images: "
+                            "drop --video")
         if pretrain_images:
             raise UserError("--pretrain-images is for images, not --video: write the pretrain "
                             "images into a directory of their own")
@@ -97,5 +101,6 @@ def synthetic(
             raise UserError("--frames is the number of frames per video: add --video")
         index = prepare_synthetic(out, num_classes=num_classes, images=1000 if images is None else images,
                                   val_images=val_images, size=128 if size is None else size, seed=seed,
-                                  panoptic=panoptic, pretrain_images=pretrain_images, opts=opts)
+                                  panoptic=panoptic, pretrain_images=pretrain_images, look_alike=look_alike,
+                                  opts=opts)
     report(index, out)

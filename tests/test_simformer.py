@@ -432,7 +432,7 @@ def test_mask_terms_read_base_targets_only() -> None:
     """A hand-built output whose queries 0, 1 are clearly base classes 1, 3 and queries 4, 5 the
     novel classes 6, 5: the mask / dice terms are MaskFormer's on the base targets alone
     (normaliser 2 base masks), and queries 4, 5 are trained towards 6, 5 by the class loss."""
-    cfg = maskformer_cfg(sim=SimFormerConfig(pixel_pairs="none"))
+    cfg = maskformer_cfg(sim=SimFormerConfig(pixel_pairs="off"))
     torch.manual_seed(0)
     logits = torch.full((1, 6, 11), -4.0)
     logits[0, :, 10] = 4.0
@@ -456,7 +456,7 @@ def test_mask_terms_read_base_targets_only() -> None:
 
 
 def test_rankseg_learns_every_class_from_image_labels() -> None:
-    cfg = mask2former_cfg(head="rankseg", sim=SimFormerConfig(pixel_pairs="none"))
+    cfg = mask2former_cfg(head="rankseg", sim=SimFormerConfig(pixel_pairs="off"))
     torch.manual_seed(0)
     model = MASK2FORMER.build(cfg).train()
     crit = Mask2FormerCriterion(cfg)
@@ -541,7 +541,7 @@ def test_resolve_fills_official_values_and_refuses_bad_ones(synth: Path, tmp_pat
     # A model without a pair net trains the proposal-pixel transfer alone by default.
     semask = build_train_config(None, [*TINY_MASK2FORMER_RUN, "model.model=mask2former-semaskt",
                                        f"data.weak_shot={split}"], synth)
-    assert semask.model.mask2former.simformer.pixel_pairs == "none"
+    assert semask.model.mask2former.simformer.pixel_pairs == "off"
 
 
 @pytest.mark.slow  # ~20 s on one core: 3 + 2 steps, a resume, an evaluation and a prediction

@@ -59,7 +59,8 @@ class MaskFormerConfig:
             raise UserError(f"{p}object_mask_threshold={self.object_mask_threshold} must be in [0, 1]")
 
 
-PIXEL_PAIRS = ("cross", "self", "none")
+# "off", not "none": the --set / YAML reader reads the text none as null (the default).
+PIXEL_PAIRS = ("cross", "self", "off")
 DISTILL_FUNCS = ("cce", "ce")
 STUDENT_PAIRS = ("cross", "within")
 
@@ -71,9 +72,9 @@ class SimFormerConfig:
     CROSS_IMG_SIM options of bcmi/SimFormer-Weak-Shot-Semantic-Segmentation `_1Prop_Cfgs`."""
 
     # "cross" (pairs across two images of the batch), "self" (an image with itself: supplement
-    # Table 2), "none" (proposal-pixel transfer only: the "basic model"); None = cross in a
+    # Table 2), "off" (proposal-pixel transfer only: the "basic model"); None = cross in a
     # weak-shot run of a model that can hold the pair net (timm-backbone MaskFormer /
-    # Mask2Former), else none
+    # Mask2Former), else off
     pixel_pairs: str | None = None
     pair_weight: float = 1.0  # BASE_LOSS, 1.0 in every *_crosim config
     # DISTILL_LOSS; None = official per dataset: ADE20K 0.5, COCO-Stuff 0.1 (splits 2-9; split 1: 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -213,9 +214,69 @@ def sample_maker(world: World, seed: int, size: int, panoptic: bool = False):
     return functools.partial(make_sample, world=world, seed=seed, size=size, panoptic=panoptic)
 
 
+# ---------------------------------------------------------------------------------------
+# Weak-shot splits of the world (docs/synthetic.md, "Weak-shot splits")
+
+LOOK_ALIKE_STREAM = 4  # the rng stream of the split, after the image splits' 1-3
+LOOK_ALIKE_FILE = "weak_shot_look_alike.json"
+
+
+def shown_classes(world: World) -> np.ndarray:
+    """The sorted classes some image can show: every scene's background and objects (a class
+    no scene draws never appears in any split)."""
+    return np.union1d(world.scenes_bg, world.scenes_objects.ravel())
+
+
+def look_alike_order(world: World, seed: int) -> tuple[np.ndarray, dict[int, int]]:
+    """(candidate novel classes in the order they turn novel, look -> its anchor class).
+
+    Per look (colour x texture) shown by the world, one random shown class is its *anchor*,
+    base at every ratio; the look's other shown classes are the candidates. Backgrounds have
+    a look of their own (a scene colour) and stay base. One order serves every ratio, so a
+    larger ratio's novel set contains a smaller one's (as the supplement's splits 5-9 grow
+    from split 4)."""
+    rng = np.random.default_rng([seed, LOOK_ALIKE_STREAM])
+    shown = shown_classes(world)
+    objects = shown[world.appearance[shown] >= 0]
+    anchors: dict[int, int] = {}
+    candidates: list[int] = []
+    for look in range(NUM_APPEARANCES):
+        same = objects[world.appearance[objects] == look]
+        if len(same):
+            anchors[look] = int(rng.choice(same))
+            candidates += [int(c) for c in same if c != anchors[look]]
+    return rng.permutation(np.asarray(candidates, np.int64)), anchors
+
+
+def look_alike_split(world: World, novel_ratio: float, seed: int) -> dict:
+    """A weak-shot split file (docs/weak-shot.md, "Split files") of this world in which every
+    novel class shares its look with a base class: the first round(novel_ratio x shown) classes
+    of `look_alike_order`, where `shown` counts the classes the world can show. Only the
+    choice of novel classes depends on the option: the images are the world's own.
+
+    ValueError when the ratio asks for no class, or for more than the candidates."""
+    order, anchors = look_alike_order(world, seed)
+    shown = len(shown_classes(world))
+    n = int(np.floor(novel_ratio * shown + 0.5)) if 0 < novel_ratio < 1 else 0  # NaN: 0 as well
+    if n < 1 or n > len(order):
+        raise ValueError(f"--look-alike {novel_ratio:g}: the novel ratio must give 1..{len(order)} of the world's "
+                         f"{shown} shown classes (every look keeps one base class)")
+    novel = sorted(int(c) for c in order[:n])
+    names = world.names
+    return {
+        "name": f"synthetic look-alike {100 * novel_ratio:g} %",
+        "description": f"{n} novel classes of the {shown} the synthetic world (K = {world.num_classes}, seed {seed}) "
+                       "can show; each shares its look (colour x texture) with a base class of other scenes",
+        "dataset": "synthetic", "num_classes": world.num_classes, "novel": novel,
+        "novel_names": [names[c] for c in novel],
+        "source": f"rankseg_core/convert/synthetic.py look_alike_split(ratio {novel_ratio:g}, seed {seed})",
+        "notes": {"look_alike": {names[c]: names[anchors[int(world.appearance[c])]] for c in novel}},
+    }
+
+
 def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_images: int | None = None,
                       size: int = 128, seed: int = 0, panoptic: bool = False, pretrain_images: int = 0,
-                      opts=None) -> dict | None:
+                      look_alike: float = 0.0, opts=None) -> dict | None:
     """Write the synthetic dataset (train + val) to `out` and return its `dataset.json`.
 
     `panoptic`: object classes are things (each drawn object an instance), scene backgrounds
@@ -225,6 +286,9 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
     or val image (a larger disjoint set to pre-train a backbone on, as ImageNet is for the
     paper). The train / val shards stay byte-identical; dataset.json records the option only
     when it is > 0.
+    `look_alike` (0 < ratio < 1): also write `LOOK_ALIKE_FILE`, a weak-shot split of this world
+    whose novel classes share their looks with base classes (`look_alike_split`); the shards
+    and dataset.json are unchanged by it.
     """
     from rankseg_core.convert.common import ConvertOptions, run_conversion
     from rankseg_core.errors import UserError
@@ -238,6 +302,14 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
         world = make_world(num_classes, seed)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    split = None
+    if look_alike:
+        if panoptic:
+            raise UserError("--look-alike writes a weak-shot split, and weak-shot training is semantic: drop --panoptic")
+        try:  # before converting: an impossible ratio must not cost a conversion
+            split = look_alike_split(world, look_alike, seed)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     val_images = max(1, images // 5) if val_images is None else val_images
     options = {"num_classes": num_classes, "images": images, "val_images": val_images, "size": size, "seed": seed}
     if panoptic:  # only then: the semantic dataset.json stays byte-identical
@@ -250,5 +322,10 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
     splits = {"train": split_keys("train", images), "val": split_keys("val", val_images)}
     if pretrain_images:
         splits["pretrain"] = split_keys("pretrain", pretrain_images)
-    return run_conversion(out, header, splits, sample_maker(world, seed, size, panoptic),
-                          opts or ConvertOptions(samples_per_shard=500))
+    index = run_conversion(out, header, splits, sample_maker(world, seed, size, panoptic),
+                           opts or ConvertOptions(samples_per_shard=500))
+    if split is not None:  # after the conversion: it claims `out` only while it is empty or its own
+        from rankseg_core.utils.fsio import atomic_write_json
+
+        atomic_write_json(Path(out) / LOOK_ALIKE_FILE, split)
+    return index

@@ -157,13 +157,13 @@ def _resolve(cfg: TrainConfig) -> None:
     weight of the dataset's configs, the "cce" distillation. Other runs must leave them unset."""
     s = cfg.model.mask2former.simformer
     if cfg.data.novel_classes is None:
-        if s.pixel_pairs not in (None, "none"):
+        if s.pixel_pairs not in (None, "off"):
             raise UserError(f"model.mask2former.simformer.pixel_pairs={s.pixel_pairs}: SimFormer's pixel pairs train "
                             "weak-shot runs only; add --weak-shot SPLIT or leave it unset")
         return
     _check_weak_shot(cfg)
     if s.pixel_pairs is None:
-        s.pixel_pairs = "cross" if holds_pair_net(cfg.model) else "none"
+        s.pixel_pairs = "cross" if holds_pair_net(cfg.model) else "off"
     if s.distill_weight is None:
         s.distill_weight = SIMFORMER_DISTILL_WEIGHT.get(recipe_dataset(cfg.data.name) or "",
                                                         SIMFORMER_DISTILL_WEIGHT["ade20k"])
@@ -171,7 +171,7 @@ def _resolve(cfg: TrainConfig) -> None:
     micro = cfg.schedule.batch_size // max(1, cfg.schedule.accum_steps)
     if s.pixel_pairs == "cross" and micro % 2:
         raise UserError(f"model.mask2former.simformer.pixel_pairs=cross pairs the images of a micro-batch, which has "
-                        f"{micro} (schedule.batch_size / accum_steps); use an even number, or pixel_pairs=self / none")
+                        f"{micro} (schedule.batch_size / accum_steps); use an even number, or pixel_pairs=self / off")
 
 
 def _one(out: Mask2FormerOutput, i: int) -> Mask2FormerOutput:
@@ -369,7 +369,7 @@ def _validate(m: ModelConfig) -> None:
     if m.mask2former.simformer.pixel_pairs in ("cross", "self") and not holds_pair_net(m):
         raise UserError(f"model.mask2former.simformer.pixel_pairs={m.mask2former.simformer.pixel_pairs}: {m.model} "
                         "cannot hold SimFormer's pair net (timm-backbone mask2former-* / maskformer-* image models "
-                        "only); use pixel_pairs=none")
+                        "only); use pixel_pairs=off")
 
 
 def _build(m: ModelConfig) -> nn.Module:

@@ -413,7 +413,7 @@ class SimFormerCriterion:
             ml = crit.ml_loss(out.ml_logits, image_labels.to(out.ml_logits.device).float())
             total = total + crit.ml_weight * ml
         pair = distill = total.new_zeros(())
-        if self.sim.pixel_pairs not in (None, "none"):
+        if self.sim.pixel_pairs not in (None, "off"):
             if not isinstance(out, SimFormerOutput):
                 raise ValueError("simformer.pixel_pairs needs the model built with it (a SimFormerModel)")
             small_lab = F.pad(lab, (0, pw, 0, ph), value=IGNORE)[:, ::4, ::4]  # nearest, as the official
