@@ -96,7 +96,7 @@ def test_bad_release_files(tmp_path: Path) -> None:
                                        opts=ConvertOptions(samples_per_shard=2, on_error="skip"))
     reasons = [json.loads(x)["reason"] for x in (tmp_path / "o" / "skipped.jsonl").read_text().splitlines()]
     assert len(reasons) == 3 and index["splits"]["train"]["num_samples"] == 0
-    assert any("no 2-D 'LabelMap'" in r for r in reasons)
+    assert any("no 2-D label map 'LabelMap'" in r for r in reasons)
     assert any("not a readable .mat file" in r for r in reasons)
     assert any("label value(s) 460" in r for r in reasons)
 

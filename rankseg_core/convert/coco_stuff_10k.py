@@ -34,7 +34,13 @@ import numpy as np
 
 from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.convert.png_datasets import _class_table, lut_from_pairs, make_encoded, remap
-from rankseg_core.convert.source_io import check_same_size, decode_jpeg, read_bytes, stored_image_bytes
+from rankseg_core.convert.source_io import (
+    check_same_size,
+    decode_jpeg,
+    label_ids,
+    read_bytes,
+    stored_image_bytes,
+)
 from rankseg_core.errors import SampleError, UserError
 from rankseg_core.shards.check import check_name
 from rankseg_core.shards.codec import MAX_FILE_BYTES, MAX_PIXELS
@@ -62,14 +68,7 @@ def release_lut(classes: list[dict], release: str) -> np.ndarray:
 
 def _as_label(values: object, path: str) -> np.ndarray:
     """`S` as an H x W uint16 array of integers; SampleError otherwise."""
-    if not isinstance(values, np.ndarray) or values.ndim != 2 or values.size == 0:
-        raise SampleError(f"{path}: no 2-D label map 'S': not a COCO-Stuff-10K annotation file")
-    if values.dtype != np.uint16:
-        if not (np.issubdtype(values.dtype, np.number) and np.all(np.mod(values, 1) == 0)
-                and values.min() >= 0 and values.max() < 65536):
-            raise SampleError(f"{path}: 'S' holds {values.dtype} values that are not label ids")
-        values = values.astype(np.uint16)
-    return values
+    return label_ids(values, path, "S", "COCO-Stuff-10K annotation")
 
 
 def _check_shape(shape: tuple[int, ...], path: str) -> None:

@@ -31,7 +31,14 @@ import numpy as np
 
 from rankseg_core.convert.common import ConvertOptions, run_conversion
 from rankseg_core.convert.png_datasets import _class_table, make_encoded, remap
-from rankseg_core.convert.source_io import BAD, check_same_size, decode_jpeg, read_bytes, stored_image_bytes
+from rankseg_core.convert.source_io import (
+    BAD,
+    check_same_size,
+    decode_jpeg,
+    label_ids,
+    read_bytes,
+    stored_image_bytes,
+)
 from rankseg_core.errors import SampleError, UserError
 from rankseg_core.shards.codec import IGNORE, MAX_FILE_BYTES
 from rankseg_core.shards.write import DatasetHeader, EncodedSample
@@ -97,15 +104,7 @@ def read_label_map(path: str, listed_in: str) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - scipy raises several types for damaged files
         raise SampleError(f"{path}: not a readable .mat file ({exc.__class__.__name__}: {exc}): re-extract "
                           "trainval.tar.gz") from None
-    lab = mat.get("LabelMap")
-    if not isinstance(lab, np.ndarray) or lab.ndim != 2 or lab.size == 0:
-        raise SampleError(f"{path}: no 2-D 'LabelMap' variable: not a PASCAL-Context label file")
-    if lab.dtype != np.uint16:
-        if not (np.issubdtype(lab.dtype, np.number) and np.all(np.mod(lab, 1) == 0)
-                and lab.min() >= 0 and lab.max() < 65536):
-            raise SampleError(f"{path}: LabelMap holds {lab.dtype} values that are not label ids 0..459")
-        lab = lab.astype(np.uint16)
-    return lab
+    return label_ids(mat.get("LabelMap"), path, "LabelMap", "PASCAL-Context label")
 
 
 def make_mat_sample(key: str, *, root: str, mat_dir: str, listed_in: dict[str, str], lut: np.ndarray,

@@ -25,6 +25,19 @@ JPEG_QUALITY = 95  # re-encoding only happens when a protocol resizes (or EXIF w
 
 # --- reading and checking one sample -------------------------------------------------------
 
+def label_ids(values: object, path: str, variable: str, release: str) -> np.ndarray:
+    """A MATLAB label variable as an H x W uint16 array of ids; SampleError naming the file when it
+    is not a non-empty 2-D array of whole numbers in 0..65535 (`release`: what the file should be)."""
+    if not isinstance(values, np.ndarray) or values.ndim != 2 or values.size == 0:
+        raise SampleError(f"{path}: no 2-D label map {variable!r}: not a {release} file")
+    if values.dtype != np.uint16:
+        if not (np.issubdtype(values.dtype, np.number) and np.all(np.mod(values, 1) == 0)
+                and values.min() >= 0 and values.max() < 65536):
+            raise SampleError(f"{path}: {variable!r} holds {values.dtype} values that are not label ids")
+        values = values.astype(np.uint16)
+    return values
+
+
 def read_bytes(path: str | Path, what: str) -> bytes:
     """The file's bytes; a SampleError naming it when it is missing, empty, not a regular file
     (a FIFO or a link to a device would block or never end) or over codec.MAX_FILE_BYTES."""
