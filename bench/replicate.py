@@ -408,6 +408,21 @@ def log_invocation(path: Path, rec: dict) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def publish(results: Path, record: dict, body: str, docs: bool, doc: Path, block: str, report_dir: Path,
+            total: float) -> None:
+    """What every replication does at its end: the results JSON (atomic), the report into its docs
+    block (`docs`) or `report_dir/report.md`, and the report and total time on stdout."""
+    from rankseg_core.utils.fsio import atomic_write_json
+
+    atomic_write_json(results, json.loads(json.dumps(record, default=str)))
+    if docs:
+        write_doc_block(body, doc, name=block)
+    else:
+        (report_dir / "report.md").write_text(body + "\n")
+    print(body)
+    print(f"\ntotal {total / 60:.1f} min; results in {results}", flush=True)
+
+
 def write_doc_block(body: str, doc: Path = DOC, name: str = "results") -> None:
     """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` of the doc."""
     text = doc.read_text() if doc.exists() else "# Mini-replication\n"

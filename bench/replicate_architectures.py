@@ -40,10 +40,10 @@ from replicate import (  # noqa: E402
     cpu_seconds,
     keeping_threads,
     log_invocation,
+    publish,
     run_tasks,
     synthetic_root,
     train_job,
-    write_doc_block,
 )
 from replication_claims import Comparison, compare  # noqa: E402
 from replication_protocol import METRICS, Protocol, recipe  # noqa: E402
@@ -383,16 +383,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "started": started, "command": command, "wall_s": total, "cpu_s": cpu_seconds() - cpu0, "load": load.stop(),
         **{k: res[f"{k}_runs"] for k in ("total", "reused", "resumed")}})
     body = report(res, p, archs, command, args.smoke, history)
-    from rankseg_core.utils.fsio import atomic_write_json
-
-    atomic_write_json(work / "results_architectures.json", {"protocol": dataclasses.asdict(p),
-                                                            "total_seconds": total, **res})
-    if args.docs:
-        write_doc_block(body, args.doc, name=BLOCK)
-    else:
-        (base / "report.md").write_text(body + "\n")
-    print(body)
-    print(f"\ntotal {total / 60:.1f} min; results in {work / 'results_architectures.json'}", flush=True)
+    publish(work / "results_architectures.json", {"protocol": dataclasses.asdict(p), "total_seconds": total, **res},
+            body, args.docs, args.doc, BLOCK, base, total)
     return {"protocol": p, "results": res, "runs": runs, "root": root, "total_seconds": total, "report": body}
 
 

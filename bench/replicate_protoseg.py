@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -49,10 +48,10 @@ from replicate import (  # noqa: E402
     cpu_seconds,
     keeping_threads,
     log_invocation,
+    publish,
     run_tasks,
     synthetic_root,
     train_job,
-    write_doc_block,
 )
 from replication_claims import Comparison, compare  # noqa: E402
 from replication_protocol import METRICS, Protocol, recipe  # noqa: E402
@@ -609,17 +608,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "started": started, "command": command, "wall_s": total, "cpu_s": cpu_seconds() - cpu0, "load": load.stop(),
         **{k: res[f"{k}_runs"] for k in ("total", "reused", "resumed")}})
     body = report(res, p, worlds, command, args.smoke, synthetic, history)
-    from rankseg_core.utils.fsio import atomic_write_json
-
     name = "results_protoseg.json" if synthetic else "results_protoseg_shards.json"
-    atomic_write_json(work / name, json.loads(json.dumps(
-        {"protocol": dataclasses.asdict(p), "total_seconds": total, **res}, default=str)))
-    if args.docs:
-        write_doc_block(body, args.doc, name=BLOCK if synthetic else f"{BLOCK}-shards")
-    else:
-        (base / "report.md").write_text(body + "\n")
-    print(body)
-    print(f"\ntotal {total / 60:.1f} min; results in {work / name}", flush=True)
+    publish(work / name, {"protocol": dataclasses.asdict(p), "total_seconds": total, **res}, body, args.docs, args.doc,
+            BLOCK if synthetic else f"{BLOCK}-shards", base, total)
     return {"protocol": p, "results": res, "runs": runs, "worlds": worlds, "total_seconds": total, "report": body}
 
 
