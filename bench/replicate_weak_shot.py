@@ -82,8 +82,8 @@ class WeakShotProtocol:
     maskformer_batch: int = 8  # even: cross-image pairs pair a micro-batch's images two by two
     maskformer_lr: float = 2e-3  # at the recipe's 1e-3 no MaskFormer learned novel classes in 200 iterations
     points: int = 100  # J of the SimFormer runs: the official default
-    points_alt: int | None = None  # Table 1's other J (None: Table 1 not run: cut for the budget)
-    simformer_big: bool = False  # SimFormer at the larger ratio too (Table 3's SimFormer rows; cut likewise)
+    points_alt: int | None = 50  # Table 1's other J (None: Table 1 not run)
+    simformer_big: bool = True  # SimFormer at the larger ratio too (Table 3's SimFormer rows)
     queries: int = 20  # MaskFormer queries (official 100; <= 10 classes per synthetic image)
     tiny: bool = False  # smoke: tiny MaskFormer widths too
 
