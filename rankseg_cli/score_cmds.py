@@ -46,11 +46,12 @@ def eval_predictions(
       rankseg eval-predictions rankseg_lvis/ --data shards/coco_lvis \\
         --pred-offset 1 --json lvis.json
     """
-    from rankseg_core.data.weak_shot import load_split_for_shards
     from rankseg_core.evaluation.score_files import check_report_targets, report, score_predictions, write_reports
 
     path = json_out or pred_dir.resolve().parent / f"{pred_dir.resolve().name}_scores.json"
     check_report_targets(path)  # refused before scoring, not after minutes of it
+    if novel_classes:  # imported only here: plain scoring needs none of the weak-shot set-up
+        from rankseg_core.data.weak_shot import load_split_for_shards
     ws = load_split_for_shards(novel_classes, data) if novel_classes else None
     res = score_predictions(pred_dir, data, val_split(data, split), protocol=protocol, groups=groups,
                             train_data=train_data, train_split=train_split, pred_offset=pred_offset,

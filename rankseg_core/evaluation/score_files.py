@@ -3,7 +3,8 @@
 One prediction file per image of the split, holding train ids (0..K-1) as an 8- or 16-bit
 single-channel PNG or TIFF at the size of the stored label. Files are matched to samples by
 name (`match_predictions`); every check fails with one line naming the file. The images are
-streamed: only one label and one prediction are in memory next to the K x K confusion matrix.
+streamed: at most two labels and two predictions (the one counted, the next one being decoded by
+a reader thread) are in memory next to the K x K confusion matrix.
 
 The metrics and the three mIoU averaging rules live in `metrics.ConfusionMatrix`, the same
 accumulator `rankseg eval` fills (`accumulators.EvalAccumulators.confusion`), so both commands
@@ -17,6 +18,7 @@ import csv
 import io
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,7 +182,9 @@ def check_pred_offset(offset: int) -> None:
 
 def read_prediction(path: Path, num_classes: int, offset: int = 0, shape: tuple[int, int] | None = None,
                     label_of: str = "") -> np.ndarray:
-    """H x W int64 train ids of a prediction file; UserError on anything that is not one.
+    """H x W train ids of a prediction file, in the dtype it decodes to (uint8 / uint16 for
+    PNG; no widened copy); UserError on anything that is not one. Every value is checked to lie
+    in 0..K-1, so the result may go to `ConfusionMatrix.update(..., checked=True)`.
 
     `offset`: a file value v means class v - offset (mmseg's `format_results` writes id + 1).
     `shape`: the (height, width) the prediction must have (its label's), checked before decoding;
@@ -201,20 +205,21 @@ def read_prediction(path: Path, num_classes: int, offset: int = 0, shape: tuple[
         raise UserError(f"{path}: 8-bit image, but this dataset has K={num_classes} classes (ids up to "
                         f"{num_classes - 1 + offset} need 16 bits): save predictions as 16-bit PNG or TIFF "
                         "(a 16-bit label saved as 8-bit wraps ids modulo 256)")
-    values = arr.astype(np.int64)
-    if offset:
-        values -= offset
-    lo, hi = int(values.min()), int(values.max())
-    if lo < 0:
-        raise UserError(f"{path}: value {lo + offset} is below --pred-offset {offset}: every pixel needs a class")
-    if hi >= num_classes:
-        raw = hi + offset
-        n = int((values == hi).sum())
-        why = " (the ignore value: a prediction must give every pixel a class)" \
-            if raw in (255, IGNORE) else ""
-        raise UserError(f"{path}: value {raw} in {n} pixel(s) is not a class id 0..{num_classes - 1}"
+    if not arr.size:
+        return arr
+    # One reduction per bound, on the decoded dtype: an unsigned file without offset has no lower bound.
+    lo = int(arr.min()) if offset or arr.dtype.kind != "u" else 0
+    hi = int(arr.max())
+    if lo < offset:
+        raise UserError(f"{path}: value {lo} is below --pred-offset {offset}: every pixel needs a class")
+    if hi - offset >= num_classes:
+        n = int(np.count_nonzero(arr == hi))  # only on the way to the error
+        why = " (the ignore value: a prediction must give every pixel a class)" if hi in (255, IGNORE) else ""
+        raise UserError(f"{path}: value {hi} in {n} pixel(s) is not a class id 0..{num_classes - 1}"
                         f"{f' + {offset}' if offset else ''}{why}: predictions hold train ids")
-    return values
+    if offset:  # lo >= offset: the subtraction stays in the file's dtype without wrapping
+        arr = np.subtract(arr, offset, dtype=arr.dtype)
+    return arr
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,6 +298,17 @@ def class_groups(index: ShardIndex, scheme: str = "auto", train_data: Path | Non
 # Scoring
 
 
+def _read_pair(ds: ShardDataset, i: int, key: str, path: Path, num_classes: int,
+               pred_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, label) H x W of sample i, each in its decoded dtype (see `read_prediction`)."""
+    try:
+        label = decode_label(ds.raw(i)[1])
+    except ValueError as exc:
+        raise UserError(f"{ds.paths[ds.arrays.shard[i]]}: the label of {key} does not decode ({exc}); "
+                        "run `rankseg verify`") from None
+    return read_prediction(path, num_classes, pred_offset, (label.shape[0], label.shape[1]), f" of {key}"), label
+
+
 @dataclass
 class ScoreResult:
     confusion: ConfusionMatrix
@@ -324,15 +340,21 @@ def score_predictions(pred_dir: str | Path, data: str | Path, split: str = "val"
     paths = match_predictions(keys, list_predictions(pred_dir), pred_dir, split, allow_extra)
     k = ds.num_classes
     cm = ConfusionMatrix(k, IGNORE)  # one process: nothing to reduce across processes
-    with Progress(len(keys), f"score {split}", unit="img", enabled=progress) as bar:
-        for i, (key, path) in enumerate(zip(keys, paths)):
-            try:
-                label = decode_label(ds.raw(i)[1])
-            except ValueError as exc:
-                raise UserError(f"{ds.paths[ds.arrays.shard[i]]}: the label of {key} does not decode ({exc}); "
-                                "run `rankseg verify`") from None
-            pred = read_prediction(path, k, pred_offset, (label.shape[0], label.shape[1]), f" of {key}")
-            cm.update(pred, label)
+
+    def read_pair(i: int) -> tuple[np.ndarray, np.ndarray]:
+        return _read_pair(ds, i, keys[i], paths[i], k, pred_offset)
+
+    # One reader thread decodes image i + 1 (OpenCV's decoder releases the GIL) while this thread
+    # counts image i: at most two pairs in memory, images counted in order, and a bad file fails
+    # at its turn exactly as in a sequential loop.
+    with ThreadPoolExecutor(1, thread_name_prefix="read-prediction") as reader, \
+            Progress(len(keys), f"score {split}", unit="img", enabled=progress) as bar:
+        pending = reader.submit(read_pair, 0)
+        for i in range(len(keys)):
+            pred, label = pending.result()
+            if i + 1 < len(keys):
+                pending = reader.submit(read_pair, i + 1)
+            cm.update(pred, label, checked=True)  # read_prediction checked the range once
             bar.advance(1)
     info = {"predictions": str(pred_dir), "data": str(data), "split": split, "dataset": ds.index.name,
             "num_classes": k, "pred_offset": pred_offset, **(novel_source or {})}
