@@ -72,6 +72,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of weights, data order and augmentation.")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate on the val split every N steps (0 = only at the end).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="DataLoader workers per process.")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on): bf16 autocast where the GPU supports it, else fp16 with a gradient scaler; no effect on a CPU (key amp).")] = None,
     no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="No TensorBoard events in RUN/tensorboard/ (default: written when the tensorboard package is installed; --set tensorboard=true requires it).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
 ) -> None:
@@ -117,6 +118,8 @@ def train(
         overrides.append(f"data.weak_shot={weak_shot}")
     if no_tensorboard:
         overrides.append("tensorboard=false")
+    if amp is not None:
+        overrides.append(f"amp={str(amp).lower()}")
     cfg = config_for_run(out_dir, config, overrides, data, resume)
     if dry_run:
         from rankseg_core.engine.selector import resolve_selector

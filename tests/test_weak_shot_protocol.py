@@ -220,7 +220,7 @@ def test_hiding_after_crop_and_flip_through_the_loader(tmp_path: Path) -> None:
     crops_without = set()
     for _ in range(12):
         b = next(batches)
-        assert set(b) == {"image", "label", "image_labels", "pad"}
+        assert set(b) == {"image", "label", "extent", "image_labels", "pad"}  # uint8 image: data/device.py normalises
         assert not b["pad"].any()  # the 8 x 8 crop lies inside the 8 x 16 image
         image, got, present = b["image"][0].numpy(), b["label"][0].numpy(), b["image_labels"][0].numpy()
         cols, rows = np.rint(image[0] / 10).astype(int), np.rint(image[1] / 10).astype(int)

@@ -132,6 +132,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     amp: bool = True  # autocast on CUDA only (bf16 where supported, else fp16 + GradScaler)
+    # Convolution weights and images in NHWC (torch.channels_last): faster cuDNN convolutions
+    # on a GPU for convolutional networks (ResNet backbones, the DeepLab / UperNet heads, the
+    # Mask2Former pixel decoder's convolutions); nothing to gain for ViT (one patch-embedding
+    # convolution) or on a CPU. Layout only, so a runtime key (a resume may change it).
+    channels_last: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
     log_every: int = 20  # iterations between metrics.jsonl records
     ckpt_every: int = 1000  # iterations between checkpoints/last.pt writes
@@ -152,7 +157,7 @@ class TrainConfig:
 # Keys that may differ when resuming: they change how, not what, is computed.
 RUNTIME_KEYS = frozenset({"device", "data.num_workers", "eval.num_workers", "eval.batch_size",
                           "log_seconds", "data.root", "eval.every", "eval.max_images", "ckpt_every",
-                          "tensorboard", "keep_last"})
+                          "tensorboard", "keep_last", "channels_last"})
 
 # ---------------------------------------------------------------------------------------
 # Dotted access and type coercion

@@ -4,6 +4,9 @@ Training (docs/method.md sec. 5), in mmseg's order:
     random resize of a (long, short) base scale by a ratio in [0.5, 2.0] (keep aspect)
     -> random crop with cat_max_ratio (up to 10 tries) -> horizontal flip
     -> photometric distortion -> normalise -> pad to the crop (image 0, label ignore).
+The training loader stops before "normalise": its workers ship the padded uint8 crop, and
+data/device.py normalises on the device and zeroes the padding afterwards, which gives the
+same float values bit for bit (`TrainTransform.apply_geometry` is that whole chain in numpy).
 Every random choice is drawn once per call from the given `np.random.Generator`, so the
 frames of a video clip share one set of parameters, and the loader can make a sample's
 augmentation a function of (seed, sample position) alone (exact resume, any worker count).
@@ -14,6 +17,7 @@ Test: resize so that the short side is `short_side` and the long side at most `m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import overload
 
@@ -48,10 +52,45 @@ def resize_pair(image: np.ndarray, label: np.ndarray | None, size: tuple[int, in
     return image, label
 
 
+def resize_window(src: np.ndarray, size: tuple[int, int], rows: int, cols: int, nearest: bool = False
+                  ) -> np.ndarray:
+    """The top-left rows x cols of `cv2.resize(src, size)` (bilinear; nearest with
+    `nearest`), bit for bit, from a resize of only the source pixels they read.
+
+    Why it is exact: OpenCV maps output pixel x to source coordinate (x + 0.5) * s - 0.5 with
+    s = 1 / f, f the scale factor it is given. Called on a window that starts at source (0, 0)
+    with the full resize's factors (fx = W / w, fy = H / h: the same doubles OpenCV derives
+    from the sizes), every output pixel of the window gets the full resize's coordinates and
+    weights; the window reaches two source pixels past the last one read, so its own border
+    clamping never touches the part returned (tests/test_loader_device.py compares this with
+    the full resize over random sizes). Training keeps only a crop of the resized image: up to
+    2x the decoded size, resized whole, was the largest cost after decoding.
+    src: h x w (x C); size = (H, W); rows <= H, cols <= W. A view when size is src's size."""
+    h, w = src.shape[:2]
+    out_h, out_w = size
+    if (h, w) == (out_h, out_w):
+        return src[:rows, :cols]
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    r = min(h, math.ceil((rows + 1) * h / out_h) + 2)
+    c = min(w, math.ceil((cols + 1) * w / out_w) + 2)
+    if (r, c) == (h, w):
+        out = cv2.resize(src, (out_w, out_h), interpolation=interp)
+    else:
+        out = cv2.resize(src[:r, :c], None, fx=out_w / w, fy=out_h / h, interpolation=interp)
+    return out[:rows, :cols]
+
+
 def _crop_ok(label: np.ndarray, cat_max_ratio: float, ignore: int) -> bool:
     """mmseg's test: >1 labelled class and none above cat_max_ratio of labelled pixels."""
-    counts = np.bincount(label.ravel(), minlength=ignore + 1)
-    counts[ignore] = 0
+    # Count the labelled pixels only: a bincount through the ignore value (65535) would
+    # allocate and scan 65536 bins per try, the dominant cost of the whole crop.
+    if ignore == IGNORE and label.dtype == np.uint16:
+        # uint16 wrap-around sends the ignore value to bin 0 and class c to c + 1: one pass
+        # where selecting the labelled pixels first takes a mask and a compaction.
+        counts = np.bincount((label + np.uint16(1)).ravel())[1:]
+    else:
+        flat = label.ravel()
+        counts = np.bincount(flat[flat != ignore])
     counts = counts[counts > 0]
     return counts.size > 1 and counts.max() / counts.sum() < cat_max_ratio
 
@@ -107,21 +146,36 @@ def draw_photometric(rng: np.random.Generator, brightness_delta: int = 32,
     return PhotoParams(brightness, contrast, contrast_first, saturation, hue)
 
 
+# Every photometric step maps each uint8 value on its own, so it is a 256-entry table: the
+# table is the float formula evaluated on 0..255 (the same float32 operations, hence the same
+# bytes as applying it pixel by pixel) and cv2.LUT applies it in one pass without float copies.
+_LEVELS = np.arange(256, dtype=np.uint8)
+
+
+def _convert_table(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return _convert(_LEVELS, alpha, beta)
+
+
+def _hue_table(delta: int) -> np.ndarray:
+    return ((_LEVELS.astype(np.int16) + delta) % 180).astype(np.uint8)
+
+
 def apply_photometric(image: np.ndarray, p: PhotoParams) -> np.ndarray:
-    """H x W x 3 uint8 RGB -> distorted uint8 RGB (each step clips to 0..255, as mmseg)."""
+    """H x W x 3 uint8 RGB -> distorted uint8 RGB (each step clips to 0..255, as mmseg).
+
+    The input may be a strided view (a crop); it is never written to."""
     if p.brightness is not None:
-        image = _convert(image, beta=p.brightness)
+        image = cv2.LUT(image, _convert_table(beta=p.brightness))
     if p.contrast is not None and p.contrast_first:
-        image = _convert(image, alpha=p.contrast)
+        image = cv2.LUT(image, _convert_table(alpha=p.contrast))
     if p.saturation is not None or p.hue is not None:
         hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)  # uint8: H in [0, 180)
-        if p.saturation is not None:
-            hsv[..., 1] = _convert(hsv[..., 1], alpha=p.saturation)
-        if p.hue is not None:
-            hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + p.hue) % 180).astype(np.uint8)
-        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        # One 3-channel table: hue on H, saturation on S, V unchanged.
+        table = np.stack([_LEVELS if p.hue is None else _hue_table(p.hue),
+                          _LEVELS if p.saturation is None else _convert_table(alpha=p.saturation), _LEVELS], -1)
+        image = cv2.cvtColor(cv2.LUT(hsv, table[:, None, :]), cv2.COLOR_HSV2RGB)
     if p.contrast is not None and not p.contrast_first:
-        image = _convert(image, alpha=p.contrast)
+        image = cv2.LUT(image, _convert_table(alpha=p.contrast))
     return image
 
 
@@ -129,6 +183,42 @@ def normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
     """H x W x 3 uint8 -> 3 x H x W float32, (x - mean) / std on the 0..255 scale."""
     out = (image.astype(np.float32) - mean) / std
     return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def normalize_padded(image: np.ndarray, extent: tuple[int, int], mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """T x 3 x c x c uint8 crops whose real pixels are the top-left extent = (h, w) ->
+    T x 3 x c x c float32: (x - mean) / std there (float32 arithmetic, as `normalize`), 0
+    in the padding (mmseg pads after normalising). The numpy reference of data/device.py."""
+    h, w = extent
+    m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
+    out = np.zeros(image.shape, np.float32)
+    out[:, :, :h, :w] = (image[:, :, :h, :w].astype(np.float32) - m) / s
+    return out
+
+
+@dataclass
+class RawClip:
+    """One augmented clip before normalisation, as the training workers ship it.
+
+    image: T x 3 x c x c uint8 (padding 0); label: T x c x c uint16 (padding `ignore`);
+    segments: T x c x c uint16 segment indices (padding 0) or None; geometry: (resized
+    size, crop box, flip). The real pixels are the top-left `extent` of every frame."""
+
+    image: np.ndarray
+    label: np.ndarray
+    segments: np.ndarray | None
+    geometry: tuple[tuple[int, int], tuple[int, int, int, int], bool]
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """(h, w) of the crop's real pixels; the rest of c x c is padding."""
+        _, (y1, y2, x1, x2), _ = self.geometry
+        return y2 - y1, x2 - x1
+
+
+def _check_masks(instances: list[np.ndarray], shape: tuple[int, int], frames: int) -> None:
+    if len(instances) != frames or any(m.ndim != 3 or m.shape[1:] != tuple(shape) for m in instances):
+        raise ValueError("instance masks must be one n x H x W stack per frame, of the label's size")
 
 
 # (resized (h, w), crop box (y1, y2, x1, x2), flipped): where a clip's pixels went.
@@ -145,6 +235,8 @@ class TrainTransform:
     (H x W uint16, 0 = no segment) go through the same geometry as the labels (nearest
     resize, crop, flip; padding 0) and come back as a third array T x crop x crop int64; the
     random draws are the same with or without them. Instance masks: `with_instances`.
+    `crop_clip` is the same chain without normalisation (uint8 image, uint16 maps): what
+    the training workers ship.
     """
 
     crop: int
@@ -162,17 +254,17 @@ class TrainTransform:
         self.mean = np.asarray(self.mean, np.float32)
         self.std = np.asarray(self.std, np.float32)
 
-    def _draw(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator
-              ) -> tuple[tuple[int, int], tuple[int, int, int, int], bool, PhotoParams | None,
-                         list[tuple[np.ndarray, np.ndarray]]]:
-        """The clip's random geometry and photometric draw, in mmseg's order: (resized size,
-        crop box, flip, photometric params, the resized (image, label) pairs)."""
-        h, w = labels[0].shape
+    def _draw(self, label: np.ndarray, rng: np.random.Generator
+              ) -> tuple[tuple[int, int], tuple[int, int, int, int], bool, PhotoParams | None, np.ndarray]:
+        """The clip's random geometry and photometric draw from its first frame's label, in
+        mmseg's order: (resized size, crop box, flip, photometric params, that label resized
+        (nearest) to the size, on which the crop was chosen)."""
+        h, w = label.shape
         ratio = rng.uniform(*self.ratio_range)
         size = rescale_size(h, w, self.scale[0] * ratio, self.scale[1] * ratio)
-        resized = [resize_pair(i, lab, size) for i, lab in zip(images, labels)]
+        resized = resize_pair(label, None, size, nearest=True)[0]
         # The crop is chosen on the first frame's label; the clip shares it.
-        box = random_crop_box(resized[0][1], self.crop, rng, self.cat_max_ratio, self.ignore)
+        box = random_crop_box(resized, self.crop, rng, self.cat_max_ratio, self.ignore)
         flip = bool(rng.random() < self.flip_prob)
         photo = draw_photometric(rng, **self.photo_kw) if self.photometric else None
         return size, box, flip, photo, resized
@@ -184,59 +276,76 @@ class TrainTransform:
 
     def apply_geometry(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
                segments: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Geometry]:
-        """Image, label, segment maps (or None) and the geometry (size, box, flip) used."""
+        """Image (T x 3 x c x c float32, normalised, padding 0), label and segment maps
+        (int64, or None) and the geometry (size, box, flip) used: `crop_clip` normalised in
+        numpy (the loader normalises the same crop on the device instead)."""
+        raw = self.crop_clip(images, labels, rng, segments)
+        seg = None if raw.segments is None else raw.segments.astype(np.int64)
+        return (normalize_padded(raw.image, raw.extent, self.mean, self.std), raw.label.astype(np.int64), seg,
+                raw.geometry)
+
+    def crop_clip(self, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
+                  segments: list[np.ndarray] | None = None) -> RawClip:
+        """The clip's augmented crops before normalisation (`RawClip`); the random draws are
+        those of `__call__`."""
         h, w = labels[0].shape
         if any(lab.shape != (h, w) or img.shape[:2] != (h, w) for img, lab in zip(images, labels)):
             raise ValueError("all frames of a clip (and each image and its label) must have the same size")
         if segments is not None and any(s.shape != (h, w) for s in segments):
             raise ValueError("a segment map differs in size from its label")
-        size, (y1, y2, x1, x2), flip, photo, resized = self._draw(images, labels, rng)
-        segs = None if segments is None else [resize_pair(s, None, size, nearest=True)[0] for s in segments]
+        size, (y1, y2, x1, x2), flip, photo, label0 = self._draw(labels[0], rng)
+
+        def crop_of(x: np.ndarray, nearest: bool = True) -> np.ndarray:
+            # Only the part of the resized frame above and left of the crop's far corner is made.
+            return resize_window(x, size, y2, x2, nearest)[y1:, x1:]
 
         t, c = len(images), self.crop
-        out_img = np.zeros((t, 3, c, c), np.float32)  # pad value 0 after normalisation, as mmseg
-        out_lab = np.full((t, c, c), self.ignore, np.int64)
-        for f, (img, lab) in enumerate(resized):
-            img, lab = img[y1:y2, x1:x2], lab[y1:y2, x1:x2]
-            if flip:
-                img, lab = img[:, ::-1], lab[:, ::-1]
-            if photo is not None:
-                img = apply_photometric(np.ascontiguousarray(img), photo)
-            ch, cw = lab.shape
-            out_img[f, :, :ch, :cw] = normalize(img, self.mean, self.std)
-            out_lab[f, :ch, :cw] = lab
-        geometry = (size, (y1, y2, x1, x2), flip)
-        if segs is None:
-            return out_img, out_lab, None, geometry
-        out_seg = np.zeros((t, c, c), np.int64)
-        for f, s in enumerate(segs):
-            s = s[y1:y2, x1:x2]
-            out_seg[f, :s.shape[0], :s.shape[1]] = s[:, ::-1] if flip else s
-        return out_img, out_lab, out_seg, geometry
+        ch, cw = y2 - y1, x2 - x1
+        cols = slice(None, None, -1) if flip else slice(None)  # the flip rides on the copy into the batch
+        out_img = np.zeros((t, 3, c, c), np.uint8)  # 0 in the padding: the device zeroes it after normalising
+        out_lab = np.full((t, c, c), self.ignore, np.uint16)
+        for f, (img, lab) in enumerate(zip(images, labels)):
+            img = crop_of(img, nearest=False)
+            if photo is not None:  # per pixel, so it commutes with the flip
+                img = apply_photometric(img, photo)
+            out_img[f, :, :ch, :cw] = img[:, cols].transpose(2, 0, 1)  # HWC -> CHW: the one copy into the batch
+            out_lab[f, :ch, :cw] = (label0[y1:y2, x1:x2] if f == 0 else crop_of(lab))[:, cols]
+        geometry = ((int(size[0]), int(size[1])), (y1, y2, x1, x2), flip)
+        if segments is None:
+            return RawClip(out_img, out_lab, None, geometry)
+        out_seg = np.zeros((t, c, c), np.uint16)
+        for f, s in enumerate(segments):
+            out_seg[f, :ch, :cw] = crop_of(s)[:, cols]
+        return RawClip(out_img, out_lab, out_seg, geometry)
 
-    def with_instances(self, images: list[np.ndarray], labels: list[np.ndarray], instances: list[np.ndarray],
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """As `__call__`, plus per frame an n_t x H x W stack of instance masks (uint8 / bool,
-        possibly overlapping) -> n_t x crop x crop bool, moved exactly as the label: nearest
-        resize to the label's size, the same crop and flip, padding False. The random draws
-        are `__call__`'s (the crop is still chosen on the first frame's LABEL), so adding the
-        masks changes nothing else. Masks are resized one at a time and cropped at once, so
-        only one full-size resized mask is held at any time (bounded memory for many
-        instances). An instance whose pixels all fall outside the crop comes back empty (the
-        caller drops it: absent from that frame)."""
-        h, w = labels[0].shape
-        if len(instances) != len(labels) or any(m.ndim != 3 or m.shape[1:] != (h, w) for m in instances):
-            raise ValueError("instance masks must be one n x H x W stack per frame, of the label's size")
-        out_img, out_lab, _, (size, (y1, y2, x1, x2), flip) = self.apply_geometry(images, labels, rng, None)
+    def crop_masks(self, instances: list[np.ndarray], shape: tuple[int, int], geometry: Geometry) -> list[np.ndarray]:
+        """Per frame an n_t x H x W stack of instance masks (uint8 / bool, possibly
+        overlapping) -> n_t x crop x crop bool, moved exactly as the label by `geometry`:
+        nearest resize to the resized size, the same crop and flip, padding False. Masks are
+        resized one at a time, only up to the crop's far corner (`resize_window`), so memory
+        stays bounded for many instances. An instance whose pixels all fall
+        outside the crop comes back empty (the caller drops it: absent from that frame).
+        shape: the (H, W) of the clip's labels, which every mask must have."""
+        _check_masks(instances, shape, len(instances))
+        size, (y1, y2, x1, x2), flip = geometry
         c = self.crop
         out_masks = []
         for stack in instances:
             out = np.zeros((stack.shape[0], c, c), bool)
             for j, m in enumerate(stack):
-                r = resize_pair(np.ascontiguousarray(m, np.uint8), None, size, nearest=True)[0][y1:y2, x1:x2]
+                r = resize_window(np.ascontiguousarray(m, np.uint8), size, y2, x2, nearest=True)[y1:, x1:]
                 out[j, :r.shape[0], :r.shape[1]] = (r[:, ::-1] if flip else r) != 0
             out_masks.append(out)
-        return out_img, out_lab, out_masks
+        return out_masks
+
+    def with_instances(self, images: list[np.ndarray], labels: list[np.ndarray], instances: list[np.ndarray],
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """As `__call__`, plus per frame an n_t x H x W stack of instance masks -> n_t x crop x
+        crop bool (`crop_masks`). The random draws are `__call__`'s (the crop is still chosen
+        on the first frame's LABEL), so adding the masks changes nothing else."""
+        _check_masks(instances, labels[0].shape, len(labels))  # before any random draw
+        out_img, out_lab, _, geometry = self.apply_geometry(images, labels, rng, None)
+        return out_img, out_lab, self.crop_masks(instances, labels[0].shape, geometry)
 
 
 @dataclass
@@ -263,11 +372,18 @@ class TestTransform:
         return normalize(image, self.mean, self.std)
 
 
+def train_mean_std(cfg, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """The training normalisation: `cfg.aug.mean` / `cfg.aug.std` where set, else the model's
+    (`Family.data_config`). One rule for the numpy path and the device (data/device.py)."""
+    return [float(x) for x in (cfg.aug.mean or mean)], [float(x) for x in (cfg.aug.std or std)]
+
+
 def build_train_transform(cfg, mean: list[float], std: list[float]) -> TrainTransform:
     """TrainTransform from a TrainConfig (`cfg.aug`, crop = cfg.model.img_size)."""
     a = cfg.aug
+    mean, std = train_mean_std(cfg, mean, std)
     return TrainTransform(
-        crop=cfg.model.img_size, mean=np.asarray(a.mean or mean), std=np.asarray(a.std or std),
+        crop=cfg.model.img_size, mean=np.asarray(mean), std=np.asarray(std),
         scale=(int(a.scale[0]), int(a.scale[1])), ratio_range=(a.ratio_range[0], a.ratio_range[1]),
         cat_max_ratio=a.cat_max_ratio, flip_prob=a.flip_prob, photometric=a.photometric,
         photo_kw=dict(brightness_delta=a.brightness_delta, contrast_range=tuple(a.contrast_range),

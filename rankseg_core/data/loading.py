@@ -10,6 +10,7 @@ and the stream does not depend on the number of workers or processes.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -118,13 +119,20 @@ def frame_instances(ds: ShardDataset, i: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 class AugmentedClips(torch.utils.data.Dataset):
-    """(global position, clip id) -> augmented clip {image T x 3 x c x c, label T x c x c}
-    (+ with `segments`: segments T x c x c segment indices and segments_info, T record lists;
+    """(global position, clip id) -> augmented clip, unnormalised (data/device.py `to_device`
+    normalises it where the model runs): image T x 3 x c x c uint8 (padding 0), label
+    T x c x c uint16 (65535 = ignore, also the padding), extent T x 2 int32 (the (h, w) of
+    the crop's real pixels at the top left; the rest is padding)
+    (+ with `segments`: segments T x c x c uint16 segment indices and segments_info, T record lists;
     + with `instances`: instances, T dicts {"labels": n_t, "masks": n_t x c x c bool, "ids":
     n_t}, the frame's non-crowd instances that keep a pixel after the crop;
     + with `novel` (K booleans, a weak-shot run): image_labels T x K float, the classes present
     in the augmented crop, the label with every novel pixel set to ignore (data/weak_shot.py),
-    and pad T x c x c bool, the crop's padding)."""
+    and pad T x c x c bool, the crop's padding).
+
+    Why uint8 / uint16: a worker hands its sample to the main process through shared memory;
+    float32 images and int64 labels are 4x the bytes and were a large share of the loader's
+    time (docs/training.md "The training loader")."""
 
     def __init__(self, ds: ShardDataset, clips: np.ndarray, transform: TrainTransform, seed: int,
                  segments: bool = False, instances: bool = False, novel: np.ndarray | None = None) -> None:
@@ -138,50 +146,71 @@ class AugmentedClips(torch.utils.data.Dataset):
         g, clip = item
         frames = [self.ds.load(int(i)) for i in self.clips[clip]]
         rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
-        if self.instances:
-            return self._with_instances(frames, rng)
+        insts = [frame_instances(self.ds, int(f["index"])) for f in frames] if self.instances else None
         segs = [f["segments"] for f in frames] if self.segments else None
         try:
-            img, lab, seg, (_, (y1, y2, x1, x2), _) = self.transform.apply_geometry(
-                [f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
+            raw = self.transform.crop_clip([f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
+            masks = None if insts is None else self.transform.crop_masks([m for m, _, _ in insts],
+                                                                         frames[0]["label"].shape, raw.geometry)
         except ValueError as exc:
             raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
-        out = (img, lab, seg)
-        sample: dict[str, Tensor | list] = {"image": torch.from_numpy(out[0]), "label": torch.from_numpy(out[1])}
+        t = len(frames)
+        sample: dict[str, Tensor | list] = {
+            "image": torch.from_numpy(raw.image), "label": torch.from_numpy(raw.label),
+            "extent": torch.from_numpy(np.array([raw.extent] * t, np.int32))}
         if self.novel is not None:  # after augmentation: the image-level labels are the crop's
-            label, present = hide_novel(out[1], self.novel)
+            label, present = hide_novel(raw.label, self.novel)
             # The complementary loss must not read the crop's padding as "not base" (the official
             # mapper's pad_region): padding is where the crop box did not reach.
             pad = torch.ones(label.shape, dtype=torch.bool)
-            pad[:, : y2 - y1, : x2 - x1] = False
+            pad[:, : raw.extent[0], : raw.extent[1]] = False
             sample.update(label=torch.from_numpy(label), image_labels=torch.from_numpy(present), pad=pad)
-        if self.segments:
-            sample.update(segments=torch.from_numpy(out[2]), segments_info=[f["segments_info"] for f in frames])
+        if raw.segments is not None:
+            sample.update(segments=torch.from_numpy(raw.segments), segments_info=[f["segments_info"] for f in frames])
+        if masks is not None and insts is not None:
+            per_frame = []
+            for m, (_, cats, ids) in zip(masks, insts):
+                # An instance cropped out of a frame is absent there (a "null" frame of its track).
+                keep = m.any(axis=(1, 2))  # (reshape(n, -1) fails for a frame without instances)
+                per_frame.append({"labels": torch.from_numpy(cats[keep]), "masks": torch.from_numpy(m[keep]),
+                                  "ids": torch.from_numpy(ids[keep])})
+            sample["instances"] = per_frame
         return sample
 
-    def _with_instances(self, frames: list[dict], rng: np.random.Generator) -> dict[str, Tensor | list]:
-        insts = [frame_instances(self.ds, int(f["index"])) for f in frames]
-        try:
-            img, lab, masks = self.transform.with_instances([f["image"] for f in frames], [f["label"] for f in frames],
-                                                            [m for m, _, _ in insts], rng)
-        except ValueError as exc:
-            raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
-        per_frame = []
-        for m, (_, cats, ids) in zip(masks, insts):
-            # An instance cropped out of a frame is absent there (a "null" frame of its track).
-            keep = m.any(axis=(1, 2))  # (reshape(n, -1) fails for a frame without instances)
-            per_frame.append({"labels": torch.from_numpy(cats[keep]), "masks": torch.from_numpy(m[keep]),
-                              "ids": torch.from_numpy(ids[keep])})
-        return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab), "instances": per_frame}
+
+# Byte alignment of each tensor inside a batch's shared block (a cache line; any dtype's size divides it).
+_ALIGN = 64
+
+
+def _cat_all(groups: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+    """Each key's tensors concatenated along dim 0. In a DataLoader worker they are written
+    straight into shared memory (as torch's default_collate does: the batch must reach it
+    anyway to be handed to the main process, and sending it would otherwise copy it there
+    once more), all keys into ONE block: every shared storage travels as its own file
+    descriptor, a socket round trip through the worker's resource sharer that costs both
+    processes more than copying a batch of crops; views of one block travel as one."""
+    if torch.utils.data.get_worker_info() is None:
+        return {k: torch.cat(parts) for k, parts in groups.items()}
+    spans, end = {}, 0
+    for k, parts in groups.items():
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        start = -(-end // _ALIGN) * _ALIGN
+        end = start + parts[0].element_size() * math.prod(shape)
+        spans[k] = (start, end, shape)
+    block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(end, 1)))
+    return {k: torch.cat(groups[k], out=block[start:stop].view(groups[k][0].dtype).view(shape))
+            for k, (start, stop, shape) in spans.items()}
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels (clip-major);
-    segment maps likewise, weak-shot image labels (b*T) x K, segment records and instances as
-    one list entry per frame (their counts vary from frame to frame; instance masks stay bool
-    at the crop size)."""
-    out: dict[str, Any] = {k: torch.cat([i[k] for i in items]) for k in ("image", "label", "segments", "image_labels", "pad")
-                           if k in items[0]}
+    """b clips of T frames -> (b*T) x 3 x c x c images, (b*T) x c x c labels, (b*T) x 2
+    extents (clip-major); segment maps likewise, weak-shot image labels (b*T) x K, segment
+    records and instances as one list entry per frame (their counts vary from frame to
+    frame; instance masks stay bool at the crop size). Dtypes are kept (uint8 images). In a
+    worker the tensors are views of one shared-memory block (`_cat_all`)."""
+    out: dict[str, Any] = _cat_all({k: [i[k] for i in items]
+                                    for k in ("image", "label", "extent", "segments", "image_labels", "pad")
+                                    if k in items[0]})
     if "segments_info" in items[0]:
         out["segments_info"] = [info for i in items for info in i["segments_info"]]
     if "instances" in items[0]:
@@ -201,11 +230,14 @@ def worker_init(worker_id: int) -> None:
 
 
 def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.DistInfo,
-                start_step: int, segments: bool = False, instances: bool = False) -> torch.utils.data.DataLoader:
-    """This rank's training batches from `start_step` on; with `segments` they carry the
-    panoptic segment maps and records (the shards must be panoptic); with `instances` (a family
-    that trains on tracks: `Family.instances`) each frame's instance masks and track ids (the
-    shards must have tracks)."""
+                start_step: int, segments: bool = False, instances: bool = False,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """This rank's training batches from `start_step` on, unnormalised (`AugmentedClips`:
+    pass each through data/device.py `to_device` with the same mean / std); with `segments`
+    they carry the panoptic segment maps and records (the shards must be panoptic); with
+    `instances` (a family that trains on tracks: `Family.instances`) each frame's instance
+    masks and track ids (the shards must have tracks). `pin_memory` (for a CUDA device): the
+    batches come in page-locked memory, so `to_device`'s non_blocking copy is asynchronous."""
     ds = ShardDataset(cfg.data.root, cfg.data.train_split)
     if ds.num_classes != cfg.model.num_classes:
         raise UserError(f"{cfg.data.root}: K={ds.num_classes} but the run was configured for "
@@ -238,4 +270,4 @@ def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.D
     return torch.utils.data.DataLoader(
         data, batch_sampler=stream, num_workers=workers, collate_fn=collate_clips,
         worker_init_fn=worker_init, generator=torch.Generator().manual_seed(cfg.seed + info.rank),
-        persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=False)
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=pin_memory)

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from rankseg_core.config.train import TrainConfig, diff_configs, to_yaml
+from rankseg_core.data.augment import train_mean_std
+from rankseg_core.data.device import to_device
 from rankseg_core.data.loading import make_loader
 from rankseg_core.engine import runs
 from rankseg_core.engine.evaluate import EvalOptions, EvalResult, evaluate_model
@@ -81,25 +83,73 @@ def seed_everything(seed: int) -> None:
 
 
 class Window:
-    """NaN-aware sums of the logged statistics (`keys`) since the last log line (checkpointed)."""
+    """NaN-aware sums of the logged statistics (`keys`) since the last log line (checkpointed).
+
+    A step's statistics are added ON THE DEVICE (`add` never waits for the device); `gather`
+    all-reduces what is pending over processes and brings it to the host in one transfer.
+    The loop gathers at its log, evaluation and checkpoint points only, so a non-finite loss
+    is seen there (`gather` reports the first one), not at its own step. `state` (what a
+    checkpoint keeps) is the gathered part: the loop gathers before every checkpoint.
+    """
 
     def __init__(self, keys: tuple[str, ...], state: dict | None = None) -> None:
         self.keys = keys
         self.sums = dict(state["sums"]) if state else {k: 0.0 for k in keys}
         self.counts = dict(state["counts"]) if state else {k: 0 for k in keys}
         self.samples = int(state["samples"]) if state else 0
+        # (2n + 2,) float64 on the device: finite sums (n), finite counts (n), the iteration of
+        # the first non-finite loss (-1 = none) and that loss. float64: iterations stay exact
+        # and the sums add like the host floats they replace.
+        self._pending: Tensor | None = None
 
-    def add(self, values: Tensor, samples: int) -> None:
-        for k, v in zip(self.keys, values.tolist()):
-            if math.isfinite(v):
-                self.sums[k] += v
-                self.counts[k] += 1
+    def add(self, values: Tensor, samples: int, it: int) -> None:
+        """One step's statistics (n,) on any device; `it` = the step's iteration (1-based)."""
+        finite = torch.isfinite(values)
+        loss = values[0].double()
+        if self._pending is None:
+            self._pending = torch.zeros(2 * len(self.keys) + 2, dtype=torch.float64, device=values.device)
+            self._pending[-2] = -1.0
+        p = self._pending
+        first = ~finite[0] & (p[-2] < 0)  # a 0-dim bool on the device: torch.where, never `if`
+        p[:-2] += torch.cat([torch.where(finite, values, 0).double(), finite.double()])
+        # Python scalars into torch.where / setitem are kernel arguments; a tensor built from
+        # one (torch.tensor(it, device=...)) would be a blocking host-to-device copy.
+        p[-2] = torch.where(first, float(it), p[-2])
+        p[-1] = torch.where(first, loss, p[-1])
         self.samples += samples
+
+    def gather(self) -> tuple[float, tuple[int, float] | None]:
+        """Fold the pending steps into the host sums (an all-reduce and one device-to-host
+        copy: a sync point). Returns (mean loss of those steps, NaN if none was finite;
+        (iteration, value) of the first non-finite loss over all processes, or None)."""
+        if self._pending is None:
+            return float("nan"), None
+        p, n = self._pending, len(self.keys)
+        self._pending = None
+        if D.current().enabled:
+            import torch.distributed as dist
+
+            # The first bad iteration over ranks: MIN with "none" as +inf.
+            bad = torch.where(p[-2:-1] < 0, torch.full_like(p[-2:-1], math.inf), p[-2:-1])
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            mine = p[-2:-1] == bad
+            p = torch.cat([p[:-2], bad, torch.where(mine, p[-1:], torch.full_like(p[-1:], math.nan))])
+            dist.all_reduce(p[:-2], op=dist.ReduceOp.SUM)
+        host = p.cpu().tolist()
+        sums, counts = host[:n], host[n:2 * n]
+        for k, s, c in zip(self.keys, sums, counts):
+            self.sums[k] += s
+            self.counts[k] += int(c)
+        loss = sums[0] / counts[0] if counts[0] else float("nan")
+        bad_it = host[-2]
+        return loss, (None if bad_it < 0 or not math.isfinite(bad_it) else (int(bad_it), host[-1]))
 
     def means(self) -> dict[str, float]:
         return {k: (self.sums[k] / self.counts[k] if self.counts[k] else float("nan")) for k in self.keys}
 
     def state(self) -> dict:
+        if self._pending is not None:
+            raise RuntimeError("Window.state() with statistics not gathered: gather() first")
         return {"sums": self.sums, "counts": self.counts, "samples": self.samples}
 
 
@@ -300,6 +350,7 @@ class _State:
     start: int
     best: float
     window: Window
+    norm: tuple[list[float], list[float]]  # the loader's (mean, std): to_device normalises with it
 
 
 def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.device, info: D.DistInfo) -> _State:
@@ -308,6 +359,8 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
     family = family_of(cfg.model.model)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = family.build(cfg.model).to(device)
+    if cfg.channels_last:  # 4-D weights (convolutions) in NHWC; the images follow per step
+        model = model.to(memory_format=torch.channels_last)
     # --init-from: fresh runs only (a resume loads last.pt); the family reads foreign layouts.
     init_model(model, cfg, resume, info.is_main, family.foreign_weights)
     optimizer = build_optimizer(model, cfg)
@@ -328,8 +381,9 @@ def _setup(cfg: TrainConfig, paths: runs.RunPaths, resume: bool, device: torch.d
                                                   find_unused_parameters=family.find_unused_parameters(cfg.model))
     dc = family.data_config(model)
     loader = iter(make_loader(cfg, dc["mean"], dc["std"], info, start, family.panoptic(cfg.model),
-                              family.instances(cfg.model)))
-    return _State(family, model, ddp, optimizer, scaler, amp, family.criterion(cfg), loader, start, best, window)
+                              family.instances(cfg.model), pin_memory=device.type == "cuda"))
+    return _State(family, model, ddp, optimizer, scaler, amp, family.criterion(cfg), loader, start, best, window,
+                  train_mean_std(cfg, dc["mean"], dc["std"]))
 
 
 def _resume_state(paths: runs.RunPaths, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> dict:
@@ -369,25 +423,29 @@ def _resume_fix(paths: runs.RunPaths) -> str:
 
 
 def _forward_backward(st: _State, cfg: TrainConfig, device: torch.device, distributed: bool) -> Tensor:
-    """All micro-batches of one step: backward into .grad; returns the family's stats
-    (len(stats),) averaged over micro-batches and processes (an all-reduce: a sync point)."""
+    """All micro-batches of one step: backward into .grad; returns this process's stats
+    (len(stats),) ON THE DEVICE, averaged over micro-batches. Nothing here waits for the
+    device: the processes' stats are reduced when the loop gathers (`Window.gather`)."""
     accum, keys = cfg.schedule.accum_steps, st.family.logged_stats(cfg)
-    stats = torch.zeros(len(keys))
+    stats = torch.zeros(len(keys), device=device)
     for m in range(accum):
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in next(st.loader).items()}
+        batch = to_device(next(st.loader), device, *st.norm)
         # A GT (train + eval) oracle selects the crop's classes; everything else trains as built.
         sel = Selection(gt_classes=present_classes(batch["label"], cfg.model.num_classes, IGNORE)) \
             if cfg.model.oracle else NO_SELECTION
+        images = batch["image"]
+        if cfg.channels_last:  # NHWC: what cuDNN's tensor-core convolutions read without transposing
+            images = images.contiguous(memory_format=torch.channels_last)
         # Gradients are all-reduced once per step, on the last micro-batch.
         ddp = cast(nn.parallel.DistributedDataParallel, st.ddp)  # the DDP wrapper when distributed
         with ddp.no_sync() if distributed and m < accum - 1 else nullcontext():
             with st.amp:
-                out = st.ddp(batch["image"], sel)
+                out = st.ddp(images, sel)
             losses = st.crit(out, batch)
             loss = losses["loss"] / accum
             (st.scaler.scale(loss) if st.scaler is not None else loss).backward()
-        stats += torch.stack([losses[k].detach().float().cpu() for k in keys]) / accum
-    return D.all_reduce_mean(stats)
+        stats += torch.stack([losses[k].detach().float().to(device, non_blocking=True) for k in keys]) / accum
+    return stats
 
 
 def _optimizer_step(st: _State, cfg: TrainConfig) -> None:
@@ -403,6 +461,15 @@ def _optimizer_step(st: _State, cfg: TrainConfig) -> None:
     st.optimizer.zero_grad(set_to_none=True)
 
 
+def _gather(st: _State, cfg: TrainConfig, paths: runs.RunPaths) -> float:
+    """Gather the window's pending statistics (`Window.gather`); raise at a non-finite loss
+    among them. Returns the mean loss of the steps since the last gather."""
+    loss, bad = st.window.gather()
+    if bad is not None:  # every rank gets the same first bad iteration (a MIN all-reduce)
+        raise _non_finite(bad[1], bad[0], cfg, paths)
+    return loss
+
+
 def _non_finite(value: float, it: int, cfg: TrainConfig, paths: runs.RunPaths) -> UserError:
     kept = f"last good checkpoint {paths.last} is kept" if paths.last.exists() else "no checkpoint was written"
     return UserError(f"non-finite loss ({value}) at iteration {it}: training stopped; {kept}. "
@@ -416,7 +483,8 @@ def _checkpoint(st: _State, cfg: TrainConfig, paths: runs.RunPaths, path: Path, 
     Only last.pt carries the resume state (optimizer, RNG, data order): best.pt is read for
     evaluation only, and without the momentum buffers it is half the size, which matters
     when a sweep improves its best mIoU at every evaluation."""
-    if not all(bool(torch.isfinite(p).all()) for p in st.model.parameters()):
+    # One host sync for all parameters, not one per tensor.
+    if not bool(torch.stack([torch.isfinite(p).all() for p in st.model.parameters()]).all()):
         raise _non_finite(float("nan"), it, cfg, paths)
     resumable = path == paths.last
     states = D.all_gather_objects(rng_state()) if resumable else None  # every rank's RNG: DDP resumes exactly
@@ -461,25 +529,32 @@ def _loop(cfg: TrainConfig, run_dir: Path, paths: runs.RunPaths, st: _State, sca
             for g in st.optimizer.param_groups:
                 g["lr"] = float(lrs[it]) * g["lr_mult"]  # python floats: checkpoints load with weights_only
             stats = _forward_backward(st, cfg, device, info.enabled)
-            if not math.isfinite(float(stats[0])):  # every rank sees the same all-reduced value
-                raise _non_finite(float(stats[0]), done, cfg, paths)
             _optimizer_step(st, cfg)
-            st.window.add(stats, cfg.schedule.batch_size)
-            bar.advance(1, postfix=f"loss {float(stats[0]):.4f} lr {lrs[it]:.2e}")
-            if done % cfg.log_every == 0 or done == iters:
+            st.window.add(stats, cfg.schedule.batch_size, done)
+            logging = done % cfg.log_every == 0 or done == iters
+            evaluating = bool(cfg.data.val_split and cfg.eval.every and done % cfg.eval.every == 0 and done < iters)
+            saving = done % cfg.ckpt_every == 0 or done == iters
+            if not (logging or evaluating or saving):
+                bar.advance(1)  # no host sync between gather points
+                continue
+            # A gather point: the only place the loop waits for the device. A non-finite loss
+            # since the last one stops here, before any evaluation or checkpoint of its weights.
+            loss = _gather(st, cfg, paths)
+            bar.advance(1, postfix=f"loss {loss:.4f} lr {lrs[it]:.2e}")
+            if logging:
                 rec = {"type": "train", "iter": done, **st.window.means(), "lr": float(lrs[it]),
                        "samples_per_s": st.window.samples / max(time.perf_counter() - t_log, 1e-9)}
                 if info.is_main:
                     _log(run_dir, rec, scalars)
                 st.window, t_log = Window(st.family.logged_stats(cfg)), time.perf_counter()
-            if cfg.data.val_split and cfg.eval.every and done % cfg.eval.every == 0 and done < iters:
+            if evaluating:
                 res = _evaluate(st.model, cfg, device, cfg.eval.max_images)
                 if info.is_main:
                     _log(run_dir, {"type": "eval", "iter": done, **_summary(res)}, scalars)
                 if _score(res.metrics) > st.best:
                     st.best = _score(res.metrics)
                     _checkpoint(st, cfg, paths, paths.best, done, info)
-            if done % cfg.ckpt_every == 0 or done == iters:
+            if saving:
                 _checkpoint(st, cfg, paths, paths.last, done, info)
     st.loader = iter(())  # drop the DataLoader iterator: its workers shut down before evaluating
     final = _evaluate(st.model, cfg, device, 0) if cfg.data.val_split else None

@@ -39,7 +39,7 @@ from rankseg_core.losses.maskformer import MaskFormerCriterion
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.semask import SemanticPriorCriterion
 from rankseg_core.losses.simformer import SimFormerCriterion
-from rankseg_core.losses.targets import targets_from_panoptic, targets_from_semantic
+from rankseg_core.losses.targets import panoptic_targets, semantic_targets
 from rankseg_core.model.convseg.layers import sync_batch_norm
 from rankseg_core.model.convseg.vit_pyramid import layer_decay_multipliers
 from rankseg_core.model.mask2former.detectron2_weights import detectron2_warm_start
@@ -74,10 +74,10 @@ def is_semask(m: ModelConfig) -> bool:
 def batch_targets(batch: dict[str, Any], num_classes: int, panoptic: bool) -> list[dict[str, Tensor]]:
     """Per image {"labels": n, "masks": n x c x c} from a collated training batch: the segment
     map + records (panoptic) or the semantic label (one segment per present class)."""
+    # The batch functions: one host transfer per batch learns every image's target count.
     if panoptic:
-        return [targets_from_panoptic(seg, info, num_classes)
-                for seg, info in zip(batch["segments"], batch["segments_info"])]
-    return [targets_from_semantic(lab, num_classes, IGNORE) for lab in batch["label"]]
+        return panoptic_targets(batch["segments"], batch["segments_info"], num_classes)
+    return semantic_targets(batch["label"], num_classes, IGNORE)
 
 
 def clip_batch_targets(batch: dict[str, Any], num_classes: int, clip_len: int) -> list[dict[str, Tensor]]:

@@ -38,7 +38,7 @@ def column_targets(targets: list[dict[str, Tensor]], topk_index: Tensor | None, 
     topk_index B x C (valid B x C): column r holds class topk_index[b, r]; None = the K
     classes in class order (labels outside [0, K) are dropped).
     """
-    out = []
+    all_cols = []
     for b, t in enumerate(targets):
         labels = t["labels"].long()
         if topk_index is None:
@@ -51,8 +51,16 @@ def column_targets(targets: list[dict[str, Tensor]], topk_index: Tensor | None, 
             table.scatter_(0, idx, torch.arange(idx.numel(), device=labels.device))
             table[num_classes] = -1
             cols = table[labels.clamp(0, num_classes)].masked_fill((labels < 0) | (labels >= num_classes), -1)
-        keep = cols >= 0
-        out.append({"labels": cols[keep], "masks": t["masks"][keep]})
+        all_cols.append(cols)
+    if not all_cols:
+        return []
+    # Which segments keep a column depends on the selection (a device value) and decides the
+    # shapes: one host copy for the batch, not a boolean index (a sync) per image.
+    keeps = (torch.cat(all_cols) >= 0).cpu().split([len(c) for c in all_cols])
+    out = []
+    for t, cols, keep in zip(targets, all_cols, keeps, strict=True):
+        rows = keep.nonzero().flatten().to(cols.device, non_blocking=True)
+        out.append({"labels": cols.index_select(0, rows), "masks": t["masks"].index_select(0, rows.to(t["masks"].device))})
     return out
 
 
@@ -89,11 +97,13 @@ class Mask2FormerCriterion:
         self.ml_loss, self.ml_weight = ml_loss, ml_weight
 
     def _num_masks(self, targets: list[dict[str, Tensor]], device: torch.device) -> float:
-        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        if dist.is_available() and dist.is_initialized():  # the official normaliser is global
-            dist.all_reduce(n)
-            n = n / dist.get_world_size()
-        return max(float(n.item()), 1.0)
+        count = float(sum(len(t["labels"]) for t in targets))  # shapes: known on the host
+        if not (dist.is_available() and dist.is_initialized()):
+            return max(count, 1.0)  # one process: no device value, no sync
+        # The official normaliser is global: an all-reduce and a sync, as in detectron2.
+        n = torch.tensor([count], device=device)
+        dist.all_reduce(n)
+        return max(float((n / dist.get_world_size()).item()), 1.0)
 
     def _match(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """(query indices, target indices) per image (the video criterion matches clips)."""
@@ -179,4 +189,4 @@ class Mask2FormerCriterion:
         assert parts is not None  # steps starts with the final prediction
         ce, loss_mask, loss_dice = parts
         return {"loss": total, "ce": ce.detach(), "mask": loss_mask.detach(), "dice": loss_dice.detach(),
-                "ml": ml.detach(), "kept": torch.tensor(kept, device=total.device)}
+                "ml": ml.detach(), "kept": total.new_full((), kept)}

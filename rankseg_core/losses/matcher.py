@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -62,8 +63,9 @@ def assign_pairs(targets: list[dict[str, Tensor]], num_points: int, coords: Tens
         # training loop skips it, so any assignment will do here.
         cost = torch.nan_to_num(cost_of(b, pts), nan=1e8, posinf=1e8, neginf=-1e8)
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        out.append((torch.as_tensor(rows, dtype=torch.long, device=device),
-                    torch.as_tensor(cols, dtype=torch.long, device=device)))
+        # Back to the device without a blocking copy (on CUDA that would be another sync).
+        out.append((torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True),
+                    torch.from_numpy(cols.astype(np.int64)).to(device, non_blocking=True)))
     return out
 
 

@@ -25,12 +25,25 @@ def ml_targets(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
 
     Values outside [0, K) (the ignore index included) are skipped.
     """
+    return (class_histogram(labels, num_classes, ignore_index) > 0).float()
+
+
+def class_histogram(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Pixels of each class per label map: B x H x W -> B x K float (values outside [0, K) and
+    the ignore index count nowhere).
+
+    A scatter-add into a spare bin K for skipped pixels: the output size is fixed, so on a GPU
+    nothing waits for the device (bincount reads the maximum on the host, and boolean indexing
+    counts the selected pixels there)."""
     b = labels.shape[0]
     flat = labels.reshape(b, -1).long()
     ok = (flat >= 0) & (flat < num_classes) & (flat != ignore_index)
-    offset = torch.arange(b, device=labels.device)[:, None] * num_classes
-    counts = torch.bincount((flat + offset)[ok], minlength=b * num_classes)
-    return (counts.reshape(b, num_classes) > 0).float()
+    # One flat index per image row (bin K of a row takes its skipped pixels): a 1-D
+    # scatter-add has a deterministic CUDA kernel. float32 counts are exact below 2^24 pixels.
+    idx = torch.where(ok, flat, num_classes) + torch.arange(b, device=labels.device)[:, None] * (num_classes + 1)
+    hist = torch.zeros(b * (num_classes + 1), device=labels.device)
+    hist.scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device=labels.device))
+    return hist.reshape(b, num_classes + 1)[:, :num_classes]
 
 
 def clip_targets(targets: Tensor, clip_len: int) -> Tensor:
@@ -123,9 +136,10 @@ def seg_loss(logits: Tensor, targets: Tensor, ignore_index: int, norm: str = "of
     if norm == "official":
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum") / targets.numel()
     if norm == "valid":
-        if not bool((targets != ignore_index).any()):
-            return logits.sum() * 0.0  # F.cross_entropy would return NaN (0/0)
-        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+        # The mean over labelled pixels as sum / max(count, 1): no labelled pixel gives 0 (the
+        # mean reduction would give 0/0 = NaN), and no `if` on a device value (a host sync).
+        n = (targets != ignore_index).sum().clamp_min(1)
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum") / n
     raise UserError(f"loss.seg_loss_norm={norm!r} is unknown; use one of {', '.join(SEG_NORMS)}")
 
 
@@ -140,10 +154,7 @@ def selection_stats(labels: Tensor, topk_index: Tensor | None, num_classes: int,
     No selection (baseline, +MT) = all K classes selected.
     """
     b = labels.shape[0]
-    flat = labels.reshape(b, -1).long()
-    ok = (flat >= 0) & (flat < num_classes) & (flat != ignore_index)
-    offset = torch.arange(b, device=labels.device)[:, None] * num_classes
-    hist = torch.bincount((flat + offset)[ok], minlength=b * num_classes).reshape(b, num_classes).float()
+    hist = class_histogram(labels, num_classes, ignore_index)
     present = hist > 0
     if topk_index is None:
         selected = torch.ones_like(present)
@@ -154,10 +165,11 @@ def selection_stats(labels: Tensor, topk_index: Tensor | None, num_classes: int,
         selected = selected[:, :num_classes]
     hit = (present & selected).sum(1).float()
     n_present = present.sum(1).float()
-    has = n_present > 0
-    nan = torch.tensor(float("nan"), device=labels.device)
-    coverage = ((hist * selected).sum(1)[has] / hist.sum(1)[has]).mean() if has.any() else nan
-    recall = (hit[has] / n_present[has]).mean() if has.any() else nan
+    # Means over the images with labels as sums / counts, never `if has.any()` or [has]
+    # (host syncs); no such image: 0 / 0 = NaN, the logged "undefined".
+    has = (n_present > 0).float()
+    coverage = ((hist * selected).sum(1) / hist.sum(1).clamp_min(1) * has).sum() / has.sum()
+    recall = (hit / n_present.clamp_min(1) * has).sum() / has.sum()
     precision = (hit / selected.sum(1).float().clamp_min(1)).mean()
     return {"coverage": coverage, "recall": recall, "precision": precision}
 

@@ -426,5 +426,5 @@ class SimFormerCriterion:
             total = total + self.sim.pair_weight * pair + (self.sim.distill_weight or 0.0) * distill
         ce, mask, dice, comp = parts
         return {"loss": total, "ce": ce.detach(), "mask": mask.detach(), "dice": dice.detach(), "ml": ml.detach(),
-                "kept": torch.tensor(kept, device=total.device), "comp": comp.detach(), "pair": pair.detach(),
+                "kept": total.new_full((), kept), "comp": comp.detach(), "pair": pair.detach(),
                 "distill": distill.detach()}

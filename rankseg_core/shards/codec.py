@@ -30,6 +30,12 @@ MAX_FILE_BYTES = 1 << 30
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 
 
+# OpenCV >= 4.11 decodes straight to RGB (libjpeg-turbo writes the channels in that order; the
+# same values as BGR then a channel swap, which costs a pass over the image); older OpenCV swaps.
+_DECODES_RGB = hasattr(cv2, "IMREAD_COLOR_RGB")
+_COLOR_FLAGS = (cv2.IMREAD_COLOR_RGB if _DECODES_RGB else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+
+
 def encode_label(label: np.ndarray) -> bytes:
     """Encode an H x W uint16 label map as PNG bytes."""
     if label.dtype != np.uint16 or label.ndim != 2:
@@ -70,11 +76,11 @@ def decode_image(data: bytes | np.ndarray) -> np.ndarray:
     if check_pixel_limit(arr) is None:
         _probe_other_format(arr)
     # Masks are drawn on the stored pixel grid: an EXIF rotation would turn the image against them.
-    img = cv2.imdecode(arr, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    img = cv2.imdecode(arr, _COLOR_FLAGS)
     if img is None:
         raise ValueError("corrupt or unsupported image")
     check_size(img.shape[0], img.shape[1], "image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img if _DECODES_RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def image_size(data: bytes) -> tuple[int, int]:

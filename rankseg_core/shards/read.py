@@ -4,18 +4,21 @@
 without decoding anything. `ShardDataset` is the `torch.utils.data.Dataset` over one split:
 it opens the HDF5 files lazily in whichever process first reads them (never before the
 DataLoader forks or spawns its workers, because an HDF5 handle must not cross a fork) and
-keeps the handles open for the life of the worker.
+keeps up to `max_open` of them open (least recently used closed first), each with row readers
+for its encoded blobs that skip h5py's per-sample lookups (`_BlobReader`).
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+from h5py import h5s, h5t
 
 from rankseg_core.errors import SampleError, UserError
 from rankseg_core.shards.check import (
@@ -222,6 +225,60 @@ def _read(f: h5py.File, name: str, path: Path, asstr: bool = False) -> Any:
         raise UserError(f"{path}: shard is damaged (cannot read '{name}': {exc}); {FIX_SHARD}") from None
 
 
+# Shard files a `ShardDataset` keeps open per process. Each open HDF5 file holds a descriptor
+# and its metadata cache; the default 1000 samples per shard makes this 128k samples before a
+# random order starts reopening files (a reopen costs about as much as decoding a sample).
+MAX_OPEN_SHARDS = 128
+
+
+class _BlobReader:
+    """Row r of a 1-D variable-length uint8 dataset (an encoded image, label or segment map)
+    as a uint8 array.
+
+    h5py's `dataset[r]` builds a selection, re-reads the shape and dtype and makes new
+    dataspaces on every call, about 4x the read itself for a 20 kB JPEG; here the dataspaces
+    and the memory type are made once and only the hyperslab moves. A dataset of another
+    layout (only a damaged shard, which `rankseg verify` names) goes through `dataset[r]`."""
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self._ds = ds
+        self._fast = ds.ndim == 1 and h5py.check_vlen_dtype(ds.dtype) == np.dtype(np.uint8)
+        self._rows = int(ds.shape[0]) if ds.ndim else 0
+        if self._fast:
+            self._id = ds.id
+            self._file_space = ds.id.get_space()
+            self._mem_space = h5s.create_simple((1,))
+            self._type = h5t.py_create(ds.dtype)
+
+    def __call__(self, row: int) -> np.ndarray:
+        if not self._fast:
+            return np.asarray(self._ds[row])
+        if not 0 <= row < self._rows:  # HDF5 would report an out-of-extent selection less clearly
+            raise ValueError(f"row {row} is outside the dataset's {self._rows} rows")
+        self._file_space.select_hyperslab((row,), (1,))
+        out = np.empty(1, object)
+        self._id.read(self._mem_space, self._file_space, out, self._type)
+        return out[0]
+
+
+class _OpenShard:
+    """One open shard file and the blob readers of the datasets read from it so far."""
+
+    def __init__(self, file: h5py.File) -> None:
+        self.file = file
+        self._readers: dict[str, _BlobReader] = {}
+
+    def blob(self, name: str, row: int) -> np.ndarray:
+        reader = self._readers.get(name)
+        if reader is None:
+            reader = self._readers[name] = _BlobReader(self.file[name])
+        return reader(row)
+
+    def close(self) -> None:
+        self._readers.clear()
+        self.file.close()
+
+
 class ShardDataset:
     """`torch.utils.data.Dataset` over one split of a shard directory.
 
@@ -229,10 +286,14 @@ class ShardDataset:
     `key`, `classes` (sorted train ids, int64), `video`, `frame`, `index`; panoptic (v2)
     datasets add `segments` (H x W uint16, 0 = no segment, i = record i) and `segments_info`
     (list of {"id", "category", "iscrowd", "area"}). A `transform` callable, if given, maps
-    that dict to whatever the training loop needs.
+    that dict to whatever the training loop needs. At most `max_open` shard files stay open
+    in a process (the least recently read is closed first).
     """
 
-    def __init__(self, root: str | Path, split: str, transform: Any = None) -> None:
+    def __init__(self, root: str | Path, split: str, transform: Any = None,
+                 max_open: int = MAX_OPEN_SHARDS) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, not {max_open}")
         self.index = ShardIndex(root)
         self.split = split
         self.paths = self.index.shard_paths(split)
@@ -241,7 +302,8 @@ class ShardDataset:
         self.is_panoptic = self.index.is_panoptic
         self.ignore = IGNORE
         self.transform = transform
-        self._files: dict[int, h5py.File] = {}
+        self.max_open = max_open
+        self._files: OrderedDict[int, _OpenShard] = OrderedDict()  # least recently read first
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -250,26 +312,40 @@ class ShardDataset:
     def __getstate__(self) -> dict:
         # Never ship open handles to a worker: it reopens its own.
         state = self.__dict__.copy()
-        state["_files"], state["_pid"] = {}, None
+        state["_files"], state["_pid"] = OrderedDict(), None
         return state
 
+    def _open(self, shard: int) -> _OpenShard:
+        if self._pid != os.getpid():  # first access in this process, or a forked child: the
+            # parent's handles are not this process's to use (dropping them closes the child's copies)
+            self._files, self._pid = OrderedDict(), os.getpid()
+        handle = self._files.get(shard)
+        if handle is not None:
+            self._files.move_to_end(shard)
+            return handle
+        if len(self._files) >= self.max_open:
+            self._files.popitem(last=False)[1].close()
+        handle = self._files[shard] = _OpenShard(open_shard(self.paths[shard]))
+        return handle
+
     def _file(self, shard: int) -> h5py.File:
-        if self._pid != os.getpid():  # first access in this process (or after a fork)
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            self._files[shard] = open_shard(self.paths[shard])
-        return self._files[shard]
+        return self._open(shard).file
+
+    def blobs(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded (image, label) of sample i as 1-D uint8 arrays (what the decoders take;
+        `raw` without the copy into bytes)."""
+        a = self.arrays
+        try:
+            shard, r = self._open(int(a.shard[i])), int(a.row[i])
+            return shard.blob("image", r), shard.blob("label", r)
+        except (KeyError, OSError, ValueError) as exc:
+            raise UserError(f"{self.paths[a.shard[i]]}: cannot read sample {a.keys[i]} ({exc}); "
+                            "run `rankseg verify`") from None
 
     def raw(self, i: int) -> tuple[bytes, bytes]:
         """Encoded (image, label) bytes of sample i."""
-        a = self.arrays
-        f = self._file(int(a.shard[i]))
-        r = int(a.row[i])
-        try:
-            return f["image"][r].tobytes(), f["label"][r].tobytes()
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{self.paths[a.shard[i]]}: cannot read sample {a.keys[i]} ({exc}); "
-                            "run `rankseg verify`") from None
+        image, label = self.blobs(i)
+        return image.tobytes(), label.tobytes()
 
     def instances_json(self, i: int) -> str:
         """Sample i's raw `instances` JSON (per-frame instance RLEs of video instance datasets;
@@ -292,7 +368,7 @@ class ShardDataset:
         return False
 
     def load(self, i: int) -> dict:
-        img_b, lab_b = self.raw(i)
+        img_b, lab_b = self.blobs(i)
         a = self.arrays
         try:
             image, label = decode_image(img_b), decode_label(lab_b)
@@ -314,11 +390,10 @@ class ShardDataset:
         the last record); areas and agreement with the label are `verify`'s deeper checks.
         """
         a = self.arrays
-        f = self._file(int(a.shard[i]))
-        r = int(a.row[i])
+        shard, r = self._open(int(a.shard[i])), int(a.row[i])
         where = f"{self.paths[a.shard[i]]}: sample {a.keys[i]}"
         try:
-            seg_b, info = f["segments"][r].tobytes(), f["segments_info"].asstr()[r]
+            seg_b, info = shard.blob("segments", r), shard.file["segments_info"].asstr()[r]
             segments, records = decode_label(seg_b), normalise_segments_info(jsonio.loads(info), where)
         except (KeyError, OSError, ValueError) as exc:  # a JSONDecodeError is a ValueError
             raise UserError(f"{where}: segments do not read ({exc}); run `rankseg verify`") from None

@@ -7,6 +7,7 @@ CPU (and on GPU, slower than the fused kernel but numerically the same function)
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +37,18 @@ def ms_deform_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Te
     wts = weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels * n_points)
     out = (stacked * wts).sum(-1)  # BM x Dh x Lq
     return out.reshape(b, m * dh, lq).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def level_sizes(shapes: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """L x 2 (w, h) of each level, as a tensor on `device`.
+
+    Cached per (shapes, dtype, device): building it is a host-to-device copy, which on CUDA
+    blocks the host; training crops have one set of shapes, so the step copies nothing (issue 24:
+    no host sync in the step). Made outside inference mode, so a tensor first built during a
+    `torch.inference_mode()` prediction can still be saved for a later backward."""
+    with torch.inference_mode(False):
+        return torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)
 
 
 class MSDeformAttn(nn.Module):
@@ -79,6 +92,6 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).reshape(b, lq, m, n_levels * n_points).softmax(-1)
         weights = weights.reshape(b, lq, m, n_levels, n_points)
         # Offsets are in pixels of each level: divide by (w, h) to get [0, 1] coordinates.
-        norm = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+        norm = level_sizes(tuple(shapes), query.dtype, query.device)
         locations = reference[:, :, None, :, None, :] + offsets / norm[None, None, None, :, None, :]
         return self.output_proj(ms_deform_sample(value, shapes, locations, weights))

@@ -56,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from rankseg_core.errors import UserError
 from rankseg_core.model.backbone import read_weights
 from rankseg_core.model.convseg.vit_pyramid import BEIT_L, split_beit_state
-from rankseg_core.model.mask2former.deform_attn import MSDeformAttn, ms_deform_sample
+from rankseg_core.model.mask2former.deform_attn import MSDeformAttn, level_sizes, ms_deform_sample
 from rankseg_core.model.mask2former.pixel_decoder import reference_points
 
 PATCH = 16
@@ -91,7 +91,7 @@ class AdapterDeformAttn(MSDeformAttn):
         weights = self.attention_weights(query).reshape(b, lq, m, n_levels * n_points).softmax(-1)
         weights = weights.reshape(b, lq, m, n_levels, n_points)
         # Offsets are in pixels of each level: divide by (w, h) to get [0, 1] coordinates.
-        norm = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+        norm = level_sizes(tuple(shapes), query.dtype, query.device)
         locations = reference[:, :, None, :, None, :] + offsets / norm[None, None, None, :, None, :]
         locations = locations.expand(b, -1, -1, -1, -1, -1)
         return self.output_proj(ms_deform_sample(value, shapes, locations, weights))

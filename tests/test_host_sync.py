@@ -1,0 +1,384 @@
+"""No host sync inside the training step (issue 24 item 3).
+
+On a CPU nothing "syncs", so the step is watched for what WOULD wait for a GPU:
+- the ops that read a device value on the host (`aten._local_scalar_dense`: `.item()`,
+  `bool(t)`, `float(t)`, `if t.any()`) or whose output size depends on device values
+  (`nonzero`, `masked_select`, boolean-mask indexing, `unique`, `bincount`,
+  `repeat_interleave`), seen by a TorchDispatchMode;
+- the explicit device-to-host copies `.cpu()`, `.numpy()`, `.tolist()`, seen by patching
+  `torch.Tensor`.
+A tensor that came out of such a copy (or was built from Python values) is host data: ops on
+host data alone are host work and not counted (the matcher's scipy input, the per-batch
+target table). The step = `_forward_backward` + `_optimizer_step`; the loop's gather points
+(`Window.gather`, checkpoints, evaluation) are where syncs belong.
+
+A tiny Segmenter-RankSeg step must have none; a tiny Mask2Former step only the documented
+transfers: one target table per batch (`semantic_targets` / `panoptic_targets`), one
+selected-column table per batch (`column_targets`) and the Hungarian matcher's cost matrix
+per image and decoder layer. On a CUDA machine the same steps also run under
+`torch.cuda.set_sync_debug_mode("error")` with only the matcher's transfer allowed through.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_MASK2FORMER_RUN, make_synthetic, tiny_run
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from rankseg_core.engine import train as T
+from rankseg_core.engine.configure import build_train_config
+
+A = torch.ops.aten
+# Ops that read device memory on the host before returning (their output shape, or a scalar).
+SYNC_OPS = {A._local_scalar_dense.default, A.nonzero.default, A.masked_select.default, A._unique2.default,
+            A.unique_dim.default, A.unique_consecutive.default, A.bincount.default, A.repeat_interleave.Tensor,
+            A.equal.default, A.is_nonzero.default}
+BOOL_INDEXING = {A.index.Tensor, A.index_put_.default, A.index_put.default, A._index_put_impl_.default}
+# Host tensors made from Python values (torch.tensor(list)).
+MADE_ON_HOST = {A.lift_fresh.default, A.lift_fresh_copy.default}
+
+Site = tuple[str, str, str]  # (what, file, function)
+
+
+def _site(what: str) -> Site:
+    """The innermost rankseg_core frame of the call (torch internals are attributed to the
+    rankseg line that called them)."""
+    f = sys._getframe(2)
+    while f is not None and "/rankseg_core/" not in f.f_code.co_filename:
+        f = f.f_back
+    if f is None:
+        return (what, "?", "?")
+    return (what, f.f_code.co_filename.split("/rankseg_core/")[-1], f.f_code.co_name)
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts would-be host syncs by call site while `active` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[Site] = Counter()
+        # Host data by id (a WeakSet would compare tensors with ==, elementwise).
+        self._host: dict[int, weakref.ref[torch.Tensor]] = {}
+        self.active = False
+
+    def is_host(self, t: torch.Tensor) -> bool:
+        ref = self._host.get(id(t))
+        return ref is not None and ref() is t
+
+    def mark_host(self, t: torch.Tensor) -> None:
+        self._host[id(t)] = weakref.ref(t)
+
+    def _host_only(self, args: Any, kwargs: Any) -> bool:
+        """Whether every tensor input is host data (a factory, with none, makes device data)."""
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        return bool(tensors) and all(self.is_host(t) for t in tensors)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.active:
+            return out
+        host_only = self._host_only(args, kwargs)
+        hit = func in SYNC_OPS or (func in BOOL_INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])))
+        if hit and not host_only:
+            self.calls[_site(str(func.overloadpacket.__name__))] += 1
+        if func in MADE_ON_HOST or host_only:  # host in, host out
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.mark_host(t)
+        return out
+
+    @contextmanager
+    def patched(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncCounter]:
+        """The explicit copies to the host; their results are host data."""
+        for name in ("cpu", "numpy", "tolist"):
+            real = getattr(torch.Tensor, name)
+
+            def copy(t: torch.Tensor, *a: Any, _real: Any = real, _name: str = name, **k: Any) -> Any:
+                if self.active and not self.is_host(t):
+                    self.calls[_site(f".{_name}()")] += 1
+                res = _real(t, *a, **k)
+                if _name == "cpu":
+                    res = res.clone() if res is t else res  # CPU: .cpu() is t itself
+                    self.mark_host(res)
+                return res
+
+            monkeypatch.setattr(torch.Tensor, name, copy)
+        # torch.tensor(python data, device=d): on a GPU a blocking host-to-device copy, a sync.
+        for name in ("tensor", "as_tensor"):
+            real_make = getattr(torch, name)
+
+            def make(data: Any, *a: Any, _real: Any = real_make, _name: str = name, **k: Any) -> Any:
+                if self.active and k.get("device") is not None and not isinstance(data, torch.Tensor):
+                    self.calls[_site(f"torch.{_name}(device=)")] += 1
+                return _real(data, *a, **k)
+
+            monkeypatch.setattr(torch, name, make)
+        with self:
+            yield self
+
+
+def _watch_steps(monkeypatch: pytest.MonkeyPatch, counter: SyncCounter) -> dict[str, int]:
+    """Count inside `_forward_backward` / `_optimizer_step` only; returns the step count."""
+    steps = {"n": 0}
+    for name in ("_forward_backward", "_optimizer_step"):
+        real = getattr(T, name)
+
+        def watched(*a: Any, _real: Any = real, _name: str = name, **k: Any) -> Any:
+            counter.active = True
+            try:
+                return _real(*a, **k)
+            finally:
+                counter.active = False
+                steps["n"] += _name == "_optimizer_step"
+
+        monkeypatch.setattr(T, name, watched)
+    # The loader (host work in the workers' place, num_workers=0) is outside the step.
+    real_next = T.to_device
+
+    def to_device(batch: Any, *a: Any, **k: Any) -> Any:
+        was, counter.active = counter.active, False
+        try:
+            return real_next(batch, *a, **k)
+        finally:
+            counter.active = was
+
+    monkeypatch.setattr(T, "to_device", to_device)
+    return steps
+
+
+def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sets: list[str], panoptic: bool = False
+         ) -> tuple[Counter[Site], int]:
+    data = make_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=1, size=64, panoptic=panoptic)
+    cfg = build_train_config(None, sets + ["schedule.iters=3", "data.val_split=", "log_every=3",
+                                           "ckpt_every=3"], data)
+    counter = SyncCounter()
+    steps = _watch_steps(monkeypatch, counter)
+    with counter.patched(monkeypatch):
+        T.train(cfg, tmp_path / "run", progress=False)
+    return counter.calls, steps["n"]
+
+
+def test_counter_sees_the_syncs_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detector itself: each kind of sync is counted once, host-only work is not."""
+    counter = SyncCounter()
+    counter.active = True
+    x = torch.zeros(3) + torch.tensor([0.5, -1.0, 2.0])  # a factory's result: device data
+    with counter.patched(monkeypatch):
+        float(x.sum())
+        bool((x > 0).any())
+        x[x > 0]
+        x.nonzero()
+        torch.unique(x)
+        x.cpu()
+        h = (x > 0).cpu()  # host data from here on
+        h.nonzero()
+        bool(h.any())
+        torch.where(x > 0, x, 0).sum()  # device-side: nothing
+        torch.tensor([1.0, 2.0], device=x.device)  # python data to the device: a blocking copy
+        x.new_full((), 2.0)  # a fill: nothing
+    kinds = Counter(what for what, _, _ in counter.calls.elements())
+    assert kinds == {"_local_scalar_dense": 2, "index": 1, "nonzero": 1, "_unique2": 1, ".cpu()": 2,
+                     "torch.tensor(device=)": 1}
+
+
+@pytest.mark.slow
+def test_segmenter_rankseg_step_has_no_host_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls, steps = _run(tmp_path, monkeypatch, tiny_run() + ["optim.name=adamw"])
+    assert steps == 3
+    assert calls == Counter(), dict(calls)
+
+
+# The pixel decoder's deformable attention divides offsets by each level's (w, h): a host-to-
+# device copy, made once per set of level shapes and then cached (deform_attn.py `level_sizes`),
+# so a run of fixed-size crops copies it at most once, in its first step.
+KNOWN_ELSEWHERE = ("torch.tensor(device=)", "model/mask2former/deform_attn.py", "level_sizes")
+
+
+def _mask2former_allowed(calls: Counter[Site], steps: int, batch: int, layers: int, target_fn: str) -> None:
+    """Only the documented transfers, each as often as documented."""
+    allowed = {KNOWN_ELSEWHERE: 1,  # the first step's, then cached
+               (".cpu()", "losses/targets.py", target_fn): steps,  # one target table per batch
+               (".cpu()", "losses/mask2former.py", "column_targets"): steps,  # one per batch
+               (".cpu()", "losses/matcher.py", "assign_pairs"): steps * batch * layers,  # at most
+               (".numpy()", "losses/matcher.py", "assign_pairs"): steps * batch * layers}
+    assert set(calls) <= set(allowed), {k: v for k, v in calls.items() if k not in allowed}
+    for site, most in allowed.items():
+        assert calls[site] <= most, (site, calls[site], most)
+    assert calls[(".cpu()", "losses/targets.py", target_fn)] == steps
+    assert calls[(".cpu()", "losses/mask2former.py", "column_targets")] == steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("panoptic", [False, True], ids=["semantic", "panoptic"])
+def test_mask2former_step_syncs_only_where_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      panoptic: bool) -> None:
+    extra = ["model.mask2former.task=panoptic"] if panoptic else []
+    calls, steps = _run(tmp_path, monkeypatch, TINY_MASK2FORMER_RUN + extra, panoptic)
+    assert steps == 3
+    _mask2former_allowed(calls, steps, batch=2, layers=3 + 1,  # dec_layers=3 aux + the final prediction
+                         target_fn="panoptic_targets" if panoptic else "semantic_targets")
+    assert calls[(".cpu()", "losses/matcher.py", "assign_pairs")] > 0  # the matcher did run
+
+
+def test_window_gathers_what_the_host_loop_summed() -> None:
+    """Window against the host arithmetic it replaces: per step, finite values summed and
+    counted per key; gathered at arbitrary points; the first non-finite loss reported."""
+    keys = ("loss", "recall")
+    steps = [[1.0, 0.5], [2.0, float("nan")], [0.25, 1.0], [4.0, 0.0], [float("inf"), 1.0], [float("nan"), 2.0]]
+    w = T.Window(keys)
+    sums, counts = {k: 0.0 for k in keys}, {k: 0 for k in keys}
+    for i, v in enumerate(steps[:4], start=1):
+        w.add(torch.tensor(v), 2, i)
+        for k, x in zip(keys, v):
+            if x == x and abs(x) != float("inf"):
+                sums[k] += x
+                counts[k] += 1
+        if i in (1, 4):  # gather points
+            loss, bad = w.gather()
+            assert bad is None
+    assert loss == pytest.approx((2.0 + 0.25 + 4.0) / 3)
+    assert w.means() == pytest.approx({k: sums[k] / counts[k] for k in keys})
+    assert w.samples == 8
+    # A checkpoint keeps the gathered part; a resumed Window continues from it.
+    state = w.state()
+    resumed = T.Window(keys, state)
+    for i, v in enumerate(steps[4:], start=5):
+        resumed.add(torch.tensor(v), 2, i)
+    with pytest.raises(RuntimeError, match="gather"):
+        resumed.state()  # never checkpoint what was not gathered
+    loss, bad = resumed.gather()
+    assert bad == (5, float("inf"))  # the FIRST non-finite loss, with its iteration
+    assert resumed.means()["recall"] == pytest.approx((sums["recall"] + 3.0) / (counts["recall"] + 2))
+    assert loss != loss  # no finite loss among those steps: NaN
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: set_sync_debug_mode checks real syncs")
+@pytest.mark.parametrize("family", ["segmenter", "mask2former"])
+def test_cuda_step_under_sync_debug_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str) -> None:
+    """Every sync inside the step raises, except the documented transfers, which run with
+    the mode relaxed (the only place the host must know a device value)."""
+    from rankseg_core.losses import mask2former as m2f_loss
+    from rankseg_core.losses import matcher, targets
+
+    sets = (tiny_run() + ["optim.name=adamw"]) if family == "segmenter" else list(TINY_MASK2FORMER_RUN)
+    sets = [s for s in sets if not s.startswith("device=")] + ["device=cuda", "amp=true"]
+    data = make_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=1, size=64)
+    cfg = build_train_config(None, sets + ["schedule.iters=3", "data.val_split=", "log_every=3"], data)
+
+    def relaxed(fn: Any) -> Any:
+        def call(*a: Any, **k: Any) -> Any:
+            was = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return fn(*a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode(was)
+        return call
+
+    monkeypatch.setattr(matcher, "linear_sum_assignment", relaxed(matcher.linear_sum_assignment))
+    # The documented per-batch tables: their one .cpu() each (and the host work after it).
+    import rankseg_core.families.mask2former as fam
+
+    monkeypatch.setattr(fam, "semantic_targets", relaxed(targets.semantic_targets))
+    monkeypatch.setattr(m2f_loss, "column_targets", relaxed(m2f_loss.column_targets))
+    from rankseg_core.model.mask2former import deform_attn  # KNOWN_ELSEWHERE: the cached copy of its first call
+
+    monkeypatch.setattr(deform_attn, "level_sizes", relaxed(deform_attn.level_sizes))
+    real_cost = matcher.assign_pairs
+
+    def assign(*a: Any, **k: Any) -> Any:  # cost.cpu() before the solver: the matcher's transfer
+        return relaxed(real_cost)(*a, **k)
+
+    monkeypatch.setattr(matcher, "assign_pairs", assign)
+    for name in ("_forward_backward", "_optimizer_step"):
+        real = getattr(T, name)
+
+        def strict(*a: Any, _real: Any = real, **k: Any) -> Any:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return _real(*a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        monkeypatch.setattr(T, name, strict)
+    real_to = T.to_device
+    monkeypatch.setattr(T, "to_device", relaxed(real_to))  # the loader's copy (pinned by h30's loader)
+    T.train(cfg, tmp_path / "run", progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The GPU path's options (issue 22 item 8): --amp/--no-amp and channels_last
+
+
+def test_cli_amp_flag_sets_the_key(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rankseg_cli.common import new_app
+    from rankseg_cli.train_cmds import train as train_cmd
+
+    app = new_app("test")
+    app.command("train")(train_cmd)
+    app.command("noop")(lambda: None)  # two commands: `train` stays a subcommand
+    data = make_synthetic(tmp_path / "data", num_classes=40, images=2, val_images=1, size=32)
+    seen = {}
+    for flag in ("--amp", "--no-amp", None):
+        res = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--dry-run",
+                                       *([flag] if flag else []), *sum((["--set", s] for s in tiny_run()), [])])
+        assert res.exit_code == 0, res.output
+        seen[flag] = [ln for ln in res.output.splitlines() if ln.startswith("amp:")]
+    assert seen == {"--amp": ["amp: true"], "--no-amp": ["amp: false"], None: ["amp: true"]}
+
+
+@pytest.mark.slow
+def test_channels_last_changes_the_layout_not_the_losses(tmp_path: Path) -> None:
+    """A ResNet Mask2Former trained 2 steps with channels_last: the conv weights are NHWC in
+    the checkpoint, and the logged losses equal the NCHW run's to float rounding."""
+    data = make_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=1, size=64)
+    losses = {}
+    for cl in (False, True):
+        cfg = build_train_config(None, TINY_MASK2FORMER_RUN + ["schedule.iters=2", "data.val_split=", "log_every=1",
+                                                               f"channels_last={str(cl).lower()}"], data)
+        run = tmp_path / f"run{cl}"
+        T.train(cfg, run, progress=False)
+        from rankseg_core.engine import runs
+
+        losses[cl] = [r["loss"] for r in runs.read_metrics(run) if r["type"] == "train"]
+        weights = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+        convs = [v for v in weights.values() if v.dim() == 4 and v.shape[-1] > 1 and v.shape[1] > 1]
+        assert convs and all(v.is_contiguous(memory_format=torch.channels_last) == cl for v in convs)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_mid_window_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint inside a log window (ckpt_every 2, log_every 3): the window gathered for
+    the checkpoint and restored on resume gives the uninterrupted run's log lines exactly."""
+    from conftest import train_until_checkpoint
+
+    from rankseg_core.engine import runs
+
+    data = make_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=1, size=32)
+    sets = tiny_run() + ["schedule.iters=6", "ckpt_every=2", "log_every=3", "data.val_split="]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    T.train(build_train_config(None, sets, data), full, progress=False)
+    train_until_checkpoint(monkeypatch, 4, lambda: T.train(build_train_config(None, sets, data), cut, progress=False))
+    T.train(build_train_config(None, sets, data), cut, resume=True, progress=False)
+
+    def rows(run: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in runs.read_metrics(run)
+                if r["type"] == "train"]
+
+    assert [r["iter"] for r in rows(full)] == [3, 6]
+    assert rows(cut) == rows(full)  # the iteration-6 line averages steps 4 (before) and 5-6 (after)

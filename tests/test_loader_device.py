@@ -1,0 +1,324 @@
+"""The training loader's compact batches (uint8 / uint16 from the workers) and their
+normalisation on the device (data/device.py): bit for bit the numpy chain they replace.
+
+The reference here is the training transform as it was before the loader shipped uint8
+(float32 photometric steps, numpy normalisation, float32 / int64 crops built in place),
+re-implemented in this file from mmseg's semantics, so it does not share code with
+data/augment.py beyond the random draw."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import make_synthetic
+
+from rankseg_core.config.train import TrainConfig
+from rankseg_core.data import augment
+from rankseg_core.data.augment import PhotoParams, TrainTransform, apply_photometric
+from rankseg_core.data.device import padding_mask, to_device
+from rankseg_core.data.loading import BatchStream, clip_table, make_loader
+from rankseg_core.shards.codec import IGNORE
+from rankseg_core.shards.read import ShardDataset
+from rankseg_core.utils import distributed as D
+
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]  # ImageNet on 0..255: negative values exist
+
+
+def bits(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The float32 bit patterns (so that -0.0 != +0.0)."""
+    a = x.numpy() if isinstance(x, torch.Tensor) else x
+    assert a.dtype == np.float32
+    return a.view(np.int32)
+
+
+# ---------------------------------------------------------------------------------------
+# The reference: the float path as it was
+
+
+def old_convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def old_photometric(image: np.ndarray, p: PhotoParams) -> np.ndarray:
+    """mmseg PhotoMetricDistortion on float32 pixels, step by step."""
+    if p.brightness is not None:
+        image = old_convert(image, beta=p.brightness)
+    if p.contrast is not None and p.contrast_first:
+        image = old_convert(image, alpha=p.contrast)
+    if p.saturation is not None or p.hue is not None:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        if p.saturation is not None:
+            hsv[..., 1] = old_convert(hsv[..., 1], alpha=p.saturation)
+        if p.hue is not None:
+            hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + p.hue) % 180).astype(np.uint8)
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if p.contrast is not None and not p.contrast_first:
+        image = old_convert(image, alpha=p.contrast)
+    return image
+
+
+def old_transform(tf: TrainTransform, images: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator,
+                  segments: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Float32 image (normalised in numpy, HWC -> CHW, padding 0), int64 label and segments.
+    Every frame is resized whole (bilinear image, nearest label, as mmseg) and then cropped."""
+    size, (y1, y2, x1, x2), flip, photo, label0 = tf._draw(labels[0], rng)
+    wh = (size[1], size[0])
+    resized = [(cv2.resize(i, wh, interpolation=cv2.INTER_LINEAR), cv2.resize(lab, wh, interpolation=cv2.INTER_NEAREST))
+               for i, lab in zip(images, labels)]
+    assert np.array_equal(resized[0][1], label0)  # the crop was chosen on the resized first label
+    t, c = len(images), tf.crop
+    mean, std = np.asarray(tf.mean, np.float32), np.asarray(tf.std, np.float32)
+    out_img = np.zeros((t, 3, c, c), np.float32)
+    out_lab = np.full((t, c, c), IGNORE, np.int64)
+    out_seg = np.zeros((t, c, c), np.int64)
+    for f, (img, lab) in enumerate(resized):
+        img, lab = img[y1:y2, x1:x2], lab[y1:y2, x1:x2]
+        if flip:
+            img, lab = img[:, ::-1], lab[:, ::-1]
+        if photo is not None:
+            img = old_photometric(np.ascontiguousarray(img), photo)
+        norm = (img.astype(np.float32) - mean) / std
+        out_img[f, :, :lab.shape[0], :lab.shape[1]] = norm.transpose(2, 0, 1)
+        out_lab[f, :lab.shape[0], :lab.shape[1]] = lab
+        if segments is not None:
+            s = cv2.resize(segments[f], (size[1], size[0]), interpolation=cv2.INTER_NEAREST)[y1:y2, x1:x2]
+            out_seg[f, :s.shape[0], :s.shape[1]] = s[:, ::-1] if flip else s
+    return out_img, out_lab, (out_seg if segments is not None else None)
+
+
+def clip(h: int, w: int, t: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """T frames of noise images, labels of 6 blocky classes + ignore, segment maps."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(t)]
+    blocks = rng.integers(0, 7, (t, (h + 7) // 8, (w + 7) // 8))
+    labels = [np.where(b == 6, IGNORE, b).astype(np.uint16).repeat(8, 0).repeat(8, 1)[:h, :w].copy() for b in blocks]
+    segs = [(lab % 4).astype(np.uint16) for lab in labels]
+    return images, labels, segs
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_padding_mask_by_hand() -> None:
+    got = padding_mask(torch.tensor([[2, 3], [4, 1]], dtype=torch.int32), (4, 4))
+    want = np.ones((2, 4, 4), bool)
+    want[0, :2, :3] = False
+    want[1, :4, :1] = False
+    assert np.array_equal(got.numpy(), want)
+
+
+def test_to_device_is_bit_identical_to_numpy_normalisation() -> None:
+    rng = np.random.default_rng(0)
+    n, c = 5, 24
+    image = rng.integers(0, 256, (n, 3, c, c), dtype=np.uint8)
+    extent = np.array([[24, 24], [10, 24], [24, 7], [1, 1], [13, 17]], np.int32)
+    for i, (h, w) in enumerate(extent):  # padding 0, as the workers ship it
+        image[i, :, h:] = 0
+        image[i, :, :, w:] = 0
+    label = rng.integers(0, 5, (n, c, c)).astype(np.uint16)
+    label[0, 0, 0] = IGNORE
+    batch = {"image": torch.from_numpy(image), "label": torch.from_numpy(label),
+             "extent": torch.from_numpy(extent), "segments_info": [["kept"]] * n}
+    out = to_device(batch, torch.device("cpu"), MEAN, STD)
+    assert set(out) == {"image", "label", "segments_info"} and out["segments_info"] is batch["segments_info"]
+    assert out["image"].dtype == torch.float32 and out["label"].dtype == torch.int64
+    assert out["label"][0, 0, 0] == IGNORE and np.array_equal(out["label"].numpy(), label.astype(np.int64))
+    # Independently: per frame, HWC normalisation as the old `normalize`, zeros elsewhere.
+    m, s = np.asarray(MEAN, np.float32), np.asarray(STD, np.float32)
+    want = np.zeros((n, 3, c, c), np.float32)
+    for i, (h, w) in enumerate(extent):
+        hwc = image[i, :, :h, :w].transpose(1, 2, 0)
+        want[i, :, :h, :w] = ((hwc.astype(np.float32) - m) / s).transpose(2, 0, 1)
+    assert np.array_equal(bits(out["image"]), bits(want))  # padding is +0.0, not -0.0
+    assert np.array_equal(bits(augment.normalize_padded(image[2:3], (24, 7), m, s)), bits(want[2:3]))
+
+
+def test_photometric_tables_equal_the_float_steps() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    image[0, :3] = [[0, 0, 0], [255, 255, 255], [255, 0, 128]]  # the clipping ends
+    for seed in range(40):
+        p = augment.draw_photometric(np.random.default_rng(seed))
+        assert np.array_equal(apply_photometric(image, p), old_photometric(image, p)), p
+    view = image[2:15, 3:20]  # a strided crop, as the transform passes it; left untouched
+    before = view.copy()
+    p = PhotoParams(-20.5, 1.3, True, 0.7, -11)
+    assert np.array_equal(apply_photometric(view, p), old_photometric(np.ascontiguousarray(view), p))
+    assert np.array_equal(view, before)
+
+
+@pytest.mark.parametrize("hw,crop,t", [((40, 56), 32, 1), ((30, 20), 32, 2), ((64, 48), 24, 1)])
+def test_crop_clip_then_device_equals_the_old_float_path(hw: tuple[int, int], crop: int, t: int) -> None:
+    """Same crops, flips, photometric draws and pixels at fixed seeds, through both routes."""
+    tf = TrainTransform(crop=crop, mean=np.asarray(MEAN), std=np.asarray(STD), scale=(2 * max(hw), min(hw)),
+                        ratio_range=(0.5, 2.0))
+    flips, padded = set(), set()
+    for seed in range(8):
+        images, labels, segs = clip(*hw, t, seed)
+        want_img, want_lab, want_seg = old_transform(tf, images, labels, np.random.default_rng(seed), segs)
+        assert want_seg is not None
+        raw = tf.crop_clip(images, labels, np.random.default_rng(seed), segs)
+        assert raw.image.dtype == np.uint8 and raw.label.dtype == np.uint16 and raw.segments is not None
+        assert raw.segments.dtype == np.uint16 and raw.image.shape == (t, 3, crop, crop)
+        ext = torch.tensor([raw.extent] * t, dtype=torch.int32)
+        out = to_device({"image": torch.from_numpy(raw.image), "label": torch.from_numpy(raw.label),
+                         "segments": torch.from_numpy(raw.segments), "extent": ext}, torch.device("cpu"), MEAN, STD)
+        assert np.array_equal(bits(out["image"]), bits(want_img))
+        assert np.array_equal(out["label"].numpy(), want_lab) and out["segments"].dtype == torch.int64
+        assert np.array_equal(out["segments"].numpy(), want_seg)
+        img, lab, seg, geometry = tf.apply_geometry(images, labels, np.random.default_rng(seed), segs)
+        assert np.array_equal(bits(img), bits(want_img)) and np.array_equal(lab, want_lab)
+        assert seg is not None and np.array_equal(seg, want_seg) and geometry == raw.geometry
+        flips.add(geometry[2])
+        padded.add(raw.extent != (crop, crop))
+    assert flips == {True, False}  # both branches ran
+    if min(hw) < crop:
+        assert True in padded  # some crops were padded (the resize may also enlarge past the crop)
+
+
+def test_resize_window_is_the_full_resize_cut() -> None:
+    """The top-left part of a resize made from a source window equals the full resize's,
+    bit for bit, for bilinear colour images and nearest label / mask maps, enlarging and
+    shrinking (2x exactly too: OpenCV's area fast path), at random sizes and corners."""
+    rng = np.random.default_rng(7)
+    kinds = [(cv2.INTER_LINEAR, False, np.uint8, 3), (cv2.INTER_NEAREST, True, np.uint16, 0),
+             (cv2.INTER_NEAREST, True, np.uint8, 0)]
+    cut = 0
+    for case in range(150):
+        h, w = (int(x) for x in rng.integers(1, 160, 2))
+        out_h, out_w = (int(x) for x in rng.integers(1, 320, 2))
+        if case % 5 == 0:
+            out_h, out_w = (max(h // 2, 1), max(w // 2, 1)) if case % 10 else (2 * h, 2 * w)
+        if case == 1:
+            out_h, out_w = h, w
+        rows, cols = int(rng.integers(1, out_h + 1)), int(rng.integers(1, out_w + 1))
+        for interp, nearest, dtype, channels in kinds:
+            shape = (h, w, channels) if channels else (h, w)
+            src = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+            want = cv2.resize(src, (out_w, out_h), interpolation=interp)[:rows, :cols]
+            got = augment.resize_window(src, (out_h, out_w), rows, cols, nearest)
+            assert got.dtype == dtype and np.array_equal(got, want), (h, w, out_h, out_w, rows, cols, nearest)
+        cut += math.ceil((rows + 1) * h / out_h) + 2 < h
+    assert cut > 50  # most cases resized a true window, not the whole source
+
+
+def test_crop_check_counts_labelled_pixels_as_mmseg() -> None:
+    """`_crop_ok` (uint16 wrap-around counting) against mmseg's np.unique formulation."""
+    def mmseg_ok(x: np.ndarray) -> bool:
+        labels, counts = np.unique(x, return_counts=True)
+        counts = counts[labels != IGNORE]
+        return len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+    rng = np.random.default_rng(3)
+    outcomes = set()
+    for case in range(300):
+        k = int(rng.integers(1, 5))
+        label = rng.choice(np.array([*rng.integers(0, 300, k), IGNORE], np.uint16), (12, 9),
+                           p=rng.dirichlet(np.ones(k + 1)))
+        want = mmseg_ok(label)
+        outcomes.add(want)
+        assert augment._crop_ok(label, 0.75, IGNORE) == want
+        assert augment._crop_ok(label[:, 1:], 0.75, IGNORE) == mmseg_ok(label[:, 1:])  # a strided window
+        assert augment._crop_ok(label.astype(np.int64), 0.75, IGNORE) == want  # the general path
+    assert outcomes == {True, False}
+
+
+def loader_cfg(root: Path, crop: int, panoptic: bool = False) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.root, cfg.data.num_workers = str(root), 0
+    cfg.model.img_size, cfg.model.num_classes = crop, 40
+    cfg.aug.scale, cfg.aug.mean, cfg.aug.std = [96, 32], MEAN, STD
+    cfg.schedule.batch_size = 3
+    cfg.seed = 5
+    return cfg
+
+
+@pytest.mark.parametrize("panoptic", [False, True])
+def test_loader_batches_normalise_to_the_old_float_crops(tmp_path: Path, panoptic: bool) -> None:
+    """make_loader -> to_device equals the old float path recomputed for each global
+    position (the augmentation is a function of (seed, position) alone: exact resume)."""
+    root = make_synthetic(tmp_path / "d", images=6, num_classes=40, size=32, panoptic=panoptic)
+    cfg = loader_cfg(root, 40)  # 40 > some resized sizes: padding occurs
+    loader = make_loader(cfg, [0.0] * 3, [1.0] * 3, D.DistInfo(), start_step=2, segments=panoptic)
+    assert loader.pin_memory is False
+    ds = ShardDataset(root, cfg.data.train_split)
+    stream = BatchStream(len(ds), 3, 1, 1, 0, cfg.seed, 2)
+    tf = augment.build_train_transform(cfg, [0.0] * 3, [1.0] * 3)  # aug.mean / std win, as in training
+    for batch, items in zip(loader, stream):
+        assert batch["image"].dtype == torch.uint8 and batch["label"].dtype == torch.uint16
+        assert batch["extent"].dtype == torch.int32 and batch["extent"].shape == (3, 2)
+        assert ("segments" in batch) == panoptic
+        out = to_device(batch, torch.device("cpu"), *augment.train_mean_std(cfg, [0.0] * 3, [1.0] * 3))
+        for i, (g, c) in enumerate(items):
+            f = ds.load(int(clip_table(ds, 1)[c][0]))
+            segs = [f["segments"]] if panoptic else None
+            img, lab, seg = old_transform(tf, [f["image"]], [f["label"]], np.random.default_rng([cfg.seed, 1, g]), segs)
+            assert np.array_equal(bits(out["image"][i:i + 1]), bits(img))
+            assert np.array_equal(out["label"][i:i + 1].numpy(), lab)
+            if panoptic:
+                assert seg is not None and np.array_equal(out["segments"][i:i + 1].numpy(), seg)
+        if items[0][0] >= 12:  # positions 6..14: three batches
+            break
+    pinned = make_loader(cfg, [0.0] * 3, [1.0] * 3, D.DistInfo(), 0, pin_memory=True)
+    assert pinned.pin_memory is True
+
+
+def test_instances_and_clips_ship_compact() -> None:
+    """The instance path shares crop_clip: uint8 image, the masks cropped with the same geometry."""
+    images, labels, _ = clip(36, 44, 2, 3)
+    masks = [np.stack([lab == 1, lab == 2]).astype(np.uint8) for lab in labels]
+    tf = TrainTransform(crop=32, mean=np.asarray(MEAN), std=np.asarray(STD), scale=(88, 36))
+    img, lab, got = tf.with_instances(images, labels, masks, np.random.default_rng(4))
+    raw = tf.crop_clip(images, labels, np.random.default_rng(4))
+    crop_masks = tf.crop_masks(masks, labels[0].shape, raw.geometry)
+    for m, lab_f, want in zip(crop_masks, raw.label, got):
+        assert np.array_equal(m, want)
+        # masks follow the label: class 1 pixels are mask 0 (nearest resize of both)
+        assert np.array_equal(m[0], lab_f == 1) and np.array_equal(m[1], lab_f == 2)
+    with pytest.raises(ValueError, match="label's size"):
+        tf.crop_masks([masks[0][:, :10]], labels[0].shape, raw.geometry)
+
+
+def test_to_device_leaves_a_float_batch_as_it_was() -> None:
+    """A batch built elsewhere with float images (a test, a user's loader) is only moved."""
+    image = torch.randn(2, 3, 8, 8)
+    out = to_device({"image": image, "label": torch.zeros(2, 8, 8, dtype=torch.int32)}, torch.device("cpu"),
+                    MEAN, STD)
+    assert torch.equal(out["image"], image) and out["label"].dtype == torch.int64
+
+
+def test_worker_collate_writes_shared_memory_with_the_same_values() -> None:
+    """In a DataLoader worker the batch is concatenated straight into shared memory (one
+    copy less); the values and dtypes are those of the in-process concatenation."""
+    rng = np.random.default_rng(2)
+    items = [{"image": torch.from_numpy(rng.integers(0, 256, (1, 3, 6, 6), dtype=np.uint8)),
+              "label": torch.from_numpy(rng.integers(0, 9, (1, 6, 6)).astype(np.uint16)),
+              "extent": torch.tensor([[6, 4 + i]], dtype=torch.int32),
+              "pad": torch.from_numpy(rng.random((1, 6, 6)) < 0.5)} for i in range(4)]
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> dict:
+            return items[i]
+
+    from rankseg_core.data.loading import collate_clips
+
+    loader = torch.utils.data.DataLoader(Items(), batch_size=2, num_workers=1, collate_fn=collate_clips)
+    got = next(iter(loader))
+    want = collate_clips(items[:2])
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].is_shared() and got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+        assert got[k].is_contiguous() and got[k].storage_offset() * got[k].element_size() % 64 == 0
+    # One shared block for the whole batch (one file descriptor to send), without overlaps.
+    assert len({got[k].untyped_storage().data_ptr() for k in got}) == 1
+    spans = sorted((got[k].storage_offset() * got[k].element_size(), got[k].nbytes) for k in got)
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))
+    assert not want["image"].is_shared()  # in-process: a plain torch.cat
