@@ -47,10 +47,12 @@ import numpy as np
 from rankseg_core.utils.fsio import atomic_write_bytes, atomic_write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the modules below, report.py
+from replication_diagnostics import precondition_job  # noqa: E402
 from replication_protocol import (  # noqa: E402
     CLASSIFIER,
     METRICS,
     Protocol,
+    cached,
     eval_specs,
     pretrain_recipe,
     recipe,
@@ -210,11 +212,9 @@ def eval_job(run_dir: str, out_json: str, options: dict, threads: int) -> dict:
     the same weights (the run's stamp)."""
     _threads(threads)
     out = Path(out_json)
-    stamp = json.loads((Path(run_dir) / "replicate.json").read_text())["stamp"]
-    if out.is_file():
-        rec = json.loads(out.read_text())
-        if rec.get("stamp") == stamp:
-            return rec
+    stamp, hit = cached(run_dir, out)
+    if hit is not None:
+        return hit
     import torch
 
     from rankseg_core.engine.evaluate import EvalOptions, evaluate_model
@@ -330,11 +330,22 @@ def plan(ds: Dataset, p: Protocol, base: Path) -> tuple[list[Task], dict[tuple[s
         tasks.append(Task(("train", "indep", s), train_job,
                           (str(runs[("indep", s)]), str(ds.root), recipe(p, ds.img_size, s, init) + sel, p.threads),
                           (("train", "classifier", s),)))
+        if p.pretrained:  # Table 2: the same scheme with the (more accurate) pre-training classifier
+            runs[("indep_pre", s)] = base / "indep_pre" / f"seed{s}"
+            sel = ["model.head=rankseg", f"model.selector.run={base / 'pretrain'}"]
+            tasks.append(Task(("train", "indep_pre", s), train_job,
+                              (str(runs[("indep_pre", s)]), str(ds.root), recipe(p, ds.img_size, s, init) + sel,
+                               p.threads), deps))
     for v, name, opts in eval_specs(p, k):
         for s in range(p.seeds):
             tasks.append(Task(("eval", v, s, name), eval_job,
                               (str(runs[(v, s)]), str(base / "evals" / f"{v}_seed{s}_{name}.json"), opts, p.threads),
                               (("train", v, s),)))
+    for v in ("baseline", "rankseg"):  # the paper's precondition (bench/replication_diagnostics.py)
+        for s in range(p.seeds):
+            tasks.append(Task(("diag", v, s), precondition_job,
+                              (str(runs[(v, s)]), str(base / "evals" / f"{v}_seed{s}_precondition.json"),
+                               str(ds.root), min(p.kappa, k), p.threads), (("train", v, s),)))
     return tasks, runs
 
 
@@ -360,6 +371,7 @@ def replicate_dataset(ds: Dataset, p: Protocol, base: Path, fig_dir: Path, fig_p
     res["figures"] = rep.draw(res, p, ds.name, runs, fig_dir, fig_prefix)
     res["fp"] = rep.false_positives(runs, ds.root, base / "fp", p.fp_images, fig_dir, fig_prefix)
     res["fp_makeup"] = rep.false_positive_makeup(runs, ds.root, p, k)
+    res["precondition"] = rep.precondition_summary({key[1:]: r for key, r in out.items() if key[0] == "diag"}, p)
     res["claims"], res["diagnoses"] = rep.judge(res, p, k)
     res["figure_seconds"] = time.perf_counter() - t1
     return res
@@ -432,16 +444,48 @@ def write_doc_block(body: str, doc: Path = DOC, name: str = "results") -> None:
     atomic_write_bytes(doc, text.encode())  # an interrupted rewrite must not truncate the doc
 
 
-def synthetic_root(p: Protocol, work: Path) -> Path:
-    """The synthetic shards of this protocol (made once; the pretrain split only when pre-training)."""
+@dataclass(frozen=True)
+class WorldSpec:
+    """A synthetic world (`--world`, docs/synthetic.md "Harder worlds"); the defaults are today's."""
+
+    backgrounds: int | None = None  # B shared backgrounds; None = one per scene
+    all_classes: bool = False  # every object class in some scene
+
+    def tag(self, num_classes: int) -> str:
+        """The world's suffix of paths and names: "" for today's world (B = S counts as it), so
+        its shards, runs and docs block stay where they were."""
+        from rankseg_core.convert.synthetic import num_scenes
+
+        bg = self.backgrounds if self.backgrounds is not None and self.backgrounds != num_scenes(num_classes) else None
+        return "_".join(([f"bg{bg}"] if bg is not None else []) + (["all"] if self.all_classes else []))
+
+
+def parse_world(spec: str | None) -> WorldSpec:
+    """`--world`: "default", "all-classes", "shared-bg:B" or "shared-bg:B,all-classes"."""
+    from rankseg_core.errors import UserError
+
+    if spec is None or spec == "default":
+        return WorldSpec()
+    m = re.fullmatch(r"shared-bg:(\d+)(,all-classes)?|all-classes", spec)
+    if m is None:
+        raise UserError(f"--world {spec!r}: use default, all-classes, shared-bg:B or shared-bg:B,all-classes")
+    return WorldSpec(int(m.group(1)) if m.group(1) else None, m.group(1) is None or m.group(2) is not None)
+
+
+def synthetic_root(p: Protocol, work: Path, world: WorldSpec = WorldSpec()) -> Path:
+    """The synthetic shards of this protocol and world (made once; the pretrain split only when
+    pre-training). Today's world keeps its path, so its shards and runs are reused."""
     from rankseg_core.convert.common import ConvertOptions
     from rankseg_core.convert.synthetic import prepare_synthetic
 
     pre = p.pretrain_images if p.pretrained else 0
-    root = work / (f"synthetic_K{p.num_classes}_{p.size}px_{p.images}" + (f"_pre{pre}" if pre else ""))
+    tag = world.tag(p.num_classes)
+    root = work / (f"synthetic_K{p.num_classes}_{p.size}px_{p.images}" + (f"_pre{pre}" if pre else "")
+                   + (f"_{tag}" if tag else ""))
     if not (root / "dataset.json").is_file():
         prepare_synthetic(root, num_classes=p.num_classes, images=p.images, val_images=p.val_images, size=p.size,
-                          seed=0, pretrain_images=pre, opts=ConvertOptions(samples_per_shard=1000))
+                          seed=0, pretrain_images=pre, backgrounds=world.backgrounds, all_classes=world.all_classes,
+                          opts=ConvertOptions(samples_per_shard=1000))
     return root
 
 
@@ -455,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--from-scratch", action="store_true",
                     help="the earlier protocol: every run from random weights, no pre-training")
     ap.add_argument("--docs", action="store_true", help="figures to docs/img, results block into docs/replication.md")
+    ap.add_argument("--world", help="synthetic world: default, all-classes, shared-bg:B or shared-bg:B,all-classes "
+                                    "(docs/synthetic.md; its own shards, runs and docs block)")
     for name, kind in (("seeds", int), ("iters", int), ("jobs", int), ("threads", int), ("num-classes", int),
                        ("size", int), ("images", int), ("kappa", int), ("lr", float), ("pretrain-images", int),
                        ("pretrain-iters", int), ("pretrain-lr", float)):
@@ -492,6 +538,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     regime = "pretrained" if p.pretrained else "scratch"
+    world = parse_world(args.world)
+    tag = world.tag(p.num_classes)  # "" for today's world: names as they were
     fig_dir = DOC_IMG if args.docs else work / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     t0, cpu0, load = time.perf_counter(), cpu_seconds(), LoadSampler()
@@ -502,7 +550,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
     datasets = []
     if not args.no_synthetic:
-        datasets.append(Dataset("synthetic", synthetic_root(p, work), p.num_classes, p.size))
+        datasets.append(Dataset("synthetic" + (f"_{tag}" if tag else ""), synthetic_root(p, work, world),
+                                p.num_classes, p.size))
     for d in args.data:
         idx = ShardIndex(d)
         if p.pretrained and "pretrain" not in idx.splits:
@@ -519,14 +568,15 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
         results.append(replicate_dataset(ds, p, work / regime / ds.name, fig_dir, prefix))
     total = time.perf_counter() - t0
     command = ("python bench/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    history = log_invocation(work / regime / "invocations.jsonl", {
+    history = log_invocation(work / regime / f"invocations{'_' + tag if tag else ''}.jsonl", {
         "started": started, "command": command, "wall_s": total, "cpu_s": cpu_seconds() - cpu0, "load": load.stop(),
         **{k: sum(r[f"{k}_runs"] for r in results) for k in ("total", "reused", "resumed")}})
     body = rep.report(results, p, command, args.smoke, "img" if args.docs else ".", history)
+    regime = regime + (f"_{tag}" if tag else "")  # a world's results file and docs block are its own
     atomic_write_json(work / f"results_{regime}.json", {"protocol": p.__dict__, "total_seconds": total,
                                                        "results": results})
     if args.docs:
-        write_doc_block(body, name="results" if p.pretrained else "from-scratch")
+        write_doc_block(body, name=("results" if p.pretrained else "from-scratch") + (f"-{tag}" if tag else ""))
     else:
         (fig_dir / "replication_report.md").write_text(body + "\n")
     print(body)

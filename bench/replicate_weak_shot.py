@@ -49,7 +49,7 @@ from replicate import (  # noqa: E402
     train_job,
 )
 from replication_claims import Comparison, compare  # noqa: E402
-from replication_protocol import Protocol, recipe  # noqa: E402
+from replication_protocol import Protocol, cached, recipe  # noqa: E402
 
 BLOCK = "weak-shot"  # docs/replication.md: <!-- weak-shot:start --> ... <!-- weak-shot:end -->
 WS_METRICS = ("miou", "base_iou", "novel_iou", "novel_acc")
@@ -216,11 +216,9 @@ def confusion_counts(run_dir: str, out_json: str, threads: int) -> dict:
     evaluation), cached in out_json for the same weights: any class subset's IoU follows."""
     _threads(threads)
     out = Path(out_json)
-    stamp = json.loads((Path(run_dir) / "replicate.json").read_text())["stamp"]
-    if out.is_file():
-        rec = json.loads(out.read_text())
-        if rec.get("stamp") == stamp:
-            return rec
+    stamp, hit = cached(run_dir, out)
+    if hit is not None:
+        return hit
     import torch
 
     from rankseg_core.engine.evaluate import EvalOptions, evaluate_model

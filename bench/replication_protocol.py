@@ -4,6 +4,7 @@ reports it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class Protocol:
     kappa_eval: list[int] = field(default_factory=lambda: [10, 25, 100, 200])
     thresholds: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.02, 0.01])
     ml_weight: float = 10.0
+    # Tables 5 and 6: RankSeg with other ml loss weights / ml heads (each a variant, every seed).
+    ml_weights: list[float] = field(default_factory=lambda: [1.0, 20.0])
+    ml_heads: list[str] = field(default_factory=lambda: ["trandec", "gap"])
     seeds: int = 3
     jobs: int = 2
     threads: int = 1
@@ -47,13 +51,14 @@ class Protocol:
     def from_scratch(cls) -> "Protocol":
         """The earlier protocol (docs/replication.md, second section): random initial weights."""
         return cls(pretrain_images=0, pretrain_iters=0, iters=300, kappa=20, kappa_sweep=[5],
-                   kappa_eval=[5, 10, 40, 100])
+                   kappa_eval=[5, 10, 40, 100], ml_weights=[], ml_heads=[])
 
     @classmethod
     def smoke(cls, from_scratch: bool = False) -> "Protocol":
         return cls(num_classes=40, size=32, images=8, val_images=4, pretrain_images=0 if from_scratch else 16,
                    pretrain_iters=0 if from_scratch else 2, pretrain_batch=2, pretrain_warmup=0, iters=2, batch=2, warmup=0, kappa=6,
-                   kappa_sweep=[], kappa_eval=[3, 12], thresholds=[0.05], seeds=2, jobs=1, threads=2, fp_images=4)
+                   kappa_sweep=[], kappa_eval=[3, 12], thresholds=[0.05], seeds=2, jobs=1, threads=2, fp_images=4,
+                   ml_weights=[], ml_heads=["gap"])
 
 
 def recipe(p: Protocol, img_size: int, seed: int, init: str | Path | None = None) -> list[str]:
@@ -100,6 +105,12 @@ def train_variants(p: Protocol, k: int) -> dict[str, list[str]]:
     for kap in sorted({min(x, k) for x in p.kappa_sweep} | {k}):
         if kap != min(p.kappa, k):
             out[f"rankseg_k{kap}"] = ["model.head=rankseg", f"model.kappa={kap}"]
+    for w in p.ml_weights:  # Table 5
+        if w != p.ml_weight:
+            out[f"ml_w{w:g}"] = ["model.head=rankseg", f"loss.ml_weight={w:g}"]
+    for head in p.ml_heads:  # Table 6 (the default head, tranenc, is RankSeg itself)
+        if head != "tranenc":
+            out[f"ml_{head}"] = ["model.head=rankseg", f"model.ml_head={head}"]
     return out
 
 
@@ -107,7 +118,9 @@ def train_variants(p: Protocol, k: int) -> dict[str, list[str]]:
 CLASSIFIER = ["model.model=classifier-vitt"]
 VARIANT_NAMES = {"baseline": "Baseline", "mt": "+MT", "mt_ls": "+MT+LS (shared τ)", "rankseg": "+MT+LS+RA (RankSeg)",
                  "oracle": "GT (train + eval)", "classifier": "classifier (independent scheme)",
-                 "indep": "segmenter --selector classifier (independent)"}
+                 "indep": "segmenter --selector classifier (independent)",
+                 "indep_pre": "segmenter --selector the pre-training classifier (Table 2)",
+                 "ml_gap": "RankSeg, GAP+Linear ml head (Table 6)", "ml_trandec": "RankSeg, 2× TranDec ml head (Table 6)"}
 
 
 def eval_specs(p: Protocol, k: int) -> list[tuple[str, str, dict]]:
@@ -123,3 +136,16 @@ def eval_specs(p: Protocol, k: int) -> list[tuple[str, str, dict]]:
               ("rankseg", "gt_random", {"oracle": True, "oracle_fill": "random", "kappa": kap}),
               ("baseline", "gt_random", {"oracle": True, "oracle_fill": "random", "kappa": kap})]
     return specs
+
+
+def cached(run_dir: str | Path, out_json: str | Path, **same: object) -> tuple[str, dict | None]:
+    """(the run's stamp, the record cached in out_json if it was computed from these weights
+    and with these `same` fields, else None): the caching rule of every per-run job of the
+    replications (evaluations, confusion counts, diagnostics)."""
+    stamp = json.loads((Path(run_dir) / "replicate.json").read_text())["stamp"]
+    out = Path(out_json)
+    if out.is_file():
+        rec = json.loads(out.read_text())
+        if rec.get("stamp") == stamp and all(rec.get(k) == v for k, v in same.items()):
+            return stamp, rec
+    return stamp, None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from replication_claims import claims, diagnoses
+from replication_claims import claims, diagnoses, precondition_claim
 from replication_protocol import METRICS, VARIANT_NAMES, Protocol, eval_specs, recipe
 
 # ---------------------------------------------------------------------------------------
@@ -76,22 +76,80 @@ def seed_values(res: dict) -> dict[str, list[float]]:
     return out
 
 
+def classifier_maps(res: dict) -> dict[str, list[float]]:
+    """Per-seed val mAP of the classifiers the independent scheme selects with: the fine-tuned
+    `classifier` runs and the one pre-training run (Table 2's evidence)."""
+    out = {}
+    cls = res["runs"].get("classifier")
+    if cls and all(x is not None for x in cls["per_seed"]["map"]):
+        out["classifier"] = cls["per_seed"]["map"]
+    pre = res.get("pretrain") or {}
+    if pre.get("map") is not None:
+        out["pretrain"] = [pre["map"]]
+    return out
+
+
 def judge(res: dict, p: Protocol, k: int) -> tuple[list[dict], list[dict]]:
-    """The verdict of every claim and of every diagnosis (replication_claims), as plain dicts."""
+    """The decision of every claim and the verdict of every diagnosis (replication_claims), as
+    plain dicts."""
     seeds, kap = seed_values(res), min(p.kappa, k)
-    return ([{**dataclasses.asdict(c), "verdict": c.verdict} for c in claims(seeds, kap, k)],
-            [{**dataclasses.asdict(c), "verdict": c.verdict} for c in diagnoses(seeds, kap)])
+    found = claims(seeds, kap, k, classifier_maps(res))
+    pre = res.get("precondition") or {}
+    # P1: RankSeg's ml head against the ranking read off the BASELINE's segmentation (the full-K
+    # decoder the selection would have to beat; RankSeg's own decoder scored with kappa = K runs
+    # ranks past its trained kappa on the last gamma / beta, so it is only a reference row).
+    rs, bl = pre.get("rankseg"), pre.get("baseline")
+    p1 = None
+    if rs and bl and all(x is not None for x in rs["per_seed"]["ml_map"] + bl["per_seed"]["decoder_map"]):
+        scene = all(x is not None for x in rs["per_seed"]["ml_scene_acc"] + bl["per_seed"]["decoder_scene_acc"])
+        p1 = precondition_claim(rs["per_seed"]["ml_map"], bl["per_seed"]["decoder_map"],
+                                rs["per_seed"]["ml_scene_acc"] if scene else None,
+                                bl["per_seed"]["decoder_scene_acc"] if scene else None)
+        found.insert(0, p1)
+    rows = []
+    for c in found:
+        # Where P1 is not established, a claim about the learned selection cannot test the
+        # paper's mechanism, whichever way its numbers go.
+        mech = "inconclusive (P1 not established)" if c.needs_ranking and p1 is not None and not p1.holds else ""
+        rows.append({**dataclasses.asdict(c), "holds": c.holds, "mechanism": mech})
+    return rows, [{**dataclasses.asdict(c), "verdict": c.verdict} for c in diagnoses(seeds, kap)]
+
+
+PRECONDITION_KEYS = ("ml_map", "decoder_map", "ml_scene_acc", "decoder_scene_acc", "ml_recall", "decoder_recall",
+                     "miou", "scene_oracle_miou", "scene_oracle_gain", "err_gt", "err_scene", "err_look",
+                     "err_background", "err_other")
+
+
+def precondition_summary(diags: dict[tuple, dict], p: Protocol) -> dict:
+    """variant -> per key of bench/replication_diagnostics.py's `precondition`: the aggregate
+    over seeds and the per-seed values. diags: (variant, seed) -> its record."""
+    out: dict[str, dict] = {}
+    for v in sorted({v for v, _ in diags}):
+        recs = [diags[(v, s)] for s in range(p.seeds) if (v, s) in diags]
+        out[v] = _summary(recs, PRECONDITION_KEYS)
+    return out
+
+
+def image_scenes(world, classes: np.ndarray) -> np.ndarray:
+    """The scenes an image of the synthetic world can come from: every scene whose class set
+    (its background and object classes) holds all of the image's GT classes. In the default
+    world each background belongs to one scene, so this is the scene the image was drawn
+    from; where scenes share backgrounds it may be several."""
+    c = np.asarray(classes, np.int64)
+    c = c[(c >= 0) & (c < world.num_classes)]
+    return np.array([s for s, (b, objs) in enumerate(zip(world.scenes_bg, world.scenes_objects))
+                     if np.isin(c, np.append(np.asarray(objs, np.int64), int(b))).all()], np.int64)
 
 
 def related_classes(world, classes: np.ndarray) -> dict[str, np.ndarray]:
     """K-bool masks of an image's absent classes that relate to its GT classes in the synthetic
-    world (docs/synthetic.md): "scene" = object classes of the image's scene (its background
-    says which), "look" = object classes with the colour x texture of one of its objects."""
+    world (docs/synthetic.md): "scene" = object classes of the image's scenes (`image_scenes`),
+    "look" = object classes with the colour x texture of one of its objects."""
     k = world.num_classes
     gt = np.zeros(k, bool)
     gt[np.asarray(classes, np.int64)] = True
     scene = np.zeros(k, bool)
-    for s in np.nonzero(np.isin(world.scenes_bg, np.nonzero(gt)[0]))[0]:
+    for s in image_scenes(world, classes):
         scene[world.scenes_objects[s]] = True
     looks = world.appearance[gt & (world.appearance >= 0)]
     look = (world.appearance >= 0) & np.isin(world.appearance, looks)
@@ -154,18 +212,31 @@ def error_makeup(preds: list[np.ndarray], labels: list[np.ndarray], classes: lis
     return {f"err_{name}": (v / total if total else None) for name, v in counts.items()}
 
 
-def false_positive_makeup(runs: dict, data: Path, p: Protocol, k: int) -> dict | None:
-    """`selection_makeup` of every RankSeg seed on the val images (the synthetic world is
-    rebuilt from dataset.json's options); None for data that are not the synthetic set."""
+def synthetic_world(data_root: Path) -> Any | None:
+    """The synthetic generator's world of a shard directory, rebuilt from dataset.json's
+    options (the seed, and every other option `make_world` takes by name: shared backgrounds,
+    every class shown, ...), or None for data that are not the synthetic set."""
+    import inspect
+
     from rankseg_core.convert.synthetic import make_world
     from rankseg_core.shards.read import ShardIndex
-    from rankseg_core.viz.common import load_viz_run, open_split, predict_samples
 
-    idx = ShardIndex(data)
+    idx = ShardIndex(data_root)
     opts = idx.meta.get("options") or {}
     if idx.name != "synthetic" or "seed" not in opts:
         return None
-    world = make_world(idx.num_classes, int(opts["seed"]))
+    names = set(inspect.signature(make_world).parameters) - {"num_classes", "seed"}
+    return make_world(idx.num_classes, int(opts["seed"]), **{n: opts[n] for n in names if n in opts})
+
+
+def false_positive_makeup(runs: dict, data: Path, p: Protocol, k: int) -> dict | None:
+    """`selection_makeup` of every RankSeg seed on the val images (the synthetic world is
+    rebuilt from dataset.json's options); None for data that are not the synthetic set."""
+    from rankseg_core.viz.common import load_viz_run, open_split, predict_samples
+
+    world = synthetic_world(data)
+    if world is None:
+        return None
     per_seed = []
     for s in range(p.seeds):
         run, base = load_viz_run(runs[("rankseg", s)]), load_viz_run(runs[("baseline", s)])
@@ -415,7 +486,93 @@ def _claims_table(rows: list[dict], first: str = "claim (paper)") -> str:
          f"**{'holds' if c['holds'] else 'does not hold'}** ({c['verdict'].split('(', 1)[1]}"] for c in rows])
 
 
+CLAIMS_NOTE = (
+    "**Claims** (bench/replication_claims.py). Each comparison A vs B is *beyond the seed spread* when A − B "
+    "has the same sign on every seed AND |mean A − B| exceeds the pooled sample std of the two sets. *MDE* "
+    "(minimum detectable effect) = the smallest mean difference that rule would call beyond the spread in the "
+    "claim's direction if the per-seed differences kept their observed scatter: max(pooled std, mean − min of "
+    "the differences) for >, the mirror for <, the larger of both for ≈; it does not shrink with more seeds. "
+    "*Paper*: the effect the paper reports (COCO-Stuff unless said; for ≈ the margin). A claim **holds** when "
+    "every comparison is beyond the spread in the paper's direction (≈: within the spread with an MDE at most "
+    "the margin); **does not hold** when one is beyond the spread the other way, or within it although its MDE "
+    "is at most the paper's effect; otherwise **inconclusive**, with the seeds a one-sided paired t-test (5 %, "
+    "power 80 %) would need to detect the paper's effect at the observed scatter. Differences in mIoU points "
+    "(ρ for Fig. 7, accuracy / mAP points for P1).\n")
+
+
+def _num(c: dict, x: float, sign: str = "+") -> str:
+    """mIoU (and other fractions) in points; rho as it is."""
+    return f"{x:{sign}.2f}" if c["b"] == "0" else f"{100 * x:{sign}.1f}"
+
+
+def claim_table(rows: list[dict]) -> str:
+    """The claims (replication_claims.Claim as dicts): one row per claim, one line per comparison."""
+    out = []
+    for c in rows:
+        parts = c["parts"]
+        multi = len(parts) > 1
+        ev = "<br>".join((f"{p['a']} vs {p['b']}: " if multi or c["relation"] == "≈" else "") +
+                         ", ".join(_num(p, d) for d in p["diffs"]) for p in parts)
+        means = "<br>".join(_num(p, p["mean_diff"]) for p in parts)
+        stds = "<br>".join(_num(p, p["spread"], "") for p in parts)
+        mdes = "<br>".join(_num(p, p["mde"], "") for p in parts)
+        paper = (f"{100 * c['paper_effect']:+.2f} ({c['paper_source']})" if c["paper_effect"] is not None
+                 else f"– ({c['paper_source']})")
+        decision = f"**{c['decision']}** ({c['reason']})"
+        n_seeds = len(parts[0]["diffs"])
+        if c["decision"] == "inconclusive" and c.get("seeds_needed"):
+            decision += (f"; more seeds: a paired t-test needs {c['seeds_needed']} for the paper's effect"
+                         if c["seeds_needed"] > n_seeds else
+                         f"; the paired differences are tight enough for a t-test ({c['seeds_needed']} seeds): the "
+                         "spread between seeds leaves the rule undecided")
+        if c.get("mechanism"):
+            decision += f"; mechanism: {c['mechanism']}"
+        if c.get("evidence"):
+            decision += f"; {c['evidence']}"
+        out.append([c["claim"], ev, means, stds, mdes, paper, decision])
+    return md_table(["claim (paper)", "A − B per seed", "mean", "pooled std", "MDE", "paper", "decision"], out)
+
+
+def claims_summary(rows: list[dict]) -> str:
+    """One line: how many claims hold, do not hold, are inconclusive."""
+    n = {d: sum(c["decision"] == d for c in rows) for d in ("holds", "does not hold", "inconclusive")}
+    return (f"\n{len(rows)} claims: {n['holds']} hold, {n['does not hold']} do not hold, {n['inconclusive']} are "
+            "inconclusive at these seeds.\n")
+
+
+def precondition_report(pre: dict, kap: int) -> list[str]:
+    """The precondition table (bench/replication_diagnostics.py) of the baseline and RankSeg runs."""
+    if not pre:
+        return []
+    vs = [v for v in ("baseline", "rankseg") if v in pre]
+    names = {"baseline": "Baseline", "rankseg": "RankSeg"}
+    out = [f"**The paper's precondition** (bench/replication_diagnostics.py, val split, mean ± std over seeds). "
+           "*ml head*: the multi-label branch's scores; *decoder*: per class the maximum over the image's pixels of "
+           "the decoder's softmax over all K classes (RankSeg evaluated with κ = K for it: a reference only; P1 "
+           "sets RankSeg's ml head against the baseline's decoder, the full-K decoder a selection has to beat). *Scene accuracy*: the "
+           f"scene whose class set holds most of the ranking's top-{kap} is one the image can come from. *Scene "
+           "oracle*: each image's selection replaced by its GT classes plus every class of its scene.\n"]
+    rows = [("ml head mAP", "ml_map"), ("decoder ranking mAP", "decoder_map"),
+            ("ml head scene accuracy", "ml_scene_acc"), ("decoder scene accuracy", "decoder_scene_acc"),
+            (f"ml head recall@{kap}", "ml_recall"), (f"decoder recall@{kap}", "decoder_recall"),
+            ("mIoU (own selection)", "miou"), ("mIoU with the scene oracle", "scene_oracle_miou"),
+            ("scene-oracle gain", "scene_oracle_gain")]
+    out.append(md_table(["", *[names[v] for v in vs]], [[label, *[pm(pre[v][key]) for v in vs]] for label, key in rows]))
+    if any(pre[v]["err_gt"]["mean"] is not None for v in vs):
+        out.append("\nWhere the wrongly labelled pixels go (share of the wrong pixels, by the kind of class they are "
+                   "given; first row that fits):\n")
+        out.append(md_table(["predicted class", *[names[v] for v in vs]], [
+            [label, *[pm(pre[v][f"err_{n}"]) for v in vs]]
+            for n, label in (("gt", "another class of the image"), ("scene", "a scene-mate"),
+                             ("look", "a look-alike of another scene"), ("background", "another scene's background"),
+                             ("other", "any other class"))]))
+    out.append("")
+    return out
+
+
 def variant_name(v: str) -> str:
+    if v.startswith("ml_w"):
+        return f"RankSeg, ml loss weight {v[4:]} (Table 5)"
     return f"RankSeg κ={v.split('_k')[1]}" if v.startswith("rankseg_k") else VARIANT_NAMES.get(v, v)
 
 
@@ -482,11 +639,10 @@ def dataset_report(r: dict, p: Protocol, img_rel: str) -> str:
         out.append(md_table(["variant", "loaded", "missing (kept as initialised)", "unexpected", "shape mismatch",
                              "exactly the backbone"], [_init_line(runs, v) for v in runs]))
         out.append("")
-    out.append("**Verdicts** (bench/replication_claims.py: A > B holds when A − B > 0 on every seed AND the mean "
-               "difference exceeds the pooled sample std; ≥ holds unless A is lower by that rule; ≈ holds when "
-               "neither is; ρ < 0 holds when ρ < 0 on every seed and |mean ρ| exceeds its sample std). "
-               "Differences in mIoU points (ρ for Fig. 7).\n")
-    out.append(_claims_table(r["claims"]))
+    out.append(CLAIMS_NOTE)
+    out.append(claim_table(r["claims"]))
+    out.append(claims_summary(r["claims"]))
+    out += precondition_report(r.get("precondition") or {}, kap0)
     out.append(f"\n**Table 1** (ablation), selection diagnostics and cost: params / GFLOPs of one forward at "
                f"{r['img_size']} px (FlopCounterMode, all matmuls). Train coverage = share of labelled pixels whose "
                "class is in the selection, mean of the last quarter of training.\n")
@@ -520,7 +676,10 @@ def dataset_report(r: dict, p: Protocol, img_rel: str) -> str:
         ["Independent (classifier → segmenter)", pm(ind["map"]), pm(ind["recall_at_kappa"]), pm(ind["miou"]),
          _per_seed(ind["per_seed"]["miou"]), f"{cost['indep']['params_m']:.2f}M", f"{cost['indep']['gflops']:.3f}"],
         ["Joint (RankSeg)", pm(rs["map"]), pm(rs["recall_at_kappa"]), pm(rs["miou"]), _per_seed(rs["per_seed"]["miou"]),
-         f"{cost['rankseg']['params_m']:.2f}M", f"{cost['rankseg']['gflops']:.3f}"]]))
+         f"{cost['rankseg']['params_m']:.2f}M", f"{cost['rankseg']['gflops']:.3f}"]] + ([
+        ["Independent, the pre-training classifier selects (Table 2)", pm(runs["indep_pre"]["map"]),
+         pm(runs["indep_pre"]["recall_at_kappa"]), pm(runs["indep_pre"]["miou"]),
+         _per_seed(runs["indep_pre"]["per_seed"]["miou"]), "–", "–"]] if "indep_pre" in runs else [])))
     out.append(f"\nThe classifier alone: mAP {pm(cls['map'])}, recall@{kap0} {pm(cls['recall_at_kappa'])} "
                f"({cost['classifier']['params_m']:.2f}M params, {cost['classifier']['gflops']:.3f} GFLOPs).\n")
     out.append("**Table 4** (κ at training = κ at evaluation; κ = K sorts all classes)\n")
@@ -541,6 +700,16 @@ def dataset_report(r: dict, p: Protocol, img_rel: str) -> str:
         [n.split("thr")[1], pm(x["miou"]), _per_seed(x["per_seed"]["miou"])] for n, x in evals.items()
         if n.startswith("rankseg/thr")]))
     out.append(f"\n![kappa]({img_rel}/{r['figures']['kappa']})\n")
+    t56 = [v for v in runs if v.startswith("ml_")]
+    if t56:
+        out.append(f"**Tables 5–6** (RankSeg, κ = {kap0}, with another ml loss weight or ml head; RankSeg itself is "
+                   "weight 10 with the 1× TranEnc head)\n")
+        out.append(md_table(["variant", "mIoU", "per seed", "mAP (ml)", f"recall@{kap0}", "params", "GFLOPs"], [
+            ["RankSeg (weight 10, 1× TranEnc)" if v == "rankseg" else variant_name(v), pm(runs[v]["miou"]),
+             _per_seed(runs[v]["per_seed"]["miou"]), pm(runs[v]["map"]),
+             pm(runs[v]["recall_at_kappa"]), f"{cost[v]['params_m']:.2f}M" if v in cost else "–",
+             f"{cost[v]['gflops']:.3f}" if v in cost else "–"] for v in ["rankseg", *sorted(t56)]]))
+        out.append("")
     out.append("**Fig. 7** (learned 1/τ by rank, mean over seeds; band = range over seeds). Spearman ρ against "
                "rank (< 0: decreasing); max |1/τ − 1| = how far any seed's 1/τ moved from its initial 1; β = the "
                "per-rank bias of the same LayerNorm.\n")

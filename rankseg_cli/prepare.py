@@ -59,6 +59,8 @@ def synthetic(
     video: Annotated[bool, typer.Option("--video", help="Videos of the same world: moving objects that appear and disappear, with per-frame labels and instance tracks (VSPW- and YouTube-VIS-like).")] = False,
     look_alike: Annotated[float, typer.Option("--look-alike", help="Also write weak_shot_look_alike.json: a weak-shot split (docs/weak-shot.md) whose novel classes, this fraction of those the world shows, share their looks with base classes.")] = 0.0,
     frames: Annotated[Optional[int], typer.Option("--frames", help="Frames per video with --video (default 8).")] = None,
+    backgrounds: Annotated[Optional[int], typer.Option("--backgrounds", help="B background classes shared by the K // 25 scenes (1..S), so the background no longer names the scene; default one per scene (today's world, byte for byte).")] = None,
+    all_classes: Annotated[bool, typer.Option("--all-classes", help="Put every object class in at least one scene (by default scenes draw their objects with replacement and some classes never appear).")] = False,
     workers: Workers = default_workers(),
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file (>= 1).")] = 500,
 ) -> None:
@@ -93,6 +95,9 @@ def synthetic(
         if pretrain_images:
             raise UserError("--pretrain-images is for images, not --video: write the pretrain "
                             "images into a directory of their own")
+        if backgrounds is not None or all_classes:
+            raise UserError("--backgrounds / --all-classes change the image world (docs/synthetic.md); "
+                            "videos use the default world: drop them or --video")
         index = prepare_synthetic_video(out, num_classes=num_classes, videos=200 if images is None else images,
                                         val_videos=val_images, frames=DEFAULT_FRAMES if frames is None else frames,
                                         size=DEFAULT_SIZE if size is None else size, seed=seed, opts=opts)
@@ -102,5 +107,5 @@ def synthetic(
         index = prepare_synthetic(out, num_classes=num_classes, images=1000 if images is None else images,
                                   val_images=val_images, size=128 if size is None else size, seed=seed,
                                   panoptic=panoptic, pretrain_images=pretrain_images, look_alike=look_alike,
-                                  opts=opts)
+                                  backgrounds=backgrounds, all_classes=all_classes, opts=opts)
     report(index, out)

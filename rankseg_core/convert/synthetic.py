@@ -13,7 +13,9 @@ It is built so that the RankSeg idea matters, as on ADE20K-Full or COCO+LVIS:
 Everything is a function of (seed, split, index), so any worker can make any sample and the
 dataset is identical for a given seed whatever the number of workers. An optional `pretrain`
 split draws more images of the same world from its own stream (split id 3), disjoint from
-train / val, whose bytes it leaves unchanged.
+train / val, whose bytes it leaves unchanged. Two world options (`make_world`) make the scene
+harder to read: B backgrounds shared by the S scenes, and every object class in some scene;
+without them the world is today's, byte for byte.
 """
 
 from __future__ import annotations
@@ -45,31 +47,54 @@ class World:
     num_classes: int
     appearance: np.ndarray  # K, appearance id of each object class (-1 for backgrounds)
     background_colour: np.ndarray  # K x 3, used for background classes
-    scenes_bg: np.ndarray  # S, the background class of each scene
-    scenes_objects: np.ndarray  # S x CLASSES_PER_SCENE object classes
+    scenes_bg: np.ndarray  # S, the background class of each scene (B <= S distinct ones)
+    scenes_objects: np.ndarray  # S x P object classes, in the scene's frequency order (P = 24 by default)
     scene_weights: np.ndarray  # S, Zipf-like
     names: tuple[str, ...]
 
 
-def make_world(num_classes: int, seed: int) -> World:
+def num_scenes(num_classes: int) -> int:
+    """S, the scenes of a world of K classes: one per 25 classes, at least 2."""
+    return max(2, num_classes // 25)
+
+
+def make_world(num_classes: int, seed: int, *, backgrounds: int | None = None, all_classes: bool = False) -> World:
+    """The world of (K, seed) and the two world options (docs/synthetic.md, "Harder worlds").
+
+    backgrounds: B background classes shared by the S scenes (scene s shows background s mod B);
+        None or S = one background per scene, today's world drawn by exactly today's code path.
+    all_classes: every object class belongs to at least one scene (default: each scene draws
+        its objects with replacement, so some classes belong to none).
+    ValueError (one line, naming the option) for a world that cannot be built.
+    """
     if num_classes < 40:
         raise ValueError("the synthetic dataset needs --num-classes >= 40")
+    n_scenes = num_scenes(num_classes)
+    n_bg = n_scenes if backgrounds is None else int(backgrounds)
+    if not 1 <= n_bg <= n_scenes:
+        raise ValueError(f"--backgrounds {n_bg}: must be 1..{n_scenes}, the number of scenes at --num-classes "
+                         f"{num_classes} (K // 25, at least 2); {n_scenes} = one background per scene")
     rng = np.random.default_rng([seed, 0])
-    # One background class per scene; ~1/25 of the vocabulary are backgrounds ("stuff").
-    num_scenes = max(2, num_classes // 25)
+    # ~1/25 of the vocabulary would be backgrounds ("stuff"); with shared backgrounds the
+    # vocabulary keeps its size and the freed classes become objects.
     perm = rng.permutation(num_classes)
-    backgrounds, objects = perm[:num_scenes], perm[num_scenes:]
+    bg_classes, objects = perm[:n_bg], perm[n_bg:]
     appearance = np.full(num_classes, -1)
     appearance[objects] = np.arange(len(objects)) % NUM_APPEARANCES
     bg_colour = np.zeros((num_classes, 3), np.uint8)
-    bg_colour[backgrounds] = rng.integers(20, 236, (num_scenes, 3))
+    bg_colour[bg_classes] = rng.integers(20, 236, (n_bg, 3))
+    # s mod B: the scenes' Zipf weights are permuted below, so which scenes share is random.
+    backgrounds_of = bg_classes[np.arange(n_scenes) % n_bg]
 
     by_app = [objects[appearance[objects] == a] for a in range(NUM_APPEARANCES)]
-    scene_obj = np.empty((num_scenes, CLASSES_PER_SCENE), np.int64)
-    for s in range(num_scenes):  # a scene's objects have distinct appearances
-        apps = rng.choice(NUM_APPEARANCES, CLASSES_PER_SCENE, replace=False)
-        scene_obj[s] = [rng.choice(by_app[a]) for a in apps]
-    weights = 1.0 / np.arange(1, num_scenes + 1) ** 0.8
+    if all_classes:
+        scene_obj = _cover_scenes(rng, by_app, n_scenes)
+    else:
+        scene_obj = np.empty((n_scenes, CLASSES_PER_SCENE), np.int64)
+        for s in range(n_scenes):  # a scene's objects have distinct appearances
+            apps = rng.choice(NUM_APPEARANCES, CLASSES_PER_SCENE, replace=False)
+            scene_obj[s] = [rng.choice(by_app[a]) for a in apps]
+    weights = 1.0 / np.arange(1, n_scenes + 1) ** 0.8
     weights = rng.permutation(weights / weights.sum())
 
     cnames, tnames = list(COLOURS), TEXTURES
@@ -80,7 +105,53 @@ def make_world(num_classes: int, seed: int) -> World:
         else:
             a = appearance[k]
             names.append(f"{cnames[a % len(cnames)]}-{tnames[a // len(cnames)]}-{k:04d}")
-    return World(num_classes, appearance, bg_colour, backgrounds, scene_obj, weights, tuple(names))
+    return World(num_classes, appearance, bg_colour, backgrounds_of, scene_obj, weights, tuple(names))
+
+
+def _cover_scenes(rng: np.random.Generator, by_app: list[np.ndarray], n_scenes: int) -> np.ndarray:
+    """S x P object classes such that every class of `by_app` (the classes of each look) is in
+    some scene and no scene has two classes of one look. P = max(24, ceil(objects / S)): the
+    S x 24 slots of the default world hold every object only when B = S and K = 25 S.
+
+    Each look a needs m_a >= n_a (its classes) distinct scenes. Dealing the sequence
+    [a] * m_a (looks one after another) round-robin over the scenes gives each scene P
+    entries, and each look distinct scenes whenever m_a <= S."""
+    need = np.array([len(c) for c in by_app])
+    if need.max() > n_scenes:
+        raise ValueError(f"--all-classes: a look has {need.max()} classes but there are only {n_scenes} scenes to "
+                         "put them in (a scene shows one class per look); use another --num-classes")
+    per_scene = max(CLASSES_PER_SCENE, -(-int(need.sum()) // n_scenes))
+    slots = need.copy()
+    for _ in range(n_scenes * per_scene - int(need.sum())):  # the spare slots go to random looks
+        slots[rng.choice(np.flatnonzero((slots < n_scenes) & (need > 0)))] += 1
+    looks = np.concatenate([np.full(slots[a], a) for a in rng.permutation(NUM_APPEARANCES)])
+    scene_of = np.arange(len(looks)) % n_scenes
+    scene_obj = np.empty((n_scenes, per_scene), np.int64)
+    filled = np.zeros(n_scenes, np.int64)
+    for a in np.flatnonzero(slots):
+        scenes = scene_of[looks == a]
+        # Every class of the look once, the spare slots with random ones of it.
+        classes = np.concatenate([by_app[a], rng.choice(by_app[a], len(scenes) - len(by_app[a]))])
+        for s, c in zip(scenes, rng.permutation(classes)):
+            scene_obj[s, filled[s]] = c
+            filled[s] += 1
+    # The order inside a scene is its frequency order (weights 1/rank): draw it at random.
+    return np.stack([rng.permutation(row) for row in scene_obj])
+
+
+def scenes_of(world: World, classes: np.ndarray) -> np.ndarray:
+    """The scenes whose classes (background and objects) include every one of `classes` (the
+    classes an image shows): the scenes that could have drawn the image. With one background
+    per scene this is the background's scene; with shared backgrounds, several may fit."""
+    have = set(int(c) for c in classes)
+    return np.asarray([s for s in range(len(world.scenes_bg))
+                       if have <= {int(world.scenes_bg[s]), *world.scenes_objects[s].tolist()}], np.int64)
+
+
+def world_of(options: dict) -> World:
+    """The world a synthetic shard directory was drawn from, from its dataset.json `options`."""
+    return make_world(int(options["num_classes"]), int(options["seed"]), backgrounds=options.get("backgrounds"),
+                      all_classes=bool(options.get("all_classes", False)))
 
 
 def _texture(kind: int, h: int, w: int, period: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
@@ -148,7 +219,7 @@ def _scene_objects(world: World, rng: np.random.Generator) -> tuple[int, np.ndar
     scene = rng.choice(len(world.scenes_bg), p=world.scene_weights)
     n_obj = int(rng.integers(1, MAX_OBJECTS + 1))
     # Within a scene, earlier objects are more frequent (long tail inside each scene too).
-    p = 1.0 / np.arange(1, CLASSES_PER_SCENE + 1)
+    p = 1.0 / np.arange(1, world.scenes_objects.shape[1] + 1)
     return scene, rng.choice(world.scenes_objects[scene], n_obj, replace=False, p=p / p.sum())
 
 
@@ -276,7 +347,8 @@ def look_alike_split(world: World, novel_ratio: float, seed: int) -> dict:
 
 def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_images: int | None = None,
                       size: int = 128, seed: int = 0, panoptic: bool = False, pretrain_images: int = 0,
-                      look_alike: float = 0.0, opts=None) -> dict | None:
+                      look_alike: float = 0.0, backgrounds: int | None = None, all_classes: bool = False,
+                      opts=None) -> dict | None:
     """Write the synthetic dataset (train + val) to `out` and return its `dataset.json`.
 
     `panoptic`: object classes are things (each drawn object an instance), scene backgrounds
@@ -289,6 +361,10 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
     `look_alike` (0 < ratio < 1): also write `LOOK_ALIKE_FILE`, a weak-shot split of this world
     whose novel classes share their looks with base classes (`look_alike_split`); the shards
     and dataset.json are unchanged by it.
+    `backgrounds` / `all_classes`: the world options of `make_world` (B shared backgrounds;
+    every object class in some scene). dataset.json records `"backgrounds": B` when B < S and
+    `"all_classes": true` when set (`world_of` rebuilds the world from them); B = S (or None)
+    without `all_classes` writes exactly what earlier versions wrote.
     """
     from rankseg_core.convert.common import ConvertOptions, run_conversion
     from rankseg_core.errors import UserError
@@ -299,7 +375,7 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
     if pretrain_images < 0:
         raise UserError(f"--pretrain-images must be >= 0 (0 = no pretrain split), not {pretrain_images}")
     try:
-        world = make_world(num_classes, seed)
+        world = make_world(num_classes, seed, backgrounds=backgrounds, all_classes=all_classes)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     split = None
@@ -316,6 +392,10 @@ def prepare_synthetic(out, *, num_classes: int = 1000, images: int = 1000, val_i
         options["panoptic"] = True
     if pretrain_images:  # likewise
         options["pretrain_images"] = pretrain_images
+    if backgrounds is not None and backgrounds < num_scenes(num_classes):  # B = S is today's world
+        options["backgrounds"] = int(backgrounds)
+    if all_classes:
+        options["all_classes"] = True
     header = DatasetHeader(
         name="synthetic", class_names=list(world.names), source="rankseg synthetic generator", options=options,
         thing_classes=np.flatnonzero(world.appearance >= 0).tolist() if panoptic else None)
