@@ -339,3 +339,57 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
     assert (run / "model.safetensors").stat().st_mtime_ns == stamp
     assert (base / "evals" / "rankseg_seed1_gt_eval.json").stat().st_mtime_ns == ev_stamp
     assert again["results"][0]["reused_runs"] == again["results"][0]["total_runs"]
+
+
+PRETRAINED = Path(__file__).resolve().parents[1] / "runs" / "replication"
+
+
+def _final_miou(run: Path) -> float:
+    """The run's own final evaluation, as `train` wrote it to metrics.jsonl."""
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return float([r for r in recs if r.get("type") == "eval" and r.get("final")][-1]["miou"])
+
+
+def _beyond(a: np.ndarray, b: np.ndarray) -> str:
+    """The verdict rule written out again: same sign on every seed and |mean| > the pooled sample std."""
+    d = a - b
+    pooled = np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+    if (d > 0).all() and d.mean() > pooled:
+        return "above"
+    if (d < 0).all() and -d.mean() > pooled:
+        return "below"
+    return "within"
+
+
+@pytest.mark.skipif(not (PRETRAINED / "results_pretrained.json").is_file(),
+                    reason="the pre-trained replication's run files are not on this machine")
+def test_published_block_recomputed_from_its_run_files() -> None:
+    """docs/replication.md's `results` block against runs/replication: the per-seed mIoU of the
+    baseline and RankSeg from each run's own metrics.jsonl, P1 from the precondition files, both
+    judged by the rule re-implemented here, and the block's rows saying the same."""
+    res = json.loads((PRETRAINED / "results_pretrained.json").read_text())["results"][0]
+    work = PRETRAINED / "pretrained" / "synthetic"
+    seeds = range(int(json.loads((PRETRAINED / "results_pretrained.json").read_text())["protocol"]["seeds"]))
+    base = np.array([_final_miou(work / "baseline" / f"seed{s}") for s in seeds])
+    rank = np.array([_final_miou(work / "rankseg" / f"seed{s}") for s in seeds])
+    claims = {c["claim"]: c for c in res["claims"]}
+    rs = claims["Table 1: RankSeg (+MT+LS+RA) > Baseline"]["parts"][0]
+    assert rs["diffs"] == pytest.approx(list(rank - base), abs=1e-9)
+    assert rs["outcome"] == _beyond(rank, base)
+
+    pre = {v: [json.loads((work / "evals" / f"{v}_seed{s}_precondition.json").read_text()) for s in seeds]
+           for v in ("baseline", "rankseg")}
+    ml = np.array([r["ml_map"] for r in pre["rankseg"]])
+    dec = np.array([r["decoder_map"] for r in pre["baseline"]])
+    p1 = [c for c in res["claims"] if c["claim"].startswith("P1")][0]
+    assert p1["parts"][0]["diffs"] == pytest.approx(list(ml - dec), abs=1e-9)
+    assert p1["parts"][0]["outcome"] == _beyond(ml, dec)
+    # The precondition's mIoU is the run's own (the engine's final evaluation).
+    assert [r["miou"] for r in pre["baseline"]] == pytest.approx(list(base), abs=1e-6)
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "replication.md").read_text()
+    block = doc.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+    per_seed = ", ".join(f"{100 * x:+.1f}" for x in rank - base)
+    row = [line for line in block.splitlines() if line.startswith("| Table 1: RankSeg (+MT+LS+RA) > Baseline |")]
+    decision = claims["Table 1: RankSeg (+MT+LS+RA) > Baseline"]["decision"]
+    assert len(row) == 1 and per_seed in row[0] and f"**{decision}**" in row[0]
