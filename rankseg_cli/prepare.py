@@ -59,7 +59,7 @@ def synthetic(
     video: Annotated[bool, typer.Option("--video", help="Videos of the same world: moving objects that appear and disappear, with per-frame labels and instance tracks (VSPW- and YouTube-VIS-like).")] = False,
     look_alike: Annotated[float, typer.Option("--look-alike", help="Also write weak_shot_look_alike.json: a weak-shot split (docs/weak-shot.md) whose novel classes, this fraction of those the world shows, share their looks with base classes.")] = 0.0,
     frames: Annotated[Optional[int], typer.Option("--frames", help="Frames per video with --video (default 8).")] = None,
-    backgrounds: Annotated[Optional[int], typer.Option("--backgrounds", help="B background classes shared by the K // 25 scenes (1..S), so the background no longer names the scene; default one per scene (today's world, byte for byte).")] = None,
+    backgrounds: Annotated[Optional[int], typer.Option("--backgrounds", help="B background classes shared by the K // 25 scenes (1..S), so the background no longer names the scene; default one per scene (the standard world, byte for byte).")] = None,
     all_classes: Annotated[bool, typer.Option("--all-classes", help="Put every object class in at least one scene (by default scenes draw their objects with replacement and some classes never appear).")] = False,
     workers: Workers = default_workers(),
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file (>= 1).")] = 500,
