@@ -50,6 +50,7 @@ from rankseg_core.data.augment import (  # noqa: E402
     TrainTransform,
     apply_photometric,
     draw_photometric,
+    random_crop_box,
     rescale_size,
     resize_pair,
     resize_window,
@@ -174,6 +175,14 @@ def _legacy_draw(tf: TrainTransform, images: list[np.ndarray], labels: list[np.n
     return box, flip, photo, resized
 
 
+def _legacy_draw_label(tf: TrainTransform, label: np.ndarray, rng: np.random.Generator) -> tuple[int, ...]:
+    """`TrainTransform._draw`'s crop choice before `NearestResized`: the whole label resized."""
+    h, w = label.shape
+    ratio = rng.uniform(*tf.ratio_range)
+    size = rescale_size(h, w, tf.scale[0] * ratio, tf.scale[1] * ratio)
+    return random_crop_box(resize_pair(label, None, size, nearest=True)[0], tf.crop, rng, tf.cat_max_ratio, tf.ignore)
+
+
 class LegacyClips(AugmentedClips):
     """The loader's samples as they were before the uint8 change: the same draws, float32
     photometric steps, numpy normalisation per frame, float32 / int64 crops shipped."""
@@ -214,10 +223,11 @@ def decode_before(img_b: bytes, lab_b: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def crop_before(tf: TrainTransform, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """`TrainTransform.crop_clip` (one frame) before the window resize: the whole image resized,
-    then cropped and flipped (cv2.flip), photometric, the CHW copy; the same draws."""
-    size, (y1, y2, x1, x2), flip, photo, label0 = tf._draw(label, rng)
-    img = resize_pair(image, None, size)[0][y1:y2, x1:x2]
+    """`TrainTransform.crop_clip` (one frame) before the window resize and the crop-only label:
+    the whole image and label resized (`_legacy_draw`), then cropped and flipped (cv2.flip),
+    photometric, the CHW copy; the same draws."""
+    (y1, y2, x1, x2), flip, photo, resized = _legacy_draw(tf, [image], [label], rng)
+    img = resized[0][0][y1:y2, x1:x2]
     if flip:
         img = cv2.flip(img, 1)
     if photo is not None:
@@ -419,11 +429,12 @@ def stages(data: Path, repeats: int) -> list[tuple[str, float, float | None]]:
         ("(c) the decode limit: cv2.imdecode of both, nothing else", best(lambda i: (
             cv2.imdecode(blobs[i][0], cv2.IMREAD_COLOR), cv2.imdecode(blobs[i][1], cv2.IMREAD_UNCHANGED))), None),
         ("the whole sample in-process (`ShardDataset.load`: read + decode + item)", best(ds.load), None),
-        ("augment to the uint8 crop (`crop_clip`; before: the whole image resized)",
+        ("augment to the uint8 crop (`crop_clip`; before: the whole image and label resized)",
          *passes(lambda i: tf.crop_clip([frames[i]["image"]], [frames[i]["label"]], draw(i)),
                  lambda i: crop_before(tf, frames[i]["image"], frames[i]["label"], draw(i)))),
-        ("- of which the label resize + crop choice (`_draw`)", best(lambda i: tf._draw(frames[i]["label"], draw(i))),
-         None),
+        ("- of which the crop choice (`_draw`: only the tried boxes of the resized label; before: the whole "
+         "label resized)", *passes(lambda i: tf._draw(frames[i]["label"], draw(i)),
+                                   lambda i: _legacy_draw_label(tf, frames[i]["label"], draw(i)))),
         ("- of which the image resize (`resize_window`; before: whole)",
          *passes(lambda i: resize_window(frames[i]["image"], sizes[i][0], sizes[i][1][1], sizes[i][1][3]),
                  lambda i: resize_pair(frames[i]["image"], None, sizes[i][0]))),

@@ -70,7 +70,7 @@ def old_transform(tf: TrainTransform, images: list[np.ndarray], labels: list[np.
     wh = (size[1], size[0])
     resized = [(cv2.resize(i, wh, interpolation=cv2.INTER_LINEAR), cv2.resize(lab, wh, interpolation=cv2.INTER_NEAREST))
                for i, lab in zip(images, labels)]
-    assert np.array_equal(resized[0][1], label0)  # the crop was chosen on the resized first label
+    assert np.array_equal(resized[0][1], label0[:, :])  # the crop was chosen on the resized first label
     t, c = len(images), tf.crop
     mean, std = np.asarray(tf.mean, np.float32), np.asarray(tf.std, np.float32)
     out_img = np.zeros((t, 3, c, c), np.float32)
@@ -205,6 +205,29 @@ def test_resize_window_is_the_full_resize_cut() -> None:
             assert got.dtype == dtype and np.array_equal(got, want), (h, w, out_h, out_w, rows, cols, nearest)
         cut += math.ceil((rows + 1) * h / out_h) + 2 < h
     assert cut > 50  # most cases resized a true window, not the whole source
+
+
+@pytest.mark.parametrize("dtype,channels", [(np.uint16, 0), (np.uint8, 0), (np.bool_, 0), (np.uint8, 3)])
+def test_nearest_resized_crops_equal_cv2_resize(dtype: type, channels: int) -> None:
+    """`NearestResized[y1:y2, x1:x2]` is the same block of cv2.resize(INTER_NEAREST), bit for
+    bit, over random sizes (down, up, equal, odd factors) and random blocks."""
+    rng = np.random.default_rng(7)
+    for case in range(300):
+        h, w = (int(x) for x in rng.integers(1, 200, 2))
+        out_h, out_w = (int(x) for x in rng.integers(1, 500, 2))
+        if case % 7 == 0:
+            out_h, out_w = (h, w) if case % 14 else (3 * h, 2 * w)
+        shape = (h, w, channels) if channels else (h, w)
+        src = rng.integers(0, 2 if dtype == np.bool_ else np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+        ref_src = src.view(np.uint8) if dtype == np.bool_ else src  # cv2 does not take bool
+        want = cv2.resize(ref_src, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+        y1, x1 = int(rng.integers(0, out_h)), int(rng.integers(0, out_w))
+        y2, x2 = int(rng.integers(y1 + 1, out_h + 1)), int(rng.integers(x1 + 1, out_w + 1))
+        view = augment.NearestResized(src, (out_h, out_w))
+        got = view[y1:y2, x1:x2]
+        assert view.shape == (out_h, out_w) and got.dtype == dtype
+        assert np.array_equal(got.view(np.uint8) if dtype == np.bool_ else got, want[y1:y2, x1:x2]), (h, w, out_h, out_w)
+        assert np.array_equal(view[:, :].view(np.uint8) if dtype == np.bool_ else view[:, :], want)
 
 
 def test_crop_check_counts_labelled_pixels_as_mmseg() -> None:

@@ -80,6 +80,32 @@ def resize_window(src: np.ndarray, size: tuple[int, int], rows: int, cols: int, 
     return out[:rows, :cols]
 
 
+def nearest_index(src: int, dst: int) -> np.ndarray:
+    """The source index OpenCV's INTER_NEAREST resize reads for each of `dst` outputs along one
+    axis: floor(x / (dst / src)) in double precision, clamped to src - 1 (its resizeNN, with the
+    factor it derives from the sizes). tests/test_augment.py compares it with cv2.resize."""
+    step = 1.0 / (dst / src)
+    return np.minimum(np.floor(np.arange(dst, dtype=np.float64) * step).astype(np.intp), src - 1)
+
+
+class NearestResized:
+    """`cv2.resize(src, (W, H), interpolation=INTER_NEAREST)`, made crop by crop: indexing
+    with two slices gathers only that block of the resized map, bit for bit.
+
+    Why: training keeps a crop of the resized label, and the crop is chosen on it (mmseg's
+    cat_max_ratio tries); resizing the whole label first (up to 4x the decoded pixels at
+    ratio 2) cost more than the tries themselves. src: h x w (x C); size = (H, W)."""
+
+    def __init__(self, src: np.ndarray, size: tuple[int, int]) -> None:
+        self.src = src
+        self.shape = (int(size[0]), int(size[1]))
+        self._rows, self._cols = nearest_index(src.shape[0], self.shape[0]), nearest_index(src.shape[1], self.shape[1])
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        return self.src.take(self._rows[rows], 0).take(self._cols[cols], 1)
+
+
 def _crop_ok(label: np.ndarray, cat_max_ratio: float, ignore: int) -> bool:
     """mmseg's test: >1 labelled class and none above cat_max_ratio of labelled pixels."""
     # Count the labelled pixels only: a bincount through the ignore value (65535) would
@@ -95,12 +121,13 @@ def _crop_ok(label: np.ndarray, cat_max_ratio: float, ignore: int) -> bool:
     return counts.size > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
-def random_crop_box(label: np.ndarray, crop: int, rng: np.random.Generator, cat_max_ratio: float = 0.75,
+def random_crop_box(label: np.ndarray | NearestResized, crop: int, rng: np.random.Generator, cat_max_ratio: float = 0.75,
                     ignore: int = IGNORE, tries: int = 10) -> tuple[int, int, int, int]:
     """(y1, y2, x1, x2) of a crop <= crop x crop, as mmseg's RandomCrop.
 
     With cat_max_ratio < 1, redraw up to `tries` times while the crop is dominated by one
     class (or holds < 2 classes); after the last try the last drawn box is kept unchecked.
+    label: the resized label map, an array or a `NearestResized` (only the tried boxes are read).
     """
     h, w = label.shape
 
@@ -255,14 +282,14 @@ class TrainTransform:
         self.std = np.asarray(self.std, np.float32)
 
     def _draw(self, label: np.ndarray, rng: np.random.Generator
-              ) -> tuple[tuple[int, int], tuple[int, int, int, int], bool, PhotoParams | None, np.ndarray]:
+              ) -> tuple[tuple[int, int], tuple[int, int, int, int], bool, PhotoParams | None, NearestResized]:
         """The clip's random geometry and photometric draw from its first frame's label, in
         mmseg's order: (resized size, crop box, flip, photometric params, that label resized
-        (nearest) to the size, on which the crop was chosen)."""
+        (nearest) to the size, on which the crop was chosen, as a `NearestResized` view)."""
         h, w = label.shape
         ratio = rng.uniform(*self.ratio_range)
         size = rescale_size(h, w, self.scale[0] * ratio, self.scale[1] * ratio)
-        resized = resize_pair(label, None, size, nearest=True)[0]
+        resized = NearestResized(label, size)
         # The crop is chosen on the first frame's label; the clip shares it.
         box = random_crop_box(resized, self.crop, rng, self.cat_max_ratio, self.ignore)
         flip = bool(rng.random() < self.flip_prob)
@@ -296,8 +323,11 @@ class TrainTransform:
         size, (y1, y2, x1, x2), flip, photo, label0 = self._draw(labels[0], rng)
 
         def crop_of(x: np.ndarray, nearest: bool = True) -> np.ndarray:
-            # Only the part of the resized frame above and left of the crop's far corner is made.
-            return resize_window(x, size, y2, x2, nearest)[y1:, x1:]
+            # Only the crop of a nearest-resized map is gathered; only the part of the resized
+            # image above and left of the crop's far corner is made.
+            if nearest:
+                return NearestResized(x, size)[y1:y2, x1:x2]
+            return resize_window(x, size, y2, x2)[y1:, x1:]
 
         t, c = len(images), self.crop
         ch, cw = y2 - y1, x2 - x1
@@ -321,20 +351,21 @@ class TrainTransform:
     def crop_masks(self, instances: list[np.ndarray], shape: tuple[int, int], geometry: Geometry) -> list[np.ndarray]:
         """Per frame an n_t x H x W stack of instance masks (uint8 / bool, possibly
         overlapping) -> n_t x crop x crop bool, moved exactly as the label by `geometry`:
-        nearest resize to the resized size, the same crop and flip, padding False. Masks are
-        resized one at a time, only up to the crop's far corner (`resize_window`), so memory
-        stays bounded for many instances. An instance whose pixels all fall
+        nearest resize to the resized size, the same crop and flip, padding False. Only the
+        crop's pixels are gathered (`nearest_index`), so memory stays that of the output for
+        many instances. An instance whose pixels all fall
         outside the crop comes back empty (the caller drops it: absent from that frame).
         shape: the (H, W) of the clip's labels, which every mask must have."""
         _check_masks(instances, shape, len(instances))
         size, (y1, y2, x1, x2), flip = geometry
         c = self.crop
+        rows, cols = nearest_index(shape[0], size[0])[y1:y2], nearest_index(shape[1], size[1])[x1:x2]
+        if flip:
+            cols = cols[::-1]
         out_masks = []
         for stack in instances:
             out = np.zeros((stack.shape[0], c, c), bool)
-            for j, m in enumerate(stack):
-                r = resize_window(np.ascontiguousarray(m, np.uint8), size, y2, x2, nearest=True)[y1:, x1:]
-                out[j, :r.shape[0], :r.shape[1]] = (r[:, ::-1] if flip else r) != 0
+            out[:, :len(rows), :len(cols)] = stack.take(rows, 1).take(cols, 2) != 0
             out_masks.append(out)
         return out_masks
 
