@@ -42,7 +42,7 @@ def demo(
 
     import torch
 
-    from rankseg_core.convert.common import ConvertOptions, default_workers
+    from rankseg_core.convert.common import ConvertOptions
     from rankseg_core.convert.synthetic import prepare_synthetic
     from rankseg_core.engine.configure import build_train_config
     from rankseg_core.engine.evaluate import EvalOptions, run_evaluation
@@ -50,6 +50,7 @@ def demo(
     from rankseg_core.engine.train import train
     from rankseg_core.shards.stats import dataset_class_cdf, plot_class_cdf
     from rankseg_core.utils.fsio import atomic_write_json
+    from rankseg_core.utils.parallel import default_workers
 
     # One core feeds the data, the others compute: on a 2-core machine two compute threads
     # fighting a data worker for the cores are several times slower than one.

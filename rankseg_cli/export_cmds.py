@@ -12,7 +12,7 @@ import typer
 
 from rankseg_cli.common import RERUN_RESUMES, err, show, user_errors
 from rankseg_cli.prepare import Limit, NumShards, OnError, Out, ShardIndex, Workers, convert_options, report
-from rankseg_core.convert.common import default_workers
+from rankseg_core.utils.parallel import default_workers
 
 
 @user_errors(interrupted="files already written are complete; re-run the same command to resume")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from rankseg_cli.common import RERUN_RESUMES, err, new_app, show, user_errors
-from rankseg_core.convert.common import ConvertOptions, default_workers
 from rankseg_core.errors import UserError
-from rankseg_core.shards.write import MAX_CLASSES
+from rankseg_core.shards.codec import MAX_CLASSES
+from rankseg_core.utils.parallel import default_workers
+
+if TYPE_CHECKING:
+    from rankseg_core.convert.common import ConvertOptions
 
 prepare_app = new_app(
     "Convert a dataset into rankseg shards (HDF5 + dataset.json with image-level multi-label targets).\n\n"
@@ -28,6 +31,8 @@ OnError = Annotated[str, typer.Option("--on-error", help="fail: stop at the firs
 
 def convert_options(workers: int, num_shards: int, shard_index: int | None, limit: int | None,
                     on_error: str, samples_per_shard: int = 1000) -> ConvertOptions:
+    from rankseg_core.convert.common import ConvertOptions  # h5py and the writers: only when converting
+
     return ConvertOptions(workers=workers, num_shards=num_shards, shard_index=shard_index,
                           limit=limit, on_error=on_error, samples_per_shard=samples_per_shard)
 

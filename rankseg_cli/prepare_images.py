@@ -19,8 +19,8 @@ from rankseg_cli.prepare import (
     prepare_app,
     report,
 )
-from rankseg_core.convert.common import default_workers
 from rankseg_core.errors import UserError
+from rankseg_core.utils.parallel import default_workers
 
 Root = Annotated[Path, typer.Option("--root", "-r", help="The dataset release folder (see the layout above).")]
 PerShard = Annotated[int, typer.Option("--samples-per-shard", help="Samples per HDF5 file.")]

@@ -19,7 +19,7 @@ from rankseg_cli.prepare import (
     report,
 )
 from rankseg_cli.prepare_images import PerShard, Root
-from rankseg_core.convert.common import default_workers
+from rankseg_core.utils.parallel import default_workers
 
 
 @prepare_app.command("coco-panoptic")

@@ -19,8 +19,8 @@ from rankseg_cli.prepare import (
     prepare_app,
     report,
 )
-from rankseg_core.convert.common import default_workers
 from rankseg_core.errors import UserError
+from rankseg_core.utils.parallel import default_workers
 
 
 def _note(msg: str) -> None:

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from rankseg_cli.app import app
 from rankseg_core.config.train import TrainConfig
-from rankseg_core.convert.common import default_workers
 from rankseg_core.engine.configure import resolve
 from rankseg_core.errors import UserError
 from rankseg_core.shards.read import load_index
 from rankseg_core.shards.splits import default_split, find_split
+from rankseg_core.utils.parallel import default_workers
 
 
 def run(*args: object):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +46,6 @@ class ConvertOptions:
             raise UserError(f"--on-error must be 'fail' or 'skip', not {self.on_error!r}")
         if self.limit is not None and self.limit < 1:
             raise UserError("--limit must be >= 1")
-
-
-def default_workers() -> int:
-    return os.cpu_count() or 1
 
 
 def claim(out: str | Path, header: DatasetHeader, opts: ConvertOptions) -> Path:

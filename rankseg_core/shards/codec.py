@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 IGNORE = 65535  # stored ignore value; never 255 (a valid class id for K > 255)
+MAX_CLASSES = IGNORE  # K <= 65535: train ids 0..65534, 65535 is the ignore value
 
 # Largest image (or mask) rankseg decodes: 2^28 = 268,435,456 pixels (16384 x 16384). The
 # biggest images of the supported datasets have a few megapixels, and at this size one decode

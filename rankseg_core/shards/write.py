@@ -29,7 +29,7 @@ import numpy as np
 
 from rankseg_core import __version__
 from rankseg_core.errors import SampleError, UserError
-from rankseg_core.shards.codec import IGNORE, class_counts, encode_label
+from rankseg_core.shards.codec import IGNORE, MAX_CLASSES, class_counts, encode_label
 from rankseg_core.utils import jsonio, lock
 
 # Re-exported: other modules write their files through `shards.atomic_write_*`.
@@ -50,7 +50,6 @@ FORMAT = "rankseg-shards"
 VERSION = 1  # semantic datasets (byte-identical to every release before v2 existed)
 VERSION_PANOPTIC = 2  # v1 + per-sample segment maps and records, thing classes in dataset.json
 VERSIONS = (VERSION, VERSION_PANOPTIC)  # what the reader accepts
-MAX_CLASSES = IGNORE  # K <= 65535: train ids 0..65534, 65535 is the ignore value
 MAX_SEGMENTS = 65534  # per image: indices 1..n in a uint16 map (0 = no segment)
 MARKER = ".rankseg-shards.json"  # written first: claims the directory and records the options
 

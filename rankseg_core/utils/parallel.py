@@ -58,6 +58,11 @@ AHEAD_PER_WORKER = 16
 _GRACE = 5.0
 
 
+def default_workers() -> int:
+    """One worker per core: every converter's (and `export`'s) default --workers."""
+    return os.cpu_count() or 1
+
+
 @dataclass
 class Skipped:
     """A sample whose function raised SampleError, with the message (which names the file)."""
