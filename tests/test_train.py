@@ -190,6 +190,20 @@ def test_batch_stream_shards_deterministically() -> None:
     assert next(resumed) == b
 
 
+def test_batch_stream_order_is_the_per_epoch_permutation() -> None:
+    """Every position's clip is the epoch's permutation drawn from (seed, 7, epoch), written out
+    here, across epoch boundaries inside a batch (7 clips, batch 3) and after a resume; the
+    stream keeps at most two epochs' permutations."""
+    n, seed = 7, 11
+    stream = BatchStream(n, 3, 1, 1, 0, seed)
+    got = [x for _, b in zip(range(12), stream) for x in b]
+    want = [(g, int(np.random.default_rng([seed, 7, g // n]).permutation(n)[g % n])) for g in range(36)]
+    assert got == want
+    assert len(stream._perms) <= 2
+    resumed = BatchStream(n, 3, 1, 1, 0, seed, start_step=9)
+    assert next(iter(resumed)) == want[27:30]
+
+
 # Parameter groups (mmseg custom_keys semantics): tests/test_optim.py.
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -69,6 +69,7 @@ class BatchStream:
     rank: int
     seed: int
     start_step: int = 0
+    _perms: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def micro(self) -> int:
@@ -78,9 +79,19 @@ class BatchStream:
         epoch, pos = np.divmod(g, self.num_clips)
         out = np.empty_like(g)
         for e in np.unique(epoch):  # at most two epochs per batch
-            perm = np.random.default_rng([self.seed, 7, int(e)]).permutation(self.num_clips)
-            out[epoch == e] = perm[pos[epoch == e]]
+            out[epoch == e] = self._permutation(int(e))[pos[epoch == e]]
         return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s visiting order, drawn once: redrawing it for every batch cost
+        O(number of clips) per batch (~0.2 ms at ADE20K's 20k images, ~1 ms at COCO's 118k).
+        The last two epochs are kept: a batch spans at most two."""
+        perms = self._perms
+        if epoch not in perms:
+            if len(perms) >= 2:
+                del perms[min(perms)]
+            perms[epoch] = np.random.default_rng([self.seed, 7, epoch]).permutation(self.num_clips)
+        return perms[epoch]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         b, step = self.micro, self.start_step
