@@ -576,7 +576,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512],
                     help="synthetic image sizes, one table each (crop = size / 2)")
     ap.add_argument("--images", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=20, help="batches of 8 per measurement (at 256 px; fewer at larger sizes)")
+    ap.add_argument("--batches", type=int, default=60, help="batches of 8 per measurement (at 256 px; fewer at larger sizes)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()

@@ -249,6 +249,16 @@ def test_crop_check_counts_labelled_pixels_as_mmseg() -> None:
         assert augment._crop_ok(label[:, 1:], 0.75, IGNORE) == mmseg_ok(label[:, 1:])  # a strided window
         assert augment._crop_ok(label.astype(np.int64), 0.75, IGNORE) == want  # the general path
     assert outcomes == {True, False}
+    # Both counting paths (every class < 255: OpenCV's 8-bit histogram; else bincount) at the
+    # boundary: 254 is the largest class of the 8-bit path.
+    for top in (253, 254, 255, 256, 65534):
+        for share in (0.74, 0.75, 0.76):
+            n = 400
+            label = np.full(n, IGNORE, np.uint16)
+            label[: int(share * 300)] = top
+            label[int(share * 300):300] = 7
+            label = label.reshape(20, 20)
+            assert augment._crop_ok(label, 0.75, IGNORE) == mmseg_ok(label), (top, share)
 
 
 def loader_cfg(root: Path, crop: int, panoptic: bool = False) -> TrainConfig:

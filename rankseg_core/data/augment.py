@@ -113,7 +113,14 @@ def _crop_ok(label: np.ndarray, cat_max_ratio: float, ignore: int) -> bool:
     if ignore == IGNORE and label.dtype == np.uint16:
         # uint16 wrap-around sends the ignore value to bin 0 and class c to c + 1: one pass
         # where selecting the labelled pixels first takes a mask and a compaction.
-        counts = np.bincount((label + np.uint16(1)).ravel())[1:]
+        shifted = label + np.uint16(1)
+        if shifted.max() < 256 and shifted.size < 1 << 24:
+            # Every class < 255 (most datasets): OpenCV's 8-bit histogram counts ~2x faster than
+            # bincount, which widens every pixel to int64 first; its float32 counts are exact
+            # below 2^24 pixels.
+            counts = cv2.calcHist([shifted.astype(np.uint8)], [0], None, [256], [0, 256]).ravel()[1:]
+        else:
+            counts = np.bincount(shifted.ravel())[1:]
     else:
         flat = label.ravel()
         counts = np.bincount(flat[flat != ignore])
