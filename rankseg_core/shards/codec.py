@@ -29,7 +29,7 @@ MAX_FILE_BYTES = 1 << 30
 # PNG compression 1 is ~3x faster to encode than the default 3 and only a few % larger on
 # label maps, which are dominated by long runs. One row filter, "up", instead of libpng's
 # per-row choice among all five: on ADE20K's label maps the files are ~1 % smaller, decoding
-# takes ~0.6x the time (no Paeth / average rows to undo; decoding is a training worker's
+# takes ~0.7x the time (no Paeth / average rows to undo; decoding is a training worker's
 # largest cost) and encoding ~0.35x (measured in docs/benchmarks.md, "Label PNG filter"). The
 # decoded values are the same whatever the filter; OpenCV < 4.10 has no filter option and
 # keeps libpng's choice.
