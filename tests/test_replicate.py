@@ -391,6 +391,7 @@ def _seed_values(work: Path, seeds: int, kappa: int) -> dict[str, list[float]]:
                   if x.strip()] for s in range(seeds)]
         out["classifier/map"] = [[r for r in recs if r.get("type") == "eval" and r.get("final")][-1]["map"]
                                  for recs in final]
+    if (work / "pretrain" / "metrics.jsonl").is_file():  # the pre-trained regime's one pre-training run
         pre = [json.loads(x) for x in (work / "pretrain" / "metrics.jsonl").read_text().splitlines() if x.strip()]
         out["pretrain/map"] = [[r for r in pre if r.get("type") == "eval" and r.get("final")][-1]["map"]]
     return out
