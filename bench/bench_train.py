@@ -126,7 +126,9 @@ def train_rate(head: str, iters: int) -> float:
                       dropout=0.0, drop_path=0.0)
     model = SEGMENTER.build(cfg).train()
     crit = RankSegCriterion(100, 65535, ml_weight=10.0)
-    opt = build_optimizer(model, TrainConfig())  # the paper's SGD settings
+    tc = TrainConfig()
+    tc.model = cfg  # the parameter groups follow the model trained (the baseline has no ml branch)
+    opt = build_optimizer(model, tc)  # the paper's SGD settings
     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 100, (8, 64, 64))
 
     def step() -> None:
