@@ -377,9 +377,10 @@ a large share of the cost, so the ratios are larger than for ViT-B at 512 px (do
 | training DataLoader, 0 workers (decode + resize/crop/flip/photometric/normalise) | {l0:.0f} |
 | training DataLoader, 2 workers | {l2:.0f} |
 
-The augmentation costs about as much as decoding (mostly the bilinear resize at up to 2x and
-the HSV round trip of the photometric distortion). Workers only help when cores are free: with
-the load average above, the 2-worker loader competes with other jobs for the same 2 cores.
+The augmentation costs a bit over half as much as decoding (the crop choice, the bilinear resize
+of the crop's region and the HSV round trip of the photometric distortion; stage by stage in
+"Training loader" above). Workers only help when cores are free: with the load average above,
+the 2-worker loader competes with other jobs for the same 2 cores.
 
 ### Training speed of the tiny model (ViT-T, 64 px, K = 100, batch 8, SGD, 1 thread)
 
