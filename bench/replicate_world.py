@@ -3,6 +3,8 @@ docs/replication.md, "The world sweep"; the worlds: docs/synthetic.md, "Harder w
 
     python bench/replicate_world.py --docs      # the sweep, writes its block into docs/replication.md
     python bench/replicate_world.py --smoke     # end to end in seconds (tiny everything)
+    python bench/replicate_world.py --pretrained --world default --world shared-bg:1,all-classes --docs
+                                                # P0-P2 on the pre-trained replication's runs of each world
 
 In the default synthetic world every scene has a background of its own, so the background names
 the scene and the full-K decoder already knows it; there the paper's precondition fails (the
@@ -28,6 +30,12 @@ PREDICTIONS, stated before any sweep run (01:35 UTC, 2026-12-06; also in the doc
 - P2: RankSeg - Baseline grows where P1 holds: in every world where P1 holds it is larger than in
   every world where P1 fails, beyond the seed spread. Inconclusive when P1 holds in all worlds or
   in none (no contrast).
+
+`--pretrained` trains nothing: it judges P0-P2 on the runs and evaluations that the pre-trained
+replication (`python bench/replicate.py --world W`, which has them all: baseline, RankSeg, their
+precondition files and the baseline's GT (eval)) left for each world, read from those files, and
+writes its own block (`world-pretrained`) and results file. Its predictions were stated before
+the first pre-trained world other than the default finished (PREDICTED_AT_PRETRAINED).
 
 Verdicts use bench/replication_claims.py's rule ("beyond the seed spread"); `verdicts` recomputes
 them from the per-seed numbers the results JSON stores, and tests/test_replicate_world.py
@@ -74,6 +82,16 @@ PREDICTIONS = (
     ("P2", "RankSeg − Baseline grows where P1 holds: larger in every world where P1 holds than in every world where it "
            "fails, beyond the seed spread (inconclusive when P1 holds everywhere or nowhere)"),
 )
+PREDICTED_AT_PRETRAINED = "04:26 UTC, 2026-12-06 (the B = 1 pre-trained replication started 04:17, no result yet)"
+PREDICTIONS_PRETRAINED = (
+    ("P0", "as from scratch: the baseline's scene-oracle gain is larger in the shared-background world than in the "
+           "default one (B = S), beyond the seed spread"),
+    ("P1", "as from scratch, per world (the ml head of RankSeg pre-trained and fine-tuned against the ranking read off "
+           "the pre-trained baseline's segmentation). Expected: it fails in the default world (measured there: "
+           "-14.8 mAP points) and, less clearly, in the B = 1 world too: pre-training teaches the backbone the "
+           "classes, which helps the decoder's ranking as much as the head's"),
+    ("P2", "as from scratch; inconclusive if P1 fails in both worlds"),
+)
 # B = S = 8 and B = 1 at K = 200. A full-size world costs ~20 min of wall time on the 2 shared
 # cores (measured: 300 baseline iterations took ~8 min per run at a 1-min load of ~9), so the
 # intermediate levels (--world shared-bg:4,all-classes, shared-bg:2,...) did not fit the budget.
@@ -81,6 +99,7 @@ WORLDS = ("all-classes", "shared-bg:1,all-classes")
 SMOKE_WORLDS = ("all-classes", "shared-bg:1,all-classes")  # K = 40: S = 2
 VARIANTS = ("baseline", "rankseg")
 BLOCK = "world"
+BLOCK_PRETRAINED = "world-pretrained"
 SEED_KEYS = ("baseline", "rankseg", "baseline_gt_eval", "baseline_scene_oracle", "ml_map", "decoder_map",
              "ml_scene_acc", "decoder_scene_acc", "rankseg_decoder_map", "rankseg_scene_oracle")
 
@@ -144,6 +163,39 @@ def seed_values(out: dict[tuple, dict], spec: str, seeds: int) -> dict[str, list
         "ml_scene_acc": get("precondition", "rankseg", "ml_scene_acc"),
         "decoder_scene_acc": get("precondition", "baseline", "decoder_scene_acc"),
         "rankseg_decoder_map": get("precondition", "rankseg", "decoder_map"),
+    }
+
+
+def read_world(p: Protocol, work: Path, spec: str) -> dict[str, list[float | None]]:
+    """The per-seed numbers of one world (SEED_KEYS) from the files a replication of it left
+    (`--pretrained`): each run's `replicate.json` (its final evaluation), the precondition
+    files and the baseline's GT (eval) evaluation, under `world_base`."""
+    import json
+
+    from rankseg_core.errors import UserError
+
+    base = world_base(p, work, parse_world(spec))
+    regime = "" if not p.pretrained else " (pre-trained)"
+
+    def load(path: Path) -> dict:
+        if not path.is_file():
+            raise UserError(f"{path} is missing: run `python bench/replicate.py"
+                            f"{'' if p.pretrained else ' --from-scratch'} --world {spec}` first{regime}")
+        return json.loads(path.read_text())
+
+    def get(name: str, key: str) -> list[float | None]:
+        return [load(base / name.format(s=s)).get(key) for s in range(p.seeds)]
+
+    return {
+        "baseline": get("baseline/seed{s}/replicate.json", "miou"), "rankseg": get("rankseg/seed{s}/replicate.json", "miou"),
+        "baseline_gt_eval": get("evals/baseline_seed{s}_gt_eval.json", "miou"),
+        "baseline_scene_oracle": get("evals/baseline_seed{s}_precondition.json", "scene_oracle_miou"),
+        "rankseg_scene_oracle": get("evals/rankseg_seed{s}_precondition.json", "scene_oracle_miou"),
+        "ml_map": get("evals/rankseg_seed{s}_precondition.json", "ml_map"),
+        "decoder_map": get("evals/baseline_seed{s}_precondition.json", "decoder_map"),
+        "ml_scene_acc": get("evals/rankseg_seed{s}_precondition.json", "ml_scene_acc"),
+        "decoder_scene_acc": get("evals/baseline_seed{s}_precondition.json", "decoder_scene_acc"),
+        "rankseg_decoder_map": get("evals/rankseg_seed{s}_precondition.json", "decoder_map"),
     }
 
 
@@ -250,13 +302,24 @@ def report(worlds: list[dict], judged: dict, p: Protocol, command: str, smoke: b
     if len(history) > 1:
         out.append(f"The {len(history)} invocations on this work directory took {sum(h['wall_s'] for h in history) / 60:.1f} "
                    f"min of wall time in all (runs reused when finished, resumed when interrupted).  ")
-    out.append(f"Protocol: the replication's from-scratch protocol (`Protocol.from_scratch`), K = {p.num_classes}, "
-               f"{p.size} px, {p.images} train / {p.val_images} val images per world; {p.iters} iterations of batch "
-               f"{p.batch} (AdamW lr {p.lr:g}, warm-up {p.warmup}, poly decay), training κ = {p.kappa}, ml loss weight "
-               f"{p.ml_weight:g}; {p.seeds} seeds; baseline and RankSeg per world. mIoU / mAP / accuracy in %, "
-               "mean ± sample std over seeds, then per seed.")
-    out += ["", f"**Predictions, stated before any sweep run** ({PREDICTED_AT}):", ""]
-    out += [f"- **{k}**: {t}." for k, t in PREDICTIONS]
+    if p.pretrained:
+        out.append(f"Protocol: the replication's pre-trained protocol (`Protocol()`: one multi-label classifier "
+                   f"pre-trained per world on its {p.pretrain_images} `pretrain` images, {p.pretrain_iters} iterations, "
+                   f"its backbone initialising every run), K = {p.num_classes}, {p.size} px, {p.images} train / "
+                   f"{p.val_images} val images per world; {p.iters} iterations of batch {p.batch} (AdamW lr {p.lr:g}, "
+                   f"backbone lr × {p.backbone_lr_mult:g}), training κ = {p.kappa}, ml loss weight {p.ml_weight:g}; "
+                   f"{p.seeds} seeds. Read from the runs of `python bench/replicate.py --world W` (nothing trained "
+                   "here). mIoU / mAP / accuracy in %, mean ± sample std over seeds, then per seed.")
+        out += ["", f"**Predictions, stated before the results** ({PREDICTED_AT_PRETRAINED}):", ""]
+        out += [f"- **{k}**: {t}." for k, t in PREDICTIONS_PRETRAINED]
+    else:
+        out.append(f"Protocol: the replication's from-scratch protocol (`Protocol.from_scratch`), K = {p.num_classes}, "
+                   f"{p.size} px, {p.images} train / {p.val_images} val images per world; {p.iters} iterations of "
+                   f"batch {p.batch} (AdamW lr {p.lr:g}, warm-up {p.warmup}, poly decay), training κ = {p.kappa}, ml "
+                   f"loss weight {p.ml_weight:g}; {p.seeds} seeds; baseline and RankSeg per world. mIoU / mAP / "
+                   "accuracy in %, mean ± sample std over seeds, then per seed.")
+        out += ["", f"**Predictions, stated before any sweep run** ({PREDICTED_AT}):", ""]
+        out += [f"- **{k}**: {t}." for k, t in PREDICTIONS]
     out += ["", "**The worlds** (docs/synthetic.md, \"Harder worlds\"; S scenes share B backgrounds; *shown* = classes "
                 "some scene draws):", ""]
     out.append("| world | B of S | shown classes | objects per scene | data |")
@@ -306,13 +369,17 @@ def report(worlds: list[dict], judged: dict, p: Protocol, command: str, smoke: b
         out.append("- So the test of RankSeg's mechanism is **inconclusive** in these worlds: nowhere did its ml head "
                    "rank better than the decoder, and a selection driven by the worse ranker cannot be expected to "
                    "help (whether RankSeg − Baseline is positive there says nothing about the mechanism).")
-    if {w["world"] for w in worlds} == set(WORLDS) and not smoke:
+    if {w["world"] for w in worlds} == set(WORLDS) and not smoke and not p.pretrained:
         out.append("- Not run: the sharing levels between B = S and B = 1 (`--world shared-bg:4,all-classes`, "
                    "`shared-bg:2,all-classes`): a full-size world costs ~20 min of wall time on the 2 shared cores, "
                    "and the budget was 35 min.")
     total = sum(h["wall_s"] for h in history)
-    out.append(f"\nSweep wall time: **{total / 60:.1f} min** over {len(history)} invocation(s) on this work directory "
-               f"(this one {seconds / 60:.1f} min; finished runs are reused, interrupted ones resumed).")
+    if p.pretrained:
+        out.append("\nWall time: that of each world's `bench/replicate.py --world W` invocation, in its own block; "
+                   f"this judgement {seconds:.0f} s.")
+    else:
+        out.append(f"\nSweep wall time: **{total / 60:.1f} min** over {len(history)} invocation(s) on this work "
+                   f"directory (this one {seconds / 60:.1f} min; finished runs are reused, interrupted ones resumed).")
     return "\n".join(out)
 
 
@@ -327,6 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help=f"a world (repeatable; default {' '.join(WORLDS)}): see bench/replicate.py --world")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 iterations: checks the pipeline in seconds")
     ap.add_argument("--docs", action="store_true", help=f"write the `{BLOCK}` block into docs/replication.md")
+    ap.add_argument("--pretrained", action="store_true",
+                    help=f"judge the pre-trained replication's runs of each world (run `bench/replicate.py --world W` "
+                         f"first; trains nothing; block `{BLOCK_PRETRAINED}`)")
     for name in ("seeds", "iters", "jobs", "threads", "images"):
         ap.add_argument(f"--{name}", type=int)
     args = ap.parse_args(argv)
@@ -336,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from rankseg_core.errors import UserError
 
-    p = Protocol.smoke(True) if args.smoke else Protocol.from_scratch()
+    p = Protocol.smoke(not args.pretrained) if args.smoke else Protocol() if args.pretrained else Protocol.from_scratch()
     for name in ("seeds", "iters", "jobs", "threads", "images"):
         if getattr(args, name) is not None:
             setattr(p, name, getattr(args, name))
@@ -355,32 +425,45 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC"
 
     roots = {spec: synthetic_root(p, work, w) for spec, w in zip(specs, worlds)}
-    tasks: list[Task] = []
-    for spec in specs:
-        tasks += plan_world(p, work, spec, roots[spec])[0]
-    # Training first (all worlds), then the evaluations: `run_tasks` takes tasks in list order.
-    tasks.sort(key=lambda t: t.key[1] != "train")
-    n_train = sum(t.key[1] == "train" for t in tasks)
-    print(f"[world] {len(specs)} worlds: {n_train} runs and {len(tasks) - n_train} evaluations, {p.jobs} at a time",
-          flush=True)
-    out = run_tasks(tasks, p.jobs)
+    if args.pretrained:  # nothing to train: the pre-trained replication of each world left its files
+        out: dict[tuple, dict] = {}
+        seeds = {spec: read_world(p, work, spec) for spec in specs}
+        runs = {f"{spec}|{v}|seed{s}": str(world_base(p, work, parse_world(spec)) / v / f"seed{s}")
+                for spec in specs for v in VARIANTS for s in range(p.seeds)}
+        trained: list[dict] = []
+    else:
+        tasks: list[Task] = []
+        for spec in specs:
+            tasks += plan_world(p, work, spec, roots[spec])[0]
+        # Training first (all worlds), then the evaluations: `run_tasks` takes tasks in list order.
+        tasks.sort(key=lambda t: t.key[1] != "train")
+        n_train = sum(t.key[1] == "train" for t in tasks)
+        print(f"[world] {len(specs)} worlds: {n_train} runs and {len(tasks) - n_train} evaluations, {p.jobs} at a time",
+              flush=True)
+        out = run_tasks(tasks, p.jobs)
+        seeds = {spec: seed_values(out, spec, p.seeds) for spec in specs}
+        runs = {f"{k[0]}|{k[2]}|seed{k[3]}": r["run"] for k, r in out.items() if k[1] == "train"}
+        trained = [r for k, r in out.items() if k[1] == "train"]
     seconds = time.perf_counter() - t0
     results = [{"world": spec, "backgrounds": world_facts(roots[spec])["backgrounds"], "facts": world_facts(roots[spec]),
-                "seeds": seed_values(out, spec, p.seeds)} for spec in specs]
+                "seeds": seeds[spec]} for spec in specs]
     judged = verdicts(results)
     command = ("python bench/replicate_world.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    trained = [r for k, r in out.items() if k[1] == "train"]
-    history = log_invocation(work / "scratch" / f"invocations_world{'_smoke' if args.smoke else ''}.jsonl", {
+    regime = "pretrained" if p.pretrained else "scratch"
+    history = log_invocation(work / regime / f"invocations_world{'_smoke' if args.smoke else ''}.jsonl", {
         "started": started, "command": command, "wall_s": seconds, "cpu_s": cpu_seconds() - cpu0, "load": load.stop(),
         "total": len(trained), "reused": sum(bool(r.get("reused")) for r in trained),
         # A reused run's record is its stored one, which keeps the flag of the invocation that trained it.
         "resumed": sum(bool(r.get("resumed")) and not r.get("reused") for r in trained)})
     body = report(results, judged, p, command, args.smoke, history, seconds)
-    record = {"protocol": p.__dict__, "predictions": dict(PREDICTIONS), "predicted_at": PREDICTED_AT,
-              "total_seconds": seconds, "worlds": results, "verdicts": judged,
-              "runs": {f"{k[0]}|{k[2]}|seed{k[3]}": r["run"] for k, r in out.items() if k[1] == "train"}}
-    results_json = work / f"results_world{'_smoke' if args.smoke else ''}.json"
-    publish(results_json, record, body, args.docs and not args.smoke, DOC, BLOCK, work, time.perf_counter() - t0)
+    record = {"protocol": p.__dict__,
+              "predictions": dict(PREDICTIONS_PRETRAINED if p.pretrained else PREDICTIONS),
+              "predicted_at": PREDICTED_AT_PRETRAINED if p.pretrained else PREDICTED_AT,
+              "total_seconds": seconds, "worlds": results, "verdicts": judged, "runs": runs}
+    name = "results_world" + ("_pretrained" if p.pretrained else "") + ("_smoke" if args.smoke else "")
+    results_json = work / f"{name}.json"
+    publish(results_json, record, body, args.docs and not args.smoke, DOC, BLOCK_PRETRAINED if p.pretrained else BLOCK,
+            work, time.perf_counter() - t0)
     return {"protocol": p, "record": record, "report": body, "results": results_json}
 
 

@@ -129,10 +129,11 @@ def _check_record(rec: dict, work: Path) -> None:
     """Every number of a results record from the run files, and every verdict row from those
     numbers with the rule re-implemented here (P0 gains, P1 rankings, P2 lifts, RankSeg vs Baseline)."""
     seeds = range(rec["protocol"]["seeds"])
+    regime = "pretrained" if rec["protocol"]["pretrain_iters"] else "scratch"
     numbers = {}
     for w in rec["worlds"]:
         tag = R.parse_world(w["world"]).tag(rec["protocol"]["num_classes"])
-        numbers[w["world"]] = _seeds_from_run_files(work / "scratch" / ("synthetic" + (f"_{tag}" if tag else "")), seeds)
+        numbers[w["world"]] = _seeds_from_run_files(work / regime / ("synthetic" + (f"_{tag}" if tag else "")), seeds)
         assert w["seeds"] == numbers[w["world"]]
     bg = {w["world"]: w["backgrounds"] for w in rec["worlds"]}
 
@@ -177,6 +178,62 @@ def test_smoke_end_to_end_recomputed_from_run_files(tmp_path: Path) -> None:
     again = RW.main(["--smoke", "--work", str(tmp_path), "--world", world, "--threads", "1"])
     assert again["record"]["worlds"][0]["seeds"] == w["seeds"]
     assert "4 of 4 runs reused" in again["report"]
+
+
+def _write_replication(base: Path, v: dict[str, list[float]]) -> None:
+    """The files a replication of one world leaves for its baseline and RankSeg runs (the ones
+    `--pretrained` reads), with the given per-seed values."""
+    def put(path: Path, rec: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+
+    for s in range(len(v["baseline"])):
+        for run in ("baseline", "rankseg"):
+            put(base / run / f"seed{s}" / "replicate.json", {"miou": v[run][s], "stamp": f"{run}{s}"})
+            ml = {"ml_map": v["ml_map"][s], "ml_scene_acc": v["ml_scene_acc"][s]} if run == "rankseg" else \
+                {"ml_map": None, "ml_scene_acc": None}
+            put(base / "evals" / f"{run}_seed{s}_precondition.json", {
+                "run": str(base / run / f"seed{s}"), "stamp": f"{run}{s}", **ml,
+                "decoder_map": v[f"{run}_decoder_map"][s], "decoder_scene_acc": v[f"{run}_decoder_scene_acc"][s],
+                "scene_oracle_miou": v[f"{run}_scene_oracle"][s]})
+        put(base / "evals" / f"baseline_seed{s}_gt_eval.json", {"options": {"oracle": True}, "miou": v["gt_eval"][s]})
+
+
+def test_pretrained_judges_each_worlds_replication_from_its_files(tmp_path: Path) -> None:
+    """`--pretrained` trains nothing: it reads each world's replication files (hand-built here:
+    P1 fails in the default world and holds at B = 1, where RankSeg gains) and judges P0-P2
+    from them; a world not replicated yet is one line naming the command to run."""
+    from rankseg_core.errors import UserError
+
+    default = {"baseline": [0.10, 0.12], "rankseg": [0.09, 0.10], "gt_eval": [0.20, 0.22],
+               "baseline_scene_oracle": [0.11, 0.13], "rankseg_scene_oracle": [0.10, 0.11],
+               "ml_map": [0.30, 0.31], "baseline_decoder_map": [0.50, 0.52], "rankseg_decoder_map": [0.45, 0.47],
+               "ml_scene_acc": [0.70, 0.72], "baseline_decoder_scene_acc": [0.90, 0.91],
+               "rankseg_decoder_scene_acc": [0.80, 0.81]}
+    shared = {"baseline": [0.05, 0.06], "rankseg": [0.08, 0.095], "gt_eval": [0.15, 0.16],
+              "baseline_scene_oracle": [0.10, 0.115], "rankseg_scene_oracle": [0.11, 0.12],
+              "ml_map": [0.60, 0.62], "baseline_decoder_map": [0.40, 0.41], "rankseg_decoder_map": [0.35, 0.36],
+              "ml_scene_acc": [0.90, 0.92], "baseline_decoder_scene_acc": [0.60, 0.61],
+              "rankseg_decoder_scene_acc": [0.55, 0.56]}
+    _write_replication(tmp_path / "pretrained" / "synthetic", default)
+    _write_replication(tmp_path / "pretrained" / "synthetic_bg1_all", shared)
+    worlds = ["default", "shared-bg:1,all-classes"]
+    out = RW.main(["--smoke", "--pretrained", "--work", str(tmp_path), *sum((["--world", w] for w in worlds), [])])
+    rec = json.loads(Path(out["results"]).read_text())
+    assert Path(out["results"]).name == "results_world_pretrained_smoke.json"
+    assert [w["world"] for w in rec["worlds"]] == worlds and rec["protocol"]["pretrain_iters"] > 0
+    assert [w["backgrounds"] for w in rec["worlds"]] == [2, 1]  # K = 40: S = 2 scenes
+    _check_record(rec, tmp_path)  # every number re-read from the files, every row re-judged
+    v = rec["verdicts"]
+    # By hand: gains 0.01 / 0.01 vs 0.05 / 0.055; P1 only at B = 1; lifts -0.01 / -0.02 vs +0.03 / +0.035.
+    assert v["P0"] == "holds" and v["P1"] == {"default": False, "shared-bg:1,all-classes": True}
+    assert v["P2"] == "holds"
+    (p2,) = [r for r in v["rows"] if r["prediction"] == "P2"]
+    assert p2["diffs"] == pytest.approx([0.04, 0.055])
+    assert "pre-trained protocol" in out["report"] and "Predictions, stated before the results" in out["report"]
+    assert not list((tmp_path / "pretrained" / "synthetic").glob("*/seed*/model.safetensors"))  # nothing trained
+    with pytest.raises(UserError, match=r"run `python bench/replicate.py --world shared-bg:1` first"):
+        RW.main(["--smoke", "--pretrained", "--work", str(tmp_path), "--world", "default", "--world", "shared-bg:1"])
 
 
 WORK = Path(__file__).resolve().parents[1] / "runs" / "replication"
