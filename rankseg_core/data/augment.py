@@ -83,7 +83,7 @@ def resize_window(src: np.ndarray, size: tuple[int, int], rows: int, cols: int, 
 def nearest_index(src: int, dst: int) -> np.ndarray:
     """The source index OpenCV's INTER_NEAREST resize reads for each of `dst` outputs along one
     axis: floor(x / (dst / src)) in double precision, clamped to src - 1 (its resizeNN, with the
-    factor it derives from the sizes). tests/test_augment.py compares it with cv2.resize."""
+    factor it derives from the sizes). tests/test_loader_device.py compares it with cv2.resize."""
     step = 1.0 / (dst / src)
     return np.minimum(np.floor(np.arange(dst, dtype=np.float64) * step).astype(np.intp), src - 1)
 
@@ -372,7 +372,8 @@ class TrainTransform:
         out_masks = []
         for stack in instances:
             out = np.zeros((stack.shape[0], c, c), bool)
-            out[:, :len(rows), :len(cols)] = stack.take(rows, 1).take(cols, 2) != 0
+            # One gather of exactly the crop's pixels (no n x rows x W intermediate).
+            out[:, :len(rows), :len(cols)] = stack[:, rows[:, None], cols[None, :]] != 0
             out_masks.append(out)
         return out_masks
 

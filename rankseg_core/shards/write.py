@@ -47,7 +47,7 @@ from rankseg_core.utils.parallel import Skipped
 from rankseg_core.utils.progress import Progress
 
 FORMAT = "rankseg-shards"
-VERSION = 1  # semantic datasets (byte-identical to every release before v2 existed)
+VERSION = 1  # semantic datasets (the layout of every release before v2 existed)
 VERSION_PANOPTIC = 2  # v1 + per-sample segment maps and records, thing classes in dataset.json
 VERSIONS = (VERSION, VERSION_PANOPTIC)  # what the reader accepts
 MAX_SEGMENTS = 65534  # per image: indices 1..n in a uint16 map (0 = no segment)
