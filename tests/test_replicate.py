@@ -438,18 +438,21 @@ def _decide(relation: str, parts: list[tuple[str, float]], effect: float | None)
     return "does not hold" if effect is not None and worst <= effect else "inconclusive"
 
 
-BLOCKS = [("pretrained", "results"), ("scratch", "from-scratch")]
+# (results file runs/replication/results_{name}.json, its block in docs/replication.md)
+BLOCKS = [("pretrained", "results"), ("scratch", "from-scratch"), ("pretrained_bg1_all", "results-bg1_all")]
 
 
-@pytest.mark.parametrize("regime,block", BLOCKS)
-def test_published_block_recomputed_from_its_run_files(regime: str, block: str) -> None:
-    """Every verdict of docs/replication.md's `results` (pre-trained) and `from-scratch` blocks,
-    and every diagnosis, from runs/replication's run files: the per-seed values read here
-    (`_seed_values`), each comparison judged by the rule re-implemented here (`_beyond`, the
-    MDE), each claim decided by `_decide`, and the block's row saying the same."""
-    path = PRETRAINED / f"results_{regime}.json"
+@pytest.mark.parametrize("name,block", BLOCKS)
+def test_published_block_recomputed_from_its_run_files(name: str, block: str) -> None:
+    """Every verdict of docs/replication.md's `results` (pre-trained), `from-scratch` and
+    `results-bg1_all` (pre-trained, B = 1 world) blocks, and every diagnosis, from
+    runs/replication's run files: the per-seed values read here (`_seed_values`), each
+    comparison judged by the rule re-implemented here (`_beyond`, the MDE), each claim decided
+    by `_decide`, and the block's row saying the same."""
+    path = PRETRAINED / f"results_{name}.json"
+    regime = name.split("_")[0]  # the runs' directory: pretrained/ or scratch/
     if not path.is_file():
-        pytest.skip(f"the {regime} replication's run files are not on this machine")
+        pytest.skip(f"the {name} replication's run files are not on this machine")
     rec = json.loads(path.read_text())
     res, seeds = rec["results"][0], int(rec["protocol"]["seeds"])
     kappa = min(int(rec["protocol"]["kappa"]), int(res["num_classes"]))

@@ -239,11 +239,14 @@ def test_pretrained_judges_each_worlds_replication_from_its_files(tmp_path: Path
 WORK = Path(__file__).resolve().parents[1] / "runs" / "replication"
 
 
-@pytest.mark.skipif(not (WORK / "results_world.json").is_file(), reason="the sweep's run files are not on this machine")
-def test_published_sweep_recomputed_from_its_run_files() -> None:
-    """The numbers and verdicts of docs/replication.md's `world` block, from runs/replication."""
-    rec = json.loads((WORK / "results_world.json").read_text())
+@pytest.mark.parametrize("name,block", [("results_world", "world"), ("results_world_pretrained", "world-pretrained")])
+def test_published_sweep_recomputed_from_its_run_files(name: str, block: str) -> None:
+    """The numbers and verdicts of docs/replication.md's `world` (from scratch) and
+    `world-pretrained` blocks, from runs/replication."""
+    if not (WORK / f"{name}.json").is_file():
+        pytest.skip("the sweep's run files are not on this machine")
+    rec = json.loads((WORK / f"{name}.json").read_text())
     _check_record(rec, WORK)
     doc = (Path(__file__).resolve().parents[1] / "docs" / "replication.md").read_text()
-    block = doc.split("<!-- world:start -->")[1].split("<!-- world:end -->")[0]
+    block = doc.split(f"<!-- {block}:start -->")[1].split(f"<!-- {block}:end -->")[0]
     assert f"- P0: **{rec['verdicts']['P0']}**." in block and f"- P2: **{rec['verdicts']['P2']}**." in block
