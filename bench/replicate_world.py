@@ -293,6 +293,18 @@ def report(worlds: list[dict], judged: dict, p: Protocol, command: str, smoke: b
            seconds: float) -> str:
     """The markdown block (docs/replication.md, `world`)."""
     out = [f"Command: `{command}`" + (" (**smoke**: tiny sizes, numbers meaningless)" if smoke else "") + "  "]
+    now = history[-1]
+    if p.pretrained:  # trains nothing: the wall time is that of each world's replication
+        out.append(f"This judgement ({now['started']}): {now['wall_s']:.1f} s, from the stored runs and evaluations.  ")
+    else:
+        out += _invocations(history, p)
+    out.extend(_protocol(p))
+    return _body(out, worlds, judged, p, smoke, history, seconds)
+
+
+def _invocations(history: list[dict], p: Protocol) -> list[str]:
+    """The sweep's wall-time lines: this invocation and all of them on the work directory."""
+    out = []
     now, load = history[-1], history[-1]["load"]
     out.append(f"This invocation ({now['started']}): wall time **{now['wall_s'] / 60:.1f} min**, {now['reused']} of "
                f"{now['total']} runs reused, {now['resumed']} resumed from a checkpoint; CPU time of its processes {now['cpu_s'] / 60:.1f} min (= "
@@ -302,24 +314,34 @@ def report(worlds: list[dict], judged: dict, p: Protocol, command: str, smoke: b
     if len(history) > 1:
         out.append(f"The {len(history)} invocations on this work directory took {sum(h['wall_s'] for h in history) / 60:.1f} "
                    f"min of wall time in all (runs reused when finished, resumed when interrupted).  ")
+    return out
+
+
+def _protocol(p: Protocol) -> list[str]:
+    """The protocol line and the predictions stated before the results."""
+    out = []
     if p.pretrained:
-        out.append(f"Protocol: the replication's pre-trained protocol (`Protocol()`: one multi-label classifier "
-                   f"pre-trained per world on its {p.pretrain_images} `pretrain` images, {p.pretrain_iters} iterations, "
-                   f"its backbone initialising every run), K = {p.num_classes}, {p.size} px, {p.images} train / "
-                   f"{p.val_images} val images per world; {p.iters} iterations of batch {p.batch} (AdamW lr {p.lr:g}, "
-                   f"backbone lr × {p.backbone_lr_mult:g}), training κ = {p.kappa}, ml loss weight {p.ml_weight:g}; "
-                   f"{p.seeds} seeds. Read from the runs of `python bench/replicate.py --world W` (nothing trained "
-                   "here). mIoU / mAP / accuracy in %, mean ± sample std over seeds, then per seed.")
-        out += ["", f"**Predictions, stated before the results** ({PREDICTED_AT_PRETRAINED}):", ""]
-        out += [f"- **{k}**: {t}." for k, t in PREDICTIONS_PRETRAINED]
+        regime = (f"pre-trained protocol (`Protocol()`: one multi-label classifier pre-trained per world on its "
+                  f"{p.pretrain_images} `pretrain` images, {p.pretrain_iters} iterations, its backbone initialising "
+                  f"every run at {p.backbone_lr_mult:g} × the lr)")
+        source = "Read from the runs of `python bench/replicate.py --world W` (nothing trained here). "
+        heading, at, predictions = "Predictions, stated before the results", PREDICTED_AT_PRETRAINED, PREDICTIONS_PRETRAINED
     else:
-        out.append(f"Protocol: the replication's from-scratch protocol (`Protocol.from_scratch`), K = {p.num_classes}, "
-                   f"{p.size} px, {p.images} train / {p.val_images} val images per world; {p.iters} iterations of "
-                   f"batch {p.batch} (AdamW lr {p.lr:g}, warm-up {p.warmup}, poly decay), training κ = {p.kappa}, ml "
-                   f"loss weight {p.ml_weight:g}; {p.seeds} seeds; baseline and RankSeg per world. mIoU / mAP / "
-                   "accuracy in %, mean ± sample std over seeds, then per seed.")
-        out += ["", f"**Predictions, stated before any sweep run** ({PREDICTED_AT}):", ""]
-        out += [f"- **{k}**: {t}." for k, t in PREDICTIONS]
+        regime, source = "from-scratch protocol (`Protocol.from_scratch`)", ""
+        heading, at, predictions = "Predictions, stated before any sweep run", PREDICTED_AT, PREDICTIONS
+    out.append(f"Protocol: the replication's {regime}, K = {p.num_classes}, {p.size} px, {p.images} train / "
+               f"{p.val_images} val images per world; {p.iters} iterations of batch {p.batch} (AdamW lr {p.lr:g}, "
+               f"warm-up {p.warmup}, poly decay), training κ = {p.kappa}, ml loss weight {p.ml_weight:g}; {p.seeds} "
+               f"seeds; baseline and RankSeg per world. {source}mIoU / mAP / accuracy in %, mean ± sample std over "
+               "seeds, then per seed.")
+    out += ["", f"**{heading}** ({at}):", ""]
+    out += [f"- **{k}**: {t}." for k, t in predictions]
+    return out
+
+
+def _body(out: list[str], worlds: list[dict], judged: dict, p: Protocol, smoke: bool, history: list[dict],
+          seconds: float) -> str:
+    """The tables, verdicts and outcome after the header lines `out`."""
     out += ["", "**The worlds** (docs/synthetic.md, \"Harder worlds\"; S scenes share B backgrounds; *shown* = classes "
                 "some scene draws):", ""]
     out.append("| world | B of S | shown classes | objects per scene | data |")
