@@ -152,4 +152,3 @@ def test_predict_refuses_a_bomb(tmp_path: Path) -> None:
         res = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), str(tmp_path / name),
                                        "--out", str(tmp_path / "pred")])
         assert_one_line_error(res, name, "over rankseg's limit of 268,435,456")
-
