@@ -17,6 +17,8 @@ and 2 workers, side by side in one run with interleaved repeats (medians):
     files on disk, LoadImageFromFile (cv2), LoadAnnotations (PIL), Resize(ratio_range),
     RandomCrop(cat_max_ratio), RandomFlip, PhotoMetricDistortion, Normalize (cv2, to_rgb),
     Pad, DefaultFormatBundle -> float32 / int64 tensors, through a torch DataLoader;
+(b') the same as mmseg's ADE20K config runs it per sample: label files in ADE20K's encoding
+    with LoadAnnotations(reduce_zero_label=True), and Collect's img_metas (the goal's reference);
 (c) the decode limit: decoding the same JPEG + PNG bytes alone (cv2), in one process.
 Synthetic shards (convert/synthetic.py) at each of --sizes px (256 and 512), crop size / 2,
 scale (4 size, size) (ADE20K's (2048, 512) with crop 512, halved and quartered).
