@@ -3,8 +3,8 @@ docs/replication.md, "The world sweep"; the worlds: docs/synthetic.md, "Harder w
 
     python bench/replicate_world.py --docs      # the sweep, writes its block into docs/replication.md
     python bench/replicate_world.py --smoke     # end to end in seconds (tiny everything)
-    python bench/replicate_world.py --pretrained --world default --world shared-bg:1,all-classes --docs
-                                                # P0-P2 on the pre-trained replication's runs of each world
+    # P0-P2 on each world's pre-trained replication (bench/replicate.py --world W first):
+    python bench/replicate_world.py --pretrained --docs --world default --world shared-bg:1,all-classes
 
 In the default synthetic world every scene has a background of its own, so the background names
 the scene and the full-K decoder already knows it; there the paper's precondition fails (the
@@ -149,27 +149,11 @@ def world_facts(root: Path) -> dict[str, Any]:
             "objects_per_scene": int(w.scenes_objects.shape[1]), "data": str(root)}
 
 
-def seed_values(out: dict[tuple, dict], spec: str, seeds: int) -> dict[str, list[float | None]]:
-    """The per-seed numbers of one world (SEED_KEYS) from the finished tasks' records."""
-    def get(kind: str, v: str, key: str) -> list[float | None]:
-        return [out[(spec, kind, v, s)].get(key) for s in range(seeds)]
-
-    return {
-        "baseline": get("train", "baseline", "miou"), "rankseg": get("train", "rankseg", "miou"),
-        "baseline_gt_eval": get("eval", "baseline", "miou"),
-        "baseline_scene_oracle": get("precondition", "baseline", "scene_oracle_miou"),
-        "rankseg_scene_oracle": get("precondition", "rankseg", "scene_oracle_miou"),
-        "ml_map": get("precondition", "rankseg", "ml_map"), "decoder_map": get("precondition", "baseline", "decoder_map"),
-        "ml_scene_acc": get("precondition", "rankseg", "ml_scene_acc"),
-        "decoder_scene_acc": get("precondition", "baseline", "decoder_scene_acc"),
-        "rankseg_decoder_map": get("precondition", "rankseg", "decoder_map"),
-    }
-
-
 def read_world(p: Protocol, work: Path, spec: str) -> dict[str, list[float | None]]:
-    """The per-seed numbers of one world (SEED_KEYS) from the files a replication of it left
-    (`--pretrained`): each run's `replicate.json` (its final evaluation), the precondition
-    files and the baseline's GT (eval) evaluation, under `world_base`."""
+    """The per-seed numbers of one world (SEED_KEYS) from the files its runs left (this sweep's,
+    or with `--pretrained` the pre-trained replication's): each run's `replicate.json` (its
+    final evaluation), the precondition files and the baseline's GT (eval) evaluation, under
+    `world_base`; the same records the tasks return."""
     import json
 
     from rankseg_core.errors import UserError
@@ -181,7 +165,13 @@ def read_world(p: Protocol, work: Path, spec: str) -> dict[str, list[float | Non
         if not path.is_file():
             raise UserError(f"{path} is missing: run `python bench/replicate.py"
                             f"{'' if p.pretrained else ' --from-scratch'} --world {spec}` first{regime}")
-        return json.loads(path.read_text())
+        try:
+            rec = json.loads(path.read_text())
+        except ValueError as exc:  # a truncated or hand-edited record
+            raise UserError(f"{path} is not a valid record ({exc}); delete it and re-run the replication") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path} is not a valid record (not a JSON object); delete it and re-run the replication")
+        return rec
 
     def get(name: str, key: str) -> list[float | None]:
         return [load(base / name.format(s=s)).get(key) for s in range(p.seeds)]
@@ -447,13 +437,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC"
 
     roots = {spec: synthetic_root(p, work, w) for spec, w in zip(specs, worlds)}
-    if args.pretrained:  # nothing to train: the pre-trained replication of each world left its files
-        out: dict[tuple, dict] = {}
-        seeds = {spec: read_world(p, work, spec) for spec in specs}
-        runs = {f"{spec}|{v}|seed{s}": str(world_base(p, work, parse_world(spec)) / v / f"seed{s}")
-                for spec in specs for v in VARIANTS for s in range(p.seeds)}
-        trained: list[dict] = []
-    else:
+    trained: list[dict] = []
+    if not args.pretrained:  # with --pretrained the pre-trained replication of each world left its files
         tasks: list[Task] = []
         for spec in specs:
             tasks += plan_world(p, work, spec, roots[spec])[0]
@@ -462,10 +447,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
         n_train = sum(t.key[1] == "train" for t in tasks)
         print(f"[world] {len(specs)} worlds: {n_train} runs and {len(tasks) - n_train} evaluations, {p.jobs} at a time",
               flush=True)
-        out = run_tasks(tasks, p.jobs)
-        seeds = {spec: seed_values(out, spec, p.seeds) for spec in specs}
-        runs = {f"{k[0]}|{k[2]}|seed{k[3]}": r["run"] for k, r in out.items() if k[1] == "train"}
-        trained = [r for k, r in out.items() if k[1] == "train"]
+        trained = [r for k, r in run_tasks(tasks, p.jobs).items() if k[1] == "train"]
+    seeds = {spec: read_world(p, work, spec) for spec in specs}
+    runs = {f"{spec}|{v}|seed{s}": str(world_base(p, work, parse_world(spec)) / v / f"seed{s}")
+            for spec in specs for v in VARIANTS for s in range(p.seeds)}
     seconds = time.perf_counter() - t0
     results = [{"world": spec, "backgrounds": world_facts(roots[spec])["backgrounds"], "facts": world_facts(roots[spec]),
                 "seeds": seeds[spec]} for spec in specs]

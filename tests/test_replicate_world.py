@@ -234,6 +234,10 @@ def test_pretrained_judges_each_worlds_replication_from_its_files(tmp_path: Path
     assert not list((tmp_path / "pretrained" / "synthetic").glob("*/seed*/model.safetensors"))  # nothing trained
     with pytest.raises(UserError, match=r"run `python bench/replicate.py --world shared-bg:1` first"):
         RW.main(["--smoke", "--pretrained", "--work", str(tmp_path), "--world", "default", "--world", "shared-bg:1"])
+    bad = tmp_path / "pretrained" / "synthetic_bg1_all" / "evals" / "rankseg_seed1_precondition.json"
+    bad.write_text('{"ml_map": 0.6')  # truncated
+    with pytest.raises(UserError, match=r"rankseg_seed1_precondition.json is not a valid record .*delete it"):
+        RW.main(["--smoke", "--pretrained", "--work", str(tmp_path), *sum((["--world", w] for w in worlds), [])])
 
 
 WORK = Path(__file__).resolve().parents[1] / "runs" / "replication"
