@@ -228,6 +228,13 @@ def test_nearest_resized_crops_equal_cv2_resize(dtype: type, channels: int) -> N
         assert view.shape == (out_h, out_w) and got.dtype == dtype
         assert np.array_equal(got.view(np.uint8) if dtype == np.bool_ else got, want[y1:y2, x1:x2]), (h, w, out_h, out_w)
         assert np.array_equal(view[:, :].view(np.uint8) if dtype == np.bool_ else view[:, :], want)
+        other = np.ascontiguousarray(src[::-1])  # another map of the same size: the same indices
+        want_other = cv2.resize(other.view(np.uint8) if dtype == np.bool_ else other, (out_w, out_h),
+                                interpolation=cv2.INTER_NEAREST)
+        got_other = view.of(other)[y1:y2, x1:x2]
+        assert np.array_equal(got_other.view(np.uint8) if dtype == np.bool_ else got_other, want_other[y1:y2, x1:x2])
+    with pytest.raises(ValueError, match="not of the"):
+        augment.NearestResized(np.zeros((4, 5), np.uint16), (8, 10)).of(np.zeros((5, 4), np.uint16))
 
 
 def test_crop_check_counts_labelled_pixels_as_mmseg() -> None:

@@ -105,6 +105,15 @@ class NearestResized:
         rows, cols = key
         return self.src.take(self._rows[rows], 0).take(self._cols[cols], 1)
 
+    def of(self, other: np.ndarray) -> "NearestResized":
+        """The same resize of another map of this one's size (a clip's other frame, its segment
+        map), reusing the source indices."""
+        if other.shape[:2] != self.src.shape[:2]:
+            raise ValueError(f"a {other.shape[:2]} map is not of the {self.src.shape[:2]} size of this resize")
+        view = object.__new__(NearestResized)
+        view.src, view.shape, view._rows, view._cols = other, self.shape, self._rows, self._cols
+        return view
+
 
 def _crop_ok(label: np.ndarray, cat_max_ratio: float, ignore: int) -> bool:
     """mmseg's test: >1 labelled class and none above cat_max_ratio of labelled pixels."""
@@ -333,7 +342,7 @@ class TrainTransform:
             # Only the crop of a nearest-resized map is gathered; only the part of the resized
             # image above and left of the crop's far corner is made.
             if nearest:
-                return NearestResized(x, size)[y1:y2, x1:x2]
+                return label0.of(x)[y1:y2, x1:x2]
             return resize_window(x, size, y2, x2)[y1:, x1:]
 
         t, c = len(images), self.crop
