@@ -99,11 +99,21 @@ def _remember_ctrl_c() -> Iterator[list[int]]:
         seen.append(signum)
         raise KeyboardInterrupt
 
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        # The dropped KeyboardInterrupt is recorded above and ends the command with 130; Python
+        # would also print it as "Exception ignored in ... Traceback" on stderr.
+        if info.exc_type is not KeyboardInterrupt or not seen:
+            previous_hook(info)
+
     signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = unraisable
     try:
         yield seen
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
 
 
 def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: Interrupted = "") -> Any:
