@@ -97,7 +97,8 @@ def rate(loader: torch.utils.data.DataLoader, batches: int, consume: Callable[[A
     it = iter(loader)
     for _ in range(warm):
         consume(next(it))
-    pids = [w.pid for w in getattr(it, "_workers", [])]  # the DataLoader's worker processes
+    # the DataLoader's worker processes (a TrainLoader's iterator names them)
+    pids = it.worker_pids() if hasattr(it, "worker_pids") else [w.pid for w in getattr(it, "_workers", [])]
     t0, main0, n = cpu_seconds(pids), time.process_time(), 0
     for _ in range(batches):
         batch = next(it)
@@ -126,7 +127,7 @@ def finite(loader: torch.utils.data.DataLoader, batches: int) -> torch.utils.dat
     enough more that the workers never run dry while measured), without persistent workers."""
     stream = loader.batch_sampler
     first = [b for b, _ in zip(stream, range(batches + 2 + 4 * max(loader.num_workers, 1)))]
-    return torch.utils.data.DataLoader(
+    return type(loader)(
         loader.dataset, batch_sampler=first, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
         worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor if loader.num_workers else None)
 

@@ -10,7 +10,6 @@ and the stream does not depend on the number of workers or processes.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -23,6 +22,7 @@ from torch import Tensor
 from rankseg_core.config.train import TrainConfig
 from rankseg_core.convert.geometry import GeometryError, compressed_rle
 from rankseg_core.data.augment import TrainTransform, build_train_transform
+from rankseg_core.data.slots import BatchSlots, SlotBatch, cat_into, layout, make_slots
 from rankseg_core.data.weak_shot import hide_novel, novel_table
 from rankseg_core.errors import UserError
 from rankseg_core.shards.read import ShardDataset
@@ -155,17 +155,19 @@ class AugmentedClips(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Tensor | list]:
         g, clip = item
-        frames = [self.ds.load(int(i)) for i in self.clips[clip]]
+        ids = [int(i) for i in self.clips[clip]]
+        images, labels = zip(*(self.ds.pixels(i) for i in ids))  # (not `load`'s whole item: per-sample time)
         rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
-        insts = [frame_instances(self.ds, int(f["index"])) for f in frames] if self.instances else None
-        segs = [f["segments"] for f in frames] if self.segments else None
+        insts = [frame_instances(self.ds, i) for i in ids] if self.instances else None
+        frames = [self.ds.segments(i) for i in ids] if self.segments else None
         try:
-            raw = self.transform.crop_clip([f["image"] for f in frames], [f["label"] for f in frames], rng, segs)
+            raw = self.transform.crop_clip(list(images), list(labels), rng, None if frames is None else
+                                           [s for s, _ in frames])
             masks = None if insts is None else self.transform.crop_masks([m for m, _, _ in insts],
-                                                                         frames[0]["label"].shape, raw.geometry)
+                                                                         labels[0].shape, raw.geometry)
         except ValueError as exc:
-            raise UserError(f"{self.ds.index.root}: clip starting at {frames[0]['key']}: {exc}") from None
-        t = len(frames)
+            raise UserError(f"{self.ds.index.root}: clip starting at {self.ds.arrays.keys[ids[0]]}: {exc}") from None
+        t = len(ids)
         sample: dict[str, Tensor | list] = {
             "image": torch.from_numpy(raw.image), "label": torch.from_numpy(raw.label),
             "extent": torch.from_numpy(np.array([raw.extent] * t, np.int32))}
@@ -176,41 +178,57 @@ class AugmentedClips(torch.utils.data.Dataset):
             pad = torch.ones(label.shape, dtype=torch.bool)
             pad[:, : raw.extent[0], : raw.extent[1]] = False
             sample.update(label=torch.from_numpy(label), image_labels=torch.from_numpy(present), pad=pad)
-        if raw.segments is not None:
-            sample.update(segments=torch.from_numpy(raw.segments), segments_info=[f["segments_info"] for f in frames])
+        if raw.segments is not None and frames is not None:
+            sample.update(segments=torch.from_numpy(raw.segments), segments_info=[info for _, info in frames])
         if masks is not None and insts is not None:
             per_frame = []
-            for m, (_, cats, ids) in zip(masks, insts):
+            for m, (_, cats, tracks) in zip(masks, insts):
                 # An instance cropped out of a frame is absent there (a "null" frame of its track).
                 keep = m.any(axis=(1, 2))  # (reshape(n, -1) fails for a frame without instances)
                 per_frame.append({"labels": torch.from_numpy(cats[keep]), "masks": torch.from_numpy(m[keep]),
-                                  "ids": torch.from_numpy(ids[keep])})
+                                  "ids": torch.from_numpy(tracks[keep])})
             sample["instances"] = per_frame
         return sample
 
 
-# Byte alignment of each tensor inside a batch's shared block (a cache line; any dtype's size divides it).
-_ALIGN = 64
+def batch_bytes(frames: int, crop: int, num_classes: int, segments: bool, weak_shot: bool) -> int:
+    """Bytes of the tensors of a batch of `frames` frames from `AugmentedClips` (its keys,
+    dtypes and shapes; the lists of segment records and instances are sent apart), laid out
+    as `collate_clips` lays them out: the size of a shared-memory slot (data/slots.py)."""
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        "image": ((3, crop, crop), torch.uint8), "label": ((crop, crop), torch.uint16), "extent": ((2,), torch.int32)}
+    if segments:
+        shapes["segments"] = ((crop, crop), torch.uint16)
+    if weak_shot:
+        shapes.update(image_labels=((num_classes,), torch.float32), pad=((crop, crop), torch.bool))
+    return layout({k: [torch.empty((frames, *shape), dtype=dt, device="meta")] for k, (shape, dt) in shapes.items()})[1]
+
+
+_TENSOR_KEYS = ("image", "label", "extent", "segments", "image_labels", "pad")
 
 
 def _cat_all(groups: dict[str, list[Tensor]]) -> dict[str, Tensor]:
-    """Each key's tensors concatenated along dim 0. In a DataLoader worker they are written
-    straight into shared memory (as torch's default_collate does: the batch must reach it
-    anyway to be handed to the main process, and sending it would otherwise copy it there
-    once more), all keys into ONE block: every shared storage travels as its own file
-    descriptor, a socket round trip through the worker's resource sharer that costs both
-    processes more than copying a batch of crops; views of one block travel as one."""
+    """Each key's tensors concatenated along dim 0. In a DataLoader worker (torch's path,
+    when no slot of data/slots.py is free) they are written straight into shared memory (as
+    torch's default_collate does: the batch must reach it anyway to be handed to the main
+    process, and sending it would otherwise copy it there once more), all keys into ONE block:
+    every shared storage travels as its own file descriptor, a socket round trip through the
+    worker's resource sharer that costs both processes more than copying a batch of crops;
+    views of one block travel as one."""
     if torch.utils.data.get_worker_info() is None:
         return {k: torch.cat(parts) for k, parts in groups.items()}
-    spans, end = {}, 0
-    for k, parts in groups.items():
-        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-        start = -(-end // _ALIGN) * _ALIGN
-        end = start + parts[0].element_size() * math.prod(shape)
-        spans[k] = (start, end, shape)
+    spans, end = layout(groups)
     block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(end, 1)))
-    return {k: torch.cat(groups[k], out=block[start:stop].view(groups[k][0].dtype).view(shape))
-            for k, (start, stop, shape) in spans.items()}
+    return cat_into(block, groups, spans)
+
+
+def _lists(items: list[dict[str, Any]]) -> dict[str, list]:
+    """The per-frame lists of a batch: segment records and instances, one entry per frame."""
+    out: dict[str, list] = {}
+    for k in ("segments_info", "instances"):
+        if k in items[0]:
+            out[k] = [x for i in items for x in i[k]]
+    return out
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -219,14 +237,55 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     records and instances as one list entry per frame (their counts vary from frame to
     frame; instance masks stay bool at the crop size). Dtypes are kept (uint8 images). In a
     worker the tensors are views of one shared-memory block (`_cat_all`)."""
-    out: dict[str, Any] = _cat_all({k: [i[k] for i in items]
-                                    for k in ("image", "label", "extent", "segments", "image_labels", "pad")
-                                    if k in items[0]})
-    if "segments_info" in items[0]:
-        out["segments_info"] = [info for i in items for info in i["segments_info"]]
-    if "instances" in items[0]:
-        out["instances"] = [inst for i in items for inst in i["instances"]]
+    out: dict[str, Any] = _cat_all({k: [i[k] for i in items] for k in _TENSOR_KEYS if k in items[0]})
+    out.update(_lists(items))
     return out
+
+
+class CollateClips:
+    """`collate_clips` that, in a DataLoader worker, writes the batch into a free slot of
+    `slots` and sends only a `SlotBatch` (data/slots.py); `TrainLoader` turns it back into the
+    batch in the training process. Without a free slot (or without slots) it is `collate_clips`."""
+
+    def __init__(self, slots: BatchSlots | None) -> None:
+        self.slots = slots
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any] | SlotBatch:
+        info = torch.utils.data.get_worker_info()
+        if self.slots is not None and info is not None:
+            sent = self.slots.write(info.id, {k: [i[k] for i in items] for k in _TENSOR_KEYS if k in items[0]},
+                                    _lists(items))
+            if sent is not None:
+                return sent
+        return collate_clips(items)
+
+
+class _Batches:
+    """A `TrainLoader`'s iterator: the DataLoader's batches, a `SlotBatch` turned into its
+    tensors (views of the slot) in this process; with pinned memory the DataLoader's pin
+    thread has already done that (`SlotBatch.pin_memory`)."""
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self.it = it
+
+    def __iter__(self) -> "_Batches":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self.it)
+        return batch.tensors() if isinstance(batch, SlotBatch) else batch
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the DataLoader's workers (none in-process)."""
+        return [w.pid for w in getattr(self.it, "_workers", [])]
+
+
+class TrainLoader(torch.utils.data.DataLoader):
+    """The training DataLoader (`make_loader`): batches from its workers arrive through
+    shared-memory slots (`CollateClips`); iterating it yields the batch dicts."""
+
+    def __iter__(self) -> _Batches:  # type: ignore[override]
+        return _Batches(super().__iter__())
 
 
 def worker_init(worker_id: int) -> None:
@@ -242,7 +301,7 @@ def worker_init(worker_id: int) -> None:
 
 def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.DistInfo,
                 start_step: int, segments: bool = False, instances: bool = False,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                pin_memory: bool = False) -> TrainLoader:
     """This rank's training batches from `start_step` on, unnormalised (`AugmentedClips`:
     pass each through data/device.py `to_device` with the same mean / std); with `segments`
     they carry the panoptic segment maps and records (the shards must be panoptic); with
@@ -277,8 +336,11 @@ def make_loader(cfg: TrainConfig, mean: list[float], std: list[float], info: D.D
     stream = BatchStream(len(clips), s.batch_size, s.accum_steps, info.world_size, info.rank, cfg.seed, start_step)
     data = AugmentedClips(ds, clips, build_train_transform(cfg, mean, std), cfg.seed, segments, instances,
                           None if novel is None else novel_table(novel, ds.num_classes))
-    workers = cfg.data.num_workers
-    return torch.utils.data.DataLoader(
-        data, batch_sampler=stream, num_workers=workers, collate_fn=collate_clips,
+    workers, prefetch = cfg.data.num_workers, 4
+    # Slots per worker: its prefetched batches, the batch in the training step and the one before it.
+    slots = make_slots(workers, prefetch + 2, batch_bytes(stream.micro * cfg.model.clip_len, cfg.model.img_size,
+                                                          ds.num_classes, segments, novel is not None))
+    return TrainLoader(
+        data, batch_sampler=stream, num_workers=workers, collate_fn=CollateClips(slots),
         worker_init_fn=worker_init, generator=torch.Generator().manual_seed(cfg.seed + info.rank),
-        persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+        persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None, pin_memory=pin_memory)

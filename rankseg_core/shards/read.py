@@ -367,14 +367,20 @@ class ShardDataset:
                 return True
         return False
 
-    def load(self, i: int) -> dict:
+    def pixels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample i's decoded (image H x W x 3 uint8 RGB, label H x W uint16): what training
+        reads per frame, without the rest of `load`'s item."""
         img_b, lab_b = self.blobs(i)
-        a = self.arrays
         try:
-            image, label = decode_image(img_b), decode_label(lab_b)
+            return decode_image(img_b), decode_label(lab_b)
         except ValueError as exc:
+            a = self.arrays
             raise UserError(f"{self.paths[a.shard[i]]}: sample {a.keys[i]} does not decode ({exc}); "
                             "run `rankseg verify`") from None
+
+    def load(self, i: int) -> dict:
+        image, label = self.pixels(i)
+        a = self.arrays
         item = {"image": image, "label": label, "key": a.keys[i],
                 "classes": a.classes_of(i).astype(np.int64), "video": a.video[i],
                 "frame": int(a.frame[i]), "index": i}
