@@ -61,10 +61,14 @@ from rankseg_core.data.device import to_device  # noqa: E402
 from rankseg_core.data.loading import (  # noqa: E402
     AugmentedClips,
     BatchStream,
+    CollateClips,
+    TrainLoader,
+    batch_bytes,
     collate_clips,
     make_loader,
     worker_init,
 )
+from rankseg_core.data.slots import make_slots  # noqa: E402
 from rankseg_core.shards.codec import IGNORE, decode_image, decode_label  # noqa: E402
 from rankseg_core.shards.read import ShardDataset  # noqa: E402
 from rankseg_core.utils.distributed import DistInfo  # noqa: E402
@@ -502,6 +506,33 @@ def stages(data: Path, repeats: int) -> list[tuple[str, float, float | None]]:
     ]
 
 
+class ReadyCrops(torch.utils.data.Dataset):
+    """Training samples already made (zeros of the loader's shapes and dtypes): a DataLoader
+    over them measures only the hand-over of batches from the workers."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return {"image": torch.zeros(1, 3, CROP, CROP, dtype=torch.uint8),
+                "label": torch.zeros(1, CROP, CROP, dtype=torch.uint16), "extent": torch.zeros(1, 2, dtype=torch.int32)}
+
+
+def handover(repeats: int) -> tuple[float, float]:
+    """CPU ms per sample (main process + 2 workers) of handing ready batches of 8 crops to the
+    main process: (now: fixed shared-memory slots, data/slots.py; before: torch's fresh shared
+    memory per batch), medians of interleaved repeats."""
+    n, now, before = 150, [], []
+    for _ in range(repeats):
+        for out, slots in ((now, True), (before, False)):
+            order = [b for b, _ in zip(BatchStream(32, BATCH, 1, 1, 0, 0), range(n + 12))]
+            pool = make_slots(2, 6, batch_bytes(BATCH, CROP, 150, False, False)) if slots else None
+            loader = TrainLoader(ReadyCrops(), batch_sampler=order, num_workers=2, collate_fn=CollateClips(pool),
+                                 prefetch_factor=4)
+            out.append(1000 / rate(loader, n)[0])
+    return statistics.median(now), statistics.median(before)
+
+
 Stages = list[tuple[str, float, Any]]  # (stage, ms now, ms before or None)
 
 
@@ -535,6 +566,9 @@ def measure(size: int, images: int, batches: int, repeats: int
             print(f"{size} px, repeat {r + 1}: " + ", ".join(f"{k}/{w}w {v[-1][0]:.0f}" for (k, w), v in results.items())
                   + f", decode {decode[-1]:.0f} samples/CPU-s", flush=True)
         parts = stages(data, repeats)
+        parts.append(("handing a batch from 2 workers to the main process, per sample (ready crops, nothing else; "
+                      "before: torch's fresh shared memory per batch, now: fixed slots, data/slots.py)",
+                      *handover(repeats)))
     med = {k: (statistics.median(x for x, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
     return med, statistics.median(decode), parts
 

@@ -347,14 +347,18 @@ class TrainTransform:
 
         t, c = len(images), self.crop
         ch, cw = y2 - y1, x2 - x1
-        cols = slice(None, None, -1) if flip else slice(None)  # the flip rides on the copy into the batch
+        cols = slice(None, None, -1) if flip else slice(None)  # the label's flip rides on its copy into the batch
         out_img = np.zeros((t, 3, c, c), np.uint8)  # 0 in the padding: the device zeroes it after normalising
         out_lab = np.full((t, c, c), self.ignore, np.uint16)
         for f, (img, lab) in enumerate(zip(images, labels)):
             img = crop_of(img, nearest=False)
             if photo is not None:  # per pixel, so it commutes with the flip
                 img = apply_photometric(img, photo)
-            out_img[f, :, :ch, :cw] = img[:, cols].transpose(2, 0, 1)  # HWC -> CHW: the one copy into the batch
+            if flip:
+                img = cv2.flip(img, 1)
+            # HWC -> CHW: cv2.split writes each channel straight into its plane of the batch,
+            # about 3x faster than numpy's transposing copy (which was ~2 % of a sample).
+            cv2.split(img, [out_img[f, k, :ch, :cw] for k in range(3)])
             out_lab[f, :ch, :cw] = (label0[y1:y2, x1:x2] if f == 0 else crop_of(lab))[:, cols]
         geometry = ((int(size[0]), int(size[1])), (y1, y2, x1, x2), flip)
         if segments is None:
