@@ -648,13 +648,14 @@ def main() -> None:
         "decode adds only the header checks). Above it: the augmentation, whose necessary work is the bilinear "
         "resize of the crop's region, up to 10 class counts of a crop of the nearest-resized label "
         "(cat_max_ratio) and the photometric distortion's HSV round trip; the read (two HDF5 blob reads); and the "
-        "DataLoader's own cost (the batch through one shared-memory block, the main process receiving it), which "
-        "the single-process limit does not pay. The row 'a loader without any other cost' is the bound these "
-        "stages set (their best passes, warm caches): with mmseg's augmentation no loader gets past it. What "
-        "separates the 2-worker loader from it is per-sample work outside the C stages (the sample's random "
-        "generator, the item dict, the batch's shared block and its transfer, the main process receiving it) "
-        "and caches that are cold in a real stream; at 256 px, where a decode is cheap, that is most of the gap "
-        "to 0.5x.",
+        "hand-over of each batch from a worker to the main process, which the single-process limit does not pay: "
+        "through the loader's fixed shared-memory slots (data/slots.py) it costs less than half of torch's fresh "
+        "shared memory per batch (row 'handing a batch', measured on ready crops). The row 'a loader without any "
+        "other cost' is the bound these stages set (their best passes, warm caches): with mmseg's augmentation no "
+        "loader gets past it. What separates the 2-worker loader from it is the Python between those C calls (the "
+        "sample's random generator and draws, the tables, the item) and caches that are cold in a real stream; at "
+        "256 px, where a decode is cheap, that is the gap to 0.5x (docs/training.md 'The training loader' has a "
+        "profile).",
     ])
     print(body)
     if not args.no_write:

@@ -67,6 +67,18 @@ def test_a_slot_batch_has_the_values_of_torch_cat_and_frees_its_slot_with_its_la
     assert write(slots, 1, items(3, 3)) is not None  # the freed slot is used again
 
 
+def test_what_a_worker_sends_is_small_and_names_its_pool() -> None:
+    """The point of the slots: the message is a few hundred bytes, not the batch (and not
+    the pool: pickling that would send the whole shared memory)."""
+    import pickle
+
+    slots = BatchSlots(workers=1, per_worker=1, capacity=1 << 20)
+    sent = write(slots, 0, items(8, 0, crop=64))
+    assert sent is not None and len(pickle.dumps(sent)) < 1000
+    back = pickle.loads(pickle.dumps(sent))
+    assert torch.equal(back.tensors()["image"], collate_clips(items(8, 0, crop=64))["image"])
+
+
 def test_a_batch_larger_than_a_slot_goes_torchs_way() -> None:
     slots = BatchSlots(workers=1, per_worker=1, capacity=64)
     assert write(slots, 0, items(3, 0)) is None and list(slots.busy) == [0]
@@ -82,6 +94,13 @@ def test_slots_shrink_to_what_dev_shm_can_hold(monkeypatch: pytest.MonkeyPatch) 
     assert pool is not None and pool.per_worker == 2
     assert make_slots(workers=2, per_worker=6, capacity=40960) is None  # not one slot each: torch's path
     assert make_slots(workers=0, per_worker=6, capacity=4096) is None  # in-process loading needs none
+
+    def no_shm(*args: object) -> None:
+        raise RuntimeError("unable to open shared memory object")
+
+    monkeypatch.setattr(S, "shared_memory_free", lambda: None)
+    monkeypatch.setattr(S.BatchSlots, "__init__", no_shm)
+    assert make_slots(workers=2, per_worker=6, capacity=4096) is None  # then torch's path
 
 
 def loader_cfg(root: Path, workers: int, novel: list[int] | None = None) -> TrainConfig:

@@ -12,7 +12,9 @@ it (`SlotBatch`, a few hundred bytes). The training process makes the tensors as
 slot, and the slot is free again when the last of them is gone (`weakref.finalize` on the
 slot's array, which every view keeps alive), so a batch the training loop still holds is
 never written over. A worker that finds none of its slots free, or a batch larger than a slot,
-falls back to torch's path (data/loading.py `_cat_all`): slower, never wrong.
+falls back to torch's path (data/loading.py `_cat_all`): slower, never wrong. (A batch the
+DataLoader drops unseen, e.g. when a persistent-workers loader is iterated again, keeps its slot
+for the pool's lifetime; training iterates its endless stream once.)
 
 Ownership of a slot's busy flag: only its worker sets it (before writing), only the training
 process clears it (after the batch's last tensor is freed), so no lock is needed.
@@ -170,4 +172,9 @@ def make_slots(workers: int, per_worker: int, capacity: int) -> BatchSlots | Non
     free = shared_memory_free()
     if free is not None:
         per_worker = min(per_worker, free // 2 // (workers * capacity))
-    return BatchSlots(workers, per_worker, capacity) if per_worker >= 1 else None
+    if per_worker < 1:
+        return None
+    try:
+        return BatchSlots(workers, per_worker, capacity)
+    except (RuntimeError, OSError):  # no shared memory to be had now: torch's path says so if it fails too
+        return None
