@@ -1,6 +1,7 @@
 """The training loader against an mmseg 0.x-style file pipeline and the decode limit.
 
-    python bench/bench_loader.py [--sizes 256 512] [--images 32] [--batches 20] [--repeats 3] [--no-write]
+    python bench/bench_loader.py [--configs 256:128 512:256 512:512] [--images 32] [--batches 60] [--repeats 3]
+        [--no-write]
 
 Samples per CPU-second (the CPU time of the main process and its DataLoader workers
 together, so the number does not depend on how many other jobs share the machine), with 0
@@ -20,8 +21,9 @@ and 2 workers, side by side in one run with interleaved repeats (medians):
 (b') the same as mmseg's ADE20K config runs it per sample: label files in ADE20K's encoding
     with LoadAnnotations(reduce_zero_label=True), and Collect's img_metas (the goal's reference);
 (c) the decode limit: decoding the same JPEG + PNG bytes alone (cv2), in one process.
-Synthetic shards (convert/synthetic.py) at each of --sizes px (256 and 512), crop size / 2,
-scale (4 size, size) (ADE20K's (2048, 512) with crop 512, halved and quartered).
+Synthetic shards (convert/synthetic.py) for each of --configs SIZE:CROP, scale (4 size, size):
+512:512 is ADE20K's own training configuration (its images have a 512 px short side; scale
+(2048, 512), crop 512), 512:256 and 256:128 the same with the crop halved and the whole quartered.
 Writes the `bench_loader` section of docs/benchmarks.md.
 """
 
@@ -536,13 +538,13 @@ def handover(repeats: int) -> tuple[float, float]:
 Stages = list[tuple[str, float, Any]]  # (stage, ms now, ms before or None)
 
 
-def measure(size: int, images: int, batches: int, repeats: int
+def measure(size: int, crop: int, images: int, batches: int, repeats: int
             ) -> tuple[dict[tuple[str, int], tuple[float, float]], float, Stages]:
     """Medians of (samples per CPU-second, main-process CPU ms per sample) of every pipeline
     and worker count, the decode limit, and the stage times, at one image size (crop size /
     2, scale (4 size, size))."""
     global CROP, SCALE
-    CROP, SCALE = size // 2, (4 * size, size)  # module settings: the forked workers see them
+    CROP, SCALE = crop, (4 * size, size)  # module settings: the forked workers see them
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         prepare_synthetic(data, num_classes=150, images=images, val_images=1, size=size, seed=0,
@@ -563,7 +565,7 @@ def measure(size: int, images: int, batches: int, repeats: int
                 for name, fn in configs.items():
                     results.setdefault((name, w), []).append(fn(w))
             decode.append(decode_rate(blobs, batches * BATCH))
-            print(f"{size} px, repeat {r + 1}: " + ", ".join(f"{k}/{w}w {v[-1][0]:.0f}" for (k, w), v in results.items())
+            print(f"{size} px crop {crop}, repeat {r + 1}: " + ", ".join(f"{k}/{w}w {v[-1][0]:.0f}" for (k, w), v in results.items())
                   + f", decode {decode[-1]:.0f} samples/CPU-s", flush=True)
         parts = stages(data, repeats)
         parts.append(("handing a batch from 2 workers to the main process, per sample (ready crops, nothing else; "
@@ -573,9 +575,9 @@ def measure(size: int, images: int, batches: int, repeats: int
     return med, statistics.median(decode), parts
 
 
-def table(size: int, images: int, batches: int, repeats: int, med: dict[tuple[str, int], tuple[float, float]],
+def table(size: int, crop: int, images: int, batches: int, repeats: int, med: dict[tuple[str, int], tuple[float, float]],
           lim: float, parts: Stages) -> str:
-    rows = [f"**{images} synthetic {size} px JPEG images, crop {size // 2}, scale ({4 * size}, {size})**; "
+    rows = [f"**{images} synthetic {size} px JPEG images, crop {crop}, scale ({4 * size}, {size})**; "
             f"{batches * BATCH} samples per measurement, medians of {repeats} interleaved repeats.",
             "",
             "| pipeline | workers | samples / CPU-s | CPU ms / sample (main process) | vs (b') mmseg ADE20K "
@@ -590,7 +592,7 @@ def table(size: int, images: int, batches: int, repeats: int, med: dict[tuple[st
     rows.append(f"| (c) decode limit: JPEG + PNG decode alone (cv2) | 0 | {lim:.0f} | {1000 / lim:.2f} "
                 f"| {lim / med[(B2, 0)][0]:.2f}x | {lim / med[('b', 0)][0]:.2f}x | {lim / med[('a0', 0)][0]:.2f}x | 1.00x |")
     a2 = med[("a", 2)][0]
-    rows += ["", f"With 2 workers at {size} px the loader makes **{a2 / med[(B2, 2)][0]:.2f}x** the samples per "
+    rows += ["", f"With 2 workers at {size} px, crop {crop}, the loader makes **{a2 / med[(B2, 2)][0]:.2f}x** the samples per "
              f"CPU-second of mmseg's ADE20K pipeline (b') (goal >= 1.5x; (a0): {med[('a0', 2)][0] / med[(B2, 2)][0]:.2f}x) "
              f"and {a2 / med[('b', 2)][0]:.2f}x those of its transforms alone (b), "
              f"**{a2 / med[('a0', 2)][0]:.2f}x** (a0), and runs at **{a2 / lim:.2f}x** the decode limit (goal >= 0.5x; "
@@ -613,10 +615,11 @@ def table(size: int, images: int, batches: int, repeats: int, med: dict[tuple[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512],
-                    help="synthetic image sizes, one table each (crop = size / 2)")
+    ap.add_argument("--configs", nargs="+", default=["256:128", "512:256", "512:512"],
+                    help="SIZE:CROP, one table each: synthetic image size (short side) and crop size")
     ap.add_argument("--images", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=60, help="batches of 8 per measurement (at 256 px; fewer at larger sizes)")
+    ap.add_argument("--batches", type=int, default=60,
+                    help="batches of 8 per measurement (at crop 128; fewer at larger crops)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
@@ -627,11 +630,12 @@ def main() -> None:
     load = os.getloadavg()[0]
     wall = time.perf_counter()
     tables = []
-    for size in args.sizes:
-        # Fewer batches at larger sizes keep the run under 3 minutes on 2 cores.
-        nb = max(4, args.batches * 256 // size)
-        med, lim, parts = measure(size, args.images, nb, args.repeats)
-        tables.append(table(size, args.images, nb, args.repeats, med, lim, parts))
+    for config in args.configs:
+        size, crop = (int(x) for x in config.split(":"))
+        # Fewer batches at larger crops keep the run to a few minutes on 2 cores.
+        nb = max(4, args.batches * 128 // crop)
+        med, lim, parts = measure(size, crop, args.images, nb, args.repeats)
+        tables.append(table(size, crop, args.images, nb, args.repeats, med, lim, parts))
         print(tables[-1], flush=True)
     secs = time.perf_counter() - wall
     body = "\n".join([

@@ -268,6 +268,52 @@ def test_crop_check_counts_labelled_pixels_as_mmseg() -> None:
             assert augment._crop_ok(label, 0.75, IGNORE) == mmseg_ok(label), (top, share)
 
 
+def test_label_crops_answer_and_cut_as_mmseg_on_the_resized_label() -> None:
+    """`LabelCrops` (the check on a shifted uint8 copy, the chosen crop through a table back)
+    against mmseg's np.unique test and `cv2.resize` + slicing, on labels whose classes stay
+    below 255 (the 8-bit path), reach it (the general path), or are all ignored."""
+    def mmseg_ok(x: np.ndarray) -> bool:
+        labels, counts = np.unique(x, return_counts=True)
+        counts = counts[labels != IGNORE]
+        return len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+    rng = np.random.default_rng(8)
+    outcomes, paths = set(), set()
+    for case in range(200):
+        h, w = (int(x) for x in rng.integers(6, 40, 2))
+        top = int(rng.choice([3, 254, 255, 1000]))
+        k = int(rng.integers(1, 5))
+        blocks = rng.choice(np.array([*rng.integers(0, top + 1, k), IGNORE], np.uint16),
+                            ((h + 3) // 4, (w + 3) // 4), p=rng.dirichlet(np.ones(k + 1)))
+        src = blocks.repeat(4, 0).repeat(4, 1)[:h, :w].copy()
+        size = (int(rng.integers(4, 80)), int(rng.integers(4, 80)))
+        full = cv2.resize(src, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+        crops = augment.LabelCrops(src, size)
+        paths.add(crops._shifted is not None)
+        for _ in range(3):
+            y1, x1 = int(rng.integers(0, size[0])), int(rng.integers(0, size[1]))
+            box = (y1, int(rng.integers(y1 + 1, size[0] + 1)), x1, int(rng.integers(x1 + 1, size[1] + 1)))
+            want = full[box[0]:box[1], box[2]:box[3]]
+            outcomes.add(mmseg_ok(want))
+            assert crops.ok(box, 0.75) == mmseg_ok(want), (case, box)
+            got = crops.crop(box)  # the crop just tried, through the table
+            assert got.dtype == np.uint16 and np.array_equal(got, want)
+        other = (0, size[0], 0, size[1])  # not the last one tried: gathered
+        assert np.array_equal(crops.crop(other), full)
+    assert outcomes == {True, False} and paths == {True, False}
+    for top in (253, 254, 255, 256):  # 254 is the largest class of the 8-bit path
+        for share in (0.74, 0.76):
+            src = np.full(400, IGNORE, np.uint16)
+            src[: int(share * 300)], src[int(share * 300):300] = top, 7
+            src = src.reshape(20, 20)
+            crops = augment.LabelCrops(src, (30, 25))
+            want = cv2.resize(src, (25, 30), interpolation=cv2.INTER_NEAREST)
+            assert crops.ok((0, 30, 0, 25), 0.75) == mmseg_ok(want), (top, share)
+            assert np.array_equal(crops.crop((0, 30, 0, 25)), want)
+    src = np.full((5, 5), 2, np.uint16)
+    assert augment.LabelCrops(src, (9, 9), ignore=2)._shifted is None  # another ignore value: the general path
+
+
 def loader_cfg(root: Path, crop: int, panoptic: bool = False) -> TrainConfig:
     cfg = TrainConfig()
     cfg.data.root, cfg.data.num_workers = str(root), 0
