@@ -268,6 +268,26 @@ def test_crop_check_counts_labelled_pixels_as_mmseg() -> None:
             assert augment._crop_ok(label, 0.75, IGNORE) == mmseg_ok(label), (top, share)
 
 
+@pytest.mark.parametrize("kind", ["runs", "noise", "one value", "one pixel", "strided"])
+def test_counts8_are_bincount(kind: str) -> None:
+    """The crop check's counts (runs counted where the value changes; calcHist for noise)
+    equal np.bincount on region-like maps, noise, constant maps, one pixel and a strided view."""
+    rng = np.random.default_rng(len(kind))
+    if kind == "runs":  # regions, upsampled as a nearest resize does
+        x = rng.integers(0, 256, (9, 12)).astype(np.uint8).repeat(7, 0).repeat(5, 1)
+    elif kind == "noise":
+        x = rng.integers(0, 256, (50, 61)).astype(np.uint8)
+    elif kind == "one value":
+        x = np.full((33, 20), 255, np.uint8)
+    elif kind == "one pixel":
+        x = np.array([[0]], np.uint8)
+    else:
+        x = rng.integers(0, 4, (40, 80)).astype(np.uint8).repeat(3, 1)[:, ::2]
+    got = augment._counts8(x)
+    assert got.dtype == np.float64 and got.shape == (256,)
+    assert np.array_equal(got, np.bincount(x.ravel(), minlength=256))
+
+
 def test_label_crops_answer_and_cut_as_mmseg_on_the_resized_label() -> None:
     """`LabelCrops` (the check on a shifted uint8 copy, the chosen crop through a table back)
     against mmseg's np.unique test and `cv2.resize` + slicing, on labels whose classes stay
