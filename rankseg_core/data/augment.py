@@ -129,11 +129,10 @@ def _crop_ok(label: np.ndarray, cat_max_ratio: float, ignore: int) -> bool:
         # uint16 wrap-around sends the ignore value to bin 0 and class c to c + 1: one pass
         # where selecting the labelled pixels first takes a mask and a compaction.
         shifted = label + np.uint16(1)
-        if shifted.max() < 256 and shifted.size < 1 << 24:
-            # Every class < 255 (most datasets): OpenCV's 8-bit histogram counts ~2x faster than
-            # bincount, which widens every pixel to int64 first; its float32 counts are exact
-            # below 2^24 pixels.
-            counts = cv2.calcHist([shifted.astype(np.uint8)], [0], None, [256], [0, 256]).ravel()[1:]
+        if shifted.max() < 256:
+            # Every class < 255 (most datasets): 8-bit counts (`_counts8`), ~2x faster than
+            # bincount, which widens every pixel to int64 first.
+            counts = _counts8(shifted.astype(np.uint8))[1:]
         else:
             counts = np.bincount(shifted.ravel())[1:]
     else:
@@ -177,15 +176,21 @@ class LabelCrops(NearestResized):
     that crop through a 256-entry table back to uint16 instead of a second gather. Other labels
     take `_crop_ok`'s path; the answers are the same."""
 
-    def __init__(self, src: np.ndarray, size: tuple[int, int], ignore: int = IGNORE) -> None:
+    def __init__(self, src: np.ndarray, size: tuple[int, int], ignore: int = IGNORE, crop: int | None = None) -> None:
         super().__init__(src, size)
         self.ignore = ignore
-        self._shifted: NearestResized | None = None
+        self._shifted: NearestResized | np.ndarray | None = None
         self._last: tuple[tuple[int, int, int, int], np.ndarray] | None = None
         if ignore == IGNORE and src.dtype == np.uint16:
             plus = src + np.uint16(1)  # ignore wraps to 0
             if plus.max() < 256:
-                self._shifted = NearestResized.of(self, plus.astype(np.uint8))
+                plus8 = plus.astype(np.uint8)
+                if crop is not None and 2 * crop * crop >= self.shape[0] * self.shape[1]:
+                    # The tries would gather most of the resized map anyway: OpenCV's nearest
+                    # resize makes it whole (the same pixels) faster than two gathers per try.
+                    self._shifted = cv2.resize(plus8, (self.shape[1], self.shape[0]), interpolation=cv2.INTER_NEAREST)
+                else:
+                    self._shifted = NearestResized.of(self, plus8)
 
     def ok(self, box: tuple[int, int, int, int], cat_max_ratio: float) -> bool:
         """mmseg's test on the crop `box` = (y1, y2, x1, x2) of the resized label."""
@@ -378,7 +383,7 @@ class TrainTransform:
         h, w = label.shape
         ratio = rng.uniform(*self.ratio_range)
         size = rescale_size(h, w, self.scale[0] * ratio, self.scale[1] * ratio)
-        resized = LabelCrops(label, size, self.ignore)
+        resized = LabelCrops(label, size, self.ignore, self.crop)
         # The crop is chosen on the first frame's label; the clip shares it.
         box = random_crop_box(resized, self.crop, rng, self.cat_max_ratio, self.ignore)
         flip = bool(rng.random() < self.flip_prob)
