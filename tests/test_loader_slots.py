@@ -149,6 +149,17 @@ def test_two_workers_send_batches_through_slots_even_when_the_consumer_keeps_the
     assert int(pool.busy.sum()) == 0  # every slot free again once its batch is gone
 
 
+def test_the_iterator_alone_keeps_the_slots_alive(tmp_path: Path) -> None:
+    """Training keeps only `iter(make_loader(...))`: the pool must live as long as it does."""
+    root = make_synthetic(tmp_path / "d", images=6, num_classes=40, size=32)
+    want = next(iter(make_loader(loader_cfg(root, 0), MEAN, STD, D.DistInfo(), 0)))
+    it = iter(make_loader(loader_cfg(root, 2), MEAN, STD, D.DistInfo(), 0))
+    gc.collect()
+    got = next(it)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not got["image"].is_shared()  # a view of a slot, not torch's fresh shared memory
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pinned_batches_are_copies_and_free_their_slot_at_once() -> None:
     slots = BatchSlots(workers=1, per_worker=1, capacity=4096)

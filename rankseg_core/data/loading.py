@@ -159,10 +159,10 @@ class AugmentedClips(torch.utils.data.Dataset):
         images, labels = zip(*(self.ds.pixels(i) for i in ids))  # (not `load`'s whole item: per-sample time)
         rng = np.random.default_rng([self.seed, 1, g])  # augmentation depends on g only
         insts = [frame_instances(self.ds, i) for i in ids] if self.instances else None
-        frames = [self.ds.segments(i) for i in ids] if self.segments else None
+        panoptic = [self.ds.segments(i) for i in ids] if self.segments else None  # (map, records) per frame
         try:
-            raw = self.transform.crop_clip(list(images), list(labels), rng, None if frames is None else
-                                           [s for s, _ in frames])
+            raw = self.transform.crop_clip(list(images), list(labels), rng, None if panoptic is None else
+                                           [s for s, _ in panoptic])
             masks = None if insts is None else self.transform.crop_masks([m for m, _, _ in insts],
                                                                          labels[0].shape, raw.geometry)
         except ValueError as exc:
@@ -178,8 +178,8 @@ class AugmentedClips(torch.utils.data.Dataset):
             pad = torch.ones(label.shape, dtype=torch.bool)
             pad[:, : raw.extent[0], : raw.extent[1]] = False
             sample.update(label=torch.from_numpy(label), image_labels=torch.from_numpy(present), pad=pad)
-        if raw.segments is not None and frames is not None:
-            sample.update(segments=torch.from_numpy(raw.segments), segments_info=[info for _, info in frames])
+        if raw.segments is not None and panoptic is not None:
+            sample.update(segments=torch.from_numpy(raw.segments), segments_info=[info for _, info in panoptic])
         if masks is not None and insts is not None:
             per_frame = []
             for m, (_, cats, tracks) in zip(masks, insts):
