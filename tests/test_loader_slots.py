@@ -160,6 +160,28 @@ def test_the_iterator_alone_keeps_the_slots_alive(tmp_path: Path) -> None:
     assert not got["image"].is_shared()  # a view of a slot, not torch's fresh shared memory
 
 
+def test_the_pin_thread_gets_copies_of_every_tensor_and_the_slot_back_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the DataLoader's pin-memory thread does with a `SlotBatch` (CUDA or not: here
+    `Tensor.pin_memory` is stood in for by a copy): every tensor, nested ones included, is a
+    copy of the slot's, and the slot is free before the training loop sees the batch."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
+    slots = BatchSlots(workers=1, per_worker=1, capacity=4096)
+    batch = items(2, 0)
+    nested = {"instances": [{"masks": torch.ones(1, 2, 2, dtype=torch.bool), "ids": torch.tensor([4])}]}
+    keys = [k for k in batch[0] if isinstance(batch[0][k], torch.Tensor)]
+    sent = slots.write(0, {k: [i[k] for i in batch] for k in keys}, nested)
+    assert sent is not None
+    got = torch.utils.data._utils.pin_memory.pin_memory(sent)  # the pin thread's own call
+    gc.collect()
+    assert list(slots.busy) == [0]
+    want = collate_clips(batch)
+    start = slots.data.data_ptr()
+    for k in keys:
+        assert torch.equal(got[k], want[k]) and not start <= got[k].data_ptr() < start + slots.capacity
+    assert torch.equal(got["instances"][0]["ids"], torch.tensor([4]))
+    assert got["instances"][0]["masks"] is not nested["instances"][0]["masks"]  # copied too
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pinned_batches_are_copies_and_free_their_slot_at_once() -> None:
     slots = BatchSlots(workers=1, per_worker=1, capacity=4096)
