@@ -3,9 +3,9 @@ shared-memory slots.
 
 Why: torch sends every batch a worker makes as fresh shared memory: the worker creates a
 shared-memory file, faults its pages in, and passes its descriptor over a socket to the main
-process, which maps it and later unmaps it. For batches of small crops that cost about 1 ms of
-CPU per batch (0.11 ms per 128 px sample, more than the sample's resize), a third of it in
-the training process (docs/benchmarks.md "Training loader"). Here the memory is made once,
+process, which maps it and later unmaps it. That cost about 0.13 ms of CPU per 128 px sample
+(more than the sample's resize) and 0.9 ms per 512 px sample, a third of it in the training
+process (docs/benchmarks.md "Training loader"; through the slots: 0.04 and 0.24 ms). Here the memory is made once,
 before the workers start, and split into `per_worker` slots per worker; a worker writes its
 batch into a free slot of its own and sends only the slot's number and the tensors' places in
 it (`SlotBatch`, a few hundred bytes). The training process makes the tensors as views of the
