@@ -150,6 +150,19 @@ def test_photometric_tables_equal_the_float_steps() -> None:
     p = PhotoParams(-20.5, 1.3, True, 0.7, -11)
     assert np.array_equal(apply_photometric(view, p), old_photometric(np.ascontiguousarray(view), p))
     assert np.array_equal(view, before)
+    # The table passes: a brightness shift as a saturating add, tables composed across a
+    # skipped HSV step, and a brightness whose float32 sums round onto integers for large
+    # values only (not a shift: a table pass). Every level 0..255 occurs in `levels`.
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)[:, :, None].repeat(3, 2)
+    cases = [PhotoParams(7.25, None, True, None, None), PhotoParams(-31.9, None, False, None, 5),
+             PhotoParams(12.0, 0.6, True, None, None), PhotoParams(-3.5, 1.4, False, None, None),
+             PhotoParams(0.99999997, None, True, 1.2, None), PhotoParams(0.0, None, True, None, None),
+             PhotoParams(None, 1.0, False, None, None)]
+    assert not np.array_equal(augment._convert_table(beta=0.99999997),
+                              np.clip(np.arange(256) + int(augment._convert_table(beta=0.99999997)[128]) - 128, 0, 255))
+    for p in cases:
+        for x in (levels, view):
+            assert np.array_equal(apply_photometric(x, p), old_photometric(np.ascontiguousarray(x), p)), p
 
 
 @pytest.mark.parametrize("hw,crop,t", [((40, 56), 32, 1), ((30, 20), 32, 2), ((64, 48), 24, 1)])
