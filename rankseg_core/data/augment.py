@@ -276,6 +276,10 @@ def _hue_table(delta: int) -> np.ndarray:
     return ((_LEVELS.astype(np.int16) + delta) % 180).astype(np.uint8)
 
 
+# Row k + 255: the table of a saturating shift of every value by k (-255 <= k <= 255).
+_SHIFTS = np.clip(np.arange(256)[None, :] + np.arange(-255, 256)[:, None], 0, 255).astype(np.uint8)
+
+
 def _apply_tables(image: np.ndarray, tables: list[np.ndarray]) -> np.ndarray:
     """Per-value tables applied one after the other, as one pass: they compose into one table
     (a table of a table is exact), and a table that is a saturating shift of every value by k
@@ -287,8 +291,11 @@ def _apply_tables(image: np.ndarray, tables: list[np.ndarray]) -> np.ndarray:
     for t in tables[1:]:
         table = t[table]
     k = int(table[128]) - 128
-    if np.array_equal(table, np.clip(_LEVELS.astype(np.int16) + k, 0, 255)):
-        return image if k == 0 else cv2.add(image, (k, k, k, 0))
+    if np.array_equal(table, _SHIFTS[k + 255]):
+        if k == 0:
+            return image
+        # (cv2.add with a negative scalar takes a signed working type: ~15x slower than subtract)
+        return cv2.add(image, (k, k, k, 0)) if k > 0 else cv2.subtract(image, (-k, -k, -k, 0))
     return cv2.LUT(image, table)
 
 
