@@ -295,7 +295,7 @@ def _apply_tables(image: np.ndarray, tables: list[np.ndarray]) -> np.ndarray:
         if k == 0:
             return image
         # (cv2.add with a negative scalar takes a signed working type: ~15x slower than subtract)
-        return cv2.add(image, (k, k, k, 0)) if k > 0 else cv2.subtract(image, (-k, -k, -k, 0))
+        return cv2.add(image, (k, k, k, 0)) if k > 0 else cv2.subtract(image, (-k, -k, -k, 0))  # type: ignore[call-overload]
     return cv2.LUT(image, table)
 
 
