@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rankseg_core.utils.counting import RUN_SPAN, value_counts
+from rankseg_core.utils.counting import RUN_SPAN, run_starts, value_counts
 
 
 def regions(rng: np.random.Generator, h: int, w: int, k: int) -> np.ndarray:
@@ -38,6 +38,10 @@ def test_value_counts_are_bincount(dtype: type, kind: str) -> None:
         x = np.repeat(rng.integers(0, k, 64), RUN_SPAN)
         assert np.count_nonzero(x[1:] != x[:-1]) * RUN_SPAN <= x.size
     x = x.astype(dtype)
+    if kind in ("regions", "constant", "threshold"):
+        assert run_starts(x.ravel()) is not None  # the runs path is the one tested here
+    elif kind == "noise":
+        assert run_starts(x.ravel()) is None
     got = value_counts(x, k + 5)
     assert got.dtype == np.int64
     assert np.array_equal(got, np.bincount(x.ravel(), minlength=k + 5))

@@ -287,7 +287,7 @@ def test_counts8_are_bincount(kind: str) -> None:
     equal np.bincount on region-like maps, noise, constant maps, one pixel and a strided view."""
     rng = np.random.default_rng(len(kind))
     if kind == "runs":  # regions, upsampled as a nearest resize does
-        x = rng.integers(0, 256, (9, 12)).astype(np.uint8).repeat(7, 0).repeat(5, 1)
+        x = rng.integers(0, 256, (9, 12)).astype(np.uint8).repeat(7, 0).repeat(10, 1)
     elif kind == "noise":
         x = rng.integers(0, 256, (50, 61)).astype(np.uint8)
     elif kind == "one value":
@@ -296,6 +296,10 @@ def test_counts8_are_bincount(kind: str) -> None:
         x = np.array([[0]], np.uint8)
     else:
         x = rng.integers(0, 4, (40, 80)).astype(np.uint8).repeat(3, 1)[:, ::2]
+    from rankseg_core.utils.counting import run_starts
+
+    # Both ways of counting are exercised: by runs, and the histogram for noise.
+    assert (run_starts(x.ravel()) is None) == (kind in ("noise", "strided"))
     got = augment._counts8(x)
     assert got.dtype == np.int64 and got.shape == (256,)
     assert np.array_equal(got, np.bincount(x.ravel(), minlength=256))

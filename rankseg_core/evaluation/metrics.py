@@ -126,7 +126,6 @@ class ConfusionMatrix:
         import cv2  # OpenCV's histogram reads 8 / 16-bit values directly (np.bincount widens to int64 first)
 
         k, stride, values = self.num_classes, self.num_classes + 1, 1 << (8 * u.itemsize)
-
         starts = run_starts(u)
         if starts is None:
             hist = cv2.calcHist([u], [0], None, [values], [0, values], hist=self._work(f"hist{values}", values, np.float32))
