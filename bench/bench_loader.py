@@ -1,29 +1,36 @@
-"""The training loader against an mmseg 0.x-style file pipeline and the decode limit.
+"""The training loader against an mmseg 0.x-style pipeline and the decode limit.
 
-    python bench/bench_loader.py [--configs 256:128 512:256 512:512] [--images 32] [--batches 60] [--repeats 3]
-        [--no-write]
+    python bench/bench_loader.py [--configs 256:128 512:256 512:512]
+        [--images 32] [--batches 60] [--repeats 3] [--no-write]
 
-Samples per CPU-second (the CPU time of the main process and its DataLoader workers
-together, so the number does not depend on how many other jobs share the machine), with 0
-and 2 workers, side by side in one run with interleaved repeats (medians):
-(a) rankseg's loader as it is: shards -> uint8 crops + uint16 labels from the workers
-    (data/loading.py); normalisation happens on the training device (data/device.py), so it
-    is not CPU work of the loader. Also shown: (a+) with `to_device` run on this CPU (what a
-    CPU-only training pays). Its stage table sets each stage against the way it was done
-    before (h5py lookups per sample, decode to BGR then swap, the whole image resized);
-(a0) the loader before (`--legacy` semantics, kept here to measure the change in the same
-    run): the same augmentation with float32 photometric steps, numpy normalisation and
-    float32 images + int64 labels shipped from the workers;
-(b) an mmseg 0.x-style pipeline written here from its published semantics: JPEG + 8-bit PNG
-    files on disk, LoadImageFromFile (cv2), LoadAnnotations (PIL), Resize(ratio_range),
-    RandomCrop(cat_max_ratio), RandomFlip, PhotoMetricDistortion, Normalize (cv2, to_rgb),
-    Pad, DefaultFormatBundle -> float32 / int64 tensors, through a torch DataLoader;
-(b') the same as mmseg's ADE20K config runs it per sample: label files in ADE20K's encoding
-    with LoadAnnotations(reduce_zero_label=True), and Collect's img_metas (the goal's reference);
-(c) the decode limit: decoding the same JPEG + PNG bytes alone (cv2), in one process.
-Synthetic shards (convert/synthetic.py) for each of --configs SIZE:CROP, scale (4 size, size):
-512:512 is ADE20K's own training configuration (its images have a 512 px short side; scale
-(2048, 512), crop 512), 512:256 and 256:128 the same with the crop halved and the whole quartered.
+Samples per CPU-second (the CPU time of the main process and its DataLoader
+workers together, so the number does not depend on how many other jobs share
+the machine), with 0 and 2 workers, side by side in one run with interleaved
+repeats (medians, and the spread of the goal ratios):
+(a) rankseg's loader as it is: shards -> uint8 crops + uint16 labels from the
+    workers (data/loading.py, through the slots of data/slots.py);
+    normalisation happens on the training device (data/device.py), so it is
+    not CPU work of the loader. Also shown: (a+) with `to_device` run on this
+    CPU (what a CPU-only training pays). Its stage table sets each stage
+    against the way it was done before (h5py lookups per sample, decode to BGR
+    then swap, the whole image resized);
+(a0) the loader before (`--legacy` semantics, kept here to measure the change
+    in the same run): the same augmentation with float32 photometric steps,
+    numpy normalisation and float32 images + int64 labels from the workers;
+(b) an mmseg 0.x-style pipeline written here from its published semantics:
+    JPEG + 8-bit PNG files on disk, LoadImageFromFile (cv2), LoadAnnotations
+    (PIL), Resize(ratio_range), RandomCrop(cat_max_ratio), RandomFlip,
+    PhotoMetricDistortion, Normalize (cv2, to_rgb), Pad, DefaultFormatBundle
+    -> float32 / int64 tensors, through a torch DataLoader;
+(b') the same as mmseg's ADE20K config runs it per sample: label files in
+    ADE20K's encoding with LoadAnnotations(reduce_zero_label=True), and
+    Collect's img_metas (the goal's reference);
+(c) the decode limit: decoding the same JPEG + PNG bytes alone (cv2), in one
+    process.
+Synthetic shards (convert/synthetic.py) for each of --configs SIZE:CROP, scale
+(4 size, size): 512:512 is ADE20K's own training configuration (its images
+have a 512 px short side; scale (2048, 512), crop 512), 512:256 and 256:128
+the same with the crop halved and the whole quartered.
 Writes the `bench_loader` section of docs/benchmarks.md.
 """
 
@@ -622,9 +629,20 @@ def table(size: int, crop: int, images: int, batches: int, repeats: int, med: di
     return "\n".join(rows)
 
 
+def size_crop(text: str) -> tuple[int, int]:
+    """--configs SIZE:CROP -> (size, crop), both positive."""
+    try:
+        size, crop = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SIZE:CROP (e.g. 512:256)") from None
+    if size < 16 or crop < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: size and crop must be >= 16")
+    return size, crop
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["256:128", "512:256", "512:512"],
+    ap.add_argument("--configs", nargs="+", type=size_crop, default=[(256, 128), (512, 256), (512, 512)],
                     help="SIZE:CROP, one table each: synthetic image size (short side) and crop size")
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--batches", type=int, default=60,
@@ -639,8 +657,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     wall = time.perf_counter()
     tables = []
-    for config in args.configs:
-        size, crop = (int(x) for x in config.split(":"))
+    for size, crop in args.configs:
         # Fewer batches at larger crops keep the run to a few minutes on 2 cores.
         nb = max(4, args.batches * 128 // crop)
         med, lim, parts, spread = measure(size, crop, args.images, nb, args.repeats)

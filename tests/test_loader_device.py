@@ -326,7 +326,7 @@ def test_label_crops_answer_and_cut_as_mmseg_on_the_resized_label() -> None:
         size = (int(rng.integers(4, 80)), int(rng.integers(4, 80)))
         full = cv2.resize(src, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
         crops = augment.LabelCrops(src, size, crop=int(rng.integers(4, 60)))  # small crops gather, large resize whole
-        paths.add(type(crops._shifted))
+        paths.add(type(crops.shifted()))
         for _ in range(3):
             y1, x1 = int(rng.integers(0, size[0])), int(rng.integers(0, size[1]))
             box = (y1, int(rng.integers(y1 + 1, size[0] + 1)), x1, int(rng.integers(x1 + 1, size[1] + 1)))
@@ -347,8 +347,11 @@ def test_label_crops_answer_and_cut_as_mmseg_on_the_resized_label() -> None:
             want = cv2.resize(src, (25, 30), interpolation=cv2.INTER_NEAREST)
             assert crops.ok((0, 30, 0, 25), 0.75) == mmseg_ok(want), (top, share)
             assert np.array_equal(crops.crop((0, 30, 0, 25)), want)
+    lazy = augment.LabelCrops(src, (30, 25))
+    augment.random_crop_box(lazy, 10, rng, cat_max_ratio=1.0)  # no tries: no shifted copy is made
+    assert not lazy._made
     src = np.full((5, 5), 2, np.uint16)
-    assert augment.LabelCrops(src, (9, 9), ignore=2)._shifted is None  # another ignore value: the general path
+    assert augment.LabelCrops(src, (9, 9), ignore=2).shifted() is None  # another ignore value: the general path
 
 
 def loader_cfg(root: Path, crop: int, panoptic: bool = False) -> TrainConfig:
