@@ -1,0 +1,210 @@
+"""Every model family's training, evaluation and prediction placed for a GPU, checked without
+one (issue 24: targets built on the device; a CUDA run must not meet a CPU tensor).
+
+Nothing in this project has a GPU to run on in CI, and on a CPU-only machine every tensor is
+on the CPU: a test suite cannot see an op that would meet tensors of two devices on a GPU, or a
+`.numpy()` of a device tensor. tests/virtual_cuda.py emulates a CUDA device on the CPU and
+checks every op with PyTorch's own device rules (its FakeTensors). The first tests check that
+emulation against PyTorch's documented CUDA behaviour, hand-built case by case; the rest train
+(`--device cuda`: the engine's CUDA branches, the loader's pinned batches), evaluate and predict
+each family's tiny recipe under it, and one plants a placement bug to see it caught.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MASK2FORMER_RUN, make_synthetic, tiny_run
+from PIL import Image
+from torch.utils.data._utils import pin_memory as pin_utils
+from typer.testing import CliRunner
+from virtual_cuda import CUDA, DeviceMismatch, virtual_cuda
+
+from rankseg_core.convert.common import ConvertOptions
+from rankseg_core.convert.synthetic_video import prepare_synthetic_video
+from rankseg_core.data import slots
+from rankseg_core.engine.configure import build_train_config
+from rankseg_core.engine.train import train
+
+K = 40
+
+# ---------------------------------------------------------------------------------------
+# The emulation against PyTorch's CUDA rules
+
+
+def test_mixing_devices_raises_where_cuda_does() -> None:
+    with virtual_cuda():
+        x = torch.ones(4, device="cuda")
+        host = torch.arange(4.0)
+        with pytest.raises(DeviceMismatch, match="aten.add.Tensor"):
+            x + host  # a CPU tensor of one or more dimensions
+        with pytest.raises(DeviceMismatch, match="aten.mm"):
+            torch.ones(2, 4, device="cuda") @ torch.ones(4, 3)
+        with pytest.raises(DeviceMismatch, match="index_put_"):
+            x[torch.tensor([0, 1])] = torch.tensor([5.0, 6.0])  # values on the CPU
+        with pytest.raises(DeviceMismatch, match="cat"):
+            torch.cat([x, host])
+        with pytest.raises(DeviceMismatch, match="masked_select"):  # value-dependent: the basic rule
+            x.masked_select(torch.tensor([True, False, True, False]))
+        # Allowed on a GPU: a CPU 0-dim tensor as a scalar, CPU index tensors, Python numbers.
+        assert (x + torch.tensor(2.0)).device == CUDA
+        assert x[torch.tensor([0, 2])].device == CUDA
+        x[torch.tensor([0, 1])] = torch.tensor(7.0)
+        assert (x * 3).device == CUDA and x.sum().device == CUDA
+
+
+def test_moves_factories_and_numpy_behave_as_on_a_gpu() -> None:
+    with virtual_cuda():
+        x = torch.tensor([[1.5, -2.0]], device="cuda")
+        assert x.device == CUDA and x.is_cuda and not x.is_cpu and x.get_device() == 0
+        assert x.to(torch.float16).device == CUDA  # a dtype change stays on the device
+        assert x.new_zeros(3).device == CUDA and torch.zeros_like(x).device == CUDA
+        assert torch.arange(3, device=x.device).device == CUDA
+        assert x.nonzero().device == CUDA  # value-dependent shape, on the input's device
+        host = x.cpu()
+        assert host.device.type == "cpu" and host.tolist() == [[1.5, -2.0]]
+        np.testing.assert_array_equal(host.numpy(), [[1.5, -2.0]])
+        with pytest.raises(TypeError, match="cuda:0 device type tensor to numpy"):
+            x.numpy()
+        assert torch.ones(2).to(x).device == CUDA and x.to(host).device.type == "cpu"
+        assert torch.ones(2).cuda().device == CUDA and torch.ones(2).pin_memory().device.type == "cpu"
+        assert float(x.sum()) == -0.5  # the values are real
+    assert x.device.type == "cpu"  # the block's end undoes the emulation
+
+
+def test_a_module_trains_on_the_device() -> None:
+    """Parameters, gradients and optimizer state (fused AdamW) all on the device."""
+    torch.manual_seed(0)
+    with virtual_cuda() as mode:
+        lin = torch.nn.Linear(3, 2).to("cuda")
+        opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
+        lin(torch.randn(5, 3, device="cuda")).square().mean().backward()
+        opt.step()
+        assert lin.weight.device == CUDA and lin.weight.grad is not None and lin.weight.grad.device == CUDA
+        assert opt.state[lin.weight]["exp_avg"].device == CUDA
+        with pytest.raises(DeviceMismatch):
+            lin(torch.randn(5, 3))  # input left on the host
+    assert mode.checked > 10
+
+
+# ---------------------------------------------------------------------------------------
+# Each family's tiny recipe under the emulated device
+
+TINY_CONV = ["model.convseg.channels=16", "model.convseg.aux_channels=8", "model.convseg.ml_dim=16"]
+TINY_MASKFORMER = ["model.model=maskformer-r50"] + [
+    x.replace("model.mask2former.dec_layers", "model.mask2former.maskformer.dec_layers") for x in TINY_MASK2FORMER_RUN
+    if not x.startswith(("model.model=", "model.mask2former.enc_", "model.mask2former.train_num_points"))]
+SEGMENTER = [*tiny_run(kappa=20), "optim.name=adamw"]
+# name: (data, --set keys); data: "images" (K = 40, 64 px), "panoptic" (the same, panoptic),
+# "video" (clips with tracks).
+CASES: dict[str, tuple[str, list[str]]] = {
+    "segmenter-vitt rankseg": ("images", SEGMENTER),
+    "segmenter-vitt rankseg, 2 workers": ("images", [*SEGMENTER, "data.num_workers=2"]),  # pinned slots
+    "segmenter-vitt baseline": ("images", [*SEGMENTER, "model.head=segmenter"]),
+    "segmenter-vitt oracle": ("images", [*SEGMENTER, "model.oracle=true"]),
+    "segmenter-vitt protoseg": ("images", [*SEGMENTER, "model.head=protoseg", "model.protoseg.prototypes=2"]),
+    "segmenter-vitt rankproto": ("images", [*SEGMENTER, "model.head=rankproto", "model.protoseg.prototypes=2"]),
+    "segmenter-vitt encnet": ("images", [*SEGMENTER, "model.head=encnet"]),
+    "segmenter-vitt essnet": ("images", [*SEGMENTER, "model.head=essnet"]),
+    "classifier-vitt": ("images", [*tiny_run(model="classifier-vitt"), "optim.name=adamw"]),
+    "deeplabv3-r18 rankseg": ("images", [*tiny_run(model="deeplabv3-r18"), *TINY_CONV,
+                                         "model.convseg.aspp_dilations=1,2", "model.convseg.ml_pool=0"]),
+    "upernet-beitt rankseg": ("images", [*tiny_run(model="upernet-beitt"), *TINY_CONV, "model.convseg.pool_scales=1,2"]),
+    "mask2former-r50 semantic": ("images", TINY_MASK2FORMER_RUN),
+    "mask2former-r50 panoptic": ("panoptic", [*TINY_MASK2FORMER_RUN, "model.mask2former.task=panoptic"]),
+    "maskformer-r50": ("images", TINY_MASKFORMER),
+    "mask2former-semaskt": ("images", [*TINY_MASK2FORMER_RUN, "model.model=mask2former-semaskt"]),
+    "maskformer-r50 weak-shot": ("images", [*TINY_MASKFORMER, "model.mask2former.simformer.points=20",
+                                            "data.weak_shot=SPLIT"]),
+    "segmenter-vitt clips": ("video", [*SEGMENTER, "model.clip_len=2", "eval.batch_size=2"]),
+    "mask2former-r50 clips": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2", "eval.batch_size=2"]),
+    "mask2former-r50 video instances": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2",
+                                                  "model.mask2former.task=instance", "eval.batch_size=2"]),
+}
+
+# `rankseg predict` refuses these runs: a classifier does not segment, an oracle needs GT classes.
+NO_PREDICT = {"classifier-vitt", "segmenter-vitt oracle"}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("placement")
+    video = base / "video"
+    prepare_synthetic_video(video, num_classes=K, videos=2, val_videos=1, frames=3, size=64, seed=0,
+                            opts=ConvertOptions(samples_per_shard=8))
+    split = base / "weak_shot.json"
+    split.write_text('{"novel": [0, 5, 10, 15, 20, 25, 30, 35]}')
+    return {"images": make_synthetic(base / "images", images=4, num_classes=K, size=64, val_images=2),
+            "panoptic": make_synthetic(base / "panoptic", images=4, num_classes=K, size=64, val_images=2,
+                                       panoptic=True),
+            "video": video, "split": split}
+
+
+@pytest.mark.slow  # 3-12 s each on one core
+@pytest.mark.parametrize("name", list(CASES))
+def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two steps with --device cuda (the batches through the loader's pinned path), the final
+    evaluation, then `rankseg eval` and (images) `rankseg predict` with --device cuda: no op
+    meets tensors of two devices and nothing reads a device tensor as numpy."""
+    from rankseg_cli.app import app
+
+    kind, sets = CASES[name]
+    sets = [s.replace("SPLIT", str(roots["split"])) for s in sets if not s.startswith("device=")]
+    sets += ["device=cuda", "amp=false", "schedule.iters=2", "ckpt_every=2", "log_every=1"]
+    cfg = build_train_config(None, sets, roots[kind])
+    run = tmp_path / "run"
+    pinned: list[str] = []  # what the DataLoader pinned: SlotBatch (from workers) or the batch dict
+    pin_fn, pin_slot = pin_utils.pin_memory, slots.SlotBatch.pin_memory
+    monkeypatch.setattr(pin_utils, "pin_memory", lambda data, device=None: pinned.append(type(data).__name__)
+                        or pin_fn(data, device))
+    monkeypatch.setattr(slots.SlotBatch, "pin_memory", lambda self: pinned.append("slot") or pin_slot(self))
+    with virtual_cuda() as mode:
+        res = train(cfg, run, progress=False)
+        assert res.final_eval is not None  # the evaluation ran on the device too
+        cli = CliRunner()
+        ev = cli.invoke(app, ["eval", str(run), "--device", "cuda", "--max-images", "1"])
+        assert ev.exit_code == 0, (ev.output, ev.exception)
+        if kind != "video" and name not in NO_PREDICT:
+            img = tmp_path / "in.png"
+            Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(img)
+            pr = cli.invoke(app, ["predict", str(run), str(img), "--out", str(tmp_path / "out"), "--device", "cuda"])
+            assert pr.exit_code == 0, (pr.output, pr.exception)
+    assert mode.checked > 1000  # ops on the device's tensors: the work ran under the emulation
+    # The loader pins every training batch: in-process, or the workers' slots in the pin thread.
+    assert pinned and ("slot" in pinned) == ("workers" in name), pinned
+
+
+def _host_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """data/device.py `_mean_std` without its `.to(device)`: the normalisation constants on the host."""
+    from rankseg_core.data import device as dev
+
+    monkeypatch.setattr(dev, "_mean_std", lambda device, mean, std: (
+        torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)))
+
+
+def _host_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranked classes' index copied to the host before the head gathers with it."""
+    from rankseg_core.model import heads
+
+    real = heads.select_for
+    monkeypatch.setattr(heads, "select_for", lambda *a, **k: tuple(
+        None if t is None else t.cpu() for t in real(*a, **k)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plant, where", [(_host_constants, r"sub_.*data/device.py.*normalize_images"),
+                                          (_host_selection, r"gather.*model/heads.py.*forward")],
+                         ids=["data", "model"])
+def test_a_planted_placement_bug_is_caught(plant: Any, where: str, roots: dict[str, Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor left on the host where the step needs it on the device: on a GPU the first
+    step would fail, so it must fail here, naming the op and the line."""
+    plant(monkeypatch)
+    cfg = build_train_config(None, [*SEGMENTER, "device=cuda", "amp=false", "schedule.iters=1"], roots["images"])
+    with virtual_cuda(), pytest.raises(DeviceMismatch, match=where):
+        train(cfg, tmp_path / "run", progress=False)
