@@ -77,7 +77,7 @@ def test_moves_factories_and_numpy_behave_as_on_a_gpu() -> None:
 
 
 def test_a_module_trains_on_the_device() -> None:
-    """Parameters, gradients and optimizer state (fused AdamW) all on the device."""
+    """Parameters, gradients and optimizer state (fused AdamW) all on the device; autocast."""
     torch.manual_seed(0)
     with virtual_cuda() as mode:
         lin = torch.nn.Linear(3, 2).to("cuda")
@@ -88,6 +88,9 @@ def test_a_module_trains_on_the_device() -> None:
         assert opt.state[lin.weight]["exp_avg"].device == CUDA
         with pytest.raises(DeviceMismatch):
             lin(torch.randn(5, 3))  # input left on the host
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # CUDA autocast casts a linear layer's inputs
+            y = lin(torch.randn(5, 3, device="cuda"))
+        assert y.dtype == torch.bfloat16 and y.device == CUDA and mode.autocast
     assert mode.checked > 10
 
 
@@ -124,6 +127,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "mask2former-r50 clips": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2", "eval.batch_size=2"]),
     "mask2former-r50 video instances": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2",
                                                   "model.mask2former.task=instance", "eval.batch_size=2"]),
+    # The runs above train with AMP as a GPU with bfloat16 does (the default); these the other two ways.
+    "segmenter-vitt rankseg, fp16 + GradScaler": ("images", SEGMENTER),
+    "segmenter-vitt rankseg, fp32 (--no-amp)": ("images", [*SEGMENTER, "amp=false"]),
 }
 
 # `rankseg predict` refuses these runs: a classifier does not segment, an oracle needs GT classes.
@@ -148,14 +154,14 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[str, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two steps with --device cuda (the batches through the loader's pinned path), the final
-    evaluation, then `rankseg eval` and (images) `rankseg predict` with --device cuda: no op
-    meets tensors of two devices and nothing reads a device tensor as numpy."""
+    """Two steps with --device cuda and AMP (the batches through the loader's pinned path), the
+    final evaluation, then `rankseg eval` and (images) `rankseg predict` with --device cuda: no
+    op meets tensors of two devices and nothing reads a device tensor as numpy."""
     from rankseg_cli.app import app
 
     kind, sets = CASES[name]
-    sets = [s.replace("SPLIT", str(roots["split"])) for s in sets if not s.startswith("device=")]
-    sets += ["device=cuda", "amp=false", "schedule.iters=2", "ckpt_every=2", "log_every=1"]
+    sets = ["device=cuda", "amp=true", "schedule.iters=2", "ckpt_every=2", "log_every=1",
+            *[s.replace("SPLIT", str(roots["split"])) for s in sets if not s.startswith("device=")]]
     cfg = build_train_config(None, sets, roots[kind])
     run = tmp_path / "run"
     pinned: list[str] = []  # what the DataLoader pinned: SlotBatch (from workers) or the batch dict
@@ -163,7 +169,7 @@ def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[st
     monkeypatch.setattr(pin_utils, "pin_memory", lambda data, device=None: pinned.append(type(data).__name__)
                         or pin_fn(data, device))
     monkeypatch.setattr(slots.SlotBatch, "pin_memory", lambda self: pinned.append("slot") or pin_slot(self))
-    with virtual_cuda() as mode:
+    with virtual_cuda(bf16="fp16" not in name) as mode:
         res = train(cfg, run, progress=False)
         assert res.final_eval is not None  # the evaluation ran on the device too
         cli = CliRunner()
@@ -175,6 +181,9 @@ def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[st
             pr = cli.invoke(app, ["predict", str(run), str(img), "--out", str(tmp_path / "out"), "--device", "cuda"])
             assert pr.exit_code == 0, (pr.output, pr.exception)
     assert mode.checked > 1000  # ops on the device's tensors: the work ran under the emulation
+    assert mode.autocast == ({"amp=false"}.isdisjoint(sets)), mode.autocast  # AMP ran where configured
+    # fp16 (a GPU without bfloat16) steps through a GradScaler, whose state the checkpoint keeps.
+    assert ("scaler" in torch.load(run / "checkpoints" / "last.pt", weights_only=True)) == ("fp16" in name)
     # The loader pins every training batch: in-process, or the workers' slots in the pin thread.
     assert pinned and ("slot" in pinned) == ("workers" in name), pinned
 

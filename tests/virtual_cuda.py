@@ -95,6 +95,8 @@ class VirtualCuda(TorchDispatchMode):
         self.checked, self.unchecked = 0, Counter[str]()
         self.moving: torch.device | None = None  # the target of the copy `Tensor.to` is making
         self.inside_composite = False
+        self.bf16 = True
+        self.autocast = False  # whether the code under test turned CUDA autocast on
 
     @staticmethod
     def _key(t: torch.Tensor) -> int | None:
@@ -208,11 +210,13 @@ def _on_input_device(mode: VirtualCuda, fn: Any) -> Any:
 
 
 @contextmanager
-def virtual_cuda() -> Iterator[VirtualCuda]:
-    """Run the block with "cuda" emulated on the CPU (module docstring). Tensors made before
+def virtual_cuda(bf16: bool = True) -> Iterator[VirtualCuda]:
+    """Run the block with "cuda" emulated on the CPU (module docstring); `bf16`: whether the
+    emulated GPU has bfloat16 (else AMP runs float16 with a GradScaler). Tensors made before
     the block stay CPU tensors; move models and batches inside it. Everything is undone at
     the block's end."""
     mode = VirtualCuda()
+    mode.bf16 = bf16
     lift = torch._C._only_lift_cpu_tensors()
     # torch.tensor(data, device=...) then builds on the CPU and moves through the dispatcher
     # (as FakeTensorMode has it), instead of allocating on the device directly.
@@ -240,6 +244,18 @@ def _patch(monkeypatch: pytest.MonkeyPatch, mode: VirtualCuda) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)])
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: None)
+    # Mixed precision: CUDA autocast's casts are made by the CPU's autocast (the same lower-
+    # precision dtype; its op lists differ in details), bf16 unless the block asks for fp16.
+    real_autocast = torch.autocast
+
+    def autocast(device_type: str, *args: Any, **kwargs: Any) -> Any:
+        if device_type == "cuda":
+            mode.autocast |= kwargs.get("enabled", True) is not False
+            device_type = "cpu"
+        return real_autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", autocast)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: mode.bf16)
     # The DataLoader pins its batches (in its pin thread, with workers) where an accelerator is.
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
@@ -260,9 +276,14 @@ def _patch(monkeypatch: pytest.MonkeyPatch, mode: VirtualCuda) -> None:
             non_blocking = rest[0] if rest else kwargs.get("non_blocking", False)
             copy = rest[1] if len(rest) > 1 else kwargs.get("copy", False)
             memory_format = kwargs.get("memory_format", torch.preserve_format)
-        else:
-            device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-            copy = kwargs.get("copy", False) or (len(args) > 3 and bool(args[3]))
+        else:  # (PyTorch's own parser, which takes every form but `copy`: the last positional)
+            kwargs = dict(kwargs)
+            copy = bool(kwargs.pop("copy", False))
+            try:
+                device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+            except RuntimeError:
+                device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args[:-1], **kwargs)
+                copy = copy or bool(args[-1])
             memory_format = memory_format or torch.preserve_format
         dtype = dtype or self.dtype
         if device is None or _virtual(device) == mode.device_of(self):
