@@ -217,3 +217,26 @@ def test_a_planted_placement_bug_is_caught(plant: Any, where: str, roots: dict[s
     cfg = build_train_config(None, [*SEGMENTER, "device=cuda", "amp=false", "schedule.iters=1"], roots["images"])
     with virtual_cuda(), pytest.raises(DeviceMismatch, match=where):
         train(cfg, tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow  # ~40 s: 2 models x 2 AMP settings x legacy / new, 2 steps each
+def test_gpu_benchmark_runs_its_cuda_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench/bench_train.py --gpu` (the step benchmark a session with a GPU runs, on borrowed
+    minutes) through its CUDA branches, at the tiny scale: AMP and no AMP rows, legacy and new
+    statistics, each row complete. The CUDA runtime's timing and memory calls stand in as no-ops."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_train
+
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 3 * 2**30)
+    with virtual_cuda():
+        table = bench_train.gpu_table(CUDA, cpu_scale=True, iters=1, warmup=1, workers=0, repeats=1)
+    rows = table.splitlines()[2:]
+    # Each model: bf16 and off, legacy and new; every row measured (no OOM), peak memory read.
+    assert [r.split(" | ")[1:3] for r in rows] == [
+        [amp, what] for _ in bench_train.CPU_MODELS for amp in ("bf16", "off")
+        for what in ("legacy: host copy every step", "new: on device, gathered")]
+    assert all(r.split(" | ")[4] == "3.0" for r in rows), table
