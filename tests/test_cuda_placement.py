@@ -134,6 +134,16 @@ CASES: dict[str, tuple[str, list[str]]] = {
 
 # `rankseg predict` refuses these runs: a classifier does not segment, an oracle needs GT classes.
 NO_PREDICT = {"classifier-vitt", "segmenter-vitt oracle"}
+# The other commands that take --device, each on a run it applies to: (run, shards, image, tmp) -> argv.
+MORE: dict[str, Any] = {
+    "segmenter-vitt rankseg": lambda run, data, img, tmp: [
+        ["viz", "false-positives", run, "--data", data, "--num", "1", "--stats-num", "2", "--out", tmp / "fp"],
+        ["viz", "predictions", run, "--data", data, "--num", "1", "--out", tmp / "pred"]],
+    "segmenter-vitt protoseg": lambda run, data, img, tmp: [["viz", "prototypes", run, img, "--out", tmp / "p.png"]],
+    "maskformer-r50 weak-shot": lambda run, data, img, tmp: [["pseudo-label", run, "--out", tmp / "pseudo"]],
+    "mask2former-r50 video instances": lambda run, data, img, tmp: [
+        ["predict-vis", run, "--data", data, "--out", tmp / "results.json"]],
+}
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +165,9 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[str, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Two steps with --device cuda and AMP (the batches through the loader's pinned path), the
-    final evaluation, then `rankseg eval` and (images) `rankseg predict` with --device cuda: no
-    op meets tensors of two devices and nothing reads a device tensor as numpy."""
+    final evaluation, then `rankseg eval`, `rankseg predict` (image runs) and the run's other
+    commands that take --device (`MORE`) with --device cuda: no op meets tensors of two devices
+    and nothing reads a device tensor as numpy."""
     from rankseg_cli.app import app
 
     kind, sets = CASES[name]
@@ -175,11 +186,12 @@ def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[st
         cli = CliRunner()
         ev = cli.invoke(app, ["eval", str(run), "--device", "cuda", "--max-images", "1"])
         assert ev.exit_code == 0, (ev.output, ev.exception)
-        if kind != "video" and name not in NO_PREDICT:
-            img = tmp_path / "in.png"
-            Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(img)
-            pr = cli.invoke(app, ["predict", str(run), str(img), "--out", str(tmp_path / "out"), "--device", "cuda"])
-            assert pr.exit_code == 0, (pr.output, pr.exception)
+        img = tmp_path / "in.png"
+        Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(img)
+        commands = [] if kind == "video" or name in NO_PREDICT else [["predict", run, img, "--out", tmp_path / "out"]]
+        for argv in commands + (MORE[name](run, roots[kind], img, tmp_path) if name in MORE else []):
+            res = cli.invoke(app, [*map(str, argv), "--device", "cuda"])
+            assert res.exit_code == 0, (argv[:2], res.output, res.exception)
     assert mode.checked > 1000  # ops on the device's tensors: the work ran under the emulation
     assert mode.autocast == ({"amp=false"}.isdisjoint(sets)), mode.autocast  # AMP ran where configured
     # fp16 (a GPU without bfloat16) steps through a GradScaler, whose state the checkpoint keeps.
@@ -240,3 +252,15 @@ def test_gpu_benchmark_runs_its_cuda_path(monkeypatch: pytest.MonkeyPatch) -> No
         [amp, what] for _ in bench_train.CPU_MODELS for amp in ("bf16", "off")
         for what in ("legacy: host copy every step", "new: on device, gathered")]
     assert all(r.split(" | ")[4] == "3.0" for r in rows), table
+
+
+@pytest.mark.slow  # ~20 s
+def test_demo_runs_on_a_gpu(tmp_path: Path) -> None:
+    """`rankseg demo` (the README's first command; `--device auto` picks the GPU), small."""
+    from rankseg_cli.app import app
+
+    with virtual_cuda() as mode:
+        res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--images", "24", "--iters", "2",
+                                       "--num-classes", "60"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert mode.checked > 1000 and (tmp_path / "demo" / "demo_results.json").is_file()
