@@ -79,6 +79,38 @@ TINY_MASK2FORMER_RUN = [
     "model.mask2former.train_num_points=256", "model.mask2former.freeze_bn=false",
     "schedule.batch_size=2", "optim.lr=1e-3", "data.num_workers=0", "eval.num_workers=0", "log_every=1",
     "device=cpu", "eval.short_side=64"]
+# ConvSeg (DeepLabv3 / UperNet) and MaskFormer at the same scale.
+TINY_CONV = ["model.convseg.channels=16", "model.convseg.aux_channels=8", "model.convseg.ml_dim=16"]
+TINY_MASKFORMER = ["model.model=maskformer-r50"] + [
+    x.replace("model.mask2former.dec_layers", "model.mask2former.maskformer.dec_layers") for x in TINY_MASK2FORMER_RUN
+    if not x.startswith(("model.model=", "model.mask2former.enc_", "model.mask2former.train_num_points", "log_every"))]
+# Every model family, head and task once, as `--set` overrides: name -> (data, sets). data: "images"
+# (synthetic, K = 40, 64 px), "panoptic" (the same with segments), "video" (synthetic clips with
+# tracks); "SPLIT" stands for a weak-shot split file of the caller's.
+_SEGMENTER = [*tiny_run(kappa=20), "optim.name=adamw"]
+FAMILY_RECIPES: dict[str, tuple[str, list[str]]] = {
+    "segmenter-vitt rankseg": ("images", _SEGMENTER),
+    "segmenter-vitt baseline": ("images", [*_SEGMENTER, "model.head=segmenter"]),
+    "segmenter-vitt oracle": ("images", [*_SEGMENTER, "model.oracle=true"]),
+    "segmenter-vitt protoseg": ("images", [*_SEGMENTER, "model.head=protoseg", "model.protoseg.prototypes=2"]),
+    "segmenter-vitt rankproto": ("images", [*_SEGMENTER, "model.head=rankproto", "model.protoseg.prototypes=2"]),
+    "segmenter-vitt encnet": ("images", [*_SEGMENTER, "model.head=encnet"]),
+    "segmenter-vitt essnet": ("images", [*_SEGMENTER, "model.head=essnet"]),
+    "classifier-vitt": ("images", [*tiny_run(model="classifier-vitt"), "optim.name=adamw"]),
+    "deeplabv3-r18 rankseg": ("images", [*tiny_run(model="deeplabv3-r18"), *TINY_CONV,
+                                         "model.convseg.aspp_dilations=1,2", "model.convseg.ml_pool=0"]),
+    "upernet-beitt rankseg": ("images", [*tiny_run(model="upernet-beitt"), *TINY_CONV, "model.convseg.pool_scales=1,2"]),
+    "mask2former-r50 semantic": ("images", TINY_MASK2FORMER_RUN),
+    "mask2former-r50 panoptic": ("panoptic", [*TINY_MASK2FORMER_RUN, "model.mask2former.task=panoptic"]),
+    "maskformer-r50": ("images", TINY_MASKFORMER),
+    "mask2former-semaskt": ("images", [*TINY_MASK2FORMER_RUN, "model.model=mask2former-semaskt"]),
+    "maskformer-r50 weak-shot": ("images", [*TINY_MASKFORMER, "model.mask2former.simformer.points=20",
+                                            "data.weak_shot=SPLIT"]),
+    "segmenter-vitt clips": ("video", [*_SEGMENTER, "model.clip_len=2", "eval.batch_size=2"]),
+    "mask2former-r50 clips": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2", "eval.batch_size=2"]),
+    "mask2former-r50 video instances": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2",
+                                                  "model.mask2former.task=instance", "eval.batch_size=2"]),
+}
 # ... and as the options of a model built directly.
 TINY_M2F = Mask2FormerConfig(hidden_dim=32, conv_dim=32, mask_dim=32, nheads=4, num_queries=6, dec_layers=3,
                              enc_layers=1, dim_feedforward=64, enc_dim_feedforward=64, ml_hidden_dim=32,

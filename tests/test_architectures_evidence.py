@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_MASK2FORMER_RUN, make_synthetic
+from conftest import TINY_CONV, TINY_MASKFORMER, make_synthetic
 
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
@@ -166,12 +166,8 @@ def test_smoke_end_to_end(tmp_path: Path) -> None:
 RUN = ["model.img_size=64", "model.kappa=5", "schedule.batch_size=4", "optim.name=adamw", "optim.lr=1e-3",
        "optim.weight_decay=0", "schedule.warmup_iters=5", "model.dropout=0", "model.drop_path=0", "device=cpu",
        "data.num_workers=0", "eval.num_workers=0", "eval.every=0", "log_every=10", "eval.short_side=64"]
-TINY_CONV = ["model.convseg.channels=16", "model.convseg.aux_channels=8", "model.convseg.ml_dim=16"]
-# MaskFormer's own layer count for conftest's tiny widths; from random weights the backbone and
-# ml branch train at the full lr (the official x 0.1 protects pre-trained weights), no dropout.
-TINY_MASKFORMER = ["model.model=maskformer-r50"] + [
-    x.replace("model.mask2former.dec_layers", "model.mask2former.maskformer.dec_layers") for x in TINY_MASK2FORMER_RUN
-    if not x.startswith(("model.model=", "model.mask2former.enc_", "model.mask2former.train_num_points", "log_every"))]
+# MaskFormer (conftest's TINY_MASKFORMER): from random weights the backbone and ml branch train at
+# the full lr (the official x 0.1 protects pre-trained weights), no dropout.
 RECIPES = {
     "deeplabv3-r18 rankseg": ["model.model=deeplabv3-r18", "model.head=rankseg", *TINY_CONV,
                               "model.convseg.aspp_dilations=1,2", "model.convseg.ml_pool=0", "schedule.iters=50"],

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MASK2FORMER_RUN, make_synthetic, tiny_run
+from conftest import FAMILY_RECIPES, make_synthetic
 from PIL import Image
 from torch.utils.data._utils import pin_memory as pin_utils
 from typer.testing import CliRunner
@@ -97,37 +97,12 @@ def test_a_module_trains_on_the_device() -> None:
 # ---------------------------------------------------------------------------------------
 # Each family's tiny recipe under the emulated device
 
-TINY_CONV = ["model.convseg.channels=16", "model.convseg.aux_channels=8", "model.convseg.ml_dim=16"]
-TINY_MASKFORMER = ["model.model=maskformer-r50"] + [
-    x.replace("model.mask2former.dec_layers", "model.mask2former.maskformer.dec_layers") for x in TINY_MASK2FORMER_RUN
-    if not x.startswith(("model.model=", "model.mask2former.enc_", "model.mask2former.train_num_points"))]
-SEGMENTER = [*tiny_run(kappa=20), "optim.name=adamw"]
-# name: (data, --set keys); data: "images" (K = 40, 64 px), "panoptic" (the same, panoptic),
-# "video" (clips with tracks).
+# Every family's recipe (conftest), with AMP as a GPU with bfloat16 runs it (the default); and
+# the loader's workers (their batches pinned in the pin thread) and the other two precisions.
+SEGMENTER = FAMILY_RECIPES["segmenter-vitt rankseg"][1]
 CASES: dict[str, tuple[str, list[str]]] = {
-    "segmenter-vitt rankseg": ("images", SEGMENTER),
-    "segmenter-vitt rankseg, 2 workers": ("images", [*SEGMENTER, "data.num_workers=2"]),  # pinned slots
-    "segmenter-vitt baseline": ("images", [*SEGMENTER, "model.head=segmenter"]),
-    "segmenter-vitt oracle": ("images", [*SEGMENTER, "model.oracle=true"]),
-    "segmenter-vitt protoseg": ("images", [*SEGMENTER, "model.head=protoseg", "model.protoseg.prototypes=2"]),
-    "segmenter-vitt rankproto": ("images", [*SEGMENTER, "model.head=rankproto", "model.protoseg.prototypes=2"]),
-    "segmenter-vitt encnet": ("images", [*SEGMENTER, "model.head=encnet"]),
-    "segmenter-vitt essnet": ("images", [*SEGMENTER, "model.head=essnet"]),
-    "classifier-vitt": ("images", [*tiny_run(model="classifier-vitt"), "optim.name=adamw"]),
-    "deeplabv3-r18 rankseg": ("images", [*tiny_run(model="deeplabv3-r18"), *TINY_CONV,
-                                         "model.convseg.aspp_dilations=1,2", "model.convseg.ml_pool=0"]),
-    "upernet-beitt rankseg": ("images", [*tiny_run(model="upernet-beitt"), *TINY_CONV, "model.convseg.pool_scales=1,2"]),
-    "mask2former-r50 semantic": ("images", TINY_MASK2FORMER_RUN),
-    "mask2former-r50 panoptic": ("panoptic", [*TINY_MASK2FORMER_RUN, "model.mask2former.task=panoptic"]),
-    "maskformer-r50": ("images", TINY_MASKFORMER),
-    "mask2former-semaskt": ("images", [*TINY_MASK2FORMER_RUN, "model.model=mask2former-semaskt"]),
-    "maskformer-r50 weak-shot": ("images", [*TINY_MASKFORMER, "model.mask2former.simformer.points=20",
-                                            "data.weak_shot=SPLIT"]),
-    "segmenter-vitt clips": ("video", [*SEGMENTER, "model.clip_len=2", "eval.batch_size=2"]),
-    "mask2former-r50 clips": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2", "eval.batch_size=2"]),
-    "mask2former-r50 video instances": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2",
-                                                  "model.mask2former.task=instance", "eval.batch_size=2"]),
-    # The runs above train with AMP as a GPU with bfloat16 does (the default); these the other two ways.
+    **FAMILY_RECIPES,
+    "segmenter-vitt rankseg, 2 workers": ("images", [*SEGMENTER, "data.num_workers=2"]),
     "segmenter-vitt rankseg, fp16 + GradScaler": ("images", SEGMENTER),
     "segmenter-vitt rankseg, fp32 (--no-amp)": ("images", [*SEGMENTER, "amp=false"]),
 }
