@@ -5,9 +5,10 @@
 In one run, side by side:
 (1) online clustering alone: `sinkhorn` on 10,000 pixels x 10 prototypes (ProtoSeg's supplement:
     ~2.5 ms), and `assign_and_update` for one realistic step (B = 2 crops of 512 -> 32 x 32 =
-    1,024 patches, 15 classes per crop, M = 10) at D = 192 / 768 and K = 150 / 847; next to it a batched
-    re-implementation written here (all classes in one pass, no Python loop over classes),
-    checked to give the same assignment and prototypes, as the measured case for a faster path;
+    1,024 patches, 15 classes per crop, M = 10) at D = 192 / 768 and K = 150 / 847 in its two
+    forms: `assign_per_class` (the released code's loop over the classes; the CPU's) and
+    `assign_all_classes` (every class in one pass; an accelerator's), checked to give the same
+    assignment and prototypes;
 (2) one training step of the decoder head alone (`model.head(feats)` + the family's criterion
     + backward; feats B x 192 x 32 x 32, labels at --label-size) for the heads segmenter,
     rankseg, protoseg and rankproto at K = 150 (kappa 50) and K = 847 (kappa 100), ms/step and
@@ -33,6 +34,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -57,7 +59,7 @@ import rankseg_core.model.protoseg as head_mod  # noqa: E402
 from rankseg_core.config.model import ModelConfig  # noqa: E402
 from rankseg_core.config.train import TrainConfig  # noqa: E402
 from rankseg_core.families.segmenter import SEGMENTER  # noqa: E402
-from rankseg_core.losses.protoseg import assign_and_update, ppc_loss, sinkhorn  # noqa: E402
+from rankseg_core.losses.protoseg import assign_all_classes, assign_per_class, ppc_loss, sinkhorn  # noqa: E402
 from rankseg_core.model.heads import MaskTransformerHead  # noqa: E402
 from rankseg_core.model.protoseg import ProtoSegOutput, max_cosine  # noqa: E402
 from rankseg_core.model.segmenter import RankSegModel  # noqa: E402
@@ -137,42 +139,6 @@ def chunk_cosines(log2: int, checkpointed: bool = True) -> Iterator[None]:
 # --------------------------------------------------------------------------- (1) online clustering
 
 @torch.no_grad()
-def assign_batched(emb: Tensor, protos: Tensor, targets: Tensor, pred: Tensor, eps: float, iters: int,
-                   gamma: float) -> tuple[Tensor, Tensor]:
-    """`assign_and_update` (argmax update) for all present classes at once: emb N x D, protos
-    K x M x D, targets / pred N -> (assigned N, new prototypes K x M x D). Each class's Sinkhorn
-    sums become segment sums (index_add over the class of each pixel), so the op count does not
-    grow with the number of classes (on a GPU: a fixed few dozen launches instead of ~30 per class)."""
-    num, m, d = protos.shape
-    lab = targets != IGNORE
-    t, e = targets[lab], emb[lab]
-    present, inv = torch.unique(t, return_inverse=True)  # C classes; each pixel's class slot
-    c = present.numel()
-    cos = (e @ protos[present].reshape(c * m, d).t()).view(-1, c, m)
-    x = cos[torch.arange(t.numel()), inv] / eps  # N x M: each pixel against its own class's prototypes
-    # Per-class max shift: a per-class factor, removed exactly by the per-class normalisation.
-    shift = torch.full((c,), float("-inf")).scatter_reduce(0, inv, x.amax(1), "amax")
-    q = torch.exp(x - shift[inv, None])
-    q = q / torch.zeros(c).index_add_(0, inv, q.sum(1))[inv, None]
-    n = torch.zeros(c).index_add_(0, inv, torch.ones(t.numel()))[inv, None]  # N_k of each pixel's class
-    for _ in range(iters):
-        q = q / torch.zeros(c, m).index_add_(0, inv, q)[inv] / m
-        q = q / q.sum(1, keepdim=True) / n
-    index = (q * n).argmax(1)
-    slot = inv * m + index  # row of (class slot, prototype)
-    ok = pred[lab] == t
-    sums = torch.zeros(c * m, d).index_add_(0, slot[ok], e[ok])
-    moved = torch.zeros(c * m).index_add_(0, slot[ok], torch.ones(int(ok.sum()))) > 0
-    old = protos[present].reshape(c * m, d)
-    new_rows = F.normalize(torch.where(moved[:, None], gamma * old + (1 - gamma) * F.normalize(sums, dim=-1), old),
-                           dim=-1)
-    new = protos.clone()
-    new[present] = new_rows.view(c, m, d)
-    assigned = torch.full_like(targets, IGNORE)
-    assigned[lab] = index
-    return assigned, new
-
-
 def clustering_case(k: int, d: int, seed: int = 0) -> tuple[ProtoSegOutput, Tensor]:
     """A ProtoSegOutput of one step (B x 1,024 unit embeddings, K x M x D prototypes, logits
     that predict the label on ~60 % of the patches) and the B*p patch labels."""
@@ -197,17 +163,15 @@ def clustering(repeats: int) -> dict[str, Any]:
         for k in (150, 847):
             out, flat = clustering_case(k, d)
             assert out.prototypes is not None and out.embeddings is not None
-            start = out.prototypes.clone()
-            pred = out.mask_logits.argmax(1).flatten()
-            # Equivalence first, from the same starting prototypes (the library updates in place).
-            ref = assign_and_update(out, flat, IGNORE, 0.05, 3, 0.999)
-            got, new = assign_batched(out.embeddings.reshape(-1, d), start, flat, pred, 0.05, 3, 0.999)
-            same = bool((ref == got).all()) and torch.allclose(new, out.prototypes, atol=1e-6)
+            twin = dataclasses.replace(out, prototypes=out.prototypes.clone())
+            # Equivalence first, from the same starting prototypes (both update them in place).
+            same = bool((assign_per_class(twin, flat, IGNORE, 0.05, 3, 0.999)
+                         == assign_all_classes(out, flat, IGNORE, 0.05, 3, 0.999)).all())
+            same = same and torch.allclose(twin.prototypes, out.prototypes, atol=1e-6)
             classes = int(torch.unique(flat).numel())
-            emb = out.embeddings.reshape(-1, d)
             t = round_robin({
-                "loop": lambda: assign_and_update(out, flat, IGNORE, 0.05, 3, 0.999),  # noqa: B023
-                "batched": lambda: assign_batched(emb, start, flat, pred, 0.05, 3, 0.999)},  # noqa: B023
+                "loop": lambda: assign_per_class(twin, flat, IGNORE, 0.05, 3, 0.999),  # noqa: B023
+                "batched": lambda: assign_all_classes(out, flat, IGNORE, 0.05, 3, 0.999)},  # noqa: B023
                 5 * repeats)
             res["rows"].append({"d": d, "k": k, "classes": classes, "loop_ms": 1000 * t["loop"],
                                 "batched_ms": 1000 * t["batched"], "same": same})
@@ -519,21 +483,25 @@ and end: **{rate:.0f} GFLOP/s**. The bench took {r['seconds']:.0f} s wall, {r['c
 
 `sinkhorn` on 10,000 pixels x 10 prototypes (3 iterations): **{cl['sinkhorn_ms']:.2f} ms** (ProtoSeg's
 supplement, limitation analysis: "about 2.5 ms to cluster 10K pixels into 10 prototypes", device not
-stated). `assign_and_update` for one step (2 crops of 512 ->
-2 x 1,024 patches; every present class clustered, prototypes updated in place), next to a
-batched form written in the bench (all classes in one pass: each Sinkhorn sum becomes a
-segment sum over the pixels' classes; checked to give the same assignment and prototypes):
+stated). The clustering and prototype update of one step (2 crops of 512 -> 2 x 1,024 patches;
+every present class clustered, prototypes updated in place) in the library's two forms, checked
+here to give the same assignment and prototypes: `assign_per_class`, the released code's loop
+over the present classes (what `assign_and_update` runs on the CPU), and `assign_all_classes`,
+every class in one pass (each Sinkhorn sum a sum per class over the pixels' classes; what it runs
+on an accelerator: nothing read on the host):
 
-| D | K | classes in the batch | library, loop over classes (ms) | batched (ms) | ratio | same result |
+| D | K | classes in the batch | loop over classes (ms) | all classes at once (ms) | loop / at once | same result |
 | --- | --- | --- | --- | --- | --- | --- |
 {crows}
 
-K enters only through the classes present in the batch. The loop costs about
-{c847['loop_ms'] / max(1, c847['classes']):.2f} ms per class (D = 192: about 35 small tensor ops);
-on a GPU each class is ~30 kernel launches, which the batched form makes a fixed few dozen. At
-D = 768 the batched form's one GEMM (each pixel against all present classes' C*M prototypes, C
-times the FLOPs the loop needs) eats most of its gain on a CPU. Either way the clustering is
-{c847['loop_ms'] / h847['protoseg']:.1%} of the protoseg head step at K = 847 below.
+The loop costs about {c847['loop_ms'] / max(1, c847['classes']):.2f} ms per class (D = 192: about
+35 small tensor ops). On a GPU each of those classes is a few waits for the device, which the
+one-pass form does not have: it is a fixed few dozen ops. On this CPU the one-pass form costs
+more where D or K is large. It scores every pixel against its own class's M prototypes
+(a gather of N x M x D values) and updates all K x M prototypes (several passes over the K x M x D
+buffer), where the loop touches only the classes present. Hence the CPU keeps the loop. Either
+way the clustering is {c847['loop_ms'] / h847['protoseg']:.1%} of the protoseg head step at
+K = 847 below.
 
 ### 2. One training step of the head (decoder + criterion + backward)
 

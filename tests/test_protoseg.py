@@ -15,7 +15,9 @@ from rankseg_core.families.segmenter import SEGMENTER
 from rankseg_core.losses import protoseg as losses_protoseg
 from rankseg_core.losses.protoseg import (
     ProtoSegCriterion,
+    assign_all_classes,
     assign_and_update,
+    assign_per_class,
     momentum_update,
     ppc_loss,
     ppd_loss,
@@ -110,6 +112,50 @@ def test_assign_and_update_targets_and_that_wrong_or_ignored_pixels_never_move_a
     torch.testing.assert_close(protos[2, 1], new_pix)
     torch.testing.assert_close(protos[:2], before[:2])
     torch.testing.assert_close(protos.norm(dim=-1), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("m, k, present, ignored, selecting, chunk", [
+    (3, 12, 5, 0.2, False, None), (1, 12, 12, 0.0, False, None), (4, 30, 7, 0.5, True, None),
+    (2, 9, 3, 0.3, False, 7), (3, 6, 0, 1.0, False, None)],  # chunk: _own_cosines in several chunks
+    ids=["typical", "M=1, all classes", "selecting head", "chunked", "all ignored"])
+def test_every_class_at_once_equals_the_per_class_loop(m: int, k: int, present: int, ignored: float,
+                                                       selecting: bool, chunk: int | None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`assign_all_classes` (all classes in one pass, nothing read on the host: what
+    `assign_and_update` runs on an accelerator) against `assign_per_class`, the released code's
+    loop over the present classes (what it runs on the CPU): the same assignment
+    and the same prototypes to float rounding, absent classes' prototypes untouched, in several
+    steps from the same start (wrong predictions, ignored pixels, a selecting head's rank order)."""
+    if chunk is not None:
+        monkeypatch.setattr(losses_protoseg, "OWN_PROTOTYPES_CHUNK", chunk * m * 8)
+    g = torch.Generator().manual_seed(k * 10 + m)
+    n, d = 300, 8
+    protos = F.normalize(torch.randn(k, m, d, generator=g), dim=-1)
+    twin, start = protos.clone(), protos.clone()
+    classes = torch.randperm(k, generator=g)[:present]
+    for _ in range(3):
+        targets = classes[torch.randint(0, max(present, 1), (n,), generator=g)] if present else torch.zeros(n).long()
+        targets[torch.rand(n, generator=g) < ignored] = IGN
+        # Embeddings near their class's prototypes, so the assignment is not a coin toss.
+        near = protos[targets.clamp(max=k - 1), torch.randint(0, m, (n,), generator=g)]
+        emb = F.normalize(near + 0.3 * torch.randn(n, d, generator=g), dim=-1)
+        pred = torch.where(torch.rand(n, generator=g) < 0.7, targets.clamp(max=k - 1), torch.randint(0, k, (n,), generator=g))
+        if selecting:  # the head's channels are a permutation of the classes
+            order = torch.randperm(k, generator=g)
+            logits = F.one_hot(torch.argsort(order)[pred], k).float().t().reshape(1, k, 1, -1)
+            topk = order[None]
+        else:
+            logits, topk = F.one_hot(pred, k).float().t().reshape(1, k, 1, -1), None
+        got = assign_all_classes(ProtoSegOutput(mask_logits=logits, embeddings=emb[None], prototypes=protos,
+                                                topk_index=topk), targets, IGN, 0.05, 3, 0.9)
+        ref = assign_per_class(ProtoSegOutput(mask_logits=logits, embeddings=emb[None], prototypes=twin,
+                                                topk_index=topk), targets, IGN,
+                               0.05, 3, 0.9)
+        assert torch.equal(got, ref)
+        torch.testing.assert_close(protos, twin, rtol=0, atol=1e-6)
+    absent = torch.ones(k, dtype=torch.bool)
+    absent[classes] = False
+    torch.testing.assert_close(protos[absent], start[absent], rtol=0, atol=1e-6)  # never moved
 
 
 def _model(**proto: object) -> torch.nn.Module:
