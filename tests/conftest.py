@@ -79,6 +79,12 @@ TINY_MASK2FORMER_RUN = [
     "model.mask2former.train_num_points=256", "model.mask2former.freeze_bn=false",
     "schedule.batch_size=2", "optim.lr=1e-3", "data.num_workers=0", "eval.num_workers=0", "log_every=1",
     "device=cpu", "eval.short_side=64"]
+# ... and as the options of a model built directly.
+TINY_M2F = Mask2FormerConfig(hidden_dim=32, conv_dim=32, mask_dim=32, nheads=4, num_queries=6, dec_layers=3,
+                             enc_layers=1, dim_feedforward=64, enc_dim_feedforward=64, ml_hidden_dim=32,
+                             ml_query_layer=2, train_num_points=256)
+
+
 # ConvSeg (DeepLabv3 / UperNet) and MaskFormer at the same scale.
 TINY_CONV = ["model.convseg.channels=16", "model.convseg.aux_channels=8", "model.convseg.ml_dim=16"]
 TINY_MASKFORMER = ["model.model=maskformer-r50"] + [
@@ -111,10 +117,12 @@ FAMILY_RECIPES: dict[str, tuple[str, list[str]]] = {
     "mask2former-r50 video instances": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2",
                                                   "model.mask2former.task=instance", "eval.batch_size=2"]),
 }
-# ... and as the options of a model built directly.
-TINY_M2F = Mask2FormerConfig(hidden_dim=32, conv_dim=32, mask_dim=32, nheads=4, num_queries=6, dec_layers=3,
-                             enc_layers=1, dim_feedforward=64, enc_dim_feedforward=64, ml_hidden_dim=32,
-                             ml_query_layer=2, train_num_points=256)
+
+
+def weak_shot_split(path: Path) -> Path:
+    """A weak-shot split file for FAMILY_RECIPES' K = 40 data (every fifth class novel): `path`."""
+    path.write_text('{"novel": [0, 5, 10, 15, 20, 25, 30, 35]}')
+    return path
 
 
 def tiny_m2f_cfg(model: str = "mask2former-r50", num_classes: int = 10, kappa: int = 4, head: str = "rankseg",

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_RECIPES, make_synthetic
+from conftest import FAMILY_RECIPES, make_synthetic, weak_shot_split
 from PIL import Image
 from torch.utils.data._utils import pin_memory as pin_utils
 from typer.testing import CliRunner
@@ -127,12 +127,10 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     video = base / "video"
     prepare_synthetic_video(video, num_classes=K, videos=2, val_videos=1, frames=3, size=64, seed=0,
                             opts=ConvertOptions(samples_per_shard=8))
-    split = base / "weak_shot.json"
-    split.write_text('{"novel": [0, 5, 10, 15, 20, 25, 30, 35]}')
     return {"images": make_synthetic(base / "images", images=4, num_classes=K, size=64, val_images=2),
             "panoptic": make_synthetic(base / "panoptic", images=4, num_classes=K, size=64, val_images=2,
                                        panoptic=True),
-            "video": video, "split": split}
+            "video": video, "split": weak_shot_split(base / "weak_shot.json")}
 
 
 @pytest.mark.slow  # 3-12 s each on one core
@@ -165,8 +163,8 @@ def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[st
         Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(img)
         commands = [] if kind == "video" or name in NO_PREDICT else [["predict", run, img, "--out", tmp_path / "out"]]
         for argv in commands + (MORE[name](run, roots[kind], img, tmp_path) if name in MORE else []):
-            res = cli.invoke(app, [*map(str, argv), "--device", "cuda"])
-            assert res.exit_code == 0, (argv[:2], res.output, res.exception)
+            r = cli.invoke(app, [*map(str, argv), "--device", "cuda"])
+            assert r.exit_code == 0, (argv[:2], r.output, r.exception)
     assert mode.checked > 1000  # ops on the device's tensors: the work ran under the emulation
     assert mode.autocast == ({"amp=false"}.isdisjoint(sets)), mode.autocast  # AMP ran where configured
     # fp16 (a GPU without bfloat16) steps through a GradScaler, whose state the checkpoint keeps.

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAMILY_RECIPES, TINY_MASK2FORMER_RUN, make_synthetic, tiny_run
+from conftest import FAMILY_RECIPES, TINY_MASK2FORMER_RUN, make_synthetic, tiny_run, weak_shot_split
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -252,9 +252,7 @@ MASK_CLASSIFIERS = ("mask2former-", "maskformer-")
                                   and n != "segmenter-vitt rankseg" and n != "mask2former-r50 semantic"])
 def test_every_family_step_syncs_only_where_documented(name: str, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    split = tmp_path / "split.json"
-    split.write_text('{"novel": [0, 5, 10, 15, 20, 25, 30, 35]}')
-    sets = [s.replace("SPLIT", str(split)) for s in FAMILY_RECIPES[name][1]]
+    sets = [s.replace("SPLIT", str(weak_shot_split(tmp_path / "split.json"))) for s in FAMILY_RECIPES[name][1]]
     # The prototype heads' clustering as it runs on a GPU: every class at once (on the CPU, where
     # a host read costs nothing, `assign_and_update` loops over the classes instead).
     monkeypatch.setattr(losses_protoseg, "assign_per_class", losses_protoseg.assign_all_classes)

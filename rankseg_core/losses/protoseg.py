@@ -45,7 +45,7 @@ GUMBEL_TAU = 0.5
 def sinkhorn(cos: Tensor, eps: float = 0.05, iters: int = 3) -> Tensor:
     """Algorithm 1 on N pixels and M prototypes: cos N x M -> Q N x M, each pixel's row sums to 1
     (the paper's K x N L with columns summing to 1, transposed); prototypes get ~N/M mass each.
-    One class's form: `assign_and_update` runs it for every class at once."""
+    One class's form (`assign_per_class`); `assign_all_classes` runs it for every class at once."""
     n, m = cos.shape
     with torch.autocast(cos.device.type, enabled=False):
         # exp(c/eps) reaches e^20 at eps = 0.05: shifting by the max is a global factor that the
@@ -62,13 +62,24 @@ def sinkhorn(cos: Tensor, eps: float = 0.05, iters: int = 3) -> Tensor:
 def momentum_update(protos: Tensor, emb: Tensor, onehot: Tensor, correct: Tensor, gamma: float) -> Tensor:
     """One class's update. protos M x D (unit), emb N x D, onehot N x M assignment, correct N bool
     -> M x D unit: prototypes with a correct pixel move to gamma * old + (1 - gamma) * normalised
-    sum of their correct pixels; the others are kept. `assign_and_update` makes it for every
-    class at once."""
+    sum of their correct pixels; the others are kept. One class's form (`assign_per_class`);
+    `assign_all_classes` makes it for every class at once."""
     q = onehot * correct[:, None].to(onehot.dtype)
     mean = F.normalize(q.t() @ emb.to(q.dtype), dim=-1)  # M x D
     moved = (q.sum(0) > 0)[:, None]
     new = torch.where(moved, gamma * protos + (1.0 - gamma) * mean.to(protos.dtype), protos)
     return F.normalize(new, dim=-1)
+
+
+def _clustered(out: ProtoSegOutput) -> tuple[Tensor, Tensor, Tensor]:
+    """What the clustering reads: the prototype buffer K x M x D, the embeddings B*p x D
+    (detached) and each pixel's predicted class B*p (a selecting head's channel mapped to its
+    class)."""
+    assert out.embeddings is not None and out.prototypes is not None
+    pred = out.mask_logits.detach().argmax(1).flatten(1)  # B x p channels
+    if out.topk_index is not None:
+        pred = out.topk_index.gather(1, pred)
+    return out.prototypes, out.embeddings.detach().reshape(-1, out.prototypes.shape[-1]), pred.flatten()
 
 
 @torch.no_grad()
@@ -78,14 +89,8 @@ def assign_per_class(out: ProtoSegOutput, targets: Tensor, ignore_index: int, ep
     `momentum_update` per class): what training runs on the CPU, and the reference that
     tests/test_protoseg.py checks `assign_all_classes` against. On an accelerator it would wait
     for the device a few times per class."""
-    assert out.embeddings is not None and out.prototypes is not None
-    protos = out.prototypes
-    m, d = protos.shape[1], protos.shape[2]
-    emb = out.embeddings.detach().reshape(-1, d)
-    pred = out.mask_logits.detach().argmax(1).flatten(1)
-    if out.topk_index is not None:
-        pred = out.topk_index.gather(1, pred)
-    pred = pred.flatten()
+    protos, emb, pred = _clustered(out)
+    m = protos.shape[1]
     assigned = torch.full_like(targets, ignore_index)
     new = protos.clone()
     for k in torch.unique(targets[targets != ignore_index]).tolist():
@@ -107,10 +112,11 @@ def _own_cosines(emb: Tensor, protos: Tensor, cls: Tensor) -> Tensor:
     """emb N x D, protos K x M x D, cls N in [0, K) -> N x M: each pixel's cosines to its own
     class's prototypes, in chunks of pixels (the N x M x D gather never exists whole)."""
     m, d = protos.shape[1], protos.shape[2]
+    if emb.shape[0] == 0:
+        return emb.new_zeros(0, m)
     step = max(1, OWN_PROTOTYPES_CHUNK // (m * d))
     return torch.cat([torch.bmm(protos[c].to(e.dtype), e[:, :, None])[:, :, 0]
-                      for e, c in zip(emb.split(step), cls.split(step), strict=True)]) if emb.shape[0] else \
-        emb.new_zeros(0, m)
+                      for e, c in zip(emb.split(step), cls.split(step), strict=True)])
 
 
 @torch.no_grad()
@@ -141,14 +147,8 @@ def assign_all_classes(out: ProtoSegOutput, targets: Tensor, ignore_index: int, 
     prototype) from sums likewise. A fixed number of device operations and nothing read on the
     host, where the loop over the classes waits for the device a few times per class and step;
     the same assignment and prototypes as `assign_per_class` (tests/test_protoseg.py)."""
-    assert out.embeddings is not None and out.prototypes is not None
-    protos = out.prototypes
+    protos, emb, pred = _clustered(out)
     num, m, d = protos.shape
-    emb = out.embeddings.detach().reshape(-1, d)
-    pred = out.mask_logits.detach().argmax(1).flatten(1)  # B x p channels
-    if out.topk_index is not None:
-        pred = out.topk_index.gather(1, pred)
-    pred = pred.flatten()
     labelled = targets != ignore_index
     slot = torch.where(labelled, targets, num)  # the class of each pixel; ignored: the spare K
     with torch.autocast(emb.device.type, enabled=False):
