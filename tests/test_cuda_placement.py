@@ -24,6 +24,7 @@ from torch.utils.data._utils import pin_memory as pin_utils
 from typer.testing import CliRunner
 from virtual_cuda import CUDA, DeviceMismatch, virtual_cuda
 
+from rankseg_core.api import load_run
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.synthetic_video import prepare_synthetic_video
 from rankseg_core.data import slots
@@ -138,9 +139,9 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[str, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Two steps with --device cuda and AMP (the batches through the loader's pinned path), the
-    final evaluation, then `rankseg eval`, `rankseg predict` (image runs) and the run's other
-    commands that take --device (`MORE`) with --device cuda: no op meets tensors of two devices
-    and nothing reads a device tensor as numpy."""
+    final evaluation, then `rankseg eval`, `rankseg predict` and the API's `Run.predict` (image
+    runs) and the run's other commands that take --device (`MORE`) on the device: no op meets
+    tensors of two devices and nothing reads a device tensor as numpy."""
     from rankseg_cli.app import app
 
     kind, sets = CASES[name]
@@ -165,6 +166,8 @@ def test_family_trains_evaluates_and_predicts_on_a_gpu(name: str, roots: dict[st
         for argv in commands + (MORE[name](run, roots[kind], img, tmp_path) if name in MORE else []):
             r = cli.invoke(app, [*map(str, argv), "--device", "cuda"])
             assert r.exit_code == 0, (argv[:2], r.output, r.exception)
+        if commands:  # the Python API's in-memory prediction (docs/api.md) on the device too
+            assert load_run(run, device="cuda").predict(np.full((40, 56, 3), 90, np.uint8)).label.shape == (40, 56)
     assert mode.checked > 1000  # ops on the device's tensors: the work ran under the emulation
     assert mode.autocast == ({"amp=false"}.isdisjoint(sets)), mode.autocast  # AMP ran where configured
     # fp16 (a GPU without bfloat16) steps through a GradScaler, whose state the checkpoint keeps.
