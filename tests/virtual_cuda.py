@@ -21,13 +21,14 @@ How, inside `with virtual_cuda():`
   count both kinds;
 - `torch.cuda.is_available()` and `torch.accelerator.is_available()` say yes, so the code under
   test takes its CUDA branches (`--device auto` / `cuda`, the DataLoader's pinned batches, with
-  workers through its pin thread); pinning is a host copy, the device's random state a
-  placeholder.
+  workers through its pin thread, AMP); pinning is a host copy, the device's random state a
+  placeholder, and CUDA autocast is made by the CPU's autocast with the same dtype (bf16, or
+  fp16 with `virtual_cuda(bf16=False)`).
 What it cannot see: the numbers a GPU kernel would give, streams and synchronisation (the
-host-sync tests watch those), and code that asks the CUDA runtime itself (autocast's bf16 probe,
-memory statistics): tests run with `amp=false`. PyTorch functions written in C++ out of other
-ops that make a tensor "like" their input get the input's real device (the CPU) for it: the ones
-this project calls are listed in `_COMPOSITES`.
+host-sync tests watch those), the CUDA runtime's own calls (memory statistics), and where CUDA
+autocast's op lists differ from the CPU's (the CPU's keeps `layer_norm` in bf16). PyTorch
+functions written in C++ out of other ops that make a tensor "like" their input get the input's
+real device (the CPU) for it: the ones this project calls are listed in `_COMPOSITES`.
 """
 
 from __future__ import annotations

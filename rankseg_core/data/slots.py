@@ -5,13 +5,13 @@ Why: torch sends every batch a worker makes as fresh shared memory: the worker c
 shared-memory file, faults its pages in, and passes its descriptor over a socket to the main
 process, which maps it and later unmaps it. That cost about 0.13 ms of CPU per 128 px sample
 (more than the sample's resize) and 0.9 ms per 512 px sample, a third of it in the training
-process (docs/benchmarks.md "Training loader"; through the slots: 0.04 and 0.24 ms). Here the memory is made once,
-before the workers start, and split into `per_worker` slots per worker; a worker writes its
-batch into a free slot of its own and sends only the slot's number and the tensors' places in
-it (`SlotBatch`, a few hundred bytes). The training process makes the tensors as views of the
-slot, and the slot is free again when the last of them is gone (`weakref.finalize` on the
-slot's array, which every view keeps alive), so a batch the training loop still holds is
-never written over. A worker that finds none of its slots free, or a batch larger than a slot,
+process (docs/benchmarks.md "Training loader"; through the slots: 0.04 and 0.24 ms). Here the
+memory is made once, before the workers start, and split into `per_worker` slots per worker; a
+worker writes its batch into a free slot of its own and sends only the slot's number and the
+tensors' places in it (`SlotBatch`, a few hundred bytes). The training process makes the
+tensors as views of the slot, and the slot is free again when the last of them is gone
+(`weakref.finalize` on the slot's array, which every view keeps alive), so a batch the training
+loop still holds is never written over. A worker that finds none of its slots free, or a batch larger than a slot,
 falls back to torch's path (data/loading.py `_cat_all`): slower, never wrong. (A batch the
 DataLoader drops unseen, e.g. when a persistent-workers loader is iterated again, keeps its slot
 for the pool's lifetime; training iterates its endless stream once.)

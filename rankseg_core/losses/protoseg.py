@@ -104,7 +104,7 @@ def assign_per_class(out: ProtoSegOutput, targets: Tensor, ignore_index: int, ep
     return assigned
 
 
-# Pixels per chunk when gathering each pixel's own class's M prototypes (chunk x M x D values).
+# Values (pixels x M x D) per chunk when gathering each pixel's own class's M prototypes.
 OWN_PROTOTYPES_CHUNK = 1 << 22
 
 
