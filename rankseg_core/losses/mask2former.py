@@ -27,7 +27,7 @@ from rankseg_core.config.model import ModelConfig
 from rankseg_core.losses.matcher import hungarian_match
 from rankseg_core.losses.points import point_sample, uncertain_points
 from rankseg_core.losses.rankseg import asymmetric_loss
-from rankseg_core.losses.targets import ml_targets_from
+from rankseg_core.losses.targets import index_to, ml_targets_from
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 
 
@@ -59,8 +59,10 @@ def column_targets(targets: list[dict[str, Tensor]], topk_index: Tensor | None, 
     keeps = (torch.cat(all_cols) >= 0).cpu().split([len(c) for c in all_cols])
     out = []
     for t, cols, keep in zip(targets, all_cols, keeps, strict=True):
-        rows = keep.nonzero().flatten().to(cols.device, non_blocking=True)
-        out.append({"labels": cols.index_select(0, rows), "masks": t["masks"].index_select(0, rows.to(t["masks"].device))})
+        rows = keep.nonzero().flatten()
+        # Every other per-target tensor (the masks; a family's host tables) keeps its own device.
+        out.append({"labels": cols.index_select(0, index_to(rows, cols.device)),
+                    **{key: v.index_select(0, index_to(rows, v.device)) for key, v in t.items() if key != "labels"}})
     return out
 
 
@@ -96,12 +98,13 @@ class Mask2FormerCriterion:
         self.m = cfg.mask2former
         self.ml_loss, self.ml_weight = ml_loss, ml_weight
 
-    def _num_masks(self, targets: list[dict[str, Tensor]], device: torch.device) -> float:
-        count = float(sum(len(t["labels"]) for t in targets))  # shapes: known on the host
+    def _num_masks(self, count: int, device: torch.device) -> float:
+        """The mask losses' normaliser: `count` target masks (a shape, known on the host), averaged
+        over the processes."""
         if not (dist.is_available() and dist.is_initialized()):
-            return max(count, 1.0)  # one process: no device value, no sync
+            return max(float(count), 1.0)  # one process: no device value, no sync
         # The official normaliser is global: an all-reduce and a sync, as in detectron2.
-        n = torch.tensor([count], device=device)
+        n = torch.tensor([float(count)], device=device)
         dist.all_reduce(n)
         return max(float((n / dist.get_world_size()).item()), 1.0)
 
@@ -171,7 +174,7 @@ class Mask2FormerCriterion:
                               self.num_classes)
         total_segments = sum(len(t["labels"]) for t in tgts)
         kept = sum(len(t["labels"]) for t in cols) / total_segments if total_segments else 1.0
-        num_masks = self._num_masks(cols, out.pred_logits.device)
+        num_masks = self._num_masks(sum(len(t["labels"]) for t in cols), out.pred_logits.device)
 
         steps = [(out.pred_logits, out.pred_masks)] + (out.aux[::-1] if m.deep_supervision else [])
         total = out.pred_logits.new_zeros((), dtype=torch.float32)

@@ -48,14 +48,16 @@ def matching_cost(logits: Tensor, masks: Tensor, labels: Tensor, tgt_masks: Tens
 
 
 def assign_pairs(targets: list[dict[str, Tensor]], num_points: int, coords: Tensor | None, device: torch.device,
-                 cost_of: Callable[[int, Tensor], Tensor]) -> list[tuple[Tensor, Tensor]]:
+                 cost_of: Callable[[int, Tensor], Tensor], on_host: bool = False) -> list[tuple[Tensor, Tensor]]:
     """The Hungarian assignment per item (image or clip): `cost_of(b, points)` -> Q x n costs
     at P x 2 points (fixed `coords`, else fresh uniform points per item, drawn in item order).
-    An item without targets gets no pairs."""
+    An item without targets gets no pairs. The (query, target) index pairs are int64 on
+    `device`, or on the host with `on_host` (for a caller that splits them by host data)."""
     out = []
+    home = torch.device("cpu") if on_host else device
     for b, tgt in enumerate(targets):
         if tgt["labels"].numel() == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=device)
+            empty = torch.zeros(0, dtype=torch.long, device=home)
             out.append((empty, empty))
             continue
         pts = coords if coords is not None else torch.rand(num_points, 2, device=device)
@@ -64,8 +66,8 @@ def assign_pairs(targets: list[dict[str, Tensor]], num_points: int, coords: Tens
         cost = torch.nan_to_num(cost_of(b, pts), nan=1e8, posinf=1e8, neginf=-1e8)
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
         # Back to the device without a blocking copy (on CUDA that would be another sync).
-        out.append((torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True),
-                    torch.from_numpy(cols.astype(np.int64)).to(device, non_blocking=True)))
+        out.append((torch.from_numpy(rows.astype(np.int64)).to(home, non_blocking=True),
+                    torch.from_numpy(cols.astype(np.int64)).to(home, non_blocking=True)))
     return out
 
 

@@ -44,8 +44,11 @@ counts (never in the loss) two hidden pixels count as "same".
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,7 +59,8 @@ from rankseg_core.losses.mask2former import Mask2FormerCriterion, column_targets
 from rankseg_core.losses.maskformer import MaskFormerCriterion, maskformer_cost
 from rankseg_core.losses.matcher import assign_pairs, matching_cost
 from rankseg_core.losses.points import point_sample, uncertain_points
-from rankseg_core.losses.targets import targets_from_semantic
+from rankseg_core.losses.rankseg import class_histogram
+from rankseg_core.losses.targets import index_to
 from rankseg_core.losses.weak_shot import IGNORE_LOGIT, complementary_loss
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 from rankseg_core.model.mask2former.simformer import PairBalance, PairSimilarityNet, SimFormerOutput
@@ -70,22 +74,50 @@ EPS = 1e-5  # the official normaliser floor of the pair loss
 LOG_EPS = 0.01  # the official clamp of teacher and student in the "ce" distillation
 
 
-def weak_shot_targets(label: Tensor, image_labels: Tensor, novel: Tensor) -> dict[str, Tensor]:
-    """One image's targets: base classes with masks, then novel classes without.
+@dataclass
+class WeakShotTargets:
+    """A weak-shot batch's targets and the class sets the pixel-pair losses read.
 
-    label: H x W train ids with novel pixels hidden; image_labels: K presence; novel: K bool.
-    Returns {"labels": n long, "masks": n x H x W bool}, novel masks all False. ValueError if
-    a novel class still has pixels in `label` (the loader must hide them).
+    targets: per image {"labels": n long, "masks": n x H x W bool} on the labels' device, and
+        "has": n bool ON THE HOST, whether the target has a mask (base) or not (novel); base
+        classes first, in class order, then novel ones.
+    base / novel: per image its base classes (in the label) and novel classes (image labels).
     """
-    k = novel.numel()
-    base = targets_from_semantic(label, k, IGNORE)
-    leaked = base["labels"][novel[base["labels"]]]
+
+    targets: list[dict[str, Tensor]]
+    base: list[set[int]]
+    novel: list[set[int]]
+
+
+def weak_shot_targets(labels: Tensor, image_labels: Tensor, novel: Tensor | np.ndarray) -> WeakShotTargets:
+    """Each image's targets: base classes with masks, then novel classes without.
+
+    labels: B x H x W train ids with novel pixels hidden; image_labels: B x K presence; novel:
+    K bool (an array or a host tensor). Which classes an image has decides every shape after
+    it, so the host learns it once per batch: one copy of a B x 2K table (base classes in the
+    label, classes in the image labels), as `targets.semantic_targets`. ValueError if a novel
+    class still has pixels in a label (the loader must hide them).
+    """
+    novel = torch.from_numpy(np.array(novel, dtype=bool))  # the split's table, a host copy
+    k = len(novel)
+    lab = labels.long()
+    table = torch.cat([class_histogram(lab, k, IGNORE) > 0, image_labels > 0], dim=1).cpu()  # the batch's one sync
+    base_present, novel_present = table[:, :k], table[:, k:] & novel
+    leaked = (base_present & novel).nonzero()
     if leaked.numel():
-        raise ValueError(f"novel class {int(leaked[0])} has pixels in a weak-shot label: the loader must hide them")
-    novel_ids = torch.nonzero((image_labels.to(novel.device) > 0) & novel).flatten()
-    empty = torch.zeros((novel_ids.numel(), *label.shape[-2:]), dtype=torch.bool, device=label.device)
-    return {"labels": torch.cat([base["labels"], novel_ids.to(base["labels"].device)]),
-            "masks": torch.cat([base["masks"], empty])}
+        raise ValueError(f"novel class {int(leaked[0, 1])} has pixels in a weak-shot label: the loader must hide them")
+    targets, base, novel_sets = [], [], []
+    for b in range(lab.shape[0]):
+        base_ids, novel_ids = base_present[b].nonzero().flatten(), novel_present[b].nonzero().flatten()
+        classes = index_to(base_ids, lab.device)
+        empty = torch.zeros((len(novel_ids), *lab.shape[-2:]), dtype=torch.bool, device=lab.device)
+        targets.append({"labels": index_to(torch.cat([base_ids, novel_ids]), lab.device),
+                        "masks": torch.cat([lab[b][None] == classes[:, None, None], empty]),
+                        "has": torch.cat([torch.ones_like(base_ids, dtype=torch.bool),
+                                          torch.zeros_like(novel_ids, dtype=torch.bool)])})
+        base.append(set(base_ids.tolist()))
+        novel_sets.append(set(novel_ids.tolist()))
+    return WeakShotTargets(targets, base, novel_sets)
 
 
 def loader_padding(images: Tensor) -> Tensor:
@@ -109,30 +141,34 @@ def loader_padding(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def weak_shot_match(crit: Mask2FormerCriterion, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]],
-                    has: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """Per image (query indices, target indices) of one Hungarian assignment in which targets
-    with a mask (`has`) cost as the family's matcher and the others cost the class term alone
-    (-class_weight x softmax probability of the class).
+def weak_shot_match(crit: Mask2FormerCriterion, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]]
+                    ) -> list[tuple[Tensor, Tensor]]:
+    """Per image (query indices, target indices), on the host, of one Hungarian assignment in
+    which targets with a mask (`has`) cost as the family's matcher and the others cost the
+    class term alone (-class_weight x softmax probability of the class).
 
-    logits B x Q x (C+1), masks B x Q x h x w; targets[b] {"labels": n columns, "masks": n x H x W}.
+    logits B x Q x (C+1), masks B x Q x h x w; targets[b] {"labels": n columns, "masks":
+    n x H x W, "has": n bool on the host} (`weak_shot_targets`, then `column_targets`).
     """
     m = crit.m
     dense = isinstance(crit, MaskFormerCriterion)
 
     def cost_of(b: int, pts: Tensor) -> Tensor:
-        t, h = targets[b], has[b]
+        t = targets[b]
         cost = -m.class_weight * logits[b].float().softmax(-1)[:, t["labels"]]
-        if bool(h.any()):
-            lab, tm = t["labels"][h], t["masks"][h]
-            cost[:, h] = (maskformer_cost(logits[b], masks[b], lab, tm, m.class_weight, m.mask_weight, m.dice_weight)
-                          if dense else
-                          matching_cost(logits[b], masks[b], lab, tm, pts, m.class_weight, m.mask_weight, m.dice_weight))
+        with_mask = t["has"].nonzero().flatten()  # host data: no sync to learn which
+        if len(with_mask):
+            idx = index_to(with_mask, logits.device)
+            lab, tm = t["labels"].index_select(0, idx), t["masks"].index_select(0, idx)
+            cost[:, idx] = (maskformer_cost(logits[b], masks[b], lab, tm, m.class_weight, m.mask_weight, m.dice_weight)
+                            if dense else
+                            matching_cost(logits[b], masks[b], lab, tm, pts, m.class_weight, m.mask_weight,
+                                          m.dice_weight))
         return cost
 
     if dense:  # MaskFormer scores every pixel: no points to draw
-        return assign_pairs(targets, 0, torch.empty(0, 2, device=logits.device), logits.device, cost_of)
-    return assign_pairs(targets, m.train_num_points, None, logits.device, cost_of)
+        return assign_pairs(targets, 0, torch.empty(0, 2, device=logits.device), logits.device, cost_of, on_host=True)
+    return assign_pairs(targets, m.train_num_points, None, logits.device, cost_of, on_host=True)
 
 
 def complementary_points(novel: list[Tensor], notbase: Tensor, num_points: int, oversample: float, importance: float,
@@ -229,10 +265,12 @@ def grid_pairs(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat([a[:, :, None].expand(-1, -1, j2, -1), b[:, None].expand(-1, j, -1, -1)], dim=-1)
 
 
-def base_pair_loss(prob: Tensor, same: Tensor, valid: Tensor, weights: tuple[float, float]) -> Tensor:
+def base_pair_loss(prob: Tensor, same: Tensor, valid: Tensor, weights: tuple[Tensor | float, Tensor | float]
+                   ) -> Tensor:
     """Class-balanced BCE of the pair net: prob / same / valid B x J x J (probability, label,
-    pair counts), weights (w_dissimilar, w_similar): sum(w BCE valid) / max(sum valid, 1e-5)."""
-    w = torch.where(same, torch.full_like(prob, weights[1]), torch.full_like(prob, weights[0]))
+    pair counts), weights (w_dissimilar, w_similar), numbers or 0-dim tensors:
+    sum(w BCE valid) / max(sum valid, 1e-5)."""
+    w = torch.where(same, weights[1], weights[0])
     bce = F.binary_cross_entropy(prob.float(), same.float(), reduction="none")
     v = valid.float()
     return (w * bce * v).sum() / v.sum().clamp(min=EPS)
@@ -279,7 +317,7 @@ def pixel_pair_losses(out: SimFormerOutput, label: Tensor, pad: Tensor, base: li
     bsz, dim = feats.shape[:2]
     k = out.num_classes
     partners = pair_partners(base, novel, str(sim.pixel_pairs))
-    part = torch.as_tensor(partners, device=feats.device)
+    part = index_to(torch.as_tensor(partners), feats.device)
     lab, padf = label.flatten(1).long(), pad.flatten(1)
     is_base = (lab >= 0) & (lab < k)
     flat = feats.flatten(2).float()  # the pair net runs in fp32 (the criterion runs outside autocast)
@@ -294,7 +332,8 @@ def pixel_pair_losses(out: SimFormerOutput, label: Tensor, pad: Tensor, base: li
         key = (min(i, j), max(i, j))
         if key not in chosen:
             common = sorted(base[i] & base[j])
-            chosen[key] = common[int(torch.randint(len(common), ()))] if common else None
+            # A host draw (Python's generator: seeded, and kept in checkpoints, by the engine).
+            chosen[key] = common[random.randrange(len(common))] if common else None
         c = chosen[key]
         pos[i] = is_base[i] if c is None else lab[i] == c
     j_pts = sim.points
@@ -312,12 +351,12 @@ def pixel_pair_losses(out: SimFormerOutput, label: Tensor, pad: Tensor, base: li
     which = [i for i in range(bsz) if novel[i] & novel[partners[i]]]
     if weight == 0.0 or not which:
         return pair, zero
-    idx = torch.as_tensor(which, device=feats.device)
+    idx = index_to(torch.as_tensor(which), feats.device)
     dpts = sample_region_points(~is_base, j_pts)  # hidden novel, unlabelled and padded pixels
     df = at(dpts)
     with torch.no_grad():  # TEACH_DETACH: the teacher gives targets only
         teacher = net(grid_pairs(df[idx], df[part[idx]]))
-    scores = novel_scores_at(out, dpts, novel_ids.to(feats.device))
+    scores = novel_scores_at(out, dpts, index_to(novel_ids, feats.device))
     ref = scores[part[idx]] if sim.student_pairs == "cross" else scores[idx]
     student = F.cosine_similarity(scores[idx][:, :, None, :], ref[:, None, :, :], dim=-1).relu()
     return pair, distill_map(teacher, student, str(sim.distill_func)).mean()
@@ -345,31 +384,36 @@ class SimFormerCriterion:
             raise UserError(f"data.novel_classes={list(novel_classes)}: need >= 1 train id in [0, {k})")
         self.crit, self.comp_weight, self.sim = crit, comp_weight, sim
         self.novel_ids = torch.as_tensor(sorted(novel_classes), dtype=torch.long)
-        self.novel = torch.zeros(k, dtype=torch.bool)
-        self.novel[self.novel_ids] = True
+        self.novel = np.zeros(k, dtype=bool)  # host data: read by the host's target table
+        self.novel[sorted(novel_classes)] = True
         self.dense = isinstance(crit, MaskFormerCriterion)
 
-    def _comp(self, masks: Tensor, indices: list[tuple[Tensor, Tensor]], has: list[Tensor], notbase: Tensor) -> Tensor:
+    def _comp(self, masks: Tensor, novel: list[Tensor], notbase: Tensor) -> Tensor:
+        """The complementary loss of the queries matched to novel targets (`novel`: per image
+        their indices on the device)."""
         m = self.crit.m
-        novel = [masks[b, q[~has[b][j]]] for b, (q, j) in enumerate(indices)]
+        props = [masks[b].index_select(0, q) for b, q in enumerate(novel)]
         if self.dense:
-            return complementary_dense(novel, notbase, m.mask_weight, m.dice_weight)
-        return complementary_points(novel, notbase, m.train_num_points, m.oversample_ratio, m.importance_sample_ratio,
+            return complementary_dense(props, notbase, m.mask_weight, m.dice_weight)
+        return complementary_points(props, notbase, m.train_num_points, m.oversample_ratio, m.importance_sample_ratio,
                                     m.mask_weight, m.dice_weight)
 
-    def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], has: list[Tensor],
-              num_masks: float, notbase: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _step(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]], num_masks: float,
+              notbase: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(class CE, mask, dice, comp) of one prediction step."""
-        indices = weak_shot_match(self.crit, logits, masks, targets, has)
-        ce = self.crit.class_loss(logits, indices, targets)
-        comp = self._comp(masks, indices, has, notbase)
-        # Mask terms on the base pairs only: a novel target has no mask to learn from.
-        base = [(b, q[has[b][j]], j[has[b][j]]) for b, (q, j) in enumerate(indices)]
-        src = torch.cat([masks[b, q] for b, q, _ in base])
-        if src.shape[0] == 0:
+        device = logits.device
+        pairs = weak_shot_match(self.crit, logits, masks, targets)  # on the host
+        ce = self.crit.class_loss(logits, [(index_to(q, device), index_to(j, device)) for q, j in pairs], targets)
+        # Split by the host's "has": mask terms on the base pairs only (a novel target has no
+        # mask to learn from), the complementary loss on the novel ones.
+        split = [(q, j, t["has"][j]) for (q, j), t in zip(pairs, targets, strict=True)]
+        comp = self._comp(masks, [index_to(q[~h], device) for q, _, h in split], notbase)
+        base = [(index_to(q[h], device), index_to(j[h], device)) for q, j, h in split]
+        if sum(len(q) for q, _ in base) == 0:
             zero = masks.sum() * 0.0
             return ce, zero, zero, comp
-        tgt = torch.cat([targets[b]["masks"][j] for b, _, j in base])
+        src = torch.cat([masks[b].index_select(0, q) for b, (q, _) in enumerate(base)])
+        tgt = torch.cat([t["masks"].index_select(0, j.to(t["masks"].device)) for t, (_, j) in zip(targets, base)])
         return (ce, *self.crit._mask_losses(src, tgt, num_masks), comp)
 
     def __call__(self, out: Mask2FormerOutput, batch: dict) -> dict[str, Tensor]:
@@ -384,17 +428,14 @@ class SimFormerCriterion:
         ph, pw = out.pred_masks.shape[-2] * 4 - h, out.pred_masks.shape[-1] * 4 - w
         if tuple(label.shape[-2:]) != (h, w):
             raise ValueError(f"labels are {tuple(label.shape[-2:])}, the input was {(h, w)}")
-        novel = self.novel.to(label.device)
-        tgts = []
-        for lab, y in zip(label, image_labels):
-            t = weak_shot_targets(lab, y, novel)
-            tgts.append({"labels": t["labels"].to(device), "masks": F.pad(t["masks"].to(device), (0, pw, 0, ph))})
+        lab = label.to(device).long()
+        # The official rule, a target without pixels is novel, read from the host's table.
+        ws = weak_shot_targets(lab, image_labels.to(device), self.novel)
+        tgts = [{**t, "masks": F.pad(t["masks"], (0, pw, 0, ph))} for t in ws.targets]
         cols = column_targets(tgts, out.topk_index, out.valid if out.topk_index is not None else None, k)
-        has = [t["masks"].flatten(1).any(1) for t in cols]  # the official rule: a target without pixels is novel
         total_targets = sum(len(t["labels"]) for t in tgts)
         kept = sum(len(t["labels"]) for t in cols) / total_targets if total_targets else 1.0
-        num_masks = crit._num_masks([{"labels": t["labels"][hb]} for t, hb in zip(cols, has)], device)
-        lab = label.to(device).long()
+        num_masks = crit._num_masks(sum(int(t["has"].sum()) for t in cols), device)
         # The loader marks the crop's padding; a batch built elsewhere gets it recovered from the image.
         pad = batch["pad"].to(device).bool() if "pad" in batch else loader_padding(images.to(device))
         # Not base: hidden novel and unlabelled pixels; the crop's and the model's padding are not.
@@ -404,7 +445,7 @@ class SimFormerCriterion:
         total = out.pred_logits.new_zeros((), dtype=torch.float32)
         parts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         for logits, masks in steps:
-            ce, mask, dice, comp = self._step(logits, masks, cols, has, num_masks, notbase)
+            ce, mask, dice, comp = self._step(logits, masks, cols, num_masks, notbase)
             total = total + m.class_weight * ce + m.mask_weight * mask + m.dice_weight * dice + self.comp_weight * comp
             parts = parts or (ce, mask, dice, comp)
         assert parts is not None  # steps starts with the final prediction
@@ -418,11 +459,7 @@ class SimFormerCriterion:
                 raise ValueError("simformer.pixel_pairs needs the model built with it (a SimFormerModel)")
             small_lab = F.pad(lab, (0, pw, 0, ph), value=IGNORE)[:, ::4, ::4]  # nearest, as the official
             small_pad = F.pad(pad, (0, pw, 0, ph), value=True)[:, ::4, ::4]
-            base_sets = [set(t["labels"].tolist()) for t in tgts]
-            base_sets = [{c for c in s if not self.novel[c]} for s in base_sets]
-            novel_sets = [{int(c) for c in torch.nonzero((y > 0).cpu() & self.novel).flatten()} for y in image_labels]
-            pair, distill = pixel_pair_losses(out, small_lab, small_pad, base_sets, novel_sets, self.novel_ids,
-                                              self.sim)
+            pair, distill = pixel_pair_losses(out, small_lab, small_pad, ws.base, ws.novel, self.novel_ids, self.sim)
             total = total + self.sim.pair_weight * pair + (self.sim.distill_weight or 0.0) * distill
         ce, mask, dice, comp = parts
         return {"loss": total, "ce": ce.detach(), "mask": mask.detach(), "dice": dice.detach(), "ml": ml.detach(),

@@ -22,7 +22,7 @@ from torch import Tensor
 from rankseg_core.losses.rankseg import class_histogram
 
 
-def _to(index: Tensor, device: torch.device) -> Tensor:
+def index_to(index: Tensor, device: torch.device) -> Tensor:
     """A host index tensor on `device` without a blocking copy (a blocking host-to-device copy
     is a sync point on CUDA; the source is a fresh tensor nothing else writes)."""
     return index.to(device, non_blocking=True)
@@ -35,7 +35,7 @@ def semantic_targets(labels: Tensor, num_classes: int, ignore: int) -> list[dict
     present = (class_histogram(lab, num_classes, ignore) > 0).cpu()  # the one sync of the batch
     out = []
     for b in range(lab.shape[0]):
-        classes = _to(present[b].nonzero().flatten(), lab.device)
+        classes = index_to(present[b].nonzero().flatten(), lab.device)
         out.append({"labels": classes, "masks": lab[b][None] == classes[:, None, None]})
     return out
 
@@ -72,7 +72,7 @@ def panoptic_targets(segments: list[Tensor | np.ndarray] | Tensor, segments_info
     for seg, info in zip(segments, segments_info, strict=True):
         s = torch.as_tensor(np.asarray(seg, dtype=np.int64) if isinstance(seg, np.ndarray) else seg).long()
         keep, labels = _kept_records(info, num_classes)
-        index = _to(torch.tensor(keep, dtype=torch.long), s.device)
+        index = index_to(torch.tensor(keep, dtype=torch.long), s.device)
         maps.append(s)
         masks.append(s[None] == index[:, None, None])
         cats.append(torch.tensor(labels, dtype=torch.long))
@@ -83,7 +83,7 @@ def panoptic_targets(segments: list[Tensor | np.ndarray] | Tensor, segments_info
     out = []
     for m, c, h in zip(masks, cats, has, strict=True):
         rows = h.nonzero().flatten()
-        out.append({"labels": _to(c[rows], m.device), "masks": m.index_select(0, _to(rows, m.device))})
+        out.append({"labels": index_to(c[rows], m.device), "masks": m.index_select(0, index_to(rows, m.device))})
     return out
 
 

@@ -87,16 +87,17 @@ class PairBalance(nn.Module):
     @torch.no_grad()
     def update(self, same: Tensor) -> None:
         """same: B x J x J bool pair labels of one step (the official counts read every 5th
-        pair along both point dimensions, padded pairs included)."""
+        pair along both point dimensions, padded pairs included). On the device: the ring's
+        row is a device index, so nothing waits for the counts."""
         sub = same[:, ::BALANCE_STRIDE, ::BALANCE_STRIDE]
-        pos = float(sub.sum())
-        row = int(self.written) % BALANCE_WINDOW
-        self.counts[row, 0] = float(sub.numel()) - pos
-        self.counts[row, 1] = pos
+        pos = sub.sum().to(self.counts.dtype)
+        row = torch.remainder(self.written, BALANCE_WINDOW).view(1)
+        self.counts.index_copy_(0, row, torch.stack([sub.numel() - pos, pos]).view(1, 2))
         self.written += 1
 
-    def weights(self) -> tuple[float, float]:
-        neg, pos = (float(v) for v in self.counts.sum(0))
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """(w_dissimilar, w_similar), 0-dim tensors on the counts' device."""
+        neg, pos = self.counts.sum(0).unbind()
         return pos / (pos + neg), neg / (pos + neg)
 
 
