@@ -1,16 +1,20 @@
 """No host sync inside the training step (issue 24 item 3).
 
-On a CPU nothing "syncs", so the step is watched for what WOULD wait for a GPU:
-- the ops that read a device value on the host (`aten._local_scalar_dense`: `.item()`,
-  `bool(t)`, `float(t)`, `if t.any()`) or whose output size depends on device values
+On a CPU nothing "syncs", so the step runs on the CUDA device emulated by tests/virtual_cuda.py
+(`--device cuda`: every tensor knows whether a GPU run would hold it on the device or the host)
+and is watched for what WOULD wait for a GPU:
+- the ops that read a device tensor's values on the host (`aten._local_scalar_dense`:
+  `.item()`, `bool(t)`, `float(t)`, `if t.any()`) or whose output size depends on them
   (`nonzero`, `masked_select`, boolean-mask indexing, `unique`, `bincount`,
   `repeat_interleave`), seen by a TorchDispatchMode;
-- the explicit device-to-host copies `.cpu()`, `.numpy()`, `.tolist()`, seen by patching
-  `torch.Tensor`.
-A tensor that came out of such a copy (or was built from Python values) is host data: ops on
-host data alone are host work and not counted (the matcher's scipy input, the per-batch
-target table). The step = `_forward_backward` + `_optimizer_step`; the loop's gather points
-(`Window.gather`, checkpoints, evaluation) are where syncs belong.
+- the explicit device-to-host copies `.cpu()`, `.numpy()`, `.tolist()` of device tensors, seen
+  by patching `torch.Tensor`;
+- blocking host-to-device copies (`.to(device)` without `non_blocking`, `torch.tensor(...,
+  device=)`, `copy_` from the host): CUDA waits for the stream before such a copy returns.
+Ops on host tensors are host work and not counted (the matcher's scipy input, the per-batch
+target tables, the instances a batch carries as lists). The step = `_forward_backward` +
+`_optimizer_step`; the loop's gather points (`Window.gather`, checkpoints, evaluation) are
+where syncs belong.
 
 A tiny Segmenter-RankSeg step must have none; a tiny Mask2Former step only the documented
 transfers: one target table per batch (`semantic_targets` / `panoptic_targets`), one
@@ -22,7 +26,6 @@ per image and decoder layer. On a CUDA machine the same steps also run under
 from __future__ import annotations
 
 import sys
-import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,10 +37,12 @@ import torch
 from conftest import FAMILY_RECIPES, TINY_MASK2FORMER_RUN, make_synthetic, tiny_run, weak_shot_split
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from virtual_cuda import VirtualCuda, virtual_cuda
 
+from rankseg_core.convert.common import ConvertOptions
+from rankseg_core.convert.synthetic_video import prepare_synthetic_video
 from rankseg_core.engine import train as T
 from rankseg_core.engine.configure import build_train_config
-from rankseg_core.losses import protoseg as losses_protoseg
 
 A = torch.ops.aten
 # Ops that read device memory on the host before returning (their output shape, or a scalar).
@@ -45,8 +50,7 @@ SYNC_OPS = {A._local_scalar_dense.default, A.nonzero.default, A.masked_select.de
             A.unique_dim.default, A.unique_consecutive.default, A.bincount.default, A.repeat_interleave.Tensor,
             A.equal.default, A.is_nonzero.default}
 BOOL_INDEXING = {A.index.Tensor, A.index_put_.default, A.index_put.default, A._index_put_impl_.default}
-# Host tensors made from Python values (torch.tensor(list)).
-MADE_ON_HOST = {A.lift_fresh.default, A.lift_fresh_copy.default}
+H2D = "host->device copy"  # a blocking one
 
 Site = tuple[str, str, str]  # (what, file, function)
 
@@ -63,79 +67,58 @@ def _site(what: str) -> Site:
 
 
 class SyncCounter(TorchDispatchMode):
-    """Counts would-be host syncs by call site while `active` (see the module docstring)."""
+    """Counts would-be host syncs by call site while `active` (see the module docstring), on
+    the device emulated by `cuda` (enter it inside `virtual_cuda()`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cuda: VirtualCuda) -> None:
         super().__init__()
+        self.cuda = cuda
         self.calls: Counter[Site] = Counter()
-        # Host data by id (a WeakSet would compare tensors with ==, elementwise).
-        self._host: dict[int, weakref.ref[torch.Tensor]] = {}
         self.active = False
 
-    def is_host(self, t: torch.Tensor) -> bool:
-        ref = self._host.get(id(t))
-        return ref is not None and ref() is t
-
-    def mark_host(self, t: torch.Tensor) -> None:
-        self._host[id(t)] = weakref.ref(t)
-
-    def _host_only(self, args: Any, kwargs: Any) -> bool:
-        """Whether every tensor input is host data (a factory, with none, makes device data)."""
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        return bool(tensors) and all(self.is_host(t) for t in tensors)
+    def on_device(self, t: torch.Tensor) -> bool:
+        return self.cuda.device_of(t).type == "cuda"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not self.active:
-            return out
-        host_only = self._host_only(args, kwargs)
-        hit = func in SYNC_OPS or (func in BOOL_INDEXING and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])))
-        if hit and not host_only:
-            self.calls[_site(str(func.overloadpacket.__name__))] += 1
-        if func in MADE_ON_HOST or host_only:  # host in, host out
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.mark_host(t)
-        return out
+        if self.active:
+            self._watch(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _watch(self, func: Any, args: Any, kwargs: Any) -> None:
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if func in SYNC_OPS or (func in BOOL_INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))):
+            if any(self.on_device(t) for t in tensors):
+                self.calls[_site(str(func.overloadpacket.__name__))] += 1
+        elif func is A._to_copy.default:  # .to(device) / torch.tensor(..., device=)
+            target = kwargs.get("device")
+            if (target is not None and torch.device(target).type == "cuda" and not self.on_device(args[0])
+                    and not kwargs.get("non_blocking", False)):
+                self.calls[_site(H2D)] += 1
+        elif func is A.copy_.default and args[1].dim() > 0:
+            # (0-dim sources excepted: `t[i] = number` reaches the dispatcher as a copy from a
+            # scalar tensor made on the tensor's real device, the CPU here; on a GPU it is made
+            # on the GPU, by a fill)
+            blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+            if blocking and self.on_device(args[0]) and not self.on_device(args[1]):
+                self.calls[_site(H2D)] += 1
 
     @contextmanager
-    def patched(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncCounter]:
-        """The explicit copies to the host; their results are host data."""
-        for name in ("cpu", "numpy", "tolist"):
-            real = getattr(torch.Tensor, name)
+    def patched(self) -> Iterator[SyncCounter]:
+        """The explicit copies of device tensors to the host, then the dispatch mode."""
+        with pytest.MonkeyPatch.context() as mp:  # (inside virtual_cuda: undone before its own patches)
+            for name in ("cpu", "numpy", "tolist"):
+                real = getattr(torch.Tensor, name)
 
-            def copy(t: torch.Tensor, *a: Any, _real: Any = real, _name: str = name, **k: Any) -> Any:
-                if self.active and not self.is_host(t):
-                    self.calls[_site(f".{_name}()")] += 1
-                res = _real(t, *a, **k)
-                if _name == "cpu":
-                    res = res.clone() if res is t else res  # CPU: .cpu() is t itself
-                    self.mark_host(res)
-                return res
+                def copy(t: torch.Tensor, *a: Any, _real: Any = real, _name: str = name, **k: Any) -> Any:
+                    if self.active and self.on_device(t):
+                        self.calls[_site(f".{_name}()")] += 1
+                    return _real(t, *a, **k)
 
-            monkeypatch.setattr(torch.Tensor, name, copy)
-        # torch.tensor(python data, device=d): on a GPU a blocking host-to-device copy, a sync.
-        for name in ("tensor", "as_tensor"):
-            real_make = getattr(torch, name)
-
-            def make(data: Any, *a: Any, _real: Any = real_make, _name: str = name, **k: Any) -> Any:
-                if self.active and k.get("device") is not None and not isinstance(data, torch.Tensor):
-                    self.calls[_site(f"torch.{_name}(device=)")] += 1
-                return _real(data, *a, **k)
-
-            monkeypatch.setattr(torch, name, make)
-        real_from_numpy = torch.from_numpy
-
-        def from_numpy(a: Any) -> torch.Tensor:  # host memory: host data (not a dispatched op)
-            t = real_from_numpy(a)
-            self.mark_host(t)
-            return t
-
-        monkeypatch.setattr(torch, "from_numpy", from_numpy)
-        with self:
-            yield self
+                mp.setattr(torch.Tensor, name, copy)
+            with self:
+                yield self
 
 
 def _watch_steps(monkeypatch: pytest.MonkeyPatch, counter: SyncCounter) -> dict[str, int]:
@@ -153,7 +136,7 @@ def _watch_steps(monkeypatch: pytest.MonkeyPatch, counter: SyncCounter) -> dict[
                 steps["n"] += _name == "_optimizer_step"
 
         monkeypatch.setattr(T, name, watched)
-    # The loader (host work in the workers' place, num_workers=0) is outside the step.
+    # The loader's copy to the device (non-blocking, from pinned memory) is outside the step.
     real_next = T.to_device
 
     def to_device(batch: Any, *a: Any, **k: Any) -> Any:
@@ -167,39 +150,56 @@ def _watch_steps(monkeypatch: pytest.MonkeyPatch, counter: SyncCounter) -> dict[
     return steps
 
 
-def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sets: list[str], panoptic: bool = False
+def _data(tmp_path: Path, kind: str) -> Path:
+    if kind == "video":
+        prepare_synthetic_video(tmp_path / "data", num_classes=40, videos=2, val_videos=1, frames=3, size=64, seed=0,
+                                opts=ConvertOptions(samples_per_shard=8))
+        return tmp_path / "data"
+    return make_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=1, size=64,
+                          panoptic=kind == "panoptic")
+
+
+def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sets: list[str], kind: str = "images"
          ) -> tuple[Counter[Site], int]:
-    data = make_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=1, size=64, panoptic=panoptic)
-    cfg = build_train_config(None, sets + ["schedule.iters=3", "data.val_split=", "log_every=3",
-                                           "ckpt_every=3"], data)
-    counter = SyncCounter()
-    steps = _watch_steps(monkeypatch, counter)
-    with counter.patched(monkeypatch):
-        T.train(cfg, tmp_path / "run", progress=False)
+    """Three training steps on the emulated CUDA device (AMP as configured: bf16 by default)."""
+    sets = ["device=cuda", *(s for s in sets if not s.startswith("device=")), "schedule.iters=3", "data.val_split=",
+            "log_every=3", "ckpt_every=3"]
+    cfg = build_train_config(None, sets, _data(tmp_path, kind))
+    with virtual_cuda() as cuda:
+        counter = SyncCounter(cuda)
+        steps = _watch_steps(monkeypatch, counter)
+        with counter.patched():
+            T.train(cfg, tmp_path / "run", progress=False)
     return counter.calls, steps["n"]
 
 
-def test_counter_sees_the_syncs_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The detector itself: each kind of sync is counted once, host-only work is not."""
-    counter = SyncCounter()
-    counter.active = True
-    x = torch.zeros(3) + torch.tensor([0.5, -1.0, 2.0])  # a factory's result: device data
-    with counter.patched(monkeypatch):
-        float(x.sum())
-        bool((x > 0).any())
-        x[x > 0]
-        x.nonzero()
-        torch.unique(x)
-        x.cpu()
-        h = (x > 0).cpu()  # host data from here on
-        h.nonzero()
-        bool(h.any())
-        torch.where(x > 0, x, 0).sum()  # device-side: nothing
-        torch.tensor([1.0, 2.0], device=x.device)  # python data to the device: a blocking copy
-        x.new_full((), 2.0)  # a fill: nothing
+def test_counter_sees_the_syncs_it_must() -> None:
+    """The detector itself: each kind of sync is counted once, host work is not."""
+    with virtual_cuda() as cuda:
+        counter = SyncCounter(cuda)
+        x = torch.zeros(3, device="cuda") + torch.tensor([0.5, -1.0, 2.0]).to("cuda", non_blocking=True)
+        host = torch.tensor([1.0, 0.0])
+        with counter.patched():
+            counter.active = True
+            float(x.sum())
+            bool((x > 0).any())
+            x[x > 0]
+            x.nonzero()
+            torch.unique(x)
+            x.cpu()
+            h = (x > 0).cpu()  # host data from here on
+            h.nonzero()
+            bool(h.any())
+            host[host > 0].tolist()
+            torch.where(x > 0, x, 0).sum()  # device-side: nothing
+            torch.tensor([1.0, 2.0], device=x.device)  # python data to the device: a blocking copy
+            host.to(x.device)  # a blocking copy
+            host.to(x.device, non_blocking=True)  # not waited for
+            x[:2].copy_(host)  # a blocking copy
+            x[0] = 3.0  # a fill on a GPU: nothing
+            x.new_full((), 2.0)  # a fill: nothing
     kinds = Counter(what for what, _, _ in counter.calls.elements())
-    assert kinds == {"_local_scalar_dense": 2, "index": 1, "nonzero": 1, "_unique2": 1, ".cpu()": 2,
-                     "torch.tensor(device=)": 1}
+    assert kinds == {"_local_scalar_dense": 2, "index": 1, "nonzero": 1, "_unique2": 1, ".cpu()": 2, H2D: 3}
 
 
 @pytest.mark.slow
@@ -212,65 +212,56 @@ def test_segmenter_rankseg_step_has_no_host_sync(tmp_path: Path, monkeypatch: py
 # The pixel decoder's deformable attention divides offsets by each level's (w, h): a host-to-
 # device copy, made once per set of level shapes and then cached (deform_attn.py `level_sizes`),
 # so a run of fixed-size crops copies it at most once, in its first step.
-KNOWN_ELSEWHERE = ("torch.tensor(device=)", "model/mask2former/deform_attn.py", "level_sizes")
+KNOWN_ELSEWHERE = (H2D, "model/mask2former/deform_attn.py", "level_sizes")
 
 
-def _mask2former_allowed(calls: Counter[Site], steps: int, batch: int, layers: int, target_fn: str,
-                         target_file: str = "losses/targets.py") -> None:
-    """Only the documented transfers, each as often as documented (the target table: `target_fn`
-    of `target_file`)."""
+def _mask2former_allowed(calls: Counter[Site], steps: int, batch: int, layers: int,
+                         table: tuple[str, str] | None) -> None:
+    """Only the documented transfers, each as often as documented (`table`: the (file,
+    function) that copies the batch's target table to the host; None: targets made on the host)."""
     allowed = {KNOWN_ELSEWHERE: 1,  # the first step's, then cached
-               (".cpu()", target_file, target_fn): steps,  # one target table per batch
                (".cpu()", "losses/mask2former.py", "column_targets"): steps,  # one per batch
-               (".cpu()", "losses/matcher.py", "assign_pairs"): steps * batch * layers,  # at most
-               (".numpy()", "losses/matcher.py", "assign_pairs"): steps * batch * layers}
+               (".cpu()", "losses/matcher.py", "assign_pairs"): steps * batch * layers}  # at most
+    if table is not None:
+        allowed[(".cpu()", *table)] = steps  # one target table per batch
     assert set(calls) <= set(allowed), {k: v for k, v in calls.items() if k not in allowed}
     for site, most in allowed.items():
         assert calls[site] <= most, (site, calls[site], most)
-    assert calls[(".cpu()", target_file, target_fn)] == steps
+    if table is not None:
+        assert calls[(".cpu()", *table)] == steps
     assert calls[(".cpu()", "losses/mask2former.py", "column_targets")] == steps
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("panoptic", [False, True], ids=["semantic", "panoptic"])
-def test_mask2former_step_syncs_only_where_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      panoptic: bool) -> None:
-    extra = ["model.mask2former.task=panoptic"] if panoptic else []
-    calls, steps = _run(tmp_path, monkeypatch, TINY_MASK2FORMER_RUN + extra, panoptic)
-    assert steps == 3
-    _mask2former_allowed(calls, steps, batch=2, layers=3 + 1,  # dec_layers=3 aux + the final prediction
-                         target_fn="panoptic_targets" if panoptic else "semantic_targets")
     assert calls[(".cpu()", "losses/matcher.py", "assign_pairs")] > 0  # the matcher did run
 
 
-# Every other family of conftest's FAMILY_RECIPES (image data; the video families run the same
-# losses on clips): no sync in the step, or (Mask2Former's kin, SimFormer included) only the
-# documented transfers; the oracle ablation syncs in its own code only (docs/training.md
-# "When training statistics reach the host").
+# Every other family of conftest's FAMILY_RECIPES: no sync in the step, or (Mask2Former's kin,
+# SimFormer and the video families included) only the documented transfers; the oracle ablation
+# syncs in its own code only (docs/training.md "When training statistics reach the host").
 OWN_SYNCS = {"segmenter-vitt oracle": ("model/selection.py", "losses/rankseg.py")}
-# SimFormer's weak-shot targets: one table per batch of its own (base classes + image labels).
-TARGET_TABLES = {"maskformer-r50 weak-shot": ("losses/simformer.py", "weak_shot_targets")}
+# Where each mask classifier's batch of targets reaches the host (default: `semantic_targets`,
+# for clips too, on a clip's frames stacked).
+TARGET_TABLES: dict[str, tuple[str, str] | None] = {
+    "mask2former-r50 panoptic": ("losses/targets.py", "panoptic_targets"),
+    "maskformer-r50 weak-shot": ("losses/simformer.py", "weak_shot_targets"),  # base classes + image labels
+    "mask2former-r50 video instances": None}  # tracks built on the host from the batch's instance lists
 MASK_CLASSIFIERS = ("mask2former-", "maskformer-")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n, (kind, _) in FAMILY_RECIPES.items() if kind == "images"
-                                  and n != "segmenter-vitt rankseg" and n != "mask2former-r50 semantic"])
+@pytest.mark.parametrize("name", [n for n in FAMILY_RECIPES if n != "segmenter-vitt rankseg"])
 def test_every_family_step_syncs_only_where_documented(name: str, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    sets = [s.replace("SPLIT", str(weak_shot_split(tmp_path / "split.json"))) for s in FAMILY_RECIPES[name][1]]
-    # The prototype heads' clustering as it runs on a GPU: every class at once (on the CPU, where
-    # a host read costs nothing, `assign_and_update` loops over the classes instead).
-    monkeypatch.setattr(losses_protoseg, "assign_per_class", losses_protoseg.assign_all_classes)
-    calls, steps = _run(tmp_path, monkeypatch, sets)
+    kind, sets = FAMILY_RECIPES[name]
+    sets = [s.replace("SPLIT", str(weak_shot_split(tmp_path / "split.json"))) for s in sets]
+    calls, steps = _run(tmp_path, monkeypatch, sets, kind)
     assert steps == 3
     own = OWN_SYNCS.get(name, ())
     rest = Counter({site: n for site, n in calls.items() if site[1] not in own})
     if own:
         assert len(rest) < len(calls), calls  # the documented loops did sync (the detector sees them)
     if name.startswith(MASK_CLASSIFIERS):
-        target_file, target_fn = TARGET_TABLES.get(name, ("losses/targets.py", "semantic_targets"))
-        _mask2former_allowed(rest, steps, batch=2, layers=3 + 1, target_fn=target_fn, target_file=target_file)
+        # (batch 2 images or clips; layers: dec_layers = 3 aux + the final prediction)
+        _mask2former_allowed(rest, steps, batch=2, layers=3 + 1,
+                             table=TARGET_TABLES.get(name, ("losses/targets.py", "semantic_targets")))
     else:
         assert rest == Counter(), dict(rest)
 

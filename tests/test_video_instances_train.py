@@ -111,7 +111,7 @@ def test_clip_targets_keep_null_frames() -> None:
         {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 3, 3, dtype=torch.bool),
          "ids": torch.zeros(0, dtype=torch.long)},
     ]
-    t = clip_track_targets({"instances": frames}, 2)
+    t = clip_track_targets({"instances": frames}, 2, torch.device("cpu"))
     assert len(t) == 2 and set(t[0]) == {"labels", "masks"}
     assert t[0]["labels"].tolist() == [1, 4] and t[0]["masks"].shape == (2, 2, 3, 3)
     assert (t[0]["masks"][0, 0] == a).all() and not t[0]["masks"][0, 1].any()  # track 2's null frame
@@ -207,6 +207,6 @@ def test_loader_takes_frames_without_any_instance(videos: Path, monkeypatch: pyt
     empty, other = item["instances"]
     assert empty["labels"].shape == (0,) and empty["masks"].shape[0] == 0 and empty["ids"].shape == (0,)
     assert other["masks"].shape[1:] == (64, 64)
-    targets = clip_track_targets(collate_clips([item]), 2)
+    targets = clip_track_targets(collate_clips([item]), 2, torch.device("cpu"))
     assert len(targets) == 1 and targets[0]["masks"].shape[1] == 2  # tracks x T frames, the first all-False
     assert not targets[0]["masks"][:, 0].any()

@@ -32,14 +32,14 @@ from rankseg_core.inference.video_instances import video_instance_predictions
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
 from rankseg_core.losses.mask2former_video import (
     VideoMask2FormerCriterion,
-    clip_targets_from_semantic,
+    clip_semantic_targets,
     clip_targets_from_tracks,
 )
 from rankseg_core.losses.maskformer import MaskFormerCriterion
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.semask import SemanticPriorCriterion
 from rankseg_core.losses.simformer import SimFormerCriterion
-from rankseg_core.losses.targets import panoptic_targets, semantic_targets
+from rankseg_core.losses.targets import host_to, panoptic_targets, semantic_targets
 from rankseg_core.model.convseg.layers import sync_batch_norm
 from rankseg_core.model.convseg.vit_pyramid import layer_decay_multipliers
 from rankseg_core.model.mask2former.detectron2_weights import detectron2_warm_start
@@ -83,23 +83,23 @@ def batch_targets(batch: dict[str, Any], num_classes: int, panoptic: bool) -> li
 def clip_batch_targets(batch: dict[str, Any], num_classes: int, clip_len: int) -> list[dict[str, Tensor]]:
     """Per clip {"labels": n, "masks": n x T x c x c} from a collated batch of (B*T) frames: one
     target per class present in any of the clip's frames (the fork's VSPW mapper)."""
-    labels = batch["label"]
-    clips = labels.reshape(-1, clip_len, *labels.shape[-2:])
-    return [clip_targets_from_semantic(clip, num_classes, IGNORE) for clip in clips]
+    return clip_semantic_targets(batch["label"], clip_len, num_classes, IGNORE)
 
 
-def clip_track_targets(batch: dict[str, Any], clip_len: int) -> list[dict[str, Tensor]]:
+def clip_track_targets(batch: dict[str, Any], clip_len: int, device: torch.device) -> list[dict[str, Tensor]]:
     """Per clip {"labels": n, "masks": n x T x c x c} from a collated batch whose `instances`
     hold one {"labels", "masks", "ids"} per frame (clip-major): one target per track of the
     clip, all-False in the frames where it is absent (cropped out or not annotated: the null
-    frames of YouTube-VIS); a track with no pixel left in any frame is no target."""
+    frames of YouTube-VIS); a track with no pixel left in any frame is no target. On `device`."""
     frames = batch["instances"]
     if len(frames) % clip_len:
         raise ValueError(f"{len(frames)} frames of instances do not make clips of {clip_len}")
+    # The instances stay on the host (`to_device` passes lists through): the tracks are host
+    # work, and go to `device` without a blocking copy.
     out = []
     for c in range(0, len(frames), clip_len):
         tg = clip_targets_from_tracks(frames[c:c + clip_len])
-        out.append({"labels": tg["labels"], "masks": tg["masks"]})
+        out.append({"labels": host_to(tg["labels"], device), "masks": host_to(tg["masks"], device)})
     return out
 
 
@@ -107,7 +107,7 @@ def _criterion(cfg: TrainConfig) -> Any:
     k, t = cfg.model.num_classes, cfg.model.clip_len
     if t > 1 and _instance(cfg.model):  # clips of tracks (YouTube-VIS): one target per track
         icrit = VideoMask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
-        return lambda out, batch: icrit(out, clip_track_targets(batch, t))
+        return lambda out, batch: icrit(out, clip_track_targets(batch, t, out.pred_masks.device))
     if t > 1:  # clips: video Mask2Former on the T-frame masks (semantic task)
         vcrit = VideoMask2FormerCriterion(cfg.model, ml_loss_fn(cfg.loss), cfg.loss.ml_weight)
         return lambda out, batch: vcrit(out, clip_batch_targets(batch, k, t))

@@ -27,7 +27,7 @@ from rankseg_core.config.model import ModelConfig
 from rankseg_core.losses.matcher import hungarian_match
 from rankseg_core.losses.points import point_sample, uncertain_points
 from rankseg_core.losses.rankseg import asymmetric_loss
-from rankseg_core.losses.targets import index_to, ml_targets_from
+from rankseg_core.losses.targets import host_to, ml_targets_from
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 
 
@@ -61,8 +61,8 @@ def column_targets(targets: list[dict[str, Tensor]], topk_index: Tensor | None, 
     for t, cols, keep in zip(targets, all_cols, keeps, strict=True):
         rows = keep.nonzero().flatten()
         # Every other per-target tensor (the masks; a family's host tables) keeps its own device.
-        out.append({"labels": cols.index_select(0, index_to(rows, cols.device)),
-                    **{key: v.index_select(0, index_to(rows, v.device)) for key, v in t.items() if key != "labels"}})
+        out.append({"labels": cols.index_select(0, host_to(rows, cols.device)),
+                    **{key: v.index_select(0, host_to(rows, v.device)) for key, v in t.items() if key != "labels"}})
     return out
 
 

@@ -24,20 +24,29 @@ from torch import Tensor
 from rankseg_core.losses.mask2former import Mask2FormerCriterion
 from rankseg_core.losses.matcher import assign_pairs, pairwise_dice, pairwise_sigmoid_ce
 from rankseg_core.losses.points import point_sample
+from rankseg_core.losses.targets import semantic_targets
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 
 
-def clip_targets_from_semantic(labels: Tensor, num_classes: int, ignore: int) -> dict[str, Tensor]:
-    """T x H x W class ids of one clip -> {"labels": n long (sorted), "masks": n x T x H x W bool}.
+def clip_semantic_targets(labels: Tensor, clip_len: int, num_classes: int, ignore: int) -> list[dict[str, Tensor]]:
+    """(B*T) x H x W class ids of B clips of T frames (clip-major) -> per clip {"labels": n long
+    (sorted), "masks": n x T x H x W bool} on labels' device.
 
     One target per class present in ANY frame (the fork's VSPW mapper: the union of the clip's
     classes), its mask per frame (empty in frames without the class). Values outside [0, K)
-    and `ignore` are no target.
+    and `ignore` are no target. A clip's frames stacked into one (T*H) x W map are an image to
+    `semantic_targets`: one host copy of a presence table for the batch.
     """
-    lab = torch.as_tensor(labels).long()
-    ok = (lab >= 0) & (lab < num_classes) & (lab != ignore)
-    classes = torch.unique(lab[ok])
-    return {"labels": classes, "masks": lab[None] == classes[:, None, None, None]}
+    h, w = labels.shape[-2:]
+    stacked = torch.as_tensor(labels).reshape(-1, clip_len * h, w)
+    return [{"labels": t["labels"], "masks": t["masks"].view(len(t["labels"]), clip_len, h, w)}
+            for t in semantic_targets(stacked, num_classes, ignore)]
+
+
+def clip_targets_from_semantic(labels: Tensor, num_classes: int, ignore: int) -> dict[str, Tensor]:
+    """T x H x W class ids of one clip -> {"labels": n long (sorted), "masks": n x T x H x W bool}
+    (`clip_semantic_targets` of a batch of one clip)."""
+    return clip_semantic_targets(labels, labels.shape[0], num_classes, ignore)[0]
 
 
 def clip_targets_from_tracks(frames: list[dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -60,7 +60,7 @@ from rankseg_core.losses.maskformer import MaskFormerCriterion, maskformer_cost
 from rankseg_core.losses.matcher import assign_pairs, matching_cost
 from rankseg_core.losses.points import point_sample, uncertain_points
 from rankseg_core.losses.rankseg import class_histogram
-from rankseg_core.losses.targets import index_to
+from rankseg_core.losses.targets import host_to
 from rankseg_core.losses.weak_shot import IGNORE_LOGIT, complementary_loss
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 from rankseg_core.model.mask2former.simformer import PairBalance, PairSimilarityNet, SimFormerOutput
@@ -109,9 +109,9 @@ def weak_shot_targets(labels: Tensor, image_labels: Tensor, novel: Tensor | np.n
     targets, base, novel_sets = [], [], []
     for b in range(lab.shape[0]):
         base_ids, novel_ids = base_present[b].nonzero().flatten(), novel_present[b].nonzero().flatten()
-        classes = index_to(base_ids, lab.device)
+        classes = host_to(base_ids, lab.device)
         empty = torch.zeros((len(novel_ids), *lab.shape[-2:]), dtype=torch.bool, device=lab.device)
-        targets.append({"labels": index_to(torch.cat([base_ids, novel_ids]), lab.device),
+        targets.append({"labels": host_to(torch.cat([base_ids, novel_ids]), lab.device),
                         "masks": torch.cat([lab[b][None] == classes[:, None, None], empty]),
                         "has": torch.cat([torch.ones_like(base_ids, dtype=torch.bool),
                                           torch.zeros_like(novel_ids, dtype=torch.bool)])})
@@ -158,7 +158,7 @@ def weak_shot_match(crit: Mask2FormerCriterion, logits: Tensor, masks: Tensor, t
         cost = -m.class_weight * logits[b].float().softmax(-1)[:, t["labels"]]
         with_mask = t["has"].nonzero().flatten()  # host data: no sync to learn which
         if len(with_mask):
-            idx = index_to(with_mask, logits.device)
+            idx = host_to(with_mask, logits.device)
             lab, tm = t["labels"].index_select(0, idx), t["masks"].index_select(0, idx)
             cost[:, idx] = (maskformer_cost(logits[b], masks[b], lab, tm, m.class_weight, m.mask_weight, m.dice_weight)
                             if dense else
@@ -317,7 +317,7 @@ def pixel_pair_losses(out: SimFormerOutput, label: Tensor, pad: Tensor, base: li
     bsz, dim = feats.shape[:2]
     k = out.num_classes
     partners = pair_partners(base, novel, str(sim.pixel_pairs))
-    part = index_to(torch.as_tensor(partners), feats.device)
+    part = host_to(torch.as_tensor(partners), feats.device)
     lab, padf = label.flatten(1).long(), pad.flatten(1)
     is_base = (lab >= 0) & (lab < k)
     flat = feats.flatten(2).float()  # the pair net runs in fp32 (the criterion runs outside autocast)
@@ -351,12 +351,12 @@ def pixel_pair_losses(out: SimFormerOutput, label: Tensor, pad: Tensor, base: li
     which = [i for i in range(bsz) if novel[i] & novel[partners[i]]]
     if weight == 0.0 or not which:
         return pair, zero
-    idx = index_to(torch.as_tensor(which), feats.device)
+    idx = host_to(torch.as_tensor(which), feats.device)
     dpts = sample_region_points(~is_base, j_pts)  # hidden novel, unlabelled and padded pixels
     df = at(dpts)
     with torch.no_grad():  # TEACH_DETACH: the teacher gives targets only
         teacher = net(grid_pairs(df[idx], df[part[idx]]))
-    scores = novel_scores_at(out, dpts, index_to(novel_ids, feats.device))
+    scores = novel_scores_at(out, dpts, host_to(novel_ids, feats.device))
     ref = scores[part[idx]] if sim.student_pairs == "cross" else scores[idx]
     student = F.cosine_similarity(scores[idx][:, :, None, :], ref[:, None, :, :], dim=-1).relu()
     return pair, distill_map(teacher, student, str(sim.distill_func)).mean()
@@ -403,12 +403,12 @@ class SimFormerCriterion:
         """(class CE, mask, dice, comp) of one prediction step."""
         device = logits.device
         pairs = weak_shot_match(self.crit, logits, masks, targets)  # on the host
-        ce = self.crit.class_loss(logits, [(index_to(q, device), index_to(j, device)) for q, j in pairs], targets)
+        ce = self.crit.class_loss(logits, [(host_to(q, device), host_to(j, device)) for q, j in pairs], targets)
         # Split by the host's "has": mask terms on the base pairs only (a novel target has no
         # mask to learn from), the complementary loss on the novel ones.
         split = [(q, j, t["has"][j]) for (q, j), t in zip(pairs, targets, strict=True)]
-        comp = self._comp(masks, [index_to(q[~h], device) for q, _, h in split], notbase)
-        base = [(index_to(q[h], device), index_to(j[h], device)) for q, j, h in split]
+        comp = self._comp(masks, [host_to(q[~h], device) for q, _, h in split], notbase)
+        base = [(host_to(q[h], device), host_to(j[h], device)) for q, j, h in split]
         if sum(len(q) for q, _ in base) == 0:
             zero = masks.sum() * 0.0
             return ce, zero, zero, comp

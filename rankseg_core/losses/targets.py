@@ -22,10 +22,11 @@ from torch import Tensor
 from rankseg_core.losses.rankseg import class_histogram
 
 
-def index_to(index: Tensor, device: torch.device) -> Tensor:
-    """A host index tensor on `device` without a blocking copy (a blocking host-to-device copy
-    is a sync point on CUDA; the source is a fresh tensor nothing else writes)."""
-    return index.to(device, non_blocking=True)
+def host_to(t: Tensor, device: torch.device) -> Tensor:
+    """A tensor made on the host (indices, targets) on `device` without a blocking copy: CUDA
+    waits for the stream before a blocking host-to-device copy returns, a sync. The source
+    must be one nothing writes afterwards (a fresh tensor, or a constant table)."""
+    return t.to(device, non_blocking=True)
 
 
 def semantic_targets(labels: Tensor, num_classes: int, ignore: int) -> list[dict[str, Tensor]]:
@@ -35,7 +36,7 @@ def semantic_targets(labels: Tensor, num_classes: int, ignore: int) -> list[dict
     present = (class_histogram(lab, num_classes, ignore) > 0).cpu()  # the one sync of the batch
     out = []
     for b in range(lab.shape[0]):
-        classes = index_to(present[b].nonzero().flatten(), lab.device)
+        classes = host_to(present[b].nonzero().flatten(), lab.device)
         out.append({"labels": classes, "masks": lab[b][None] == classes[:, None, None]})
     return out
 
@@ -72,7 +73,7 @@ def panoptic_targets(segments: list[Tensor | np.ndarray] | Tensor, segments_info
     for seg, info in zip(segments, segments_info, strict=True):
         s = torch.as_tensor(np.asarray(seg, dtype=np.int64) if isinstance(seg, np.ndarray) else seg).long()
         keep, labels = _kept_records(info, num_classes)
-        index = index_to(torch.tensor(keep, dtype=torch.long), s.device)
+        index = host_to(torch.tensor(keep, dtype=torch.long), s.device)
         maps.append(s)
         masks.append(s[None] == index[:, None, None])
         cats.append(torch.tensor(labels, dtype=torch.long))
@@ -83,7 +84,7 @@ def panoptic_targets(segments: list[Tensor | np.ndarray] | Tensor, segments_info
     out = []
     for m, c, h in zip(masks, cats, has, strict=True):
         rows = h.nonzero().flatten()
-        out.append({"labels": index_to(c[rows], m.device), "masks": m.index_select(0, index_to(rows, m.device))})
+        out.append({"labels": host_to(c[rows], m.device), "masks": m.index_select(0, host_to(rows, m.device))})
     return out
 
 
