@@ -39,7 +39,7 @@ from rankseg_core.losses.maskformer import MaskFormerCriterion
 from rankseg_core.losses.rankseg import ml_loss_fn
 from rankseg_core.losses.semask import SemanticPriorCriterion
 from rankseg_core.losses.simformer import SimFormerCriterion
-from rankseg_core.losses.targets import host_to, panoptic_targets, semantic_targets
+from rankseg_core.losses.targets import panoptic_targets, semantic_targets
 from rankseg_core.model.convseg.layers import sync_batch_norm
 from rankseg_core.model.convseg.vit_pyramid import layer_decay_multipliers
 from rankseg_core.model.mask2former.detectron2_weights import detectron2_warm_start
@@ -51,6 +51,7 @@ from rankseg_core.model.mask2former.video import VideoMask2FormerOutput, build_v
 from rankseg_core.model.mask2former.vit_adapter import ViTAdapter
 from rankseg_core.model.selection import Selection
 from rankseg_core.shards.codec import IGNORE
+from rankseg_core.utils.transfer import host_to
 
 
 def _panoptic(m: ModelConfig) -> bool:

@@ -27,8 +27,9 @@ from rankseg_core.config.model import ModelConfig
 from rankseg_core.losses.matcher import hungarian_match
 from rankseg_core.losses.points import point_sample, uncertain_points
 from rankseg_core.losses.rankseg import asymmetric_loss
-from rankseg_core.losses.targets import host_to, ml_targets_from
+from rankseg_core.losses.targets import ml_targets_from
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
+from rankseg_core.utils.transfer import host_to
 
 
 def column_targets(targets: list[dict[str, Tensor]], topk_index: Tensor | None, valid: Tensor | None,

@@ -52,8 +52,11 @@ def clip_targets(targets: Tensor, clip_len: int) -> Tensor:
 
 
 def present_classes(labels: Tensor, num_classes: int, ignore_index: int) -> list[Tensor]:
-    """Class ids present in each label map, sorted (the oracle's `gt_classes`)."""
-    return [row.nonzero().flatten() for row in ml_targets(labels, num_classes, ignore_index).bool()]
+    """Class ids present in each label map, sorted (the oracle's `gt_classes`), on the host:
+    one copy of the B x K presence table for the batch (how many classes each image has
+    decides the selection's shape), not a sync per image."""
+    table = (class_histogram(labels, num_classes, ignore_index) > 0).cpu()
+    return [row.nonzero().flatten() for row in table]
 
 
 def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_neg: float = 2.0, gamma_pos: float = 0.0,

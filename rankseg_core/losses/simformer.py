@@ -60,11 +60,11 @@ from rankseg_core.losses.maskformer import MaskFormerCriterion, maskformer_cost
 from rankseg_core.losses.matcher import assign_pairs, matching_cost
 from rankseg_core.losses.points import point_sample, uncertain_points
 from rankseg_core.losses.rankseg import class_histogram
-from rankseg_core.losses.targets import host_to
 from rankseg_core.losses.weak_shot import IGNORE_LOGIT, complementary_loss
 from rankseg_core.model.mask2former.model import Mask2FormerOutput
 from rankseg_core.model.mask2former.simformer import PairBalance, PairSimilarityNet, SimFormerOutput
 from rankseg_core.shards.codec import IGNORE
+from rankseg_core.utils.transfer import host_to
 
 # The official base points: int(0.8 J) in the common class, int(0.2 J) elsewhere (two constants:
 # int(J * (1 - 0.8)) would give 19 for J = 100).

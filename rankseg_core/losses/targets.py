@@ -20,13 +20,7 @@ import torch
 from torch import Tensor
 
 from rankseg_core.losses.rankseg import class_histogram
-
-
-def host_to(t: Tensor, device: torch.device) -> Tensor:
-    """A tensor made on the host (indices, targets) on `device` without a blocking copy: CUDA
-    waits for the stream before a blocking host-to-device copy returns, a sync. The source
-    must be one nothing writes afterwards (a fresh tensor, or a constant table)."""
-    return t.to(device, non_blocking=True)
+from rankseg_core.utils.transfer import host_to
 
 
 def semantic_targets(labels: Tensor, num_classes: int, ignore: int) -> list[dict[str, Tensor]]:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.errors import UserError
+from rankseg_core.utils.transfer import host_to
 
 ORACLE_FILLS = ("ranked", "random")
 
@@ -165,13 +166,18 @@ def select(ml_logits: Tensor | None, num_classes: int, kappa: int, device: torch
         is given (per-rank gamma keeps its meaning), else by id; truncated to kappa if by_id.
     """
     if override is not None:
-        lists = [in_range(c, num_classes, device) for c in override]
-        index, valid = pad_class_lists(lists, kappa if by_id else None, device)
+        # The lists decide the shapes: host work (the GT oracle's come from one host table,
+        # stored predictions from files), then one non-blocking copy of the padded table.
+        host = torch.device("cpu")
+        lists = [in_range(c, num_classes, host) for c in override]
+        index, valid = pad_class_lists(lists, kappa if by_id else None, host)
+        all_valid = bool(valid.all())
+        index, valid = host_to(index, device), host_to(valid, device)
         if ml_logits is not None:
             score = ml_logits.detach().gather(1, index).masked_fill(~valid, float("-inf"))
             order = score.argsort(dim=1, descending=True, stable=True)
             index, valid = index.gather(1, order), valid.gather(1, order)
-        return index, (None if bool(valid.all()) else valid)
+        return index, (None if all_valid else valid)
     if ml_logits is None:
         raise ValueError("selecting classes needs ml logits or an explicit class list")
     ranking = ml_logits.detach().argsort(dim=1, descending=True, stable=True)
