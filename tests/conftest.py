@@ -13,6 +13,7 @@ from rankseg_core.config.mask2former import Mask2FormerConfig
 from rankseg_core.config.model import ModelConfig
 from rankseg_core.convert.common import ConvertOptions
 from rankseg_core.convert.synthetic import prepare_synthetic
+from rankseg_core.convert.synthetic_video import prepare_synthetic_video
 from rankseg_core.families.mask2former import MASK2FORMER
 
 # Tiny models on a small shared machine: intra-op threads cost more in sync than they gain
@@ -117,6 +118,16 @@ FAMILY_RECIPES: dict[str, tuple[str, list[str]]] = {
     "mask2former-r50 video instances": ("video", [*TINY_MASK2FORMER_RUN, "model.clip_len=2",
                                                   "model.mask2former.task=instance", "eval.batch_size=2"]),
 }
+
+
+def recipe_data(out: Path, kind: str) -> Path:
+    """Synthetic shards for a FAMILY_RECIPES kind ("images", "panoptic", "video"): K = 40
+    classes at 64 px, 4 training images (2 videos of 3 frames) and a validation split."""
+    if kind == "video":
+        prepare_synthetic_video(out, num_classes=40, videos=2, val_videos=1, frames=3, size=64, seed=0,
+                                opts=ConvertOptions(samples_per_shard=8))
+        return out
+    return make_synthetic(out, images=4, num_classes=40, size=64, val_images=2, panoptic=kind == "panoptic")
 
 
 def weak_shot_split(path: Path) -> Path:

@@ -18,20 +18,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_RECIPES, make_synthetic, weak_shot_split
+from conftest import FAMILY_RECIPES, recipe_data, weak_shot_split
 from PIL import Image
 from torch.utils.data._utils import pin_memory as pin_utils
 from typer.testing import CliRunner
 from virtual_cuda import CUDA, DeviceMismatch, virtual_cuda
 
 from rankseg_core.api import load_run
-from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.synthetic_video import prepare_synthetic_video
 from rankseg_core.data import slots
 from rankseg_core.engine.configure import build_train_config
 from rankseg_core.engine.train import train
-
-K = 40
 
 # ---------------------------------------------------------------------------------------
 # The emulation against PyTorch's CUDA rules
@@ -125,13 +121,8 @@ MORE: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("placement")
-    video = base / "video"
-    prepare_synthetic_video(video, num_classes=K, videos=2, val_videos=1, frames=3, size=64, seed=0,
-                            opts=ConvertOptions(samples_per_shard=8))
-    return {"images": make_synthetic(base / "images", images=4, num_classes=K, size=64, val_images=2),
-            "panoptic": make_synthetic(base / "panoptic", images=4, num_classes=K, size=64, val_images=2,
-                                       panoptic=True),
-            "video": video, "split": weak_shot_split(base / "weak_shot.json")}
+    return {**{kind: recipe_data(base / kind, kind) for kind in ("images", "panoptic", "video")},
+            "split": weak_shot_split(base / "weak_shot.json")}
 
 
 @pytest.mark.slow  # 3-12 s each on one core

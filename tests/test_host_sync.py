@@ -35,13 +35,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAMILY_RECIPES, TINY_MASK2FORMER_RUN, make_synthetic, tiny_run, weak_shot_split
+from conftest import FAMILY_RECIPES, TINY_MASK2FORMER_RUN, make_synthetic, recipe_data, tiny_run, weak_shot_split
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from virtual_cuda import VirtualCuda, virtual_cuda
 
-from rankseg_core.convert.common import ConvertOptions
-from rankseg_core.convert.synthetic_video import prepare_synthetic_video
 from rankseg_core.engine import train as T
 from rankseg_core.engine.configure import build_train_config
 
@@ -158,21 +156,12 @@ def _watch_steps(monkeypatch: pytest.MonkeyPatch, counter: SyncCounter) -> dict[
     return steps
 
 
-def _data(tmp_path: Path, kind: str) -> Path:
-    if kind == "video":
-        prepare_synthetic_video(tmp_path / "data", num_classes=40, videos=2, val_videos=1, frames=3, size=64, seed=0,
-                                opts=ConvertOptions(samples_per_shard=8))
-        return tmp_path / "data"
-    return make_synthetic(tmp_path / "data", num_classes=40, images=4, val_images=1, size=64,
-                          panoptic=kind == "panoptic")
-
-
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sets: list[str], kind: str = "images"
          ) -> tuple[Counter[Site], int]:
     """Three training steps on the emulated CUDA device (AMP as configured: bf16 by default)."""
     sets = ["device=cuda", *(s for s in sets if not s.startswith("device=")), "schedule.iters=3", "data.val_split=",
             "log_every=3", "ckpt_every=3"]
-    cfg = build_train_config(None, sets, _data(tmp_path, kind))
+    cfg = build_train_config(None, sets, recipe_data(tmp_path / "data", kind))
     with virtual_cuda() as cuda:
         counter = SyncCounter(cuda)
         steps = _watch_steps(monkeypatch, counter)
@@ -319,7 +308,7 @@ def _strict_steps(name: str, tmp_path: Path) -> None:
     sets = ["device=cuda", "amp=true", *(s.replace("SPLIT", str(weak_shot_split(tmp_path / "split.json")))
                                          for s in sets if not s.startswith("device=")),
             "schedule.iters=3", "data.val_split=", "log_every=3", "ckpt_every=3"]
-    cfg = build_train_config(None, sets, _data(tmp_path, kind))
+    cfg = build_train_config(None, sets, recipe_data(tmp_path / "data", kind))
     allowed = set(documented_transfers(name, 3)[0])
 
     def relaxed(fn: Any, what: str | None = None) -> Any:

@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from rankseg_core.losses.points import point_sample
+from rankseg_core.utils.transfer import host_to
 
 
 def pairwise_sigmoid_ce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -65,9 +66,9 @@ def assign_pairs(targets: list[dict[str, Tensor]], num_points: int, coords: Tens
         # training loop skips it, so any assignment will do here.
         cost = torch.nan_to_num(cost_of(b, pts), nan=1e8, posinf=1e8, neginf=-1e8)
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        # Back to the device without a blocking copy (on CUDA that would be another sync).
-        out.append((torch.from_numpy(rows.astype(np.int64)).to(home, non_blocking=True),
-                    torch.from_numpy(cols.astype(np.int64)).to(home, non_blocking=True)))
+        # Back to the device (or the host) without a blocking copy (on CUDA that would be another sync).
+        out.append((host_to(torch.from_numpy(rows.astype(np.int64)), home),
+                    host_to(torch.from_numpy(cols.astype(np.int64)), home)))
     return out
 
 
